@@ -1,0 +1,81 @@
+"""A TCP accept loop that survives fd exhaustion, shared by tcpfwd and kcptcp-client.
+
+gevent's StreamServer prints a traceback for every failed accept(); at the fd limit that is a
+flood. Here a shortage (EMFILE, ENFILE, ENOBUFS, ENOMEM) is logged once per interval and
+accepting pauses with exponential back-off instead of spinning on a listener that stays
+readable; a connection that died in the backlog (ECONNABORTED) is skipped silently.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Callable
+
+import gevent
+import gevent.pool
+from gevent.socket import socket as gsocket
+
+from portfwd.logs import RateLimitedLog
+from portfwd.sockets import LISTEN_BACKLOG
+
+log = logging.getLogger(__name__)
+
+SHORTAGE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+SKIP_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
+BACKOFF_MIN = 0.01  # s before accepting again after a shortage
+BACKOFF_MAX = 1.0  # s
+
+Handler = Callable[[gsocket, tuple], None]
+
+
+class AcceptLoop:
+    """Accepts on a bound listener and runs ``handler(sock, peer)`` in a greenlet per connection.
+
+    The handler owns the accepted socket and must close it.
+    """
+
+    def __init__(self, listener: socket.socket, handler: Handler) -> None:
+        # Re-wrap the stdlib socket that was bound in the foreground (before daemonizing).
+        self.listener = gsocket(listener.family, listener.type, fileno=listener.detach())
+        self.handler = handler
+        self.connections = gevent.pool.Group()
+        self.accepted = 0
+        self._greenlet: gevent.Greenlet | None = None
+        self._faults = RateLimitedLog(log)
+
+    @property
+    def address(self) -> tuple:
+        return self.listener.getsockname()
+
+    def start(self) -> None:
+        self.listener.listen(LISTEN_BACKLOG)
+        self._greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        backoff = BACKOFF_MIN
+        accept, spawn = self.listener.accept, self.connections.spawn
+        while True:
+            try:
+                sock, peer = accept()
+            except OSError as exc:
+                if exc.errno in SKIP_ERRNOS:
+                    continue
+                if exc.errno not in SHORTAGE_ERRNOS:
+                    raise
+                self._faults.warning("accept", "accept failed: %s; pausing %.2f s", exc, backoff)
+                gevent.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            backoff = BACKOFF_MIN
+            self.accepted += 1
+            spawn(self.handler, sock, peer)
+
+    def stop(self, timeout: float) -> None:
+        """Stop accepting now; give open connections ``timeout`` seconds, then cut them."""
+        if self._greenlet is not None:
+            self._greenlet.kill()
+        self.listener.close()
+        self.connections.join(timeout=timeout)
+        self.connections.kill(timeout=1)

@@ -1,0 +1,193 @@
+"""Process life cycle shared by every tool: pidfile, daemonizing, signals, fd limit.
+
+Seed "Signals, PID files, and graceful shutdown": the pidfile is created exclusively, a stale
+one is taken over, and SIGINT/SIGTERM/SIGHUP/SIGQUIT all stop the service gracefully and remove
+it. Unlike the C original we also stop on SIGTERM in tcpfwd and remove the pidfile on SIGHUP.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import resource
+import signal
+from typing import Protocol
+
+import gevent
+import gevent.event
+
+from portfwd.cli import EXIT_RUNTIME, fail
+from portfwd.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+DRAIN_TIMEOUT = 5.0  # s that active connections get to finish after a stop signal
+
+
+class PidFileBusy(RuntimeError):
+    """Another live instance holds the pidfile."""
+
+
+class PidFile:
+    """An exclusively created, ``flock``-ed pidfile.
+
+    The lock is the proof of life: it lives on the open file description, so it survives the
+    daemonizing forks and dies with the process however it dies. A file that is unlocked and
+    names a dead (or no) process is stale and taken over.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)  # the daemon chdirs to /
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            fd = self._take_over_stale()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise PidFileBusy(f"pidfile {self.path} is held by a running instance") from None
+        self.fd = fd
+        self.write_pid()
+
+    def _take_over_stale(self) -> int:
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = _read_pid(self.path)
+            raise PidFileBusy(
+                f"pidfile {self.path} is held by a running instance (pid {pid})"
+            ) from None
+        pid = _read_pid(self.path)
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            os.close(fd)
+            raise PidFileBusy(
+                f"pidfile {self.path} names live process {pid}; remove the file if it is stale"
+            )
+        log.info("taking over stale pidfile %s (pid %s)", self.path, pid)
+        return fd
+
+    def write_pid(self) -> None:
+        """(Re)write our PID: called again after daemonizing changes it."""
+        assert self.fd is not None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read(32).strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def raise_nofile_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit: each connection costs several fds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def detach() -> int:
+    """Fork twice and setsid; the original process waits for ``ready()`` and exits.
+
+    Returns the write end of a pipe: the daemon writes one byte to it once it is serving, so
+    ``tcpfwd -d`` returns only when the pidfile holds the daemon's PID (no race for a control
+    script that reads it at once), and returns 1 if the daemon died before that.
+    """
+    read_fd, write_fd = os.pipe()
+    if os.fork() > 0:
+        os.close(write_fd)
+        ok = os.read(read_fd, 1) == b"1"
+        os._exit(0 if ok else EXIT_RUNTIME)
+    os.close(read_fd)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    os.umask(0o022)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+    return write_fd
+
+
+class Service(Protocol):
+    """What a tool hands to :func:`run`: sockets are bound already, greenlets not started."""
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float) -> None: ...
+
+
+def run(prog: str, service: Service, *, daemonize: bool, pidfile: str | None) -> int:
+    """Run a bound service until a stop signal; the common ``main()`` tail of every tool."""
+    raise_nofile_limit()
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a vanished peer is an error, not a kill
+    pid = PidFile(pidfile) if pidfile else None
+    if pid is not None:
+        try:
+            pid.acquire()
+        except (PidFileBusy, OSError) as exc:
+            fail(prog, str(exc), EXIT_RUNTIME)
+    ready_fd = None
+    if daemonize:
+        ready_fd = detach()
+        gevent.reinit()
+        if pid is not None:
+            pid.write_pid()
+    setup_logging(prog, detached=daemonize)
+    stopping = gevent.event.Event()
+    for signum in STOP_SIGNALS:
+        gevent.signal_handler(signum, stopping.set)
+    try:
+        service.start()
+        if ready_fd is not None:
+            os.write(ready_fd, b"1")
+            os.close(ready_fd)
+        stopping.wait()
+        log.info("stopping: closing listeners, draining connections for up to %.0f s",
+                 DRAIN_TIMEOUT)
+        service.stop(DRAIN_TIMEOUT)
+    finally:
+        if pid is not None:
+            pid.release()
+    log.info("stopped")
+    return 0
+

@@ -1,0 +1,61 @@
+"""Socket set-up shared by the tools: listeners with the seed's -r/-R/-6 flags, TCP tuning."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from portfwd.addr import Resolved
+
+SOCKBUF_CAP = 262144  # bytes; seed TCP_PROXY_SOCKBUF_CAP / UDP_PROXY_SOCKBUF_CAP
+KEEPALIVE_IDLE = 60  # s; seed TCP_PROXY_KEEPALIVE_IDLE
+KEEPALIVE_INTVL = 10  # s; seed TCP_PROXY_KEEPALIVE_INTVL
+KEEPALIVE_CNT = 6  # probes; seed TCP_PROXY_KEEPALIVE_CNT
+LISTEN_BACKLOG = 1024
+
+
+@dataclass(frozen=True)
+class ListenOptions:
+    """The listener flags every tool shares."""
+
+    reuseaddr: bool = False  # -r: SO_REUSEADDR
+    reuseport: bool = False  # -R: SO_REUSEPORT (several processes share one port)
+    v6only: bool = False  # -6 (udpfwd: -o): IPV6_V6ONLY; without it [::] also takes IPv4
+    bufsize: int | None = None  # SO_RCVBUF/SO_SNDBUF in bytes, None = kernel default
+
+
+def bind_socket(addr: Resolved, socktype: int, options: ListenOptions) -> socket.socket:
+    """A bound (not yet listening) stdlib socket; errors propagate as OSError for the caller."""
+    sock = socket.socket(addr.family, socktype)
+    try:
+        if options.reuseaddr:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if options.reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if addr.family == socket.AF_INET6:
+            # Set explicitly both ways: the system default (bindv6only) must not decide.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(options.v6only))
+        if options.bufsize:
+            set_buffers(sock, options.bufsize)
+        sock.bind(addr.sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def set_buffers(sock: socket.socket, size: int) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+def tune_tcp(sock: socket.socket, bufsize: int | None = SOCKBUF_CAP) -> None:
+    """Per-connection options from the seed: big buffers, TCP_NODELAY, keepalive 60/10/6."""
+    if bufsize:
+        set_buffers(sock, bufsize)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; other systems keep their defaults
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTVL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_CNT)

@@ -1,0 +1,159 @@
+"""The TCP forwarder service: accept, dial the destination, relay both directions.
+
+Glossary: *client* is the accepted connection, *upstream* the one we dial to the destination;
+*up* is client -> upstream, *down* upstream -> client.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import logging
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+import gevent
+from gevent.socket import socket as gsocket
+
+from portfwd.acceptloop import AcceptLoop
+from portfwd.addr import Resolved, format_sockaddr
+from portfwd.logs import RateLimitedLog
+from portfwd.pump import Counter, pump
+from portfwd.sockets import tune_tcp
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0  # s before an unanswered connect to the destination is abandoned
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
+
+
+class BaseAddrError(ValueError):
+    """-b address arithmetic left the address space."""
+
+
+@dataclass(frozen=True)
+class TcpConfig:
+    """tcpfwd's behaviour, built from the command line in one place (``portfwd.tcpfwd``)."""
+
+    dest: Resolved  # where connections go (the base address with -b)
+    listen_port: int  # the listener's port, the zero point of -b offsets
+    base_addr: bool = False  # -b: destination address += original port - listener port
+    splice: bool = True  # kernel splice() relay; False = userspace copy
+    connect_timeout: float = CONNECT_TIMEOUT  # s
+
+
+def offset_address(base: Resolved, offset: int) -> Resolved:
+    """-b arithmetic: add ``offset`` to the IPv4 address, or to the low 32 bits of an IPv6 one."""
+    ip = ipaddress.ip_address(base.host.split("%")[0])
+    if ip.version == 4:
+        value = int(ip) + offset
+        if not 0 <= value <= 0xFFFFFFFF:
+            raise BaseAddrError(f"{ip} + {offset} leaves IPv4 address space")
+        new = ipaddress.IPv4Address(value)
+    else:
+        low = (int(ip) & 0xFFFFFFFF) + offset
+        if not 0 <= low <= 0xFFFFFFFF:
+            raise BaseAddrError(f"{ip} + {offset} overflows the low 32 bits")
+        new = ipaddress.IPv6Address((int(ip) & ~0xFFFFFFFF) | low)
+    return Resolved(base.family, (str(new), *base.sockaddr[1:]))
+
+
+def original_dst_port(sock: gsocket) -> int:
+    """The port a REDIRECT/TPROXY'd connection was originally sent to (netfilter conntrack)."""
+    if sock.family == socket.AF_INET6:
+        raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+    else:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    return struct.unpack_from("!H", raw, 2)[0]  # sockaddr_in{,6}: family, then port
+
+
+class TcpForwarder:
+    """A bound listener plus the destination; :func:`portfwd.daemon.run` starts and stops it."""
+
+    def __init__(self, config: TcpConfig, listener: socket.socket) -> None:
+        self.config = config
+        self.acceptor = AcceptLoop(listener, self._handle)
+        self._ids = itertools.count(1)
+        self._faults = RateLimitedLog(log)
+
+    def start(self) -> None:
+        self.acceptor.start()
+        log.info("forwarding %s -> %s (%s)", format_sockaddr(self.acceptor.address),
+                 self.config.dest, "splice" if self.config.splice else "copy")
+
+    def stop(self, timeout: float) -> None:
+        self.acceptor.stop(timeout)
+
+    def _destination(self, client: gsocket) -> Resolved:
+        if not self.config.base_addr:
+            return self.config.dest
+        offset = original_dst_port(client) - self.config.listen_port
+        return offset_address(self.config.dest, offset)
+
+    def _handle(self, client: gsocket, peer: tuple) -> None:
+        conn_id = next(self._ids)
+        upstream: gsocket | None = None
+        try:
+            try:
+                dest = self._destination(client)
+            except (OSError, BaseAddrError) as exc:
+                self._faults.warning("base", "conn %d from %s: -b address: %s",
+                                     conn_id, format_sockaddr(peer), exc)
+                return
+            upstream = self._dial(conn_id, dest)
+            if upstream is None:
+                return
+            tune_tcp(client)
+            log.info("conn %d open %s -> %s", conn_id, format_sockaddr(peer), dest)
+            started = time.monotonic()
+            up, down, error = relay(client, upstream, self.config.splice)
+            log.info("conn %d closed: %d bytes up, %d down, %.1f s%s", conn_id, up, down,
+                     time.monotonic() - started, f" ({error})" if error else "")
+        finally:
+            client.close()
+            if upstream is not None:
+                upstream.close()
+
+    def _dial(self, conn_id: int, dest: Resolved) -> gsocket | None:
+        upstream = gsocket(dest.family, socket.SOCK_STREAM)
+        try:
+            tune_tcp(upstream)
+            upstream.settimeout(self.config.connect_timeout)
+            upstream.connect(dest.sockaddr)
+            upstream.settimeout(None)
+        except OSError as exc:  # includes socket.timeout
+            upstream.close()
+            self._faults.warning("connect", "conn %d: connect to %s failed: %s", conn_id, dest,
+                                 exc.strerror or exc)
+            return None
+        return upstream
+
+
+def relay(a: gsocket, b: gsocket, splice: bool) -> tuple[int, int, str]:
+    """Pump a -> b and b -> a until both reach EOF; an error in either ends both.
+
+    Returns (bytes a->b, bytes b->a, error text or ""). The sockets stay open for the caller.
+    """
+    forward, backward = Counter(), Counter()
+    pumps = (gevent.spawn(_guarded_pump, a, b, splice, forward),
+             gevent.spawn(_guarded_pump, b, a, splice, backward))
+    error = ""
+    try:
+        for done in gevent.iwait(pumps):
+            if done.value:
+                error = done.value
+                break
+    finally:
+        gevent.killall(pumps)
+    return forward.moved, backward.moved, error
+
+
+def _guarded_pump(src: gsocket, dst: gsocket, splice: bool, counter: Counter) -> str:
+    """A pump whose socket errors are a result (the connection's fate), not a traceback."""
+    try:
+        pump(src, dst, splice, counter)
+    except OSError as exc:
+        return exc.strerror or repr(exc)
+    return ""
