@@ -1,0 +1,799 @@
+"""KCP: a sans-IO ARQ engine, segment-for-segment wire compatible with skywind3000's ikcp.
+
+The engine never reads a clock and never touches a socket: time comes in as ``now_ms`` and
+datagrams go out through :meth:`Kcp.datagrams_to_send`.  Behaviour follows ``ikcp.c``
+(function names are cited as ``ikcp_*`` so the two can be read side by side).
+
+Glossary (ikcp's words, kept so the code can be held against it):
+  segment   one 24-byte header plus payload; several segments are packed into one datagram.
+  sn        segment sequence number (u32, wraps); ``una`` = first sn the sender still
+            waits for (everything before it is acknowledged cumulatively).
+  frg       fragment countdown inside a message: the last fragment of a message has frg 0.
+  snd_queue data accepted by :meth:`Kcp.send` but not yet given an sn (outside the window).
+  snd_buf   segments in flight (sn assigned, not yet acknowledged).
+  rcv_buf   received segments that arrived out of order (waiting for a gap to fill).
+  rcv_queue in-order segments ready for :meth:`Kcp.recv`.
+  rto       retransmission timeout; ``resendts`` is when a segment is retransmitted.
+  mtu/mss   bytes per datagram incl. headers / payload bytes per segment (mtu - 24).
+
+Arithmetic: sequence numbers are kept as u32 and compared by ``(a - b) & U32_MASK``.  The
+caller's clock may be any int (monotonic ms or a wrapping u32 counter): it is folded into an
+internal unbounded clock by signed 32-bit deltas, as ikcp's ``_itimediff`` does.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from dataclasses import dataclass
+from enum import IntEnum
+from itertools import islice
+
+__all__ = [
+    "Cmd",
+    "Kcp",
+    "KcpConfig",
+    "MalformedSegment",
+    "ConvMismatch",
+    "conv_of",
+    "pack_segment",
+    "unpack_segments",
+    "OVERHEAD",
+]
+
+# --- protocol constants (ikcp.c, top of file) ---------------------------------------------
+OVERHEAD = 24  # bytes: segment header size (IKCP_OVERHEAD)
+RTO_NODELAY_MIN_MS = 30  # ms: minimum RTO in nodelay mode (IKCP_RTO_NDL)
+RTO_MIN_MS = 100  # ms: minimum RTO otherwise (IKCP_RTO_MIN)
+RTO_DEFAULT_MS = 200  # ms: RTO before the first RTT sample (IKCP_RTO_DEF)
+RTO_MAX_MS = 60000  # ms: RTO ceiling (IKCP_RTO_MAX)
+WND_RCV_MIN = 128  # segments: receive-window floor = max fragments per message (IKCP_WND_RCV)
+MTU_MIN = 50  # bytes: smallest MTU ikcp_setmtu accepts
+INTERVAL_MIN_MS = 10  # ms: ikcp_interval clamps to [10, 5000]
+INTERVAL_MAX_MS = 5000  # ms
+DEAD_LINK_XMIT = 20  # transmissions of one segment before the link counts as dead (IKCP_DEADLINK)
+THRESH_INIT = 2  # segments: initial slow-start threshold (IKCP_THRESH_INIT)
+THRESH_MIN = 2  # segments: slow-start threshold floor (IKCP_THRESH_MIN)
+PROBE_INIT_MS = 7000  # ms: first window probe after the peer advertised 0 (IKCP_PROBE_INIT)
+PROBE_LIMIT_MS = 120000  # ms: window probe back-off ceiling (IKCP_PROBE_LIMIT)
+FASTACK_LIMIT = 5  # transmissions: fast retransmit only while xmit <= this (IKCP_FASTACK_LIMIT)
+CLOCK_RESYNC_MS = 10000  # ms: a flush schedule this far off is reset (ikcp_update "slap")
+IDLE_CHECK_MS = 1000  # ms: check() deadline when nothing at all is pending (ours, see check())
+
+ASK_SEND = 1  # probe flag: send WASK (IKCP_ASK_SEND)
+ASK_TELL = 2  # probe flag: send WINS (IKCP_ASK_TELL)
+
+U32_MASK = 0xFFFFFFFF
+U32_HALF = 0x80000000
+
+_HEADER = struct.Struct("<IBBHIIII")
+_HEADER_PACK = _HEADER.pack
+_HEADER_UNPACK_FROM = _HEADER.unpack_from
+
+
+class Cmd(IntEnum):
+    """Segment commands (IKCP_CMD_*)."""
+
+    PUSH = 81  # data
+    ACK = 82  # acknowledge one sn, echoing its ts
+    WASK = 83  # window probe: "tell me your window"
+    WINS = 84  # window size tell (the header's wnd carries it)
+
+
+_PUSH = int(Cmd.PUSH)
+_ACK = int(Cmd.ACK)
+_WASK = int(Cmd.WASK)
+_WINS = int(Cmd.WINS)
+_CMDS = frozenset((_PUSH, _ACK, _WASK, _WINS))
+
+
+class MalformedSegment(ValueError):
+    """A datagram that is not a well-formed sequence of KCP segments."""
+
+
+class ConvMismatch(MalformedSegment):
+    """A datagram for another conversation."""
+
+
+# --- codec ---------------------------------------------------------------------------------
+def pack_segment(
+    conv: int, cmd: int, frg: int, wnd: int, ts: int, sn: int, una: int, data: bytes = b""
+) -> bytes:
+    """Encode one segment (ikcp_encode_seg + payload), all integers little-endian.
+
+    ::
+
+        0               4       5       6               8 (bytes)
+        +---------------+-------+-------+---------------+
+        |   conv (u32)  |cmd u8 |frg u8 |   wnd (u16)   |
+        +---------------+-------+-------+---------------+
+        |   ts (u32)    |   sn (u32)    |   una (u32)   |
+        +---------------+---------------+---------------+
+        |   len (u32)   |  data (len bytes) ...
+        +---------------+-----------------------------
+    """
+    return _HEADER_PACK(conv, cmd, frg, wnd, ts, sn, una, len(data)) + data
+
+
+def unpack_segments(
+    datagram: bytes, conv: int | None = None
+) -> list[tuple[int, int, int, int, int, int, bytes]]:
+    """Decode every segment of a datagram (layout: see :func:`pack_segment`).
+
+    Returns ``(cmd, frg, wnd, ts, sn, una, data)`` per segment.  The whole datagram is
+    validated before anything is returned, so a bad tail never half-applies: raises
+    :class:`ConvMismatch` if the first segment's conv is not ``conv`` (when given) and
+    :class:`MalformedSegment` for a short header, a length past the end, an unknown command or
+    a conv that changes inside the datagram.  (ikcp_input applies the segments before a bad
+    one and silently ignores a short tail; we drop the whole datagram instead.)
+    """
+    size = len(datagram)
+    if size < OVERHEAD:
+        raise MalformedSegment(f"datagram of {size} bytes is shorter than a segment header")
+    first_conv = _HEADER_UNPACK_FROM(datagram, 0)[0]
+    if conv is not None and first_conv != conv:
+        raise ConvMismatch(f"conv {first_conv} is not ours ({conv})")
+    segments = []
+    offset = 0
+    while offset < size:
+        if size - offset < OVERHEAD:
+            raise MalformedSegment(f"{size - offset} trailing bytes after the last segment")
+        c, cmd, frg, wnd, ts, sn, una, length = _HEADER_UNPACK_FROM(datagram, offset)
+        offset += OVERHEAD
+        end = offset + length
+        if end > size:
+            raise MalformedSegment(f"segment length {length} runs past the datagram end")
+        if c != first_conv:
+            raise MalformedSegment("conv changes inside one datagram")
+        if cmd not in _CMDS:
+            raise MalformedSegment(f"unknown command {cmd}")
+        segments.append((cmd, frg, wnd, ts, sn, una, datagram[offset:end]))
+        offset = end
+    return segments
+
+
+def conv_of(datagram: bytes) -> int | None:
+    """The conversation id of a datagram (ikcp_getconv), None if it is too short for a header."""
+    if len(datagram) < OVERHEAD:
+        return None
+    return int.from_bytes(datagram[:4], "little")
+
+
+# --- configuration -------------------------------------------------------------------------
+@dataclass
+class KcpConfig:
+    """Tuning of one KCP engine (ikcp_setmtu / ikcp_wndsize / ikcp_nodelay)."""
+
+    mtu: int = 1400  # bytes per datagram, including the 24-byte header of each segment
+    snd_wnd: int = 1024  # segments: send window (segments in flight)
+    rcv_wnd: int = 1024  # segments: receive window; raised to 128 if lower (ikcp_wndsize)
+    nodelay: bool = True  # ikcp nodelay=1: minimum RTO 30 ms, RTO backs off by 1.5x not 2x
+    interval: int = 10  # ms between flushes, 10..5000
+    resend: int = 2  # fast-retransmit after this many skipping acks (0 = off)
+    nc: bool = True  # True = no congestion control (ikcp nc=1): window = min(snd, peer)
+    stream: bool = False  # stream mode (ikcp stream=1): no message boundaries, frg always 0
+    minrto: int | None = None  # ms: minimum RTO; None = 30 with nodelay else 100
+    dead_link: int = DEAD_LINK_XMIT  # transmissions of one segment before `dead` turns True
+    fastlimit: int = FASTACK_LIMIT  # fast retransmits only while xmit <= this (<= 0: always)
+
+    def __post_init__(self) -> None:
+        if self.mtu < MTU_MIN:
+            raise ValueError(f"mtu {self.mtu} is below {MTU_MIN} bytes")
+        if self.snd_wnd < 1 or self.rcv_wnd < 1:
+            raise ValueError("windows must be at least one segment")
+        if not INTERVAL_MIN_MS <= self.interval <= INTERVAL_MAX_MS:
+            raise ValueError(f"interval must be {INTERVAL_MIN_MS}..{INTERVAL_MAX_MS} ms")
+        if self.resend < 0:
+            raise ValueError("resend must be >= 0")
+        if self.minrto is not None and not 1 <= self.minrto <= RTO_MAX_MS:
+            raise ValueError(f"minrto must be 1..{RTO_MAX_MS} ms")
+        if self.dead_link < 1:
+            raise ValueError("dead_link must be >= 1")
+
+
+class _Segment:
+    """A segment in snd_buf (ikcp's IKCPSEG, minus fields rebuilt at each transmission)."""
+
+    __slots__ = ("sn", "frg", "data", "resendts", "rto", "fastack", "xmit", "acked")
+
+    def __init__(self, sn: int, frg: int, data: bytes, resendts: int, rto: int) -> None:
+        self.sn = sn
+        self.frg = frg
+        self.data = data
+        self.resendts = resendts  # internal ms
+        self.rto = rto  # ms
+        self.fastack = 0  # acks seen for later sns since the last transmission
+        self.xmit = 1  # transmissions so far
+        self.acked = False  # acknowledged out of order; removed once it reaches the front
+
+
+# --- engine --------------------------------------------------------------------------------
+class Kcp:
+    """One KCP conversation (ikcpcb).
+
+    Call :meth:`update` at (or after) the absolute time :meth:`check` returns, and again after
+    every :meth:`input`/:meth:`send` re-read :meth:`check`; send whatever
+    :meth:`datagrams_to_send` returns.
+    """
+
+    def __init__(self, conv: int, config: KcpConfig | None = None) -> None:
+        cfg = config if config is not None else KcpConfig()
+        if not 0 <= conv <= U32_MASK:
+            raise ValueError(f"conv {conv} is not a u32")
+        self.conv: int = conv
+        self.config: KcpConfig = cfg
+        self.mtu: int = cfg.mtu
+        self.mss: int = cfg.mtu - OVERHEAD
+        self.snd_wnd: int = cfg.snd_wnd
+        self.rcv_wnd: int = max(cfg.rcv_wnd, WND_RCV_MIN)
+        self.rmt_wnd: int = WND_RCV_MIN  # peer's advertised window until it tells us
+        self.interval: int = cfg.interval
+        self.nodelay: int = int(cfg.nodelay)
+        self.fastresend: int = cfg.resend
+        self.fastlimit: int = cfg.fastlimit
+        self.nocwnd: bool = cfg.nc
+        self.stream: bool = cfg.stream
+        self.dead_link: int = cfg.dead_link
+        minrto = cfg.minrto
+        if minrto is None:
+            minrto = RTO_NODELAY_MIN_MS if cfg.nodelay else RTO_MIN_MS
+        self.rx_minrto: int = minrto
+
+        # sequence state (u32)
+        self.snd_una: int = 0
+        self.snd_nxt: int = 0
+        self.rcv_nxt: int = 0
+        # RTT estimator (ms), ikcp_update_ack
+        self.rx_srtt: int = 0
+        self.rx_rttval: int = 0
+        self.rx_rto: int = RTO_DEFAULT_MS
+        # congestion control (segments / bytes), used when nc is False
+        self.cwnd: int = 0
+        self.ssthresh: int = THRESH_INIT
+        self.incr: int = 0
+        # window probing
+        self.probe: int = 0
+        self.ts_probe: int = 0
+        self.probe_wait: int = 0
+        # clock: internal unbounded ms, plus the caller's last value to fold deltas from
+        self.current: int = 0
+        self._last_now: int | None = None
+        self.updated: bool = False
+        self.ts_flush: int = 0
+
+        self.snd_queue: deque[tuple[int, bytes]] = deque()  # (frg, data)
+        # snd_buf holds every sn in [snd_una, snd_nxt), so sn == snd_una + index; segments
+        # acknowledged out of order stay (acked=True) until they reach the front.
+        self.snd_buf: deque[_Segment] = deque()
+        self._nsnd_buf: int = 0  # unacknowledged segments in snd_buf
+        self.rcv_buf: dict[int, tuple[int, bytes]] = {}  # sn -> (frg, data), out of order
+        self.rcv_queue: deque[tuple[int, bytes]] = deque()  # (frg, data), in order
+        self._rcv_queue_bytes: int = 0
+        self.acklist: list[tuple[int, int]] = []  # (sn, ts) to acknowledge at next flush
+        # lower bound of every resendts in snd_buf (internal ms): lets flush and check skip
+        # walking snd_buf when no timer can have fired
+        self._resend_min: int | None = None
+        self._fast_pending: bool = False  # some segment reached the fast-retransmit count
+        self._out: list[bytes] = []
+        self.dead: bool = False  # a segment was sent dead_link times (ikcp state = -1)
+
+        # counters
+        self.dropped_malformed: int = 0
+        self.dropped_conv: int = 0
+        self.retransmits: int = 0  # timeout retransmissions (ikcp xmit)
+        self.fast_retransmits: int = 0
+        self.segments_sent: int = 0  # PUSH segments put on the wire, retransmissions included
+        self.segments_received: int = 0  # PUSH segments taken in, duplicates included
+
+    # --- sizes the driver needs for backpressure -------------------------------------------
+    @property
+    def waitsnd(self) -> int:
+        """Segments not yet acknowledged: snd_queue + snd_buf (ikcp_waitsnd)."""
+        return len(self.snd_queue) + self._nsnd_buf
+
+    @property
+    def snd_queue_segments(self) -> int:
+        """Segments accepted by send() that have no sn yet (waiting for the window)."""
+        return len(self.snd_queue)
+
+    @property
+    def snd_buf_segments(self) -> int:
+        """Segments in flight, unacknowledged."""
+        return self._nsnd_buf
+
+    @property
+    def rcv_queue_segments(self) -> int:
+        """In-order segments waiting for recv(); at rcv_wnd the advertised window is 0."""
+        return len(self.rcv_queue)
+
+    @property
+    def rcv_queue_bytes(self) -> int:
+        """Payload bytes waiting for recv()."""
+        return self._rcv_queue_bytes
+
+    @property
+    def rcv_buf_segments(self) -> int:
+        """Out-of-order segments held for reassembly."""
+        return len(self.rcv_buf)
+
+    # --- user side --------------------------------------------------------------------------
+    def send(self, data: bytes) -> None:
+        """Queue data (ikcp_send).  Message mode: one message of at most 127 * mss bytes."""
+        data = bytes(data)
+        mss = self.mss
+        queue = self.snd_queue
+        if self.stream:
+            # ikcp stream mode tops up the last queued segment first
+            if queue and data:
+                frg, tail = queue[-1]
+                room = mss - len(tail)
+                if room > 0:
+                    queue[-1] = (0, tail + data[:room])
+                    data = data[room:]
+            if data:
+                queue.extend([(0, data[i : i + mss]) for i in range(0, len(data), mss)])
+            return
+        count = (len(data) + mss - 1) // mss or 1
+        if count >= WND_RCV_MIN:
+            # the peer could never reassemble it: its rcv_wnd may be as small as 128
+            raise ValueError(
+                f"message of {len(data)} bytes needs {count} fragments; max is "
+                f"{WND_RCV_MIN - 1} ({(WND_RCV_MIN - 1) * mss} bytes)"
+            )
+        if count == 1:
+            queue.append((0, data))
+        else:
+            queue.extend([(count - 1 - i, data[i * mss : (i + 1) * mss]) for i in range(count)])
+
+    def peeksize(self) -> int:
+        """Size of the next recv() result, -1 if none is complete (ikcp_peeksize)."""
+        queue = self.rcv_queue
+        if not queue:
+            return -1
+        if self.stream:
+            return self._rcv_queue_bytes
+        frg, data = queue[0]
+        if frg == 0:
+            return len(data)
+        if len(queue) < frg + 1:
+            return -1
+        length = 0
+        for frg, data in queue:
+            length += len(data)
+            if frg == 0:
+                break
+        return length
+
+    def recv(self) -> bytes | None:
+        """Next message (message mode) or all available bytes (stream mode); None if none."""
+        queue = self.rcv_queue
+        if not queue:
+            return None
+        recover = len(queue) >= self.rcv_wnd
+        if self.stream:
+            result = b"".join([data for _, data in queue])
+            queue.clear()
+        else:
+            frg, result = queue[0]
+            if frg == 0:
+                queue.popleft()
+            elif len(queue) < frg + 1:
+                return None
+            else:
+                parts = []
+                while queue:
+                    frg, data = queue.popleft()
+                    parts.append(data)
+                    if frg == 0:
+                        break
+                result = b"".join(parts)
+        self._rcv_queue_bytes -= len(result)
+        if self.rcv_buf:
+            self._drain_rcv_buf()
+        if recover and len(queue) < self.rcv_wnd:
+            # the window reopened: tell the peer at the next flush (ikcp_recv "fast recover")
+            self.probe |= ASK_TELL
+        return result
+
+    def datagrams_to_send(self) -> list[bytes]:
+        """Drain the datagrams produced by update()/flush(), each at most mtu bytes."""
+        out = self._out
+        self._out = []
+        return out
+
+    # --- network side -----------------------------------------------------------------------
+    def input(self, datagram: bytes) -> bool:
+        """Take one datagram from the peer (ikcp_input).  Never raises; False = dropped."""
+        try:
+            if type(datagram) is not bytes:
+                datagram = bytes(datagram)
+            segments = unpack_segments(datagram, self.conv)
+        except ConvMismatch:
+            self.dropped_conv += 1
+            return False
+        except (MalformedSegment, TypeError, struct.error):
+            self.dropped_malformed += 1
+            return False
+
+        prev_una = self.snd_una
+        snd_buf = self.snd_buf
+        current = self.current
+        have_ack = False
+        maxack = 0
+        rcv_wnd = self.rcv_wnd
+        for cmd, frg, wnd, ts, sn, una, data in segments:
+            self.rmt_wnd = wnd
+            # cumulative ack (ikcp_parse_una + ikcp_shrink_buf); a una beyond snd_nxt cannot
+            # come from a correct peer and is ignored rather than emptying snd_buf
+            done = (una - self.snd_una) & U32_MASK
+            if done and done <= len(snd_buf):
+                self._parse_una(done)
+            if cmd == _PUSH:
+                self.segments_received += 1
+                offset = (sn - self.rcv_nxt) & U32_MASK
+                # ack anything left of the window's right edge, old duplicates included
+                if offset < rcv_wnd or offset >= U32_HALF + rcv_wnd:
+                    self.acklist.append((sn, ts))
+                    if offset < rcv_wnd:
+                        self._parse_data(offset, sn, frg, data)
+            elif cmd == _ACK:
+                rtt = (current - ts) & U32_MASK
+                if rtt < U32_HALF:
+                    self._update_ack(rtt)
+                index = (sn - self.snd_una) & U32_MASK
+                if index < len(snd_buf):
+                    seg = snd_buf[index]
+                    if not seg.acked:
+                        seg.acked = True
+                        self._nsnd_buf -= 1
+                        if index == 0:
+                            self._shrink_buf()
+                if not have_ack:
+                    have_ack = True
+                    maxack = sn
+                elif 0 < (sn - maxack) & U32_MASK < U32_HALF:
+                    maxack = sn
+            elif cmd == _WASK:
+                self.probe |= ASK_TELL
+            # WINS: the header's wnd (already taken) is all it carries
+
+        if have_ack:
+            self._parse_fastack(maxack)
+        if not self.nocwnd and 0 < (self.snd_una - prev_una) & U32_MASK < U32_HALF:
+            self._grow_cwnd()
+        return True
+
+    def _parse_una(self, done: int) -> None:
+        """Drop the first `done` segments of snd_buf: the peer has everything before una."""
+        snd_buf = self.snd_buf
+        popleft = snd_buf.popleft
+        unacked = 0
+        for _ in range(done):
+            if not popleft().acked:
+                unacked += 1
+        self._nsnd_buf -= unacked
+        self.snd_una = (self.snd_una + done) & U32_MASK
+        self._shrink_buf()
+
+    def _shrink_buf(self) -> None:
+        """Move snd_una past segments acknowledged out of order (ikcp_shrink_buf)."""
+        snd_buf = self.snd_buf
+        una = self.snd_una
+        while snd_buf and snd_buf[0].acked:
+            snd_buf.popleft()
+            una += 1
+        self.snd_una = una & U32_MASK
+
+    def _parse_fastack(self, maxack: int) -> None:
+        """Count one skip for every unacknowledged sn below maxack (ikcp_parse_fastack)."""
+        index = (maxack - self.snd_una) & U32_MASK
+        if index >= len(self.snd_buf):
+            return
+        resend = self.fastresend
+        for seg in islice(self.snd_buf, index):
+            if not seg.acked:
+                seg.fastack += 1
+                if seg.fastack >= resend > 0:
+                    self._fast_pending = True
+
+    def _update_ack(self, rtt: int) -> None:
+        """RTT estimator, RFC 6298 style in integer ms (ikcp_update_ack)."""
+        if self.rx_srtt == 0:
+            self.rx_srtt = rtt
+            self.rx_rttval = rtt // 2
+        else:
+            delta = abs(rtt - self.rx_srtt)
+            self.rx_rttval = (3 * self.rx_rttval + delta) // 4
+            self.rx_srtt = max(1, (7 * self.rx_srtt + rtt) // 8)
+        rto = self.rx_srtt + max(self.interval, 4 * self.rx_rttval)
+        self.rx_rto = min(max(self.rx_minrto, rto), RTO_MAX_MS)
+
+    def _parse_data(self, offset: int, sn: int, frg: int, data: bytes) -> None:
+        """Store a PUSH inside the window and move in-order ones to rcv_queue."""
+        queue = self.rcv_queue
+        if offset == 0 and len(queue) < self.rcv_wnd:
+            # the common in-order case: straight to rcv_queue
+            queue.append((frg, data))
+            self._rcv_queue_bytes += len(data)
+            self.rcv_nxt = (sn + 1) & U32_MASK
+            if self.rcv_buf:
+                self._drain_rcv_buf()
+        elif sn not in self.rcv_buf:
+            self.rcv_buf[sn] = (frg, data)
+            if offset == 0:
+                self._drain_rcv_buf()
+
+    def _drain_rcv_buf(self) -> None:
+        """Move rcv_buf -> rcv_queue while the next sn is present and the queue has room."""
+        rcv_buf = self.rcv_buf
+        queue = self.rcv_queue
+        rcv_nxt = self.rcv_nxt
+        limit = self.rcv_wnd
+        added = 0
+        while rcv_nxt in rcv_buf and len(queue) < limit:
+            item = rcv_buf.pop(rcv_nxt)
+            queue.append(item)
+            added += len(item[1])
+            rcv_nxt = (rcv_nxt + 1) & U32_MASK
+        self.rcv_nxt = rcv_nxt
+        self._rcv_queue_bytes += added
+
+    def _grow_cwnd(self) -> None:
+        """Slow start / congestion avoidance after una advanced (end of ikcp_input)."""
+        if self.cwnd >= self.rmt_wnd:
+            return
+        mss = self.mss
+        if self.cwnd < self.ssthresh:
+            self.cwnd += 1
+            self.incr += mss
+        else:
+            if self.incr < mss:
+                self.incr = mss
+            self.incr += (mss * mss) // self.incr + mss // 16
+            if (self.cwnd + 1) * mss <= self.incr:
+                self.cwnd = (self.incr + mss - 1) // mss
+        if self.cwnd > self.rmt_wnd:
+            self.cwnd = self.rmt_wnd
+            self.incr = self.rmt_wnd * mss
+
+    # --- timers -----------------------------------------------------------------------------
+    def _internal_time(self, now_ms: int) -> int:
+        """The internal clock value for the caller's now_ms (signed 32-bit delta)."""
+        if self._last_now is None:
+            return now_ms
+        delta = ((now_ms - self._last_now + U32_HALF) & U32_MASK) - U32_HALF
+        return self.current + delta
+
+    def _set_time(self, now_ms: int) -> None:
+        self.current = self._internal_time(now_ms)
+        self._last_now = now_ms
+
+    def update(self, now_ms: int) -> None:
+        """Advance the clock and flush if the interval elapsed (ikcp_update)."""
+        self._set_time(now_ms)
+        current = self.current
+        if not self.updated:
+            self.updated = True
+            self.ts_flush = current
+        slap = current - self.ts_flush
+        if slap >= CLOCK_RESYNC_MS or slap < -CLOCK_RESYNC_MS:
+            self.ts_flush = current
+            slap = 0
+        if slap >= 0:
+            self.ts_flush += self.interval
+            if current >= self.ts_flush:
+                self.ts_flush = current + self.interval
+            self._flush()
+
+    def flush(self, now_ms: int) -> None:
+        """Send pending acks, probes and window-permitted data now (ikcp_flush)."""
+        self._set_time(now_ms)
+        if not self.updated:
+            self.updated = True
+            self.ts_flush = self.current
+        self._flush()
+
+    def check(self, now_ms: int) -> int:
+        """Absolute time (caller's ms) at which update() must next be called (ikcp_check).
+
+        Like ikcp_check it never answers later than the next flush that has work to do or the
+        next retransmission timer.  Unlike ikcp_check it does not ask for a wake-up every
+        interval when nothing is pending (no acks, sendable data, probes or segments in
+        flight): an idle conversation then sleeps up to IDLE_CHECK_MS; call check() again
+        after send() or input().
+        """
+        if not self.updated:
+            return now_ms
+        current = self._internal_time(now_ms)
+        ts_flush = self.ts_flush
+        if abs(current - ts_flush) >= CLOCK_RESYNC_MS:
+            ts_flush = current
+        if self._has_work():
+            deadline = ts_flush
+        else:
+            deadline = current + IDLE_CHECK_MS
+            if self._resend_min is not None and self._nsnd_buf:
+                deadline = min(deadline, max(ts_flush, self._resend_min))
+            if self.rmt_wnd == 0:
+                probe_at = ts_flush if self.probe_wait == 0 else max(ts_flush, self.ts_probe)
+                deadline = min(deadline, probe_at)
+        if deadline <= current:
+            return now_ms
+        return now_ms + (deadline - current)
+
+    def _has_work(self) -> bool:
+        """Would the next flush send something other than a timeout retransmission?"""
+        if self.acklist or self.probe or self._fast_pending:
+            return True
+        if self.snd_queue:
+            return len(self.snd_buf) < self._cwnd_limit()
+        return False
+
+    def _cwnd_limit(self) -> int:
+        cwnd = min(self.snd_wnd, self.rmt_wnd)
+        if not self.nocwnd:
+            cwnd = min(self.cwnd, cwnd)
+        return cwnd
+
+    # --- output -----------------------------------------------------------------------------
+    def _flush(self) -> None:
+        """ikcp_flush: acks, window probes, then data (retransmissions before new data)."""
+        current = self.current
+        ts_wire = current & U32_MASK
+        conv = self.conv
+        mtu = self.mtu
+        out = self._out
+        wnd = self.rcv_wnd - len(self.rcv_queue)
+        if wnd < 0:
+            wnd = 0
+        una = self.rcv_nxt
+        pack = _HEADER_PACK
+        parts: list[bytes] = []
+        size = 0
+        probe_sn = probe_ts = 0
+
+        # acknowledgements: mtu // 24 per datagram
+        acklist = self.acklist
+        if acklist:
+            per = mtu // OVERHEAD
+            acks = [pack(conv, _ACK, 0, wnd, ts, sn, una, 0) for sn, ts in acklist]
+            # ikcp reuses one header for acks and probes: probes carry the last ack's sn, ts
+            probe_sn, probe_ts = acklist[-1]
+            self.acklist = []
+            last = len(acks) - (len(acks) - 1) % per - 1
+            for i in range(0, last, per):
+                out.append(b"".join(acks[i : i + per]))
+            parts = acks[last:]
+            size = len(parts) * OVERHEAD
+
+        # window probing when the peer advertised zero (ikcp_flush "probe window size")
+        if self.rmt_wnd == 0:
+            if self.probe_wait == 0:
+                self.probe_wait = PROBE_INIT_MS
+                self.ts_probe = current + self.probe_wait
+            elif current >= self.ts_probe:
+                self.probe_wait = max(self.probe_wait, PROBE_INIT_MS)
+                self.probe_wait = min(self.probe_wait + self.probe_wait // 2, PROBE_LIMIT_MS)
+                self.ts_probe = current + self.probe_wait
+                self.probe |= ASK_SEND
+        else:
+            self.ts_probe = 0
+            self.probe_wait = 0
+        for flag, cmd in ((ASK_SEND, _WASK), (ASK_TELL, _WINS)):
+            if self.probe & flag:
+                if size + OVERHEAD > mtu:
+                    out.append(b"".join(parts))
+                    parts = []
+                    size = 0
+                parts.append(pack(conv, cmd, 0, wnd, probe_ts, probe_sn, una, 0))
+                size += OVERHEAD
+        self.probe = 0
+
+        snd_buf = self.snd_buf
+        cwnd = self._cwnd_limit()
+        resent = self.fastresend if self.fastresend > 0 else U32_MASK
+        change = 0
+        lost = False
+
+        # retransmissions: walk snd_buf only if a timer may have fired or a fast ack counts
+        resend_min = self._resend_min
+        if snd_buf and (self._fast_pending or (resend_min is not None and current >= resend_min)):
+            self._fast_pending = False
+            fast_again = False
+            new_min = None
+            nodelay = self.nodelay
+            rx_rto = self.rx_rto
+            fastlimit = self.fastlimit
+            for seg in snd_buf:
+                if seg.acked:
+                    continue
+                if current >= seg.resendts:
+                    seg.xmit += 1
+                    self.retransmits += 1
+                    if nodelay == 0:
+                        seg.rto += max(seg.rto, rx_rto)
+                    else:
+                        step = seg.rto if nodelay < 2 else rx_rto
+                        seg.rto += step // 2
+                    seg.resendts = current + seg.rto
+                    lost = True
+                    if seg.fastack >= resent and (seg.xmit <= fastlimit or fastlimit <= 0):
+                        # ikcp does not reset fastack here: it fast-retransmits next flush
+                        fast_again = True
+                elif seg.fastack >= resent and (seg.xmit <= fastlimit or fastlimit <= 0):
+                    seg.xmit += 1
+                    seg.fastack = 0
+                    seg.resendts = current + seg.rto
+                    change += 1
+                    self.fast_retransmits += 1
+                else:
+                    if new_min is None or seg.resendts < new_min:
+                        new_min = seg.resendts
+                    continue
+                if new_min is None or seg.resendts < new_min:
+                    new_min = seg.resendts
+                data = seg.data
+                need = OVERHEAD + len(data)
+                if size + need > mtu:
+                    out.append(b"".join(parts))
+                    parts = []
+                    size = 0
+                parts.append(pack(conv, _PUSH, seg.frg, wnd, ts_wire, seg.sn, una, len(data)))
+                parts.append(data)
+                size += need
+                self.segments_sent += 1
+                if seg.xmit >= self.dead_link:
+                    self.dead = True
+            self._resend_min = new_min
+            self._fast_pending = fast_again
+
+        # new data: move snd_queue -> snd_buf as the window allows, and send it
+        queue = self.snd_queue
+        room = cwnd - len(snd_buf)
+        if queue and room > 0:
+            rto = self.rx_rto
+            rtomin = 0 if self.nodelay else rto >> 3
+            resendts = current + rto + rtomin
+            sn = self.snd_nxt
+            popleft = queue.popleft
+            append = snd_buf.append
+            n = min(room, len(queue))
+            for _ in range(n):
+                frg, data = popleft()
+                append(_Segment(sn, frg, data, resendts, rto))
+                need = OVERHEAD + len(data)
+                if size + need > mtu:
+                    out.append(b"".join(parts))
+                    parts = []
+                    size = 0
+                parts.append(pack(conv, _PUSH, frg, wnd, ts_wire, sn, una, len(data)))
+                parts.append(data)
+                size += need
+                sn = (sn + 1) & U32_MASK
+            self.snd_nxt = sn
+            self._nsnd_buf += n
+            self.segments_sent += n
+            if self._resend_min is None or resendts < self._resend_min:
+                self._resend_min = resendts
+            if self.dead_link <= 1:
+                self.dead = True
+
+        if parts:
+            out.append(b"".join(parts))
+
+        if not self._nsnd_buf:
+            self._resend_min = None
+
+        # congestion window reaction (ikcp_flush tail); harmless bookkeeping when nc
+        if change:
+            inflight = (self.snd_nxt - self.snd_una) & U32_MASK
+            self.ssthresh = max(inflight // 2, THRESH_MIN)
+            self.cwnd = self.ssthresh + resent
+            self.incr = self.cwnd * self.mss
+        if lost:
+            self.ssthresh = max(cwnd // 2, THRESH_MIN)
+            self.cwnd = 1
+            self.incr = self.mss
+        if self.cwnd < 1:
+            self.cwnd = 1
+            self.incr = self.mss
