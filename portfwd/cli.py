@@ -26,10 +26,14 @@ def fail(prog: str, message: str, code: int = EXIT_USAGE) -> NoReturn:
 
 def parse_args(prog: str, usage: str, argv: list[str] | None) -> dict:
     """Run docopt; turn its multi-line usage dump into one clear line and exit 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # docopt reads a bare "-6" as a negative number, i.e. a positional argument; the seed's
+    # flag is therefore declared as "-6 --v6only" and passed to docopt in its long spelling.
+    docopt_argv = ["--v6only" if arg == "-6" else arg for arg in argv]
     try:
-        return dict(docopt.docopt(usage, argv, version=f"{prog} {__version__}"))
+        return dict(docopt.docopt(usage, docopt_argv, version=f"{prog} {__version__}"))
     except docopt.DocoptExit:
-        fail(prog, f"invalid arguments {' '.join(argv or sys.argv[1:])!r} (see '{prog} -h')")
+        fail(prog, f"invalid arguments {' '.join(argv)!r} (see '{prog} -h')")
 
 
 def int_option(

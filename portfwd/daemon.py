@@ -158,6 +158,7 @@ class Service(Protocol):
 
 def run(prog: str, service: Service, *, daemonize: bool, pidfile: str | None) -> int:
     """Run a bound service until a stop signal; the common ``main()`` tail of every tool."""
+    setup_logging(prog, detached=False)
     raise_nofile_limit()
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a vanished peer is an error, not a kill
     pid = PidFile(pidfile) if pidfile else None
@@ -170,9 +171,9 @@ def run(prog: str, service: Service, *, daemonize: bool, pidfile: str | None) ->
     if daemonize:
         ready_fd = detach()
         gevent.reinit()
+        setup_logging(prog, detached=True)
         if pid is not None:
             pid.write_pid()
-    setup_logging(prog, detached=daemonize)
     stopping = gevent.event.Event()
     for signum in STOP_SIGNALS:
         gevent.signal_handler(signum, stopping.set)

@@ -10,7 +10,7 @@ Options:
   -b                 base-addr mode (Linux TPROXY/original-dst based address math; expert use only)
   -r                 set SO_REUSEADDR on listener socket
   -R                 set SO_REUSEPORT on listener socket
-  -6                 for IPv6 listener, set IPV6_V6ONLY
+  -6 --v6only        for IPv6 listener, set IPV6_V6ONLY
   -h --help          show help
 
 Environment:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                              passive=True)
     dest = cli.address_arg(PROG, args["<dest_addr:dest_port>"], socket.SOCK_STREAM,
                            passive=False)
-    options = ListenOptions(reuseaddr=args["-r"], reuseport=args["-R"], v6only=args["-6"])
+    options = ListenOptions(reuseaddr=args["-r"], reuseport=args["-R"], v6only=args["--v6only"])
     try:
         listener = bind_socket(listen, socket.SOCK_STREAM, options)
     except OSError as exc:

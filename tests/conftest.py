@@ -1,0 +1,203 @@
+"""Shared test helpers: free ports, real tool processes, echo servers."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(REPO, "bin")
+
+
+def free_port(family: int = socket.AF_INET, socktype: int = socket.SOCK_STREAM) -> int:
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    with socket.socket(family, socktype) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def have_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+needs_ipv6 = pytest.mark.skipif(not have_ipv6(), reason="no IPv6 loopback")
+
+
+class ToolProcess:
+    """A real bin/ tool run as a subprocess, its log in a file we can poll (no pipe to fill)."""
+
+    def __init__(self, tool: str, *args: str, env: dict | None = None) -> None:
+        self.log_file = tempfile.NamedTemporaryFile(prefix=f"{tool}-", suffix=".log", delete=False)
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1")
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(BIN, tool), *args],
+            stdout=self.log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=full_env,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        with open(self.log_file.name, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(pattern, self.log())
+            if match:
+                return match
+            if self.proc.poll() is not None:
+                match = re.search(pattern, self.log())
+                if match:
+                    return match
+                raise AssertionError(f"process exited {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.02)
+        raise AssertionError(f"{pattern!r} not in log after {timeout} s:\n{self.log()}")
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"did not stop on signal {signum}:\n{self.log()}") from None
+        return self.proc.returncode
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log_file.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.log_file.name)
+
+
+@pytest.fixture
+def tool() -> Iterator:
+    """``tool("tcpfwd", args...)`` starts a process; all are killed at the end of the test."""
+    started: list[ToolProcess] = []
+
+    def start(name: str, *args: str, env: dict | None = None) -> ToolProcess:
+        process = ToolProcess(name, *args, env=env)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.close()
+
+
+def run_cli(tool: str, *args: str, timeout: float = 20.0) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(BIN, tool), *args], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+class EchoServer:
+    """A threaded TCP echo server (tests are not gevent code); echoes until EOF, then half-closes."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(512)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._stop = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while data := conn.recv(1 << 16):
+                    conn.sendall(data)
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+@pytest.fixture
+def echo_server() -> Iterator[EchoServer]:
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+def connect(host: str, port: int, timeout: float = 10.0) -> socket.socket:
+    """Connect, retrying briefly while the tool is still binding."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return socket.create_connection((host, port), timeout=timeout)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def echo_roundtrip(sock: socket.socket, total: int, seed: int = 1, chunk: int = 1 << 16) -> None:
+    """Send ``total`` seeded random bytes, read the echo back, compare sha256; ends with EOF."""
+    import random
+
+    rng = random.Random(seed)
+    sent_hash, recv_hash = hashlib.sha256(), hashlib.sha256()
+    received = 0
+
+    def reader() -> None:
+        nonlocal received
+        while True:
+            data = sock.recv(1 << 20)
+            if not data:
+                return
+            recv_hash.update(data)
+            received += len(data)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    left = total
+    while left:
+        block = rng.randbytes(min(chunk, left))
+        sent_hash.update(block)
+        sock.sendall(block)
+        left -= len(block)
+    sock.shutdown(socket.SHUT_WR)
+    thread.join(120)
+    assert received == total
+    assert recv_hash.hexdigest() == sent_hash.hexdigest()
