@@ -116,7 +116,7 @@ def run_cli(tool: str, *args: str, timeout: float = 20.0) -> subprocess.Complete
 
 
 class EchoServer:
-    """A threaded TCP echo server (tests are not gevent code); echoes until EOF, then half-closes."""
+    """A threaded TCP echo server (tests are not gevent code): echoes to EOF, then half-closes."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
