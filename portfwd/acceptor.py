@@ -1,0 +1,134 @@
+"""Server-side HELLO validation: the only code that may create a server ``TunnelSession``.
+
+DESIGN.md security list, implemented here: the handshake is authenticated with the PSK (HMAC) before
+anything is created or dialled; stale timestamps and replayed HELLOs are rejected (a cache bounded
+in size *and* time); nothing is ever sent to a source that did not authenticate; each source host
+is rate-limited (issue 7); failures are counted and logged at most once per interval.
+
+The driver demultiplexes by conv first (``wire.peek_prefix``): datagrams for a known conv go to that
+session (which answers a retransmitted HELLO with the same WELCOME); only datagrams for an unknown
+conv whose type is HELLO reach :meth:`HandshakeAcceptor.accept`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from . import crypto
+from .session import TunnelConfig, TunnelSession
+from .wire import MAC_SIZE, MalformedPacket, unpack_hello
+
+logger = logging.getLogger(__name__)
+
+FAILURE_LOG_INTERVAL_MS = 10000  # ms between two "handshake rejected" log lines
+
+
+class HandshakeAcceptor:
+    """Validates HELLO datagrams for unknown convs and creates the server sessions."""
+
+    def __init__(self, config: TunnelConfig,
+                 random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+        self.config: TunnelConfig = config
+        self._random_bytes: Callable[[int], bytes] = random_bytes
+        self._mac_key: bytes = crypto.handshake_mac_key(config.psk)
+        # client_random -> wall-clock ms after which a replay of it would be stale anyway.
+        self._seen: OrderedDict[bytes, int] = OrderedDict()
+        # source host -> (tokens, last refill ms); LRU-bounded so a spoofing flood cannot grow it.
+        self._buckets: OrderedDict[Any, tuple[float, int]] = OrderedDict()
+        self._next_log_ms: int | None = None
+        self.accepted: int = 0  #: sessions created
+        self.dropped_malformed: int = 0  #: not a well-formed HELLO
+        self.dropped_auth: int = 0  #: HELLO MAC did not verify (wrong PSK or forged)
+        self.dropped_stale: int = 0  #: timestamp outside timestamp_window_ms
+        self.dropped_replay: int = 0  #: client_random already seen inside the window
+        self.dropped_rate: int = 0  #: source host over its handshake rate
+        self.dropped_cache_full: int = 0  #: replay cache full of live entries (fail closed)
+
+    @property
+    def cache_size(self) -> int:
+        """Entries currently held by the HELLO replay cache."""
+        return len(self._seen)
+
+    def accept(self, data: bytes, addr: Any, now: int, wall_ms: int) -> TunnelSession | None:
+        """A new server session (WELCOME queued) for a valid HELLO, else None (dropped, counted).
+
+        ``now`` is the monotonic ms clock of the sessions; ``wall_ms`` is Unix time in ms, compared
+        with the HELLO's timestamp.
+        """
+        cfg = self.config
+        if not self._take_token(addr, now):
+            self.dropped_rate += 1
+            self._log_failure(now, "rate limited", addr)
+            return None
+        try:
+            hello = unpack_hello(data)
+        except MalformedPacket:
+            self.dropped_malformed += 1
+            return None
+        expected = crypto.handshake_mac(self._mac_key, data[:-MAC_SIZE])
+        if not crypto.mac_equal(expected, hello.mac):
+            self.dropped_auth += 1
+            self._log_failure(now, "bad MAC (wrong PSK?)", addr)
+            return None
+        window = cfg.timestamp_window_ms
+        if abs(wall_ms - hello.timestamp_ms) > window:
+            self.dropped_stale += 1
+            self._log_failure(now, "stale timestamp (clock skew?)", addr)
+            return None
+        self._expire(wall_ms)
+        if hello.client_random in self._seen:
+            self.dropped_replay += 1
+            self._log_failure(now, "replayed HELLO", addr)
+            return None
+        if len(self._seen) >= cfg.hello_cache_size:
+            # Evicting a live entry would re-open a replay hole: refuse instead (fail closed).
+            self.dropped_cache_full += 1
+            self._log_failure(now, "replay cache full", addr)
+            return None
+        # Any replay later than 2 windows after now carries a timestamp older than
+        # now + window - 2 * window, i.e. stale: the entry can go then (time bound).
+        self._seen[hello.client_random] = wall_ms + 2 * window
+        self.accepted += 1
+        return TunnelSession.server_from_hello(cfg, data, hello.client_random, addr, now,
+                                               self._random_bytes)
+
+    def _expire(self, wall_ms: int) -> None:
+        seen = self._seen
+        # Insertion order is expiry order as long as the wall clock does not step back; a step
+        # back only delays expiry, never drops a live entry.
+        while seen:
+            first = next(iter(seen))
+            if seen[first] >= wall_ms:
+                break
+            del seen[first]
+
+    def _take_token(self, addr: Any, now: int) -> bool:
+        rate = self.config.handshake_rate_per_s
+        if rate <= 0:
+            return True
+        host = addr[0] if isinstance(addr, tuple) else addr
+        burst = float(self.config.handshake_burst)
+        buckets = self._buckets
+        tokens, last = buckets.pop(host, (burst, now))
+        tokens = min(burst, tokens + (now - last) * rate / 1000.0)
+        ok = tokens >= 1.0
+        if ok:
+            tokens -= 1.0
+        buckets[host] = (tokens, now)
+        if len(buckets) > self.config.rate_table_size:
+            buckets.popitem(last=False)
+        return ok
+
+    def _log_failure(self, now: int, what: str, addr: Any) -> None:
+        if self._next_log_ms is not None and now < self._next_log_ms:
+            return
+        self._next_log_ms = now + FAILURE_LOG_INTERVAL_MS
+        logger.warning(
+            "handshake rejected from %s: %s (totals: auth=%d stale=%d replay=%d rate=%d "
+            "malformed=%d cache_full=%d)", addr, what, self.dropped_auth, self.dropped_stale,
+            self.dropped_replay, self.dropped_rate, self.dropped_malformed,
+            self.dropped_cache_full)

@@ -1,0 +1,64 @@
+"""Events a ``TunnelSession`` hands to its driver through ``next_event()`` (aioquic's model).
+
+Each is a small frozen dataclass; the driver drains them after every input and timer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeCompleted:
+    """The session is authenticated and keyed (client: valid WELCOME; server: valid HELLO).
+
+    The server-side driver dials the target only after this (DESIGN.md).
+    """
+
+    conv: int  #: conversation id of the session
+
+
+@dataclass(frozen=True, slots=True)
+class DatagramReceived:
+    """One authenticated, non-replayed DATA payload (one KCP datagram) arrived."""
+
+    data: bytes  #: the opaque payload, exactly as the peer passed it to ``send_datagram``
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAddressChanged:
+    """An authenticated packet arrived from a new source address; replies now go there."""
+
+    old: Any  #: previous peer address (as given to ``receive_datagram``)
+    new: Any  #: the new peer address
+
+
+@dataclass(frozen=True, slots=True)
+class RekeyStarted:
+    """This side crossed the rekey threshold and sent REKEY_INIT (seed "AEAD Rekeying")."""
+
+    epoch: int  #: the current epoch (the rekey moves to ``epoch + 1``)
+    send_seq: int  #: send_seq at the trigger
+    deadline_ms: int  #: absolute time (ms) at which the session closes without a REKEY_ACK
+
+
+@dataclass(frozen=True, slots=True)
+class EpochSwitched:
+    """Both directions now use the keys of ``epoch`` (seed "Epoch switch")."""
+
+    epoch: int  #: the new epoch number
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The session is over; no more datagrams will be accepted, only a final CLOSE may be sent."""
+
+    reason: str  #: one of the ``CLOSE_*`` reasons in ``portfwd.session``
+    by_peer: bool  #: True when the peer sent an authenticated CLOSE
+
+
+Event = (
+    HandshakeCompleted | DatagramReceived | PeerAddressChanged | RekeyStarted | EpochSwitched
+    | ConnectionClosed
+)

@@ -1,0 +1,538 @@
+"""Sans-IO tunnel session: handshake, AEAD, anti-replay, rekey, keepalive (docs/PROTOCOL.md).
+
+The session carries *opaque datagrams* (each one KCP output datagram) between two peers; it knows
+nothing about KCP, sockets or clocks.  Time is an int of milliseconds passed in as ``now``; the
+HELLO timestamp is Unix time in ms passed in as ``wall_ms``.  The verbs are aioquic's:
+``receive_datagram`` / ``send_datagram`` / ``datagrams_to_send`` / ``get_timer`` /
+``handle_timer`` / ``next_event`` / ``close``.  Network input never raises: it is dropped and
+counted.
+
+Glossary:
+  client / server -- the kcptcp-client side (sends HELLO) and the kcptcp-server side (answers).
+  conv            -- 32-bit conversation id, random, chosen by the client, in every packet.
+  epoch           -- key generation (crypto.py); send_seq restarts at 0 in each epoch.
+  initiator       -- the side whose send_seq crossed the threshold and sent REKEY_INIT;
+  responder       -- the side that answered it with REKEY_ACK (seed "AEAD Rekeying").
+  confirmed       -- (server) the client has proven it holds the session keys; until then a
+                     retransmitted HELLO is answered with the same WELCOME again.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import crypto, events
+from .replay import ReplayWindow, Verdict
+from .wire import (
+    HEADER,
+    HEADER_SIZE,
+    MAC_SIZE,
+    PHASE_BIT,
+    TYPE_MASK,
+    MalformedPacket,
+    PacketType,
+    pack_epoch,
+    pack_hello,
+    pack_welcome,
+    peek_prefix,
+    unpack_epoch,
+    unpack_welcome,
+)
+
+logger = logging.getLogger(__name__)
+
+REKEY_SEQ_THRESHOLD = 0xFFF00000  # send_seq at which a rekey starts (seed default)
+REKEY_TIMEOUT_MS = 5000  # ms without REKEY_ACK before closing (seed default)
+UINT32_MAX = 0xFFFFFFFF  # send_seq value that must never be used (seed wraparound guard)
+OVERHEAD = HEADER_SIZE + crypto.TAG_SIZE  # 25 bytes a sealed DATA packet adds to its payload
+PLAINTEXT_OVERHEAD = HEADER_SIZE  # 9 bytes in plaintext mode
+MAX_DATAGRAM_SIZE = 65507  # bytes, largest UDP payload over IPv4
+MAX_PAYLOAD_SIZE = MAX_DATAGRAM_SIZE - OVERHEAD  # bytes accepted by send_datagram
+
+CLOSE_LOCAL = "closed locally"
+CLOSE_BY_PEER = "closed by peer"
+CLOSE_HANDSHAKE_TIMEOUT = "handshake timeout"
+CLOSE_PEER_SILENT = "peer silent"
+CLOSE_REKEY_TIMEOUT = "rekey timeout"
+CLOSE_WRAPAROUND = "send_seq wraparound guard"
+
+_DATA, _INIT, _ACK, _PING, _CLOSE = (
+    PacketType.DATA, PacketType.REKEY_INIT, PacketType.REKEY_ACK, PacketType.PING,
+    PacketType.CLOSE,
+)
+
+
+@dataclass
+class TunnelConfig:
+    """Settings of the tunnel security layer; the driver builds it from flags and env vars."""
+
+    psk: bytes | None = None  #: 32-byte PSK (-K); None = plaintext mode (seed)
+    rekey_seq_threshold: int = REKEY_SEQ_THRESHOLD  #: send_seq that triggers a rekey (packets)
+    rekey_timeout_ms: int = REKEY_TIMEOUT_MS  #: ms from REKEY_INIT to closing without REKEY_ACK
+    rekey_retry_ms: int = 1000  #: ms between REKEY_INIT retransmissions while waiting
+    rekey_grace_ms: int = 5000  #: ms the previous epoch's receive key still opens late packets;
+    #: keep >= rekey_timeout_ms so a responder still hears an initiator whose ACK was lost
+    replay_window: int = 2048  #: anti-replay window width (packets), >= 2048 per issue 5
+    handshake_timeout_ms: int = 10000  #: ms the client waits for WELCOME before giving up
+    handshake_retry_ms: int = 250  #: ms before the first HELLO retransmission (then doubles)
+    handshake_retry_max_ms: int = 2000  #: ms cap of the HELLO retransmission interval
+    keepalive_interval_ms: int = 10000  #: ms of send silence after which a PING goes out
+    idle_timeout_ms: int = 30000  #: ms without an authenticated packet before closing
+    timestamp_window_ms: int = 30000  #: ms of clock difference a HELLO timestamp may have
+    hello_cache_size: int = 65536  #: entries in the server's HELLO replay cache (size bound)
+    handshake_rate_per_s: float = 20.0  #: HELLOs per second per source host (0 = unlimited)
+    handshake_burst: int = 40  #: HELLO burst per source host
+    rate_table_size: int = 4096  #: source hosts tracked by the handshake rate limiter (LRU)
+    max_pending_payloads: int = 4096  #: payloads queued before the handshake completes
+    initial_send_seq: int = 0  #: send_seq of epoch 0 (tests of the wraparound guard)
+
+    def __post_init__(self) -> None:
+        if self.psk is not None and len(self.psk) != crypto.PSK_SIZE:
+            raise ValueError(f"PSK must be {crypto.PSK_SIZE} bytes, got {len(self.psk)}")
+        if not 1 <= self.rekey_seq_threshold <= UINT32_MAX:
+            raise ValueError("rekey_seq_threshold must be in 1..0xFFFFFFFF")
+        if not 0 <= self.initial_send_seq <= UINT32_MAX:
+            raise ValueError("initial_send_seq must be in 0..0xFFFFFFFF")
+        for name in ("rekey_timeout_ms", "rekey_retry_ms", "handshake_timeout_ms",
+                     "handshake_retry_ms", "handshake_retry_max_ms", "keepalive_interval_ms",
+                     "idle_timeout_ms", "replay_window", "hello_cache_size", "rate_table_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        for name in ("rekey_grace_ms", "timestamp_window_ms", "max_pending_payloads",
+                     "handshake_rate_per_s", "handshake_burst"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+
+
+class _State(enum.Enum):
+    HANDSHAKE = "handshake"  # client waiting for WELCOME
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+
+
+class _ConvAdapter(logging.LoggerAdapter):
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"conv={self.extra['conv']} {msg}", kwargs
+
+
+class TunnelSession:
+    """One side of one tunnel conversation.  Build with :meth:`client` or via HandshakeAcceptor."""
+
+    def __init__(self, config: TunnelConfig, conv: int, is_client: bool, peer_addr: Any,
+                 now: int) -> None:
+        if not 0 <= conv <= UINT32_MAX:
+            raise ValueError(f"conv out of range: {conv}")
+        self.config: TunnelConfig = config
+        self.conv: int = conv
+        self.is_client: bool = is_client
+        self.peer_addr: Any = peer_addr
+        self.confirmed: bool = is_client  # server: becomes True on the first sealed packet
+        self._state: _State = _State.HANDSHAKE
+        self._log: _ConvAdapter = _ConvAdapter(logger, {"conv": conv})
+        self._mac_key: bytes = crypto.handshake_mac_key(config.psk)
+        self._crypto: crypto.CryptoPair | None = None
+        self._hello: bytes = b""  # the HELLO (client: to retransmit; server: to recognise dups)
+        self._welcome: bytes = b""  # server: the WELCOME to repeat to a retransmitted HELLO
+        self._client_random: bytes = b""
+        self._hs_deadline: int = now + config.handshake_timeout_ms
+        self._hs_retry_at: int = now + config.handshake_retry_ms
+        self._hs_interval: int = config.handshake_retry_ms
+        self._send_seq: int = config.initial_send_seq
+        self._threshold: int = config.rekey_seq_threshold
+        self._win: ReplayWindow = ReplayWindow(config.replay_window)
+        self._win_prev: ReplayWindow | None = None
+        self._rekey_in_progress: bool = False
+        self._rekey_deadline: int = 0
+        self._rekey_retry_at: int = 0
+        self._pending: deque[bytes] = deque()
+        self._out: list[bytes] = []
+        self._events: deque[events.Event] = deque()
+        self._last_send_ms: int = now
+        self._last_recv_ms: int = now
+        self.datagrams_sent: int = 0  #: datagrams handed out by datagrams_to_send
+        self.datagrams_received: int = 0  #: authenticated, non-replayed datagrams
+        self.dropped_auth: int = 0  #: MAC / AEAD tag did not verify
+        self.dropped_replay: int = 0  #: duplicate, too old for the window, or a replayed HELLO
+        self.dropped_malformed: int = 0  #: did not parse, wrong conv, bad body
+        self.dropped_stale: int = 0  #: no usable key: old epoch past grace, early, or closed
+        self.dropped_send_queue: int = 0  #: payloads dropped: queue full before the handshake
+        self.welcomes_resent: int = 0  #: server: WELCOME repeated for a retransmitted HELLO
+
+    # --- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def client(cls, config: TunnelConfig, conv: int, peer_addr: Any, now: int, wall_ms: int,
+               random_bytes: Callable[[int], bytes] = os.urandom) -> TunnelSession:
+        """A client session with its HELLO queued; ``wall_ms`` is Unix time in ms."""
+        self = cls(config, conv, True, peer_addr, now)
+        self._client_random = random_bytes(crypto.RANDOM_SIZE)
+        body = pack_hello(conv, wall_ms, self._client_random)
+        self._hello = body + crypto.handshake_mac(self._mac_key, body)
+        self._out.append(self._hello)
+        return self
+
+    @classmethod
+    def server_from_hello(cls, config: TunnelConfig, hello: bytes, client_random: bytes,
+                          peer_addr: Any, now: int,
+                          random_bytes: Callable[[int], bytes] = os.urandom) -> TunnelSession:
+        """A server session for an already *validated* HELLO (use HandshakeAcceptor.accept)."""
+        conv = peek_prefix(hello)[1]
+        self = cls(config, conv, False, peer_addr, now)
+        self._hello = bytes(hello)
+        server_random = random_bytes(crypto.RANDOM_SIZE)
+        body = pack_welcome(conv, server_random)
+        self._welcome = body + crypto.handshake_mac(self._mac_key, self._hello, body)
+        self._out.append(self._welcome)
+        self._establish(client_random, server_random, now)
+        return self
+
+    def _establish(self, client_random: bytes, server_random: bytes, now: int) -> None:
+        secret = crypto.session_secret(self.config.psk, client_random, server_random)
+        self._crypto = crypto.CryptoPair(self.config.psk, secret, self.conv, self.is_client,
+                                         self.config.rekey_grace_ms)
+        self._state = _State.ESTABLISHED
+        self._last_recv_ms = now
+        self._log.debug("handshake completed, peer %s", self.peer_addr)
+        self._events.append(events.HandshakeCompleted(self.conv))
+
+    # --- public state ---------------------------------------------------------------------
+
+    @property
+    def established(self) -> bool:
+        return self._state is _State.ESTABLISHED
+
+    @property
+    def closed(self) -> bool:
+        return self._state is _State.CLOSED
+
+    @property
+    def epoch(self) -> int:
+        return self._crypto.epoch if self._crypto is not None else 0
+
+    @property
+    def send_seq(self) -> int:
+        return self._send_seq
+
+    @property
+    def rekey_in_progress(self) -> bool:
+        return self._rekey_in_progress
+
+    @property
+    def overhead(self) -> int:
+        """Bytes a DATA packet adds to its payload (25 sealed, 9 in plaintext mode)."""
+        return PLAINTEXT_OVERHEAD if self.config.psk is None else OVERHEAD
+
+    # --- commands -------------------------------------------------------------------------
+
+    def send_datagram(self, payload: bytes) -> None:
+        """Queue one opaque payload to be sealed as DATA by the next ``datagrams_to_send``.
+
+        Before the handshake completes up to ``max_pending_payloads`` are kept (then dropped and
+        counted, as a lossy link would); after close the call is ignored.
+        """
+        if len(payload) > MAX_PAYLOAD_SIZE:
+            raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_SIZE}")
+        state = self._state
+        if state is _State.CLOSED:
+            return
+        if state is _State.HANDSHAKE and len(self._pending) >= self.config.max_pending_payloads:
+            self.dropped_send_queue += 1
+            return
+        self._pending.append(payload)
+
+    def close(self) -> None:
+        """Send an authenticated CLOSE (if keyed) and end the session; idempotent."""
+        self._terminate(CLOSE_LOCAL, by_peer=False, send_close=True)
+
+    def next_event(self) -> events.Event | None:
+        """The oldest undelivered event, or None."""
+        return self._events.popleft() if self._events else None
+
+    def datagrams_to_send(self, now: int) -> list[bytes]:
+        """Seal queued payloads and return every datagram to transmit to ``peer_addr``."""
+        if self._pending and self._state is _State.ESTABLISHED:
+            self._seal_pending(now)
+        out = self._out
+        if out:
+            self._out = []
+            self._last_send_ms = now
+            self.datagrams_sent += len(out)
+        return out
+
+    def get_timer(self) -> int | None:
+        """Absolute time (ms) at which ``handle_timer`` must be called, or None."""
+        state = self._state
+        if state is _State.ESTABLISHED:
+            cfg = self.config
+            deadline = min(self._last_recv_ms + cfg.idle_timeout_ms,
+                           self._last_send_ms + cfg.keepalive_interval_ms)
+            if self._rekey_in_progress:
+                deadline = min(deadline, self._rekey_deadline, self._rekey_retry_at)
+            return deadline
+        if state is _State.HANDSHAKE:
+            return min(self._hs_deadline, self._hs_retry_at)
+        return None
+
+    def handle_timer(self, now: int) -> None:
+        """Run whatever is due at ``now``: retransmissions, keepalive, timeouts."""
+        state = self._state
+        cfg = self.config
+        if state is _State.HANDSHAKE:
+            if now >= self._hs_deadline:
+                self._terminate(CLOSE_HANDSHAKE_TIMEOUT, by_peer=False, send_close=False)
+            elif now >= self._hs_retry_at:
+                self._out.append(self._hello)  # byte-identical: the server recognises dups
+                self._hs_interval = min(self._hs_interval * 2, cfg.handshake_retry_max_ms)
+                self._hs_retry_at = now + self._hs_interval
+            return
+        if state is not _State.ESTABLISHED:
+            return
+        if now >= self._last_recv_ms + cfg.idle_timeout_ms:
+            self._log.info("no authenticated packet for %d ms, closing", now - self._last_recv_ms)
+            self._terminate(CLOSE_PEER_SILENT, by_peer=False, send_close=True)
+            return
+        if self._rekey_in_progress:
+            if now >= self._rekey_deadline:
+                # seed "Timeout": close to avoid stalling and potential nonce exhaustion
+                logger.info("rekey timeout, closing conv=%d", self.conv)
+                self._terminate(CLOSE_REKEY_TIMEOUT, by_peer=False, send_close=True)
+                return
+            if now >= self._rekey_retry_at:
+                # A lost REKEY_INIT must not kill the session: repeat it (fresh seq, same key).
+                self._rekey_retry_at = now + cfg.rekey_retry_ms
+                self._seal_raw(_INIT, pack_epoch(self._crypto.epoch + 1))
+        if self._state is _State.ESTABLISHED and not self._out and not self._pending and (
+                now >= self._last_send_ms + cfg.keepalive_interval_ms):
+            self._seal(_PING, b"", now)
+
+    # --- sending --------------------------------------------------------------------------
+
+    def _seal_pending(self, now: int) -> None:
+        pending = self._pending
+        out = self._out
+        key = self._crypto.send
+        type_byte = _DATA | (PHASE_BIT if key.phase else 0)
+        conv = self.conv
+        threshold = self._threshold
+        seq = self._send_seq
+        pack = HEADER.pack
+        seal = key.seal
+        while pending:
+            if seq >= threshold:
+                # Slow path: rekey trigger and wraparound guard (seed "AEAD Rekeying").
+                self._send_seq = seq
+                while pending and self._seal(_DATA, pending.popleft(), now):
+                    pass
+                return
+            payload = pending.popleft()
+            header = pack(type_byte, conv, seq)
+            out.append(header + seal(seq, header, payload))
+            seq += 1
+        self._send_seq = seq
+
+    def _seal(self, ptype: PacketType, body: bytes, now: int) -> bool:
+        """Seal with rekey trigger and wraparound guard; False once the session is closed."""
+        if (self._send_seq >= self._threshold and not self._rekey_in_progress
+                and self._state is _State.ESTABLISHED):
+            self._start_rekey(now)
+        if self._state is not _State.ESTABLISHED:
+            return False
+        return self._seal_raw(ptype, body)
+
+    def _seal_raw(self, ptype: PacketType, body: bytes) -> bool:
+        seq = self._send_seq
+        if seq >= UINT32_MAX:
+            # seed "Wraparound guard": never let (epoch, send_seq) repeat under one key
+            logger.warning("send_seq wraparound guard hit, closing conv=%d", self.conv)
+            self._terminate(CLOSE_WRAPAROUND, by_peer=False, send_close=False)
+            return False
+        key = self._crypto.send
+        header = HEADER.pack(ptype | (PHASE_BIT if key.phase else 0), self.conv, seq)
+        self._out.append(header + key.seal(seq, header, body))
+        self._send_seq = seq + 1
+        return True
+
+    def _start_rekey(self, now: int) -> None:
+        cp = self._crypto
+        if cp.epoch >= crypto.MAX_EPOCH:
+            self._terminate(CLOSE_WRAPAROUND, by_peer=False, send_close=True)
+            return
+        cp.prepare_next()
+        self._rekey_in_progress = True
+        self._rekey_deadline = now + self.config.rekey_timeout_ms
+        self._rekey_retry_at = now + self.config.rekey_retry_ms
+        logger.info("rekey trigger conv=%d epoch=%d->%d send_seq=%d deadline=%d",
+                    self.conv, cp.epoch, cp.epoch + 1, self._send_seq, self._rekey_deadline)
+        self._events.append(events.RekeyStarted(cp.epoch, self._send_seq, self._rekey_deadline))
+        # seed: REKEY_INIT under the current key, AAD = header (type + conv + send_seq)
+        self._seal_raw(_INIT, pack_epoch(cp.epoch + 1))
+
+    def _switch_epoch(self, now: int) -> None:
+        """seed "Epoch switch": next key -> key, epoch++, send_seq = 0, reset the window."""
+        cp = self._crypto
+        cp.update_key(now)
+        self._send_seq = 0
+        self._win_prev = self._win  # old-epoch packets in flight keep their own window
+        self._win = ReplayWindow(self.config.replay_window)
+        self._rekey_in_progress = False
+        logger.info("epoch switch conv=%d -> epoch=%d", self.conv, cp.epoch)
+        self._events.append(events.EpochSwitched(cp.epoch))
+
+    def _terminate(self, reason: str, by_peer: bool, send_close: bool) -> None:
+        if self._state is _State.CLOSED:
+            return
+        if send_close and self._state is _State.ESTABLISHED and self._send_seq < UINT32_MAX:
+            self._seal_raw(_CLOSE, b"")
+        self._state = _State.CLOSED
+        self._pending.clear()
+        self._rekey_in_progress = False
+        self._log.debug("closed: %s", reason)
+        self._events.append(events.ConnectionClosed(reason, by_peer))
+
+    # --- receiving ------------------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, addr: Any, now: int) -> None:
+        """Process one datagram from ``addr``; anything invalid is dropped and counted."""
+        if self._state is _State.ESTABLISHED:
+            cp = self._crypto
+            if len(data) >= HEADER_SIZE + cp.tag_size:
+                type_byte, conv, seq = HEADER.unpack_from(data)
+                if _DATA <= (type_byte & TYPE_MASK) <= _CLOSE and conv == self.conv:
+                    self._receive_secured(data, type_byte, seq, addr, now)
+                    return
+            self._receive_unsecured(data, addr)
+        elif self._state is _State.HANDSHAKE:
+            self._receive_welcome(data, addr, now)
+        else:
+            self.dropped_stale += 1
+
+    def _receive_secured(self, data: bytes, type_byte: int, seq: int, addr: Any,
+                         now: int) -> None:
+        cp = self._crypto
+        key = cp.recv
+        win = self._win
+        from_next = False
+        from_prev = False
+        if (type_byte >> 7) != key.phase:
+            # Not the current epoch: the next one (peer already switched: implicit REKEY_ACK)
+            # or the previous one (a late packet inside the grace period).
+            header = data[:HEADER_SIZE]
+            body = None
+            if cp.recv_next is not None:
+                body = cp.recv_next.open(seq, header, data[HEADER_SIZE:])
+                from_next = body is not None
+            if body is None:
+                if not cp.prev_usable(now) or self._win_prev is None:
+                    self.dropped_stale += 1
+                    return
+                key = cp.recv_prev
+                win = self._win_prev
+                from_prev = True
+        if not from_next:
+            verdict = win.check(seq)
+            if verdict is not Verdict.NEW:
+                self.dropped_replay += 1
+                return
+            body = key.open(seq, data[:HEADER_SIZE], data[HEADER_SIZE:])
+            if body is None:
+                self.dropped_auth += 1
+                return
+        ptype = type_byte & TYPE_MASK
+        if from_next:
+            if ptype == _ACK:
+                logger.info("recv REKEY_ACK conv=%d", self.conv)
+            self._switch_epoch(now)
+            win = self._win
+        win.record(seq)
+        # Authenticated from here on.
+        self.datagrams_received += 1
+        self._last_recv_ms = now
+        self.confirmed = True
+        if addr != self.peer_addr:
+            # DESIGN.md: the peer address changes only on an authenticated, fresh packet.
+            old, self.peer_addr = self.peer_addr, addr
+            self._log.info("peer address changed %s -> %s", old, addr)
+            self._events.append(events.PeerAddressChanged(old, addr))
+        if ptype == _DATA:
+            self._events.append(events.DatagramReceived(body))
+        elif ptype == _PING:
+            pass
+        elif ptype == _CLOSE:
+            self._terminate(CLOSE_BY_PEER, by_peer=True, send_close=False)
+        elif ptype == _INIT:
+            self._receive_rekey_init(body, seq, from_prev, now)
+        elif not from_next:  # REKEY_ACK under the current key: already switched, nothing to do
+            logger.info("recv REKEY_ACK conv=%d", self.conv)
+
+    def _receive_rekey_init(self, body: bytes, seq: int, old_epoch: bool, now: int) -> None:
+        try:
+            target = unpack_epoch(body)
+        except MalformedPacket:
+            self.dropped_malformed += 1
+            return
+        logger.info("recv REKEY_INIT conv=%d seq=%d", self.conv, seq)
+        cp = self._crypto
+        if not old_epoch and target == cp.epoch + 1:
+            if cp.epoch >= crypto.MAX_EPOCH:
+                self._terminate(CLOSE_WRAPAROUND, by_peer=False, send_close=True)
+                return
+            # seed: the responder switches after sending REKEY_ACK under the next key, seq 0;
+            # sealing it right after the switch is the same bytes (send_seq = 0, next key).
+            self._switch_epoch(now)
+            self._seal_raw(_ACK, pack_epoch(cp.epoch))
+        elif old_epoch and target == cp.epoch:
+            # The initiator is still repeating REKEY_INIT: our ACK was lost.  Seq 0 of this
+            # epoch is spent, so re-acknowledge with the next send_seq (never reuse a nonce).
+            self._seal_raw(_ACK, pack_epoch(cp.epoch))
+        else:
+            self.dropped_stale += 1
+
+    def _receive_unsecured(self, data: bytes, addr: Any) -> None:
+        """HELLO / WELCOME / garbage arriving on an established session."""
+        try:
+            ptype = peek_prefix(data)[0]
+        except MalformedPacket:
+            self.dropped_malformed += 1
+            return
+        if ptype == PacketType.HELLO and not self.is_client:
+            if not self.confirmed and data == self._hello and addr == self.peer_addr:
+                # Lost WELCOME: the client repeats its HELLO; repeat the same WELCOME (smaller
+                # than the HELLO, so no amplification) instead of creating a second session.
+                self.welcomes_resent += 1
+                self._out.append(self._welcome)
+            else:
+                self.dropped_replay += 1
+        elif ptype == PacketType.WELCOME and self.is_client:
+            self.dropped_stale += 1  # a duplicate of the WELCOME we already used
+        else:
+            self.dropped_malformed += 1
+
+    def _receive_welcome(self, data: bytes, addr: Any, now: int) -> None:
+        """Client in HANDSHAKE: only a WELCOME that answers our HELLO is of interest."""
+        try:
+            ptype, conv = peek_prefix(data)
+            if ptype != PacketType.WELCOME:
+                self.dropped_stale += 1  # sealed packets before we have keys: unusable
+                return
+            welcome = unpack_welcome(data)
+        except MalformedPacket:
+            self.dropped_malformed += 1
+            return
+        if welcome.conv != self.conv:
+            self.dropped_malformed += 1
+            return
+        expected = crypto.handshake_mac(self._mac_key, self._hello, data[:-MAC_SIZE])
+        if not crypto.mac_equal(expected, welcome.mac):
+            self.dropped_auth += 1
+            return
+        if addr != self.peer_addr:
+            old, self.peer_addr = self.peer_addr, addr
+            self._events.append(events.PeerAddressChanged(old, addr))
+        self._establish(self._client_random, welcome.server_random, now)
+        self.datagrams_received += 1

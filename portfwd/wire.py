@@ -1,0 +1,213 @@
+"""Packet codecs of the tunnel security layer (docs/PROTOCOL.md has the full specification).
+
+Pure functions: bytes in, named tuples out, ``MalformedPacket`` on anything that does not parse.
+No crypto here: the MACs and AEAD tags are computed by ``crypto`` over the byte ranges named below.
+
+Every datagram starts with the same 5 bytes, so a server can demultiplex sessions by ``conv``
+before knowing anything else::
+
+     0               1               2               3               4
+    +-+-------------+---------------+---------------+---------------+---------------+
+    |P|    type     |                      conv (32-bit, big-endian)                |
+    +-+-------------+---------------+---------------+---------------+---------------+
+
+``P`` is the key phase (``epoch & 1``) on secured packets and 0 on HELLO / WELCOME.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import struct
+from typing import NamedTuple
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1  # carried in HELLO and WELCOME
+PHASE_BIT = 0x80  # key phase flag in the type byte
+TYPE_MASK = 0x7F  # packet type bits of the type byte
+PREFIX_SIZE = 5  # bytes: type + conv, common to every packet
+HEADER_SIZE = 9  # bytes: type + conv + seq, header (and AAD) of every secured packet
+TIMESTAMP_SIZE = 8  # bytes, HELLO timestamp (Unix time in ms)
+RANDOM_SIZE = 32  # bytes, client_random / server_random
+MAC_SIZE = 16  # bytes, truncated HMAC-SHA256 of HELLO / WELCOME
+HELLO_SIZE = 128  # bytes: HELLO is padded so WELCOME (and any retransmit of it) is smaller
+WELCOME_SIZE = PREFIX_SIZE + 1 + RANDOM_SIZE + MAC_SIZE  # 54 bytes
+EPOCH_BODY_SIZE = 4  # bytes, plaintext body of REKEY_INIT / REKEY_ACK
+MAX_SEQ = 0xFFFFFFFF  # 32-bit send_seq
+
+PREFIX = struct.Struct(">BI")  # type byte, conv
+HEADER = struct.Struct(">BII")  # type byte, conv, seq
+_HELLO_FIELDS = struct.Struct(">BIBQ32s")  # type, conv, version, timestamp_ms, client_random
+_WELCOME_FIELDS = struct.Struct(">BIB32s")  # type, conv, version, server_random
+_EPOCH = struct.Struct(">I")
+_HELLO_PAD = bytes(HELLO_SIZE - MAC_SIZE - _HELLO_FIELDS.size)
+
+
+class MalformedPacket(ValueError):
+    """A datagram that does not parse (wrong size, unknown type, unsupported version)."""
+
+
+class PacketType(enum.IntEnum):
+    """Packet types (low 7 bits of the type byte)."""
+
+    HELLO = 1  #: client -> server, opens a session (HMAC with the PSK-derived key)
+    WELCOME = 2  #: server -> client, answers a HELLO (HMAC, bound to that HELLO)
+    DATA = 3  #: either way, one opaque payload (one KCP datagram), AEAD-sealed
+    REKEY_INIT = 4  #: rekey initiator, sealed under the current epoch (seed)
+    REKEY_ACK = 5  #: rekey responder, sealed under the next epoch (seed)
+    PING = 6  #: keepalive, empty sealed body
+    CLOSE = 7  #: graceful close, empty sealed body
+
+
+SECURED_TYPES = frozenset(
+    {PacketType.DATA, PacketType.REKEY_INIT, PacketType.REKEY_ACK, PacketType.PING,
+     PacketType.CLOSE}
+)
+
+
+class Hello(NamedTuple):
+    conv: int  #: conversation id chosen at random by the client
+    version: int  #: PROTOCOL_VERSION
+    timestamp_ms: int  #: client's Unix time in ms, for the server's freshness check
+    client_random: bytes  #: 32 fresh random bytes
+    mac: bytes  #: HMAC over bytes [0, HELLO_SIZE - MAC_SIZE)
+
+
+class Welcome(NamedTuple):
+    conv: int  #: echo of the HELLO's conv
+    version: int  #: PROTOCOL_VERSION
+    server_random: bytes  #: 32 fresh random bytes
+    mac: bytes  #: HMAC over the whole HELLO then bytes [0, WELCOME_SIZE - MAC_SIZE)
+
+
+class Header(NamedTuple):
+    ptype: PacketType  #: one of SECURED_TYPES
+    phase: int  #: key phase bit, epoch & 1
+    conv: int  #: conversation id
+    seq: int  #: sender's send_seq in its current epoch
+
+
+def peek_prefix(data: bytes) -> tuple[int, int]:
+    """``(type, conv)`` of any datagram, for demultiplexing (type without the phase bit).
+
+    ::
+
+        0        1                               5
+        +--------+-------------------------------+----
+        |P| type |            conv               | ...
+        +--------+-------------------------------+----
+    """
+    if len(data) < PREFIX_SIZE:
+        raise MalformedPacket(f"datagram of {len(data)} bytes is shorter than the prefix")
+    type_byte, conv = PREFIX.unpack_from(data)
+    return type_byte & TYPE_MASK, conv
+
+
+def pack_hello(conv: int, timestamp_ms: int, client_random: bytes) -> bytes:
+    """The authenticated part of a HELLO; the datagram is this followed by the 16-byte MAC.
+
+    ::
+
+        0        1          5         6              14               46        112      128
+        +--------+----------+---------+--------------+----------------+---------+--------+
+        |0| 0x01 |   conv   | version | timestamp_ms | client_random  | zero pad|  mac   |
+        +--------+----------+---------+--------------+----------------+---------+--------+
+            1         4          1           8              32            66       16
+    """
+    if len(client_random) != RANDOM_SIZE:
+        raise ValueError("client_random must be 32 bytes")
+    return _HELLO_FIELDS.pack(
+        PacketType.HELLO, conv, PROTOCOL_VERSION, timestamp_ms, client_random
+    ) + _HELLO_PAD
+
+
+def unpack_hello(data: bytes) -> Hello:
+    """Parse a HELLO (layout in :func:`pack_hello`); the MAC is *not* verified here."""
+    if len(data) != HELLO_SIZE:
+        raise MalformedPacket(f"HELLO must be {HELLO_SIZE} bytes, got {len(data)}")
+    type_byte, conv, version, timestamp_ms, client_random = _HELLO_FIELDS.unpack_from(data)
+    if type_byte != PacketType.HELLO:
+        raise MalformedPacket(f"not a HELLO: type byte 0x{type_byte:02x}")
+    if version != PROTOCOL_VERSION:
+        raise MalformedPacket(f"unsupported protocol version {version}")
+    return Hello(conv, version, timestamp_ms, client_random, bytes(data[HELLO_SIZE - MAC_SIZE:]))
+
+
+def pack_welcome(conv: int, server_random: bytes) -> bytes:
+    """The part of a WELCOME that the MAC covers after the HELLO; the datagram appends the MAC.
+
+    ::
+
+        0        1            5         6                  38       54
+        +--------+------------+---------+------------------+--------+
+        |0| 0x02 |   conv     | version |  server_random   |  mac   |
+        +--------+------------+---------+------------------+--------+
+           1          4           1             32            16
+    """
+    if len(server_random) != RANDOM_SIZE:
+        raise ValueError("server_random must be 32 bytes")
+    return _WELCOME_FIELDS.pack(PacketType.WELCOME, conv, PROTOCOL_VERSION, server_random)
+
+
+def unpack_welcome(data: bytes) -> Welcome:
+    """Parse a WELCOME (layout in :func:`pack_welcome`); the MAC is *not* verified here."""
+    if len(data) != WELCOME_SIZE:
+        raise MalformedPacket(f"WELCOME must be {WELCOME_SIZE} bytes, got {len(data)}")
+    type_byte, conv, version, server_random = _WELCOME_FIELDS.unpack_from(data)
+    if type_byte != PacketType.WELCOME:
+        raise MalformedPacket(f"not a WELCOME: type byte 0x{type_byte:02x}")
+    if version != PROTOCOL_VERSION:
+        raise MalformedPacket(f"unsupported protocol version {version}")
+    return Welcome(conv, version, server_random, bytes(data[WELCOME_SIZE - MAC_SIZE:]))
+
+
+def pack_header(ptype: PacketType, phase: int, conv: int, seq: int) -> bytes:
+    """Header of a secured packet, which is also its AEAD associated data.
+
+    ::
+
+        0        1            5            9
+        +--------+------------+------------+-------------------------------+---------+
+        |P| type |   conv     |    seq     |  ciphertext (body)            |  tag    |
+        +--------+------------+------------+-------------------------------+---------+
+           1          4            4          len(body)                     16 (0 in
+                                                                            plaintext mode)
+    """
+    if ptype not in SECURED_TYPES:
+        raise ValueError(f"{ptype!r} has no secured header")
+    return HEADER.pack(ptype | (PHASE_BIT if phase & 1 else 0), conv, seq)
+
+
+def unpack_header(data: bytes) -> Header:
+    """Parse the 9-byte header of a secured packet (layout in :func:`pack_header`)."""
+    if len(data) < HEADER_SIZE:
+        raise MalformedPacket(f"datagram of {len(data)} bytes is shorter than the header")
+    type_byte, conv, seq = HEADER.unpack_from(data)
+    try:
+        ptype = PacketType(type_byte & TYPE_MASK)
+    except ValueError:
+        raise MalformedPacket(f"unknown packet type 0x{type_byte:02x}") from None
+    if ptype not in SECURED_TYPES:
+        raise MalformedPacket(f"{ptype.name} has no secured header")
+    return Header(ptype, type_byte >> 7, conv, seq)
+
+
+def pack_epoch(epoch: int) -> bytes:
+    """Body of REKEY_INIT / REKEY_ACK: the epoch being switched *to*, 4 bytes big-endian.
+
+    ::
+
+        0                       4
+        +-----------------------+
+        |      next epoch       |
+        +-----------------------+
+    """
+    return _EPOCH.pack(epoch)
+
+
+def unpack_epoch(body: bytes) -> int:
+    """Parse a REKEY_INIT / REKEY_ACK body (layout in :func:`pack_epoch`)."""
+    if len(body) != EPOCH_BODY_SIZE:
+        raise MalformedPacket(f"rekey body must be {EPOCH_BODY_SIZE} bytes, got {len(body)}")
+    return _EPOCH.unpack(body)[0]
