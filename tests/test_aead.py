@@ -1,0 +1,227 @@
+"""Key schedule and AEAD: published vectors, deterministic per-epoch derivation (seed "Tests":
+test_aead), and every sealed packet of a real session cross-checked against pycryptodome."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from Crypto.Cipher import ChaCha20_Poly1305
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
+
+from portfwd import crypto, wire
+from portfwd.acceptor import HandshakeAcceptor
+from portfwd.events import DatagramReceived
+from portfwd.session import OVERHEAD, TunnelConfig, TunnelSession
+
+PSK = bytes.fromhex("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
+
+# RFC 8439 section 2.8.2, "Example and Test Vector for AEAD_CHACHA20_POLY1305".
+RFC8439_KEY = bytes.fromhex("808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f")
+RFC8439_NONCE = bytes.fromhex("070000004041424344454647")  # constant 07000000 || IV 4041..47
+RFC8439_AAD = bytes.fromhex("50515253c0c1c2c3c4c5c6c7")
+RFC8439_PLAINTEXT = (
+    b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for the "
+    b"future, sunscreen would be it."
+)
+RFC8439_CIPHERTEXT = bytes.fromhex(
+    "d31a8d34648e60db7b86afbc53ef7ec2a4aded51296e08fea9e2b5a736ee62d6"
+    "3dbea45e8ca9671282fafb69da92728b1a71de0a9e060b2905d6a5b67ecd3b36"
+    "92ddbd7f2d778b8c9803aee328091b58fab324e4fad675945585808b4831d7bc"
+    "3ff4def08e4b7a9de576d26586cec64b6116"
+)
+RFC8439_TAG = bytes.fromhex("1ae10b594f09e26a7e902ecbd0600691")
+
+# RFC 5869 Appendix A.1, "Test Case 1" (HKDF-SHA256).
+RFC5869_IKM = bytes.fromhex("0b" * 22)
+RFC5869_SALT = bytes.fromhex("000102030405060708090a0b0c")
+RFC5869_INFO = bytes.fromhex("f0f1f2f3f4f5f6f7f8f9")
+RFC5869_PRK = bytes.fromhex("077709362c2e32df0ddc3f0dc47bba6390b6c73bb50f9c3122ec844ad7c2b3e5")
+RFC5869_OKM = bytes.fromhex(
+    "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"
+)
+
+
+def test_rfc8439_aead_vector_through_packet_key() -> None:
+    # With nonce base = the RFC nonce and (epoch, seq) = (0, 0) the packet nonce is the RFC nonce.
+    key = crypto.PacketKey(RFC8439_KEY, RFC8439_NONCE, epoch=0)
+    sealed = key.seal(0, RFC8439_AAD, RFC8439_PLAINTEXT)
+    assert sealed == RFC8439_CIPHERTEXT + RFC8439_TAG
+    assert key.open(0, RFC8439_AAD, sealed) == RFC8439_PLAINTEXT
+
+
+def test_rfc8439_vector_pycryptodome_agrees() -> None:
+    cipher = ChaCha20_Poly1305.new(key=RFC8439_KEY, nonce=RFC8439_NONCE)
+    cipher.update(RFC8439_AAD)
+    ciphertext, tag = cipher.encrypt_and_digest(RFC8439_PLAINTEXT)
+    assert (ciphertext, tag) == (RFC8439_CIPHERTEXT, RFC8439_TAG)
+
+
+def test_rfc5869_hkdf_vector() -> None:
+    prk = crypto.hkdf_extract(RFC5869_SALT, RFC5869_IKM)
+    assert prk == RFC5869_PRK
+    assert crypto.hkdf_expand(prk, RFC5869_INFO, 42) == RFC5869_OKM
+
+
+def test_open_rejects_tampering() -> None:
+    key = crypto.PacketKey(RFC8439_KEY, RFC8439_NONCE, epoch=0)
+    sealed = key.seal(7, b"hdr", b"payload")
+    assert key.open(7, b"hdr", sealed) == b"payload"
+    assert key.open(8, b"hdr", sealed) is None  # other seq, other nonce
+    assert key.open(7, b"hdX", sealed) is None  # AAD covers the header
+    flipped = bytes([sealed[0] ^ 1]) + sealed[1:]
+    assert key.open(7, b"hdr", flipped) is None
+
+
+def test_epoch_keys_are_deterministic() -> None:
+    secret = crypto.session_secret(PSK, b"c" * 32, b"s" * 32)
+    again = crypto.session_secret(PSK, b"c" * 32, b"s" * 32)
+    assert secret == again
+    for epoch in (0, 1, 2, 0xFFFFFFFF):
+        assert crypto.derive_epoch_keys(secret, 7, epoch, crypto.C2S) == \
+            crypto.derive_epoch_keys(again, 7, epoch, crypto.C2S)
+
+
+def test_epochs_directions_convs_and_randoms_give_different_keys() -> None:
+    secret = crypto.session_secret(PSK, b"c" * 32, b"s" * 32)
+    keys = set()
+    bases = set()
+    for epoch in range(8):
+        for direction in (crypto.C2S, crypto.S2C):
+            for conv in (1, 2):
+                key, base = crypto.derive_epoch_keys(secret, conv, epoch, direction)
+                assert len(key) == 32 and len(base) == 12
+                keys.add(key)
+                bases.add(base)
+    assert len(keys) == len(bases) == 8 * 2 * 2
+    other = crypto.session_secret(PSK, b"c" * 32, b"t" * 32)
+    assert other != secret
+    assert crypto.session_secret(bytes(32), b"c" * 32, b"s" * 32) != secret
+
+
+def test_key_schedule_matches_cryptography_hkdf() -> None:
+    # An independent HKDF implementation, with the labels docs/PROTOCOL.md specifies.
+    cr, sr, conv, epoch = bytes(range(32)), bytes(range(32, 64)), 0x01020304, 5
+    secret = crypto.session_secret(PSK, cr, sr)
+    info = b"portfwd/1 key s2c" + conv.to_bytes(4, "big") + epoch.to_bytes(4, "big")
+    okm = HKDF(algorithm=hashes.SHA256(), length=32, salt=cr + sr, info=info).derive(PSK)
+    assert crypto.derive_epoch_keys(secret, conv, epoch, crypto.S2C)[0] == okm
+    info = b"portfwd/1 nonce s2c" + conv.to_bytes(4, "big") + epoch.to_bytes(4, "big")
+    nonce = HKDFExpand(algorithm=hashes.SHA256(), length=12, info=info).derive(secret)
+    assert crypto.derive_epoch_keys(secret, conv, epoch, crypto.S2C)[1] == nonce
+    hs = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"portfwd/1 handshake",
+              info=b"portfwd/1 hello mac").derive(PSK)
+    assert crypto.handshake_mac_key(PSK) == hs
+
+
+def test_nonce_low_32_bits_carry_send_seq() -> None:
+    base = bytes(12)
+    assert crypto.make_nonce(base, 0, 5) == bytes(11) + b"\x05"
+    assert crypto.make_nonce(base, 3, 0xFFFFFFFE) == bytes(4) + b"\x00\x00\x00\x03\xff\xff\xff\xfe"
+    base = bytes(range(1, 13))
+    nonces = {crypto.make_nonce(base, e, s) for e in range(4) for s in range(64)}
+    assert len(nonces) == 4 * 64
+
+
+def test_crypto_pair_update_key_keeps_previous_for_grace() -> None:
+    secret = crypto.session_secret(PSK, b"c" * 32, b"s" * 32)
+    client = crypto.CryptoPair(PSK, secret, 9, is_client=True, grace_ms=100)
+    server = crypto.CryptoPair(PSK, secret, 9, is_client=False, grace_ms=100)
+    old = client.send.seal(0, b"h", b"late")
+    client.update_key(now=0)
+    server.update_key(now=0)
+    assert client.epoch == server.epoch == 1
+    assert server.recv.open(0, b"h", client.send.seal(0, b"h", b"x")) == b"x"
+    assert server.recv.open(0, b"h", old) is None
+    assert server.prev_usable(99)
+    assert server.recv_prev.open(0, b"h", old) == b"late"
+    assert not server.prev_usable(100)
+    assert server.recv_prev is None
+
+
+# --- every sealed datagram of a real session, against pycryptodome ------------------------------
+
+def _pycryptodome_seal(key: bytes, nonce: bytes, header: bytes, body: bytes) -> bytes:
+    cipher = ChaCha20_Poly1305.new(key=key, nonce=nonce)
+    cipher.update(header)
+    ciphertext, tag = cipher.encrypt_and_digest(body)
+    return header + ciphertext + tag
+
+
+def _pycryptodome_open(key: bytes, nonce: bytes, datagram: bytes) -> bytes:
+    cipher = ChaCha20_Poly1305.new(key=key, nonce=nonce)
+    cipher.update(datagram[:wire.HEADER_SIZE])
+    return cipher.decrypt_and_verify(datagram[wire.HEADER_SIZE:-16], datagram[-16:])
+
+
+def _independent_keys(secret: bytes, conv: int, epoch: int,
+                      direction: bytes) -> tuple[bytes, bytes]:
+    suffix = direction + conv.to_bytes(4, "big") + epoch.to_bytes(4, "big")
+    key = HKDFExpand(algorithm=hashes.SHA256(), length=32, info=b"portfwd/1 key " + suffix)
+    nonce = HKDFExpand(algorithm=hashes.SHA256(), length=12, info=b"portfwd/1 nonce " + suffix)
+    return key.derive(secret), nonce.derive(secret)
+
+
+def test_every_sealed_packet_matches_pycryptodome() -> None:
+    rng = random.Random(8439)
+    config = TunnelConfig(psk=PSK, rekey_seq_threshold=40)
+    conv = 0xCAFE0001
+    client = TunnelSession.client(config, conv, "server", 0, 1_000_000, rng.randbytes)
+    acceptor = HandshakeAcceptor(config, rng.randbytes)
+    [hello] = client.datagrams_to_send(0)
+    server = acceptor.accept(hello, "client", 0, 1_000_000)
+    assert server is not None
+    [welcome] = server.datagrams_to_send(0)
+    client.receive_datagram(welcome, "server", 0)
+    # Anyone who saw both randoms and holds the PSK derives the session secret.
+    secret = crypto.session_secret(PSK, wire.unpack_hello(hello).client_random,
+                                   wire.unpack_welcome(welcome).server_random)
+    checked = {}
+    expected_seq = {crypto.C2S: 0, crypto.S2C: 0}
+    epoch_of = {crypto.C2S: 0, crypto.S2C: 0}
+    for step in range(300):
+        now = step
+        sent = {}
+        for side, direction in ((client, crypto.C2S), (server, crypto.S2C)):
+            payload = rng.randbytes(rng.randrange(0, 1400))
+            side.send_datagram(payload)
+            sent[direction] = payload
+        for side, peer, direction in ((client, server, crypto.C2S),
+                                      (server, client, crypto.S2C)):
+            for datagram in side.datagrams_to_send(now):
+                header = wire.unpack_header(datagram)
+                if header.seq == 0 and header.ptype is not wire.PacketType.REKEY_INIT \
+                        and expected_seq[direction] != 0:
+                    epoch_of[direction] += 1  # the sender switched epoch
+                    expected_seq[direction] = 0
+                assert header.seq == expected_seq[direction]
+                expected_seq[direction] += 1
+                key, base = _independent_keys(secret, conv, epoch_of[direction], direction)
+                assert header.phase == epoch_of[direction] & 1
+                nonce = crypto.make_nonce(base, epoch_of[direction], header.seq)
+                body = _pycryptodome_open(key, nonce, datagram)
+                assert _pycryptodome_seal(key, nonce, datagram[:9], body) == datagram
+                if header.ptype is wire.PacketType.DATA:
+                    assert body == sent[direction]
+                    assert len(datagram) == len(body) + OVERHEAD
+                checked[header.ptype] = checked.get(header.ptype, 0) + 1
+                peer.receive_datagram(datagram, "client" if side is client else "server", now)
+        while (event := server.next_event()) is not None:
+            if isinstance(event, DatagramReceived):
+                assert event.data == sent[crypto.C2S]
+    assert checked[wire.PacketType.DATA] == 600
+    assert checked[wire.PacketType.REKEY_INIT] >= 1
+    assert checked[wire.PacketType.REKEY_ACK] >= 1
+    assert epoch_of[crypto.C2S] >= 5 and epoch_of[crypto.S2C] >= 5
+    client.close()
+    [close] = client.datagrams_to_send(300)
+    assert wire.unpack_header(close).ptype is wire.PacketType.CLOSE
+
+
+@pytest.mark.parametrize("size", [0, 1, 1350, 65507 - OVERHEAD])
+def test_data_overhead_is_25_bytes(size: int) -> None:
+    assert OVERHEAD == 25
+    key = crypto.PacketKey(bytes(32), bytes(12), 0)
+    header = wire.pack_header(wire.PacketType.DATA, 0, 1, 2)
+    assert len(header + key.seal(2, header, bytes(size))) == size + OVERHEAD
