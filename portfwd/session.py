@@ -75,7 +75,7 @@ class TunnelConfig:
     psk: bytes | None = None  #: 32-byte PSK (-K); None = plaintext mode (seed)
     rekey_seq_threshold: int = REKEY_SEQ_THRESHOLD  #: send_seq that triggers a rekey (packets)
     rekey_timeout_ms: int = REKEY_TIMEOUT_MS  #: ms from REKEY_INIT to closing without REKEY_ACK
-    rekey_retry_ms: int = 1000  #: ms between REKEY_INIT retransmissions while waiting
+    rekey_retry_ms: int = 500  #: ms between REKEY_INIT retransmissions while waiting
     rekey_grace_ms: int = 5000  #: ms the previous epoch's receive key still opens late packets;
     #: keep >= rekey_timeout_ms so a responder still hears an initiator whose ACK was lost
     replay_window: int = 2048  #: anti-replay window width (packets), >= 2048 per issue 5
@@ -338,8 +338,10 @@ class TunnelSession:
 
     def _seal(self, ptype: PacketType, body: bytes, now: int) -> bool:
         """Seal with rekey trigger and wraparound guard; False once the session is closed."""
+        # A server whose client has not yet proven its keys defers the rekey: its REKEY_INIT
+        # could not be opened yet, and the deadline would run out for nothing.
         if (self._send_seq >= self._threshold and not self._rekey_in_progress
-                and self._state is _State.ESTABLISHED):
+                and self.confirmed and self._state is _State.ESTABLISHED):
             self._start_rekey(now)
         if self._state is not _State.ESTABLISHED:
             return False
