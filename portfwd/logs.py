@@ -28,7 +28,7 @@ def setup_logging(prog: str, *, detached: bool, level: int = logging.INFO) -> No
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(FOREGROUND_FORMAT.replace("%(name)s", prog)))
     root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(int(os.environ.get("PORTFWD_LOGLEVEL", level)))
 
 
 class RateLimitedLog:

@@ -1,0 +1,164 @@
+"""tcpfwd vs direct loopback (and socat / haproxy when installed), same run, printed as ratios.
+
+    python bench/bench_tcp.py [--quick] [--seconds N]
+
+Measures: 1-stream and 4-stream iperf3 throughput, short connections per second (connect,
+100-byte echo, close), and RSS per idle connection with 2,000 idle connections. Loopback only;
+every load is bounded in time. Never run as a timed test: the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import socket
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    cpu_seconds,
+    free_port,
+    have,
+    iperf3,
+    print_table,
+    process,
+    raise_fd_limit,
+    rss_kib,
+    tool,
+    wait_port,
+)
+
+HAPROXY_CFG = """global
+    maxconn 8000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+listen fwd
+    bind 127.0.0.1:{listen}
+    server s1 127.0.0.1:{dest}
+"""
+
+
+def peers(dest: int) -> dict[str, tuple[list[str], dict]]:
+    """name -> (argv for a forwarder 127.0.0.1:<listen> -> dest, env). {listen} is filled later."""
+    found = {
+        "tcpfwd (splice)": (tool("tcpfwd", "127.0.0.1:{listen}", f"127.0.0.1:{dest}"), {}),
+        "tcpfwd (copy)": (tool("tcpfwd", "127.0.0.1:{listen}", f"127.0.0.1:{dest}"),
+                          {"PORTFWD_NO_SPLICE": "1"}),
+    }
+    if have("socat"):
+        found["socat"] = (["socat", "TCP-LISTEN:{listen},bind=127.0.0.1,fork,reuseaddr",
+                           f"TCP:127.0.0.1:{dest}"], {})
+    if have("haproxy"):
+        found["haproxy"] = (["haproxy", "-f", "{cfg}"], {})
+    return found
+
+
+def start_peer(name: str, argv: list[str], env: dict, listen: int, dest: int):
+    cfg = None
+    if "{cfg}" in argv:
+        cfg = tempfile.NamedTemporaryFile("w", suffix=".cfg", delete=False)
+        cfg.write(HAPROXY_CFG.format(listen=listen, dest=dest))
+        cfg.close()
+    argv = [a.replace("{listen}", str(listen)).replace("{cfg}", cfg.name if cfg else "")
+            for a in argv]
+    return process(argv, env)
+
+
+def throughput(port: int, seconds: float, streams: int) -> float:
+    result = iperf3(port, seconds, "-P", str(streams))
+    return result["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def _short_conn_worker(port: int, seconds: float, queue) -> None:
+    count, payload = 0, b"x" * 100
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(payload)
+            got = 0
+            while got < 100:
+                got += len(sock.recv(100))
+        count += 1
+    queue.put(count)
+
+
+def short_connections(port: int, seconds: float, workers: int = 2) -> float:
+    queue = multiprocessing.Queue()
+    procs = [multiprocessing.Process(target=_short_conn_worker, args=(port, seconds, queue))
+             for _ in range(workers)]
+    for p in procs:
+        p.start()
+    total = sum(queue.get(timeout=seconds + 30) for _ in procs)
+    for p in procs:
+        p.join()
+    return total / seconds
+
+
+def idle_rss_per_connection(pid: int, port: int, count: int) -> float:
+    base = rss_kib(pid)
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(b"!")  # one exchange so both pumps are set up, then idle
+        sock.recv(1)
+        socks.append(sock)
+    time.sleep(1)
+    per_conn = (rss_kib(pid) - base) * 1024 / count
+    for sock in socks:
+        sock.close()
+    return per_conn
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny run to check the script works")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per throughput measurement")
+    opts = parser.parse_args()
+    seconds = 1.0 if opts.quick else opts.seconds
+    idle_count = 50 if opts.quick else 2000
+    raise_fd_limit()
+    iperf_port, echo_port = free_port(), free_port()
+    rows, conn_rows, rss_rows = [], [], []
+    with process(["iperf3", "-s", "-p", str(iperf_port)]), \
+            process([sys.executable, os.path.join(os.path.dirname(__file__), "echo_server.py"),
+                     str(echo_port)]):
+        wait_port(iperf_port)
+        wait_port(echo_port)
+        direct = {s: throughput(iperf_port, seconds, s) for s in (1, 4)}
+        direct_conn = short_connections(echo_port, seconds)
+        rows.append(["direct", f"{direct[1]:.2f}", "1.00", f"{direct[4]:.2f}", "1.00", "-"])
+        conn_rows.append(["direct", f"{direct_conn:.0f}", "1.00"])
+        for name, (argv, env) in peers(iperf_port).items():
+            listen = free_port()
+            with start_peer(name, argv, env, listen, iperf_port) as proc:
+                wait_port(listen, proc=proc)
+                cpu0 = cpu_seconds(proc.pid)
+                t1 = throughput(listen, seconds, 1)
+                cpu = cpu_seconds(proc.pid) - cpu0
+                t4 = throughput(listen, seconds, 4)
+                rows.append([name, f"{t1:.2f}", f"{t1 / direct[1]:.2f}", f"{t4:.2f}",
+                             f"{t4 / direct[4]:.2f}", f"{100 * cpu / seconds:.0f} %"])
+            conn_listen = free_port()
+            with start_peer(name, argv[:-1] + [argv[-1].replace(str(iperf_port), str(echo_port))],
+                            env, conn_listen, echo_port) as proc:
+                wait_port(conn_listen, proc=proc)
+                rate = short_connections(conn_listen, seconds)
+                conn_rows.append([name, f"{rate:.0f}", f"{rate / direct_conn:.2f}"])
+                if name.startswith("tcpfwd") or name == "haproxy":
+                    per = idle_rss_per_connection(proc.pid, conn_listen, idle_count)
+                    rss_rows.append([name, idle_count, f"{per / 1024:.1f}"])
+    print_table("TCP throughput (iperf3, Gbit/s)", ["path", "1 stream", "ratio", "4 streams",
+                "ratio", "fwd CPU (1 stream)"], rows)
+    print_table("Short connections (connect, 100 B echo, close)", ["path", "conn/s", "ratio"],
+                conn_rows)
+    print_table("RSS per idle connection", ["forwarder", "connections", "kB each"], rss_rows)
+
+
+if __name__ == "__main__":
+    main()
