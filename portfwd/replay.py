@@ -66,6 +66,14 @@ class ReplayWindow:
             return Verdict.DUPLICATE
         return Verdict.NEW
 
+    def is_new(self, seq: int) -> bool:
+        """``check(seq) is Verdict.NEW`` without the enum, for the per-packet path."""
+        top = self.top
+        if seq > top:
+            return True
+        width = self.width
+        return seq > top - width and self._slots[seq % width] != seq
+
     def record(self, seq: int) -> None:
         """Mark ``seq`` as accepted (call only after :meth:`check` returned NEW)."""
         self._slots[seq % self.width] = seq
