@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from portfwd import events, wire
 from portfwd.acceptor import HandshakeAcceptor
@@ -597,7 +599,7 @@ def _mutations(rng: random.Random, valid: list[bytes], count: int) -> list[bytes
 @pytest.mark.parametrize("seed", range(5))
 def test_garbage_never_raises_and_never_gets_a_reply(seed: int) -> None:
     rng = random.Random(seed)
-    p = client_and_server(seed)
+    p = client_and_server(seed, handshake_rate_per_s=0)  # every HELLO reaches the MAC check
     for i in range(10):
         p.client.send_datagram(b"c%d" % i)
         p.server.send_datagram(b"s%d" % i)
@@ -611,18 +613,35 @@ def test_garbage_never_raises_and_never_gets_a_reply(seed: int) -> None:
         for side in (p.client, p.server, waiting):
             side.receive_datagram(datagram, ("203.0.113.66", 6666), 2)
             assert side.datagrams_to_send(2) == []
-        assert p.acceptor.accept(datagram, ("203.0.113.66", 6666), 2, WALL) in (None,)
+        assert p.acceptor.accept(datagram, ("203.0.113.66", 6666), 2, WALL) is None
     for side in (p.client, p.server):
         assert side.peer_addr == addr_of(p.server if side is p.client else p.client)
         assert side.established and drain(side) == []
         dropped = side.dropped_auth + side.dropped_malformed + side.dropped_replay
         assert dropped + side.dropped_stale == len(fuzz)
+    assert p.acceptor.accepted == 1 and p.acceptor.dropped_auth > 0
     assert not waiting.established and drain(waiting) == []
     assert waiting.datagrams_to_send(2) == [] and hello
     # The valid traffic still gets through afterwards.
     for datagram in valid[:10]:
         p.server.receive_datagram(datagram, CLIENT_ADDR, 3)
     assert payloads(p.server) == [b"c%d" % i for i in range(10)]
+
+
+_FUZZ_PAIR = client_and_server(99, handshake_rate_per_s=0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=300), prefix=st.sampled_from([b"", bytes([1]), bytes([2]),
+                                                            bytes([3]), bytes([0x84])]))
+def test_any_bytes_never_raise_never_reply(data: bytes, prefix: bytes) -> None:
+    datagram = prefix + CONV.to_bytes(4, "big") + data if prefix else data
+    p = _FUZZ_PAIR
+    for side in (p.client, p.server):
+        side.receive_datagram(datagram, ("203.0.113.5", 5), 1)
+        assert side.datagrams_to_send(1) == [] and side.next_event() is None
+        assert side.established
+    assert p.acceptor.accept(datagram, ("203.0.113.5", 5), 1, WALL) is None
 
 
 def test_truncated_datagrams_byte_at_a_time() -> None:
