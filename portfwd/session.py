@@ -361,7 +361,7 @@ class TunnelSession:
         seq = self._send_seq
         if seq >= UINT32_MAX:
             # seed "Wraparound guard": never let (epoch, send_seq) repeat under one key
-            logger.warning("send_seq wraparound guard hit, closing conv=%d", self.conv)
+            logger.info("send_seq wraparound guard hit, closing conv=%d", self.conv)
             self._terminate(CLOSE_WRAPAROUND, by_peer=False, send_close=False)
             return False
         key = self._crypto.send
@@ -465,6 +465,7 @@ class TunnelSession:
                 from_next = body is not None
             if body is None:
                 if not cp.prev_usable(now) or self._win_prev is None:
+                    self._win_prev = None  # grace over: release the old window too
                     self.dropped_stale += 1
                     return
                 key = cp.recv_prev
