@@ -85,6 +85,7 @@ _ACK = int(Cmd.ACK)
 _WASK = int(Cmd.WASK)
 _WINS = int(Cmd.WINS)
 _CMDS = frozenset((_PUSH, _ACK, _WASK, _WINS))
+_ACK_BYTE = bytes([_ACK])
 
 
 class MalformedSegment(ValueError):
@@ -127,29 +128,38 @@ def unpack_segments(
     a conv that changes inside the datagram.  (ikcp_input applies the segments before a bad
     one and silently ignores a short tail; we drop the whole datagram instead.)
     """
+    segments = []
+    offset = 0
+    for _conv, cmd, frg, wnd, ts, sn, una, length in _unpack_headers(datagram, conv):
+        offset += OVERHEAD
+        segments.append((cmd, frg, wnd, ts, sn, una, datagram[offset : offset + length]))
+        offset += length
+    return segments
+
+
+def _unpack_headers(datagram: bytes, conv: int | None) -> list[tuple[int, ...]]:
+    """Validate a datagram (see unpack_segments) and return its raw 8-field headers."""
     size = len(datagram)
     if size < OVERHEAD:
         raise MalformedSegment(f"datagram of {size} bytes is shorter than a segment header")
     first_conv = _HEADER_UNPACK_FROM(datagram, 0)[0]
     if conv is not None and first_conv != conv:
         raise ConvMismatch(f"conv {first_conv} is not ours ({conv})")
-    segments = []
+    headers = []
     offset = 0
     while offset < size:
         if size - offset < OVERHEAD:
             raise MalformedSegment(f"{size - offset} trailing bytes after the last segment")
-        c, cmd, frg, wnd, ts, sn, una, length = _HEADER_UNPACK_FROM(datagram, offset)
-        offset += OVERHEAD
-        end = offset + length
-        if end > size:
-            raise MalformedSegment(f"segment length {length} runs past the datagram end")
-        if c != first_conv:
+        header = _HEADER_UNPACK_FROM(datagram, offset)
+        offset += OVERHEAD + header[7]
+        if offset > size:
+            raise MalformedSegment(f"segment length {header[7]} runs past the datagram end")
+        if header[0] != first_conv:
             raise MalformedSegment("conv changes inside one datagram")
-        if cmd not in _CMDS:
-            raise MalformedSegment(f"unknown command {cmd}")
-        segments.append((cmd, frg, wnd, ts, sn, una, datagram[offset:end]))
-        offset = end
-    return segments
+        if header[1] not in _CMDS:
+            raise MalformedSegment(f"unknown command {header[1]}")
+        headers.append(header)
+    return headers
 
 
 def conv_of(datagram: bytes) -> int | None:
@@ -221,6 +231,7 @@ class Kcp:
         if not 0 <= conv <= U32_MASK:
             raise ValueError(f"conv {conv} is not a u32")
         self.conv: int = conv
+        self._conv_bytes: bytes = conv.to_bytes(4, "little")
         self.config: KcpConfig = cfg
         self.mtu: int = cfg.mtu
         self.mss: int = cfg.mtu - OVERHEAD
@@ -403,44 +414,63 @@ class Kcp:
 
     # --- network side -----------------------------------------------------------------------
     def input(self, datagram: bytes) -> bool:
-        """Take one datagram from the peer (ikcp_input).  Never raises; False = dropped."""
+        """Take one datagram from the peer (ikcp_input).  Never raises; False = dropped.
+
+        Two shapes dominate bulk transfer and get a path that skips the general decoder: a
+        datagram holding exactly one segment (a full-size PUSH) and a datagram of nothing
+        but ACKs (decoded at C speed by ``struct.iter_unpack``).  Both are validated as
+        strictly as :func:`unpack_segments` before any state changes.
+        """
         try:
             if type(datagram) is not bytes:
                 datagram = bytes(datagram)
-            segments = unpack_segments(datagram, self.conv)
-        except ConvMismatch:
-            self.dropped_conv += 1
-            return False
+            size = len(datagram)
+            header = _HEADER_UNPACK_FROM(datagram, 0)
+            if header[0] != self.conv:
+                self.dropped_conv += 1
+                return False
+            if size == OVERHEAD + header[7] and header[1] in _CMDS:
+                headers = (header,)
+            elif size % OVERHEAD == 0 and self._all_acks(datagram, size // OVERHEAD):
+                headers = _HEADER.iter_unpack(datagram)
+            else:
+                headers = _unpack_headers(datagram, self.conv)
         except (MalformedSegment, TypeError, struct.error):
             self.dropped_malformed += 1
             return False
 
-        prev_una = self.snd_una
+        prev_una = snd_una = self.snd_una
         snd_buf = self.snd_buf
         current = self.current
         have_ack = False
         maxack = 0
         rcv_wnd = self.rcv_wnd
-        for cmd, frg, wnd, ts, sn, una, data in segments:
-            self.rmt_wnd = wnd
+        rmt_wnd = self.rmt_wnd
+        offset = 0  # of the current segment's header in the datagram
+        for _conv, cmd, frg, rmt_wnd, ts, sn, una, length in headers:  # noqa: B007
             # cumulative ack (ikcp_parse_una + ikcp_shrink_buf); a una beyond snd_nxt cannot
             # come from a correct peer and is ignored rather than emptying snd_buf
-            done = (una - self.snd_una) & U32_MASK
-            if done and done <= len(snd_buf):
-                self._parse_una(done)
-            if cmd == _PUSH:
-                self.segments_received += 1
-                offset = (sn - self.rcv_nxt) & U32_MASK
-                # ack anything left of the window's right edge, old duplicates included
-                if offset < rcv_wnd or offset >= U32_HALF + rcv_wnd:
-                    self.acklist.append((sn, ts))
-                    if offset < rcv_wnd:
-                        self._parse_data(offset, sn, frg, data)
-            elif cmd == _ACK:
+            if una != snd_una:
+                done = (una - snd_una) & U32_MASK
+                if done <= len(snd_buf):
+                    self._parse_una(done)
+                    snd_una = self.snd_una
+            if cmd == _ACK:
                 rtt = (current - ts) & U32_MASK
                 if rtt < U32_HALF:
-                    self._update_ack(rtt)
-                index = (sn - self.snd_una) & U32_MASK
+                    # ikcp_update_ack (RFC 6298 in integer ms), inlined: once per ACK
+                    if self.rx_srtt == 0:
+                        self.rx_srtt = rtt
+                        self.rx_rttval = rtt // 2
+                    else:
+                        delta = rtt - self.rx_srtt
+                        delta = -delta if delta < 0 else delta
+                        self.rx_rttval = (3 * self.rx_rttval + delta) // 4
+                        srtt = (7 * self.rx_srtt + rtt) // 8
+                        self.rx_srtt = srtt if srtt > 0 else 1
+                    rto = self.rx_srtt + max(self.interval, 4 * self.rx_rttval)
+                    self.rx_rto = min(max(self.rx_minrto, rto), RTO_MAX_MS)
+                index = (sn - snd_una) & U32_MASK
                 if index < len(snd_buf):
                     seg = snd_buf[index]
                     if not seg.acked:
@@ -448,19 +478,46 @@ class Kcp:
                         self._nsnd_buf -= 1
                         if index == 0:
                             self._shrink_buf()
+                            snd_una = self.snd_una
                 if not have_ack:
                     have_ack = True
                     maxack = sn
                 elif 0 < (sn - maxack) & U32_MASK < U32_HALF:
                     maxack = sn
+            elif cmd == _PUSH:
+                self.segments_received += 1
+                window_offset = (sn - self.rcv_nxt) & U32_MASK
+                # ack anything left of the window's right edge, old duplicates included
+                if window_offset < rcv_wnd or window_offset >= U32_HALF + rcv_wnd:
+                    self.acklist.append((sn, ts))
+                    if window_offset < rcv_wnd:
+                        data = datagram[offset + OVERHEAD : offset + OVERHEAD + length]
+                        self._parse_data(window_offset, sn, frg, data)
             elif cmd == _WASK:
                 self.probe |= ASK_TELL
-            # WINS: the header's wnd (already taken) is all it carries
+            # WINS: the header's wnd is all it carries
+            offset += OVERHEAD + length
+        # ikcp stores every segment's wnd in turn; only the last one survives the loop
+        self.rmt_wnd = rmt_wnd
 
         if have_ack:
             self._parse_fastack(maxack)
-        if not self.nocwnd and 0 < (self.snd_una - prev_una) & U32_MASK < U32_HALF:
+        if not self.nocwnd and 0 < (snd_una - prev_una) & U32_MASK < U32_HALF:
             self._grow_cwnd()
+        return True
+
+    def _all_acks(self, datagram: bytes, count: int) -> bool:
+        """Is this datagram `count` ACK headers of our conv with zero length (no payload)?"""
+        if datagram[4::OVERHEAD] != _ACK_BYTE * count:
+            return False
+        conv = self._conv_bytes
+        for i in range(4):
+            if datagram[i::OVERHEAD] != conv[i : i + 1] * count:
+                return False
+        zero = b"\0" * count
+        for i in range(20, 24):
+            if datagram[i::OVERHEAD] != zero:
+                return False
         return True
 
     def _parse_una(self, done: int) -> None:
@@ -495,18 +552,6 @@ class Kcp:
                 seg.fastack += 1
                 if seg.fastack >= resend > 0:
                     self._fast_pending = True
-
-    def _update_ack(self, rtt: int) -> None:
-        """RTT estimator, RFC 6298 style in integer ms (ikcp_update_ack)."""
-        if self.rx_srtt == 0:
-            self.rx_srtt = rtt
-            self.rx_rttval = rtt // 2
-        else:
-            delta = abs(rtt - self.rx_srtt)
-            self.rx_rttval = (3 * self.rx_rttval + delta) // 4
-            self.rx_srtt = max(1, (7 * self.rx_srtt + rtt) // 8)
-        rto = self.rx_srtt + max(self.interval, 4 * self.rx_rttval)
-        self.rx_rto = min(max(self.rx_minrto, rto), RTO_MAX_MS)
 
     def _parse_data(self, offset: int, sn: int, frg: int, data: bytes) -> None:
         """Store a PUSH inside the window and move in-order ones to rcv_queue."""

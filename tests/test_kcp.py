@@ -174,9 +174,12 @@ def transfer(a: Kcp, b: Kcp, now: int) -> int:
 # --- codec -------------------------------------------------------------------------------
 def test_pack_segment_layout():
     wire = pack_segment(0x01020304, Cmd.PUSH, 3, 0x0506, 0x0708090A, 0x0B0C0D0E, 0x0F101112, b"hi")
-    assert wire == bytes.fromhex("04030201" "51" "03" "0605" "0a090807" "0e0d0c0b" "1211100f")[
-        :20
-    ] + struct.pack("<I", 2) + b"hi"
+    assert (
+        wire
+        == bytes.fromhex("04030201510306050a0908070e0d0c0b1211100f")[:20]
+        + struct.pack("<I", 2)
+        + b"hi"
+    )
     assert len(wire) == OVERHEAD + 2
 
 
@@ -517,7 +520,12 @@ def test_check_never_later_than_next_flush_or_retransmission(seed):
             _assert_check_not_late(kcp, kcp.current)
 
     run_pair(
-        ep_a, ep_b, link_ab, link_ba, lambda: len(ep_b.received) == len(payload), invariant=invariant
+        ep_a,
+        ep_b,
+        link_ab,
+        link_ba,
+        lambda: len(ep_b.received) == len(payload),
+        invariant=invariant,
     )
     assert ep_b.received == payload
 
@@ -553,6 +561,7 @@ def test_everything_sent_is_received_once_in_order(
     payload = [rng.randbytes(s) for s in sizes]
     a, b = pair(cfg)
     ep_a = Endpoint(a, payload, max_waitsnd=2 * snd_wnd)
+
     # the slow reader only reads during the first 20 ms of every 500 ms
     def pause(now: int) -> int | None:
         return now - now % 500 + 500 if now % 500 > 20 else None
