@@ -1,0 +1,236 @@
+"""udpfwd vs direct loopback, same run, printed as ratios.
+
+    python bench/bench_udp.py [--quick] [--seconds N] [--sockbuf BYTES] [--sessions N]
+
+Measures (127.0.0.1 only, every load bounded in time):
+* iperf3 ``-u -l 1200 -b 0``: delivered datagrams/s direct and through udpfwd, and the ratio.
+  iperf3 runs its control channel over TCP on the same port number, so a tcpfwd carries that.
+* the lossless rate at 1200 B: the highest of a ladder of paced rates that loses nothing.
+* RSS of udpfwd with N live sessions (N client sockets, one datagram each).
+* batching: Python has no recvmmsg(); the closest is calling libc's through ctypes. We time
+  draining a queue of 1200 B datagrams with ``recvfrom_into`` against ctypes ``recvmmsg``
+  (batch 16) so the decision not to batch stays checkable.
+Never run as a timed test: the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import os
+import socket
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    cpu_seconds,
+    free_port,
+    iperf3,
+    print_table,
+    process,
+    raise_fd_limit,
+    rss_kib,
+    tool,
+    wait_port,
+)
+
+DGRAM = 1200  # bytes per iperf3 datagram (-l)
+LADDER = (20_000, 40_000, 60_000, 80_000, 100_000, 120_000, 150_000)  # paced rates, pps
+BATCH = 16  # recvmmsg batch (seed UDP_PROXY_BATCH_SZ)
+MSG_DONTWAIT = 0x40  # linux/socket.h
+
+
+def free_udp_tcp_port() -> int:
+    """A port free for both TCP and UDP (iperf3 -u uses the same number for both)."""
+    while True:
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+
+
+def wait_udp_port(port: int, proc, timeout: float = 10.0) -> None:
+    """Wait until the port is bound (UDP), without sending anything to it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing bound to udp 127.0.0.1:{port}")
+
+
+def udp_run(port: int, seconds: float, pps: int | None) -> dict:
+    """One iperf3 -u run; sent and delivered datagrams per second, lost count."""
+    rate = "0" if pps is None else str(pps * DGRAM * 8)
+    total = iperf3(port, seconds, "-u", "-l", str(DGRAM), "-b", rate)["end"]["sum"]
+    delivered = total["packets"] - total["lost_packets"]
+    return {"sent": total["packets"] / total["seconds"],
+            "delivered": delivered / total["seconds"], "lost": total["lost_packets"]}
+
+
+def lossless_rate(port: int, seconds: float) -> tuple[int, str]:
+    """Highest ladder rate with 0 lost datagrams; stops after the second lossy step."""
+    best, lossy, notes = 0, 0, []
+    for pps in LADDER:
+        run = udp_run(port, seconds, pps)
+        notes.append(f"{pps // 1000}k:{run['lost']}")
+        if run["lost"] == 0 and run["sent"] >= 0.9 * pps:
+            best = pps
+        else:
+            lossy += 1
+            if lossy == 2:
+                break
+    return best, " ".join(notes)
+
+
+def session_rss(sockbuf: int, sessions: int) -> tuple[int, int]:
+    """RSS (KiB) of a fresh udpfwd before and with ``sessions`` live sessions."""
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # never read: the kernel drops
+    sink.bind(("127.0.0.1", 0))
+    port = free_udp_tcp_port()
+    argv = tool("udpfwd", f"127.0.0.1:{port}", f"127.0.0.1:{sink.getsockname()[1]}",
+                "-t", "600", "--max-sessions", str(sessions + 100), "--sockbuf", str(sockbuf))
+    clients: list[socket.socket] = []
+    try:
+        with process(argv) as proc:
+            wait_udp_port(port, proc)
+            base = rss_kib(proc.pid)
+            fds = len(os.listdir(f"/proc/{proc.pid}/fd"))
+            for _ in range(sessions):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.sendto(b"!", ("127.0.0.1", port))
+                clients.append(sock)
+            deadline = time.monotonic() + 30
+            while len(os.listdir(f"/proc/{proc.pid}/fd")) < fds + sessions:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("sessions did not all open")
+                time.sleep(0.1)
+            return base, rss_kib(proc.pid)
+    finally:
+        for sock in clients:
+            sock.close()
+        sink.close()
+
+
+def batching(count: int = 3000) -> tuple[float, float]:
+    """µs per datagram: recvfrom_into loop vs ctypes recvmmsg(BATCH), same queue contents."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    rx.bind(("127.0.0.1", 0))
+    rx.setblocking(False)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.connect(rx.getsockname())
+    payload = b"x" * DGRAM
+
+    def drain(read) -> float:
+        for _ in range(count):
+            tx.send(payload)
+        start, got = time.perf_counter(), 0
+        while (n := read()) > 0:
+            got += n
+        return (time.perf_counter() - start) / max(got, 1) * 1e6
+
+    buf = bytearray(65536)
+
+    def plain() -> int:
+        try:
+            rx.recvfrom_into(buf)
+        except BlockingIOError:
+            return 0
+        return 1
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+    class Iovec(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+    class Msghdr(ctypes.Structure):
+        _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32),
+                    ("iov", ctypes.POINTER(Iovec)), ("iovlen", ctypes.c_size_t),
+                    ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                    ("flags", ctypes.c_int)]
+
+    class Mmsghdr(ctypes.Structure):
+        _fields_ = [("hdr", Msghdr), ("len", ctypes.c_uint)]
+
+    bufs = [ctypes.create_string_buffer(65536) for _ in range(BATCH)]
+    names = [ctypes.create_string_buffer(28) for _ in range(BATCH)]
+    iovs = [Iovec(ctypes.addressof(b), 65536) for b in bufs]
+    msgs = (Mmsghdr * BATCH)()
+    for i in range(BATCH):
+        msgs[i].hdr.name = ctypes.addressof(names[i])
+        msgs[i].hdr.iov = ctypes.pointer(iovs[i])
+        msgs[i].hdr.iovlen = 1
+    addrs = [ctypes.addressof(b) for b in bufs]
+    fd = rx.fileno()
+
+    def batched() -> int:
+        for i in range(BATCH):
+            msgs[i].hdr.namelen = 28
+        k = libc.recvmmsg(fd, msgs, BATCH, MSG_DONTWAIT, None)
+        for i in range(max(k, 0)):  # what a forwarder needs per datagram: bytes + address
+            ctypes.string_at(addrs[i], msgs[i].len)
+            ctypes.string_at(ctypes.addressof(names[i]), 16)
+        return k
+
+    try:
+        return drain(plain), drain(batched)
+    finally:
+        rx.close()
+        tx.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny run to check the script works")
+    parser.add_argument("--seconds", type=float, default=4.0, help="per throughput measurement")
+    parser.add_argument("--sockbuf", type=int, default=None, help="udpfwd --sockbuf (bytes)")
+    parser.add_argument("--sessions", type=int, default=10_000, help="live sessions for RSS")
+    opts = parser.parse_args()
+    seconds = 1.0 if opts.quick else opts.seconds
+    sessions = 200 if opts.quick else opts.sessions
+    extra = [] if opts.sockbuf is None else ["--sockbuf", str(opts.sockbuf)]
+    raise_fd_limit()
+    server, listen = free_udp_tcp_port(), free_udp_tcp_port()
+    with process(["iperf3", "-s", "-p", str(server)]):
+        wait_port(server)
+        direct = udp_run(server, seconds, None)
+        with process(tool("tcpfwd", f"127.0.0.1:{listen}", f"127.0.0.1:{server}")) as ctl, \
+                process(tool("udpfwd", f"127.0.0.1:{listen}", f"127.0.0.1:{server}", *extra))\
+                as fwd:
+            wait_port(listen, proc=ctl)
+            wait_udp_port(listen, fwd)
+            cpu0 = cpu_seconds(fwd.pid)
+            through = udp_run(listen, seconds, None)
+            cpu = cpu_seconds(fwd.pid) - cpu0
+            best, ladder = lossless_rate(listen, min(seconds, 2.0))
+    base, loaded = session_rss(opts.sockbuf or 262144, sessions)
+    plain_us, mmsg_us = batching()
+    print_table(f"UDP iperf3 -u -l {DGRAM} -b 0 ({seconds:g} s)",
+                ["path", "sent pps", "delivered pps", "ratio", "fwd CPU"],
+                [["direct", f"{direct['sent']:.0f}", f"{direct['delivered']:.0f}", "1.00", "-"],
+                 ["udpfwd", f"{through['sent']:.0f}", f"{through['delivered']:.0f}",
+                  f"{through['delivered'] / direct['delivered']:.2f}",
+                  f"{100 * cpu / seconds:.0f} %"]])
+    print_table("Lossless rate through udpfwd (1200 B, 0 lost)", ["pps", "ladder (rate:lost)"],
+                [[best, ladder]])
+    print_table("udpfwd RSS", ["live sessions", "RSS MB", "idle RSS MB", "kB per session"],
+                [[sessions, f"{loaded / 1024:.1f}", f"{base / 1024:.1f}",
+                  f"{(loaded - base) / sessions:.2f}"]])
+    print_table("Receive batching (1200 B, drain a full queue)", ["method", "µs per datagram"],
+                [["recvfrom_into loop", f"{plain_us:.2f}"],
+                 [f"ctypes recvmmsg({BATCH})", f"{mmsg_us:.2f}"]])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""The UDP forwarder service: one listening socket, one connected upstream socket per client.
+
+Glossary: *client* is a peer that sends to our listening socket; *upstream* is the connected
+socket we open per client towards the destination (so the destination sees one stable source
+port per client); *up* is client -> destination, *down* destination -> client. A *session* is
+the pair (client address, upstream socket), kept in a :class:`~portfwd.sessions.SessionTable`.
+
+Shape (why no greenlets here): every socket is a plain non-blocking stdlib socket with a
+libev io watcher whose callback drains it, at most ``RECV_BUDGET`` datagrams per wake-up so
+one busy socket cannot starve the others (libev is level-triggered: what is left is read on
+the next loop iteration). Callbacks never block: a send that would block drops the datagram
+and counts it, which is what a full UDP queue does anyway. Compared with a greenlet per
+session this costs no greenlet stack per idle client and no switch per datagram.
+
+gevent's DatagramServer is not used: it reads at most 8192 bytes (silently truncating larger
+datagrams, like the C original's 1472-byte cap) and spawns a greenlet per datagram. We read
+into one shared 64 KiB buffer, so datagrams up to 65,507 (IPv4) / 65,527 (IPv6) bytes pass
+intact, and empty datagrams pass too.
+
+Python has no ``recvmmsg``/``sendmmsg``; draining each readable socket until EAGAIN is the
+batching we keep (see bench/bench_udp.py for what ctypes recvmmsg measured).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+from gevent import get_hub
+
+from portfwd.addr import Resolved, format_sockaddr
+from portfwd.logs import RateLimitedLog
+from portfwd.sessions import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS, SessionTable
+from portfwd.sockets import SOCKBUF_CAP, set_buffers
+
+log = logging.getLogger(__name__)
+
+DGRAM_CAP = 65536  # bytes; seed UDP_PROXY_DGRAM_CAP: holds the largest UDP payload (65,527)
+RECV_BUDGET = 64  # datagrams read per wake-up of one socket before others get their turn
+SWEEP_INTERVAL_MAX = 1.0  # s between idle sweeps; shorter for short timeouts (timeout / 4)
+SWEEP_LIMIT = 4096  # sessions closed per sweep tick, so a mass expiry cannot stall the loop
+DEFAULT_STATS_INTERVAL = 60.0  # s between status lines; 0 = none
+DEFAULT_TABLE_HINT = 4093  # seed -H default: the C hash table size (a sizing hint here)
+READ = 1  # libev EV_READ
+SOFT_ERRNOS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN,
+               errno.ENETDOWN, errno.EMSGSIZE}  # ICMP-reported: the datagram is lost, not us
+
+
+@dataclass(frozen=True)
+class UdpConfig:
+    """udpfwd's behaviour, built from the command line in one place (``portfwd.udpfwd``)."""
+
+    dest: Resolved  # where datagrams go
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # s of inactivity before a session closes; 0 never
+    max_sessions: int = DEFAULT_MAX_SESSIONS  # sessions; the LRU one is evicted beyond this
+    stats_interval: float = DEFAULT_STATS_INTERVAL  # s between status lines; 0 = none
+    sockbuf: int = SOCKBUF_CAP  # bytes of SO_RCVBUF/SO_SNDBUF on every socket
+    table_hint: int = DEFAULT_TABLE_HINT  # -H: expected number of clients (sizing hint only)
+
+
+class Stats:
+    """Cumulative counters for the status line."""
+
+    __slots__ = ("datagrams_up", "bytes_up", "datagrams_down", "bytes_down", "dropped_up",
+                 "dropped_down", "upstream_errors", "opened")
+
+    def __init__(self) -> None:
+        self.datagrams_up = 0  # client -> destination, sent
+        self.bytes_up = 0
+        self.datagrams_down = 0  # destination -> client, sent
+        self.bytes_down = 0
+        self.dropped_up = 0  # lost because a socket queue was full or a session could not open
+        self.dropped_down = 0
+        self.upstream_errors = 0  # ICMP errors (refused, unreachable) reported on upstreams
+        self.opened = 0  # sessions opened
+
+    def snapshot(self) -> tuple[int, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+
+class Session:
+    """One client: its address, its connected upstream socket and that socket's watcher."""
+
+    __slots__ = ("id", "client", "sock", "watcher")
+
+    def __init__(self, session_id: int, client: tuple, sock: socket.socket, watcher) -> None:
+        self.id = session_id
+        self.client = client  # the client's address as recvfrom() reported it
+        self.sock = sock  # non-blocking, connected to the destination
+        self.watcher = watcher  # libev io watcher (READ) on sock
+
+
+class UdpForwarder:
+    """A bound listening socket plus the destination; :func:`portfwd.daemon.run` drives it."""
+
+    def __init__(self, config: UdpConfig, listener: socket.socket) -> None:
+        self.config = config
+        self.listener = listener
+        self.table: SessionTable[tuple, Session] = SessionTable(config.max_sessions,
+                                                                config.idle_timeout)
+        self.stats = Stats()
+        self._buf = bytearray(DGRAM_CAP)  # shared: every datagram is sent before the next read
+        self._view = memoryview(self._buf)
+        self._ids = itertools.count(1)
+        self._faults = RateLimitedLog(log)
+        self._loop = None  # the hub's loop, taken in start() (after a daemon fork's reinit)
+        self._listen_watcher = None
+        self._sweep_timer = None
+        self._stats_timer = None
+        self._last_stats: tuple[int, ...] = ()
+
+    @property
+    def address(self) -> tuple:
+        return self.listener.getsockname()
+
+    def start(self) -> None:
+        self.listener.setblocking(False)
+        self._loop = get_hub().loop
+        self._listen_watcher = self._loop.io(self.listener.fileno(), READ)
+        self._listen_watcher.start(self._on_client_readable)
+        if self.config.idle_timeout:
+            interval = min(SWEEP_INTERVAL_MAX, self.config.idle_timeout / 4)
+            self._sweep_timer = self._loop.timer(interval, interval)
+            self._sweep_timer.start(self._sweep)
+        if self.config.stats_interval:
+            interval = self.config.stats_interval
+            self._stats_timer = self._loop.timer(interval, interval)
+            self._stats_timer.start(self._log_stats)
+        log.info("forwarding %s -> %s (udp, timeout %s, max %d sessions)",
+                 format_sockaddr(self.address), self.config.dest,
+                 f"{self.config.idle_timeout:g} s" if self.config.idle_timeout else "never",
+                 self.config.max_sessions)
+
+    def stop(self, timeout: float) -> None:
+        """Close everything now: UDP has nothing to drain (``timeout`` is for TCP's sake)."""
+        for watcher in (self._listen_watcher, self._sweep_timer, self._stats_timer):
+            if watcher is not None:
+                watcher.stop()
+                watcher.close()
+        for _, session in self.table.clear():
+            self._close(session, "stopped")
+        self.listener.close()
+        self._log_stats(force=True)
+
+    # -- client -> destination ------------------------------------------------------------
+
+    def _on_client_readable(self) -> None:
+        recv, view, table, stats = self.listener.recvfrom_into, self._view, self.table, self.stats
+        now = time.monotonic()  # one reading per burst: a burst takes microseconds
+        for _ in range(RECV_BUDGET):
+            try:
+                size, client = recv(self._buf)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # e.g. ENOMEM; the next wake-up tries again
+                self._faults.warning("recv", "receive on listener failed: %s",
+                                     exc.strerror or exc)
+                return
+            session = table.get(client, now)
+            if session is None:
+                session = self._open(client, now)
+                if session is None:
+                    stats.dropped_up += 1
+                    continue
+            try:
+                session.sock.send(view[:size])
+            except BlockingIOError:
+                stats.dropped_up += 1
+            except OSError as exc:
+                # A pending ICMP error from an earlier datagram surfaces on send: this one is
+                # lost, the session stays (the target may come back).
+                stats.dropped_up += 1
+                self._upstream_error(session, exc)
+            else:
+                stats.datagrams_up += 1
+                stats.bytes_up += size
+
+    def _open(self, client: tuple, now: float) -> Session | None:
+        dest = self.config.dest
+        sock = None
+        try:
+            sock = socket.socket(dest.family, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            set_buffers(sock, self.config.sockbuf)
+            sock.connect(dest.sockaddr)  # UDP connect: fixes the peer, no packet sent
+        except OSError as exc:  # EMFILE at the fd limit, ENETUNREACH, ...
+            if sock is not None:
+                sock.close()
+            self._faults.warning("open", "cannot open session for %s: %s",
+                                 format_sockaddr(client), exc.strerror or exc)
+            return None
+        watcher = self._loop.io(sock.fileno(), READ)
+        session = Session(next(self._ids), client, sock, watcher)
+        for old_client, old, live in self.table.add(client, session, now):
+            if live:
+                self._faults.warning("evict", "session table full (%d sessions): evicted the "
+                                     "least recently active session, client %s",
+                                     self.config.max_sessions, format_sockaddr(old_client))
+            self._close(old, "evicted" if live else "expired")
+        watcher.start(self._on_upstream_readable, session)
+        self.stats.opened += 1
+        log.debug("session %d open %s -> %s via %s", session.id, format_sockaddr(client), dest,
+                  format_sockaddr(sock.getsockname()))
+        return session
+
+    # -- destination -> client ------------------------------------------------------------
+
+    def _on_upstream_readable(self, session: Session) -> None:
+        recv, sendto, view = session.sock.recv_into, self.listener.sendto, self._view
+        client, stats = session.client, self.stats
+        moved = False
+        for _ in range(RECV_BUDGET):
+            try:
+                size = recv(self._buf)
+            except BlockingIOError:
+                break
+            except OSError as exc:  # reading consumes the socket error: no spin
+                self._upstream_error(session, exc)
+                if exc.errno not in SOFT_ERRNOS:
+                    break
+                continue
+            moved = True
+            try:
+                sendto(view[:size], client)
+            except BlockingIOError:
+                stats.dropped_down += 1
+            except OSError as exc:
+                stats.dropped_down += 1
+                self._faults.warning("down", "session %d: send to client %s failed: %s",
+                                     session.id, format_sockaddr(client), exc.strerror or exc)
+            else:
+                stats.datagrams_down += 1
+                stats.bytes_down += size
+        if moved:  # replies keep a session alive too (server-push protocols, keepalives)
+            self.table.touch(client, time.monotonic())
+
+    def _upstream_error(self, session: Session, exc: OSError) -> None:
+        self.stats.upstream_errors += 1
+        self._faults.warning(f"upstream-{exc.errno}", "session %d: destination %s: %s "
+                             "(datagram lost, session kept)", session.id, self.config.dest,
+                             exc.strerror or exc)
+
+    # -- housekeeping ---------------------------------------------------------------------
+
+    def _sweep(self) -> None:
+        for _, session in self.table.expire(time.monotonic(), SWEEP_LIMIT):
+            self._close(session, "expired")
+
+    def _close(self, session: Session, why: str) -> None:
+        # Stop the watcher before closing: libev must never poll a closed (or reused) fd.
+        session.watcher.stop()
+        session.watcher.close()
+        session.sock.close()
+        log.debug("session %d %s (%s)", session.id, why, format_sockaddr(session.client))
+
+    def _log_stats(self, force: bool = False) -> None:
+        snapshot = (*self.stats.snapshot(), len(self.table), self.table.expired,
+                    self.table.evicted)
+        if snapshot == self._last_stats and not force:
+            return  # nothing moved since the last line: an idle forwarder stays quiet
+        self._last_stats = snapshot
+        s = self.stats
+        log.info("status: %d sessions (%d opened, %d expired, %d evicted); up %d datagrams "
+                 "%d bytes; down %d datagrams %d bytes; dropped %d up %d down; "
+                 "%d upstream errors", len(self.table), s.opened, self.table.expired,
+                 self.table.evicted, s.datagrams_up, s.bytes_up, s.datagrams_down, s.bytes_down,
+                 s.dropped_up, s.dropped_down, s.upstream_errors)
