@@ -201,20 +201,11 @@ class KcpConfig:
             raise ValueError("dead_link must be >= 1")
 
 
-class _Segment:
-    """A segment in snd_buf (ikcp's IKCPSEG, minus fields rebuilt at each transmission)."""
-
-    __slots__ = ("sn", "frg", "data", "resendts", "rto", "fastack", "xmit", "acked")
-
-    def __init__(self, sn: int, frg: int, data: bytes, resendts: int, rto: int) -> None:
-        self.sn = sn
-        self.frg = frg
-        self.data = data
-        self.resendts = resendts  # internal ms
-        self.rto = rto  # ms
-        self.fastack = 0  # acks seen for later sns since the last transmission
-        self.xmit = 1  # transmissions so far
-        self.acked = False  # acknowledged out of order; removed once it reaches the front
+# A segment in snd_buf (ikcp's IKCPSEG minus the fields rebuilt at each transmission) is a
+# list, not an object: building one is ~4x cheaper and this is the per-segment hot path.
+#   [sn, frg, data, resendts (internal ms), rto (ms), fastack (skips seen), xmit (sends so far),
+#    acked (acknowledged out of order; removed once it reaches the front of snd_buf)]
+_SN, _FRG, _DATA, _RESENDTS, _RTO, _FASTACK, _XMIT, _ACKED = range(8)
 
 
 # --- engine --------------------------------------------------------------------------------
@@ -275,7 +266,7 @@ class Kcp:
         self.snd_queue: deque[tuple[int, bytes]] = deque()  # (frg, data)
         # snd_buf holds every sn in [snd_una, snd_nxt), so sn == snd_una + index; segments
         # acknowledged out of order stay (acked=True) until they reach the front.
-        self.snd_buf: deque[_Segment] = deque()
+        self.snd_buf: deque[list] = deque()  # segments, see _SN..
         self._nsnd_buf: int = 0  # unacknowledged segments in snd_buf
         self.rcv_buf: dict[int, tuple[int, bytes]] = {}  # sn -> (frg, data), out of order
         self.rcv_queue: deque[tuple[int, bytes]] = deque()  # (frg, data), in order
@@ -330,7 +321,8 @@ class Kcp:
     # --- user side --------------------------------------------------------------------------
     def send(self, data: bytes) -> None:
         """Queue data (ikcp_send).  Message mode: one message of at most 127 * mss bytes."""
-        data = bytes(data)
+        if type(data) is not bytes:
+            data = bytes(data)
         mss = self.mss
         queue = self.snd_queue
         if self.stream:
@@ -430,6 +422,24 @@ class Kcp:
                 self.dropped_conv += 1
                 return False
             if size == OVERHEAD + header[7] and header[1] in _CMDS:
+                if (
+                    header[1] == _PUSH
+                    and header[5] == self.rcv_nxt
+                    and header[6] == self.snd_una
+                    and not self.rcv_buf
+                    and len(self.rcv_queue) < self.rcv_wnd
+                ):
+                    # header prediction (Van Jacobson's TCP fast path): the next in-order
+                    # PUSH, nothing new acknowledged; same effect as the loop below
+                    sn = header[5]
+                    self.acklist.append((sn, header[4]))
+                    data = datagram[OVERHEAD:]
+                    self.rcv_queue.append((header[2], data))
+                    self._rcv_queue_bytes += len(data)
+                    self.rcv_nxt = (sn + 1) & U32_MASK
+                    self.rmt_wnd = header[3]
+                    self.segments_received += 1
+                    return True
                 headers = (header,)
             elif size % OVERHEAD == 0 and self._all_acks(datagram, size // OVERHEAD):
                 headers = _HEADER.iter_unpack(datagram)
@@ -446,6 +456,11 @@ class Kcp:
         maxack = 0
         rcv_wnd = self.rcv_wnd
         rmt_wnd = self.rmt_wnd
+        # ikcp_update_ack runs once per ACK; srtt/rttval evolve per sample, the RTO derived
+        # from them is only read after input returns, so it is computed once at the end
+        srtt = self.rx_srtt
+        rttval = self.rx_rttval
+        sampled = False
         offset = 0  # of the current segment's header in the datagram
         for _conv, cmd, frg, rmt_wnd, ts, sn, una, length in headers:  # noqa: B007
             # cumulative ack (ikcp_parse_una + ikcp_shrink_buf); a una beyond snd_nxt cannot
@@ -458,23 +473,21 @@ class Kcp:
             if cmd == _ACK:
                 rtt = (current - ts) & U32_MASK
                 if rtt < U32_HALF:
-                    # ikcp_update_ack (RFC 6298 in integer ms), inlined: once per ACK
-                    if self.rx_srtt == 0:
-                        self.rx_srtt = rtt
-                        self.rx_rttval = rtt // 2
+                    sampled = True
+                    if srtt == 0:
+                        srtt = rtt
+                        rttval = rtt // 2
                     else:
-                        delta = rtt - self.rx_srtt
-                        delta = -delta if delta < 0 else delta
-                        self.rx_rttval = (3 * self.rx_rttval + delta) // 4
-                        srtt = (7 * self.rx_srtt + rtt) // 8
-                        self.rx_srtt = srtt if srtt > 0 else 1
-                    rto = self.rx_srtt + max(self.interval, 4 * self.rx_rttval)
-                    self.rx_rto = min(max(self.rx_minrto, rto), RTO_MAX_MS)
+                        delta = rtt - srtt
+                        rttval = (3 * rttval + (-delta if delta < 0 else delta)) // 4
+                        srtt = (7 * srtt + rtt) // 8
+                        if srtt < 1:
+                            srtt = 1
                 index = (sn - snd_una) & U32_MASK
                 if index < len(snd_buf):
                     seg = snd_buf[index]
-                    if not seg.acked:
-                        seg.acked = True
+                    if not seg[_ACKED]:
+                        seg[_ACKED] = True
                         self._nsnd_buf -= 1
                         if index == 0:
                             self._shrink_buf()
@@ -499,6 +512,11 @@ class Kcp:
             offset += OVERHEAD + length
         # ikcp stores every segment's wnd in turn; only the last one survives the loop
         self.rmt_wnd = rmt_wnd
+        if sampled:
+            self.rx_srtt = srtt
+            self.rx_rttval = rttval
+            rto = srtt + max(self.interval, 4 * rttval)
+            self.rx_rto = min(max(self.rx_minrto, rto), RTO_MAX_MS)
 
         if have_ack:
             self._parse_fastack(maxack)
@@ -526,7 +544,7 @@ class Kcp:
         popleft = snd_buf.popleft
         unacked = 0
         for _ in range(done):
-            if not popleft().acked:
+            if not popleft()[_ACKED]:
                 unacked += 1
         self._nsnd_buf -= unacked
         self.snd_una = (self.snd_una + done) & U32_MASK
@@ -536,7 +554,7 @@ class Kcp:
         """Move snd_una past segments acknowledged out of order (ikcp_shrink_buf)."""
         snd_buf = self.snd_buf
         una = self.snd_una
-        while snd_buf and snd_buf[0].acked:
+        while snd_buf and snd_buf[0][_ACKED]:
             snd_buf.popleft()
             una += 1
         self.snd_una = una & U32_MASK
@@ -548,9 +566,9 @@ class Kcp:
             return
         resend = self.fastresend
         for seg in islice(self.snd_buf, index):
-            if not seg.acked:
-                seg.fastack += 1
-                if seg.fastack >= resend > 0:
+            if not seg[_ACKED]:
+                seg[_FASTACK] += 1
+                if seg[_FASTACK] >= resend > 0:
                     self._fast_pending = True
 
     def _parse_data(self, offset: int, sn: int, frg: int, data: bytes) -> None:
@@ -750,44 +768,44 @@ class Kcp:
             rx_rto = self.rx_rto
             fastlimit = self.fastlimit
             for seg in snd_buf:
-                if seg.acked:
+                sn, frg, data, resendts, rto, fastack, xmit, acked = seg
+                if acked:
                     continue
-                if current >= seg.resendts:
-                    seg.xmit += 1
+                if current >= resendts:
+                    xmit += 1
                     self.retransmits += 1
                     if nodelay == 0:
-                        seg.rto += max(seg.rto, rx_rto)
+                        rto += max(rto, rx_rto)
                     else:
-                        step = seg.rto if nodelay < 2 else rx_rto
-                        seg.rto += step // 2
-                    seg.resendts = current + seg.rto
+                        rto += (rto if nodelay < 2 else rx_rto) // 2
+                    resendts = current + rto
                     lost = True
-                    if seg.fastack >= resent and (seg.xmit <= fastlimit or fastlimit <= 0):
+                    if fastack >= resent and (xmit <= fastlimit or fastlimit <= 0):
                         # ikcp does not reset fastack here: it fast-retransmits next flush
                         fast_again = True
-                elif seg.fastack >= resent and (seg.xmit <= fastlimit or fastlimit <= 0):
-                    seg.xmit += 1
-                    seg.fastack = 0
-                    seg.resendts = current + seg.rto
+                elif fastack >= resent and (xmit <= fastlimit or fastlimit <= 0):
+                    xmit += 1
+                    fastack = 0
+                    resendts = current + rto
                     change += 1
                     self.fast_retransmits += 1
                 else:
-                    if new_min is None or seg.resendts < new_min:
-                        new_min = seg.resendts
+                    if new_min is None or resendts < new_min:
+                        new_min = resendts
                     continue
-                if new_min is None or seg.resendts < new_min:
-                    new_min = seg.resendts
-                data = seg.data
+                seg[_RESENDTS:_ACKED] = resendts, rto, fastack, xmit
+                if new_min is None or resendts < new_min:
+                    new_min = resendts
                 need = OVERHEAD + len(data)
                 if size + need > mtu:
                     out.append(b"".join(parts))
                     parts = []
                     size = 0
-                parts.append(pack(conv, _PUSH, seg.frg, wnd, ts_wire, seg.sn, una, len(data)))
+                parts.append(pack(conv, _PUSH, frg, wnd, ts_wire, sn, una, len(data)))
                 parts.append(data)
                 size += need
                 self.segments_sent += 1
-                if seg.xmit >= self.dead_link:
+                if xmit >= self.dead_link:
                     self.dead = True
             self._resend_min = new_min
             self._fast_pending = fast_again
@@ -803,17 +821,22 @@ class Kcp:
             popleft = queue.popleft
             append = snd_buf.append
             n = min(room, len(queue))
+            full = mtu - 2 * OVERHEAD  # a payload above this leaves no room for another header
             for _ in range(n):
                 frg, data = popleft()
-                append(_Segment(sn, frg, data, resendts, rto))
-                need = OVERHEAD + len(data)
-                if size + need > mtu:
+                append([sn, frg, data, resendts, rto, 0, 1, False])
+                length = len(data)
+                if size + OVERHEAD + length > mtu:
                     out.append(b"".join(parts))
                     parts = []
                     size = 0
-                parts.append(pack(conv, _PUSH, frg, wnd, ts_wire, sn, una, len(data)))
-                parts.append(data)
-                size += need
+                header = pack(conv, _PUSH, frg, wnd, ts_wire, sn, una, length)
+                if length > full and not size:
+                    out.append(header + data)  # a datagram of its own: skip the join
+                else:
+                    parts.append(header)
+                    parts.append(data)
+                    size += OVERHEAD + length
                 sn = (sn + 1) & U32_MASK
             self.snd_nxt = sn
             self._nsnd_buf += n
