@@ -44,9 +44,18 @@ def bind_socket(addr: Resolved, socktype: int, options: ListenOptions) -> socket
     return sock
 
 
-def set_buffers(sock: socket.socket, size: int) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+def set_buffers(sock: socket.socket, size: int, force: bool = False) -> None:
+    """SO_RCVBUF/SO_SNDBUF; ``force`` lets root exceed net.core.{r,w}mem_max (datagram sockets,
+    where a small buffer means loss at high rates), falling back to the capped options."""
+    for forced, plain in ((getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+                          (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF)):
+        if force and forced is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, forced, size)
+                continue
+            except PermissionError:
+                pass
+        sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
 def tune_tcp(sock: socket.socket, bufsize: int | None = SOCKBUF_CAP) -> None:

@@ -1,0 +1,206 @@
+"""One tunnelled TCP stream, sans-IO: stream records in KCP messages in a TunnelSession.
+
+Layers, top to bottom (docs/PROTOCOL.md, "Stream layer")::
+
+    TCP bytes  --records-->  KCP messages  --datagrams-->  TunnelSession (AEAD)  -->  UDP
+
+Glossary: *stream* is the TCP byte stream of this conversation; a *record* is one KCP message
+whose first byte says what it carries (DATA bytes, or FIN = the sender's TCP side reached EOF);
+*local* is our TCP side, *peer* the other end of the tunnel.
+
+Like the session below it, this object never reads a clock or touches a socket: the driver
+passes ``now`` (ms) in, hands it datagrams and stream bytes, and sends what it returns.
+Flow control is pull-based so nothing grows without bound: the driver reads from the TCP side only
+while :meth:`can_send` (KCP's send queue is bounded) and takes records with :meth:`read` only as
+fast as its TCP writer drains them (an unread KCP receive queue closes the peer's window).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from portfwd import events
+from portfwd.kcp import Kcp, KcpConfig
+from portfwd.session import CLOSE_LOCAL, TunnelConfig, TunnelSession
+
+RECORD_DATA = 0x00  # record type: stream bytes follow
+RECORD_FIN = 0x01  # record type: the sender's stream ended (TCP half-close)
+MAX_RECORD_PAYLOAD = 32 * 1024  # bytes of stream data per record (KCP allows <= 127 fragments)
+SEND_QUEUE_FACTOR = 2  # can_send() while KCP holds < factor x send window segments
+CLOSE_LINK_DEAD = "link dead"  # KCP sent one segment dead_link times without an ack
+CLOSE_FINISHED = "finished"  # both directions ended and everything was acknowledged
+
+_FIN = bytes([RECORD_FIN])
+_DATA = bytes([RECORD_DATA])
+
+
+@dataclass
+class ConversationConfig:
+    """KCP tuning and tunnel security settings of one conversation."""
+
+    tunnel: TunnelConfig = field(default_factory=TunnelConfig)
+    kcp: KcpConfig = field(default_factory=KcpConfig)  # kcp.mtu excludes the session overhead
+    udp_mtu: int = 1350  # bytes: largest UDP payload we send (-M, seed default 1350)
+
+
+def kcp_config_for(config: ConversationConfig, session: TunnelSession) -> KcpConfig:
+    """The KCP settings with the MTU shrunk by what the session adds to each datagram."""
+    kcp = config.kcp
+    return KcpConfig(**{**kcp.__dict__, "mtu": config.udp_mtu - session.overhead})
+
+
+class Conversation:
+    """A TunnelSession carrying one KCP conversation that carries one TCP stream."""
+
+    def __init__(self, session: TunnelSession, config: ConversationConfig, now: int) -> None:
+        self.session = session
+        self.conv: int = session.conv
+        self.kcp = Kcp(session.conv, kcp_config_for(config, session))
+        self._send_limit: int = SEND_QUEUE_FACTOR * self.kcp.snd_wnd
+        self._events: deque[events.Event] = deque()
+        self._now: int = now
+        self._kick: bool = True  # something changed that the next flush should act on
+        self.eof_sent: bool = False  # our FIN record is queued
+        self.eof_received: bool = False  # the peer's FIN record was read
+        self.closed: bool = False
+        self.bytes_sent: int = 0  # stream bytes queued to the peer
+        self.bytes_received: int = 0  # stream bytes read from the peer
+
+    @classmethod
+    def client(cls, config: ConversationConfig, conv: int, peer_addr: Any, now: int,
+               wall_ms: int) -> Conversation:
+        return cls(TunnelSession.client(config.tunnel, conv, peer_addr, now, wall_ms), config,
+                   now)
+
+    # --- stream side ------------------------------------------------------------------------
+
+    @property
+    def peer_addr(self) -> Any:
+        return self.session.peer_addr
+
+    @property
+    def established(self) -> bool:
+        return self.session.established
+
+    def can_send(self) -> bool:
+        """True while the driver may read more from its TCP side (bounded send queue)."""
+        return not self.closed and self.kcp.waitsnd < self._send_limit
+
+    def send_stream_data(self, data: bytes) -> None:
+        """Queue stream bytes as DATA records (call only while :meth:`can_send`)."""
+        if self.eof_sent:
+            raise ValueError("stream data after EOF")
+        view = memoryview(data)
+        for start in range(0, len(view), MAX_RECORD_PAYLOAD):
+            self.kcp.send(_DATA + view[start : start + MAX_RECORD_PAYLOAD])
+        self.bytes_sent += len(data)
+        self._kick = True
+
+    def send_eof(self) -> None:
+        """Our TCP side reached EOF: queue a FIN record behind the data (half-close)."""
+        if not self.eof_sent:
+            self.eof_sent = True
+            self.kcp.send(_FIN)
+            self._kick = True
+
+    def read(self) -> bytes | None:
+        """Next stream bytes from the peer; b"" once at the peer's EOF; None if nothing is ready."""
+        if self.eof_received:
+            return None
+        record = self.kcp.recv()
+        if record is None:
+            return None
+        self._kick = True  # reading may reopen our receive window: tell the peer promptly
+        if record[:1] == _FIN:
+            self.eof_received = True
+            return b""
+        self.bytes_received += len(record) - 1
+        return record[1:]
+
+    @property
+    def readable(self) -> bool:
+        return not self.eof_received and self.kcp.peeksize() >= 0
+
+    # --- network side -----------------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, addr: Any, now: int) -> None:
+        """One UDP datagram from ``addr``; dropped silently by the session if not authentic."""
+        self._now = now
+        session = self.session
+        session.receive_datagram(data, addr, now)
+        kcp_input = self.kcp.input
+        while (event := session.next_event()) is not None:
+            if type(event) is events.DatagramReceived:
+                kcp_input(event.data)
+                self._kick = True
+            else:
+                self._on_session_event(event)
+
+    def _on_session_event(self, event: events.Event) -> None:
+        if isinstance(event, events.ConnectionClosed):
+            self.closed = True
+        self._events.append(event)
+
+    def datagrams_to_send(self, now: int) -> list[bytes]:
+        """Flush KCP if anything changed, seal its datagrams, return all to send to peer_addr."""
+        self._now = now
+        session = self.session
+        if not self.closed:
+            if self._kick and session.established:
+                self._kick = False
+                self.kcp.flush(now)
+            for datagram in self.kcp.datagrams_to_send():
+                session.send_datagram(datagram)
+            if self._finished():
+                session.close()
+            self._drain_session_events()
+        return session.datagrams_to_send(now)
+
+    def _finished(self) -> bool:
+        """Both streams ended and every byte of ours was acknowledged."""
+        return self.eof_sent and self.eof_received and self.kcp.waitsnd == 0
+
+    def _drain_session_events(self) -> None:
+        while (event := self.session.next_event()) is not None:
+            if type(event) is events.DatagramReceived:
+                self.kcp.input(event.data)
+            else:
+                self._on_session_event(event)
+
+    def get_timer(self) -> int | None:
+        """Absolute ms at which :meth:`handle_timer` is due, or None when closed."""
+        deadline = self.session.get_timer()
+        if self.closed or deadline is None:
+            return deadline
+        if self.session.established:
+            deadline = min(deadline, self.kcp.check(self._now))
+        return deadline
+
+    def handle_timer(self, now: int) -> None:
+        self._now = now
+        session = self.session
+        timer = session.get_timer()
+        if timer is not None and now >= timer:
+            session.handle_timer(now)
+            self._drain_session_events()
+        if not self.closed and session.established:
+            self.kcp.update(now)
+            if self.kcp.dead:
+                self.abort(CLOSE_LINK_DEAD)
+
+    def next_event(self) -> events.Event | None:
+        if self._events:
+            return self._events.popleft()
+        return None
+
+    def abort(self, reason: str = CLOSE_LOCAL) -> None:
+        """Close now (TCP error, target refused, shutdown): the peer gets an authenticated CLOSE."""
+        if self.closed:
+            return
+        self.session.close()
+        self._drain_session_events()
+        if not self.closed:  # the session reports its own reason; make sure we are closed
+            self.closed = True
+            self._events.append(events.ConnectionClosed(reason, by_peer=False))

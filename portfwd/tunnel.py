@@ -1,0 +1,267 @@
+"""gevent drivers for tunnelled conversations: the thin layer between sockets and Conversation.
+
+Glossary: the *tcp side* is the local TCP connection (the accepted client on kcptcp-client, the
+dialled target on kcptcp-server); the *udp side* is the datagram socket towards the peer.
+
+Per conversation there are three greenlets: the *ticker* sleeps until the conversation's
+timer (woken early through an Event when new work makes the deadline sooner), the *tcp reader*
+moves TCP bytes in while the conversation has room, and the *tcp writer* moves peer bytes out as
+fast as the TCP socket drains. Datagrams are fed in by whoever reads the UDP socket (one greenlet
+per conversation on the client, one shared loop on the server), and every change is followed by
+:meth:`ConversationDriver.transmit` (aioquic's protocol.py pattern: after input, drain events,
+then send everything).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import gevent.event
+from gevent import get_hub
+from gevent.socket import socket as gsocket
+from gevent.socket import wait
+
+from portfwd import events
+from portfwd.conversation import Conversation
+from portfwd.logs import RateLimitedLog
+
+log = logging.getLogger(__name__)
+
+TCP_CHUNK = 64 * 1024  # bytes per TCP read
+UDP_RECV_SIZE = 65536  # bytes: any datagram fits
+RECV_BATCH = 64  # datagrams read without yielding before one transmit per touched conversation
+READ, WRITE = 1, 2  # libev event masks
+
+_faults = RateLimitedLog(log)
+
+
+def now_ms() -> int:
+    """The one clock of the tunnel (style: time.monotonic everywhere)."""
+    return int(time.monotonic() * 1000)
+
+
+def wall_ms() -> int:
+    """Unix time in ms, for HELLO timestamps only."""
+    return int(time.time() * 1000)
+
+
+class UdpEndpoint:
+    """A non-blocking UDP socket driven with libev watchers; sends never raise for the network."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        loop = get_hub().loop
+        self._readable = loop.io(sock.fileno(), READ)
+        self._writable = loop.io(sock.fileno(), WRITE)
+        self.send_errors = 0
+
+    def recv_batch(self) -> list[tuple[bytes, Any]]:
+        """Block for one datagram, then take up to RECV_BATCH already queued ones."""
+        recvfrom = self.sock.recvfrom
+        batch: list[tuple[bytes, Any]] = []
+        while True:
+            try:
+                batch.append(recvfrom(UDP_RECV_SIZE))
+            except BlockingIOError:
+                if batch:
+                    return batch
+                wait(self._readable)
+                continue
+            except OSError as exc:  # ICMP errors surface on connected sockets: not fatal
+                _faults.log("udp-recv", logging.DEBUG, "udp receive: %s", exc)
+                if batch:
+                    return batch
+                continue
+            if len(batch) >= RECV_BATCH:
+                return batch
+
+    def send(self, datagrams: list[bytes], addr: Any) -> None:
+        sendto = self.sock.sendto
+        for datagram in datagrams:
+            while True:
+                try:
+                    sendto(datagram, addr)
+                    break
+                except BlockingIOError:
+                    wait(self._writable)
+                except OSError as exc:  # the network lost it; KCP retransmits
+                    self.send_errors += 1
+                    if exc.errno not in (errno.ECONNREFUSED, errno.EPERM):
+                        _faults.warning("udp-send", "udp send to %s failed: %s", addr, exc)
+                    break
+
+    def close(self) -> None:
+        self._readable.close()
+        self._writable.close()
+        self.sock.close()
+
+
+class ConversationDriver:
+    """Runs one Conversation between a TCP socket and a UDP endpoint."""
+
+    def __init__(self, conv: Conversation, udp: UdpEndpoint, name: str,
+                 on_closed: Callable[[ConversationDriver], None] | None = None) -> None:
+        self.conv = conv
+        self.udp = udp
+        self.name = name  # for log lines: "conv=<id>"
+        self.tcp: gsocket | None = None
+        self.on_closed = on_closed
+        self.established = gevent.event.Event()
+        self.finished = gevent.event.Event()
+        self.close_reason = ""
+        self._wake = gevent.event.Event()  # ticker: deadline may have moved earlier
+        self._room = gevent.event.Event()  # tcp reader: conversation can take more
+        self._data = gevent.event.Event()  # tcp writer: records are waiting
+        self._armed: int | None = None  # deadline the ticker sleeps towards
+        self._greenlets: list[gevent.Greenlet] = []
+        self.started = time.monotonic()
+
+    # --- network input ---------------------------------------------------------------------
+
+    def datagram_received(self, data: bytes, addr: Any, now: int) -> None:
+        """Feed one datagram; call :meth:`transmit` after a batch."""
+        self.conv.receive_datagram(data, addr, now)
+
+    def transmit(self) -> None:
+        """Process events, wake whoever can move now, send everything, re-arm the ticker."""
+        conv = self.conv
+        now = now_ms()
+        datagrams = conv.datagrams_to_send(now)
+        if datagrams:
+            self.udp.send(datagrams, conv.peer_addr)
+        while (event := conv.next_event()) is not None:
+            self._handle_event(event)
+        if conv.readable:
+            self._data.set()
+        if conv.can_send():
+            self._room.set()
+        deadline = conv.get_timer()
+        if deadline is not None and (self._armed is None or deadline < self._armed):
+            self._wake.set()
+
+    def _handle_event(self, event: events.Event) -> None:
+        if isinstance(event, events.HandshakeCompleted):
+            self.established.set()
+        elif isinstance(event, events.ConnectionClosed):
+            self.close_reason = event.reason
+            self._room.set()
+            self._data.set()
+            self._wake.set()
+            self.finished.set()
+        elif isinstance(event, events.PeerAddressChanged):
+            log.info("%s peer address changed %s -> %s", self.name, event.old, event.new)
+
+    # --- greenlets -------------------------------------------------------------------------
+
+    def start_ticker(self) -> None:
+        self._greenlets.append(gevent.spawn(self._tick))
+
+    def attach_tcp(self, sock: gsocket) -> None:
+        """Start moving bytes between ``sock`` and the conversation."""
+        self.tcp = sock
+        self._greenlets.append(gevent.spawn(self._tcp_reader, sock))
+        self._greenlets.append(gevent.spawn(self._tcp_writer, sock))
+
+    def _tick(self) -> None:
+        conv = self.conv
+        while not conv.closed:
+            deadline = conv.get_timer()
+            self._armed = deadline
+            if deadline is None:
+                self._wake.wait()
+            else:
+                delay = (deadline - now_ms()) / 1000.0
+                if delay > 0:
+                    self._wake.wait(delay)
+            self._wake.clear()
+            now = now_ms()
+            deadline = conv.get_timer()
+            if deadline is not None and now >= deadline:
+                conv.handle_timer(max(now, deadline))
+            self.transmit()
+
+    def _tcp_reader(self, sock: gsocket) -> None:
+        conv = self.conv
+        self.established.wait()
+        try:
+            while not conv.closed:
+                if not conv.can_send():
+                    self._room.clear()
+                    if not conv.can_send():
+                        self._room.wait()
+                    continue
+                data = sock.recv(TCP_CHUNK)
+                if conv.closed:
+                    return
+                if not data:
+                    conv.send_eof()
+                    self.transmit()
+                    return
+                conv.send_stream_data(data)
+                self.transmit()
+        except OSError as exc:
+            self.abort(f"tcp read: {exc.strerror or exc}")
+
+    def _tcp_writer(self, sock: gsocket) -> None:
+        conv = self.conv
+        try:
+            while not conv.closed:
+                data = conv.read()
+                if data is None:
+                    self._data.clear()
+                    if not conv.readable and not conv.closed:
+                        self._data.wait()
+                    continue
+                if not data:  # the peer's EOF: pass the half-close on
+                    sock.shutdown(socket.SHUT_WR)
+                    self.transmit()
+                    return
+                sock.sendall(data)
+                self.transmit()  # reading reopened our window: let the peer know
+        except OSError as exc:
+            self.abort(f"tcp write: {exc.strerror or exc}")
+
+    # --- ending ------------------------------------------------------------------------------
+
+    def abort(self, reason: str) -> None:
+        if not self.conv.closed:
+            self.conv.abort(reason)
+            self.transmit()
+
+    def wait_finished(self) -> None:
+        """Block until the conversation is closed, then release the TCP side and greenlets."""
+        self.finished.wait()
+        current = gevent.getcurrent()
+        gevent.killall([g for g in self._greenlets if g is not current], block=True, timeout=2)
+        if self.tcp is not None:
+            self.tcp.close()
+        if self.on_closed is not None:
+            self.on_closed(self)
+
+
+def conversation_stats(driver: ConversationDriver) -> str:
+    """One conversation's counters for the periodic ``stats conv=<id>: ...`` line."""
+    conv, kcp, session = driver.conv, driver.conv.kcp, driver.conv.session
+    return (f"up={conv.bytes_sent} down={conv.bytes_received} srtt={kcp.rx_srtt}ms "
+            f"rto={kcp.rx_rto}ms inflight={kcp.snd_buf_segments} retrans={kcp.retransmits} "
+            f"fast_retrans={kcp.fast_retransmits} epoch={session.epoch} "
+            f"dgrams_out={session.datagrams_sent} dgrams_in={session.datagrams_received} "
+            f"dropped_auth={session.dropped_auth} dropped_replay={session.dropped_replay} "
+            f"age={time.monotonic() - driver.started:.0f}s")
+
+
+def stats_loop(interval: float, drivers: Callable[[], list[ConversationDriver]],
+               totals: Callable[[], str]) -> None:
+    """Every ``interval`` seconds: a line per conversation and one total line."""
+    while True:
+        gevent.sleep(interval)
+        for driver in drivers():
+            log.info("stats %s: %s", driver.name, conversation_stats(driver))
+        log.info("stats total %s", totals())

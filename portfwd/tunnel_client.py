@@ -1,0 +1,112 @@
+"""kcptcp-client's service: each accepted TCP connection becomes one conversation to the server.
+
+Each conversation has its own UDP socket, connected to the server, so the kernel filters
+other sources and the server can tell conversations apart by address as well as by conv.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import time
+
+import gevent
+from gevent.socket import socket as gsocket
+
+from portfwd.acceptloop import AcceptLoop
+from portfwd.addr import Resolved, format_sockaddr
+from portfwd.conversation import Conversation, ConversationConfig
+from portfwd.sockets import set_buffers, tune_tcp
+from portfwd.tunnel import (
+    ConversationDriver,
+    UdpEndpoint,
+    now_ms,
+    stats_loop,
+    wall_ms,
+)
+
+log = logging.getLogger(__name__)
+
+
+def random_conv() -> int:
+    return struct.unpack("<I", os.urandom(4))[0] or 1
+
+
+class TunnelClient:
+    """Listens on TCP; carries each connection over KCP/UDP to ``remote``."""
+
+    def __init__(self, config: ConversationConfig, listener: socket.socket, remote: Resolved,
+                 udp_buffer: int, stats_interval: float) -> None:
+        self.config = config
+        self.remote = remote
+        self.udp_buffer = udp_buffer
+        self.stats_interval = stats_interval
+        self.acceptor = AcceptLoop(listener, self._handle)
+        self.drivers: dict[int, ConversationDriver] = {}
+        self.finished = 0
+        self._stats: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        self.acceptor.start()
+        if self.config.tunnel.psk is None:
+            log.warning("no -K given: the tunnel is NOT encrypted or authenticated")
+        log.info("tunnelling tcp %s -> udp %s (%s)", format_sockaddr(self.acceptor.address),
+                 self.remote, "encrypted" if self.config.tunnel.psk else "plaintext")
+        if self.stats_interval > 0:
+            self._stats = gevent.spawn(stats_loop, self.stats_interval,
+                                       lambda: list(self.drivers.values()), self._totals)
+
+    def _totals(self) -> str:
+        return f"conversations={len(self.drivers)} finished={self.finished}"
+
+    def stop(self, timeout: float) -> None:
+        if self._stats is not None:
+            self._stats.kill()
+        self.acceptor.stop(timeout)
+
+    def _handle(self, sock: gsocket, peer: tuple) -> None:
+        udp_sock = socket.socket(self.remote.family, socket.SOCK_DGRAM)
+        try:
+            set_buffers(udp_sock, self.udp_buffer, force=True)
+            udp_sock.connect(self.remote.sockaddr)
+        except OSError as exc:
+            log.warning("cannot open udp socket to %s: %s", self.remote, exc)
+            udp_sock.close()
+            sock.close()
+            return
+        udp = UdpEndpoint(udp_sock)
+        conv_id = random_conv()
+        conv = Conversation.client(self.config, conv_id, self.remote.sockaddr, now_ms(), wall_ms())
+        driver = ConversationDriver(conv, udp, f"conv={conv_id}")
+        self.drivers[conv_id] = driver
+        receiver = gevent.spawn(self._receive, driver, udp)
+        try:
+            tune_tcp(sock)
+            driver.start_ticker()
+            driver.transmit()  # the HELLO
+            driver.attach_tcp(sock)
+            log.info("conv=%d open %s -> %s", conv_id, format_sockaddr(peer), self.remote)
+            driver.wait_finished()
+        finally:
+            if not driver.finished.is_set():  # stopped by a signal: tell the server
+                driver.abort("shutting down")
+                driver.wait_finished()
+            receiver.kill()
+            udp.close()
+            sock.close()
+            del self.drivers[conv_id]
+            self.finished += 1
+            log.info("conv=%d closed (%s): %d bytes up, %d down, %.1f s", conv_id,
+                     driver.close_reason, conv.bytes_sent, conv.bytes_received,
+                     time.monotonic() - driver.started)
+
+    @staticmethod
+    def _receive(driver: ConversationDriver, udp: UdpEndpoint) -> None:
+        while True:
+            batch = udp.recv_batch()
+            now = now_ms()
+            for data, addr in batch:
+                driver.datagram_received(data, addr, now)
+            driver.transmit()

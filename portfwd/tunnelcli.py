@@ -1,0 +1,83 @@
+"""Command-line pieces shared by kcptcp-client and kcptcp-server: options and their config."""
+
+from __future__ import annotations
+
+import os
+
+from portfwd import cli
+from portfwd.conversation import ConversationConfig
+from portfwd.kcp import KcpConfig
+from portfwd.session import REKEY_SEQ_THRESHOLD, REKEY_TIMEOUT_MS, TunnelConfig
+from portfwd.sockets import ListenOptions
+
+MTU_MIN = 576  # bytes: the IPv4 minimum reassembly size; KCP records need >= ~310
+MTU_MAX = 9000  # bytes: jumbo frames; beyond this every datagram fragments
+UDP_BUFFER = 4 * 1024 * 1024  # bytes: -S default; small UDP buffers drop bursts of 1024 segments
+
+# The options both tools share, in each tool's docopt usage text (the seed's list, then ours).
+OPTIONS = f"""Options:
+  -d                    run in background (daemonize)
+  -p <pidfile>          write PID to file
+  -r                    set SO_REUSEADDR on listener socket
+  -R                    set SO_REUSEPORT on listener socket
+  -6 --v6only           for IPv6 listener, set IPV6_V6ONLY
+  -S <bytes>            SO_RCVBUF/SO_SNDBUF size [default: {UDP_BUFFER}]
+  -M <mtu>              KCP MTU (default 1350; tune to avoid IP fragmentation) [default: 1350]
+  -K <hex>              32-byte PSK in hex (ChaCha20-Poly1305); enables encryption
+  --interval <ms>       KCP flush interval [default: 10]
+  --resend <n>          KCP fast retransmit after n skipping acks, 0 = off [default: 2]
+  --nc <0|1>            1 = no KCP congestion control [default: 1]
+  --sndwnd <segments>   KCP send window [default: 1024]
+  --rcvwnd <segments>   KCP receive window [default: 1024]
+  --keepalive <s>       close a conversation after s seconds without a packet [default: 30]
+  --stats-interval <s>  seconds between stats lines, 0 = off [default: 60]
+  -h --help             show help
+
+Environment:
+  PORTFWD_REKEY_SEQ_THRESHOLD  send_seq that starts a rekey [default: {REKEY_SEQ_THRESHOLD:#x}]
+  PORTFWD_REKEY_TIMEOUT_MS     ms without REKEY_ACK before closing [default: {REKEY_TIMEOUT_MS}]
+"""
+
+
+def env_int(prog: str, name: str, default: int, lo: int, hi: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw, 0)
+    except ValueError:
+        cli.fail(prog, f"{name} expects a number, got {raw!r}")
+    if not lo <= value <= hi:
+        cli.fail(prog, f"{name} must be {lo}-{hi}, got {value}")
+    return value
+
+
+def listen_options(args: dict, bufsize: int | None = None) -> ListenOptions:
+    return ListenOptions(reuseaddr=args["-r"], reuseport=args["-R"], v6only=args["--v6only"],
+                         bufsize=bufsize)
+
+
+def conversation_config(prog: str, args: dict) -> ConversationConfig:
+    """Everything a conversation needs, from the parsed command line and the environment."""
+    keepalive_s = cli.int_option(prog, args, "--keepalive", 2, 86400)
+    tunnel = TunnelConfig(
+        psk=cli.psk_arg(prog, args["-K"]),
+        rekey_seq_threshold=env_int(prog, "PORTFWD_REKEY_SEQ_THRESHOLD", REKEY_SEQ_THRESHOLD,
+                                    1, 0xFFFFFFFF),
+        rekey_timeout_ms=env_int(prog, "PORTFWD_REKEY_TIMEOUT_MS", REKEY_TIMEOUT_MS, 1, 3600_000),
+        idle_timeout_ms=keepalive_s * 1000,
+        keepalive_interval_ms=max(1000, keepalive_s * 1000 // 3),
+    )
+    kcp = KcpConfig(
+        interval=cli.int_option(prog, args, "--interval", 10, 5000),
+        resend=cli.int_option(prog, args, "--resend", 0, 100),
+        nc=bool(cli.int_option(prog, args, "--nc", 0, 1)),
+        snd_wnd=cli.int_option(prog, args, "--sndwnd", 1, 65535),
+        rcv_wnd=cli.int_option(prog, args, "--rcvwnd", 1, 65535),
+    )
+    return ConversationConfig(tunnel=tunnel, kcp=kcp,
+                              udp_mtu=cli.int_option(prog, args, "-M", MTU_MIN, MTU_MAX))
+
+
+def udp_buffer_size(prog: str, args: dict) -> int:
+    return cli.int_option(prog, args, "-S", 4096, 1 << 30)
