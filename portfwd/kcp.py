@@ -26,8 +26,19 @@ from __future__ import annotations
 import struct
 from collections import deque
 from dataclasses import dataclass
-from enum import IntEnum
 from itertools import islice
+
+from .kcp_wire import (
+    HEADER,
+    OVERHEAD,
+    Cmd,
+    ConvMismatch,
+    MalformedSegment,
+    conv_of,
+    pack_segment,
+    unpack_headers,
+    unpack_segments,
+)
 
 __all__ = [
     "Cmd",
@@ -42,7 +53,6 @@ __all__ = [
 ]
 
 # --- protocol constants (ikcp.c, top of file) ---------------------------------------------
-OVERHEAD = 24  # bytes: segment header size (IKCP_OVERHEAD)
 RTO_NODELAY_MIN_MS = 30  # ms: minimum RTO in nodelay mode (IKCP_RTO_NDL)
 RTO_MIN_MS = 100  # ms: minimum RTO otherwise (IKCP_RTO_MIN)
 RTO_DEFAULT_MS = 200  # ms: RTO before the first RTT sample (IKCP_RTO_DEF)
@@ -66,19 +76,9 @@ ASK_TELL = 2  # probe flag: send WINS (IKCP_ASK_TELL)
 U32_MASK = 0xFFFFFFFF
 U32_HALF = 0x80000000
 
-_HEADER = struct.Struct("<IBBHIIII")
-_HEADER_PACK = _HEADER.pack
-_HEADER_UNPACK_FROM = _HEADER.unpack_from
-
-
-class Cmd(IntEnum):
-    """Segment commands (IKCP_CMD_*)."""
-
-    PUSH = 81  # data
-    ACK = 82  # acknowledge one sn, echoing its ts
-    WASK = 83  # window probe: "tell me your window"
-    WINS = 84  # window size tell (the header's wnd carries it)
-
+_HEADER_PACK = HEADER.pack
+_HEADER_UNPACK_FROM = HEADER.unpack_from
+_HEADER_ITER_UNPACK = HEADER.iter_unpack
 
 _PUSH = int(Cmd.PUSH)
 _ACK = int(Cmd.ACK)
@@ -86,87 +86,6 @@ _WASK = int(Cmd.WASK)
 _WINS = int(Cmd.WINS)
 _CMDS = frozenset((_PUSH, _ACK, _WASK, _WINS))
 _ACK_BYTE = bytes([_ACK])
-
-
-class MalformedSegment(ValueError):
-    """A datagram that is not a well-formed sequence of KCP segments."""
-
-
-class ConvMismatch(MalformedSegment):
-    """A datagram for another conversation."""
-
-
-# --- codec ---------------------------------------------------------------------------------
-def pack_segment(
-    conv: int, cmd: int, frg: int, wnd: int, ts: int, sn: int, una: int, data: bytes = b""
-) -> bytes:
-    """Encode one segment (ikcp_encode_seg + payload), all integers little-endian.
-
-    ::
-
-        0               4       5       6               8 (bytes)
-        +---------------+-------+-------+---------------+
-        |   conv (u32)  |cmd u8 |frg u8 |   wnd (u16)   |
-        +---------------+-------+-------+---------------+
-        |   ts (u32)    |   sn (u32)    |   una (u32)   |
-        +---------------+---------------+---------------+
-        |   len (u32)   |  data (len bytes) ...
-        +---------------+-----------------------------
-    """
-    return _HEADER_PACK(conv, cmd, frg, wnd, ts, sn, una, len(data)) + data
-
-
-def unpack_segments(
-    datagram: bytes, conv: int | None = None
-) -> list[tuple[int, int, int, int, int, int, bytes]]:
-    """Decode every segment of a datagram (layout: see :func:`pack_segment`).
-
-    Returns ``(cmd, frg, wnd, ts, sn, una, data)`` per segment.  The whole datagram is
-    validated before anything is returned, so a bad tail never half-applies: raises
-    :class:`ConvMismatch` if the first segment's conv is not ``conv`` (when given) and
-    :class:`MalformedSegment` for a short header, a length past the end, an unknown command or
-    a conv that changes inside the datagram.  (ikcp_input applies the segments before a bad
-    one and silently ignores a short tail; we drop the whole datagram instead.)
-    """
-    segments = []
-    offset = 0
-    for _conv, cmd, frg, wnd, ts, sn, una, length in _unpack_headers(datagram, conv):
-        offset += OVERHEAD
-        segments.append((cmd, frg, wnd, ts, sn, una, datagram[offset : offset + length]))
-        offset += length
-    return segments
-
-
-def _unpack_headers(datagram: bytes, conv: int | None) -> list[tuple[int, ...]]:
-    """Validate a datagram (see unpack_segments) and return its raw 8-field headers."""
-    size = len(datagram)
-    if size < OVERHEAD:
-        raise MalformedSegment(f"datagram of {size} bytes is shorter than a segment header")
-    first_conv = _HEADER_UNPACK_FROM(datagram, 0)[0]
-    if conv is not None and first_conv != conv:
-        raise ConvMismatch(f"conv {first_conv} is not ours ({conv})")
-    headers = []
-    offset = 0
-    while offset < size:
-        if size - offset < OVERHEAD:
-            raise MalformedSegment(f"{size - offset} trailing bytes after the last segment")
-        header = _HEADER_UNPACK_FROM(datagram, offset)
-        offset += OVERHEAD + header[7]
-        if offset > size:
-            raise MalformedSegment(f"segment length {header[7]} runs past the datagram end")
-        if header[0] != first_conv:
-            raise MalformedSegment("conv changes inside one datagram")
-        if header[1] not in _CMDS:
-            raise MalformedSegment(f"unknown command {header[1]}")
-        headers.append(header)
-    return headers
-
-
-def conv_of(datagram: bytes) -> int | None:
-    """The conversation id of a datagram (ikcp_getconv), None if it is too short for a header."""
-    if len(datagram) < OVERHEAD:
-        return None
-    return int.from_bytes(datagram[:4], "little")
 
 
 # --- configuration -------------------------------------------------------------------------
@@ -416,36 +335,42 @@ class Kcp:
         try:
             if type(datagram) is not bytes:
                 datagram = bytes(datagram)
-            size = len(datagram)
             header = _HEADER_UNPACK_FROM(datagram, 0)
-            if header[0] != self.conv:
-                self.dropped_conv += 1
+        except (TypeError, struct.error):
+            self.dropped_malformed += 1
+            return False
+        conv, cmd, frg, wnd, ts, sn, una, length = header
+        if conv != self.conv:
+            self.dropped_conv += 1
+            return False
+        size = len(datagram)
+        if size == OVERHEAD + length:
+            if (
+                cmd == _PUSH
+                and sn == self.rcv_nxt
+                and una == self.snd_una
+                and not self.rcv_buf
+                and len(self.rcv_queue) < self.rcv_wnd
+            ):
+                # header prediction (Van Jacobson's TCP fast path): the next in-order PUSH,
+                # nothing new acknowledged; the same effect as the general loop below
+                self.acklist.append((sn, ts))
+                self.rcv_queue.append((frg, datagram[OVERHEAD:]))
+                self._rcv_queue_bytes += length
+                self.rcv_nxt = (sn + 1) & U32_MASK
+                self.rmt_wnd = wnd
+                self.segments_received += 1
+                return True
+            headers = (header,)
+        elif size % OVERHEAD == 0 and self._all_acks(datagram, size // OVERHEAD):
+            headers = _HEADER_ITER_UNPACK(datagram)
+        else:
+            try:
+                headers = unpack_headers(datagram, conv)
+            except MalformedSegment:
+                self.dropped_malformed += 1
                 return False
-            if size == OVERHEAD + header[7] and header[1] in _CMDS:
-                if (
-                    header[1] == _PUSH
-                    and header[5] == self.rcv_nxt
-                    and header[6] == self.snd_una
-                    and not self.rcv_buf
-                    and len(self.rcv_queue) < self.rcv_wnd
-                ):
-                    # header prediction (Van Jacobson's TCP fast path): the next in-order
-                    # PUSH, nothing new acknowledged; same effect as the loop below
-                    sn = header[5]
-                    self.acklist.append((sn, header[4]))
-                    data = datagram[OVERHEAD:]
-                    self.rcv_queue.append((header[2], data))
-                    self._rcv_queue_bytes += len(data)
-                    self.rcv_nxt = (sn + 1) & U32_MASK
-                    self.rmt_wnd = header[3]
-                    self.segments_received += 1
-                    return True
-                headers = (header,)
-            elif size % OVERHEAD == 0 and self._all_acks(datagram, size // OVERHEAD):
-                headers = _HEADER.iter_unpack(datagram)
-            else:
-                headers = _unpack_headers(datagram, self.conv)
-        except (MalformedSegment, TypeError, struct.error):
+        if cmd not in _CMDS:  # the general decoder checked the others
             self.dropped_malformed += 1
             return False
 
