@@ -58,6 +58,7 @@ RTO_MIN_MS = 100  # ms: minimum RTO otherwise (IKCP_RTO_MIN)
 RTO_DEFAULT_MS = 200  # ms: RTO before the first RTT sample (IKCP_RTO_DEF)
 RTO_MAX_MS = 60000  # ms: RTO ceiling (IKCP_RTO_MAX)
 WND_RCV_MIN = 128  # segments: receive-window floor = max fragments per message (IKCP_WND_RCV)
+WND_MAX = 0xFFFF  # segments: the header's wnd field is a u16
 MTU_MIN = 50  # bytes: smallest MTU ikcp_setmtu accepts
 INTERVAL_MIN_MS = 10  # ms: ikcp_interval clamps to [10, 5000]
 INTERVAL_MAX_MS = 5000  # ms
@@ -110,6 +111,8 @@ class KcpConfig:
             raise ValueError(f"mtu {self.mtu} is below {MTU_MIN} bytes")
         if self.snd_wnd < 1 or self.rcv_wnd < 1:
             raise ValueError("windows must be at least one segment")
+        if self.rcv_wnd > WND_MAX:
+            raise ValueError(f"rcv_wnd above {WND_MAX} segments cannot be advertised")
         if not INTERVAL_MIN_MS <= self.interval <= INTERVAL_MAX_MS:
             raise ValueError(f"interval must be {INTERVAL_MIN_MS}..{INTERVAL_MAX_MS} ms")
         if self.resend < 0:
@@ -241,7 +244,7 @@ class Kcp:
     def send(self, data: bytes) -> None:
         """Queue data (ikcp_send).  Message mode: one message of at most 127 * mss bytes."""
         if type(data) is not bytes:
-            data = bytes(data)
+            data = memoryview(data).tobytes()  # any bytes-like; TypeError for anything else
         mss = self.mss
         queue = self.snd_queue
         if self.stream:

@@ -129,7 +129,10 @@ def run_pair(
         for ep, link in ((a, link_ab), (b, link_ba)):
             if now >= ep.deadline:
                 ep.engine.update(now)
-                link.put(now, ep.engine.datagrams_to_send())
+                datagrams = ep.engine.datagrams_to_send()
+                mtu = getattr(ep.engine, "mtu", None)
+                assert mtu is None or all(len(d) <= mtu for d in datagrams)
+                link.put(now, datagrams)
                 ep.recheck(now)
         for link, ep in ((link_ab, b), (link_ba, a)):
             arrived = link.take(now)
@@ -223,7 +226,15 @@ def test_conv_of():
 # --- configuration and misuse --------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs",
-    [{"mtu": 49}, {"snd_wnd": 0}, {"rcv_wnd": 0}, {"interval": 5}, {"resend": -1}, {"minrto": 0}],
+    [
+        {"mtu": 49},
+        {"snd_wnd": 0},
+        {"rcv_wnd": 0},
+        {"rcv_wnd": 65536},
+        {"interval": 5},
+        {"resend": -1},
+        {"minrto": 0},
+    ],
 )
 def test_config_rejects_bad_values(kwargs):
     with pytest.raises(ValueError):
@@ -239,6 +250,15 @@ def test_send_message_too_large_raises():
     kcp.send(b"x" * (127 * 76))  # 127 fragments is the most ikcp accepts
     with pytest.raises(ValueError):
         kcp.send(b"x" * (127 * 76 + 1))
+
+
+def test_send_rejects_non_bytes():
+    kcp = Kcp(CONV)
+    with pytest.raises(TypeError):
+        kcp.send(5)  # type: ignore[arg-type]
+    kcp.send(bytearray(b"ok"))
+    kcp.send(memoryview(b"ok"))
+    assert kcp.waitsnd == 2
 
 
 def test_stream_mode_accepts_any_size_and_tops_up_last_segment():
@@ -271,6 +291,20 @@ def test_first_update_flushes_and_check_schedules_next_interval():
     assert a.input(ack)
     assert a.waitsnd == 0
     assert a.check(1005) == 1005 + 1000  # idle
+
+
+def test_flush_sends_acks_without_waiting_for_the_interval():
+    a, b = pair(KcpConfig(interval=100))
+    b.update(0)  # b's next scheduled flush is at 100
+    a.send(b"ping")
+    transfer(a, b, 0)  # b now owes an ack
+    assert b.check(1) == 100
+    b.update(50)
+    assert b.datagrams_to_send() == []
+    b.flush(50)
+    (ack,) = b.datagrams_to_send()
+    # wnd 1023: the unread "ping" holds one slot of b's receive window
+    assert unpack_segments(ack, CONV) == [(Cmd.ACK, 0, 1023, 0, 0, 1, b"")]
 
 
 def test_fragmented_message_fed_one_segment_at_a_time_in_any_order():
