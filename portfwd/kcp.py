@@ -597,7 +597,8 @@ class Kcp:
             return now_ms
         current = self._internal_time(now_ms)
         ts_flush = self.ts_flush
-        if abs(current - ts_flush) >= CLOCK_RESYNC_MS:
+        slap = current - ts_flush
+        if slap >= CLOCK_RESYNC_MS or slap < -CLOCK_RESYNC_MS:
             ts_flush = current
         if self._has_work():
             deadline = ts_flush
