@@ -13,7 +13,11 @@ import ctypes
 import random
 
 import pytest
-from test_kcp import Endpoint, Link, run_pair
+
+try:  # tests/ is not a package: pytest puts it on sys.path
+    from test_kcp import Endpoint, Link, run_pair
+except ImportError:  # pragma: no cover - if tests/ becomes a package
+    from .test_kcp import Endpoint, Link, run_pair
 
 from portfwd.kcp import Kcp, KcpConfig
 
