@@ -105,6 +105,7 @@ class KcpConfig:
     minrto: int | None = None  # ms: minimum RTO; None = 30 with nodelay else 100
     dead_link: int = DEAD_LINK_XMIT  # transmissions of one segment before `dead` turns True
     fastlimit: int = FASTACK_LIMIT  # fast retransmits only while xmit <= this (<= 0: always)
+    isn: int = 0  # initial sequence number (u32); ikcp always uses 0, both sides must agree
 
     def __post_init__(self) -> None:
         if self.mtu < MTU_MIN:
@@ -121,6 +122,8 @@ class KcpConfig:
             raise ValueError(f"minrto must be 1..{RTO_MAX_MS} ms")
         if self.dead_link < 1:
             raise ValueError("dead_link must be >= 1")
+        if not 0 <= self.isn <= U32_MASK:
+            raise ValueError("isn must be a u32")
 
 
 # A segment in snd_buf (ikcp's IKCPSEG minus the fields rebuilt at each transmission) is a
@@ -164,9 +167,9 @@ class Kcp:
         self.rx_minrto: int = minrto
 
         # sequence state (u32)
-        self.snd_una: int = 0
-        self.snd_nxt: int = 0
-        self.rcv_nxt: int = 0
+        self.snd_una: int = cfg.isn
+        self.snd_nxt: int = cfg.isn
+        self.rcv_nxt: int = cfg.isn
         # RTT estimator (ms), ikcp_update_ack
         self.rx_srtt: int = 0
         self.rx_rttval: int = 0

@@ -26,13 +26,15 @@ ckcp = pytest.importorskip("kcp")
 CONV = 0x0BADF00D
 MIB = 1 << 20
 
-# The wrapper exposes no setter for ikcpcb.stream.  Its KCP object is a Cython cdef class:
-# PyObject_HEAD (16 bytes) + vtable pointer (8) + ``IKCPCB* kcp``.  In IKCPCB (ikcp.h) the
-# 33 u32 fields, 4 queue heads and 4 pointer/u32 fields put fastresend, fastlimit, nocwnd,
-# stream at byte offsets 232, 236, 240, 244.  CEngine checks known fields before writing.
+# The wrapper exposes no setter for ikcpcb.stream nor for the sequence numbers.  Its KCP
+# object is a Cython cdef class: PyObject_HEAD (16 bytes) + vtable pointer (8) + ``IKCPCB*``.
+# In IKCPCB (ikcp.h) the 33 u32 fields, 4 queue heads and 4 pointer/u32 fields put
+# fastresend, fastlimit, nocwnd, stream at byte offsets 232, 236, 240, 244; snd_una,
+# snd_nxt, rcv_nxt are u32 number 4, 5, 6.  CEngine checks known fields before writing.
 _KCP_PTR_OFFSET = 24  # bytes into the Python object
 _IKCPCB_U32 = {"conv": 0, "mtu": 1, "interval": 20, "fastresend": 58, "fastlimit": 59}
 _IKCPCB_STREAM = 61  # u32 index of ``int stream``
+_IKCPCB_SEQUENCE = (4, 5, 6)  # snd_una, snd_nxt, rcv_nxt: to start near the u32 wrap
 
 
 class CEngine:
@@ -51,10 +53,10 @@ class CEngine:
         )
         self._out: list[bytes] = []
         self.kcp.include_outbound_handler(lambda _kcp, data: self._out.append(data))
-        if cfg.stream:
-            self._set_stream(conv, cfg)
+        if cfg.stream or cfg.isn:
+            self._patch_ikcpcb(conv, cfg)
 
-    def _set_stream(self, conv: int, cfg: KcpConfig) -> None:
+    def _patch_ikcpcb(self, conv: int, cfg: KcpConfig) -> None:
         address = ctypes.c_void_p.from_address(id(self.kcp) + _KCP_PTR_OFFSET).value
         fields = (ctypes.c_uint32 * 64).from_address(address)
         expected = {
@@ -66,8 +68,10 @@ class CEngine:
         }
         for name, index in _IKCPCB_U32.items():
             if fields[index] != expected[name]:
-                pytest.skip(f"unexpected ikcpcb layout ({name}); cannot enable stream mode")
-        fields[_IKCPCB_STREAM] = 1
+                pytest.skip(f"unexpected ikcpcb layout ({name}); cannot patch it")
+        fields[_IKCPCB_STREAM] = int(cfg.stream)
+        for index in _IKCPCB_SEQUENCE:
+            fields[index] = cfg.isn
 
     def send(self, data: bytes) -> None:
         self.kcp.enqueue(data)
@@ -110,6 +114,7 @@ LOCKSTEP_CASES = [
     ("congestion-control", KcpConfig(snd_wnd=256, rcv_wnd=256, nc=False), 0.1),
     ("classic", KcpConfig(nodelay=False, interval=40, resend=0, nc=False, snd_wnd=32), 0.3),
     ("stream", KcpConfig(stream=True, snd_wnd=64, rcv_wnd=128, mtu=500), 0.2),
+    ("sn-wraps", KcpConfig(snd_wnd=128, rcv_wnd=128, mtu=200, isn=0xFFFFFFFF - 300), 0.2),
 ]
 
 
@@ -167,6 +172,8 @@ def test_lockstep_byte_identical_to_c(config, loss, seed):
         deadlines = [ours[0].check(now), ours[1].check(now)]
         now += rng.randint(1, 8)
     assert datagrams > 300
+    if config.isn:  # the run really crossed the u32 wrap, on both sides
+        assert all(k.snd_nxt < config.isn and k.rcv_nxt < config.isn for k in ours)
 
 
 # --- 8 MiB each way, ours <-> C at once -----------------------------------------------------
