@@ -137,9 +137,15 @@ _SN, _FRG, _DATA, _RESENDTS, _RTO, _FASTACK, _XMIT, _ACKED = range(8)
 class Kcp:
     """One KCP conversation (ikcpcb).
 
-    Call :meth:`update` at (or after) the absolute time :meth:`check` returns, and again after
-    every :meth:`input`/:meth:`send` re-read :meth:`check`; send whatever
-    :meth:`datagrams_to_send` returns.
+    Driving it: call :meth:`update` at (or after) the absolute time :meth:`check` returns;
+    after every :meth:`input`, :meth:`send` or :meth:`recv` re-read :meth:`check` (it may be
+    earlier now) and send whatever :meth:`datagrams_to_send` returns.
+
+    Memory is bounded by the windows except for snd_queue, which holds whatever send() was
+    given: the TCP reader should pause while ``waitsnd`` is at or above a limit of its
+    choice (e.g. 2 * snd_wnd).  The receive side is bounded by rcv_wnd: when the TCP writer
+    is slow, stop calling recv(); rcv_queue fills, the advertised window drops to 0 and the
+    peer stops sending (then probes).  ``rcv_queue_bytes`` tells how much is waiting.
     """
 
     def __init__(self, conv: int, config: KcpConfig | None = None) -> None:
