@@ -106,15 +106,17 @@ def session_rss(sockbuf: int, sessions: int) -> tuple[int, int]:
             wait_udp_port(port, proc)
             base = rss_kib(proc.pid)
             fds = len(os.listdir(f"/proc/{proc.pid}/fd"))
-            for _ in range(sessions):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                sock.sendto(b"!", ("127.0.0.1", port))
-                clients.append(sock)
-            deadline = time.monotonic() + 30
-            while len(os.listdir(f"/proc/{proc.pid}/fd")) < fds + sessions:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("sessions did not all open")
-                time.sleep(0.1)
+            deadline = time.monotonic() + 60
+            while len(clients) < sessions:  # in windows: a burst would overflow the listener
+                for _ in range(min(200, sessions - len(clients))):
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    sock.sendto(b"!", ("127.0.0.1", port))
+                    clients.append(sock)
+                while len(os.listdir(f"/proc/{proc.pid}/fd")) < fds + len(clients):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("sessions did not all open")
+                    time.sleep(0.005)
+            time.sleep(0.5)
             return base, rss_kib(proc.pid)
     finally:
         for sock in clients:

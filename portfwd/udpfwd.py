@@ -21,6 +21,9 @@ Options:
 Sessions: each client address gets its own upstream socket, closed after -t seconds without
 a datagram either way (-t 0: never) or when evicted at --max-sessions. -H is the seed's hash
 table size; this implementation sizes itself and takes it as a hint only.
+
+Environment:
+  PORTFWD_NO_GSO=1   one send per datagram instead of coalescing runs with Linux UDP GSO
 """
 
 from __future__ import annotations
@@ -31,7 +34,13 @@ import sys
 from portfwd import cli, daemon
 from portfwd.sessions import DEFAULT_MAX_SESSIONS
 from portfwd.sockets import SOCKBUF_CAP, ListenOptions, bind_socket
-from portfwd.udp import DEFAULT_STATS_INTERVAL, DEFAULT_TABLE_HINT, UdpConfig, UdpForwarder
+from portfwd.udp import (
+    DEFAULT_STATS_INTERVAL,
+    DEFAULT_TABLE_HINT,
+    UdpConfig,
+    UdpForwarder,
+    use_gso,
+)
 
 PROG = "udpfwd"
 DEFAULT_TIMEOUT = 60  # s; seed "-t <seconds> proxy session timeout (default: 60)"
@@ -62,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         cli.fail(PROG, f"cannot listen on {listen}: {exc.strerror or exc}", cli.EXIT_RUNTIME)
     config = UdpConfig(dest=dest, idle_timeout=float(timeout), max_sessions=max_sessions,
                        stats_interval=float(stats_interval), sockbuf=sockbuf,
-                       table_hint=table_hint)
+                       table_hint=table_hint, gso=use_gso())
     return daemon.run(PROG, UdpForwarder(config, listener), daemonize=args["-d"],
                       pidfile=args["-p"])
 

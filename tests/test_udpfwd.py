@@ -85,9 +85,12 @@ def peers():
         peer.close()
 
 
-def start_udpfwd(tool, listen_host: str, dest: str, *flags: str):
+PATHS = {"gso": {}, "plain": {"PORTFWD_NO_GSO": "1"}}  # send paths (portfwd.udp docstring)
+
+
+def start_udpfwd(tool, listen_host: str, dest: str, *flags: str, env: dict | None = None):
     port = free_port(family_of(listen_host), socket.SOCK_DGRAM)
-    process = tool("udpfwd", fmt(listen_host, port), dest, *flags)
+    process = tool("udpfwd", fmt(listen_host, port), dest, *flags, env=env)
     process.wait_for_log(r"forwarding ")
     return process, (listen_host, port)
 
@@ -136,15 +139,32 @@ def windowed_echo(client: socket.socket, dest: tuple, sizes: list[int], seed: in
         in_flight -= len(expected)
 
 
-def test_echo_10000_datagrams_0_to_65507_bytes(tool, peers):
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_echo_10000_datagrams_0_to_65507_bytes(tool, peers, path):
     echo = peers()
-    fwd, addr = start_udpfwd(tool, "127.0.0.1", f"127.0.0.1:{echo.port}")
+    fwd, addr = start_udpfwd(tool, "127.0.0.1", f"127.0.0.1:{echo.port}", env=PATHS[path])
+    assert ("no gso" in fwd.log()) == (path == "plain")
     with udp_socket("127.0.0.1") as client:
         windowed_echo(client, addr, payload_sizes(10_000, seed=3), seed=3)
     assert fwd.stop() == 0
     log = fwd.log()
     assert "up 10000 datagrams" in log and "down 10000 datagrams" in log  # the final status
     assert "dropped 0 up 0 down" in log
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_equal_size_runs_keep_datagram_boundaries(tool, peers, path):
+    """Runs of equal sizes are what GSO coalesces: each must still arrive as its own datagram,
+    both ways, including runs broken by a size change, an empty datagram or a large one."""
+    echo = peers()
+    fwd, addr = start_udpfwd(tool, "127.0.0.1", f"127.0.0.1:{echo.port}", env=PATHS[path])
+    sizes = [1200] * 3000 + [1] * 500 + [5, 5, 5, 7, 7, 0, 0, 1200, 1201, 1200, 1199] * 50
+    with udp_socket("127.0.0.1") as client:
+        windowed_echo(client, addr, sizes, seed=6)
+    assert fwd.stop() == 0
+    assert "dropped 0 up 0 down" in fwd.log()
+    gso_sends = int(re.findall(r"(\d+) GSO sends", fwd.log())[-1])
+    assert (gso_sends > 0) == (path == "gso")
 
 
 @pytest.mark.parametrize("listen_host, echo_host", [
