@@ -171,7 +171,7 @@ def test_lockstep_byte_identical_to_c(config, loss, seed):
                 assert mine == ref
         deadlines = [ours[0].check(now), ours[1].check(now)]
         now += rng.randint(1, 8)
-    assert datagrams > 300
+    assert datagrams > 100
     if config.isn:  # the run really crossed the u32 wrap, on both sides
         assert all(k.snd_nxt < config.isn and k.rcv_nxt < config.isn for k in ours)
 
@@ -197,7 +197,7 @@ def _payload(rng: random.Random, total: int, stream: bool, mss: int) -> list[byt
 @pytest.mark.parametrize("network", list(NETWORKS))
 @pytest.mark.parametrize("stream", [False, True], ids=["message", "stream"])
 def test_8mib_each_way_ours_and_c(stream, network):
-    rng = random.Random(hash((stream, network)) & 0xFFFF)
+    rng = random.Random(f"8mib-{stream}-{network}")  # str seeds are deterministic
     cfg = KcpConfig(mtu=1350 - 40, stream=stream)  # the tunnel's defaults
     ours, theirs = Kcp(CONV, cfg), CEngine(CONV, cfg)
     to_c = _payload(rng, 8 * MIB, stream, cfg.mtu - 24)
