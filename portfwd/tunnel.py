@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 TCP_CHUNK = 64 * 1024  # bytes per TCP read
 UDP_RECV_SIZE = 65536  # bytes: any datagram fits
+DRAIN_TIMEOUT = 10.0  # s to write out what was received after the conversation closed
 RECV_BATCH = 64  # datagrams read without yielding before one transmit per touched conversation
 READ, WRITE = 1, 2  # libev event masks
 
@@ -121,6 +122,7 @@ class ConversationDriver:
         self._data = gevent.event.Event()  # tcp writer: records are waiting
         self._armed: int | None = None  # deadline the ticker sleeps towards
         self._greenlets: list[gevent.Greenlet] = []
+        self._writer: gevent.Greenlet | None = None
         self.started = time.monotonic()
 
     # --- network input ---------------------------------------------------------------------
@@ -166,8 +168,8 @@ class ConversationDriver:
     def attach_tcp(self, sock: gsocket) -> None:
         """Start moving bytes between ``sock`` and the conversation."""
         self.tcp = sock
-        self._greenlets.append(gevent.spawn(self._tcp_reader, sock))
-        self._greenlets.append(gevent.spawn(self._tcp_writer, sock))
+        self._writer = gevent.spawn(self._tcp_writer, sock)
+        self._greenlets += [gevent.spawn(self._tcp_reader, sock), self._writer]
 
     def _tick(self) -> None:
         conv = self.conv
@@ -210,21 +212,28 @@ class ConversationDriver:
             self.abort(f"tcp read: {exc.strerror or exc}")
 
     def _tcp_writer(self, sock: gsocket) -> None:
+        """Peer bytes to TCP. Runs on after the conversation closed until what KCP already
+        received is written: the peer closes once its data is *acknowledged*, which can be
+        before we handed it all to TCP."""
         conv = self.conv
         try:
-            while not conv.closed:
+            while True:
                 data = conv.read()
                 if data is None:
+                    if conv.closed:
+                        return
                     self._data.clear()
                     if not conv.readable and not conv.closed:
                         self._data.wait()
                     continue
                 if not data:  # the peer's EOF: pass the half-close on
                     sock.shutdown(socket.SHUT_WR)
-                    self.transmit()
+                    if not conv.closed:
+                        self.transmit()
                     return
                 sock.sendall(data)
-                self.transmit()  # reading reopened our window: let the peer know
+                if not conv.closed:
+                    self.transmit()  # reading reopened our window: let the peer know
         except OSError as exc:
             self.abort(f"tcp write: {exc.strerror or exc}")
 
@@ -236,8 +245,11 @@ class ConversationDriver:
             self.transmit()
 
     def wait_finished(self) -> None:
-        """Block until the conversation is closed, then release the TCP side and greenlets."""
+        """Block until the conversation is closed and received data is written, then release
+        the TCP side and the greenlets."""
         self.finished.wait()
+        if self._writer is not None:
+            self._writer.join(timeout=DRAIN_TIMEOUT)
         current = gevent.getcurrent()
         gevent.killall([g for g in self._greenlets if g is not current], block=True, timeout=2)
         if self.tcp is not None:
@@ -250,7 +262,8 @@ def conversation_stats(driver: ConversationDriver) -> str:
     """One conversation's counters for the periodic ``stats conv=<id>: ...`` line."""
     conv, kcp, session = driver.conv, driver.conv.kcp, driver.conv.session
     return (f"up={conv.bytes_sent} down={conv.bytes_received} srtt={kcp.rx_srtt}ms "
-            f"rto={kcp.rx_rto}ms inflight={kcp.snd_buf_segments} retrans={kcp.retransmits} "
+            f"rto={kcp.rx_rto}ms inflight={kcp.snd_buf_segments} queued={kcp.snd_queue_segments} "
+            f"peer_wnd={kcp.rmt_wnd} rcv_queue={kcp.rcv_queue_segments} retrans={kcp.retransmits} "
             f"fast_retrans={kcp.fast_retransmits} epoch={session.epoch} "
             f"dgrams_out={session.datagrams_sent} dgrams_in={session.datagrams_received} "
             f"dropped_auth={session.dropped_auth} dropped_replay={session.dropped_replay} "
