@@ -19,6 +19,16 @@ Glossary (ikcp's words, kept so the code can be held against it):
 Arithmetic: sequence numbers are kept as u32 and compared by ``(a - b) & U32_MASK``.  The
 caller's clock may be any int (monotonic ms or a wrapping u32 counter): it is folded into an
 internal unbounded clock by signed 32-bit deltas, as ikcp's ``_itimediff`` does.
+
+On the wire this engine is ikcp: fed the same inputs at the same times it emits
+byte-identical datagrams (tests/test_kcp_interop.py checks this against the C code).
+Deliberate differences, none visible to a correct peer:
+  - a malformed datagram is dropped whole and counted (ikcp applies the segments before the
+    bad one); a una beyond snd_nxt is ignored (ikcp would empty snd_buf);
+  - check() sleeps up to IDLE_CHECK_MS when nothing is pending instead of every interval;
+  - stream-mode recv() returns every queued byte at once, and stream-mode send() has no
+    127-segment limit (frg is always 0 there);
+  - bad configuration raises ValueError instead of being clamped.
 """
 
 from __future__ import annotations
