@@ -28,7 +28,8 @@ Deliberate differences, none visible to a correct peer:
   - check() sleeps up to IDLE_CHECK_MS when nothing is pending instead of every interval;
   - stream-mode recv() returns every queued byte at once, and stream-mode send() has no
     127-segment limit (frg is always 0 there);
-  - bad configuration raises ValueError instead of being clamped.
+  - bad configuration raises ValueError instead of being clamped (rcv_wnd below 128 is
+    still raised to 128, as ikcp_wndsize does: a message may have 127 fragments).
 """
 
 from __future__ import annotations
