@@ -154,7 +154,11 @@ class Conversation:
             for datagram in self.kcp.datagrams_to_send():
                 session.send_datagram(datagram)
             if self._finished():
-                session.close()
+                # Seal this flush (it may ack the peer's FIN) before the CLOSE: the session
+                # discards unsealed payloads when it closes.
+                datagrams = session.datagrams_to_send(now)
+                self._close(CLOSE_FINISHED)
+                return datagrams + session.datagrams_to_send(now)
             self._drain_session_events()
         return session.datagrams_to_send(now)
 
@@ -197,10 +201,18 @@ class Conversation:
 
     def abort(self, reason: str = CLOSE_LOCAL) -> None:
         """Close now (TCP error, target refused, shutdown): the peer gets an authenticated CLOSE."""
+        if not self.closed:
+            self._close(reason)
+
+    def _close(self, reason: str) -> None:
+        """Close the session (authenticated CLOSE), reporting ``reason`` instead of its own."""
+        self._drain_session_events()  # the session may have closed by itself meanwhile
         if self.closed:
             return
-        self.session.close()
-        self._drain_session_events()
-        if not self.closed:  # the session reports its own reason; make sure we are closed
-            self.closed = True
-            self._events.append(events.ConnectionClosed(reason, by_peer=False))
+        session = self.session
+        session.close()
+        while (event := session.next_event()) is not None:
+            if type(event) is not events.ConnectionClosed:  # its CLOSE_LOCAL: ours replaces it
+                self._events.append(event)
+        self.closed = True
+        self._events.append(events.ConnectionClosed(reason, by_peer=False))
