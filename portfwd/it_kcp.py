@@ -45,7 +45,8 @@ DEFAULT_PSK = "0123456789abcdef" * 4
 CHUNK = 64 * 1024  # bytes per send (seed: 64 KiB chunks)
 MB = 1 << 20
 NORMAL_REKEY_THRESHOLD = 2000  # packets: several rekeys in a few MB
-TIMEOUT_REKEY_THRESHOLD = 1  # packets: a rekey is (almost) always in flight when the pause hits
+TIMEOUT_REKEY_THRESHOLD = 16  # packets: a few retransmissions during the pause start a rekey
+TRICKLE_INTERVAL = 0.05  # s between the small messages of the trickle connection
 NORMAL_LINES = ("rekey trigger conv=", "recv REKEY_INIT conv=", "recv REKEY_ACK conv=",
                 "epoch switch conv=")
 TIMEOUT_LINE = "rekey timeout, closing conv="
@@ -182,10 +183,33 @@ def run_normal(harness: Harness, send_mb: int, deadline: float) -> list[str]:
     return failures
 
 
+def trickle(port: int, stop: threading.Event) -> None:
+    """A second conversation that always has a little data in flight.
+
+    The bulk transfer's window may be closed when the pause hits (flow control), and then its
+    client sends nothing that could start a rekey; this one keeps sending, so the client's
+    retransmissions during the pause start a rekey that can only time out.
+    """
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.settimeout(0.01)
+            while not stop.wait(TRICKLE_INTERVAL):
+                sock.sendall(b"t" * 100)
+                try:
+                    while sock.recv(65536):
+                        pass
+                except (TimeoutError, BlockingIOError):
+                    pass
+    except OSError:
+        pass  # closed by the rekey timeout: expected
+
+
 def run_timeout(harness: Harness, send_mb: int, pause_ms: int, pause_at_mb: int,
                 deadline: float) -> list[str]:
     server = harness.procs["server"]
     paused = threading.Event()
+    stop_trickle = threading.Event()
+    threading.Thread(target=trickle, args=(harness.tcp_port, stop_trickle), daemon=True).start()
 
     def progress(sent: int) -> None:
         if not paused.is_set() and sent >= pause_at_mb * MB:
@@ -196,6 +220,7 @@ def run_timeout(harness: Harness, send_mb: int, pause_ms: int, pause_at_mb: int,
 
     intact, text = transfer(harness.tcp_port, send_mb * MB, deadline, progress)
     print(f"{PROG}: {text}")
+    stop_trickle.set()
     failures = []
     if not paused.is_set():
         failures.append("the transfer ended before the pause point")
