@@ -30,6 +30,7 @@ RECORD_FIN = 0x01  # record type: the sender's stream ended (TCP half-close)
 MAX_RECORD_PAYLOAD = 32 * 1024  # bytes of stream data per record (KCP allows <= 127 fragments)
 SEND_QUEUE_FACTOR = 2  # can_send() while KCP holds < factor x send window segments
 CLOSE_LINK_DEAD = "link dead"  # KCP sent one segment dead_link times without an ack
+CLOSE_BAD_RECORD = "malformed stream record"  # empty, unknown type, or FIN with a payload
 CLOSE_FINISHED = "finished"  # both directions ended and everything was acknowledged
 
 _FIN = bytes([RECORD_FIN])
@@ -67,6 +68,7 @@ class Conversation:
         self.closed: bool = False
         self.bytes_sent: int = 0  # stream bytes queued to the peer
         self.bytes_received: int = 0  # stream bytes read from the peer
+        self.malformed_records: int = 0  # records that broke the format (closes the stream)
 
     @classmethod
     def client(cls, config: ConversationConfig, conv: int, peer_addr: Any, now: int,
@@ -113,11 +115,17 @@ class Conversation:
         if record is None:
             return None
         self._kick = True  # reading may reopen our receive window: tell the peer promptly
-        if record[:1] == _FIN:
+        kind = record[:1]
+        if kind == _DATA and len(record) > 1:
+            self.bytes_received += len(record) - 1
+            return record[1:]
+        if record == _FIN:
             self.eof_received = True
             return b""
-        self.bytes_received += len(record) - 1
-        return record[1:]
+        # An authenticated peer broke the record format: the stream cannot be trusted further.
+        self.malformed_records += 1
+        self._close(CLOSE_BAD_RECORD)
+        return None
 
     @property
     def readable(self) -> bool:

@@ -476,3 +476,17 @@ def test_wrong_psk_creates_nothing_and_client_times_out() -> None:
     assert net.client.events == [ConnectionClosed(CLOSE_HANDSHAKE_TIMEOUT, False)]
     assert net.client.closed_at == TunnelConfig().handshake_timeout_ms == 10_000
     assert net.client.conv.bytes_sent == 0 and net.client.conv.get_timer() is None
+
+
+
+@pytest.mark.parametrize("record", [b"", b"\x02", b"\x00", b"\x01extra"])
+def test_malformed_record_closes_the_stream(record: bytes) -> None:
+    """An authenticated peer that breaks the record format ends the stream, never crashes it."""
+    net = Net(seed=7)
+    net.run(lambda: net.server.conv is not None and net.client.conv.established)
+    net.client.conv.kcp.send(record)  # bypass send_stream_data: a broken peer
+    net.run_to_close()
+    assert net.server.conv.malformed_records == 1
+    assert net.server.close_event == ConnectionClosed("malformed stream record", by_peer=False)
+    assert net.client.close_event == CLOSED_BY_PEER
+    assert net.server.received == b""
