@@ -39,6 +39,7 @@ import threading
 import time
 
 from portfwd import cli
+from portfwd.echo import EchoServer
 
 PROG = "it_kcp"
 DEFAULT_PSK = "0123456789abcdef" * 4
@@ -59,11 +60,7 @@ class Harness:
         self.echo_port, self.udp_port, self.tcp_port = ports
         self.logs: dict[str, str] = {}
         self.procs: dict[str, subprocess.Popen] = {}
-        self._echo = socket.socket()
-        self._echo.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._echo.bind(("127.0.0.1", self.echo_port))
-        self._echo.listen(64)
-        threading.Thread(target=self._serve_echo, daemon=True).start()
+        self._echo = EchoServer("127.0.0.1", self.echo_port)
         env = dict(os.environ, **rekey_env)
         common = ["-K", psk, "--stats-interval", os.environ.get("IT_STATS_INTERVAL", "0")]
         self._spawn("server", "portfwd.kcptcp_server", f"127.0.0.1:{self.udp_port}",
@@ -78,14 +75,6 @@ class Harness:
                                             stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=subprocess.STDOUT)
         log.close()
-
-    def _serve_echo(self) -> None:
-        while True:
-            try:
-                conn, _ = self._echo.accept()
-            except OSError:
-                return
-            threading.Thread(target=_echo, args=(conn,), daemon=True).start()
 
     def log_text(self, name: str) -> str:
         with open(self.logs[name], encoding="utf-8", errors="replace") as f:
@@ -115,16 +104,6 @@ class Harness:
                 proc.wait()
         for path in self.logs.values():
             os.unlink(path)
-
-
-def _echo(conn: socket.socket) -> None:
-    with conn:
-        try:
-            while data := conn.recv(1 << 16):
-                conn.sendall(data)
-            conn.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
 
 
 def transfer(port: int, total: int, deadline: float, on_progress=None) -> tuple[bool, str]:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import socket
 import sys
 
-from portfwd import cli, daemon, tunnelcli
-from portfwd.sockets import bind_socket
+from portfwd import tunnelcli
+from portfwd.addr import Resolved
+from portfwd.conversation import ConversationConfig
 from portfwd.tunnel_client import TunnelClient
 
 __doc__ = __doc__.replace("{{OPTIONS}}", tunnelcli.OPTIONS)
@@ -23,20 +24,14 @@ PROG = "kcptcp-client"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli.parse_args(PROG, __doc__, argv)
-    config = tunnelcli.conversation_config(PROG, args)
-    udp_buffer = tunnelcli.udp_buffer_size(PROG, args)
-    stats = cli.int_option(PROG, args, "--stats-interval", 0, 86400)
-    listen = cli.address_arg(PROG, args["<local_tcp_addr:port>"], socket.SOCK_STREAM,
-                             passive=True)
-    remote = cli.address_arg(PROG, args["<remote_udp_addr:port>"], socket.SOCK_DGRAM,
-                             passive=False)
-    try:
-        listener = bind_socket(listen, socket.SOCK_STREAM, tunnelcli.listen_options(args))
-    except OSError as exc:
-        cli.fail(PROG, f"cannot listen on {listen}: {exc.strerror or exc}", cli.EXIT_RUNTIME)
-    client = TunnelClient(config, listener, remote, udp_buffer, stats)
-    return daemon.run(PROG, client, daemonize=args["-d"], pidfile=args["-p"])
+    return tunnelcli.tunnel_main(PROG, __doc__, argv, ("<local_tcp_addr:port>", socket.SOCK_STREAM),
+                                 ("<remote_udp_addr:port>", socket.SOCK_DGRAM),
+                                 build)
+
+
+def build(config: ConversationConfig, listener: socket.socket, remote: Resolved,
+          udp_buffer: int, stats_interval: int, args: dict) -> TunnelClient:
+    return TunnelClient(config, listener, remote, udp_buffer, stats_interval)
 
 
 if __name__ == "__main__":

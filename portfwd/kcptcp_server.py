@@ -14,8 +14,9 @@ from __future__ import annotations
 import socket
 import sys
 
-from portfwd import cli, daemon, tunnelcli
-from portfwd.sockets import bind_socket
+from portfwd import tunnelcli
+from portfwd.addr import Resolved
+from portfwd.conversation import ConversationConfig
 from portfwd.tunnel_server import TunnelServer
 
 __doc__ = __doc__.replace("{{OPTIONS}}", tunnelcli.OPTIONS)
@@ -23,20 +24,15 @@ PROG = "kcptcp-server"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli.parse_args(PROG, __doc__, argv)
-    config = tunnelcli.conversation_config(PROG, args)
-    udp_buffer = tunnelcli.udp_buffer_size(PROG, args)
-    stats = cli.int_option(PROG, args, "--stats-interval", 0, 86400)
-    listen = cli.address_arg(PROG, args["<local_udp_addr:port>"], socket.SOCK_DGRAM,
-                             passive=True)
-    target = cli.address_arg(PROG, args["<target_tcp_addr:port>"], socket.SOCK_STREAM,
-                             passive=False)
-    try:
-        udp = bind_socket(listen, socket.SOCK_DGRAM, tunnelcli.listen_options(args, udp_buffer))
-    except OSError as exc:
-        cli.fail(PROG, f"cannot listen on {listen}: {exc.strerror or exc}", cli.EXIT_RUNTIME)
-    server = TunnelServer(config, udp, target, stats)
-    return daemon.run(PROG, server, daemonize=args["-d"], pidfile=args["-p"])
+    return tunnelcli.tunnel_main(PROG, __doc__, argv, ("<local_udp_addr:port>", socket.SOCK_DGRAM),
+                                 ("<target_tcp_addr:port>", socket.SOCK_STREAM),
+                                 build)
+
+
+def build(config: ConversationConfig, udp_sock: socket.socket, target: Resolved,
+          udp_buffer: int, stats_interval: int, args: dict) -> TunnelServer:
+    """The UDP socket's buffers were sized at bind time; the rest goes to the service."""
+    return TunnelServer(config, udp_sock, target, stats_interval)
 
 
 if __name__ == "__main__":

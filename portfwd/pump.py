@@ -60,14 +60,17 @@ def pump(src: gsocket, dst: gsocket, splice: bool, counter: Counter) -> None:
             raise
 
 
-def _copy_pump(src: gsocket, dst: gsocket, counter: Counter) -> None:
+def _copy_pump(src: gsocket, dst: gsocket, counter: Counter, until_bulk: bool = False) -> bool:
+    """recv/sendall until EOF (True), or with ``until_bulk`` until a read fills a chunk (False)."""
     recv, sendall = src.recv, dst.sendall
     while True:
         data = recv(COPY_CHUNK)
         if not data:
-            return
+            return True
         sendall(data)
         counter.moved += len(data)
+        if until_bulk and len(data) == COPY_CHUNK:
+            return False
 
 
 def _splice_pump(src: gsocket, dst: gsocket, counter: Counter) -> None:
@@ -76,15 +79,8 @@ def _splice_pump(src: gsocket, dst: gsocket, counter: Counter) -> None:
     Short and interactive flows (a 100-byte request, an ssh keystroke) then cost one recv and
     one send, not a pipe and four extra syscalls; bulk flows move in the kernel.
     """
-    recv, sendall = src.recv, dst.sendall
-    while True:
-        data = recv(COPY_CHUNK)
-        if not data:
-            return
-        sendall(data)
-        counter.moved += len(data)
-        if len(data) == COPY_CHUNK:
-            break
+    if _copy_pump(src, dst, counter, until_bulk=True):
+        return
     loop = get_hub().loop
     src_fd, dst_fd = src.fileno(), dst.fileno()
     readable = loop.io(src_fd, READ)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Callable
 
-from portfwd import cli
+from portfwd import cli, daemon
+from portfwd.addr import Resolved
 from portfwd.conversation import ConversationConfig
 from portfwd.kcp import KcpConfig
 from portfwd.session import REKEY_SEQ_THRESHOLD, REKEY_TIMEOUT_MS, TunnelConfig
-from portfwd.sockets import ListenOptions
+from portfwd.sockets import ListenOptions, bind_socket
 
 MTU_MIN = 576  # bytes: the IPv4 minimum reassembly size; KCP records need >= ~310
 MTU_MAX = 9000  # bytes: jumbo frames; beyond this every datagram fragments
@@ -81,3 +84,32 @@ def conversation_config(prog: str, args: dict) -> ConversationConfig:
 
 def udp_buffer_size(prog: str, args: dict) -> int:
     return cli.int_option(prog, args, "-S", 4096, 1 << 30)
+
+
+# build(config, listener, remote, udp_buffer, stats_interval, parsed args) -> the service
+Build = Callable[[ConversationConfig, socket.socket, Resolved, int, int, dict], daemon.Service]
+
+
+def tunnel_main(prog: str, usage: str, argv: list[str] | None,
+                listen: tuple[str, int], remote: tuple[str, int], build: Build) -> int:
+    """The whole main() of kcptcp-client and kcptcp-server, which differ only in socket types.
+
+    ``listen`` and ``remote`` are (usage-text argument name, socket type). Parses and validates
+    everything, binds the listener in the foreground (so errors reach the terminal), then hands
+    ``build(config, listener, remote, udp_buffer, stats_interval, args)`` to
+    :func:`daemon.run`.
+    """
+    args = cli.parse_args(prog, usage, argv)
+    config = conversation_config(prog, args)
+    udp_buffer = udp_buffer_size(prog, args)
+    stats = cli.int_option(prog, args, "--stats-interval", 0, 86400)
+    (listen_name, listen_type), (remote_name, remote_type) = listen, remote
+    local = cli.address_arg(prog, args[listen_name], listen_type, passive=True)
+    peer = cli.address_arg(prog, args[remote_name], remote_type, passive=False)
+    bufsize = udp_buffer if listen_type == socket.SOCK_DGRAM else None
+    try:
+        listener = bind_socket(local, listen_type, listen_options(args, bufsize))
+    except OSError as exc:
+        cli.fail(prog, f"cannot listen on {local}: {exc.strerror or exc}", cli.EXIT_RUNTIME)
+    service = build(config, listener, peer, udp_buffer, stats, args)
+    return daemon.run(prog, service, daemonize=args["-d"], pidfile=args["-p"])

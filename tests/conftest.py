@@ -17,6 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from portfwd.echo import EchoServer  # noqa: F401  (re-exported for the tests)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(REPO, "bin")
 
@@ -113,44 +115,6 @@ def tool() -> Iterator:
 def run_cli(tool: str, *args: str, timeout: float = 20.0) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, os.path.join(BIN, tool), *args], capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-class EchoServer:
-    """A threaded TCP echo server (tests are not gevent code): echoes to EOF, then half-closes."""
-
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(512)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        self._stop = False
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn:
-            try:
-                while data := conn.recv(1 << 16):
-                    conn.sendall(data)
-                conn.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self._stop = True
-        self.sock.close()
 
 
 @pytest.fixture
