@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -233,5 +234,5 @@ def test_it_kcp(mode):
                             capture_output=True, text=True, timeout=150)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert result.stdout.strip().endswith("it_kcp: PASS")
-    if mode[0] == "normal":
-        assert "0 x" not in result.stdout
+    if mode[0] == "normal":  # every rekey line seen at least once
+        assert not re.search(r"(?m)^it_kcp: +0 x ", result.stdout), result.stdout
