@@ -105,7 +105,6 @@ class TcpForwarder:
             upstream = self._dial(conn_id, dest)
             if upstream is None:
                 return
-            tune_tcp(client)
             log.info("conn %d open %s -> %s", conn_id, format_sockaddr(peer), dest)
             started = time.monotonic()
             up, down, error = relay(client, upstream, self.config.splice)

@@ -18,7 +18,7 @@ from gevent.socket import socket as gsocket
 from portfwd.acceptloop import AcceptLoop
 from portfwd.addr import Resolved, format_sockaddr
 from portfwd.conversation import Conversation, ConversationConfig
-from portfwd.sockets import set_buffers, tune_tcp
+from portfwd.sockets import set_buffers
 from portfwd.tunnel import (
     ConversationDriver,
     UdpEndpoint,
@@ -83,7 +83,6 @@ class TunnelClient:
         self.drivers[conv_id] = driver
         receiver = gevent.spawn(self._receive, driver, udp)
         try:
-            tune_tcp(sock)
             driver.start_ticker()
             driver.transmit()  # the HELLO
             driver.attach_tcp(sock)
