@@ -14,10 +14,10 @@ from __future__ import annotations
 import socket
 import sys
 
-from portfwd import tunnelcli
+from portfwd import cli, tunnelcli
 from portfwd.addr import Resolved
 from portfwd.conversation import ConversationConfig
-from portfwd.tunnel_server import TunnelServer
+from portfwd.tunnel_server import ServerLimits, TunnelServer
 
 __doc__ = __doc__.replace("{{OPTIONS}}", tunnelcli.OPTIONS)
 PROG = "kcptcp-server"
@@ -32,7 +32,12 @@ def main(argv: list[str] | None = None) -> int:
 def build(config: ConversationConfig, udp_sock: socket.socket, target: Resolved,
           udp_buffer: int, stats_interval: int, args: dict) -> TunnelServer:
     """The UDP socket's buffers were sized at bind time; the rest goes to the service."""
-    return TunnelServer(config, udp_sock, target, stats_interval)
+    limits = ServerLimits(
+        connect_timeout=cli.int_option(PROG, args, "--connect-timeout", 1, 3600),
+        max_sessions=cli.int_option(PROG, args, "--max-sessions", 1, 1 << 20),
+        max_pending=cli.int_option(PROG, args, "--max-pending", 1, 1 << 20),
+    )
+    return TunnelServer(config, udp_sock, target, stats_interval, limits)
 
 
 if __name__ == "__main__":

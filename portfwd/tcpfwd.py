@@ -11,6 +11,7 @@ Options:
   -r                 set SO_REUSEADDR on listener socket
   -R                 set SO_REUSEPORT on listener socket
   -6 --v6only        for IPv6 listener, set IPV6_V6ONLY
+  --connect-timeout <s>  seconds to wait for the destination to answer [default: 10]
   -h --help          show help
 
 Environment:
@@ -36,13 +37,14 @@ def main(argv: list[str] | None = None) -> int:
                              passive=True)
     dest = cli.address_arg(PROG, args["<dest_addr:dest_port>"], socket.SOCK_STREAM,
                            passive=False)
+    connect_timeout = cli.int_option(PROG, args, "--connect-timeout", 1, 3600)
     options = ListenOptions(reuseaddr=args["-r"], reuseport=args["-R"], v6only=args["--v6only"])
     try:
         listener = bind_socket(listen, socket.SOCK_STREAM, options)
     except OSError as exc:
         cli.fail(PROG, f"cannot listen on {listen}: {exc.strerror or exc}", cli.EXIT_RUNTIME)
     config = TcpConfig(dest=dest, listen_port=listener.getsockname()[1], base_addr=args["-b"],
-                       splice=use_splice())
+                       splice=use_splice(), connect_timeout=connect_timeout)
     return daemon.run(PROG, TcpForwarder(config, listener), daemonize=args["-d"],
                       pidfile=args["-p"])
 

@@ -124,6 +124,7 @@ class ConversationDriver:
         self._greenlets: list[gevent.Greenlet] = []
         self._writer: gevent.Greenlet | None = None
         self.started = time.monotonic()
+        self.last_active = now_ms()  # ms: last stream bytes either way (session cap LRU)
 
     # --- network input ---------------------------------------------------------------------
 
@@ -207,6 +208,7 @@ class ConversationDriver:
                     self.transmit()
                     return
                 conv.send_stream_data(data)
+                self.last_active = now_ms()
                 self.transmit()
         except OSError as exc:
             self.abort(f"tcp read: {exc.strerror or exc}")
@@ -232,6 +234,7 @@ class ConversationDriver:
                         self.transmit()
                     return
                 sock.sendall(data)
+                self.last_active = now_ms()
                 if not conv.closed:
                     self.transmit()  # reading reopened our window: let the peer know
         except OSError as exc:

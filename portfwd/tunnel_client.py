@@ -18,6 +18,7 @@ from gevent.socket import socket as gsocket
 from portfwd.acceptloop import AcceptLoop
 from portfwd.addr import Resolved, format_sockaddr
 from portfwd.conversation import Conversation, ConversationConfig
+from portfwd.logs import RateLimitedLog
 from portfwd.sockets import set_buffers
 from portfwd.tunnel import (
     ConversationDriver,
@@ -47,6 +48,7 @@ class TunnelClient:
         self.drivers: dict[int, ConversationDriver] = {}
         self.finished = 0
         self._stats: gevent.Greenlet | None = None
+        self._faults = RateLimitedLog(log)
 
     def start(self) -> None:
         self.acceptor.start()
@@ -67,13 +69,18 @@ class TunnelClient:
         self.acceptor.stop(timeout)
 
     def _handle(self, sock: gsocket, peer: tuple) -> None:
-        udp_sock = socket.socket(self.remote.family, socket.SOCK_DGRAM)
+        udp_sock: socket.socket | None = None
         try:
+            # socket() itself fails with EMFILE at the fd limit: that must close the accepted
+            # connection and log (rate-limited), not kill the greenlet with a traceback and
+            # leak the accepted fd (issue 7, fd exhaustion).
+            udp_sock = socket.socket(self.remote.family, socket.SOCK_DGRAM)
             set_buffers(udp_sock, self.udp_buffer, force=True)
             udp_sock.connect(self.remote.sockaddr)
         except OSError as exc:
-            log.warning("cannot open udp socket to %s: %s", self.remote, exc)
-            udp_sock.close()
+            self._faults.warning("udp", "cannot open udp socket to %s: %s", self.remote, exc)
+            if udp_sock is not None:
+                udp_sock.close()
             sock.close()
             return
         udp = UdpEndpoint(udp_sock)

@@ -4,12 +4,20 @@ One UDP socket and one receive loop serve every conversation: datagrams are demu
 the conv field; only a HELLO for an unknown conv reaches the HandshakeAcceptor, and the target is
 dialled only after the acceptor authenticated it (DESIGN.md). Nothing is ever sent in answer
 to a datagram that did not authenticate.
+
+Floods (issue 7): besides the acceptor's per-source HELLO rate limit, two caps bound what
+authenticated HELLOs can make us hold: ``max_pending`` sessions whose client has not yet proven
+its keys (``TunnelSession.confirmed``), and ``max_sessions`` in all. At the global cap the
+least recently active session is evicted if it has moved no stream byte for EVICT_MIN_IDLE_MS;
+otherwise the new one is refused. Caps act only *after* the HELLO authenticated, so forged
+input can never evict anybody.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+from dataclasses import dataclass
 
 import gevent
 import gevent.pool
@@ -26,18 +34,30 @@ from portfwd.wire import TYPE_MASK, MalformedPacket, PacketType, peek_prefix
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0  # s before an unanswered dial to the target is abandoned
+MAX_SESSIONS = 4096  # conversations held at once (each holds a target socket)
+MAX_PENDING = 256  # conversations whose client has not yet sent an authenticated packet
+EVICT_MIN_IDLE_MS = 2000  # ms without stream bytes before a session may be evicted at the cap
 _HELLO = int(PacketType.HELLO)
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """kcptcp-server's resource limits (--connect-timeout, --max-sessions, --max-pending)."""
+
+    connect_timeout: float = CONNECT_TIMEOUT  # s before a dial to the target is abandoned
+    max_sessions: int = MAX_SESSIONS  # conversations in all
+    max_pending: int = MAX_PENDING  # conversations not yet confirmed by the client
 
 
 class TunnelServer:
     """Listens on UDP; bridges each authenticated conversation to ``target`` over TCP."""
 
     def __init__(self, config: ConversationConfig, udp_sock: socket.socket, target: Resolved,
-                 stats_interval: float, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+                 stats_interval: float, limits: ServerLimits | None = None) -> None:
         self.config = config
         self.target = target
         self.stats_interval = stats_interval
-        self.connect_timeout = connect_timeout
+        self.limits = limits or ServerLimits()
         self.udp = UdpEndpoint(udp_sock)
         self.acceptor = HandshakeAcceptor(config.tunnel)
         self.drivers: dict[int, ConversationDriver] = {}
@@ -45,6 +65,10 @@ class TunnelServer:
         self.finished = 0
         self.dropped_unknown = 0  # datagrams for no conversation that are not a HELLO
         self.dropped_malformed = 0  # shorter than the common prefix
+        self.refused_pending = 0  # HELLOs not looked at: max_pending unconfirmed sessions
+        self.refused_full = 0  # authenticated HELLOs refused: max_sessions, none evictable
+        self.evicted = 0  # idle sessions closed to make room at max_sessions
+        self._pending: set[int] = set()  # convs created and not yet seen confirmed
         self.accepting = True
         self._greenlets: list[gevent.Greenlet] = []
         self._faults = RateLimitedLog(log)
@@ -65,7 +89,9 @@ class TunnelServer:
         return (f"conversations={len(self.drivers)} finished={self.finished} "
                 f"handshakes={a.accepted} rejected_auth={a.dropped_auth} "
                 f"rejected_replay={a.dropped_replay} rejected_stale={a.dropped_stale} "
-                f"rejected_rate={a.dropped_rate} dropped_unknown={self.dropped_unknown}")
+                f"rejected_rate={a.dropped_rate} dropped_unknown={self.dropped_unknown} "
+                f"refused_pending={self.refused_pending} refused_full={self.refused_full} "
+                f"evicted={self.evicted}")
 
     def stop(self, timeout: float) -> None:
         self.accepting = False
@@ -104,14 +130,57 @@ class TunnelServer:
                 driver.transmit()
 
     def _new_conversation(self, hello: bytes, addr: tuple, now: int) -> ConversationDriver | None:
+        # Checked before the acceptor so a refused HELLO is not consumed: the client's
+        # retransmission can still succeed once a pending session confirms or expires.
+        if self._pending_full():
+            self.refused_pending += 1
+            self._faults.warning("pending", "pending session cap (--max-pending %d) reached: "
+                                 "HELLO from %s ignored", self.limits.max_pending,
+                                 format_sockaddr(addr))
+            return None
         session = self.acceptor.accept(hello, addr, now, wall_ms())
         if session is None:
             return None  # dropped and counted by the acceptor: never answered
+        if len(self.drivers) >= self.limits.max_sessions and not self._evict_idle(now):
+            self.refused_full += 1
+            self._faults.warning("full", "session cap (--max-sessions %d) reached, no idle "
+                                 "session to evict: conv=%d from %s refused",
+                                 self.limits.max_sessions, session.conv, format_sockaddr(addr))
+            return None  # the session object is dropped unanswered; nothing was dialled
         conv = Conversation(session, self.config, now)
         driver = ConversationDriver(conv, self.udp, f"conv={conv.conv}")
         self.drivers[conv.conv] = driver
+        self._pending.add(conv.conv)
         self.conversations.spawn(self._serve, driver, addr)
         return driver
+
+    def _pending_full(self) -> bool:
+        """True if max_pending unconfirmed sessions exist; prunes the set only when it is full
+        (so the common path is O(1) and a full check costs at most max_pending lookups)."""
+        pending = self._pending
+        if len(pending) < self.limits.max_pending:
+            return False
+        drivers = self.drivers
+        for conv_id in list(pending):
+            driver = drivers.get(conv_id)
+            if driver is None or driver.conv.session.confirmed:
+                pending.discard(conv_id)
+        return len(pending) >= self.limits.max_pending
+
+    def _evict_idle(self, now: int) -> bool:
+        """Close the least recently active session if it is idle enough; True if one was."""
+        victim = min(self.drivers.values(), key=lambda d: d.last_active, default=None)
+        if victim is None or now - victim.last_active < EVICT_MIN_IDLE_MS:
+            return False
+        self.evicted += 1
+        self._faults.warning("evict", "session cap (--max-sessions %d) reached: evicting "
+                             "%s, idle %d ms", self.limits.max_sessions, victim.name,
+                             now - victim.last_active)
+        # Out of the table now (its conv id may be reused at once); _serve finishes the close.
+        del self.drivers[victim.conv.conv]
+        self._pending.discard(victim.conv.conv)
+        victim.abort("evicted: session cap")
+        return True
 
     def _serve(self, driver: ConversationDriver, peer: tuple) -> None:
         conv = driver.conv
@@ -126,7 +195,9 @@ class TunnelServer:
             if not driver.finished.is_set():
                 driver.abort("shutting down")
                 driver.wait_finished()
-            del self.drivers[conv.conv]
+            if self.drivers.get(conv.conv) is driver:  # an evicted one is already gone
+                del self.drivers[conv.conv]
+            self._pending.discard(conv.conv)
             self.finished += 1
             log.info("%s closed (%s): %d bytes up, %d down", driver.name, driver.close_reason,
                      conv.bytes_received, conv.bytes_sent)
@@ -135,7 +206,7 @@ class TunnelServer:
         sock = gsocket(self.target.family, socket.SOCK_STREAM)
         try:
             tune_tcp(sock)
-            sock.settimeout(self.connect_timeout)
+            sock.settimeout(self.limits.connect_timeout)
             sock.connect(self.target.sockaddr)
             sock.settimeout(None)
         except OSError as exc:

@@ -34,6 +34,13 @@ OPTIONS = f"""Options:
   --rcvwnd <segments>   KCP receive window [default: 1024]
   --keepalive <s>       close a conversation after s seconds without a packet [default: 30]
   --stats-interval <s>  seconds between stats lines, 0 = off [default: 60]
+  --connect-timeout <s> (server) seconds to wait for the target to answer a dial
+                        [default: 10]
+  --max-sessions <n>    (server) conversations at once; at the cap the least recently
+                        active one idle for 2 s is evicted, else new ones are refused
+                        [default: 4096]
+  --max-pending <n>     (server) conversations whose client has not yet sent an
+                        authenticated packet; beyond, HELLOs are ignored [default: 256]
   -h --help             show help
 
 Environment:
