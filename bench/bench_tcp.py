@@ -19,15 +19,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    cpu_seconds,
+    Table,
     free_port,
     have,
     iperf3,
-    print_table,
+    print_tables,
     process,
     raise_fd_limit,
+    ratio,
     rss_kib,
     tool,
+    tree_cpu_seconds,
     wait_port,
 )
 
@@ -115,16 +117,12 @@ def idle_rss_per_connection(pid: int, port: int, count: int) -> float:
     return per_conn
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny run to check the script works")
-    parser.add_argument("--seconds", type=float, default=5.0, help="per throughput measurement")
-    opts = parser.parse_args()
-    seconds = 1.0 if opts.quick else opts.seconds
-    idle_count = 50 if opts.quick else 2000
+def measure(seconds: float, idle_count: int) -> list[Table]:
+    """Run every TCP measurement; the tables, each figure also as a ratio to direct loopback."""
     raise_fd_limit()
     iperf_port, echo_port = free_port(), free_port()
     rows, conn_rows, rss_rows = [], [], []
+    plot: dict[str, tuple[float, float]] = {}
     with process(["iperf3", "-s", "-p", str(iperf_port)]), \
             process([sys.executable, os.path.join(os.path.dirname(__file__), "echo_server.py"),
                      str(echo_port)]):
@@ -132,32 +130,57 @@ def main() -> None:
         wait_port(echo_port)
         direct = {s: throughput(iperf_port, seconds, s) for s in (1, 4)}
         direct_conn = short_connections(echo_port, seconds)
-        rows.append(["direct", f"{direct[1]:.2f}", "1.00", f"{direct[4]:.2f}", "1.00", "-"])
-        conn_rows.append(["direct", f"{direct_conn:.0f}", "1.00"])
+        plot["direct"] = (direct[1], direct[4])
+        rows.append(["direct", f"{direct[1]:.2f}", "1.00×", f"{direct[4]:.2f}", "1.00×", "-", "-"])
+        conn_rows.append(["direct", f"{direct_conn:.0f}", "1.00×"])
         for name, (argv, env) in peers(iperf_port).items():
             listen = free_port()
             with start_peer(name, argv, env, listen, iperf_port) as proc:
                 wait_port(listen, proc=proc)
-                cpu0 = cpu_seconds(proc.pid)
+                time.sleep(0.2)
+                cpu0 = tree_cpu_seconds(proc.pid)
                 t1 = throughput(listen, seconds, 1)
-                cpu = cpu_seconds(proc.pid) - cpu0
+                cpu = tree_cpu_seconds(proc.pid) - cpu0
                 t4 = throughput(listen, seconds, 4)
-                rows.append([name, f"{t1:.2f}", f"{t1 / direct[1]:.2f}", f"{t4:.2f}",
-                             f"{t4 / direct[4]:.2f}", f"{100 * cpu / seconds:.0f} %"])
+                gigabytes = t1 * seconds / 8
+                plot[name] = (t1, t4)
+                rows.append([name, f"{t1:.2f}", ratio(t1, direct[1]), f"{t4:.2f}",
+                             ratio(t4, direct[4]), f"{100 * cpu / seconds:.0f} %",
+                             f"{cpu / gigabytes:.2f}" if gigabytes else "-"])
             conn_listen = free_port()
             with start_peer(name, argv[:-1] + [argv[-1].replace(str(iperf_port), str(echo_port))],
                             env, conn_listen, echo_port) as proc:
                 wait_port(conn_listen, proc=proc)
                 rate = short_connections(conn_listen, seconds)
-                conn_rows.append([name, f"{rate:.0f}", f"{rate / direct_conn:.2f}"])
+                conn_rows.append([name, f"{rate:.0f}", ratio(rate, direct_conn)])
                 if name.startswith("tcpfwd") or name == "haproxy":
                     per = idle_rss_per_connection(proc.pid, conn_listen, idle_count)
                     rss_rows.append([name, idle_count, f"{per / 1024:.1f}"])
-    print_table("TCP throughput (iperf3, Gbit/s)", ["path", "1 stream", "ratio", "4 streams",
-                "ratio", "fwd CPU (1 stream)"], rows)
-    print_table("Short connections (connect, 100 B echo, close)", ["path", "conn/s", "ratio"],
-                conn_rows)
-    print_table("RSS per idle connection", ["forwarder", "connections", "kB each"], rss_rows)
+    anchor = min((float(r[2]) for r in rss_rows if r[0] == "haproxy"), default=None)
+    for row in rss_rows:
+        row.append(ratio(float(row[2]), anchor))
+    return [
+        Table("TCP throughput (iperf3, Gbit/s)",
+              ["path", "1 stream", "× direct", "4 streams", "× direct", "fwd CPU (1 stream)",
+               "fwd CPU s/GB"], rows,
+              f"iperf3 -t {seconds:g} on 127.0.0.1; the forwarder's CPU is user+sys of its "
+              "process during the 1-stream run (with its reaped children: socat forks one per "
+              "connection); s/GB = those CPU seconds per GB carried.", {"throughput": plot}),
+        Table("Short connections (connect, 100 B echo, close)", ["path", "conn/s", "× direct"],
+              conn_rows, f"2 client processes for {seconds:g} s."),
+        Table("RSS per idle connection", ["forwarder", "connections", "kB each", "× haproxy"],
+              rss_rows, "RSS growth of the forwarder after opening the connections (one 1-byte "
+              "echo each, then idle 1 s), divided by their count. socat forks a process per "
+              "connection, so it has no per-connection figure here."),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny run to check the script works")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per throughput measurement")
+    opts = parser.parse_args()
+    print_tables(measure(1.0 if opts.quick else opts.seconds, 50 if opts.quick else 2000))
 
 
 if __name__ == "__main__":

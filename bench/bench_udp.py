@@ -3,7 +3,8 @@
     python bench/bench_udp.py [--quick] [--seconds N] [--sockbuf BYTES] [--sessions N]
 
 Measures (127.0.0.1 only, every load bounded in time):
-* iperf3 ``-u -l 1200 -b 0``: delivered datagrams/s direct and through udpfwd, and the ratio.
+* iperf3 ``-u`` at 1200 B and 64 B, unpaced (``-b 0``) and paced: delivered datagrams/s and
+  loss direct, through udpfwd (with and without GSO) and through socat, and the ratios.
   iperf3 runs its control channel over TCP on the same port number, so a tcpfwd carries that.
 * the lossless rate at 1200 B: the highest of a ladder of paced rates that loses nothing.
 * RSS of udpfwd with N live sessions (N client sockets, one datagram each).
@@ -25,14 +26,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    cpu_seconds,
+    Table,
     free_port,
+    have,
     iperf3,
-    print_table,
+    print_tables,
     process,
     raise_fd_limit,
+    ratio,
     rss_kib,
     tool,
+    tree_cpu_seconds,
     wait_port,
 )
 
@@ -69,10 +73,10 @@ def wait_udp_port(port: int, proc, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing bound to udp 127.0.0.1:{port}")
 
 
-def udp_run(port: int, seconds: float, pps: int | None, *extra: str) -> dict:
+def udp_run(port: int, seconds: float, pps: int | None, *extra: str, size: int = DGRAM) -> dict:
     """One iperf3 -u run; sent and delivered datagrams per second, lost count."""
-    rate = "0" if pps is None else str(pps * DGRAM * 8)
-    total = iperf3(port, seconds, "-u", "-l", str(DGRAM), "-b", rate, *extra)["end"]["sum"]
+    rate = "0" if pps is None else str(pps * size * 8)
+    total = iperf3(port, seconds, "-u", "-l", str(size), "-b", rate, *extra)["end"]["sum"]
     delivered = total["packets"] - total["lost_packets"]
     return {"sent": total["packets"] / total["seconds"],
             "delivered": delivered / total["seconds"], "lost": total["lost_packets"]}
@@ -197,6 +201,103 @@ def batching(count: int = 3000) -> tuple[float, float]:
         tx.close()
 
 
+PACED_PPS = 50_000  # datagrams/s offered in the paced rows (below every path's ceiling)
+
+
+def udp_peers(listen: int, dest: int) -> dict[str, tuple[list[str], dict]]:
+    """name -> (argv, env) of a UDP forwarder 127.0.0.1:listen -> 127.0.0.1:dest."""
+    fwd = tool("udpfwd", f"127.0.0.1:{listen}", f"127.0.0.1:{dest}")
+    found = {"udpfwd": (fwd, {}), "udpfwd (PORTFWD_NO_GSO=1)": (fwd, {"PORTFWD_NO_GSO": "1"})}
+    if have("socat"):
+        found["socat"] = (["socat", "-T", "10", f"UDP4-LISTEN:{listen},bind=127.0.0.1,fork,"
+                           "reuseaddr", f"UDP4:127.0.0.1:{dest}"], {})
+    return found
+
+
+def matrix(server: int, seconds: float, sizes: tuple[int, ...]) -> Table:
+    """Delivered pps and loss for each (size, pacing) through direct and every peer."""
+    cases = [(size, pps) for size in sizes for pps in (None, PACED_PPS)]
+    results: dict[str, dict] = {"direct": {}}
+    cpu: dict[str, dict] = {"direct": {}}
+    for size, pps in cases:
+        results["direct"][size, pps] = udp_run(server, seconds, pps, size=size)
+        time.sleep(0.3)
+    for name in udp_peers(0, server):
+        listen = free_udp_tcp_port()
+        argv, env = udp_peers(listen, server)[name]
+        with process(tool("tcpfwd", f"127.0.0.1:{listen}", f"127.0.0.1:{server}")) as ctl, \
+                process(argv, env) as fwd:
+            wait_port(listen, proc=ctl)
+            wait_udp_port(listen, fwd)
+            time.sleep(0.3)
+            results[name], cpu[name] = {}, {}
+            for case in cases:
+                cpu0 = tree_cpu_seconds(fwd.pid)
+                results[name][case] = udp_run(listen, seconds, case[1], size=case[0])
+                time.sleep(0.3)
+                cpu[name][case] = tree_cpu_seconds(fwd.pid) - cpu0
+    rows = []
+    for size, pps in cases:
+        anchor = results["direct"][size, pps]["delivered"]
+        for name, runs in results.items():
+            run = runs[size, pps]
+            loss = run["lost"] / max(run["lost"] + run["delivered"] * seconds, 1)
+            used = cpu[name].get((size, pps))
+            rows.append([f"{size} B", "unpaced" if pps is None else f"{pps // 1000}k pps", name,
+                         f"{run['sent']:.0f}", f"{run['delivered']:.0f}", ratio(
+                             run["delivered"], anchor), f"{100 * loss:.1f} %",
+                         "-" if used is None else f"{100 * used / seconds:.0f} %"])
+    return Table(f"UDP delivered pps and loss (iperf3 -u, {seconds:g} s per row)",
+                 ["size", "offered", "path", "sent pps", "delivered pps", "× direct", "lost",
+                  "fwd CPU"], rows,
+                 "iperf3 -u -l SIZE -b 0 (unpaced: as fast as the sender can) or paced at "
+                 f"{PACED_PPS} pps; iperf3's control channel crosses a tcpfwd on the same port "
+                 "number. fwd CPU counts the forwarder's process tree (socat forks a child per "
+                 "client peer).",
+                 {"runs": {n: {f"{k[0]}/{k[1]}": v for k, v in r.items()}
+                           for n, r in results.items()}})
+
+
+def measure(seconds: float, sessions: int, quick: bool = False,
+            sockbuf: int | None = None) -> list[Table]:
+    """Run every UDP measurement; the tables, each figure as a ratio to direct loopback."""
+    raise_fd_limit()
+    server = free_udp_tcp_port()
+    tables = []
+    with process(["iperf3", "-s", "-p", str(server)]):
+        wait_port(server)
+        tables.append(matrix(server, seconds, (1200,) if quick else (1200, 64)))
+        if not quick:
+            ladders = {"direct": lossless_rate(server, min(seconds, 2.0))}
+            for name, env in (("udpfwd", {}), ("udpfwd (PORTFWD_NO_GSO=1)",
+                                               {"PORTFWD_NO_GSO": "1"})):
+                listen = free_udp_tcp_port()
+                extra = [] if sockbuf is None else ["--sockbuf", str(sockbuf)]
+                with process(tool("tcpfwd", f"127.0.0.1:{listen}", f"127.0.0.1:{server}")) as ctl, \
+                        process(tool("udpfwd", f"127.0.0.1:{listen}", f"127.0.0.1:{server}",
+                                     *extra), env) as fwd:
+                    wait_port(listen, proc=ctl)
+                    wait_udp_port(listen, fwd)
+                    time.sleep(0.3)
+                    ladders[name] = lossless_rate(listen, min(seconds, 2.0))
+            tables.append(Table("Lossless rate (1200 B, 0 lost, iperf3 -w 4M)",
+                                ["path", "pps", "× direct", "ladder (rate:lost)"],
+                                [[name, best, ratio(best, ladders["direct"][0]), notes]
+                                 for name, (best, notes) in ladders.items()]))
+    base, loaded = session_rss(sockbuf or 262144, sessions)
+    tables.append(Table("udpfwd RSS", ["live sessions", "RSS MB", "idle RSS MB",
+                                       "kB per session"],
+                        [[sessions, f"{loaded / 1024:.1f}", f"{base / 1024:.1f}",
+                          f"{(loaded - base) / sessions:.2f}"]]))
+    plain_us, mmsg_us = batching()
+    tables.append(Table("Receive batching (1200 B, drain a full queue)",
+                        ["method", "µs per datagram", "× recvfrom_into"],
+                        [["recvfrom_into loop", f"{plain_us:.2f}", "1.00×"],
+                         [f"ctypes recvmmsg({BATCH})", f"{mmsg_us:.2f}",
+                          ratio(mmsg_us, plain_us)]]))
+    return tables
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny run to check the script works")
@@ -204,46 +305,8 @@ def main() -> None:
     parser.add_argument("--sockbuf", type=int, default=None, help="udpfwd --sockbuf (bytes)")
     parser.add_argument("--sessions", type=int, default=10_000, help="live sessions for RSS")
     opts = parser.parse_args()
-    seconds = 1.0 if opts.quick else opts.seconds
-    sessions = 200 if opts.quick else opts.sessions
-    extra = [] if opts.sockbuf is None else ["--sockbuf", str(opts.sockbuf)]
-    raise_fd_limit()
-    server = free_udp_tcp_port()
-    through, cpu, ladders = {}, {}, {}
-    with process(["iperf3", "-s", "-p", str(server)]):
-        wait_port(server)
-        direct = udp_run(server, seconds, None)
-        ladders["direct"] = lossless_rate(server, min(seconds, 2.0))
-        for name, env in (("udpfwd", {}), ("udpfwd (PORTFWD_NO_GSO=1)", {"PORTFWD_NO_GSO": "1"})):
-            listen = free_udp_tcp_port()
-            with process(tool("tcpfwd", f"127.0.0.1:{listen}", f"127.0.0.1:{server}")) as ctl, \
-                    process(tool("udpfwd", f"127.0.0.1:{listen}", f"127.0.0.1:{server}",
-                                 *extra), env) as fwd:
-                wait_port(listen, proc=ctl)
-                wait_udp_port(listen, fwd)
-                time.sleep(0.3)
-                cpu0 = cpu_seconds(fwd.pid)
-                through[name] = udp_run(listen, seconds, None)
-                cpu[name] = cpu_seconds(fwd.pid) - cpu0
-                ladders[name] = lossless_rate(listen, min(seconds, 2.0))
-    base, loaded = session_rss(opts.sockbuf or 262144, sessions)
-    plain_us, mmsg_us = batching()
-    rows = [["direct", f"{direct['sent']:.0f}", f"{direct['delivered']:.0f}", "1.00", "-"]]
-    for name, run in through.items():
-        rows.append([name, f"{run['sent']:.0f}", f"{run['delivered']:.0f}",
-                     f"{run['delivered'] / direct['delivered']:.2f}",
-                     f"{100 * cpu[name] / seconds:.0f} %"])
-    print_table(f"UDP iperf3 -u -l {DGRAM} -b 0 ({seconds:g} s)",
-                ["path", "sent pps", "delivered pps", "ratio", "fwd CPU"], rows)
-    print_table("Lossless rate (1200 B, 0 lost, iperf3 -w 4M)", ["path", "pps",
-                "ladder (rate:lost)"], [[name, best, notes] for name, (best, notes)
-                                        in ladders.items()])
-    print_table("udpfwd RSS", ["live sessions", "RSS MB", "idle RSS MB", "kB per session"],
-                [[sessions, f"{loaded / 1024:.1f}", f"{base / 1024:.1f}",
-                  f"{(loaded - base) / sessions:.2f}"]])
-    print_table("Receive batching (1200 B, drain a full queue)", ["method", "µs per datagram"],
-                [["recvfrom_into loop", f"{plain_us:.2f}"],
-                 [f"ctypes recvmmsg({BATCH})", f"{mmsg_us:.2f}"]])
+    print_tables(measure(1.0 if opts.quick else opts.seconds, 200 if opts.quick else opts.sessions,
+                         opts.quick, opts.sockbuf))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(REPO, "bin")
@@ -37,10 +38,26 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """User+system CPU seconds of a process, plus its reaped children's (socat forks per peer)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = sum(int(v) for v in fields[11:15 if children else 13])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process, its live descendants and its reaped children (socat forks)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            total += cpu_seconds(current)
+            with open(f"/proc/{current}/task/{current}/children") as f:
+                todo.extend(int(child) for child in f.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited between the listing and the read
+    return total
 
 
 def cpu_split(pid: int) -> tuple[float, float]:
@@ -100,9 +117,39 @@ def have(binary: str) -> bool:
     return shutil.which(binary) is not None
 
 
+@dataclass
+class Table:
+    """One result table: what a bench module measures and bench/run writes into the report."""
+
+    title: str
+    header: list[str]
+    rows: list[list[object]]
+    note: str = ""  # one paragraph printed under the table (method, anchor, caveats)
+    data: dict = field(default_factory=dict)  # raw figures for plots, never printed
+
+    def markdown(self, level: int = 3) -> str:
+        lines = [f"{'#' * level} {self.title}", ""]
+        lines.append("| " + " | ".join(self.header) + " |")
+        lines.append("|" + "---|" * len(self.header))
+        lines.extend("| " + " | ".join(str(c) for c in row) + " |" for row in self.rows)
+        if self.note:
+            lines += ["", self.note]
+        return "\n".join(lines) + "\n"
+
+
 def print_table(title: str, header: list[str], rows: list[list[object]]) -> None:
-    print(f"\n## {title}\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(str(c) for c in row) + " |")
+    print()
+    print(Table(title, header, rows).markdown(2))
+
+
+def print_tables(tables: list[Table]) -> None:
+    for table in tables:
+        print()
+        print(table.markdown(2))
+
+
+def ratio(value: float | None, anchor: float | None) -> str:
+    """``value / anchor`` as ``0.52×``; ``-`` when either is missing or the anchor is 0."""
+    if value is None or not anchor:
+        return "-"
+    return f"{value / anchor:.2f}×"
