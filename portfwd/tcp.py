@@ -6,6 +6,7 @@ Glossary: *client* is the accepted connection, *upstream* the one we dial to the
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import itertools
 import logging
@@ -116,14 +117,18 @@ class TcpForwarder:
                 upstream.close()
 
     def _dial(self, conn_id: int, dest: Resolved) -> gsocket | None:
-        upstream = gsocket(dest.family, socket.SOCK_STREAM)
+        upstream: gsocket | None = None
         try:
+            # socket() is inside the try: at the fd limit it fails with EMFILE, which is a
+            # runtime fault to log (rate-limited) like a refused connect, not a traceback.
+            upstream = gsocket(dest.family, socket.SOCK_STREAM)
             tune_tcp(upstream)
             upstream.settimeout(self.config.connect_timeout)
             upstream.connect(dest.sockaddr)
             upstream.settimeout(None)
         except OSError as exc:  # includes socket.timeout
-            upstream.close()
+            if upstream is not None:
+                upstream.close()
             self._faults.warning("connect", "conn %d: connect to %s failed: %s", conn_id, dest,
                                  exc.strerror or exc)
             return None
@@ -131,28 +136,30 @@ class TcpForwarder:
 
 
 def relay(a: gsocket, b: gsocket, splice: bool) -> tuple[int, int, str]:
-    """Pump a -> b and b -> a until both reach EOF; an error in either ends both.
+    """Pump a -> b here and b -> a in a second greenlet until both reach EOF.
 
+    An error in either direction ends both: the failing pump shuts both sockets down, which
+    wakes the other pump with EOF (no greenlet kill, no waiting machinery on the hot path).
     Returns (bytes a->b, bytes b->a, error text or ""). The sockets stay open for the caller.
     """
     forward, backward = Counter(), Counter()
-    pumps = (gevent.spawn(_guarded_pump, a, b, splice, forward),
-             gevent.spawn(_guarded_pump, b, a, splice, backward))
-    error = ""
+    errors: list[str] = []  # the first one is the connection's fate; later ones are echoes
+    other = gevent.spawn(_guarded_pump, b, a, splice, backward, errors)
     try:
-        for done in gevent.iwait(pumps):
-            if done.value:
-                error = done.value
-                break
+        _guarded_pump(a, b, splice, forward, errors)
+        other.join()
     finally:
-        gevent.killall(pumps)
-    return forward.moved, backward.moved, error
+        other.kill()  # only does something when we were killed (drain period over)
+    return forward.moved, backward.moved, errors[0] if errors else ""
 
 
-def _guarded_pump(src: gsocket, dst: gsocket, splice: bool, counter: Counter) -> str:
+def _guarded_pump(src: gsocket, dst: gsocket, splice: bool, counter: Counter,
+                  errors: list[str]) -> None:
     """A pump whose socket errors are a result (the connection's fate), not a traceback."""
     try:
         pump(src, dst, splice, counter)
     except OSError as exc:
-        return exc.strerror or repr(exc)
-    return ""
+        errors.append(exc.strerror or repr(exc))
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)

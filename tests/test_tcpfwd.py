@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -213,4 +214,31 @@ def test_slow_reader_bounded_memory(tool):
     assert rss_kib < 200_000
     client.close()
     conn.close()
+    server.close()
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_target_reset_mid_stream_closes_idle_client(tool, path):
+    """The target resets while the client only waits to read: the client is closed promptly."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = free_port()
+    fwd = start_tcpfwd(tool, f"127.0.0.1:{port}", f"127.0.0.1:{server.getsockname()[1]}",
+                       env=PATHS[path])
+    client = connect("127.0.0.1", port)
+    conn, _ = server.accept()
+    conn.sendall(b"banner")
+    assert client.recv(6) == b"banner"
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()  # RST
+    client.settimeout(5)
+    started = time.monotonic()
+    try:
+        assert client.recv(10) == b""
+    except ConnectionResetError:
+        pass
+    assert time.monotonic() - started < 2
+    fwd.wait_for_log(r"conn 1 closed: 0 bytes up, 6 down, .*\(Connection reset by peer\)")
+    client.close()
     server.close()
