@@ -15,6 +15,11 @@ RATE_LIMIT_INTERVAL = 10.0  # s between two log lines of one kind of failure
 
 def setup_logging(prog: str, *, detached: bool, level: int = logging.INFO) -> None:
     """Route the root logger to stderr, or to syslog once the process is a daemon."""
+    # Per-connection lines are on the hot path: skip what our formats never print (logging
+    # HOWTO, "Optimization"): the caller's file/line lookup walks the stack for every record.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
