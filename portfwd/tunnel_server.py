@@ -203,14 +203,17 @@ class TunnelServer:
                      conv.bytes_received, conv.bytes_sent)
 
     def _dial(self, driver: ConversationDriver) -> gsocket | None:
-        sock = gsocket(self.target.family, socket.SOCK_STREAM)
+        sock: gsocket | None = None
         try:
+            # socket() inside the try: EMFILE at the fd limit is a logged fault (issue 7).
+            sock = gsocket(self.target.family, socket.SOCK_STREAM)
             tune_tcp(sock)
             sock.settimeout(self.limits.connect_timeout)
             sock.connect(self.target.sockaddr)
             sock.settimeout(None)
         except OSError as exc:
-            sock.close()
+            if sock is not None:
+                sock.close()
             self._faults.warning("connect", "%s: connect to %s failed: %s", driver.name,
                                  self.target, exc.strerror or exc)
             driver.abort("target unreachable")

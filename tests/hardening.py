@@ -244,6 +244,100 @@ class Streamer:
         assert self.recv_hash.digest() == self.sent_hash.digest()
 
 
+class EpollEcho:
+    """A one-thread epoll echo server for many thousands of connections (no thread per conn)."""
+
+    def __init__(self, backlog: int = 4096) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(backlog)
+        self.sock.setblocking(False)
+        self.port: int = self.sock.getsockname()[1]
+        self.accepted = 0
+        self.open = 0
+        self._conns: dict[int, socket.socket] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        ep = select.epoll()
+        ep.register(self.sock.fileno(), select.EPOLLIN)
+        conns = self._conns
+        while not self._stop:
+            for fd, _ in ep.poll(0.2, 1024):
+                if fd == self.sock.fileno():
+                    while True:
+                        try:
+                            conn, _ = self.sock.accept()
+                        except (BlockingIOError, OSError):
+                            break
+                        conn.setblocking(False)
+                        conns[conn.fileno()] = conn
+                        ep.register(conn.fileno(), select.EPOLLIN)
+                        self.accepted += 1
+                        self.open += 1
+                    continue
+                conn = conns[fd]
+                try:
+                    data = conn.recv(65536)
+                    if data:
+                        conn.send(data)  # small test payloads: one send is enough
+                        continue
+                except OSError:
+                    pass
+                ep.unregister(fd)
+                del conns[fd]
+                conn.close()
+                self.open -= 1
+        ep.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(2)
+        for conn in list(self._conns.values()):
+            conn.close()
+        self.sock.close()
+
+
+def open_many(port: int, count: int, batch: int = 500, timeout: float = 60) -> list[socket.socket]:
+    """``count`` connections to 127.0.0.1:port, each checked with a 1-byte echo, all kept open."""
+    socks: list[socket.socket] = []
+    deadline = time.monotonic() + timeout
+    for start in range(0, count, batch):
+        group = []
+        for _ in range(min(batch, count - start)):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            group.append(s)
+        waiting = {s.fileno(): s for s in group}
+        ep = select.epoll()
+        for fd in waiting:
+            ep.register(fd, select.EPOLLOUT)
+        sent: set[int] = set()
+        while waiting:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(socks) + len(group) - len(waiting)}/{count} open")
+            for fd, ev in ep.poll(0.5):
+                s = waiting[fd]
+                if fd not in sent:
+                    if ev & (select.EPOLLERR | select.EPOLLHUP):
+                        raise ConnectionError(f"connection {len(socks)} failed")
+                    s.send(b"x")
+                    sent.add(fd)
+                    ep.modify(fd, select.EPOLLIN)
+                elif s.recv(1) == b"x":
+                    ep.unregister(fd)
+                    del waiting[fd]
+                else:
+                    raise ConnectionError("closed instead of echoing")
+        ep.close()
+        socks += group
+    return socks
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -273,7 +367,15 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--seconds", type=float, default=3600)
     f.add_argument("--seed", type=int, default=7)
     f.add_argument("--captured", help="file of length-prefixed datagrams to mutate")
+    sub.add_parser("echo", help="EpollEcho in this process: print its port, serve until EOF "
+                   "on stdin")
     args = parser.parse_args(argv)
+    if args.cmd == "echo":
+        server = EpollEcho()
+        print(server.port, flush=True)
+        sys.stdin.read()
+        server.close()
+        return 0
     host, port = args.target.rsplit(":", 1)
     captured = load_datagrams(args.captured) if args.captured else []
     started = time.monotonic()
