@@ -236,3 +236,36 @@ def test_it_kcp(mode):
     assert result.stdout.strip().endswith("it_kcp: PASS")
     if mode[0] == "normal":  # every rekey line seen at least once
         assert not re.search(r"(?m)^it_kcp: +0 x ", result.stdout), result.stdout
+
+
+def test_slow_reader_bounded_memory(tool):
+    """A client that never reads: both tunnel ends stop taking data, none buffers without bound."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port, server, client = start_tunnel(tool, listener.getsockname()[1], "-K", PSK)
+    reader = connect("127.0.0.1", port)
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    reader.sendall(b"go")  # the conversation and the target connection exist from here
+    target, _ = listener.accept()
+    target.setblocking(False)
+    sent, block, deadline = 0, os.urandom(65536), time.monotonic() + 6
+    while time.monotonic() < deadline:
+        try:
+            sent += target.send(block)
+        except BlockingIOError:
+            time.sleep(0.05)
+    # Windows of 1024 segments each way plus socket buffers: a few MiB, never "everything".
+    assert sent < 32 * MIB
+    for process in (client, server):
+        rss_kib = int(open(f"/proc/{process.pid}/status").read().split("VmRSS:")[1].split()[0])
+        assert rss_kib < 120_000
+    got = 0  # and once the reader reads, everything arrives
+    reader.settimeout(10)
+    target.setblocking(True)
+    target.shutdown(socket.SHUT_WR)
+    while chunk := reader.recv(1 << 20):
+        got += len(chunk)
+    assert got == sent
+    for sock in (reader, target, listener):
+        sock.close()
