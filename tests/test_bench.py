@@ -1,0 +1,55 @@
+"""bench/run --quick produces its report with every section. Never checks a timing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(REPO, "bench", "run")
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="the bench lab needs root (network namespace)"),
+    pytest.mark.skipif(any(shutil.which(b) is None for b in ("iperf3", "nft", "ip")),
+                       reason="iperf3, nft or ip missing"),
+]
+
+SECTIONS = {
+    "tcp": ["## tcpfwd vs direct, socat, haproxy", "### TCP throughput", "### Short connections",
+            "### RSS per idle connection"],
+    "udp": ["## udpfwd vs direct, socat", "### UDP delivered pps and loss", "### udpfwd RSS"],
+    "tunnel": ["## kcptcp vs kcptun vs plain TCP under loss", "### Lab",
+               "### Request/response latency under loss", "### Throughput under loss",
+               "### Tunnel ends: peak RSS under load, idle CPU"],
+}
+
+
+def test_bench_run_quick(tmp_path) -> None:
+    only = ["tcp", "udp"]
+    if shutil.which("kcptun-client") and shutil.which("kcptun-server"):
+        only.append("tunnel")
+    proc = subprocess.Popen([sys.executable, RUN, "--quick", "--only", ",".join(only),
+                             "--out", str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    reports = list(tmp_path.glob("*.md"))
+    assert len(reports) == 1
+    text = reports[0].read_text()
+    assert text.startswith("# portfwd benchmark report")
+    for section in only:
+        for heading in SECTIONS[section]:
+            assert heading in text, heading
+    assert "× direct" in text
+    # The run's namespace (named after its pid) is gone, and with it its nftables rules.
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"pfbench-{proc.pid}-" not in listed
