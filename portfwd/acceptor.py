@@ -3,7 +3,8 @@
 DESIGN.md security list, implemented here: the handshake is authenticated with the PSK (HMAC) before
 anything is created or dialled; stale timestamps and replayed HELLOs are rejected (a cache bounded
 in size *and* time); nothing is ever sent to a source that did not authenticate; each source host
-is rate-limited (issue 7); failures are counted and logged at most once per interval.
+is rate-limited -- rejected HELLOs spend its tokens, accepted ones do not (issue 7); failures
+are counted and logged at most once per interval.
 
 The driver demultiplexes by conv first (``wire.peek_prefix``): datagrams for a known conv go to that
 session (which answers a retransmitted HELLO with the same WELCOME); only datagrams for an unknown
@@ -60,7 +61,13 @@ class HandshakeAcceptor:
         with the HELLO's timestamp.
         """
         cfg = self.config
-        if not self._take_token(addr, now):
+        # The bucket is checked first (an empty one skips the HMAC: a flood costs no crypto)
+        # but only *rejected* HELLOs spend tokens. One kcptcp-client is one source host for
+        # all its TCP connections; charging its valid HELLOs capped it at handshake_rate_per_s
+        # new connections per second (20/s), while authenticated HELLOs are already bounded by
+        # the server's --max-pending / --max-sessions caps.
+        host = addr[0] if isinstance(addr, tuple) else addr
+        if not self._has_token(host, now):
             self.dropped_rate += 1
             self._log_failure(now, "rate limited", addr)
             return None
@@ -68,25 +75,30 @@ class HandshakeAcceptor:
             hello = unpack_hello(data)
         except MalformedPacket:
             self.dropped_malformed += 1
+            self._spend_token(host)
             return None
         expected = crypto.handshake_mac(self._mac_key, data[:-MAC_SIZE])
         if not crypto.mac_equal(expected, hello.mac):
             self.dropped_auth += 1
+            self._spend_token(host)
             self._log_failure(now, "bad MAC (wrong PSK?)", addr)
             return None
         window = cfg.timestamp_window_ms
         if abs(wall_ms - hello.timestamp_ms) > window:
             self.dropped_stale += 1
+            self._spend_token(host)
             self._log_failure(now, "stale timestamp (clock skew?)", addr)
             return None
         self._expire(wall_ms)
         if hello.client_random in self._seen:
             self.dropped_replay += 1
+            self._spend_token(host)
             self._log_failure(now, "replayed HELLO", addr)
             return None
         if len(self._seen) >= cfg.hello_cache_size:
             # Evicting a live entry would re-open a replay hole: refuse instead (fail closed).
             self.dropped_cache_full += 1
+            self._spend_token(host)
             self._log_failure(now, "replay cache full", addr)
             return None
         # Any replay later than 2 windows after now carries a timestamp older than
@@ -106,22 +118,25 @@ class HandshakeAcceptor:
                 break
             del seen[first]
 
-    def _take_token(self, addr: Any, now: int) -> bool:
+    def _has_token(self, host: Any, now: int) -> bool:
+        """Refill ``host``'s bucket to ``now``; True if it holds a whole token."""
         rate = self.config.handshake_rate_per_s
         if rate <= 0:
             return True
-        host = addr[0] if isinstance(addr, tuple) else addr
         burst = float(self.config.handshake_burst)
         buckets = self._buckets
         tokens, last = buckets.pop(host, (burst, now))
         tokens = min(burst, tokens + (now - last) * rate / 1000.0)
-        ok = tokens >= 1.0
-        if ok:
-            tokens -= 1.0
         buckets[host] = (tokens, now)
         if len(buckets) > self.config.rate_table_size:
             buckets.popitem(last=False)
-        return ok
+        return tokens >= 1.0
+
+    def _spend_token(self, host: Any) -> None:
+        """Charge ``host`` one token for a rejected HELLO (after :meth:`_has_token`)."""
+        entry = self._buckets.get(host)
+        if entry is not None:
+            self._buckets[host] = (entry[0] - 1.0, entry[1])
 
     def _log_failure(self, now: int, what: str, addr: Any) -> None:
         if self._next_log_ms is not None and now < self._next_log_ms:

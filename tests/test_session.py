@@ -202,13 +202,32 @@ def test_handshake_rate_limit_per_source_host() -> None:
         return TunnelSession.client(config, rng.getrandbits(32), SERVER_ADDR, 0, WALL,
                                     rng.randbytes).datagrams_to_send(0)[0]
 
+    def forged() -> bytes:
+        data = bytearray(hello())
+        data[-1] ^= 1  # bad MAC
+        return bytes(data)
+
     attacker = ("203.0.113.7", 1)
-    assert acceptor.accept(hello(), attacker, 0, WALL) is not None
-    assert acceptor.accept(hello(), (attacker[0], 2), 0, WALL) is not None
-    assert acceptor.accept(hello(), attacker, 0, WALL) is None
+    assert acceptor.accept(forged(), attacker, 0, WALL) is None
+    assert acceptor.accept(forged(), (attacker[0], 2), 0, WALL) is None
+    assert acceptor.dropped_auth == 2 and acceptor.dropped_rate == 0
+    assert acceptor.accept(hello(), attacker, 0, WALL) is None  # bucket empty: not even valid
     assert acceptor.dropped_rate == 1
     assert acceptor.accept(hello(), CLIENT_ADDR, 0, WALL) is not None  # other host unaffected
     assert acceptor.accept(hello(), attacker, 1000, WALL + 1000) is not None  # refilled
+
+
+def test_valid_hellos_spend_no_tokens() -> None:
+    """One kcptcp-client is one source host for all its connections: its valid HELLOs are not
+    throttled (authenticated sessions are bounded by the server's session caps instead)."""
+    config = make_config(handshake_rate_per_s=1.0, handshake_burst=2)
+    acceptor = HandshakeAcceptor(config, random.Random(5).randbytes)
+    rng = random.Random(6)
+    for i in range(50):
+        data = TunnelSession.client(config, rng.getrandbits(32), SERVER_ADDR, 0, WALL,
+                                    rng.randbytes).datagrams_to_send(0)[0]
+        assert acceptor.accept(data, CLIENT_ADDR, 0, WALL) is not None, i
+    assert acceptor.dropped_rate == 0
 
 
 def test_hello_retransmitted_on_loss() -> None:
