@@ -108,7 +108,15 @@ class TcpForwarder:
                 return
             log.info("conn %d open %s -> %s", conn_id, format_sockaddr(peer), dest)
             started = time.monotonic()
-            up, down, error = relay(client, upstream, self.config.splice)
+            try:
+                up, down, error = relay(client, upstream, self.config.splice)
+            except gevent.GreenletExit:
+                # Cut at the end of the drain period: reset both sides, so neither mistakes a
+                # truncated transfer for a finished one.
+                for sock in (client, upstream):
+                    reset_on_close(sock)
+                log.info("conn %d reset: service stopping", conn_id)
+                raise
             log.info("conn %d closed: %d bytes up, %d down, %.1f s%s", conn_id, up, down,
                      time.monotonic() - started, f" ({error})" if error else "")
         finally:
@@ -133,6 +141,12 @@ class TcpForwarder:
                                  exc.strerror or exc)
             return None
         return upstream
+
+
+def reset_on_close(sock: gsocket) -> None:
+    """Make the next close() send RST instead of FIN (SO_LINGER on, timeout 0)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def relay(a: gsocket, b: gsocket, splice: bool) -> tuple[int, int, str]:
