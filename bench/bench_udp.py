@@ -60,17 +60,7 @@ def free_udp_tcp_port() -> int:
 
 def wait_udp_port(port: int, proc, timeout: float = 10.0) -> None:
     """Wait until the port is bound (UDP), without sending anything to it."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                return
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing bound to udp 127.0.0.1:{port}")
+    wait_port(port, timeout, proc=proc, socktype=socket.SOCK_DGRAM)
 
 
 def udp_run(port: int, seconds: float, pps: int | None, *extra: str, size: int = DGRAM) -> dict:

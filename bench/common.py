@@ -67,11 +67,12 @@ def cpu_split(pid: int) -> tuple[float, float]:
 
 
 def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1",
-              proc: subprocess.Popen | None = None) -> None:
-    """Wait until something listens on the port, without connecting (iperf3 -s dislikes probes)."""
+              proc: subprocess.Popen | None = None, socktype: int = socket.SOCK_STREAM) -> None:
+    """Wait until something is bound to the port, without connecting or sending (iperf3 -s
+    dislikes probes): our own bind fails once it is taken. ``proc`` dying ends the wait."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with socket.socket() as probe:
+        with socket.socket(socket.AF_INET, socktype) as probe:
             try:
                 probe.bind((host, port))
             except OSError:

@@ -102,17 +102,7 @@ def set_loss(percent: int, udp_ports: list[int], tcp_ports: list[int]) -> None:
 
 
 def wait_udp(port: int, proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                return
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing bound to udp 127.0.0.1:{port}")
+    wait_port(port, timeout, proc=proc, socktype=socket.SOCK_DGRAM)
 
 
 def free_udp_port() -> int:
