@@ -165,3 +165,24 @@ def echo_roundtrip(sock: socket.socket, total: int, seed: int = 1, chunk: int = 
     thread.join(120)
     assert received == total
     assert recv_hash.hexdigest() == sent_hash.hexdigest()
+
+
+def listening_socket(host: str = "127.0.0.1") -> socket.socket:
+    """A bound, listening plain socket standing in for a target the test scripts itself."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.bind((host, 0))
+    sock.listen(1)
+    return sock
+
+
+def fill_until_blocked(sock: socket.socket, seconds: float, block: bytes = b"z" * 65536) -> int:
+    """Write to a peer that does not read, for ``seconds``; returns the bytes the path took in."""
+    sock.setblocking(False)
+    sent, deadline = 0, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            sent += sock.send(block)
+        except BlockingIOError:
+            time.sleep(0.05)
+    sock.setblocking(True)
+    return sent

@@ -12,7 +12,17 @@ import threading
 import time
 
 import pytest
-from conftest import BIN, EchoServer, connect, echo_roundtrip, free_port, needs_ipv6
+from conftest import (
+    BIN,
+    EchoServer,
+    connect,
+    echo_roundtrip,
+    fill_until_blocked,
+    free_port,
+    listening_socket,
+    needs_ipv6,
+)
+from hardening import cpu_ticks, rss_kb
 
 PSK = "0123456789abcdef" * 4
 OTHER_PSK = "fedcba9876543210" * 4
@@ -89,9 +99,7 @@ def test_wrong_psk_moves_nothing_and_never_dials(tool, echo_server, client_key):
 
 def test_half_close_crosses_the_tunnel(tool):
     """The client shuts its write side first; the target still sends its whole reply."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
+    listener = listening_socket()
     reply = os.urandom(3 * MIB)
 
     def serve() -> None:
@@ -173,12 +181,6 @@ def test_idle_conversation_uses_no_cpu(tool, echo_server):
     sock.close()
 
 
-def cpu_ticks(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
 @needs_ipv6
 def test_ipv6_udp_leg(tool, echo_server):
     port, server, client = start_tunnel(tool, echo_server.port, "-K", PSK, host="::1")
@@ -240,29 +242,19 @@ def test_it_kcp(mode):
 
 def test_slow_reader_bounded_memory(tool):
     """A client that never reads: both tunnel ends stop taking data, none buffers without bound."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
+    listener = listening_socket()
     port, server, client = start_tunnel(tool, listener.getsockname()[1], "-K", PSK)
     reader = connect("127.0.0.1", port)
     reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     reader.sendall(b"go")  # the conversation and the target connection exist from here
     target, _ = listener.accept()
-    target.setblocking(False)
-    sent, block, deadline = 0, os.urandom(65536), time.monotonic() + 6
-    while time.monotonic() < deadline:
-        try:
-            sent += target.send(block)
-        except BlockingIOError:
-            time.sleep(0.05)
+    sent = fill_until_blocked(target, 6, os.urandom(65536))
     # Windows of 1024 segments each way plus socket buffers: a few MiB, never "everything".
     assert sent < 32 * MIB
     for process in (client, server):
-        rss_kib = int(open(f"/proc/{process.pid}/status").read().split("VmRSS:")[1].split()[0])
-        assert rss_kib < 120_000
+        assert rss_kb(process.pid) < 120_000
     got = 0  # and once the reader reads, everything arrives
     reader.settimeout(10)
-    target.setblocking(True)
     target.shutdown(socket.SHUT_WR)
     while chunk := reader.recv(1 << 20):
         got += len(chunk)

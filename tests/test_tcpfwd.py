@@ -13,7 +13,16 @@ import threading
 import time
 
 import pytest
-from conftest import EchoServer, connect, echo_roundtrip, free_port, needs_ipv6
+from conftest import (
+    EchoServer,
+    connect,
+    echo_roundtrip,
+    fill_until_blocked,
+    free_port,
+    listening_socket,
+    needs_ipv6,
+)
+from hardening import rss_kb
 
 MIB = 1 << 20
 PATHS = {"splice": {}, "copy": {"PORTFWD_NO_SPLICE": "1"}}
@@ -48,9 +57,7 @@ def test_64mib_intact(tool, path, listen_host, echo_host):
 @pytest.mark.parametrize("path", sorted(PATHS))
 def test_half_close_reply_after_eof(tool, path):
     """`printf req | nc` style: the client shuts its write side first, then reads the reply."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
+    server = listening_socket()
     port = free_port()
     start_tcpfwd(tool, f"127.0.0.1:{port}", f"127.0.0.1:{server.getsockname()[1]}",
                  env=PATHS[path])
@@ -194,25 +201,16 @@ def test_curl_through_forwarder(tool, tmp_path):
 
 def test_slow_reader_bounded_memory(tool):
     """A client that never reads: the forwarder must stop reading upstream, not buffer it all."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
+    server = listening_socket()
     port = free_port()
     fwd = start_tcpfwd(tool, f"127.0.0.1:{port}", f"127.0.0.1:{server.getsockname()[1]}")
     client = connect("127.0.0.1", port)
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     conn, _ = server.accept()
-    conn.setblocking(False)
-    sent, block, deadline = 0, b"z" * 65536, time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            sent += conn.send(block)
-        except BlockingIOError:
-            time.sleep(0.05)
+    sent = fill_until_blocked(conn, 5)
     # Kernel buffers on three sockets plus at most one 1 MiB pipe: a few MiB, never "everything".
     assert sent < 16 * MIB
-    rss_kib = int(open(f"/proc/{fwd.pid}/status").read().split("VmRSS:")[1].split()[0])
-    assert rss_kib < 200_000
+    assert rss_kb(fwd.pid) < 200_000
     client.close()
     conn.close()
     server.close()
@@ -221,9 +219,7 @@ def test_slow_reader_bounded_memory(tool):
 @pytest.mark.parametrize("path", sorted(PATHS))
 def test_target_reset_mid_stream_closes_idle_client(tool, path):
     """The target resets while the client only waits to read: the client is closed promptly."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
+    server = listening_socket()
     port = free_port()
     fwd = start_tcpfwd(tool, f"127.0.0.1:{port}", f"127.0.0.1:{server.getsockname()[1]}",
                        env=PATHS[path])
