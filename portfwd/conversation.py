@@ -141,7 +141,7 @@ class Conversation:
         kcp_input = self.kcp.input
         while (event := session.next_event()) is not None:
             if type(event) is events.DatagramReceived:
-                kcp_input(event.data)
+                kcp_input(event.data, now)
                 self._kick = True
             else:
                 self._on_session_event(event)
@@ -177,7 +177,7 @@ class Conversation:
     def _drain_session_events(self) -> None:
         while (event := self.session.next_event()) is not None:
             if type(event) is events.DatagramReceived:
-                self.kcp.input(event.data)
+                self.kcp.input(event.data, self._now)
             else:
                 self._on_session_event(event)
 

@@ -347,14 +347,21 @@ class Kcp:
         return out
 
     # --- network side -----------------------------------------------------------------------
-    def input(self, datagram: bytes) -> bool:
+    def input(self, datagram: bytes, now_ms: int | None = None) -> bool:
         """Take one datagram from the peer (ikcp_input).  Never raises; False = dropped.
+
+        ``now_ms`` sets the clock first. ikcp measures RTT against the time of the last
+        update(); its drivers call update() every interval, but ours sleeps until check()
+        (up to IDLE_CHECK_MS when idle), so an ACK would be timed against a stale clock and
+        the RTT underestimated, which inflates rttval and with it the RTO. Drivers pass it.
 
         Two shapes dominate bulk transfer and get a path that skips the general decoder: a
         datagram holding exactly one segment (a full-size PUSH) and a datagram of nothing
         but ACKs (decoded at C speed by ``struct.iter_unpack``).  Both are validated as
         strictly as :func:`unpack_segments` before any state changes.
         """
+        if now_ms is not None:
+            self._set_time(now_ms)
         try:
             if type(datagram) is not bytes:
                 datagram = bytes(datagram)

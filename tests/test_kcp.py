@@ -647,3 +647,21 @@ def test_terrible_network_49_percent_loss(seed):
     assert a.retransmits > 0 and b.segments_received > 100
     if isn:
         assert a.snd_nxt < isn and b.rcv_nxt == a.snd_nxt
+
+
+def test_input_with_now_measures_rtt_without_intervening_update():
+    """A driver that sleeps until check() passes now to input(): the RTT sample is the real one.
+
+    ikcp times an ACK against the clock of the last update(); with no update between sending
+    at t=0 and the ACK at t=100 that clock says 0, and srtt would be 0 instead of 100.
+    """
+    a, b = Kcp(7), Kcp(7)
+    a.send(b"x" * 100)
+    a.flush(0)
+    for datagram in a.datagrams_to_send():
+        assert b.input(datagram, 50)
+    b.flush(50)
+    for datagram in b.datagrams_to_send():
+        assert a.input(datagram, 100)
+    assert a.rx_srtt == 100
+    assert a.waitsnd == 0
