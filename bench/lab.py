@@ -43,6 +43,7 @@ from common import (  # noqa: E402
     iperf3,
     process,
     ratio,
+    rss_kib,
     tool,
     wait_port,
 )
@@ -188,11 +189,7 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 def peak_rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmHWM")
+    return rss_kib(pid, "VmHWM")
 
 
 @dataclass
