@@ -117,6 +117,8 @@ class KcpConfig:
     dead_link: int = DEAD_LINK_XMIT  # transmissions of one segment before `dead` turns True
     fastlimit: int = FASTACK_LIMIT  # fast retransmits only while xmit <= this (<= 0: always)
     isn: int = 0  # initial sequence number (u32); ikcp always uses 0, both sides must agree
+    probe_init: int = PROBE_INIT_MS  # ms: first window probe after the peer advertised 0
+    probe_limit: int = PROBE_LIMIT_MS  # ms: window probe back-off ceiling
 
     def __post_init__(self) -> None:
         if self.mtu < MTU_MIN:
@@ -133,6 +135,8 @@ class KcpConfig:
             raise ValueError(f"minrto must be 1..{RTO_MAX_MS} ms")
         if self.dead_link < 1:
             raise ValueError("dead_link must be >= 1")
+        if not 1 <= self.probe_init <= self.probe_limit:
+            raise ValueError("need 1 <= probe_init <= probe_limit (ms)")
         if not 0 <= self.isn <= U32_MASK:
             raise ValueError("isn must be a u32")
 
@@ -175,6 +179,8 @@ class Kcp:
         self.nodelay: int = int(cfg.nodelay)
         self.fastresend: int = cfg.resend
         self.fastlimit: int = cfg.fastlimit
+        self.probe_init: int = cfg.probe_init
+        self.probe_limit: int = cfg.probe_limit
         self.nocwnd: bool = cfg.nc
         self.stream: bool = cfg.stream
         self.dead_link: int = cfg.dead_link
@@ -688,11 +694,11 @@ class Kcp:
         # window probing when the peer advertised zero (ikcp_flush "probe window size")
         if self.rmt_wnd == 0:
             if self.probe_wait == 0:
-                self.probe_wait = PROBE_INIT_MS
+                self.probe_wait = self.probe_init
                 self.ts_probe = current + self.probe_wait
             elif current >= self.ts_probe:
-                self.probe_wait = max(self.probe_wait, PROBE_INIT_MS)
-                self.probe_wait = min(self.probe_wait + self.probe_wait // 2, PROBE_LIMIT_MS)
+                self.probe_wait = max(self.probe_wait, self.probe_init)
+                self.probe_wait = min(self.probe_wait + self.probe_wait // 2, self.probe_limit)
                 self.ts_probe = current + self.probe_wait
                 self.probe |= ASK_SEND
         else:

@@ -8,8 +8,7 @@ from collections.abc import Callable
 
 from portfwd import cli, daemon
 from portfwd.addr import Resolved
-from portfwd.conversation import ConversationConfig
-from portfwd.kcp import KcpConfig
+from portfwd.conversation import ConversationConfig, tunnel_kcp_config
 from portfwd.session import REKEY_SEQ_THRESHOLD, REKEY_TIMEOUT_MS, TunnelConfig
 from portfwd.sockets import ListenOptions, bind_socket
 
@@ -78,7 +77,7 @@ def conversation_config(prog: str, args: dict) -> ConversationConfig:
         idle_timeout_ms=keepalive_s * 1000,
         keepalive_interval_ms=max(1000, keepalive_s * 1000 // 3),
     )
-    kcp = KcpConfig(
+    kcp = tunnel_kcp_config(
         interval=cli.int_option(prog, args, "--interval", 10, 5000),
         resend=cli.int_option(prog, args, "--resend", 0, 100),
         nc=bool(cli.int_option(prog, args, "--nc", 0, 1)),

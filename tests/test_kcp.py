@@ -665,3 +665,37 @@ def test_input_with_now_measures_rtt_without_intervening_update():
         assert a.input(datagram, 100)
     assert a.rx_srtt == 100
     assert a.waitsnd == 0
+
+
+@pytest.mark.parametrize("probe_init", [7000, 100])
+def test_zero_window_probe_after_probe_init(probe_init):
+    """A sender facing a zero window probes after ``probe_init`` ms, even if the receiver's
+    window update is lost (ikcp's 7 s default stalled lossy tunnels; the tunnel uses 100)."""
+    a = Kcp(CONV, KcpConfig(probe_init=probe_init, probe_limit=max(probe_init, 1000)))
+    b = Kcp(CONV, KcpConfig(rcv_wnd=128))
+    for _ in range(400):
+        a.send(b"x" * 100)
+    now = 0
+    while a.rmt_wnd != 0:  # b never reads: its window closes
+        now += 10
+        a.update(now)
+        for datagram in a.datagrams_to_send():
+            b.input(datagram, now)
+        b.update(now)
+        for datagram in b.datagrams_to_send():
+            a.input(datagram, now)
+        assert now < 5000
+    closed_at = now
+    while b.recv() is not None:  # b drains, but its window update is lost
+        pass
+    b.update(now + 10)
+    b.datagrams_to_send()
+    probe_at = None
+    while probe_at is None and now < closed_at + 10000:
+        now += 10
+        a.update(now)
+        for datagram in a.datagrams_to_send():
+            if any(seg[0] == Cmd.WASK for seg in unpack_segments(datagram, CONV)):
+                probe_at = now
+    assert probe_at is not None
+    assert probe_init <= probe_at - closed_at <= probe_init + 2 * a.interval
