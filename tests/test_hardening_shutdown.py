@@ -46,8 +46,8 @@ def refused_within(port: int, seconds: float) -> None:
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
-        except ConnectionRefusedError:
-            return
+        except (ConnectionRefusedError, ConnectionResetError):
+            return  # reset: the probe reached the backlog just as the listener closed
         assert time.monotonic() < deadline, "still accepting after SIGTERM"
         time.sleep(0.05)
 
