@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
+from gevent.socket import socket as gsocket
+
 from portfwd.addr import Resolved
 
 SOCKBUF_CAP = 262144  # bytes; seed TCP_PROXY_SOCKBUF_CAP / UDP_PROXY_SOCKBUF_CAP
@@ -12,6 +14,7 @@ KEEPALIVE_IDLE = 60  # s; seed TCP_PROXY_KEEPALIVE_IDLE
 KEEPALIVE_INTVL = 10  # s; seed TCP_PROXY_KEEPALIVE_INTVL
 KEEPALIVE_CNT = 6  # probes; seed TCP_PROXY_KEEPALIVE_CNT
 LISTEN_BACKLOG = 1024
+CONNECT_TIMEOUT = 10.0  # s before an unanswered connect to a destination/target is abandoned
 
 
 @dataclass(frozen=True)
@@ -68,3 +71,21 @@ def tune_tcp(sock: socket.socket, bufsize: int | None = SOCKBUF_CAP) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTVL)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_CNT)
+
+
+def dial_tcp(dest: Resolved, timeout: float) -> gsocket:
+    """A tuned, connected gevent TCP socket to ``dest``; raises OSError (socket.timeout
+    included) and closes the socket on failure. socket() is inside the error path too: at the
+    fd limit it fails with EMFILE, a runtime fault for the caller to log, not a traceback."""
+    sock: gsocket | None = None
+    try:
+        sock = gsocket(dest.family, socket.SOCK_STREAM)
+        tune_tcp(sock)
+        sock.settimeout(timeout)
+        sock.connect(dest.sockaddr)
+        sock.settimeout(None)
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        raise
+    return sock

@@ -22,11 +22,10 @@ from portfwd.acceptloop import AcceptLoop
 from portfwd.addr import Resolved, format_sockaddr
 from portfwd.logs import RateLimitedLog
 from portfwd.pump import Counter, pump
-from portfwd.sockets import tune_tcp
+from portfwd.sockets import CONNECT_TIMEOUT, dial_tcp
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = 10.0  # s before an unanswered connect to the destination is abandoned
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
 
 
@@ -125,22 +124,12 @@ class TcpForwarder:
                 upstream.close()
 
     def _dial(self, conn_id: int, dest: Resolved) -> gsocket | None:
-        upstream: gsocket | None = None
         try:
-            # socket() is inside the try: at the fd limit it fails with EMFILE, which is a
-            # runtime fault to log (rate-limited) like a refused connect, not a traceback.
-            upstream = gsocket(dest.family, socket.SOCK_STREAM)
-            tune_tcp(upstream)
-            upstream.settimeout(self.config.connect_timeout)
-            upstream.connect(dest.sockaddr)
-            upstream.settimeout(None)
-        except OSError as exc:  # includes socket.timeout
-            if upstream is not None:
-                upstream.close()
+            return dial_tcp(dest, self.config.connect_timeout)
+        except OSError as exc:  # includes socket.timeout and EMFILE
             self._faults.warning("connect", "conn %d: connect to %s failed: %s", conn_id, dest,
                                  exc.strerror or exc)
             return None
-        return upstream
 
 
 def reset_on_close(sock: gsocket) -> None:

@@ -107,13 +107,11 @@ class UdpEndpoint:
 class ConversationDriver:
     """Runs one Conversation between a TCP socket and a UDP endpoint."""
 
-    def __init__(self, conv: Conversation, udp: UdpEndpoint, name: str,
-                 on_closed: Callable[[ConversationDriver], None] | None = None) -> None:
+    def __init__(self, conv: Conversation, udp: UdpEndpoint, name: str) -> None:
         self.conv = conv
         self.udp = udp
         self.name = name  # for log lines: "conv=<id>"
         self.tcp: gsocket | None = None
-        self.on_closed = on_closed
         self.established = gevent.event.Event()
         self.finished = gevent.event.Event()
         self.close_reason = ""
@@ -257,8 +255,6 @@ class ConversationDriver:
         gevent.killall([g for g in self._greenlets if g is not current], block=True, timeout=2)
         if self.tcp is not None:
             self.tcp.close()
-        if self.on_closed is not None:
-            self.on_closed(self)
 
 
 def conversation_stats(driver: ConversationDriver) -> str:

@@ -27,13 +27,12 @@ from portfwd.acceptor import HandshakeAcceptor
 from portfwd.addr import Resolved, format_sockaddr
 from portfwd.conversation import Conversation, ConversationConfig
 from portfwd.logs import RateLimitedLog
-from portfwd.sockets import tune_tcp
+from portfwd.sockets import CONNECT_TIMEOUT, dial_tcp
 from portfwd.tunnel import ConversationDriver, UdpEndpoint, now_ms, stats_loop, wall_ms
 from portfwd.wire import TYPE_MASK, MalformedPacket, PacketType, peek_prefix
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = 10.0  # s before an unanswered dial to the target is abandoned
 MAX_SESSIONS = 4096  # conversations held at once (each holds a target socket)
 MAX_PENDING = 256  # conversations whose client has not yet sent an authenticated packet
 EVICT_MIN_IDLE_MS = 2000  # ms without stream bytes before a session may be evicted at the cap
@@ -203,19 +202,10 @@ class TunnelServer:
                      conv.bytes_received, conv.bytes_sent)
 
     def _dial(self, driver: ConversationDriver) -> gsocket | None:
-        sock: gsocket | None = None
         try:
-            # socket() inside the try: EMFILE at the fd limit is a logged fault (issue 7).
-            sock = gsocket(self.target.family, socket.SOCK_STREAM)
-            tune_tcp(sock)
-            sock.settimeout(self.limits.connect_timeout)
-            sock.connect(self.target.sockaddr)
-            sock.settimeout(None)
-        except OSError as exc:
-            if sock is not None:
-                sock.close()
+            return dial_tcp(self.target, self.limits.connect_timeout)
+        except OSError as exc:  # includes socket.timeout and EMFILE
             self._faults.warning("connect", "%s: connect to %s failed: %s", driver.name,
                                  self.target, exc.strerror or exc)
             driver.abort("target unreachable")
             return None
-        return sock
