@@ -14,11 +14,11 @@ import socket
 from collections.abc import Callable
 
 import gevent
-import gevent.pool
 from gevent.socket import socket as gsocket
 
 from portfwd.logs import RateLimitedLog
 from portfwd.sockets import LISTEN_BACKLOG, tune_tcp
+from portfwd.workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,17 @@ class AcceptLoop:
     """Accepts on a bound listener and runs ``handler(sock, peer)`` in a greenlet per connection.
 
     The handler owns the accepted socket and must close it. Accepted sockets come with the
-    seed's per-connection options (buffers, TCP_NODELAY, keepalive) already set.
+    seed's per-connection options (buffers, TCP_NODELAY, keepalive) already set. Handlers run
+    in ``workers``, which they may share for more per-connection jobs (tcpfwd's second
+    direction); stop() drains and then cuts every job there.
     """
 
-    def __init__(self, listener: socket.socket, handler: Handler) -> None:
+    def __init__(self, listener: socket.socket, handler: Handler,
+                 workers: Workers | None = None) -> None:
         # Re-wrap the stdlib socket that was bound in the foreground (before daemonizing).
         self.listener = gsocket(listener.family, listener.type, fileno=listener.detach())
         self.handler = handler
-        self.connections = gevent.pool.Group()
+        self.workers = workers if workers is not None else Workers()
         self.accepted = 0
         self._greenlet: gevent.Greenlet | None = None
         self._faults = RateLimitedLog(log)
@@ -59,7 +62,7 @@ class AcceptLoop:
 
     def _run(self) -> None:
         backoff = BACKOFF_MIN
-        accept, spawn = self.listener.accept, self.connections.spawn
+        accept, spawn = self.listener.accept, self.workers.spawn
         while True:
             try:
                 sock, peer = accept()
@@ -81,5 +84,5 @@ class AcceptLoop:
         if self._greenlet is not None:
             self._greenlet.kill()
         self.listener.close()
-        self.connections.join(timeout=timeout)
-        self.connections.kill(timeout=1)
+        if not self.workers.join(timeout):
+            self.workers.kill(timeout=1)

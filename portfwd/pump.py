@@ -62,12 +62,15 @@ def pump(src: gsocket, dst: gsocket, splice: bool, counter: Counter) -> None:
 
 def _copy_pump(src: gsocket, dst: gsocket, counter: Counter, until_bulk: bool = False) -> bool:
     """recv/sendall until EOF (True), or with ``until_bulk`` until a read fills a chunk (False)."""
-    recv, sendall = src.recv, dst.sendall
+    recv, send = src.recv, dst.send
     while True:
         data = recv(COPY_CHUNK)
         if not data:
             return True
-        sendall(data)
+        # send() until done, not gevent's sendall(): that asks for SO_SNDBUF on every call.
+        sent = send(data)
+        while sent < len(data):
+            sent += send(memoryview(data)[sent:])
         counter.moved += len(data)
         if until_bulk and len(data) == COPY_CHUNK:
             return False

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 import gevent
+from gevent.event import Event
 from gevent.socket import socket as gsocket
 
 from portfwd.acceptloop import AcceptLoop
@@ -23,6 +24,7 @@ from portfwd.addr import Resolved, format_sockaddr
 from portfwd.logs import RateLimitedLog
 from portfwd.pump import Counter, pump
 from portfwd.sockets import CONNECT_TIMEOUT, dial_tcp
+from portfwd.workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,8 @@ class TcpForwarder:
             log.info("conn %d open %s -> %s", conn_id, format_sockaddr(peer), dest)
             started = time.monotonic()
             try:
-                up, down, error = relay(client, upstream, self.config.splice)
+                up, down, error = relay(client, upstream, self.config.splice,
+                                        self.acceptor.workers)
             except gevent.GreenletExit:
                 # Cut at the end of the drain period: reset both sides, so neither mistakes a
                 # truncated transfer for a finished one.
@@ -138,8 +141,8 @@ def reset_on_close(sock: gsocket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-def relay(a: gsocket, b: gsocket, splice: bool) -> tuple[int, int, str]:
-    """Pump a -> b here and b -> a in a second greenlet until both reach EOF.
+def relay(a: gsocket, b: gsocket, splice: bool, workers: Workers) -> tuple[int, int, str]:
+    """Pump a -> b here and b -> a in a second job in ``workers`` until both reach EOF.
 
     An error in either direction ends both: the failing pump shuts both sockets down, which
     wakes the other pump with EOF (no greenlet kill, no waiting machinery on the hot path).
@@ -147,17 +150,22 @@ def relay(a: gsocket, b: gsocket, splice: bool) -> tuple[int, int, str]:
     """
     forward, backward = Counter(), Counter()
     errors: list[str] = []  # the first one is the connection's fate; later ones are echoes
-    other = gevent.spawn(_guarded_pump, b, a, splice, backward, errors)
+    finished = Event()  # b -> a is over
+    other = workers.spawn(_guarded_pump, b, a, splice, backward, errors, finished)
     try:
         _guarded_pump(a, b, splice, forward, errors)
-        other.join()
+        finished.wait()
     finally:
-        other.kill()  # only does something when we were killed (drain period over)
+        if not finished.is_set():
+            # We were killed (drain period over). b -> a must be gone before the caller closes
+            # the sockets: a splice pump waits on its own watchers, which close() cannot cancel.
+            workers.cancel(other, finished)
+            finished.wait()
     return forward.moved, backward.moved, errors[0] if errors else ""
 
 
 def _guarded_pump(src: gsocket, dst: gsocket, splice: bool, counter: Counter,
-                  errors: list[str]) -> None:
+                  errors: list[str], finished: Event | None = None) -> None:
     """A pump whose socket errors are a result (the connection's fate), not a traceback."""
     try:
         pump(src, dst, splice, counter)
@@ -166,3 +174,6 @@ def _guarded_pump(src: gsocket, dst: gsocket, splice: bool, counter: Counter,
         for sock in (src, dst):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+    finally:
+        if finished is not None:
+            finished.set()

@@ -21,6 +21,9 @@ from portfwd.echo import EchoServer  # noqa: F401  (re-exported for the tests)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(REPO, "bin")
+# Every tool started from here (bin/ scripts, daemons, `ip netns exec` children) runs this
+# checkout's code, not whatever portfwd was pip-installed last.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (REPO, os.environ.get("PYTHONPATH"))))
 
 
 def free_port(family: int = socket.AF_INET, socktype: int = socket.SOCK_STREAM) -> int:
