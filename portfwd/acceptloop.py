@@ -14,7 +14,8 @@ import socket
 from collections.abc import Callable
 
 import gevent
-from gevent.socket import socket as gsocket
+from gevent import get_hub
+from gevent.socket import wait
 
 from portfwd.logs import RateLimitedLog
 from portfwd.sockets import LISTEN_BACKLOG, tune_tcp
@@ -27,13 +28,15 @@ SKIP_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
 BACKOFF_MIN = 0.01  # s before accepting again after a shortage
 BACKOFF_MAX = 1.0  # s
 
-Handler = Callable[[gsocket, tuple], None]
+Handler = Callable[[socket.socket, tuple], None]
+READ = 1  # libev event mask
 
 
 class AcceptLoop:
     """Accepts on a bound listener and runs ``handler(sock, peer)`` in a greenlet per connection.
 
-    The handler owns the accepted socket and must close it. Accepted sockets come with the
+    The handler owns the accepted socket (a plain stdlib one: tcpfwd relays on those, others
+    wrap it with ``portfwd.sockets.cooperative``) and must close it. Accepted sockets come with the
     seed's per-connection options (buffers, TCP_NODELAY, keepalive) already set. Handlers run
     in ``workers``, which they may share for more per-connection jobs (tcpfwd's second
     direction); stop() drains and then cuts every job there.
@@ -41,8 +44,9 @@ class AcceptLoop:
 
     def __init__(self, listener: socket.socket, handler: Handler,
                  workers: Workers | None = None) -> None:
-        # Re-wrap the stdlib socket that was bound in the foreground (before daemonizing).
-        self.listener = gsocket(listener.family, listener.type, fileno=listener.detach())
+        listener.setblocking(False)
+        self.listener = listener
+        self._readable = get_hub().loop.io(listener.fileno(), READ)
         self.handler = handler
         self.workers = workers if workers is not None else Workers()
         self.accepted = 0
@@ -66,6 +70,9 @@ class AcceptLoop:
         while True:
             try:
                 sock, peer = accept()
+            except BlockingIOError:
+                wait(self._readable)
+                continue
             except OSError as exc:
                 if exc.errno in SKIP_ERRNOS:
                     continue
@@ -83,6 +90,7 @@ class AcceptLoop:
         """Stop accepting now; give open connections ``timeout`` seconds, then cut them."""
         if self._greenlet is not None:
             self._greenlet.kill()
+        self._readable.close()
         self.listener.close()
         if not self.workers.join(timeout):
             self.workers.kill(timeout=1)

@@ -5,8 +5,8 @@ Two ways, chosen per process (seed "Linux zero-copy acceleration (splice)"):
 * splice: socket -> pipe -> socket inside the kernel, no copy through Python. The pipe is made
   only once a read shows bulk data, so idle and chatty connections hold no pipe, and it is
   enlarged to 1 MiB (F_SETPIPE_SZ) so one wake-up moves a lot.
-* copy: ``recv`` into a fresh bytes object and ``sendall`` it; nothing is kept between reads,
-  so an idle connection holds no 64 KiB buffer (DESIGN: 148 kB per connection otherwise).
+* copy: ``recv`` into a fresh bytes object and send it; nothing is kept between reads, so an
+  idle connection holds no 64 KiB buffer (DESIGN: 148 kB per connection otherwise).
 
 Either way a slow writer blocks the reader: at most one pipe or one chunk is in flight per
 direction, so the forwarder never buffers without bound. EOF is passed on with
@@ -21,7 +21,6 @@ import os
 import socket
 
 from gevent import get_hub
-from gevent.socket import socket as gsocket
 from gevent.socket import wait
 
 PIPE_SIZE = 1 << 20  # bytes; DESIGN: 1 MiB pipes reached 0.76x direct loopback
@@ -38,6 +37,54 @@ def use_splice() -> bool:
     return SPLICE_AVAILABLE and os.environ.get("PORTFWD_NO_SPLICE", "") in ("", "0")
 
 
+class Endpoint:
+    """One side of a relay: a non-blocking stdlib socket and its two libev watchers.
+
+    gevent's socket wrapper does the same waiting with more work per call (timeouts, a
+    getsockopt per sendall, a deferred close); a short connection pays for each of those, and
+    tcpfwd spent a third of its CPU there. The price is one rule: close an Endpoint only when
+    no greenlet waits on it (``portfwd.tcp.relay`` ends both directions first).
+    """
+
+    __slots__ = ("sock", "fd", "readable", "writable")
+
+    def __init__(self, sock: socket.socket) -> None:
+        if sock.getblocking():  # accepted sockets are; dialled ones are not (no syscall)
+            sock.setblocking(False)
+        loop = get_hub().loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.readable = loop.io(self.fd, READ)
+        self.writable = loop.io(self.fd, WRITE)
+
+    def recv(self, size: int) -> bytes:
+        recv = self.sock.recv
+        while True:
+            try:
+                return recv(size)
+            except BlockingIOError:
+                wait(self.readable)
+
+    def send_all(self, data: bytes) -> None:
+        send, sent = self.sock.send, 0
+        while True:
+            try:
+                sent += send(memoryview(data)[sent:] if sent else data)
+            except BlockingIOError:
+                wait(self.writable)
+                continue
+            if sent == len(data):
+                return
+
+    def shutdown(self, how: int) -> None:
+        self.sock.shutdown(how)
+
+    def close(self) -> None:
+        self.readable.close()
+        self.writable.close()
+        self.sock.close()
+
+
 class Counter:
     """Bytes moved so far in one direction; readable even when the pump ended in an error."""
 
@@ -47,12 +94,10 @@ class Counter:
         self.moved = 0
 
 
-def pump(src: gsocket, dst: gsocket, splice: bool, counter: Counter) -> None:
+def pump(src: Endpoint, dst: Endpoint, splice: bool, counter: Counter) -> None:
     """Relay src -> dst until EOF, then half-close dst. Raises OSError on a socket error."""
-    if splice:
+    if not _copy_pump(src, dst, counter, until_bulk=splice):
         _splice_pump(src, dst, counter)
-    else:
-        _copy_pump(src, dst, counter)
     try:
         dst.shutdown(socket.SHUT_WR)  # pass the EOF on; the other direction keeps flowing
     except OSError as exc:
@@ -60,35 +105,26 @@ def pump(src: gsocket, dst: gsocket, splice: bool, counter: Counter) -> None:
             raise
 
 
-def _copy_pump(src: gsocket, dst: gsocket, counter: Counter, until_bulk: bool = False) -> bool:
-    """recv/sendall until EOF (True), or with ``until_bulk`` until a read fills a chunk (False)."""
-    recv, send = src.recv, dst.send
+def _copy_pump(src: Endpoint, dst: Endpoint, counter: Counter, until_bulk: bool) -> bool:
+    """recv/send until EOF (True), or with ``until_bulk`` until a read fills a chunk (False).
+
+    The splice path starts here too: short and interactive flows (a 100-byte request, an ssh
+    keystroke) then cost one recv and one send, not a pipe and four extra syscalls.
+    """
+    recv, send_all = src.recv, dst.send_all
     while True:
         data = recv(COPY_CHUNK)
         if not data:
             return True
-        # send() until done, not gevent's sendall(): that asks for SO_SNDBUF on every call.
-        sent = send(data)
-        while sent < len(data):
-            sent += send(memoryview(data)[sent:])
+        send_all(data)
         counter.moved += len(data)
         if until_bulk and len(data) == COPY_CHUNK:
             return False
 
 
-def _splice_pump(src: gsocket, dst: gsocket, counter: Counter) -> None:
-    """Copy while reads are small; switch to splice() once one read fills a whole chunk.
-
-    Short and interactive flows (a 100-byte request, an ssh keystroke) then cost one recv and
-    one send, not a pipe and four extra syscalls; bulk flows move in the kernel.
-    """
-    if _copy_pump(src, dst, counter, until_bulk=True):
-        return
-    loop = get_hub().loop
-    src_fd, dst_fd = src.fileno(), dst.fileno()
-    readable = loop.io(src_fd, READ)
-    writable = loop.io(dst_fd, WRITE)
-    splice = os.splice
+def _splice_pump(src: Endpoint, dst: Endpoint, counter: Counter) -> None:
+    """splice() src -> pipe -> dst until EOF: bulk data never passes through Python."""
+    splice, src_fd, dst_fd = os.splice, src.fd, dst.fd
     pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         try:
@@ -99,7 +135,7 @@ def _splice_pump(src: gsocket, dst: gsocket, counter: Counter) -> None:
             try:
                 n = splice(src_fd, pipe_w, PIPE_SIZE, flags=SPLICE_FLAGS)
             except BlockingIOError:
-                wait(readable)
+                wait(src.readable)
                 continue
             if n == 0:
                 return
@@ -108,9 +144,7 @@ def _splice_pump(src: gsocket, dst: gsocket, counter: Counter) -> None:
                 try:
                     n -= splice(pipe_r, dst_fd, n, flags=SPLICE_FLAGS)
                 except BlockingIOError:
-                    wait(writable)
+                    wait(dst.writable)
     finally:
-        readable.close()
-        writable.close()
         os.close(pipe_r)
         os.close(pipe_w)

@@ -75,17 +75,19 @@ def tune_tcp(sock: socket.socket, bufsize: int | None = SOCKBUF_CAP) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_CNT)
 
 
-def dial_tcp(dest: Resolved, timeout: float) -> gsocket:
-    """A tuned, connected gevent TCP socket to ``dest``; raises OSError (socket.timeout
+def dial_tcp(dest: Resolved, timeout: float) -> socket.socket:
+    """A tuned, connected, non-blocking TCP socket to ``dest``; raises OSError (TimeoutError
     included) and closes the socket on failure. socket() is inside the error path too: at the
-    fd limit it fails with EMFILE, a runtime fault for the caller to log, not a traceback."""
-    sock: gsocket | None = None
+    fd limit it fails with EMFILE, a runtime fault for the caller to log, not a traceback.
+
+    One non-blocking connect, a gevent wait and SO_ERROR: gevent's socket.connect() with a
+    timeout makes two more syscalls and a Timeout per call, which short connections feel.
+    """
+    sock: socket.socket | None = None
     try:
-        sock = gsocket(dest.family, socket.SOCK_STREAM)
-        tune_tcp(sock)
-        # One non-blocking connect, a wait and SO_ERROR: gevent's own connect() with a timeout
-        # makes two more syscalls per call, which short connections feel.
+        sock = socket.socket(dest.family, socket.SOCK_STREAM)
         sock.setblocking(False)
+        tune_tcp(sock)
         try:
             sock.connect(dest.sockaddr)
         except BlockingIOError:
@@ -93,9 +95,14 @@ def dial_tcp(dest: Resolved, timeout: float) -> gsocket:
             error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
                 raise OSError(error, os.strerror(error)) from None
-        sock.setblocking(True)
     except BaseException:
         if sock is not None:
             sock.close()
         raise
     return sock
+
+
+def cooperative(sock: socket.socket) -> gsocket:
+    """The same connection as a gevent socket, for code that wants blocking-style calls; the
+    stdlib object is detached (closed without closing the connection)."""
+    return gsocket(sock.family, sock.type, fileno=sock.detach())

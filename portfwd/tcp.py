@@ -17,12 +17,11 @@ from dataclasses import dataclass
 
 import gevent
 from gevent.event import Event
-from gevent.socket import socket as gsocket
 
 from portfwd.acceptloop import AcceptLoop
 from portfwd.addr import Resolved, format_sockaddr
 from portfwd.logs import RateLimitedLog
-from portfwd.pump import Counter, pump
+from portfwd.pump import Counter, Endpoint, pump
 from portfwd.sockets import CONNECT_TIMEOUT, dial_tcp
 from portfwd.workers import Workers
 
@@ -62,7 +61,7 @@ def offset_address(base: Resolved, offset: int) -> Resolved:
     return Resolved(base.family, (str(new), *base.sockaddr[1:]))
 
 
-def original_dst_port(sock: gsocket) -> int:
+def original_dst_port(sock: socket.socket) -> int:
     """The port a REDIRECT/TPROXY'd connection was originally sent to (netfilter conntrack)."""
     if sock.family == socket.AF_INET6:
         raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
@@ -88,25 +87,27 @@ class TcpForwarder:
     def stop(self, timeout: float) -> None:
         self.acceptor.stop(timeout)
 
-    def _destination(self, client: gsocket) -> Resolved:
+    def _destination(self, client: socket.socket) -> Resolved:
         if not self.config.base_addr:
             return self.config.dest
         offset = original_dst_port(client) - self.config.listen_port
         return offset_address(self.config.dest, offset)
 
-    def _handle(self, client: gsocket, peer: tuple) -> None:
+    def _handle(self, accepted: socket.socket, peer: tuple) -> None:
         conn_id = next(self._ids)
-        upstream: gsocket | None = None
         try:
-            try:
-                dest = self._destination(client)
-            except (OSError, BaseAddrError) as exc:
-                self._faults.warning("base", "conn %d from %s: -b address: %s",
-                                     conn_id, format_sockaddr(peer), exc)
-                return
-            upstream = self._dial(conn_id, dest)
-            if upstream is None:
-                return
+            dest = self._destination(accepted)
+        except (OSError, BaseAddrError) as exc:
+            self._faults.warning("base", "conn %d from %s: -b address: %s",
+                                 conn_id, format_sockaddr(peer), exc)
+            accepted.close()
+            return
+        dialled = self._dial(conn_id, dest)
+        if dialled is None:
+            accepted.close()
+            return
+        client, upstream = Endpoint(accepted), Endpoint(dialled)
+        try:
             log.info("conn %d open %s -> %s", conn_id, format_sockaddr(peer), dest)
             started = time.monotonic()
             try:
@@ -115,33 +116,32 @@ class TcpForwarder:
             except gevent.GreenletExit:
                 # Cut at the end of the drain period: reset both sides, so neither mistakes a
                 # truncated transfer for a finished one.
-                for sock in (client, upstream):
-                    reset_on_close(sock)
+                for end in (client, upstream):
+                    reset_on_close(end.sock)
                 log.info("conn %d reset: service stopping", conn_id)
                 raise
             log.info("conn %d closed: %d bytes up, %d down, %.1f s%s", conn_id, up, down,
                      time.monotonic() - started, f" ({error})" if error else "")
         finally:
             client.close()
-            if upstream is not None:
-                upstream.close()
+            upstream.close()
 
-    def _dial(self, conn_id: int, dest: Resolved) -> gsocket | None:
+    def _dial(self, conn_id: int, dest: Resolved) -> socket.socket | None:
         try:
             return dial_tcp(dest, self.config.connect_timeout)
-        except OSError as exc:  # includes socket.timeout and EMFILE
+        except OSError as exc:  # includes TimeoutError and EMFILE
             self._faults.warning("connect", "conn %d: connect to %s failed: %s", conn_id, dest,
                                  exc.strerror or exc)
             return None
 
 
-def reset_on_close(sock: gsocket) -> None:
+def reset_on_close(sock: socket.socket) -> None:
     """Make the next close() send RST instead of FIN (SO_LINGER on, timeout 0)."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-def relay(a: gsocket, b: gsocket, splice: bool, workers: Workers) -> tuple[int, int, str]:
+def relay(a: Endpoint, b: Endpoint, splice: bool, workers: Workers) -> tuple[int, int, str]:
     """Pump a -> b here and b -> a in a second job in ``workers`` until both reach EOF.
 
     An error in either direction ends both: the failing pump shuts both sockets down, which
@@ -164,7 +164,7 @@ def relay(a: gsocket, b: gsocket, splice: bool, workers: Workers) -> tuple[int, 
     return forward.moved, backward.moved, errors[0] if errors else ""
 
 
-def _guarded_pump(src: gsocket, dst: gsocket, splice: bool, counter: Counter,
+def _guarded_pump(src: Endpoint, dst: Endpoint, splice: bool, counter: Counter,
                   errors: list[str], finished: Event | None = None) -> None:
     """A pump whose socket errors are a result (the connection's fate), not a traceback."""
     try:

@@ -13,13 +13,12 @@ import struct
 import time
 
 import gevent
-from gevent.socket import socket as gsocket
 
 from portfwd.acceptloop import AcceptLoop
 from portfwd.addr import Resolved, format_sockaddr
 from portfwd.conversation import Conversation, ConversationConfig
 from portfwd.logs import RateLimitedLog
-from portfwd.sockets import set_buffers
+from portfwd.sockets import cooperative, set_buffers
 from portfwd.tunnel import (
     ConversationDriver,
     UdpEndpoint,
@@ -68,7 +67,8 @@ class TunnelClient:
             self._stats.kill()
         self.acceptor.stop(timeout)
 
-    def _handle(self, sock: gsocket, peer: tuple) -> None:
+    def _handle(self, accepted: socket.socket, peer: tuple) -> None:
+        sock = cooperative(accepted)
         udp_sock: socket.socket | None = None
         try:
             # socket() itself fails with EMFILE at the fd limit: that must close the accepted

@@ -27,7 +27,7 @@ from portfwd.acceptor import HandshakeAcceptor
 from portfwd.addr import Resolved, format_sockaddr
 from portfwd.conversation import Conversation, ConversationConfig
 from portfwd.logs import RateLimitedLog
-from portfwd.sockets import CONNECT_TIMEOUT, dial_tcp
+from portfwd.sockets import CONNECT_TIMEOUT, cooperative, dial_tcp
 from portfwd.tunnel import ConversationDriver, UdpEndpoint, now_ms, stats_loop, wall_ms
 from portfwd.wire import TYPE_MASK, MalformedPacket, PacketType, peek_prefix
 
@@ -203,7 +203,7 @@ class TunnelServer:
 
     def _dial(self, driver: ConversationDriver) -> gsocket | None:
         try:
-            return dial_tcp(self.target, self.limits.connect_timeout)
+            return cooperative(dial_tcp(self.target, self.limits.connect_timeout))
         except OSError as exc:  # includes socket.timeout and EMFILE
             self._faults.warning("connect", "%s: connect to %s failed: %s", driver.name,
                                  self.target, exc.strerror or exc)
