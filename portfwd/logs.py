@@ -33,7 +33,7 @@ def setup_logging(prog: str, *, detached: bool, level: int = logging.INFO) -> No
     elif detached:
         handler = logging.NullHandler()  # no syslog daemon and stdio is /dev/null
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = LineHandler(sys.stderr)
         handler.setFormatter(Formatter(FOREGROUND_FORMAT.replace("%(name)s", prog)))
     root.addHandler(handler)
     root.setLevel(int(os.environ.get("PORTFWD_LOGLEVEL", level)))
@@ -70,10 +70,18 @@ class LeanRecord(logging.LogRecord):
 
 
 class Formatter(logging.Formatter):
-    """logging.Formatter whose %(asctime)s formats the date and time once per second."""
+    """A %-style logging.Formatter for the hot path: %(asctime)s formats the date and time once
+    per second, and a plain record (no traceback) is one ``%`` instead of five method calls."""
 
     _second = -1
     _stamp = ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.stack_info:
+            return super().format(record)
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record)
+        return self._fmt % record.__dict__
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         if datefmt:
@@ -113,3 +121,16 @@ class RateLimitedLog:
 
     def warning(self, key: str, msg: str, *args: object) -> None:
         self.log(key, logging.WARNING, msg, *args)
+
+
+class LineHandler(logging.StreamHandler):
+    """StreamHandler for a line-buffered stream (sys.stderr is, since Python 3.9): the newline
+    already flushes it, so no flush() call chain per record."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write(self.format(record) + self.terminator)
+        except RecursionError:
+            raise
+        except Exception:  # what logging.StreamHandler does: report, never kill the caller
+            self.handleError(record)
