@@ -63,16 +63,24 @@ def set_buffers(sock: socket.socket, size: int, force: bool = False) -> None:
         sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
+# The seed's per-connection options after the buffers: TCP_NODELAY, keepalive 60/10/6 (the
+# keepalive timing options are Linux's; other systems keep their defaults).
+TCP_OPTIONS = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+               (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+if hasattr(socket, "TCP_KEEPIDLE"):
+    TCP_OPTIONS += [(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE),
+                    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTVL),
+                    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_CNT)]
+
+
 def tune_tcp(sock: socket.socket, bufsize: int | None = SOCKBUF_CAP) -> None:
     """Per-connection options from the seed: big buffers, TCP_NODELAY, keepalive 60/10/6."""
+    setsockopt = sock.setsockopt
     if bufsize:
-        set_buffers(sock, bufsize)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; other systems keep their defaults
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTVL)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_CNT)
+        setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bufsize)
+        setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)
+    for level, option, value in TCP_OPTIONS:
+        setsockopt(level, option, value)
 
 
 def dial_tcp(dest: Resolved, timeout: float) -> socket.socket:

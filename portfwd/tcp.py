@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 
 import gevent
-from gevent.event import Event
 
 from portfwd.acceptloop import AcceptLoop
 from portfwd.addr import Resolved, format_sockaddr
@@ -87,44 +86,31 @@ class TcpForwarder:
     def stop(self, timeout: float) -> None:
         self.acceptor.stop(timeout)
 
-    def _destination(self, client: socket.socket) -> Resolved:
+    def _destination(self, conn_id: int, client: socket.socket, peer: tuple) -> Resolved | None:
         if not self.config.base_addr:
             return self.config.dest
-        offset = original_dst_port(client) - self.config.listen_port
-        return offset_address(self.config.dest, offset)
-
-    def _handle(self, accepted: socket.socket, peer: tuple) -> None:
-        conn_id = next(self._ids)
         try:
-            dest = self._destination(accepted)
+            offset = original_dst_port(client) - self.config.listen_port
+            return offset_address(self.config.dest, offset)
         except (OSError, BaseAddrError) as exc:
             self._faults.warning("base", "conn %d from %s: -b address: %s",
                                  conn_id, format_sockaddr(peer), exc)
-            accepted.close()
-            return
-        dialled = self._dial(conn_id, dest)
-        if dialled is None:
-            accepted.close()
-            return
-        client, upstream = Endpoint(accepted), Endpoint(dialled)
+            return None
+
+    def _handle(self, accepted: socket.socket, peer: tuple) -> None:
+        conn_id = next(self._ids)
+        dialled = None
         try:
-            log.info("conn %d open %s -> %s", conn_id, format_sockaddr(peer), dest)
-            started = time.monotonic()
-            try:
-                up, down, error = relay(client, upstream, self.config.splice,
-                                        self.acceptor.workers)
-            except gevent.GreenletExit:
-                # Cut at the end of the drain period: reset both sides, so neither mistakes a
-                # truncated transfer for a finished one.
-                for end in (client, upstream):
-                    reset_on_close(end.sock)
-                log.info("conn %d reset: service stopping", conn_id)
-                raise
-            log.info("conn %d closed: %d bytes up, %d down, %.1f s%s", conn_id, up, down,
-                     time.monotonic() - started, f" ({error})" if error else "")
+            dest = self._destination(conn_id, accepted, peer)
+            if dest is not None:
+                dialled = self._dial(conn_id, dest)
         finally:
-            client.close()
-            upstream.close()
+            if dialled is None:  # no destination, or killed while dialling
+                accepted.close()
+        if dialled is not None:
+            log.info("conn %d open %s -> %s", conn_id, format_sockaddr(peer), dest)
+            Relay(conn_id, Endpoint(accepted), Endpoint(dialled), self.config.splice).run(
+                self.acceptor.workers)
 
     def _dial(self, conn_id: int, dest: Resolved) -> socket.socket | None:
         try:
@@ -141,39 +127,59 @@ def reset_on_close(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-def relay(a: Endpoint, b: Endpoint, splice: bool, workers: Workers) -> tuple[int, int, str]:
-    """Pump a -> b here and b -> a in a second job in ``workers`` until both reach EOF.
+class Relay:
+    """One connection's two directions, client -> upstream and upstream -> client.
 
-    An error in either direction ends both: the failing pump shuts both sockets down, which
-    wakes the other pump with EOF (no greenlet kill, no waiting machinery on the hot path).
-    Returns (bytes a->b, bytes b->a, error text or ""). The sockets stay open for the caller.
+    Each direction is a job in ``workers``: the caller's greenlet pumps up, a second job pumps
+    down. They never wait for each other: whichever ends last closes both sockets and writes
+    the closing line. An error in either direction ends both: the failing pump shuts both
+    sockets down, which wakes the other pump with EOF. When the drain period is over every job
+    is killed; the last one to go resets both sockets, so neither peer mistakes a truncated
+    transfer for a finished one. Sockets are closed only once no pump waits on them.
     """
-    forward, backward = Counter(), Counter()
-    errors: list[str] = []  # the first one is the connection's fate; later ones are echoes
-    finished = Event()  # b -> a is over
-    other = workers.spawn(_guarded_pump, b, a, splice, backward, errors, finished)
-    try:
-        _guarded_pump(a, b, splice, forward, errors)
-        finished.wait()
-    finally:
-        if not finished.is_set():
-            # We were killed (drain period over). b -> a must be gone before the caller closes
-            # the sockets: a splice pump waits on its own watchers, which close() cannot cancel.
-            workers.cancel(other, finished)
-            finished.wait()
-    return forward.moved, backward.moved, errors[0] if errors else ""
 
+    __slots__ = ("conn_id", "client", "upstream", "splice", "started", "up", "down", "running",
+                 "error", "cut")
 
-def _guarded_pump(src: Endpoint, dst: Endpoint, splice: bool, counter: Counter,
-                  errors: list[str], finished: Event | None = None) -> None:
-    """A pump whose socket errors are a result (the connection's fate), not a traceback."""
-    try:
-        pump(src, dst, splice, counter)
-    except OSError as exc:
-        errors.append(exc.strerror or repr(exc))
-        for sock in (src, dst):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-    finally:
-        if finished is not None:
-            finished.set()
+    def __init__(self, conn_id: int, client: Endpoint, upstream: Endpoint, splice: bool) -> None:
+        self.conn_id = conn_id
+        self.client, self.upstream = client, upstream
+        self.splice = splice
+        self.started = time.monotonic()
+        self.up, self.down = Counter(), Counter()
+        self.running = 2  # directions not yet over
+        self.error = ""  # the first socket error is the connection's fate; later ones are echoes
+        self.cut = False  # killed at the end of the drain period
+
+    def run(self, workers: Workers) -> None:
+        """Pump up here, down in another job; returns when up is over (down may go on)."""
+        workers.spawn(self._direction, self.upstream, self.client, self.down)
+        self._direction(self.client, self.upstream, self.up)
+
+    def _direction(self, src: Endpoint, dst: Endpoint, counter: Counter) -> None:
+        try:
+            pump(src, dst, self.splice, counter)
+        except OSError as exc:
+            self.error = self.error or exc.strerror or repr(exc)
+            for end in (src, dst):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+        except gevent.GreenletExit:
+            self.cut = True
+            raise
+        finally:
+            self.running -= 1
+            if not self.running:
+                self._close()
+
+    def _close(self) -> None:
+        if self.cut:
+            for end in (self.client, self.upstream):
+                reset_on_close(end.sock)
+            log.info("conn %d reset: service stopping", self.conn_id)
+        else:
+            log.info("conn %d closed: %d bytes up, %d down, %.1f s%s", self.conn_id,
+                     self.up.moved, self.down.moved, time.monotonic() - self.started,
+                     f" ({self.error})" if self.error else "")
+        self.client.close()
+        self.upstream.close()

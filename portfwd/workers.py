@@ -38,7 +38,7 @@ class Workers:
 
     def spawn(self, job: Callable[..., object], *args: object) -> RawGreenlet:
         """Run ``job(*args)`` in a worker greenlet, soon (the caller is not unscheduled).
-        The worker returned is only that job's while the job runs: see :meth:`cancel`."""
+        The worker returned runs other jobs once this one is over."""
         worker = self._idle.pop() if self._idle else RawGreenlet(self._work, self._hub)
         self._busy.add(worker)
         self._quiet.clear()
@@ -55,13 +55,8 @@ class Workers:
             self._hub.loop.run_callback(self._throw, worker)
         return self.join(timeout)
 
-    def cancel(self, worker: RawGreenlet, done: Event) -> None:
-        """Raise GreenletExit in the job that ``worker`` runs unless that job has set ``done``
-        by then: a job that ended may already have handed its worker to someone else."""
-        self._hub.loop.run_callback(self._throw, worker, done)
-
-    def _throw(self, worker: RawGreenlet, done: Event | None = None) -> None:
-        if worker in self._busy and not (done is not None and done.is_set()):
+    def _throw(self, worker: RawGreenlet) -> None:
+        if worker in self._busy:  # its job may have ended since kill() was called
             worker.throw(GreenletExit)
 
     def _work(self, job: Callable[..., object], args: tuple) -> None:

@@ -63,35 +63,6 @@ def test_kill_raises_greenlet_exit_in_running_jobs_and_their_cleanup_runs():
     assert workers.join(1) and done == [1]
 
 
-def test_cancel_hits_the_job_only_while_it_has_not_set_done():
-    workers, done, outcome = Workers(), Event(), []
-
-    def job():
-        try:
-            gevent.sleep(30)
-        except gevent.GreenletExit:
-            outcome.append("cancelled")
-            raise
-        finally:
-            done.set()
-
-    worker = workers.spawn(job)
-    gevent.sleep(0)
-    workers.cancel(worker, done)
-    assert workers.join(1) and outcome == ["cancelled"]
-
-    # A job that already set done may have handed its worker to the next job: no throw.
-    first_done, second_gate, second = Event(), Event(), []
-    worker = workers.spawn(first_done.set)
-    assert workers.join(1)
-    reused = workers.spawn(lambda: second.append(second_gate.wait(1)))
-    assert reused is worker
-    workers.cancel(worker, first_done)
-    gevent.sleep(0.01)
-    second_gate.set()
-    assert workers.join(1) and second == [True]
-
-
 def test_a_crashing_job_is_reported_and_the_pool_keeps_working(capsys):
     workers = Workers()
 
