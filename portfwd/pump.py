@@ -57,15 +57,7 @@ class Endpoint:
         self.readable = loop.io(self.fd, READ)
         self.writable = loop.io(self.fd, WRITE)
 
-    def recv(self, size: int) -> bytes:
-        recv = self.sock.recv
-        while True:
-            try:
-                return recv(size)
-            except BlockingIOError:
-                wait(self.readable)
-
-    def send_all(self, data: bytes) -> None:
+    def send_all(self, data: bytes | memoryview) -> None:
         send, sent = self.sock.send, 0
         while True:
             try:
@@ -111,12 +103,21 @@ def _copy_pump(src: Endpoint, dst: Endpoint, counter: Counter, until_bulk: bool)
     The splice path starts here too: short and interactive flows (a 100-byte request, an ssh
     keystroke) then cost one recv and one send, not a pipe and four extra syscalls.
     """
-    recv, send_all = src.recv, dst.send_all
+    recv, send, send_all = src.sock.recv, dst.sock.send, dst.send_all
     while True:
-        data = recv(COPY_CHUNK)
+        try:  # send_all() inlined for the usual case: one send takes it all
+            data = recv(COPY_CHUNK)
+        except BlockingIOError:
+            wait(src.readable)
+            continue
         if not data:
             return True
-        send_all(data)
+        try:
+            sent = send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            send_all(memoryview(data)[sent:])
         counter.moved += len(data)
         if until_bulk and len(data) == COPY_CHUNK:
             return False
