@@ -19,7 +19,7 @@ import gevent
 
 from portfwd.acceptloop import AcceptLoop
 from portfwd.addr import Resolved, format_sockaddr
-from portfwd.logs import RateLimitedLog
+from portfwd.logs import RateLimitedLog, hot_info
 from portfwd.pump import Counter, Endpoint, pump
 from portfwd.sockets import CONNECT_TIMEOUT, dial_tcp
 from portfwd.workers import Workers
@@ -108,7 +108,7 @@ class TcpForwarder:
             if dialled is None:  # no destination, or killed while dialling
                 accepted.close()
         if dialled is not None:
-            log.info("conn %d open %s -> %s", conn_id, format_sockaddr(peer), dest)
+            hot_info(log, "conn %d open %s -> %s", conn_id, format_sockaddr(peer), dest)
             Relay(conn_id, Endpoint(accepted), Endpoint(dialled), self.config.splice).run(
                 self.acceptor.workers)
 
@@ -178,7 +178,7 @@ class Relay:
                 reset_on_close(end.sock)
             log.info("conn %d reset: service stopping", self.conn_id)
         else:
-            log.info("conn %d closed: %d bytes up, %d down, %.1f s%s", self.conn_id,
+            hot_info(log, "conn %d closed: %d bytes up, %d down, %.1f s%s", self.conn_id,
                      self.up.moved, self.down.moved, time.monotonic() - self.started,
                      f" ({self.error})" if self.error else "")
         self.client.close()
