@@ -124,8 +124,14 @@ def _copy_pump(src: Endpoint, dst: Endpoint, counter: Counter, until_bulk: bool)
         if sent < len(data):
             send_all(memoryview(data)[sent:])
         counter.moved += len(data)
-        if until_bulk and len(data) == COPY_CHUNK:
-            return False
+        if len(data) == COPY_CHUNK:
+            if until_bulk:
+                return False
+        else:
+            # A short read emptied the socket: sleep until it is readable again rather than
+            # make the recv() that would only say EAGAIN (request/response traffic saves a
+            # syscall and an exception per exchange; data that came meanwhile wakes us at once).
+            wait(src.readable)
 
 
 def _splice_pump(src: Endpoint, dst: Endpoint, counter: Counter) -> None:
