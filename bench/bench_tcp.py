@@ -119,75 +119,86 @@ def idle_rss_per_connection(pid: int, port: int, count: int) -> float:
     return per_conn
 
 
-SHORT_ROUNDS = 5  # interleaved rounds of the short-connection test; the median is reported
+ROUNDS = 3  # interleaved rounds of the throughput runs; medians are reported
+SHORT_ROUNDS = 5  # interleaved rounds of the short-connection test
 SHORT_SECONDS = 2.0  # per path per round
 
 
-def short_connection_rounds(ports: dict[str, int], rounds: int, seconds: float
-                            ) -> dict[str, list[float]]:
-    """conn/s per path, ``rounds`` times over, each round visiting every path in turn.
+def interleaved(paths: list[str], rounds: int, run) -> dict[str, list]:
+    """``run(path)`` for every path, ``rounds`` times over, each round visiting every path.
 
-    One 5 s figure per path swung by +/-20 % on this shared box as the host's load drifted;
-    interleaving spreads that drift over every path alike, and the median drops outliers.
+    One figure per path swung by +/-20 % on this shared box as the host's load drifted (a
+    direct 1-stream run once came out below tcpfwd's); interleaving spreads that drift over
+    every path alike, and the median drops outliers.
     """
-    rates: dict[str, list[float]] = {name: [] for name in ports}
+    results: dict[str, list] = {path: [] for path in paths}
     for _ in range(rounds):
-        for name, port in ports.items():
-            rates[name].append(short_connections(port, seconds))
-    return rates
+        for path in paths:
+            results[path].append(run(path))
+    return results
 
 
-def measure(seconds: float, idle_count: int, rounds: int = SHORT_ROUNDS,
-            short_seconds: float = SHORT_SECONDS) -> list[Table]:
-    """Run every TCP measurement; the tables, each figure also as a ratio to direct loopback."""
+def measure(seconds: float, idle_count: int, rounds: int = ROUNDS,
+            short_rounds: int = SHORT_ROUNDS, short_seconds: float = SHORT_SECONDS) -> list[Table]:
+    """Run every TCP measurement; the tables, each figure also as a ratio to direct loopback.
+
+    Every forwarder runs for the whole measurement (idle ones cost nothing), one instance
+    towards iperf3 and one towards the echo server, so that rounds can interleave the paths.
+    """
     raise_fd_limit()
     iperf_port, echo_port = free_port(), free_port()
-    rows, conn_rows, rss_rows = [], [], []
-    plot: dict[str, tuple[float, float]] = {}
     with process(["iperf3", "-s", "-p", str(iperf_port)]), \
             process([sys.executable, os.path.join(os.path.dirname(__file__), "echo_server.py"),
-                     str(echo_port)]):
+                     str(echo_port)]), contextlib.ExitStack() as running:
         wait_port(iperf_port)
         wait_port(echo_port)
-        direct = {s: throughput(iperf_port, seconds, s) for s in (1, 4)}
-        plot["direct"] = (direct[1], direct[4])
-        rows.append(["direct", f"{direct[1]:.2f}", "1.00×", f"{direct[4]:.2f}", "1.00×", "-", "-"])
-        found = peers(iperf_port)
-        for name, (argv, env) in found.items():
-            listen = free_port()
-            with start_peer(name, argv, env, listen, iperf_port) as proc:
-                wait_port(listen, proc=proc)
-                time.sleep(0.2)
-                cpu0 = tree_cpu_seconds(proc.pid)
-                t1 = throughput(listen, seconds, 1)
-                cpu = tree_cpu_seconds(proc.pid) - cpu0
-                t4 = throughput(listen, seconds, 4)
-                gigabytes = t1 * seconds / 8
-                plot[name] = (t1, t4)
-                rows.append([name, f"{t1:.2f}", ratio(t1, direct[1]), f"{t4:.2f}",
-                             ratio(t4, direct[4]), f"{100 * cpu / seconds:.0f} %",
-                             f"{cpu / gigabytes:.2f}" if gigabytes else "-"])
-        # Short connections: every forwarder runs at once (idle ones cost nothing) so that the
-        # rounds can interleave the paths.
-        with contextlib.ExitStack() as running:
-            ports, procs = {"direct": echo_port}, {}
-            for name, (argv, env) in found.items():
+        bulk_ports, short_ports = {"direct": iperf_port}, {"direct": echo_port}
+        bulk_procs, short_procs = {}, {}
+        for name, (argv, env) in peers(iperf_port).items():
+            for ports, procs, dest, args in (
+                    (bulk_ports, bulk_procs, iperf_port, argv),
+                    (short_ports, short_procs, echo_port,
+                     argv[:-1] + [argv[-1].replace(str(iperf_port), str(echo_port))])):
                 listen = free_port()
-                echo_argv = argv[:-1] + [argv[-1].replace(str(iperf_port), str(echo_port))]
-                procs[name] = running.enter_context(
-                    start_peer(name, echo_argv, env, listen, echo_port))
+                procs[name] = running.enter_context(start_peer(name, args, env, listen, dest))
                 wait_port(listen, proc=procs[name])
                 ports[name] = listen
-            rates = short_connection_rounds(ports, rounds, short_seconds)
-            direct_conn = statistics.median(rates["direct"])
-            for name, values in rates.items():
-                rate = statistics.median(values)
-                conn_rows.append([name, f"{rate:.0f}", f"{min(values):.0f}–{max(values):.0f}",
-                                  ratio(rate, direct_conn)])
-            for name, proc in procs.items():
-                if name.startswith("tcpfwd") or name == "haproxy":
-                    per = idle_rss_per_connection(proc.pid, ports[name], idle_count)
-                    rss_rows.append([name, idle_count, f"{per / 1024:.1f}"])
+        time.sleep(0.2)
+
+        cpu: dict[str, float] = dict.fromkeys(bulk_procs, 0.0)
+
+        def one_stream(path: str) -> float:
+            proc = bulk_procs.get(path)
+            cpu0 = tree_cpu_seconds(proc.pid) if proc else 0.0
+            gbits = throughput(bulk_ports[path], seconds, 1)
+            if proc:
+                cpu[path] += tree_cpu_seconds(proc.pid) - cpu0
+            return gbits
+
+        t1 = interleaved(list(bulk_ports), rounds, one_stream)
+        t4 = interleaved(list(bulk_ports), rounds,
+                         lambda path: throughput(bulk_ports[path], seconds, 4))
+        rates = interleaved(list(short_ports), short_rounds,
+                            lambda path: short_connections(short_ports[path], short_seconds))
+        rss_rows = []
+        for name, proc in short_procs.items():
+            if name.startswith("tcpfwd") or name == "haproxy":
+                per = idle_rss_per_connection(proc.pid, short_ports[name], idle_count)
+                rss_rows.append([name, idle_count, f"{per / 1024:.1f}"])
+
+    median = {path: (statistics.median(t1[path]), statistics.median(t4[path])) for path in t1}
+    rows = []
+    for path, (one, four) in median.items():
+        used = cpu.get(path)
+        gigabytes = sum(t1[path]) * seconds / 8
+        rows.append([path, f"{one:.2f}", ratio(one, median["direct"][0]), f"{four:.2f}",
+                     ratio(four, median["direct"][1]),
+                     "-" if used is None else f"{100 * used / (rounds * seconds):.0f} %",
+                     "-" if used is None or not gigabytes else f"{used / gigabytes:.2f}"])
+    direct_conn = statistics.median(rates["direct"])
+    conn_rows = [[path, f"{statistics.median(values):.0f}",
+                  f"{min(values):.0f}–{max(values):.0f}",
+                  ratio(statistics.median(values), direct_conn)] for path, values in rates.items()]
     anchor = min((float(r[2]) for r in rss_rows if r[0] == "haproxy"), default=None)
     for row in rss_rows:
         row.append(ratio(float(row[2]), anchor))
@@ -195,14 +206,15 @@ def measure(seconds: float, idle_count: int, rounds: int = SHORT_ROUNDS,
         Table("TCP throughput (iperf3, Gbit/s)",
               ["path", "1 stream", "× direct", "4 streams", "× direct", "fwd CPU (1 stream)",
                "fwd CPU s/GB"], rows,
-              f"iperf3 -t {seconds:g} on 127.0.0.1; the forwarder's CPU is user+sys of its "
-              "process during the 1-stream run (with its reaped children: socat forks one per "
-              "connection); s/GB = those CPU seconds per GB carried.", {"throughput": plot}),
+              f"iperf3 -t {seconds:g} on 127.0.0.1, {rounds} interleaved rounds per path, "
+              "medians; the forwarder's CPU is user+sys of its process during the 1-stream runs "
+              "(with its reaped children: socat forks one per connection); s/GB = those CPU "
+              "seconds per GB carried.", {"throughput": median}),
         Table("Short connections (connect, 100 B echo, close)",
               ["path", "conn/s (median)", "min–max", "× direct"], conn_rows,
-              f"2 client processes, {rounds} interleaved rounds of {short_seconds:g} s per path "
-              "(direct, then each forwarder, then again); the median of the rounds, its ratio "
-              "to direct's median."),
+              f"2 client processes, {short_rounds} interleaved rounds of {short_seconds:g} s per "
+              "path (direct, then each forwarder, then again); the median of the rounds, its "
+              "ratio to direct's median."),
         Table("RSS per idle connection", ["forwarder", "connections", "kB each", "× haproxy"],
               rss_rows, "RSS growth of the forwarder after opening the connections (one 1-byte "
               "echo each, then idle 1 s), divided by their count. socat forks a process per "
@@ -213,10 +225,12 @@ def measure(seconds: float, idle_count: int, rounds: int = SHORT_ROUNDS,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny run to check the script works")
-    parser.add_argument("--seconds", type=float, default=5.0, help="per throughput measurement")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per throughput measurement")
     opts = parser.parse_args()
-    print_tables(measure(1.0 if opts.quick else opts.seconds, 50 if opts.quick else 2000,
-                         1 if opts.quick else SHORT_ROUNDS, 0.5 if opts.quick else SHORT_SECONDS))
+    if opts.quick:
+        print_tables(measure(1.0, 50, 1, 1, 0.5))
+    else:
+        print_tables(measure(opts.seconds, 2000))
 
 
 if __name__ == "__main__":
