@@ -85,6 +85,10 @@ class AcceptLoop:
             backoff = BACKOFF_MIN
             self.accepted += 1
             spawn(self.handler, sock, peer)
+            # Back to the loop instead of an accept() that usually says EAGAIN: a listener with
+            # more in its backlog is still readable, so the next loop turn accepts again, and
+            # connections already open get their turn in between.
+            wait(self._readable)
 
     def stop(self, timeout: float) -> None:
         """Stop accepting now; give open connections ``timeout`` seconds, then cut them."""
