@@ -153,12 +153,13 @@ class Relay:
 
     def run(self, workers: Workers) -> None:
         """Pump up here, down in another job; returns when up is over (down may go on)."""
-        workers.spawn(self._direction, self.upstream, self.client, self.down)
+        workers.spawn(self._direction, self.upstream, self.client, self.down, True)
         self._direction(self.client, self.upstream, self.up)
 
-    def _direction(self, src: Endpoint, dst: Endpoint, counter: Counter) -> None:
+    def _direction(self, src: Endpoint, dst: Endpoint, counter: Counter,
+                   idle_first: bool = False) -> None:
         try:
-            pump(src, dst, self.splice, counter)
+            pump(src, dst, self.splice, counter, idle_first)
         except OSError as exc:
             self.error = self.error or exc.strerror or repr(exc)
             for end in (src, dst):

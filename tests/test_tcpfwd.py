@@ -84,6 +84,33 @@ def test_half_close_reply_after_eof(tool, path):
     assert got == b"GET / HTTP/1.0\r\n\r\n" + reply
 
 
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_server_speaks_first(tool, path):
+    """SMTP/ssh style: the target greets before the client says anything, then they talk."""
+    server = listening_socket()
+    port = free_port()
+    start_tcpfwd(tool, f"127.0.0.1:{port}", f"127.0.0.1:{server.getsockname()[1]}",
+                 env=PATHS[path])
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        conn.sendall(b"220 ready\r\n")
+        assert conn.recv(100) == b"QUIT\r\n"
+        conn.sendall(b"221 bye\r\n")
+        conn.close()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    with connect("127.0.0.1", port) as sock:
+        sock.settimeout(5)
+        assert sock.recv(100) == b"220 ready\r\n"
+        sock.sendall(b"QUIT\r\n")
+        assert sock.recv(100) == b"221 bye\r\n"
+        assert sock.recv(100) == b""
+    thread.join(10)
+    server.close()
+
+
 def test_200_concurrent_connections(tool, echo_server):
     port = free_port()
     fwd = start_tcpfwd(tool, f"127.0.0.1:{port}", f"127.0.0.1:{echo_server.port}")
