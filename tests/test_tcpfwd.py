@@ -54,25 +54,37 @@ def test_64mib_intact(tool, path, listen_host, echo_host):
     assert "bytes up" in fwd.log()
 
 
-@pytest.mark.parametrize("path", sorted(PATHS))
-def test_half_close_reply_after_eof(tool, path):
-    """`printf req | nc` style: the client shuts its write side first, then reads the reply."""
+def forward_to_scripted_target(tool, path: str, serve) -> tuple[int, threading.Thread]:
+    """tcpfwd in front of a target that takes one connection and runs ``serve(conn)`` on it in
+    a thread; returns the forwarder's port and that thread (join it after the exchange)."""
     server = listening_socket()
     port = free_port()
     start_tcpfwd(tool, f"127.0.0.1:{port}", f"127.0.0.1:{server.getsockname()[1]}",
                  env=PATHS[path])
+
+    def accept_and_serve() -> None:
+        conn, _ = server.accept()
+        server.close()
+        with conn:
+            serve(conn)
+
+    thread = threading.Thread(target=accept_and_serve)
+    thread.start()
+    return port, thread
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_half_close_reply_after_eof(tool, path):
+    """`printf req | nc` style: the client shuts its write side first, then reads the reply."""
     reply = os.urandom(3 * MIB)
 
-    def serve() -> None:
-        conn, _ = server.accept()
+    def serve(conn: socket.socket) -> None:
         request = b""
         while chunk := conn.recv(65536):  # read to EOF: the EOF must cross the forwarder
             request += chunk
         conn.sendall(request + reply)
-        conn.close()
 
-    thread = threading.Thread(target=serve)
-    thread.start()
+    port, thread = forward_to_scripted_target(tool, path, serve)
     with connect("127.0.0.1", port) as sock:
         sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
         sock.shutdown(socket.SHUT_WR)
@@ -80,27 +92,20 @@ def test_half_close_reply_after_eof(tool, path):
         while chunk := sock.recv(1 << 20):
             got += chunk
     thread.join(10)
-    server.close()
     assert got == b"GET / HTTP/1.0\r\n\r\n" + reply
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))
 def test_server_speaks_first(tool, path):
     """SMTP/ssh style: the target greets before the client says anything, then they talk."""
-    server = listening_socket()
-    port = free_port()
-    start_tcpfwd(tool, f"127.0.0.1:{port}", f"127.0.0.1:{server.getsockname()[1]}",
-                 env=PATHS[path])
+    heard = []
 
-    def serve() -> None:
-        conn, _ = server.accept()
+    def serve(conn: socket.socket) -> None:
         conn.sendall(b"220 ready\r\n")
-        assert conn.recv(100) == b"QUIT\r\n"
+        heard.append(conn.recv(100))
         conn.sendall(b"221 bye\r\n")
-        conn.close()
 
-    thread = threading.Thread(target=serve)
-    thread.start()
+    port, thread = forward_to_scripted_target(tool, path, serve)
     with connect("127.0.0.1", port) as sock:
         sock.settimeout(5)
         assert sock.recv(100) == b"220 ready\r\n"
@@ -108,7 +113,7 @@ def test_server_speaks_first(tool, path):
         assert sock.recv(100) == b"221 bye\r\n"
         assert sock.recv(100) == b""
     thread.join(10)
-    server.close()
+    assert heard == [b"QUIT\r\n"]
 
 
 def test_200_concurrent_connections(tool, echo_server):
