@@ -120,7 +120,7 @@ def idle_rss_per_connection(pid: int, port: int, count: int) -> float:
 
 
 ROUNDS = 3  # interleaved rounds of the throughput runs; medians are reported
-SHORT_ROUNDS = 5  # interleaved rounds of the short-connection test
+SHORT_ROUNDS = 7  # interleaved rounds of the short-connection test
 SHORT_SECONDS = 2.0  # per path per round
 
 
@@ -195,10 +195,15 @@ def measure(seconds: float, idle_count: int, rounds: int = ROUNDS,
                      ratio(four, median["direct"][1]),
                      "-" if used is None else f"{100 * used / (rounds * seconds):.0f} %",
                      "-" if used is None or not gigabytes else f"{used / gigabytes:.2f}"])
-    direct_conn = statistics.median(rates["direct"])
-    conn_rows = [[path, f"{statistics.median(values):.0f}",
-                  f"{min(values):.0f}–{max(values):.0f}",
-                  ratio(statistics.median(values), direct_conn)] for path, values in rates.items()]
+    conn_rows = []
+    for path, values in rates.items():
+        # Paired: each round's rate over direct's rate in the same round, then the median, so
+        # that the host's drift between rounds cancels out instead of adding to the spread.
+        paired = sorted(v / d for v, d in zip(values, rates["direct"], strict=True) if d)
+        conn_rows.append([path, f"{statistics.median(values):.0f}",
+                          f"{min(values):.0f}–{max(values):.0f}",
+                          f"{statistics.median(paired):.2f}×" if paired else "-",
+                          f"{paired[0]:.2f}–{paired[-1]:.2f}" if paired else "-"])
     anchor = min((float(r[2]) for r in rss_rows if r[0] == "haproxy"), default=None)
     for row in rss_rows:
         row.append(ratio(float(row[2]), anchor))
@@ -211,10 +216,11 @@ def measure(seconds: float, idle_count: int, rounds: int = ROUNDS,
               "(with its reaped children: socat forks one per connection); s/GB = those CPU "
               "seconds per GB carried.", {"throughput": median}),
         Table("Short connections (connect, 100 B echo, close)",
-              ["path", "conn/s (median)", "min–max", "× direct"], conn_rows,
+              ["path", "conn/s (median)", "min–max", "× direct (median)", "× direct min–max"],
+              conn_rows,
               f"2 client processes, {short_rounds} interleaved rounds of {short_seconds:g} s per "
-              "path (direct, then each forwarder, then again); the median of the rounds, its "
-              "ratio to direct's median."),
+              "path (direct, then each forwarder, then again); × direct is the median over "
+              "rounds of the path's rate divided by direct's rate in the same round."),
         Table("RSS per idle connection", ["forwarder", "connections", "kB each", "× haproxy"],
               rss_rows, "RSS growth of the forwarder after opening the connections (one 1-byte "
               "echo each, then idle 1 s), divided by their count. socat forks a process per "
