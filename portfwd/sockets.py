@@ -50,11 +50,15 @@ def bind_socket(addr: Resolved, socktype: int, options: ListenOptions) -> socket
     return sock
 
 
+# (capped option, root-only option that may exceed net.core.{r,w}mem_max or None)
+BUFFER_OPTIONS = [(socket.SO_RCVBUF, getattr(socket, "SO_RCVBUFFORCE", None)),
+                  (socket.SO_SNDBUF, getattr(socket, "SO_SNDBUFFORCE", None))]
+
+
 def set_buffers(sock: socket.socket, size: int, force: bool = False) -> None:
     """SO_RCVBUF/SO_SNDBUF; ``force`` lets root exceed net.core.{r,w}mem_max (datagram sockets,
     where a small buffer means loss at high rates), falling back to the capped options."""
-    for forced, plain in ((getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
-                          (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF)):
+    for plain, forced in BUFFER_OPTIONS:
         if force and forced is not None:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, forced, size)
@@ -76,12 +80,10 @@ if hasattr(socket, "TCP_KEEPIDLE"):
 
 def tune_tcp(sock: socket.socket, bufsize: int | None = SOCKBUF_CAP) -> None:
     """Per-connection options from the seed: big buffers, TCP_NODELAY, keepalive 60/10/6."""
-    setsockopt = sock.setsockopt
     if bufsize:
-        setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bufsize)
-        setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)
+        set_buffers(sock, bufsize)
     for level, option, value in TCP_OPTIONS:
-        setsockopt(level, option, value)
+        sock.setsockopt(level, option, value)
 
 
 def dial_tcp(dest: Resolved, timeout: float) -> socket.socket:
