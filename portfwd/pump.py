@@ -115,21 +115,16 @@ def _copy_pump(src: Endpoint, dst: Endpoint, counter: Counter, until_bulk: bool)
     The splice path starts here too: short and interactive flows (a 100-byte request, an ssh
     keystroke) then cost one recv and one send, not a pipe and four extra syscalls.
     """
-    recv, send, send_all = src.sock.recv, dst.sock.send, dst.send_all
+    recv, send_all = src.sock.recv, dst.send_all
     while True:
-        try:  # send_all() inlined for the usual case: one send takes it all
+        try:
             data = recv(COPY_CHUNK)
         except BlockingIOError:
             wait(src.readable)
             continue
         if not data:
             return True
-        try:
-            sent = send(data)
-        except BlockingIOError:
-            sent = 0
-        if sent < len(data):
-            send_all(memoryview(data)[sent:])
+        send_all(data)
         counter.moved += len(data)
         if len(data) == COPY_CHUNK:
             if until_bulk:
