@@ -36,14 +36,12 @@ class Workers:
         """Jobs running now."""
         return len(self._busy)
 
-    def spawn(self, job: Callable[..., object], *args: object) -> RawGreenlet:
-        """Run ``job(*args)`` in a worker greenlet, soon (the caller is not unscheduled).
-        The worker returned runs other jobs once this one is over."""
+    def spawn(self, job: Callable[..., object], *args: object) -> None:
+        """Run ``job(*args)`` in a worker greenlet, soon (the caller is not unscheduled)."""
         worker = self._idle.pop() if self._idle else RawGreenlet(self._work, self._hub)
         self._busy.add(worker)
         self._quiet.clear()
         self._hub.loop.run_callback(worker.switch, job, args)
-        return worker
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until no job is running; False if ``timeout`` seconds passed first."""
