@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from portfwd.echo import EchoServer  # noqa: F401  (re-exported for the tests)
+from portfwd.testing.echo import EchoServer  # noqa: F401  (re-exported for the tests)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(REPO, "bin")

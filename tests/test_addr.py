@@ -3,7 +3,7 @@ import socket
 
 import pytest
 
-from portfwd.addr import AddressError, Endpoint, parse_and_resolve, parse_endpoint
+from portfwd.runtime.addr import AddressError, HostPort, parse_and_resolve, parse_endpoint
 
 
 @pytest.mark.parametrize("text, host, port", [
@@ -16,7 +16,7 @@ from portfwd.addr import AddressError, Endpoint, parse_and_resolve, parse_endpoi
     ("host:1", "host", 1),
 ])
 def test_parse_endpoint(text, host, port):
-    assert parse_endpoint(text) == Endpoint(host, port)
+    assert parse_endpoint(text) == HostPort(host, port)
 
 
 @pytest.mark.parametrize("text, reason", [

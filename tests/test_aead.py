@@ -10,10 +10,10 @@ from Crypto.Cipher import ChaCha20_Poly1305
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
-from portfwd import crypto, wire
-from portfwd.acceptor import HandshakeAcceptor
-from portfwd.events import DatagramReceived
-from portfwd.session import OVERHEAD, TunnelConfig, TunnelSession
+from portfwd.tunnel import crypto, wire
+from portfwd.tunnel.events import DatagramReceived
+from portfwd.tunnel.handshake import HandshakeAcceptor
+from portfwd.tunnel.session import OVERHEAD, TunnelConfig, TunnelSession
 
 PSK = bytes.fromhex("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
 

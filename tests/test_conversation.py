@@ -16,23 +16,16 @@ from typing import Any
 
 import pytest
 
-from portfwd.acceptor import HandshakeAcceptor
-from portfwd.conversation import (
-    CLOSE_FINISHED,
-    CLOSE_LINK_DEAD,
-    MAX_RECORD_PAYLOAD,
-    Conversation,
-    ConversationConfig,
-)
-from portfwd.events import (
+from portfwd.kcp import KcpConfig
+from portfwd.tunnel.events import (
     ConnectionClosed,
     EpochSwitched,
     Event,
     HandshakeCompleted,
     RekeyStarted,
 )
-from portfwd.kcp import KcpConfig
-from portfwd.session import (
+from portfwd.tunnel.handshake import HandshakeAcceptor
+from portfwd.tunnel.session import (
     CLOSE_BY_PEER,
     CLOSE_HANDSHAKE_TIMEOUT,
     CLOSE_LOCAL,
@@ -40,6 +33,13 @@ from portfwd.session import (
     OVERHEAD,
     PLAINTEXT_OVERHEAD,
     TunnelConfig,
+)
+from portfwd.tunnel.stream import (
+    CLOSE_FINISHED,
+    CLOSE_LINK_DEAD,
+    MAX_RECORD_PAYLOAD,
+    Conversation,
+    ConversationConfig,
 )
 
 try:  # tests/ is not a package: pytest puts it on sys.path

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from conftest import BIN, REPO, connect, echo_roundtrip, free_port
 
-from portfwd.daemon import PidFile, PidFileBusy
+from portfwd.runtime.daemon import PidFile, PidFileBusy
 
 CONTROL = os.path.join(REPO, "contrib", "portfwd-control.sh")
 

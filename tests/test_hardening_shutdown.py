@@ -13,7 +13,7 @@ import pytest
 from conftest import connect, echo_roundtrip, free_port
 from test_hardening_tunnel import PSK, assert_clean
 
-from portfwd.daemon import DRAIN_TIMEOUT
+from portfwd.runtime.daemon import DRAIN_TIMEOUT
 
 CONNECTIONS = 8
 # bytes each way per connection: still running at the signal, done well inside DRAIN_TIMEOUT

@@ -19,8 +19,8 @@ import time
 from conftest import REPO, connect, echo_roundtrip, free_port
 from hardening import Relay, Streamer, save_datagrams
 
-from portfwd import crypto
-from portfwd.wire import pack_hello
+from portfwd.tunnel import crypto
+from portfwd.tunnel.wire import pack_hello
 
 PSK = "0123456789abcdef" * 4
 FUZZ_COUNT = 1_000_000  # datagrams (issue 7); the time budget below bounds the test anyway

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from portfwd import logs
+from portfwd.runtime import logs
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portfwd.replay import DEFAULT_WINDOW, MAX_SEQ, ReplayWindow, Verdict
+from portfwd.tunnel.replay import DEFAULT_WINDOW, MAX_SEQ, ReplayWindow, Verdict
 
 
 def test_default_width_is_at_least_2048() -> None:

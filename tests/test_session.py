@@ -12,9 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portfwd import events, wire
-from portfwd.acceptor import HandshakeAcceptor
-from portfwd.events import (
+from portfwd.tunnel import events, wire
+from portfwd.tunnel.events import (
     ConnectionClosed,
     DatagramReceived,
     EpochSwitched,
@@ -22,7 +21,8 @@ from portfwd.events import (
     PeerAddressChanged,
     RekeyStarted,
 )
-from portfwd.session import (
+from portfwd.tunnel.handshake import HandshakeAcceptor
+from portfwd.tunnel.session import (
     CLOSE_BY_PEER,
     CLOSE_HANDSHAKE_TIMEOUT,
     CLOSE_LOCAL,
@@ -40,7 +40,7 @@ WALL = 1_700_000_000_000  # Unix ms at virtual time 0
 CONV = 0x1234ABCD
 CLIENT_ADDR = ("192.0.2.1", 40000)
 SERVER_ADDR = ("198.51.100.2", 4000)
-LOG = "portfwd.session"
+LOG = "portfwd.tunnel.session"
 
 
 def make_config(**overrides: Any) -> TunnelConfig:

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portfwd import wire
-from portfwd.wire import MalformedPacket, PacketType
+from portfwd.tunnel import wire
+from portfwd.tunnel.wire import MalformedPacket, PacketType
 
 u32 = st.integers(min_value=0, max_value=0xFFFFFFFF)
 u64 = st.integers(min_value=0, max_value=2**64 - 1)

@@ -5,7 +5,7 @@ import pytest
 from gevent.event import Event
 from greenlet import getcurrent
 
-from portfwd.workers import Workers
+from portfwd.runtime.workers import Workers
 
 
 def test_finished_workers_are_reused():

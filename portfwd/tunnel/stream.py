@@ -21,9 +21,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from portfwd import events
 from portfwd.kcp import Kcp, KcpConfig
-from portfwd.session import CLOSE_LOCAL, TunnelConfig, TunnelSession
+from portfwd.tunnel import events
+from portfwd.tunnel.session import CLOSE_LOCAL, TunnelConfig, TunnelSession
 
 RECORD_DATA = 0x00  # record type: stream bytes follow
 RECORD_FIN = 0x01  # record type: the sender's stream ended (TCP half-close)

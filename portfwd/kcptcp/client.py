@@ -14,18 +14,18 @@ import time
 
 import gevent
 
-from portfwd.acceptloop import AcceptLoop
-from portfwd.addr import Resolved, format_sockaddr
-from portfwd.conversation import Conversation, ConversationConfig
-from portfwd.logs import RateLimitedLog
-from portfwd.sockets import cooperative, set_buffers
-from portfwd.tunnel import (
+from portfwd.kcptcp.driver import (
     ConversationDriver,
     UdpEndpoint,
     now_ms,
     stats_loop,
     wall_ms,
 )
+from portfwd.runtime.acceptloop import AcceptLoop
+from portfwd.runtime.addr import Resolved, format_sockaddr
+from portfwd.runtime.logs import RateLimitedLog
+from portfwd.runtime.sockets import cooperative, set_buffers
+from portfwd.tunnel.stream import Conversation, ConversationConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +43,17 @@ class TunnelClient:
         self.remote = remote
         self.udp_buffer = udp_buffer
         self.stats_interval = stats_interval
-        self.acceptor = AcceptLoop(listener, self._handle)
+        self.accept_loop = AcceptLoop(listener, self._handle)
         self.drivers: dict[int, ConversationDriver] = {}
         self.finished = 0
         self._stats: gevent.Greenlet | None = None
         self._faults = RateLimitedLog(log)
 
     def start(self) -> None:
-        self.acceptor.start()
+        self.accept_loop.start()
         if self.config.tunnel.psk is None:
             log.warning("no -K given: the tunnel is NOT encrypted or authenticated")
-        log.info("tunnelling tcp %s -> udp %s (%s)", format_sockaddr(self.acceptor.address),
+        log.info("tunnelling tcp %s -> udp %s (%s)", format_sockaddr(self.accept_loop.address),
                  self.remote, "encrypted" if self.config.tunnel.psk else "plaintext")
         if self.stats_interval > 0:
             self._stats = gevent.spawn(stats_loop, self.stats_interval,
@@ -65,7 +65,7 @@ class TunnelClient:
     def stop(self, timeout: float) -> None:
         if self._stats is not None:
             self._stats.kill()
-        self.acceptor.stop(timeout)
+        self.accept_loop.stop(timeout)
 
     def _handle(self, accepted: socket.socket, peer: tuple) -> None:
         sock = cooperative(accepted)

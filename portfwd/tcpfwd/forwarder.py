@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import gevent
 
-from portfwd.acceptloop import AcceptLoop
-from portfwd.addr import Resolved, format_sockaddr
-from portfwd.logs import RateLimitedLog, hot_info
-from portfwd.pump import Counter, Endpoint, pump
-from portfwd.sockets import CONNECT_TIMEOUT, dial_tcp
-from portfwd.workers import Workers
+from portfwd.runtime.acceptloop import AcceptLoop
+from portfwd.runtime.addr import Resolved, format_sockaddr
+from portfwd.runtime.logs import RateLimitedLog, hot_info
+from portfwd.runtime.sockets import CONNECT_TIMEOUT, dial_tcp
+from portfwd.runtime.workers import Workers
+from portfwd.tcpfwd.pump import Counter, RelaySocket, pump
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +74,17 @@ class TcpForwarder:
 
     def __init__(self, config: TcpConfig, listener: socket.socket) -> None:
         self.config = config
-        self.acceptor = AcceptLoop(listener, self._handle)
+        self.accept_loop = AcceptLoop(listener, self._handle)
         self._ids = itertools.count(1)
         self._faults = RateLimitedLog(log)
 
     def start(self) -> None:
-        self.acceptor.start()
-        log.info("forwarding %s -> %s (%s)", format_sockaddr(self.acceptor.address),
+        self.accept_loop.start()
+        log.info("forwarding %s -> %s (%s)", format_sockaddr(self.accept_loop.address),
                  self.config.dest, "splice" if self.config.splice else "copy")
 
     def stop(self, timeout: float) -> None:
-        self.acceptor.stop(timeout)
+        self.accept_loop.stop(timeout)
 
     def _destination(self, conn_id: int, client: socket.socket, peer: tuple) -> Resolved | None:
         if not self.config.base_addr:
@@ -109,8 +109,8 @@ class TcpForwarder:
                 accepted.close()
         if dialled is not None:
             hot_info(log, "conn %d open %s -> %s", conn_id, format_sockaddr(peer), dest)
-            Relay(conn_id, Endpoint(accepted), Endpoint(dialled), self.config.splice).run(
-                self.acceptor.workers)
+            Relay(conn_id, RelaySocket(accepted), RelaySocket(dialled), self.config.splice).run(
+                self.accept_loop.workers)
 
     def _dial(self, conn_id: int, dest: Resolved) -> socket.socket | None:
         try:
@@ -141,7 +141,8 @@ class Relay:
     __slots__ = ("conn_id", "client", "upstream", "splice", "started", "up", "down", "running",
                  "error", "cut")
 
-    def __init__(self, conn_id: int, client: Endpoint, upstream: Endpoint, splice: bool) -> None:
+    def __init__(self, conn_id: int, client: RelaySocket, upstream: RelaySocket,
+                 splice: bool) -> None:
         self.conn_id = conn_id
         self.client, self.upstream = client, upstream
         self.splice = splice
@@ -156,7 +157,7 @@ class Relay:
         workers.spawn(self._direction, self.upstream, self.client, self.down, True)
         self._direction(self.client, self.upstream, self.up)
 
-    def _direction(self, src: Endpoint, dst: Endpoint, counter: Counter,
+    def _direction(self, src: RelaySocket, dst: RelaySocket, counter: Counter,
                    idle_first: bool = False) -> None:
         try:
             pump(src, dst, self.splice, counter, idle_first)

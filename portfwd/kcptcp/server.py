@@ -23,13 +23,13 @@ import gevent
 import gevent.pool
 from gevent.socket import socket as gsocket
 
-from portfwd.acceptor import HandshakeAcceptor
-from portfwd.addr import Resolved, format_sockaddr
-from portfwd.conversation import Conversation, ConversationConfig
-from portfwd.logs import RateLimitedLog
-from portfwd.sockets import CONNECT_TIMEOUT, cooperative, dial_tcp
-from portfwd.tunnel import ConversationDriver, UdpEndpoint, now_ms, stats_loop, wall_ms
-from portfwd.wire import TYPE_MASK, MalformedPacket, PacketType, peek_prefix
+from portfwd.kcptcp.driver import ConversationDriver, UdpEndpoint, now_ms, stats_loop, wall_ms
+from portfwd.runtime.addr import Resolved, format_sockaddr
+from portfwd.runtime.logs import RateLimitedLog
+from portfwd.runtime.sockets import CONNECT_TIMEOUT, cooperative, dial_tcp
+from portfwd.tunnel.handshake import HandshakeAcceptor
+from portfwd.tunnel.stream import Conversation, ConversationConfig
+from portfwd.tunnel.wire import TYPE_MASK, MalformedPacket, PacketType, peek_prefix
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class TunnelServer:
         self.stats_interval = stats_interval
         self.limits = limits or ServerLimits()
         self.udp = UdpEndpoint(udp_sock)
-        self.acceptor = HandshakeAcceptor(config.tunnel)
+        self.handshakes = HandshakeAcceptor(config.tunnel)
         self.drivers: dict[int, ConversationDriver] = {}
         self.conversations = gevent.pool.Group()
         self.finished = 0
@@ -84,7 +84,7 @@ class TunnelServer:
                                                 lambda: list(self.drivers.values()), self._totals))
 
     def _totals(self) -> str:
-        a = self.acceptor
+        a = self.handshakes
         return (f"conversations={len(self.drivers)} finished={self.finished} "
                 f"handshakes={a.accepted} rejected_auth={a.dropped_auth} "
                 f"rejected_replay={a.dropped_replay} rejected_stale={a.dropped_stale} "
@@ -137,7 +137,7 @@ class TunnelServer:
                                  "HELLO from %s ignored", self.limits.max_pending,
                                  format_sockaddr(addr))
             return None
-        session = self.acceptor.accept(hello, addr, now, wall_ms())
+        session = self.handshakes.accept(hello, addr, now, wall_ms())
         if session is None:
             return None  # dropped and counted by the acceptor: never answered
         if len(self.drivers) >= self.limits.max_sessions and not self._evict_idle(now):

@@ -17,7 +17,7 @@ class AddressError(ValueError):
 
 
 @dataclass(frozen=True)
-class Endpoint:
+class HostPort:
     """A parsed ``host:port`` before resolution."""
 
     host: str  # name or literal without brackets; "" means unspecified
@@ -52,7 +52,7 @@ def format_sockaddr(sockaddr: tuple) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def parse_endpoint(text: str) -> Endpoint:
+def parse_endpoint(text: str) -> HostPort:
     """Split ``host:port`` / ``[v6]:port`` / ``:port``; raise AddressError with a clear reason."""
     if text.startswith("["):
         close = text.find("]")
@@ -72,10 +72,10 @@ def parse_endpoint(text: str) -> Endpoint:
     port = int(port_text)
     if not 1 <= port <= 65535:
         raise AddressError(f"bad port in {text!r}: {port} is outside 1-65535")
-    return Endpoint(host, port)
+    return HostPort(host, port)
 
 
-def resolve(endpoint: Endpoint, socktype: int, *, passive: bool) -> Resolved:
+def resolve(endpoint: HostPort, socktype: int, *, passive: bool) -> Resolved:
     """Resolve once, before the service starts (blocking is fine there).
 
     ``passive`` selects listener semantics: an empty host binds the IPv4 wildcard.

@@ -39,29 +39,13 @@ from collections import deque
 from dataclasses import dataclass
 from itertools import islice
 
-from .kcp_wire import (
+from .wire import (
     HEADER,
     OVERHEAD,
     Cmd,
-    ConvMismatch,
     MalformedSegment,
-    conv_of,
-    pack_segment,
     unpack_headers,
-    unpack_segments,
 )
-
-__all__ = [
-    "Cmd",
-    "Kcp",
-    "KcpConfig",
-    "MalformedSegment",
-    "ConvMismatch",
-    "conv_of",
-    "pack_segment",
-    "unpack_segments",
-    "OVERHEAD",
-]
 
 # --- protocol constants (ikcp.c, top of file) ---------------------------------------------
 RTO_NODELAY_MIN_MS = 30  # ms: minimum RTO in nodelay mode (IKCP_RTO_NDL)

@@ -31,16 +31,17 @@ from __future__ import annotations
 import socket
 import sys
 
-from portfwd import cli, daemon
-from portfwd.sessions import DEFAULT_MAX_SESSIONS
-from portfwd.sockets import SOCKBUF_CAP, ListenOptions, bind_socket
-from portfwd.udp import (
+from portfwd.runtime import daemon
+from portfwd.runtime import options as cli
+from portfwd.runtime.sockets import SOCKBUF_CAP, ListenOptions, bind_socket
+from portfwd.udpfwd.forwarder import (
     DEFAULT_STATS_INTERVAL,
     DEFAULT_TABLE_HINT,
     UdpConfig,
     UdpForwarder,
     use_gso,
 )
+from portfwd.udpfwd.table import DEFAULT_MAX_SESSIONS
 
 PROG = "udpfwd"
 DEFAULT_TIMEOUT = 60  # s; seed "-t <seconds> proxy session timeout (default: 60)"

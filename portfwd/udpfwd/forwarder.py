@@ -41,10 +41,10 @@ from dataclasses import dataclass
 
 from gevent import get_hub
 
-from portfwd.addr import Resolved, format_sockaddr
-from portfwd.logs import RateLimitedLog
-from portfwd.sessions import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS, SessionTable
-from portfwd.sockets import SOCKBUF_CAP, set_buffers
+from portfwd.runtime.addr import Resolved, format_sockaddr
+from portfwd.runtime.logs import RateLimitedLog
+from portfwd.runtime.sockets import SOCKBUF_CAP, set_buffers
+from portfwd.udpfwd.table import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS, SessionTable
 
 log = logging.getLogger(__name__)
 

@@ -37,12 +37,12 @@ def use_splice() -> bool:
     return SPLICE_AVAILABLE and os.environ.get("PORTFWD_NO_SPLICE", "") in ("", "0")
 
 
-class Endpoint:
+class RelaySocket:
     """One side of a relay: a non-blocking stdlib socket and its libev watchers.
 
     gevent's socket wrapper does the same waiting with more work per call (timeouts, a
     getsockopt per sendall, a deferred close); dropping it took tcpfwd from 293 to 255 us of
-    CPU per short connection. The price is one rule: close an Endpoint only when no greenlet
+    CPU per short connection. The price is one rule: close a RelaySocket only when no greenlet
     waits on it (``portfwd.tcp.Relay`` closes once both directions are over).
     """
 
@@ -91,7 +91,7 @@ class Counter:
         self.moved = 0
 
 
-def pump(src: Endpoint, dst: Endpoint, splice: bool, counter: Counter,
+def pump(src: RelaySocket, dst: RelaySocket, splice: bool, counter: Counter,
          idle_first: bool = False) -> None:
     """Relay src -> dst until EOF, then half-close dst. Raises OSError on a socket error.
 
@@ -109,7 +109,7 @@ def pump(src: Endpoint, dst: Endpoint, splice: bool, counter: Counter,
             raise
 
 
-def _copy_pump(src: Endpoint, dst: Endpoint, counter: Counter, until_bulk: bool) -> bool:
+def _copy_pump(src: RelaySocket, dst: RelaySocket, counter: Counter, until_bulk: bool) -> bool:
     """recv/send until EOF (True), or with ``until_bulk`` until a read fills a chunk (False).
 
     The splice path starts here too: short and interactive flows (a 100-byte request, an ssh
@@ -136,7 +136,7 @@ def _copy_pump(src: Endpoint, dst: Endpoint, counter: Counter, until_bulk: bool)
             wait(src.readable)
 
 
-def _splice_pump(src: Endpoint, dst: Endpoint, counter: Counter) -> None:
+def _splice_pump(src: RelaySocket, dst: RelaySocket, counter: Counter) -> None:
     """splice() src -> pipe -> dst until EOF: bulk data never passes through Python."""
     splice, src_fd, dst_fd = os.splice, src.fd, dst.fd
     pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

@@ -27,9 +27,9 @@ from gevent import get_hub
 from gevent.socket import socket as gsocket
 from gevent.socket import wait
 
-from portfwd import events
-from portfwd.conversation import Conversation
-from portfwd.logs import RateLimitedLog
+from portfwd.runtime.logs import RateLimitedLog
+from portfwd.tunnel import events
+from portfwd.tunnel.stream import Conversation
 
 log = logging.getLogger(__name__)
 

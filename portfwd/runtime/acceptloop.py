@@ -17,9 +17,9 @@ import gevent
 from gevent import get_hub
 from gevent.socket import wait
 
-from portfwd.logs import RateLimitedLog
-from portfwd.sockets import LISTEN_BACKLOG, tune_tcp
-from portfwd.workers import Workers
+from portfwd.runtime.logs import RateLimitedLog
+from portfwd.runtime.sockets import LISTEN_BACKLOG, tune_tcp
+from portfwd.runtime.workers import Workers
 
 log = logging.getLogger(__name__)
 

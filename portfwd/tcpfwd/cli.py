@@ -23,10 +23,11 @@ from __future__ import annotations
 import socket
 import sys
 
-from portfwd import cli, daemon
-from portfwd.pump import use_splice
-from portfwd.sockets import ListenOptions, bind_socket
-from portfwd.tcp import TcpConfig, TcpForwarder
+from portfwd.runtime import daemon
+from portfwd.runtime import options as cli
+from portfwd.runtime.sockets import ListenOptions, bind_socket
+from portfwd.tcpfwd.forwarder import TcpConfig, TcpForwarder
+from portfwd.tcpfwd.pump import use_splice
 
 PROG = "tcpfwd"
 

@@ -38,8 +38,8 @@ import tempfile
 import threading
 import time
 
-from portfwd import cli
-from portfwd.echo import EchoServer
+from portfwd.runtime import options as cli
+from portfwd.testing.echo import EchoServer
 
 PROG = "it_kcp"
 DEFAULT_PSK = "0123456789abcdef" * 4
@@ -50,6 +50,8 @@ TIMEOUT_REKEY_THRESHOLD = 16  # packets: a few retransmissions during the pause 
 TRICKLE_INTERVAL = 0.05  # s between the small messages of the trickle connection
 NORMAL_LINES = ("rekey trigger conv=", "recv REKEY_INIT conv=", "recv REKEY_ACK conv=",
                 "epoch switch conv=")
+# kcptcp-client / kcptcp-server in a child of this interpreter (bin/ may not be on PATH).
+TOOL_MAIN = "import sys; from portfwd.kcptcp.cli import %s_main; sys.exit(%s_main())"
 TIMEOUT_LINE = "rekey timeout, closing conv="
 
 
@@ -63,17 +65,17 @@ class Harness:
         self._echo = EchoServer("127.0.0.1", self.echo_port)
         env = dict(os.environ, **rekey_env)
         common = ["-K", psk, "--stats-interval", os.environ.get("IT_STATS_INTERVAL", "0")]
-        self._spawn("server", "portfwd.kcptcp_server", f"127.0.0.1:{self.udp_port}",
-                    f"127.0.0.1:{self.echo_port}", *common, env=env)
-        self._spawn("client", "portfwd.kcptcp_client", f"127.0.0.1:{self.tcp_port}",
-                    f"127.0.0.1:{self.udp_port}", *common, env=env)
+        self._spawn("server", f"127.0.0.1:{self.udp_port}", f"127.0.0.1:{self.echo_port}",
+                    *common, env=env)
+        self._spawn("client", f"127.0.0.1:{self.tcp_port}", f"127.0.0.1:{self.udp_port}",
+                    *common, env=env)
 
-    def _spawn(self, name: str, module: str, *args: str, env: dict) -> None:
+    def _spawn(self, name: str, *args: str, env: dict) -> None:
         log = tempfile.NamedTemporaryFile(prefix=f"it_kcp-{name}-", suffix=".log", delete=False)
         self.logs[name] = log.name
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", module, *args], env=env,
-                                            stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT)
+        command = [sys.executable, "-c", TOOL_MAIN % (name, name), *args]
+        self.procs[name] = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
+                                            stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
     def log_text(self, name: str) -> str:

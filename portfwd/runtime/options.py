@@ -12,7 +12,7 @@ from typing import NoReturn
 import docopt
 
 from portfwd import __version__
-from portfwd.addr import AddressError, Resolved, parse_and_resolve
+from portfwd.runtime.addr import AddressError, Resolved, parse_and_resolve
 
 EXIT_USAGE = 2  # bad input
 EXIT_RUNTIME = 1  # could not start (address in use, live pidfile, ...)

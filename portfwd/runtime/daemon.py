@@ -17,8 +17,8 @@ from typing import Protocol
 import gevent
 import gevent.event
 
-from portfwd.cli import EXIT_RUNTIME, fail
-from portfwd.logs import setup_logging
+from portfwd.runtime.logs import setup_logging
+from portfwd.runtime.options import EXIT_RUNTIME, fail
 
 log = logging.getLogger(__name__)
 

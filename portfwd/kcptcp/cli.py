@@ -1,4 +1,4 @@
-"""Command-line pieces shared by kcptcp-client and kcptcp-server: options and their config."""
+"""The command lines of kcptcp-client and kcptcp-server: usage texts, options, their config."""
 
 from __future__ import annotations
 
@@ -6,11 +6,14 @@ import os
 import socket
 from collections.abc import Callable
 
-from portfwd import cli, daemon
-from portfwd.addr import Resolved
-from portfwd.conversation import ConversationConfig, tunnel_kcp_config
-from portfwd.session import REKEY_SEQ_THRESHOLD, REKEY_TIMEOUT_MS, TunnelConfig
-from portfwd.sockets import ListenOptions, bind_socket
+from portfwd.kcptcp.client import TunnelClient
+from portfwd.kcptcp.server import ServerLimits, TunnelServer
+from portfwd.runtime import daemon
+from portfwd.runtime import options as cli
+from portfwd.runtime.addr import Resolved
+from portfwd.runtime.sockets import ListenOptions, bind_socket
+from portfwd.tunnel.session import REKEY_SEQ_THRESHOLD, REKEY_TIMEOUT_MS, TunnelConfig
+from portfwd.tunnel.stream import ConversationConfig, tunnel_kcp_config
 
 MTU_MIN = 576  # bytes: the IPv4 minimum reassembly size; KCP records need >= ~310
 MTU_MAX = 9000  # bytes: jumbo frames; beyond this every datagram fragments
@@ -119,3 +122,56 @@ def tunnel_main(prog: str, usage: str, argv: list[str] | None,
         cli.fail(prog, f"cannot listen on {local}: {exc.strerror or exc}", cli.EXIT_RUNTIME)
     service = build(config, listener, peer, udp_buffer, stats, args)
     return daemon.run(prog, service, daemonize=args["-d"], pidfile=args["-p"])
+
+
+CLIENT_USAGE = """kcptcp-client: TCP over KCP/UDP client.
+
+Usage:
+  kcptcp-client [options] <local_tcp_addr:port> <remote_udp_addr:port>
+  kcptcp-client -h | --help
+
+Listens on a local TCP address and carries each connection as one KCP conversation over UDP
+to a kcptcp-server. AEAD encryption is enabled only when -K is given on both client and server.
+
+{{OPTIONS}}""".replace("{{OPTIONS}}", OPTIONS)
+
+SERVER_USAGE = """kcptcp-server: KCP/UDP to TCP server.
+
+Usage:
+  kcptcp-server [options] <local_udp_addr:port> <target_tcp_addr:port>
+  kcptcp-server -h | --help
+
+Listens on a UDP address, accepts KCP sessions from kcptcp-client and bridges each to the
+target TCP service. AEAD requires the same -K PSK as the client for handshakes to succeed.
+
+{{OPTIONS}}""".replace("{{OPTIONS}}", OPTIONS)
+CLIENT_PROG = "kcptcp-client"
+SERVER_PROG = "kcptcp-server"
+
+
+def client_main(argv: list[str] | None = None) -> int:
+    return tunnel_main(CLIENT_PROG, CLIENT_USAGE, argv,
+                       ("<local_tcp_addr:port>", socket.SOCK_STREAM),
+                       ("<remote_udp_addr:port>", socket.SOCK_DGRAM), build_client)
+
+
+def build_client(config: ConversationConfig, listener: socket.socket, remote: Resolved,
+                 udp_buffer: int, stats_interval: int, args: dict) -> TunnelClient:
+    return TunnelClient(config, listener, remote, udp_buffer, stats_interval)
+
+
+def server_main(argv: list[str] | None = None) -> int:
+    return tunnel_main(SERVER_PROG, SERVER_USAGE, argv,
+                       ("<local_udp_addr:port>", socket.SOCK_DGRAM),
+                       ("<target_tcp_addr:port>", socket.SOCK_STREAM), build_server)
+
+
+def build_server(config: ConversationConfig, udp_sock: socket.socket, target: Resolved,
+                 udp_buffer: int, stats_interval: int, args: dict) -> TunnelServer:
+    """The UDP socket's buffers were sized at bind time; the rest goes to the service."""
+    limits = ServerLimits(
+        connect_timeout=cli.int_option(SERVER_PROG, args, "--connect-timeout", 1, 3600),
+        max_sessions=cli.int_option(SERVER_PROG, args, "--max-sessions", 1, 1 << 20),
+        max_pending=cli.int_option(SERVER_PROG, args, "--max-pending", 1, 1 << 20),
+    )
+    return TunnelServer(config, udp_sock, target, stats_interval, limits)

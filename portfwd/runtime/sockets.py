@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from gevent.socket import socket as gsocket
 from gevent.socket import wait_write
 
-from portfwd.addr import Resolved
+from portfwd.runtime.addr import Resolved
 
 SOCKBUF_CAP = 262144  # bytes; seed TCP_PROXY_SOCKBUF_CAP / UDP_PROXY_SOCKBUF_CAP
 KEEPALIVE_IDLE = 60  # s; seed TCP_PROXY_KEEPALIVE_IDLE

@@ -1,0 +1,1 @@
+"""tcpfwd: the TCP forwarder service, its relay pump and its command line."""

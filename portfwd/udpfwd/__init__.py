@@ -1,0 +1,1 @@
+"""udpfwd: the UDP forwarder service, its session table and its command line."""
