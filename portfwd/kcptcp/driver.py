@@ -28,6 +28,7 @@ from gevent.socket import socket as gsocket
 from gevent.socket import wait
 
 from portfwd.runtime.logs import RateLimitedLog
+from portfwd.runtime.sockets import READ, WRITE
 from portfwd.tunnel import events
 from portfwd.tunnel.stream import Conversation
 
@@ -37,7 +38,6 @@ TCP_CHUNK = 64 * 1024  # bytes per TCP read
 UDP_RECV_SIZE = 65536  # bytes: any datagram fits
 DRAIN_TIMEOUT = 10.0  # s to write out what was received after the conversation closed
 RECV_BATCH = 64  # datagrams read without yielding before one transmit per touched conversation
-READ, WRITE = 1, 2  # libev event masks
 
 _faults = RateLimitedLog(log)
 

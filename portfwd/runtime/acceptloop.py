@@ -18,7 +18,7 @@ from gevent import get_hub
 from gevent.socket import wait
 
 from portfwd.runtime.logs import RateLimitedLog
-from portfwd.runtime.sockets import LISTEN_BACKLOG, tune_tcp
+from portfwd.runtime.sockets import LISTEN_BACKLOG, READ, tune_tcp
 from portfwd.runtime.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,6 @@ BACKOFF_MIN = 0.01  # s before accepting again after a shortage
 BACKOFF_MAX = 1.0  # s
 
 Handler = Callable[[socket.socket, tuple], None]
-READ = 1  # libev event mask
 
 
 class AcceptLoop:

@@ -23,10 +23,11 @@ import socket
 from gevent import get_hub
 from gevent.socket import wait
 
+from portfwd.runtime.sockets import READ, WRITE
+
 PIPE_SIZE = 1 << 20  # bytes; DESIGN: 1 MiB pipes reached 0.76x direct loopback
 COPY_CHUNK = 1 << 16  # bytes per recv on the copy path (seed TCP_PROXY_USERBUF_CAP)
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-READ, WRITE = 1, 2  # libev event masks
 
 SPLICE_AVAILABLE = hasattr(os, "splice")
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)

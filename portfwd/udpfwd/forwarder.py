@@ -43,7 +43,7 @@ from gevent import get_hub
 
 from portfwd.runtime.addr import Resolved, format_sockaddr
 from portfwd.runtime.logs import RateLimitedLog
-from portfwd.runtime.sockets import SOCKBUF_CAP, set_buffers
+from portfwd.runtime.sockets import READ, SOCKBUF_CAP, set_buffers
 from portfwd.udpfwd.table import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS, SessionTable
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,6 @@ SWEEP_INTERVAL_MAX = 1.0  # s between idle sweeps; shorter for short timeouts (t
 SWEEP_LIMIT = 4096  # sessions closed per sweep tick, so a mass expiry cannot stall the loop
 DEFAULT_STATS_INTERVAL = 60.0  # s between status lines; 0 = none
 DEFAULT_TABLE_HINT = 4093  # seed -H default: the C hash table size (a sizing hint here)
-READ = 1  # libev EV_READ
 GSO_SEGMENT_MAX = 1200  # bytes; 1200 + 48 (IPv6+UDP headers) fits the 1280-byte IPv6 min MTU
 GSO_MAX_SEGMENTS = 32  # datagrams per GSO send (kernel limit UDP_MAX_SEGMENTS is 64)
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
