@@ -34,7 +34,9 @@ from .wire import (
     HEADER_SIZE,
     MAC_SIZE,
     PHASE_BIT,
+    RANDOM_SIZE,
     TYPE_MASK,
+    UINT32_MAX,
     MalformedPacket,
     PacketType,
     pack_epoch,
@@ -52,7 +54,6 @@ _unpack_header = HEADER.unpack_from
 
 REKEY_SEQ_THRESHOLD = 0xFFF00000  # send_seq at which a rekey starts (seed default)
 REKEY_TIMEOUT_MS = 5000  # ms without REKEY_ACK before closing (seed default)
-UINT32_MAX = 0xFFFFFFFF  # send_seq value that must never be used (seed wraparound guard)
 OVERHEAD = HEADER_SIZE + crypto.TAG_SIZE  # 25 bytes a sealed DATA packet adds to its payload
 PLAINTEXT_OVERHEAD = HEADER_SIZE  # 9 bytes in plaintext mode
 MAX_DATAGRAM_SIZE = 65507  # bytes, largest UDP payload over IPv4
@@ -179,7 +180,7 @@ class TunnelSession:
                random_bytes: Callable[[int], bytes] = os.urandom) -> TunnelSession:
         """A client session with its HELLO queued; ``wall_ms`` is Unix time in ms."""
         self = cls(config, conv, True, peer_addr, now)
-        self._client_random = random_bytes(crypto.RANDOM_SIZE)
+        self._client_random = random_bytes(RANDOM_SIZE)
         body = pack_hello(conv, wall_ms, self._client_random)
         self._hello = body + crypto.handshake_mac(self._mac_key, body)
         self._out.append(self._hello)
@@ -193,7 +194,7 @@ class TunnelSession:
         conv = peek_prefix(hello)[1]
         self = cls(config, conv, False, peer_addr, now)
         self._hello = bytes(hello)
-        server_random = random_bytes(crypto.RANDOM_SIZE)
+        server_random = random_bytes(RANDOM_SIZE)
         body = pack_welcome(conv, server_random)
         self._welcome = body + crypto.handshake_mac(self._mac_key, self._hello, body)
         self._out.append(self._welcome)
@@ -360,7 +361,8 @@ class TunnelSession:
     def _seal_raw(self, ptype: int, body: bytes) -> bool:
         seq = self._send_seq
         if seq >= UINT32_MAX:
-            # seed "Wraparound guard": never let (epoch, send_seq) repeat under one key
+            # seed "AEAD Rekeying", wraparound guard: send_seq 0xFFFFFFFF is never used, so
+            # (epoch, send_seq) never repeats under one key
             logger.info("send_seq wraparound guard hit, closing conv=%d", self.conv)
             self._terminate(CLOSE_WRAPAROUND, by_peer=False, send_close=False)
             return False
@@ -372,7 +374,7 @@ class TunnelSession:
 
     def _start_rekey(self, now: int) -> None:
         cp = self._crypto
-        if cp.epoch >= crypto.MAX_EPOCH:
+        if cp.epoch >= UINT32_MAX:
             self._terminate(CLOSE_WRAPAROUND, by_peer=False, send_close=True)
             return
         cp.prepare_next()
@@ -518,7 +520,7 @@ class TunnelSession:
         logger.info("recv REKEY_INIT conv=%d seq=%d", self.conv, seq)
         cp = self._crypto
         if not old_epoch and target == cp.epoch + 1:
-            if cp.epoch >= crypto.MAX_EPOCH:
+            if cp.epoch >= UINT32_MAX:
                 self._terminate(CLOSE_WRAPAROUND, by_peer=False, send_close=True)
                 return
             # seed: the responder switches after sending REKEY_ACK under the next key, seq 0;
