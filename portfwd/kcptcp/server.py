@@ -73,11 +73,11 @@ class TunnelServer:
         self._faults = RateLimitedLog(log)
 
     def start(self) -> None:
-        if self.config.tunnel.psk is None:
+        if self.config.tunnel.plaintext:
             log.warning("no -K given: the tunnel is NOT encrypted or authenticated")
         log.info("tunnelling udp %s -> tcp %s (%s)",
                  format_sockaddr(self.udp.sock.getsockname()), self.target,
-                 "encrypted" if self.config.tunnel.psk else "plaintext")
+                 "plaintext" if self.config.tunnel.plaintext else "encrypted")
         self._greenlets.append(gevent.spawn(self._receive))
         if self.stats_interval > 0:
             self._greenlets.append(gevent.spawn(stats_loop, self.stats_interval,

@@ -114,6 +114,11 @@ class TunnelConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
 
+    @property
+    def plaintext(self) -> bool:
+        """Plaintext mode (no ``-K``, seed): no AEAD tag, no secrecy, no integrity."""
+        return self.psk is None
+
 
 class _State(enum.Enum):
     HANDSHAKE = "handshake"  # client waiting for WELCOME
@@ -237,7 +242,7 @@ class TunnelSession:
     @property
     def overhead(self) -> int:
         """Bytes a DATA packet adds to its payload (25 sealed, 9 in plaintext mode)."""
-        return PLAINTEXT_OVERHEAD if self.config.psk is None else OVERHEAD
+        return PLAINTEXT_OVERHEAD if self.config.plaintext else OVERHEAD
 
     # --- commands -------------------------------------------------------------------------
 
