@@ -1,5 +1,5 @@
 """Sans-IO tunnel session on a virtual clock: handshake, data, rekey, replay, migration, keepalive,
-hostile input and a seeded lossy link (issue 5 "Tests", issue 7 "Hostile input")."""
+hostile input and a seeded lossy link."""
 
 from __future__ import annotations
 

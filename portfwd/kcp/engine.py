@@ -223,6 +223,7 @@ class Kcp:
         self.segments_received: int = 0  # PUSH segments taken in, duplicates included
 
     # --- sizes the driver needs for backpressure -------------------------------------------
+    # One read-only property per size, alike by design: ikcp keeps these as struct fields.
     @property
     def waitsnd(self) -> int:
         """Segments not yet acknowledged: snd_queue + snd_buf (ikcp_waitsnd)."""

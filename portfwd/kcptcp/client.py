@@ -73,7 +73,7 @@ class TunnelClient:
         try:
             # socket() itself fails with EMFILE at the fd limit: that must close the accepted
             # connection and log (rate-limited), not kill the greenlet with a traceback and
-            # leak the accepted fd (issue 7, fd exhaustion).
+            # leak the accepted fd.
             udp_sock = socket.socket(self.remote.family, socket.SOCK_DGRAM)
             set_buffers(udp_sock, self.udp_buffer, force=True)
             udp_sock.connect(self.remote.sockaddr)

@@ -2,13 +2,13 @@
 
 One UDP socket and one receive loop serve every conversation: datagrams are demultiplexed by
 the conv field; only a HELLO for an unknown conv reaches the HandshakeAcceptor, and the target is
-dialled only after the acceptor authenticated it (DESIGN.md). Nothing is ever sent in answer
+dialled only after the acceptor authenticated it (docs/SECURITY.md). Nothing is ever sent in answer
 to a datagram that did not authenticate.
 
-Floods (issue 7): besides the acceptor's per-source HELLO rate limit, two caps bound what
-authenticated HELLOs can make us hold: ``max_pending`` sessions whose client has not yet proven
-its keys (``TunnelSession.confirmed``), and ``max_sessions`` in all. At the global cap the
-least recently active session is evicted if it has moved no stream byte for EVICT_MIN_IDLE_MS;
+Floods (docs/SECURITY.md, "Flood limits"): besides the acceptor's per-source HELLO rate limit, two
+caps bound what authenticated HELLOs can make us hold: ``max_pending`` sessions whose client has not
+yet proven its keys (``TunnelSession.confirmed``), and ``max_sessions`` in all. At the global cap
+the least recently active session is evicted if it has moved no stream byte for EVICT_MIN_IDLE_MS;
 otherwise the new one is refused. Caps act only *after* the HELLO authenticated, so forged
 input can never evict anybody.
 """

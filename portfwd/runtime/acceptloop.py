@@ -34,11 +34,11 @@ Handler = Callable[[socket.socket, tuple], None]
 class AcceptLoop:
     """Accepts on a bound listener and runs ``handler(sock, peer)`` in a greenlet per connection.
 
-    The handler owns the accepted socket (a plain stdlib one: tcpfwd relays on those, others
-    wrap it with ``portfwd.sockets.cooperative``) and must close it. Accepted sockets come with the
-    seed's per-connection options (buffers, TCP_NODELAY, keepalive) already set. Handlers run
-    in ``workers``, which they may share for more per-connection jobs (tcpfwd's second
-    direction); stop() drains and then cuts every job there.
+    The handler owns the accepted socket (a plain stdlib one: tcpfwd relays on those, others wrap it
+    with ``portfwd.runtime.sockets.cooperative``) and must close it. Accepted sockets come with the
+    seed's per-connection options (buffers, TCP_NODELAY, keepalive) already set. Handlers run in
+    ``workers``, which they may share for more per-connection jobs (tcpfwd's second direction);
+    stop() drains and then cuts every job there.
     """
 
     def __init__(self, listener: socket.socket, handler: Handler,

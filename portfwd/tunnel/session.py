@@ -83,7 +83,7 @@ class TunnelConfig:
     rekey_retry_ms: int = 500  #: ms between REKEY_INIT retransmissions while waiting
     rekey_grace_ms: int = 5000  #: ms the previous epoch's receive key still opens late packets;
     #: keep >= rekey_timeout_ms so a responder still hears an initiator whose ACK was lost
-    replay_window: int = 2048  #: anti-replay window width (packets), >= 2048 per issue 5
+    replay_window: int = 2048  #: anti-replay window width (packets); docs/PROTOCOL.md "Anti-replay"
     handshake_timeout_ms: int = 10000  #: ms the client waits for WELCOME before giving up
     handshake_retry_ms: int = 250  #: ms before the first HELLO retransmission (then doubles)
     handshake_retry_max_ms: int = 2000  #: ms cap of the HELLO retransmission interval
@@ -429,7 +429,10 @@ class TunnelSession:
                 type_byte, conv, seq = _unpack_header(data)
                 if conv == self.conv:
                     if type_byte == self._fast_type:
-                        # Per-packet path: DATA of the current epoch (same steps as below).
+                        # Per-packet fast path: DATA of the current epoch. A deliberate inline copy
+                        # of _receive_secured's steps (replay check, open, record, counters,
+                        # migration) for its commonest case, without the call and the epoch
+                        # dispatch; a change to one must be made to the other.
                         win = self._win
                         if not win.is_new(seq):
                             self.dropped_replay += 1
@@ -457,6 +460,8 @@ class TunnelSession:
 
     def _receive_secured(self, data: bytes, type_byte: int, seq: int, addr: Any,
                          now: int) -> None:
+        """Every secured packet but current-epoch DATA, which receive_datagram's fast path
+        handles with the same steps inlined."""
         cp = self._crypto
         key = cp.recv
         win = self._win
@@ -511,7 +516,8 @@ class TunnelSession:
             logger.info("recv REKEY_ACK conv=%d", self.conv)
 
     def _migrate(self, addr: Any) -> None:
-        # DESIGN.md: the peer address changes only on an authenticated, fresh packet.
+        # The peer address changes only on an authenticated, fresh packet, so a replayed or
+        # spoofed datagram cannot redirect the session (docs/PROTOCOL.md "Anti-replay").
         old, self.peer_addr = self.peer_addr, addr
         self._log.info("peer address changed %s -> %s", old, addr)
         self._events.append(events.PeerAddressChanged(old, addr))

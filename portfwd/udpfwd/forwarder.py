@@ -3,7 +3,7 @@
 Glossary: *client* is a peer that sends to our listening socket; *upstream* is the connected
 socket we open per client towards the destination (so the destination sees one stable source
 port per client); *up* is client -> destination, *down* destination -> client. A *session* is
-the pair (client address, upstream socket), kept in a :class:`~portfwd.sessions.SessionTable`.
+the pair (client address, upstream socket), kept in a :class:`~portfwd.udpfwd.table.SessionTable`.
 
 Shape (why no greenlets here): every socket is a plain non-blocking stdlib socket with a
 libev io watcher whose callback drains it, at most ``RECV_BUDGET`` datagrams per wake-up so
@@ -65,7 +65,7 @@ SOFT_ERRNOS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.
 
 @dataclass(frozen=True)
 class UdpConfig:
-    """udpfwd's behaviour, built from the command line in one place (``portfwd.udpfwd``)."""
+    """udpfwd's behaviour, built from the command line in one place (``portfwd.udpfwd.cli``)."""
 
     dest: Resolved  # where datagrams go
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # s of inactivity before a session closes; 0 never
@@ -115,7 +115,8 @@ class Session:
 
 
 class UdpForwarder:
-    """A bound listening socket plus the destination; :func:`portfwd.daemon.run` drives it."""
+    """A bound listening socket plus the destination; :func:`portfwd.runtime.daemon.run`
+    drives it."""
 
     def __init__(self, config: UdpConfig, listener: socket.socket) -> None:
         self.config = config
