@@ -26,7 +26,7 @@ MTU = 1400  # bytes
 PAYLOAD = 1376  # bytes: MTU - 24-byte header, one segment per message
 WINDOW = 1024  # segments
 INTERVAL_MS = 10  # ms
-TARGET = 250_000  # segments/s (issue 4); goal 400k
+TARGET = 250_000  # segments/s; goal 400k
 
 
 class CKcp:

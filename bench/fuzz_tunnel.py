@@ -1,4 +1,4 @@
-"""Full-size tunnel fuzz (issue 7): 1,000,000 hostile datagrams at kcptcp-server while a valid
+"""Full-size tunnel fuzz: 1,000,000 hostile datagrams at kcptcp-server while a valid
 client streams through it; prints the numbers. Loopback only; the test suite runs the same
 scenario (tests/test_hardening_tunnel.py::test_fuzz_while_transferring) within a time budget.
 

@@ -1,4 +1,4 @@
-"""Soak (issue 7): churn short connections through tcpfwd and the kcptcp tunnel and UDP
+"""Soak: churn short connections through tcpfwd and the kcptcp tunnel and UDP
 sessions through udpfwd for minutes, printing each tool's RSS and fd count over time.
 
     python bench/soak.py --minutes 30 [--interval 30]

@@ -1,4 +1,4 @@
-"""Helpers of the hardening tests (issue 7), shared with bench/fuzz_tunnel.py and bench/soak.py.
+"""Helpers of the hardening tests, shared with bench/fuzz_tunnel.py and bench/soak.py.
 
 * :class:`Relay` -- a UDP relay between kcptcp-client and kcptcp-server that records what passes,
   so tests can replay and mutate real datagrams.

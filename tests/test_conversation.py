@@ -1,7 +1,7 @@
 """Sans-IO Conversation on a virtual clock: TCP bytes as stream records in KCP in a TunnelSession.
 
 No sockets and no sleep.  A client ``Conversation.client(...)`` and a server
-``Conversation(acceptor.accept(hello), ...)`` (built exactly as tunnel_server does) exchange
+``Conversation(acceptor.accept(hello), ...)`` (built exactly as portfwd.kcptcp.server does) exchange
 datagrams through test_kcp's seeded ``Link`` (drop / duplicate / delay = reorder); time jumps to
 the earliest conversation timer or delivery.  Each ``Side`` is driven the way
 ``tunnel.ConversationDriver`` drives a conversation: after every input it reads what is ready,
@@ -141,7 +141,8 @@ class Net:
         self.cut = False  # True: both links drop everything from now on (peer vanished)
 
     def _to_server(self, datagram: bytes, now: int) -> None:
-        if self.server.conv is None:  # tunnel_server: an unknown conv goes to the acceptor
+        # As portfwd.kcptcp.server does: an unknown conv goes to the acceptor.
+        if self.server.conv is None:
             session = self.acceptor.accept(datagram, CLIENT_ADDR, now, WALL + now)
             if session is not None:
                 self.server.conv = Conversation(session, self.server_config, now)
@@ -451,8 +452,9 @@ def test_rekey_during_transfer(delay: tuple[int, int]) -> None:
         assert switches == list(range(1, epoch + 1))
     started = [e for s in (net.client, net.server) for e in s.events
                if isinstance(e, RekeyStarted)]
-    # Each epoch's rekey was started at send_seq 50 by one side, or by both at once (section 7:
-    # a simultaneous trigger, where each REKEY_INIT also serves as the other's answer).
+    # Each epoch's rekey was started at send_seq 50 by one side, or by both at once
+    # (docs/PROTOCOL.md "Rekeying": a simultaneous trigger, where each REKEY_INIT also serves
+    # as the other's answer).
     assert {e.epoch for e in started} == set(range(epoch)) and len(started) >= epoch
     # At send_seq 50, except that the server defers until the client is confirmed (the server
     # sends its first window together with the WELCOME).

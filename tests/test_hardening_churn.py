@@ -1,4 +1,4 @@
-"""Leaks (issue 7): tens of thousands of short connections and UDP sessions; afterwards every
+"""Leaks: tens of thousands of short connections and UDP sessions; afterwards every
 tool's fd count is back at its baseline and its RSS grew less than a stated bound.
 
 The baseline is taken after a warm-up round, so one-time allocations (greenlet pools, caches,

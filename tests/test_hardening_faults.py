@@ -1,4 +1,4 @@
-"""Faults (issue 7): a black-holed or resetting target, a kcptcp-server restart or pause.
+"""Faults: a black-holed or resetting target, a kcptcp-server restart or pause.
 
 Everything stays on loopback: the black hole is a listener whose accept queue is full (Linux
 then drops further SYNs, so connect() hangs exactly as towards a silent host).

@@ -1,4 +1,4 @@
-"""fd exhaustion and many connections (issue 7).
+"""fd exhaustion and many connections.
 
 The tool's limit is lowered *after* it started (``prlimit`` on its pid, soft = hard), so its
 own raise-to-hard at start cannot lift it: every fd beyond LOW_LIMIT fails with EMFILE.
@@ -23,7 +23,7 @@ OVER = 150  # connections opened against it: each needs 2 fds, so ~2/3 cannot be
 HARDENING = os.path.join(REPO, "tests", "hardening.py")
 CPU_WINDOW = 3.0  # s of measuring while over the limit
 CPU_MAX_TICKS = 15  # 1/100 s ticks in CPU_WINDOW: 5 % of a core (a spinning loop is ~300)
-MANY = 10_000  # concurrent connections through tcpfwd (issue 7), if the fd hard limit allows
+MANY = 10_000  # concurrent connections through tcpfwd, if the fd hard limit allows
 
 
 def limit_fds(pid: int, limit: int) -> None:

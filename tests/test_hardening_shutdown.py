@@ -1,4 +1,4 @@
-"""Graceful shutdown under load (issue 7): SIGTERM during transfers stops accepting, lets the
+"""Graceful shutdown under load: SIGTERM during transfers stops accepting, lets the
 active connections finish inside the drain period (daemon.DRAIN_TIMEOUT), exits 0 and removes
 the pidfile. udpfwd has no connections to drain: it stops at once, cleanly."""
 

@@ -1,4 +1,4 @@
-"""Hostile input at kcptcp-server (issue 7): fuzz, replay, amplification, HELLO floods, caps.
+"""Hostile input at kcptcp-server: fuzz, replay, amplification, HELLO floods, caps.
 
 The attackers bind other loopback addresses (127.0.0.2, 127.0.0.3) so the per-source HELLO
 rate limit, which keys on the host, does not also throttle the legitimate client on 127.0.0.1.
@@ -23,7 +23,7 @@ from portfwd.tunnel import crypto
 from portfwd.tunnel.wire import pack_hello
 
 PSK = "0123456789abcdef" * 4
-FUZZ_COUNT = 1_000_000  # datagrams (issue 7); the time budget below bounds the test anyway
+FUZZ_COUNT = 1_000_000  # datagrams; the time budget below bounds the test anyway
 FUZZ_SECONDS = 25.0  # s
 HARDENING = os.path.join(REPO, "tests", "hardening.py")
 

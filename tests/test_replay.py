@@ -7,7 +7,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portfwd.tunnel.replay import DEFAULT_WINDOW, MAX_SEQ, ReplayWindow, Verdict
+from portfwd.tunnel.replay import DEFAULT_WINDOW, ReplayWindow
+from portfwd.tunnel.wire import UINT32_MAX as MAX_SEQ
+
+
+def accept(window: ReplayWindow, seq: int) -> bool:
+    """What the session does with an authenticated packet: record it if it is new."""
+    if not window.is_new(seq):
+        return False
+    window.record(seq)
+    return True
+
+
+def too_old(window: ReplayWindow, seq: int) -> bool:
+    """At or below ``top - width``: outside what the window remembers."""
+    return seq <= window.top - window.width
 
 
 def test_default_width_is_at_least_2048() -> None:
@@ -18,52 +32,52 @@ def test_default_width_is_at_least_2048() -> None:
 def test_accept_first_and_increasing() -> None:
     w = ReplayWindow(64)
     for seq in (0, 1, 2, 10, 11):
-        assert w.accept(seq) is Verdict.NEW
+        assert accept(w, seq)
     assert w.top == 11
 
 
 def test_replay_is_duplicate() -> None:
     w = ReplayWindow(64)
-    assert w.accept(5) is Verdict.NEW
-    assert w.accept(5) is Verdict.DUPLICATE
-    assert w.check(5) is Verdict.DUPLICATE
+    assert accept(w, 5)
+    assert not accept(w, 5)
+    assert not w.is_new(5) and not too_old(w, 5)
 
 
 def test_out_of_order_inside_window_accepted_once() -> None:
     w = ReplayWindow(64)
-    assert w.accept(40) is Verdict.NEW
-    assert w.accept(3) is Verdict.NEW
-    assert w.accept(3) is Verdict.DUPLICATE
-    assert w.accept(39) is Verdict.NEW
+    assert accept(w, 40)
+    assert accept(w, 3)
+    assert not accept(w, 3)
+    assert accept(w, 39)
 
 
 def test_too_old() -> None:
     w = ReplayWindow(64)
-    w.accept(100)
-    assert w.check(100 - 64) is Verdict.TOO_OLD  # exactly width below top: forgotten
-    assert w.check(100 - 63) is Verdict.NEW  # the oldest remembered slot
-    assert w.check(0) is Verdict.TOO_OLD
+    accept(w, 100)
+    assert too_old(w, 100 - 64) and not w.is_new(100 - 64)  # exactly width below top: forgotten
+    assert w.is_new(100 - 63)  # the oldest remembered slot
+    assert too_old(w, 0) and not w.is_new(0)
 
 
 def test_window_advance_forgets_and_does_not_confuse_residues() -> None:
     w = ReplayWindow(8)
     for seq in range(8):
-        w.accept(seq)
+        accept(w, seq)
     # Jump far ahead: the slots still hold 0..7, none of which equals 20..27.
-    assert w.accept(27) is Verdict.NEW
+    assert accept(w, 27)
     for seq in range(20, 27):
-        assert w.check(seq) is Verdict.NEW
-    assert w.check(19) is Verdict.TOO_OLD
-    assert w.accept(27) is Verdict.DUPLICATE
+        assert w.is_new(seq)
+    assert too_old(w, 19) and not w.is_new(19)
+    assert not accept(w, 27)
 
 
-def test_check_does_not_record() -> None:
+def test_is_new_does_not_record() -> None:
     w = ReplayWindow(16)
-    assert w.check(3) is Verdict.NEW
-    assert w.check(3) is Verdict.NEW
+    assert w.is_new(3)
+    assert w.is_new(3)
     assert w.top == -1
     w.record(3)
-    assert w.check(3) is Verdict.DUPLICATE
+    assert not w.is_new(3) and not too_old(w, 3)
 
 
 def test_near_wrap_of_32_bit_seq() -> None:
@@ -71,14 +85,14 @@ def test_near_wrap_of_32_bit_seq() -> None:
     # to the very last usable numbers, and a fresh window (new epoch) starts again at 0.
     w = ReplayWindow(2048)
     top = MAX_SEQ - 1
-    assert w.accept(top) is Verdict.NEW
-    assert w.accept(top - 2047) is Verdict.NEW
-    assert w.check(top - 2048) is Verdict.TOO_OLD
-    assert w.accept(top) is Verdict.DUPLICATE
-    assert w.accept(MAX_SEQ) is Verdict.NEW
-    assert w.check(0) is Verdict.TOO_OLD
+    assert accept(w, top)
+    assert accept(w, top - 2047)
+    assert too_old(w, top - 2048) and not w.is_new(top - 2048)
+    assert not accept(w, top)
+    assert accept(w, MAX_SEQ)
+    assert too_old(w, 0) and not w.is_new(0)
     fresh = ReplayWindow(2048)
-    assert fresh.accept(0) is Verdict.NEW
+    assert accept(fresh, 0)
 
 
 def test_width_must_be_positive() -> None:
@@ -94,14 +108,14 @@ class _Model:
         self.seen: set[int] = set()
         self.top = -1
 
-    def accept(self, seq: int) -> Verdict:
+    def accept(self, seq: int) -> bool:
         if seq <= self.top - self.width:
-            return Verdict.TOO_OLD  # outside the window nothing is remembered, seen or not
+            return False  # too old: outside the window nothing is remembered, seen or not
         if seq in self.seen:
-            return Verdict.DUPLICATE
+            return False  # duplicate
         self.seen.add(seq)
         self.top = max(self.top, seq)
-        return Verdict.NEW
+        return True
 
 
 @settings(max_examples=300, deadline=None)
@@ -115,4 +129,4 @@ def test_matches_set_model(width: int, base: int, steps: list[int]) -> None:
     model = _Model(width)
     for step in steps:
         seq = base + step
-        assert window.accept(seq) is model.accept(seq), (seq, window.top)
+        assert accept(window, seq) is model.accept(seq), (seq, window.top)

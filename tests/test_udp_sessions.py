@@ -20,7 +20,8 @@ def test_expire_removes_only_idle_entries_oldest_first():
     assert table.expire(now=11.0) == [(0, "s0"), (1, "s1")]  # idle >= 10 s at t=11
     assert list(table) == [2, 3, 4]
     assert table.expired == 2
-    assert table.next_expiry() == 12.0
+    assert table.expire(now=11.9) == []  # entry 2 (last active at 2) times out at 12
+    assert table.expire(now=12.0) == [(2, "s2")]
 
 
 def test_touch_moves_to_end_and_postpones_expiry():
@@ -34,9 +35,9 @@ def test_touch_moves_to_end_and_postpones_expiry():
     assert not table.touch(0, now=25.0)  # gone
 
 
-def test_peek_does_not_refresh():
+def test_membership_does_not_refresh():
     table = filled(2)
-    assert table.peek(0) == "s0"
+    assert 0 in table
     assert list(table) == [0, 1]
     assert table.expire(now=10.0) == [(0, "s0")]
 
@@ -76,7 +77,6 @@ def test_sweep_limit_spreads_a_mass_expiry_over_ticks():
 def test_timeout_zero_never_expires():
     table = filled(3, timeout=0.0)
     assert table.expire(now=1e9) == []
-    assert table.next_expiry() is None
     assert table.add(3, "s3", now=1e9) == []
 
 
@@ -93,9 +93,7 @@ def test_bad_configuration_raises():
         SessionTable(1, -1.0)
 
 
-def test_remove_and_clear():
+def test_clear():
     table = filled(3)
-    assert table.remove(1) == "s1"
-    assert table.remove(1) is None
-    assert table.clear() == [(0, "s0"), (2, "s2")]
-    assert len(table) == 0 and table.next_expiry() is None
+    assert table.clear() == [(0, "s0"), (1, "s1"), (2, "s2")]
+    assert len(table) == 0 and table.expire(now=1e9) == []

@@ -85,7 +85,8 @@ def peers():
         peer.close()
 
 
-PATHS = {"gso": {}, "plain": {"PORTFWD_NO_GSO": "1"}}  # send paths (portfwd.udp docstring)
+# The two send paths (portfwd.udpfwd.forwarder docstring, "Batching").
+PATHS = {"gso": {}, "plain": {"PORTFWD_NO_GSO": "1"}}
 
 
 def start_udpfwd(tool, listen_host: str, dest: str, *flags: str, env: dict | None = None):

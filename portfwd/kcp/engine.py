@@ -69,6 +69,9 @@ IDLE_CHECK_MS = 1000  # ms: check() deadline when nothing at all is pending (our
 ASK_SEND = 1  # probe flag: send WASK (IKCP_ASK_SEND)
 ASK_TELL = 2  # probe flag: send WINS (IKCP_ASK_TELL)
 
+# Modulus of ikcp's wrapping u32 sn/ts arithmetic ((a - b) & U32_MASK, U32_HALF for signed
+# differences). Same number as portfwd.tunnel.wire.UINT32_MAX, a different role (that one is a
+# limit the tunnel must never reach): kcp/ imports nothing of tunnel/, so it keeps its own.
 U32_MASK = 0xFFFFFFFF
 U32_HALF = 0x80000000
 
@@ -220,6 +223,7 @@ class Kcp:
         self.segments_received: int = 0  # PUSH segments taken in, duplicates included
 
     # --- sizes the driver needs for backpressure -------------------------------------------
+    # One read-only property per size, alike by design: ikcp keeps these as struct fields.
     @property
     def waitsnd(self) -> int:
         """Segments not yet acknowledged: snd_queue + snd_buf (ikcp_waitsnd)."""

@@ -1,7 +1,7 @@
 """KCP wire format (ikcp_encode_seg / ikcp_input's decoder): pure codec functions.
 
-Split from :mod:`portfwd.kcp` to keep the engine under ~800 lines; the engine re-exports
-every name here.
+Beside the engine (``engine``) to keep it under ~800 lines; :mod:`portfwd.kcp` re-exports the
+public names.
 """
 
 from __future__ import annotations

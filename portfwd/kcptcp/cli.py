@@ -149,6 +149,8 @@ CLIENT_PROG = "kcptcp-client"
 SERVER_PROG = "kcptcp-server"
 
 
+# client_main/build_client and server_main/build_server are alike by design: one entry point and
+# one builder per tool, with what they share in tunnel_main.
 def client_main(argv: list[str] | None = None) -> int:
     return tunnel_main(CLIENT_PROG, CLIENT_USAGE, argv,
                        ("<local_tcp_addr:port>", socket.SOCK_STREAM),

@@ -51,10 +51,10 @@ class TunnelClient:
 
     def start(self) -> None:
         self.accept_loop.start()
-        if self.config.tunnel.psk is None:
+        if self.config.tunnel.plaintext:
             log.warning("no -K given: the tunnel is NOT encrypted or authenticated")
         log.info("tunnelling tcp %s -> udp %s (%s)", format_sockaddr(self.accept_loop.address),
-                 self.remote, "encrypted" if self.config.tunnel.psk else "plaintext")
+                 self.remote, "plaintext" if self.config.tunnel.plaintext else "encrypted")
         if self.stats_interval > 0:
             self._stats = gevent.spawn(stats_loop, self.stats_interval,
                                        lambda: list(self.drivers.values()), self._totals)
@@ -73,7 +73,7 @@ class TunnelClient:
         try:
             # socket() itself fails with EMFILE at the fd limit: that must close the accepted
             # connection and log (rate-limited), not kill the greenlet with a traceback and
-            # leak the accepted fd (issue 7, fd exhaustion).
+            # leak the accepted fd.
             udp_sock = socket.socket(self.remote.family, socket.SOCK_DGRAM)
             set_buffers(udp_sock, self.udp_buffer, force=True)
             udp_sock.connect(self.remote.sockaddr)

@@ -8,8 +8,10 @@ timer (woken early through an Event when new work makes the deadline sooner), th
 moves TCP bytes in while the conversation has room, and the *tcp writer* moves peer bytes out as
 fast as the TCP socket drains. Datagrams are fed in by whoever reads the UDP socket (one greenlet
 per conversation on the client, one shared loop on the server), and every change is followed by
-:meth:`ConversationDriver.transmit` (aioquic's protocol.py pattern: after input, drain events,
-then send everything).
+:meth:`ConversationDriver.transmit`, which sends every datagram the conversation has queued, then
+handles its events, then re-arms the ticker (aioquic's protocol.py does the same steps with the
+events first; here handling an event only sets gevent Events, so the order changes nothing the
+conversation emits, and the datagrams leave before any woken greenlet runs).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from gevent.socket import socket as gsocket
 from gevent.socket import wait
 
 from portfwd.runtime.logs import RateLimitedLog
+from portfwd.runtime.sockets import READ, WRITE
 from portfwd.tunnel import events
 from portfwd.tunnel.stream import Conversation
 
@@ -37,7 +40,6 @@ TCP_CHUNK = 64 * 1024  # bytes per TCP read
 UDP_RECV_SIZE = 65536  # bytes: any datagram fits
 DRAIN_TIMEOUT = 10.0  # s to write out what was received after the conversation closed
 RECV_BATCH = 64  # datagrams read without yielding before one transmit per touched conversation
-READ, WRITE = 1, 2  # libev event masks
 
 _faults = RateLimitedLog(log)
 
@@ -131,7 +133,7 @@ class ConversationDriver:
         self.conv.receive_datagram(data, addr, now)
 
     def transmit(self) -> None:
-        """Process events, wake whoever can move now, send everything, re-arm the ticker."""
+        """Send everything, handle events, wake whoever can move now, re-arm the ticker."""
         conv = self.conv
         now = now_ms()
         datagrams = conv.datagrams_to_send(now)

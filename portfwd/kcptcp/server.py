@@ -2,13 +2,13 @@
 
 One UDP socket and one receive loop serve every conversation: datagrams are demultiplexed by
 the conv field; only a HELLO for an unknown conv reaches the HandshakeAcceptor, and the target is
-dialled only after the acceptor authenticated it (DESIGN.md). Nothing is ever sent in answer
+dialled only after the acceptor authenticated it (docs/SECURITY.md). Nothing is ever sent in answer
 to a datagram that did not authenticate.
 
-Floods (issue 7): besides the acceptor's per-source HELLO rate limit, two caps bound what
-authenticated HELLOs can make us hold: ``max_pending`` sessions whose client has not yet proven
-its keys (``TunnelSession.confirmed``), and ``max_sessions`` in all. At the global cap the
-least recently active session is evicted if it has moved no stream byte for EVICT_MIN_IDLE_MS;
+Floods (docs/SECURITY.md, "Flood limits"): besides the acceptor's per-source HELLO rate limit, two
+caps bound what authenticated HELLOs can make us hold: ``max_pending`` sessions whose client has not
+yet proven its keys (``TunnelSession.confirmed``), and ``max_sessions`` in all. At the global cap
+the least recently active session is evicted if it has moved no stream byte for EVICT_MIN_IDLE_MS;
 otherwise the new one is refused. Caps act only *after* the HELLO authenticated, so forged
 input can never evict anybody.
 """
@@ -73,11 +73,11 @@ class TunnelServer:
         self._faults = RateLimitedLog(log)
 
     def start(self) -> None:
-        if self.config.tunnel.psk is None:
+        if self.config.tunnel.plaintext:
             log.warning("no -K given: the tunnel is NOT encrypted or authenticated")
         log.info("tunnelling udp %s -> tcp %s (%s)",
                  format_sockaddr(self.udp.sock.getsockname()), self.target,
-                 "encrypted" if self.config.tunnel.psk else "plaintext")
+                 "plaintext" if self.config.tunnel.plaintext else "encrypted")
         self._greenlets.append(gevent.spawn(self._receive))
         if self.stats_interval > 0:
             self._greenlets.append(gevent.spawn(stats_loop, self.stats_interval,

@@ -18,7 +18,7 @@ from gevent import get_hub
 from gevent.socket import wait
 
 from portfwd.runtime.logs import RateLimitedLog
-from portfwd.runtime.sockets import LISTEN_BACKLOG, tune_tcp
+from portfwd.runtime.sockets import LISTEN_BACKLOG, READ, tune_tcp
 from portfwd.runtime.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -29,17 +29,16 @@ BACKOFF_MIN = 0.01  # s before accepting again after a shortage
 BACKOFF_MAX = 1.0  # s
 
 Handler = Callable[[socket.socket, tuple], None]
-READ = 1  # libev event mask
 
 
 class AcceptLoop:
     """Accepts on a bound listener and runs ``handler(sock, peer)`` in a greenlet per connection.
 
-    The handler owns the accepted socket (a plain stdlib one: tcpfwd relays on those, others
-    wrap it with ``portfwd.sockets.cooperative``) and must close it. Accepted sockets come with the
-    seed's per-connection options (buffers, TCP_NODELAY, keepalive) already set. Handlers run
-    in ``workers``, which they may share for more per-connection jobs (tcpfwd's second
-    direction); stop() drains and then cuts every job there.
+    The handler owns the accepted socket (a plain stdlib one: tcpfwd relays on those, others wrap it
+    with ``portfwd.runtime.sockets.cooperative``) and must close it. Accepted sockets come with the
+    seed's per-connection options (buffers, TCP_NODELAY, keepalive) already set. Handlers run in
+    ``workers``, which they may share for more per-connection jobs (tcpfwd's second direction);
+    stop() drains and then cuts every job there.
     """
 
     def __init__(self, listener: socket.socket, handler: Handler,

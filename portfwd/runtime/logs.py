@@ -43,10 +43,10 @@ class LeanRecord(logging.LogRecord):
     """A LogRecord without the per-record work our formats never print.
 
     tcpfwd writes two lines per connection. The stock record splits a source path, asks for
-    thread and process names and calls getpid() each time; on short connections that was about
-    a seventh of tcpfwd's CPU (a cold cache makes Python code dearer than microbenchmarks show).
-    Every documented attribute is still set, so any format string keeps working: the skipped
-    ones read "?" or None, and ``process`` is the pid recorded by :func:`setup_logging`.
+    thread and process names and calls getpid() each time; on short connections that work is
+    about a seventh of tcpfwd's CPU (a cold cache makes Python code dearer than microbenchmarks
+    show). Every documented attribute is still set, so any format string keeps working: the
+    skipped ones read "?" or None, and ``process`` is the pid recorded by :func:`setup_logging`.
     """
 
     pid: int | None = None

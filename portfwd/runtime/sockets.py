@@ -18,6 +18,7 @@ KEEPALIVE_INTVL = 10  # s; seed TCP_PROXY_KEEPALIVE_INTVL
 KEEPALIVE_CNT = 6  # probes; seed TCP_PROXY_KEEPALIVE_CNT
 LISTEN_BACKLOG = 1024
 CONNECT_TIMEOUT = 10.0  # s before an unanswered connect to a destination/target is abandoned
+READ, WRITE = 1, 2  # libev event masks (EV_READ, EV_WRITE) for loop.io() watchers
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
 """Reusable greenlets for per-connection jobs (accepted connections, relay directions).
 
-Spawning a gevent Greenlet costs about 15 us: the object, its link machinery and, on CPython
-3.11+, a fresh 16 KiB frame stack that is mmap'd when it first runs and unmapped when it dies.
-A short TCP connection needs two, and at thousands of connections per second that was a tenth
-of tcpfwd's CPU. Here a worker whose job is done parks itself on a free list and takes the next
-job: about 1 us per job. It is :func:`gevent.spawn_raw` plus that free list, so a job is plain
+Spawning a gevent Greenlet costs about 15 us: the object, its link machinery and, on CPython 3.11+,
+a fresh 16 KiB frame stack that is mmap'd when it first runs and unmapped when it dies. A short TCP
+connection needs two, and at thousands of connections per second spawning them costs a tenth of
+tcpfwd's CPU. Here a worker whose job is done parks itself on a free list and takes the next job:
+about 1 us per job. It is :func:`gevent.spawn_raw` plus that free list, so a job is plain
 blocking-style code in a greenlet like any other.
 """
 

@@ -35,7 +35,7 @@ class BaseAddrError(ValueError):
 
 @dataclass(frozen=True)
 class TcpConfig:
-    """tcpfwd's behaviour, built from the command line in one place (``portfwd.tcpfwd``)."""
+    """tcpfwd's behaviour, built from the command line in one place (``portfwd.tcpfwd.cli``)."""
 
     dest: Resolved  # where connections go (the base address with -b)
     listen_port: int  # the listener's port, the zero point of -b offsets
@@ -70,7 +70,8 @@ def original_dst_port(sock: socket.socket) -> int:
 
 
 class TcpForwarder:
-    """A bound listener plus the destination; :func:`portfwd.daemon.run` starts and stops it."""
+    """A bound listener plus the destination; :func:`portfwd.runtime.daemon.run` starts and
+    stops it."""
 
     def __init__(self, config: TcpConfig, listener: socket.socket) -> None:
         self.config = config

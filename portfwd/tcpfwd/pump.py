@@ -6,7 +6,7 @@ Two ways, chosen per process (seed "Linux zero-copy acceleration (splice)"):
   only once a read shows bulk data, so idle and chatty connections hold no pipe, and it is
   enlarged to 1 MiB (F_SETPIPE_SZ) so one wake-up moves a lot.
 * copy: ``recv`` into a fresh bytes object and send it; nothing is kept between reads, so an
-  idle connection holds no 64 KiB buffer (DESIGN: 148 kB per connection otherwise).
+  idle connection holds no 64 KiB buffer (a kept buffer costs 148 kB per connection).
 
 Either way a slow writer blocks the reader: at most one pipe or one chunk is in flight per
 direction, so the forwarder never buffers without bound. EOF is passed on with
@@ -23,10 +23,11 @@ import socket
 from gevent import get_hub
 from gevent.socket import wait
 
-PIPE_SIZE = 1 << 20  # bytes; DESIGN: 1 MiB pipes reached 0.76x direct loopback
+from portfwd.runtime.sockets import READ, WRITE
+
+PIPE_SIZE = 1 << 20  # bytes; with 1 MiB pipes tcpfwd reaches 0.76x direct loopback throughput
 COPY_CHUNK = 1 << 16  # bytes per recv on the copy path (seed TCP_PROXY_USERBUF_CAP)
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-READ, WRITE = 1, 2  # libev event masks
 
 SPLICE_AVAILABLE = hasattr(os, "splice")
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -43,7 +44,7 @@ class RelaySocket:
     gevent's socket wrapper does the same waiting with more work per call (timeouts, a
     getsockopt per sendall, a deferred close); dropping it took tcpfwd from 293 to 255 us of
     CPU per short connection. The price is one rule: close a RelaySocket only when no greenlet
-    waits on it (``portfwd.tcp.Relay`` closes once both directions are over).
+    waits on it (``portfwd.tcpfwd.forwarder`` closes them once both directions are over).
     """
 
     __slots__ = ("sock", "fd", "readable", "writable")

@@ -12,8 +12,8 @@ Glossary:
   phase        -- ``epoch & 1``, carried in each packet's type byte so the receiver picks the key
                   without trial decryption (like QUIC's key phase bit, RFC 9001 section 6).
 
-Performance: one ``ChaCha20Poly1305`` object per (epoch, direction), built once at derivation
-time and reused for every packet (DESIGN.md: 3 us/packet vs 52 us for a per-packet object).  HKDF
+Performance: one ``ChaCha20Poly1305`` object per (epoch, direction), built once at derivation time
+and reused for every packet (3 us a packet, against 52 us when each packet builds its own). HKDF
 runs only at the handshake and at rekeys, never per packet.
 """
 
@@ -21,20 +21,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-logger = logging.getLogger(__name__)
+from .wire import MAC_SIZE, UINT32_MAX
 
 PSK_SIZE = 32  # bytes (seed: "-K <hex> 32-byte PSK")
 KEY_SIZE = 32  # bytes, ChaCha20 key (RFC 8439)
 NONCE_SIZE = 12  # bytes, 96-bit nonce (RFC 8439 section 2.8)
 TAG_SIZE = 16  # bytes, Poly1305 tag
-RANDOM_SIZE = 32  # bytes, client_random / server_random
-MAC_SIZE = 16  # bytes, truncated HMAC-SHA256 on HELLO / WELCOME
-MAX_EPOCH = 0xFFFFFFFF  # epochs are 32-bit on the wire and in the nonce
 
 HANDSHAKE_SALT = b"portfwd/1 handshake"  # HKDF salt for the handshake MAC key
 HANDSHAKE_INFO = b"portfwd/1 hello mac"  # HKDF info for the handshake MAC key
@@ -94,7 +90,7 @@ def session_secret(psk: bytes | None, client_random: bytes, server_random: bytes
 def derive_epoch_keys(secret: bytes, conv: int, epoch: int,
                       direction: bytes) -> tuple[bytes, bytes]:
     """``(key, nonce_base)`` of one epoch and direction; deterministic, epoch and conv in info."""
-    if not 0 <= epoch <= MAX_EPOCH:
+    if not 0 <= epoch <= UINT32_MAX:
         raise ValueError(f"epoch out of range: {epoch}")
     if direction not in (C2S, S2C):
         raise ValueError(f"bad direction {direction!r}")
@@ -102,12 +98,6 @@ def derive_epoch_keys(secret: bytes, conv: int, epoch: int,
     key = hkdf_expand(secret, KEY_LABEL + suffix, KEY_SIZE)
     nonce_base = hkdf_expand(secret, NONCE_LABEL + suffix, NONCE_SIZE)
     return key, nonce_base
-
-
-def make_nonce(nonce_base: bytes, epoch: int, seq: int) -> bytes:
-    """Reference nonce construction: nonce_base XOR (0^32 || epoch || seq), 96 bits."""
-    counter = (epoch << 32) | seq  # the 64-bit effective counter (DESIGN.md)
-    return (int.from_bytes(nonce_base, "big") ^ counter).to_bytes(NONCE_SIZE, "big")
 
 
 # --- per-(epoch, direction) packet protection ------------------------------------------------
@@ -159,7 +149,7 @@ class CryptoPair:
 
     ``prepare_next()`` derives epoch+1 keys (rekey in progress); ``update_key(now)`` switches to
     them (seed "Epoch switch") and keeps the previous receive key until ``now + grace_ms`` so
-    packets already in flight under the old epoch still open (DESIGN.md security list).
+    packets already in flight under the old epoch still open (docs/PROTOCOL.md, "Rekeying").
     """
 
     def __init__(self, psk: bytes | None, secret: bytes, conv: int, is_client: bool,
@@ -190,7 +180,7 @@ class CryptoPair:
 
     def prepare_next(self) -> None:
         """Derive the next epoch's keys (idempotent)."""
-        if self.epoch >= MAX_EPOCH:
+        if self.epoch >= UINT32_MAX:
             raise ValueError("epoch space exhausted")
         if self.send_next is None:
             self.send_next = self._key(self.epoch + 1, self._send_dir)

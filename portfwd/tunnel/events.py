@@ -13,7 +13,8 @@ from typing import Any
 class HandshakeCompleted:
     """The session is authenticated and keyed (client: valid WELCOME; server: valid HELLO).
 
-    The server-side driver dials the target only after this (DESIGN.md).
+    The server-side driver dials the target only after this (docs/SECURITY.md, "No target dial
+    before authentication").
     """
 
     conv: int  #: conversation id of the session
@@ -54,7 +55,7 @@ class EpochSwitched:
 class ConnectionClosed:
     """The session is over; no more datagrams will be accepted, only a final CLOSE may be sent."""
 
-    reason: str  #: one of the ``CLOSE_*`` reasons in ``portfwd.session``
+    reason: str  #: one of the ``CLOSE_*`` reasons in ``portfwd.tunnel.session``
     by_peer: bool  #: True when the peer sent an authenticated CLOSE
 
 

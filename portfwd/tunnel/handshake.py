@@ -1,10 +1,11 @@
 """Server-side HELLO validation: the only code that may create a server ``TunnelSession``.
 
-DESIGN.md security list, implemented here: the handshake is authenticated with the PSK (HMAC) before
-anything is created or dialled; stale timestamps and replayed HELLOs are rejected (a cache bounded
-in size *and* time); nothing is ever sent to a source that did not authenticate; each source host
-is rate-limited -- rejected HELLOs spend its tokens, accepted ones do not (issue 7); failures
-are counted and logged at most once per interval.
+The server rules of docs/PROTOCOL.md "Handshake" (docs/SECURITY.md says what they protect): the
+handshake is authenticated with the PSK (HMAC) before anything is created or dialled; stale
+timestamps and replayed HELLOs are rejected (a cache bounded in size *and* time); nothing is ever
+sent to a source that did not authenticate; each source host is rate-limited -- rejected HELLOs
+spend its tokens, accepted ones do not, so a flood of forgeries cannot lock out a host that holds
+the PSK; failures are counted and logged at most once per interval.
 
 The driver demultiplexes by conv first (``wire.peek_prefix``): datagrams for a known conv go to that
 session (which answers a retransmitted HELLO with the same WELCOME); only datagrams for an unknown

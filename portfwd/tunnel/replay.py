@@ -2,7 +2,7 @@
 
 The seed ("AEAD Rekeying", Anti-replay) keeps a 64-bit window; with KCP send windows of 1024
 segments and reordering that is far too narrow, so the width here is configurable and defaults to
-2048 (issue 5).
+2048 (docs/PROTOCOL.md, "Anti-replay").
 
 Glossary:
   top     -- the highest sequence number accepted so far in this epoch (-1 before the first one).
@@ -17,33 +17,21 @@ that could have overwritten it is at least ``width`` away, i.e. either too old t
 per-packet path lean.
 
 Sequence numbers never wrap inside one epoch: the sender rekeys at a threshold and closes at
-``UINT32_MAX`` (seed, wraparound guard), and the window is replaced at each epoch switch.
+``UINT32_MAX`` (seed "AEAD Rekeying", wraparound guard), and the window is replaced at each epoch
+switch.
 """
 
 from __future__ import annotations
 
-import enum
-import logging
 from array import array
 
-logger = logging.getLogger(__name__)
-
-DEFAULT_WINDOW = 2048  # packets; issue 5 requires >= 2048
-MAX_SEQ = 0xFFFFFFFF  # largest 32-bit sequence number
-
-
-class Verdict(enum.IntEnum):
-    """Outcome of :meth:`ReplayWindow.check`."""
-
-    NEW = 0  #: never seen and inside (or above) the window: may be accepted
-    DUPLICATE = 1  #: already recorded
-    TOO_OLD = 2  #: at or below ``top - width``: cannot tell, so reject
+DEFAULT_WINDOW = 2048  # packets; at least a KCP send window (1024) with room for reordering
 
 
 class ReplayWindow:
     """Remembers which of the last ``width`` sequence numbers were accepted.
 
-    Use :meth:`check` before authenticating a packet (cheap early drop of replays) and
+    Call :meth:`is_new` before authenticating a packet (cheap early drop of replays) and
     :meth:`record` only *after* the packet authenticated, so forged packets never move the window.
     """
 
@@ -58,18 +46,11 @@ class ReplayWindow:
         # costs 8 bytes a slot (16 KiB at 2048); a list of ints would cost up to 36 bytes a slot.
         self._slots: array[int] = array("q", [-1]) * width
 
-    def check(self, seq: int) -> Verdict:
-        """Classify ``seq`` without recording it."""
-        if seq > self.top:
-            return Verdict.NEW
-        if seq <= self.top - self.width:
-            return Verdict.TOO_OLD
-        if self._slots[seq % self.width] == seq:
-            return Verdict.DUPLICATE
-        return Verdict.NEW
-
     def is_new(self, seq: int) -> bool:
-        """``check(seq) is Verdict.NEW`` without the enum, for the per-packet path."""
+        """Whether ``seq`` may be accepted: above ``top``, or inside the window and unseen.
+
+        False for a duplicate and for anything at or below ``top - width`` (too old to tell).
+        """
         top = self.top
         if seq > top:
             return True
@@ -77,14 +58,7 @@ class ReplayWindow:
         return seq > top - width and self._slots[seq % width] != seq
 
     def record(self, seq: int) -> None:
-        """Mark ``seq`` as accepted (call only after :meth:`check` returned NEW)."""
+        """Mark ``seq`` as accepted (call only after :meth:`is_new` returned True)."""
         self._slots[seq % self.width] = seq
         if seq > self.top:
             self.top = seq
-
-    def accept(self, seq: int) -> Verdict:
-        """``check`` and, when NEW, ``record`` in one call (for already-authenticated input)."""
-        verdict = self.check(seq)
-        if verdict is Verdict.NEW:
-            self.record(seq)
-        return verdict

@@ -34,7 +34,9 @@ from .wire import (
     HEADER_SIZE,
     MAC_SIZE,
     PHASE_BIT,
+    RANDOM_SIZE,
     TYPE_MASK,
+    UINT32_MAX,
     MalformedPacket,
     PacketType,
     pack_epoch,
@@ -52,7 +54,6 @@ _unpack_header = HEADER.unpack_from
 
 REKEY_SEQ_THRESHOLD = 0xFFF00000  # send_seq at which a rekey starts (seed default)
 REKEY_TIMEOUT_MS = 5000  # ms without REKEY_ACK before closing (seed default)
-UINT32_MAX = 0xFFFFFFFF  # send_seq value that must never be used (seed wraparound guard)
 OVERHEAD = HEADER_SIZE + crypto.TAG_SIZE  # 25 bytes a sealed DATA packet adds to its payload
 PLAINTEXT_OVERHEAD = HEADER_SIZE  # 9 bytes in plaintext mode
 MAX_DATAGRAM_SIZE = 65507  # bytes, largest UDP payload over IPv4
@@ -82,7 +83,7 @@ class TunnelConfig:
     rekey_retry_ms: int = 500  #: ms between REKEY_INIT retransmissions while waiting
     rekey_grace_ms: int = 5000  #: ms the previous epoch's receive key still opens late packets;
     #: keep >= rekey_timeout_ms so a responder still hears an initiator whose ACK was lost
-    replay_window: int = 2048  #: anti-replay window width (packets), >= 2048 per issue 5
+    replay_window: int = 2048  #: anti-replay window width (packets); docs/PROTOCOL.md "Anti-replay"
     handshake_timeout_ms: int = 10000  #: ms the client waits for WELCOME before giving up
     handshake_retry_ms: int = 250  #: ms before the first HELLO retransmission (then doubles)
     handshake_retry_max_ms: int = 2000  #: ms cap of the HELLO retransmission interval
@@ -112,6 +113,11 @@ class TunnelConfig:
                      "handshake_rate_per_s", "handshake_burst"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+
+    @property
+    def plaintext(self) -> bool:
+        """Plaintext mode (no ``-K``, seed): no AEAD tag, no secrecy, no integrity."""
+        return self.psk is None
 
 
 class _State(enum.Enum):
@@ -179,7 +185,7 @@ class TunnelSession:
                random_bytes: Callable[[int], bytes] = os.urandom) -> TunnelSession:
         """A client session with its HELLO queued; ``wall_ms`` is Unix time in ms."""
         self = cls(config, conv, True, peer_addr, now)
-        self._client_random = random_bytes(crypto.RANDOM_SIZE)
+        self._client_random = random_bytes(RANDOM_SIZE)
         body = pack_hello(conv, wall_ms, self._client_random)
         self._hello = body + crypto.handshake_mac(self._mac_key, body)
         self._out.append(self._hello)
@@ -193,7 +199,7 @@ class TunnelSession:
         conv = peek_prefix(hello)[1]
         self = cls(config, conv, False, peer_addr, now)
         self._hello = bytes(hello)
-        server_random = random_bytes(crypto.RANDOM_SIZE)
+        server_random = random_bytes(RANDOM_SIZE)
         body = pack_welcome(conv, server_random)
         self._welcome = body + crypto.handshake_mac(self._mac_key, self._hello, body)
         self._out.append(self._welcome)
@@ -236,7 +242,7 @@ class TunnelSession:
     @property
     def overhead(self) -> int:
         """Bytes a DATA packet adds to its payload (25 sealed, 9 in plaintext mode)."""
-        return PLAINTEXT_OVERHEAD if self.config.psk is None else OVERHEAD
+        return PLAINTEXT_OVERHEAD if self.config.plaintext else OVERHEAD
 
     # --- commands -------------------------------------------------------------------------
 
@@ -360,7 +366,8 @@ class TunnelSession:
     def _seal_raw(self, ptype: int, body: bytes) -> bool:
         seq = self._send_seq
         if seq >= UINT32_MAX:
-            # seed "Wraparound guard": never let (epoch, send_seq) repeat under one key
+            # seed "AEAD Rekeying", wraparound guard: send_seq 0xFFFFFFFF is never used, so
+            # (epoch, send_seq) never repeats under one key
             logger.info("send_seq wraparound guard hit, closing conv=%d", self.conv)
             self._terminate(CLOSE_WRAPAROUND, by_peer=False, send_close=False)
             return False
@@ -372,7 +379,7 @@ class TunnelSession:
 
     def _start_rekey(self, now: int) -> None:
         cp = self._crypto
-        if cp.epoch >= crypto.MAX_EPOCH:
+        if cp.epoch >= UINT32_MAX:
             self._terminate(CLOSE_WRAPAROUND, by_peer=False, send_close=True)
             return
         cp.prepare_next()
@@ -422,7 +429,10 @@ class TunnelSession:
                 type_byte, conv, seq = _unpack_header(data)
                 if conv == self.conv:
                     if type_byte == self._fast_type:
-                        # Per-packet path: DATA of the current epoch (same steps as below).
+                        # Per-packet fast path: DATA of the current epoch. A deliberate inline copy
+                        # of _receive_secured's steps (replay check, open, record, counters,
+                        # migration) for its commonest case, without the call and the epoch
+                        # dispatch; a change to one must be made to the other.
                         win = self._win
                         if not win.is_new(seq):
                             self.dropped_replay += 1
@@ -450,6 +460,8 @@ class TunnelSession:
 
     def _receive_secured(self, data: bytes, type_byte: int, seq: int, addr: Any,
                          now: int) -> None:
+        """Every secured packet but current-epoch DATA, which receive_datagram's fast path
+        handles with the same steps inlined."""
         cp = self._crypto
         key = cp.recv
         win = self._win
@@ -504,7 +516,8 @@ class TunnelSession:
             logger.info("recv REKEY_ACK conv=%d", self.conv)
 
     def _migrate(self, addr: Any) -> None:
-        # DESIGN.md: the peer address changes only on an authenticated, fresh packet.
+        # The peer address changes only on an authenticated, fresh packet, so a replayed or
+        # spoofed datagram cannot redirect the session (docs/PROTOCOL.md "Anti-replay").
         old, self.peer_addr = self.peer_addr, addr
         self._log.info("peer address changed %s -> %s", old, addr)
         self._events.append(events.PeerAddressChanged(old, addr))
@@ -518,7 +531,7 @@ class TunnelSession:
         logger.info("recv REKEY_INIT conv=%d seq=%d", self.conv, seq)
         cp = self._crypto
         if not old_epoch and target == cp.epoch + 1:
-            if cp.epoch >= crypto.MAX_EPOCH:
+            if cp.epoch >= UINT32_MAX:
                 self._terminate(CLOSE_WRAPAROUND, by_peer=False, send_close=True)
                 return
             # seed: the responder switches after sending REKEY_ACK under the next key, seq 0;

@@ -17,11 +17,8 @@ before knowing anything else::
 from __future__ import annotations
 
 import enum
-import logging
 import struct
 from typing import NamedTuple
-
-logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1  # carried in HELLO and WELCOME
 PHASE_BIT = 0x80  # key phase flag in the type byte
@@ -34,10 +31,19 @@ MAC_SIZE = 16  # bytes, truncated HMAC-SHA256 of HELLO / WELCOME
 HELLO_SIZE = 128  # bytes: HELLO is padded so WELCOME (and any retransmit of it) is smaller
 WELCOME_SIZE = PREFIX_SIZE + 1 + RANDOM_SIZE + MAC_SIZE  # 54 bytes
 EPOCH_BODY_SIZE = 4  # bytes, plaintext body of REKEY_INIT / REKEY_ACK
-MAX_SEQ = 0xFFFFFFFF  # 32-bit send_seq
+UINT32_MAX = 0xFFFFFFFF  # largest u32: conv, seq and epoch are 32-bit on the wire and in the nonce
 
 PREFIX = struct.Struct(">BI")  # type byte, conv
-HEADER = struct.Struct(">BII")  # type byte, conv, seq
+# Header of a secured packet, which is also its AEAD associated data; the session packs and
+# parses it with this Struct directly (its per-packet path)::
+#
+#     0        1            5            9
+#     +--------+------------+------------+-------------------------------+---------+
+#     |P| type |   conv     |    seq     |  ciphertext (body)            |  tag    |
+#     +--------+------------+------------+-------------------------------+---------+
+#        1          4            4          len(body)                     16 (0 in
+#                                                                         plaintext mode)
+HEADER = struct.Struct(">BII")  # type byte (PHASE_BIT | type), conv, seq
 _HELLO_FIELDS = struct.Struct(">BIBQ32s")  # type, conv, version, timestamp_ms, client_random
 _WELCOME_FIELDS = struct.Struct(">BIB32s")  # type, conv, version, server_random
 _EPOCH = struct.Struct(">I")
@@ -79,13 +85,6 @@ class Welcome(NamedTuple):
     version: int  #: PROTOCOL_VERSION
     server_random: bytes  #: 32 fresh random bytes
     mac: bytes  #: HMAC over the whole HELLO then bytes [0, WELCOME_SIZE - MAC_SIZE)
-
-
-class Header(NamedTuple):
-    ptype: PacketType  #: one of SECURED_TYPES
-    phase: int  #: key phase bit, epoch & 1
-    conv: int  #: conversation id
-    seq: int  #: sender's send_seq in its current epoch
 
 
 def peek_prefix(data: bytes) -> tuple[int, int]:
@@ -160,37 +159,6 @@ def unpack_welcome(data: bytes) -> Welcome:
     if version != PROTOCOL_VERSION:
         raise MalformedPacket(f"unsupported protocol version {version}")
     return Welcome(conv, version, server_random, bytes(data[WELCOME_SIZE - MAC_SIZE:]))
-
-
-def pack_header(ptype: PacketType, phase: int, conv: int, seq: int) -> bytes:
-    """Header of a secured packet, which is also its AEAD associated data.
-
-    ::
-
-        0        1            5            9
-        +--------+------------+------------+-------------------------------+---------+
-        |P| type |   conv     |    seq     |  ciphertext (body)            |  tag    |
-        +--------+------------+------------+-------------------------------+---------+
-           1          4            4          len(body)                     16 (0 in
-                                                                            plaintext mode)
-    """
-    if ptype not in SECURED_TYPES:
-        raise ValueError(f"{ptype!r} has no secured header")
-    return HEADER.pack(ptype | (PHASE_BIT if phase & 1 else 0), conv, seq)
-
-
-def unpack_header(data: bytes) -> Header:
-    """Parse the 9-byte header of a secured packet (layout in :func:`pack_header`)."""
-    if len(data) < HEADER_SIZE:
-        raise MalformedPacket(f"datagram of {len(data)} bytes is shorter than the header")
-    type_byte, conv, seq = HEADER.unpack_from(data)
-    try:
-        ptype = PacketType(type_byte & TYPE_MASK)
-    except ValueError:
-        raise MalformedPacket(f"unknown packet type 0x{type_byte:02x}") from None
-    if ptype not in SECURED_TYPES:
-        raise MalformedPacket(f"{ptype.name} has no secured header")
-    return Header(ptype, type_byte >> 7, conv, seq)
 
 
 def pack_epoch(epoch: int) -> bytes:

@@ -3,7 +3,7 @@
 Glossary: *client* is a peer that sends to our listening socket; *upstream* is the connected
 socket we open per client towards the destination (so the destination sees one stable source
 port per client); *up* is client -> destination, *down* destination -> client. A *session* is
-the pair (client address, upstream socket), kept in a :class:`~portfwd.sessions.SessionTable`.
+the pair (client address, upstream socket), kept in a :class:`~portfwd.udpfwd.table.SessionTable`.
 
 Shape (why no greenlets here): every socket is a plain non-blocking stdlib socket with a
 libev io watcher whose callback drains it, at most ``RECV_BUDGET`` datagrams per wake-up so
@@ -43,7 +43,7 @@ from gevent import get_hub
 
 from portfwd.runtime.addr import Resolved, format_sockaddr
 from portfwd.runtime.logs import RateLimitedLog
-from portfwd.runtime.sockets import SOCKBUF_CAP, set_buffers
+from portfwd.runtime.sockets import READ, SOCKBUF_CAP, set_buffers
 from portfwd.udpfwd.table import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS, SessionTable
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,6 @@ SWEEP_INTERVAL_MAX = 1.0  # s between idle sweeps; shorter for short timeouts (t
 SWEEP_LIMIT = 4096  # sessions closed per sweep tick, so a mass expiry cannot stall the loop
 DEFAULT_STATS_INTERVAL = 60.0  # s between status lines; 0 = none
 DEFAULT_TABLE_HINT = 4093  # seed -H default: the C hash table size (a sizing hint here)
-READ = 1  # libev EV_READ
 GSO_SEGMENT_MAX = 1200  # bytes; 1200 + 48 (IPv6+UDP headers) fits the 1280-byte IPv6 min MTU
 GSO_MAX_SEGMENTS = 32  # datagrams per GSO send (kernel limit UDP_MAX_SEGMENTS is 64)
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
@@ -66,7 +65,7 @@ SOFT_ERRNOS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.
 
 @dataclass(frozen=True)
 class UdpConfig:
-    """udpfwd's behaviour, built from the command line in one place (``portfwd.udpfwd``)."""
+    """udpfwd's behaviour, built from the command line in one place (``portfwd.udpfwd.cli``)."""
 
     dest: Resolved  # where datagrams go
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # s of inactivity before a session closes; 0 never
@@ -116,7 +115,8 @@ class Session:
 
 
 class UdpForwarder:
-    """A bound listening socket plus the destination; :func:`portfwd.daemon.run` drives it."""
+    """A bound listening socket plus the destination; :func:`portfwd.runtime.daemon.run`
+    drives it."""
 
     def __init__(self, config: UdpConfig, listener: socket.socket) -> None:
         self.config = config
@@ -145,7 +145,7 @@ class UdpForwarder:
         self.listener.setblocking(False)
         self._loop = get_hub().loop
         self._listen_watcher = self._loop.io(self.listener.fileno(), READ)
-        self._listen_watcher.start(self._on_client_readable)
+        self._listen_watcher.start(self._relay, True)
         if self.config.idle_timeout:
             interval = min(SWEEP_INTERVAL_MAX, self.config.idle_timeout / 4)
             self._sweep_timer = self._loop.timer(interval, interval)
@@ -170,71 +170,115 @@ class UdpForwarder:
         self.listener.close()
         self._log_stats(force=True)
 
-    # -- client -> destination ------------------------------------------------------------
+    # -- forwarding, both ways ------------------------------------------------------------
 
-    def _on_client_readable(self) -> None:
-        recv, view, table, run = self.listener.recvfrom_into, self._view, self.table, self._run
-        now = time.monotonic()  # one reading per burst: a burst takes microseconds
+    def _relay(self, up: bool, session: Session | None = None) -> None:
+        """Drain one socket: up, the listener (``session`` None: found per datagram by client
+        address); down, ``session``'s upstream socket. Both directions share this loop and
+        :meth:`_send`, with ``up`` tested inline rather than through per-direction callables,
+        so a datagram costs no function call beyond its recv and its send."""
+        view, table, run = self._view, self.table, self._run
+        if up:
+            recv = self.listener.recvfrom_into
+            now = time.monotonic()  # one reading per burst: a burst takes microseconds
+        else:
+            recv = session.sock.recv_into
         run_session: Session | None = None  # the pending GSO run: whose, what size, how many
         run_size = run_count = 0
+        moved = False
         try:
             for _ in range(RECV_BUDGET):
                 try:
-                    size, client = recv(self._buf)
+                    if up:
+                        size, client = recv(self._buf)
+                    else:
+                        size = recv(self._buf)
                 except BlockingIOError:
-                    return
-                except OSError as exc:  # e.g. ENOMEM; the next wake-up tries again
-                    self._faults.warning("recv", "receive on listener failed: %s",
-                                         exc.strerror or exc)
-                    return
-                session = table.get(client, now)
-                if session is None:
-                    if run_count:  # opening may evict (close) the run's session: flush first
-                        self._send_up(run_session, run[:run_size * run_count], run_size,
-                                      run_count)
-                        run_count = 0
-                    session = self._open(client, now)
+                    break
+                except OSError as exc:
+                    if up:  # e.g. ENOMEM; the next wake-up tries again
+                        self._faults.warning("recv", "receive on listener failed: %s",
+                                             exc.strerror or exc)
+                        break
+                    self._upstream_error(session, exc)  # reading consumes the error: no spin
+                    if exc.errno not in SOFT_ERRNOS:
+                        break
+                    continue
+                if up:
+                    session = table.get(client, now)
                     if session is None:
-                        self.stats.dropped_up += 1
-                        continue
+                        if run_count:  # opening may evict (close) the run's session: flush
+                            self._send(run_session, run[:run_size * run_count], run_size,
+                                       run_count, up)
+                            run_count = 0
+                        session = self._open(client, now)
+                        if session is None:
+                            self.stats.dropped_up += 1
+                            continue
+                else:
+                    moved = True
                 if run_count and (session is not run_session or size != run_size
                                   or run_count == GSO_MAX_SEGMENTS):
-                    self._send_up(run_session, run[:run_size * run_count], run_size, run_count)
+                    self._send(run_session, run[:run_size * run_count], run_size, run_count, up)
                     run_count = 0
                 if self._gso and 0 < size <= GSO_SEGMENT_MAX:
                     run[size * run_count:size * (run_count + 1)] = view[:size]
                     run_session, run_size = session, size
                     run_count += 1
                 else:
-                    self._send_up(session, view[:size], size, 1)
+                    self._send(session, view[:size], size, 1, up)
         finally:
             if run_count:
-                self._send_up(run_session, run[:run_size * run_count], run_size, run_count)
+                self._send(run_session, run[:run_size * run_count], run_size, run_count, up)
+        if moved:  # replies keep a session alive too (server-push protocols, keepalives)
+            table.touch(session.client, time.monotonic())
 
-    def _send_up(self, session: Session, data: memoryview, size: int, count: int) -> None:
-        """Send ``count`` datagrams of ``size`` bytes (one GSO send when count > 1)."""
+    def _send(self, session: Session, data: memoryview, size: int, count: int,
+              up: bool) -> None:
+        """Send ``count`` datagrams of ``size`` bytes (one GSO send when count > 1): up on the
+        session's connected socket, down to its client from the listener."""
         stats = self.stats
         try:
             if count == 1:
-                session.sock.send(data)
+                if up:
+                    session.sock.send(data)
+                else:
+                    self.listener.sendto(data, session.client)
             else:
-                session.sock.sendmsg([data], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))])
+                segment = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
+                if up:
+                    session.sock.sendmsg([data], segment)
+                else:
+                    self.listener.sendmsg([data], segment, 0, session.client)
         except BlockingIOError:
-            stats.dropped_up += count
+            if up:
+                stats.dropped_up += count
+            else:
+                stats.dropped_down += count
             return
         except OSError as exc:
             if count > 1 and exc.errno not in SOFT_ERRNOS:
                 self._gso_refused(exc)
                 for start in range(0, len(data), size):
-                    self._send_up(session, data[start:start + size], size, 1)
+                    self._send(session, data[start:start + size], size, 1, up)
                 return
-            # A pending ICMP error from an earlier datagram surfaces on send: these are
-            # lost, the session stays (the target may come back).
-            stats.dropped_up += count
-            self._upstream_error(session, exc)
+            if up:
+                # A pending ICMP error from an earlier datagram surfaces on send: these are
+                # lost, the session stays (the target may come back).
+                stats.dropped_up += count
+                self._upstream_error(session, exc)
+            else:
+                stats.dropped_down += count
+                self._faults.warning("down", "session %d: send to client %s failed: %s",
+                                     session.id, format_sockaddr(session.client),
+                                     exc.strerror or exc)
             return
-        stats.datagrams_up += count
-        stats.bytes_up += size * count
+        if up:
+            stats.datagrams_up += count
+            stats.bytes_up += size * count
+        else:
+            stats.datagrams_down += count
+            stats.bytes_down += size * count
         stats.gso_sends += count > 1
 
     def _gso_refused(self, exc: OSError) -> None:
@@ -265,69 +309,11 @@ class UdpForwarder:
                                      "least recently active session, client %s",
                                      self.config.max_sessions, format_sockaddr(old_client))
             self._close(old, "evicted" if live else "expired")
-        watcher.start(self._on_upstream_readable, session)
+        watcher.start(self._relay, False, session)
         self.stats.opened += 1
         log.debug("session %d open %s -> %s via %s", session.id, format_sockaddr(client), dest,
                   format_sockaddr(sock.getsockname()))
         return session
-
-    # -- destination -> client ------------------------------------------------------------
-
-    def _on_upstream_readable(self, session: Session) -> None:
-        recv, view, run = session.sock.recv_into, self._view, self._run
-        run_size = run_count = 0
-        moved = False
-        for _ in range(RECV_BUDGET):
-            try:
-                size = recv(self._buf)
-            except BlockingIOError:
-                break
-            except OSError as exc:  # reading consumes the socket error: no spin
-                self._upstream_error(session, exc)
-                if exc.errno not in SOFT_ERRNOS:
-                    break
-                continue
-            moved = True
-            if run_count and (size != run_size or run_count == GSO_MAX_SEGMENTS):
-                self._send_down(session, run[:run_size * run_count], run_size, run_count)
-                run_count = 0
-            if self._gso and 0 < size <= GSO_SEGMENT_MAX:
-                run[size * run_count:size * (run_count + 1)] = view[:size]
-                run_size = size
-                run_count += 1
-            else:
-                self._send_down(session, view[:size], size, 1)
-        if run_count:
-            self._send_down(session, run[:run_size * run_count], run_size, run_count)
-        if moved:  # replies keep a session alive too (server-push protocols, keepalives)
-            self.table.touch(session.client, time.monotonic())
-
-    def _send_down(self, session: Session, data: memoryview, size: int, count: int) -> None:
-        """Send ``count`` datagrams of ``size`` bytes to the client from the listener."""
-        stats = self.stats
-        try:
-            if count == 1:
-                self.listener.sendto(data, session.client)
-            else:
-                self.listener.sendmsg([data], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))],
-                                      0, session.client)
-        except BlockingIOError:
-            stats.dropped_down += count
-            return
-        except OSError as exc:
-            if count > 1 and exc.errno not in SOFT_ERRNOS:
-                self._gso_refused(exc)
-                for start in range(0, len(data), size):
-                    self._send_down(session, data[start:start + size], size, 1)
-                return
-            stats.dropped_down += count
-            self._faults.warning("down", "session %d: send to client %s failed: %s",
-                                 session.id, format_sockaddr(session.client),
-                                 exc.strerror or exc)
-            return
-        stats.datagrams_down += count
-        stats.bytes_down += size * count
-        stats.gso_sends += count > 1
 
     def _upstream_error(self, session: Session, exc: OSError) -> None:
         self.stats.upstream_errors += 1

@@ -80,11 +80,6 @@ class SessionTable(Generic[K, V]):
         """Mark ``key`` active at ``now``; False when it is not (or no longer) in the table."""
         return self.get(key, now) is not None
 
-    def peek(self, key: K) -> V | None:
-        """The value without marking it active."""
-        entry = self._entries.get(key)
-        return None if entry is None else entry.value
-
     def add(self, key: K, value: V, now: float) -> list[tuple[K, V, bool]]:
         """Insert a new entry; returns what had to go to make room: ``(key, value, was_live)``.
 
@@ -105,11 +100,6 @@ class SessionTable(Generic[K, V]):
             removed.append((old_key, old.value, live))
         self._entries[key] = _Entry(value, now)
         return removed
-
-    def remove(self, key: K) -> V | None:
-        """Take ``key`` out (the caller closes it); None when absent."""
-        entry = self._entries.pop(key, None)
-        return None if entry is None else entry.value
 
     def expire(self, now: float, limit: int | None = None) -> list[tuple[K, V]]:
         """Remove entries idle for at least ``idle_timeout`` at ``now``, oldest first.
@@ -132,13 +122,6 @@ class SessionTable(Generic[K, V]):
             removed.append((key, entry.value))
         self.expired += len(removed)
         return removed
-
-    def next_expiry(self) -> float | None:
-        """When the oldest entry will time out (absolute, s); None if empty or never."""
-        if not self._entries or self.idle_timeout == NEVER:
-            return None
-        oldest = self._entries[next(iter(self._entries))]
-        return oldest.last_active + self.idle_timeout
 
     def clear(self) -> list[tuple[K, V]]:
         """Remove everything (shutdown); the caller closes the values."""
