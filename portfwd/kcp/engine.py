@@ -38,10 +38,10 @@ Deliberate differences, none visible to a correct peer:
 Receive memory: rcv_queue holds at most rcv_wnd segments and rcv_buf only sns inside
 [rcv_nxt, rcv_nxt + rcv_wnd), each at most mss bytes, so without limits a peer can make us hold
 2 * rcv_wnd * mss bytes (rcv_queue full because the application is not reading, rcv_buf full
-too).  ``max_rcv_bytes`` caps what out-of-order segments may add to that.  A shared
-:class:`ReassemblyBudget` caps the total over many engines; the next in-order segment is
-refused by it only while this engine already holds a whole message's worth in rcv_queue, so the
-budget can slow a conversation but never stall it.
+too).  ``max_rcv_bytes`` caps rcv_buf + rcv_queue; a shared :class:`ReassemblyBudget` caps the
+total over many engines (and shrinks the advertised window as it runs out).  Past either, an
+engine still keeps one whole message's worth (``(max_frg + 1) * mss``) out of order and in
+order, so a limit can slow a conversation but never deadlock it.
 """
 
 from __future__ import annotations
@@ -204,8 +204,7 @@ class Kcp:
             cfg.max_rcv_bytes if cfg.max_rcv_bytes is not None else 2 * self.rcv_wnd * self.mss
         )
         self.budget: ReassemblyBudget | None = budget
-        # bytes: rcv_queue holding this much has a whole message for recv() (or a peer that
-        # breaks the frg countdown), so the budget may refuse the next in-order segment
+        # bytes: one whole message, kept past max_rcv_bytes and the budget (see _admit)
         self._rcv_floor: int = (cfg.max_frg + 1) * self.mss
 
         # sequence state (u32)
@@ -426,6 +425,7 @@ class Kcp:
                 and len(self.rcv_queue) < self.rcv_wnd
                 and length <= self.mss
                 and frg <= self.max_frg
+                and self._rcv_queue_bytes + length <= self.max_rcv_bytes
                 and ((budget := self.budget) is None or budget.held + length <= budget.limit)
             ):
                 # header prediction (Van Jacobson's TCP fast path): the next in-order PUSH,
@@ -580,20 +580,33 @@ class Kcp:
                 if seg[_FASTACK] >= resend > 0:
                     self._fast_pending = True
 
-    def _admit_next(self, length: int) -> bool:
-        """May the budget take the in-order segment (sn == rcv_nxt)?  Counts a refusal.
+    def _admit(self, length: int, in_order: bool) -> bool:
+        """May a new segment of ``length`` payload bytes be stored?  Counts a refusal.
 
-        Refused only while rcv_queue holds a whole message's worth: then recv() can still
-        make progress, and refusing cannot deadlock this conversation.
+        Past max_rcv_bytes or the budget, an engine still keeps a guaranteed minimum: one
+        whole message's worth out of order, and the in-order segment while rcv_queue holds
+        less than a whole message (so recv() can always progress: no deadlock).
         """
+        queued = self._rcv_queue_bytes
+        held = queued + self._rcv_buf_bytes
         budget = self.budget
-        if budget is None or budget.reserve(length):
+        if held + length <= self.max_rcv_bytes and (budget is None or budget.reserve(length)):
             return True
-        if self._rcv_queue_bytes < self._rcv_floor:
-            budget.charge(length)
+        floor = self._rcv_floor
+        if held < floor or (in_order and queued < floor):
+            if budget is not None:
+                budget.charge(length)
             return True
         self.dropped_reassembly += 1
         return False
+
+    def _budget_wnd(self) -> int:
+        """Segments the shared budget lets the peer have in flight (advertised in wnd), so a
+        correct sender slows down instead of having its segments refused."""
+        budget = self.budget
+        room = max(budget.limit - budget.held,
+                   self._rcv_floor - self._rcv_queue_bytes - self._rcv_buf_bytes, 0)
+        return (self._rcv_buf_bytes + room) // self.mss
 
     def _parse_data(self, offset: int, sn: int, frg: int, data: bytes) -> bool:
         """Store a PUSH inside the window and move in-order ones to rcv_queue.
@@ -605,7 +618,7 @@ class Kcp:
             return True  # a duplicate: acknowledge it again
         length = len(data)
         if offset == 0:
-            if not self._admit_next(length):
+            if not self._admit(length, True):
                 return False
             queue = self.rcv_queue
             if len(queue) < self.rcv_wnd:
@@ -616,14 +629,8 @@ class Kcp:
                 if rcv_buf:
                     self._drain_rcv_buf()
                 return True
-        else:
-            if self._rcv_queue_bytes + self._rcv_buf_bytes + length > self.max_rcv_bytes:
-                self.dropped_reassembly += 1
-                return False
-            budget = self.budget
-            if budget is not None and not budget.reserve(length):
-                self.dropped_reassembly += 1
-                return False
+        elif not self._admit(length, False):
+            return False
         rcv_buf[sn] = (frg, data)
         self._rcv_buf_bytes += length
         if offset == 0:
@@ -755,6 +762,8 @@ class Kcp:
         wnd = self.rcv_wnd - len(self.rcv_queue)
         if wnd < 0:
             wnd = 0
+        if self.budget is not None:
+            wnd = min(wnd, self._budget_wnd())
         una = self.rcv_nxt
         pack = _HEADER_PACK
         parts: list[bytes] = []
