@@ -23,6 +23,7 @@ import gevent
 import gevent.pool
 from gevent.socket import socket as gsocket
 
+from portfwd.kcp import ReassemblyBudget
 from portfwd.kcptcp.driver import ConversationDriver, UdpEndpoint, now_ms, stats_loop, wall_ms
 from portfwd.runtime.addr import Resolved, format_sockaddr
 from portfwd.runtime.logs import RateLimitedLog
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 MAX_SESSIONS = 4096  # conversations held at once (each holds a target socket)
 MAX_PENDING = 256  # conversations whose client has not yet sent an authenticated packet
 EVICT_MIN_IDLE_MS = 2000  # ms without stream bytes before a session may be evicted at the cap
+REASSEMBLY_BYTES = 256 * 1024 * 1024  # bytes received from peers and not yet written, all sessions
 _HELLO = int(PacketType.HELLO)
 
 
@@ -46,6 +48,7 @@ class ServerLimits:
     connect_timeout: float = CONNECT_TIMEOUT  # s before a dial to the target is abandoned
     max_sessions: int = MAX_SESSIONS  # conversations in all
     max_pending: int = MAX_PENDING  # conversations not yet confirmed by the client
+    reassembly_bytes: int = REASSEMBLY_BYTES  # KCP receive memory shared by all conversations
 
 
 class TunnelServer:
@@ -59,6 +62,7 @@ class TunnelServer:
         self.limits = limits or ServerLimits()
         self.udp = UdpEndpoint(udp_sock)
         self.handshakes = HandshakeAcceptor(config.tunnel)
+        self.reassembly = ReassemblyBudget(self.limits.reassembly_bytes)
         self.drivers: dict[int, ConversationDriver] = {}
         self.conversations = gevent.pool.Group()
         self.finished = 0
@@ -146,7 +150,7 @@ class TunnelServer:
                                  "session to evict: conv=%d from %s refused",
                                  self.limits.max_sessions, session.conv, format_sockaddr(addr))
             return None  # the session object is dropped unanswered; nothing was dialled
-        conv = Conversation(session, self.config, now)
+        conv = Conversation(session, self.config, now, self.reassembly)
         driver = ConversationDriver(conv, self.udp, f"conv={conv.conv}")
         self.drivers[conv.conv] = driver
         self._pending.add(conv.conv)
@@ -194,6 +198,7 @@ class TunnelServer:
             if not driver.finished.is_set():
                 driver.abort("shutting down")
                 driver.wait_finished()
+            conv.discard_received()  # its unread bytes go back to self.reassembly
             if self.drivers.get(conv.conv) is driver:  # an evicted one is already gone
                 del self.drivers[conv.conv]
             self._pending.discard(conv.conv)
