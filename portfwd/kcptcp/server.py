@@ -24,9 +24,18 @@ import gevent.pool
 from gevent.socket import socket as gsocket
 
 from portfwd.kcp import ReassemblyBudget
-from portfwd.kcptcp.driver import ConversationDriver, UdpEndpoint, now_ms, stats_loop, wall_ms
+from portfwd.kcptcp.driver import (
+    ConversationDriver,
+    ConversationService,
+    UdpEndpoint,
+    now_ms,
+    stats_loop,
+    wall_ms,
+)
+from portfwd.kcptcp.metrics import TunnelServerMetrics, render_server_totals
 from portfwd.runtime.addr import Resolved, format_sockaddr
 from portfwd.runtime.logs import RateLimitedLog
+from portfwd.runtime.metrics import ErrorCounts
 from portfwd.runtime.sockets import CONNECT_TIMEOUT, cooperative, dial_tcp
 from portfwd.tunnel.handshake import HandshakeAcceptor
 from portfwd.tunnel.stream import Conversation, ConversationConfig
@@ -51,26 +60,25 @@ class ServerLimits:
     reassembly_bytes: int = REASSEMBLY_BYTES  # KCP receive memory shared by all conversations
 
 
-class TunnelServer:
+class TunnelServer(ConversationService):
     """Listens on UDP; bridges each authenticated conversation to ``target`` over TCP."""
 
     def __init__(self, config: ConversationConfig, udp_sock: socket.socket, target: Resolved,
                  stats_interval: float, limits: ServerLimits | None = None) -> None:
+        super().__init__(stats_interval)
         self.config = config
         self.target = target
-        self.stats_interval = stats_interval
         self.limits = limits or ServerLimits()
         self.udp = UdpEndpoint(udp_sock)
         self.handshakes = HandshakeAcceptor(config.tunnel)
         self.reassembly = ReassemblyBudget(self.limits.reassembly_bytes)
-        self.drivers: dict[int, ConversationDriver] = {}
         self.conversations = gevent.pool.Group()
-        self.finished = 0
         self.dropped_unknown = 0  # datagrams for no conversation that are not a HELLO
         self.dropped_malformed = 0  # shorter than the common prefix
         self.refused_pending = 0  # HELLOs not looked at: max_pending unconfirmed sessions
         self.refused_full = 0  # authenticated HELLOs refused: max_sessions, none evictable
         self.evicted = 0  # idle sessions closed to make room at max_sessions
+        self.dial_failures = ErrorCounts()  # connects to the target, by errno name
         self._pending: set[int] = set()  # convs created and not yet seen confirmed
         self.accepting = True
         self._greenlets: list[gevent.Greenlet] = []
@@ -84,17 +92,21 @@ class TunnelServer:
                  "plaintext" if self.config.tunnel.plaintext else "encrypted")
         self._greenlets.append(gevent.spawn(self._receive))
         if self.stats_interval > 0:
-            self._greenlets.append(gevent.spawn(stats_loop, self.stats_interval,
-                                                lambda: list(self.drivers.values()), self._totals))
+            self._greenlets.append(gevent.spawn(stats_loop, self.stats_interval, self.metrics,
+                                                render_server_totals))
 
-    def _totals(self) -> str:
+    def metrics(self) -> TunnelServerMetrics:
+        """A snapshot of the counters and of every live conversation (no I/O)."""
         a = self.handshakes
-        return (f"conversations={len(self.drivers)} finished={self.finished} "
-                f"handshakes={a.accepted} rejected_auth={a.dropped_auth} "
-                f"rejected_replay={a.dropped_replay} rejected_stale={a.dropped_stale} "
-                f"rejected_rate={a.dropped_rate} dropped_unknown={self.dropped_unknown} "
-                f"refused_pending={self.refused_pending} refused_full={self.refused_full} "
-                f"evicted={self.evicted}")
+        return TunnelServerMetrics(
+            conversations=len(self.drivers), finished=self.finished, handshakes=a.accepted,
+            rejected_auth=a.dropped_auth, rejected_replay=a.dropped_replay,
+            rejected_stale=a.dropped_stale, rejected_rate=a.dropped_rate,
+            dropped_unknown=self.dropped_unknown, dropped_malformed=self.dropped_malformed,
+            refused_pending=self.refused_pending, refused_full=self.refused_full,
+            evicted=self.evicted, send_errors=self.udp.send_errors,
+            dial_failures=self.dial_failures.snapshot(),
+            per_conversation=self._per_conversation())
 
     def stop(self, timeout: float) -> None:
         self.accepting = False
@@ -195,14 +207,9 @@ class TunnelServer:
                 driver.attach_tcp(target)
             driver.wait_finished()
         finally:
-            if not driver.finished.is_set():
-                driver.abort("shutting down")
-                driver.wait_finished()
+            self._retire(driver)
             conv.discard_received()  # its unread bytes go back to self.reassembly
-            if self.drivers.get(conv.conv) is driver:  # an evicted one is already gone
-                del self.drivers[conv.conv]
             self._pending.discard(conv.conv)
-            self.finished += 1
             log.info("%s closed (%s): %d bytes up, %d down", driver.name, driver.close_reason,
                      conv.bytes_received, conv.bytes_sent)
 
@@ -210,6 +217,7 @@ class TunnelServer:
         try:
             return cooperative(dial_tcp(self.target, self.limits.connect_timeout))
         except OSError as exc:  # includes socket.timeout and EMFILE
+            self.dial_failures.add(exc)
             self._faults.warning("connect", "%s: connect to %s failed: %s", driver.name,
                                  self.target, exc.strerror or exc)
             driver.abort("target unreachable")

@@ -22,6 +22,7 @@ from portfwd.runtime.addr import Resolved, format_sockaddr
 from portfwd.runtime.logs import RateLimitedLog, hot_info
 from portfwd.runtime.sockets import CONNECT_TIMEOUT, dial_tcp
 from portfwd.runtime.workers import Workers
+from portfwd.tcpfwd.metrics import TcpCounters, TcpMetrics
 from portfwd.tcpfwd.pump import Counter, RelaySocket, pump
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,11 @@ class TcpForwarder:
         self.accept_loop = AcceptLoop(listener, self._handle)
         self._ids = itertools.count(1)
         self._faults = RateLimitedLog(log)
+        self.counters = TcpCounters()
+
+    def metrics(self) -> TcpMetrics:
+        """A snapshot of the counters (no I/O; bytes of running relays included)."""
+        return self.counters.snapshot(self.accept_loop.accepted, self.accept_loop.errors)
 
     def start(self) -> None:
         self.accept_loop.start()
@@ -94,6 +100,7 @@ class TcpForwarder:
             offset = original_dst_port(client) - self.config.listen_port
             return offset_address(self.config.dest, offset)
         except (OSError, BaseAddrError) as exc:
+            self.counters.no_destination += 1
             self._faults.warning("base", "conn %d from %s: -b address: %s",
                                  conn_id, format_sockaddr(peer), exc)
             return None
@@ -110,13 +117,14 @@ class TcpForwarder:
                 accepted.close()
         if dialled is not None:
             hot_info(log, "conn %d open %s -> %s", conn_id, format_sockaddr(peer), dest)
-            Relay(conn_id, RelaySocket(accepted), RelaySocket(dialled), self.config.splice).run(
-                self.accept_loop.workers)
+            Relay(conn_id, RelaySocket(accepted), RelaySocket(dialled), self.config.splice,
+                  self.counters).run(self.accept_loop.workers)
 
     def _dial(self, conn_id: int, dest: Resolved) -> socket.socket | None:
         try:
             return dial_tcp(dest, self.config.connect_timeout)
         except OSError as exc:  # includes TimeoutError and EMFILE
+            self.counters.dial_failures.add(exc)
             self._faults.warning("connect", "conn %d: connect to %s failed: %s", conn_id, dest,
                                  exc.strerror or exc)
             return None
@@ -140,10 +148,10 @@ class Relay:
     """
 
     __slots__ = ("conn_id", "client", "upstream", "splice", "started", "up", "down", "running",
-                 "error", "cut")
+                 "error", "cut", "counters")
 
     def __init__(self, conn_id: int, client: RelaySocket, upstream: RelaySocket,
-                 splice: bool) -> None:
+                 splice: bool, counters: TcpCounters) -> None:
         self.conn_id = conn_id
         self.client, self.upstream = client, upstream
         self.splice = splice
@@ -152,6 +160,8 @@ class Relay:
         self.running = 2  # directions not yet over
         self.error = ""  # the first socket error is the connection's fate; later ones are echoes
         self.cut = False  # killed at the end of the drain period
+        self.counters = counters  # the forwarder's: live while running, totals once closed
+        counters.live.add(self)
 
     def run(self, workers: Workers) -> None:
         """Pump up here, down in another job; returns when up is over (down may go on)."""
@@ -176,7 +186,13 @@ class Relay:
                 self._close()
 
     def _close(self) -> None:
+        counters = self.counters
+        counters.live.discard(self)
+        counters.closed += 1
+        counters.bytes_up += self.up.moved
+        counters.bytes_down += self.down.moved
         if self.cut:
+            counters.reset += 1
             for end in (self.client, self.upstream):
                 reset_on_close(end.sock)
             log.info("conn %d reset: service stopping", self.conn_id)

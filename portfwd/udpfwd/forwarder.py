@@ -44,6 +44,7 @@ from gevent import get_hub
 from portfwd.runtime.addr import Resolved, format_sockaddr
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.sockets import READ, SOCKBUF_CAP, set_buffers
+from portfwd.udpfwd.metrics import UdpMetrics, render_status
 from portfwd.udpfwd.table import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS, SessionTable
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def use_gso() -> bool:
 
 
 class Stats:
-    """Cumulative counters for the status line."""
+    """Cumulative counters of the datagram path (:meth:`UdpForwarder.metrics` copies them)."""
 
     __slots__ = ("datagrams_up", "bytes_up", "datagrams_down", "bytes_down", "dropped_up",
                  "dropped_down", "upstream_errors", "opened", "gso_sends")
@@ -97,9 +98,6 @@ class Stats:
         self.upstream_errors = 0  # ICMP errors (refused, unreachable) reported on upstreams
         self.opened = 0  # sessions opened
         self.gso_sends = 0  # sends that carried several datagrams (UDP GSO)
-
-    def snapshot(self) -> tuple[int, ...]:
-        return tuple(getattr(self, name) for name in self.__slots__)
 
 
 class Session:
@@ -135,11 +133,20 @@ class UdpForwarder:
         self._listen_watcher = None
         self._sweep_timer = None
         self._stats_timer = None
-        self._last_stats: tuple[int, ...] = ()
+        self._last_stats: UdpMetrics | None = None  # what the last status line showed
 
     @property
     def address(self) -> tuple:
         return self.listener.getsockname()
+
+    def metrics(self) -> UdpMetrics:
+        """A snapshot of the counters (no I/O)."""
+        s, table = self.stats, self.table
+        return UdpMetrics(
+            sessions=len(table), opened=s.opened, expired=table.expired, evicted=table.evicted,
+            datagrams_up=s.datagrams_up, bytes_up=s.bytes_up, datagrams_down=s.datagrams_down,
+            bytes_down=s.bytes_down, dropped_up=s.dropped_up, dropped_down=s.dropped_down,
+            upstream_errors=s.upstream_errors, gso_sends=s.gso_sends)
 
     def start(self) -> None:
         self.listener.setblocking(False)
@@ -335,15 +342,8 @@ class UdpForwarder:
         log.debug("session %d %s (%s)", session.id, why, format_sockaddr(session.client))
 
     def _log_stats(self, force: bool = False) -> None:
-        snapshot = (*self.stats.snapshot(), len(self.table), self.table.expired,
-                    self.table.evicted)
-        if snapshot == self._last_stats and not force:
+        metrics = self.metrics()
+        if metrics == self._last_stats and not force:
             return  # nothing moved since the last line: an idle forwarder stays quiet
-        self._last_stats = snapshot
-        s = self.stats
-        log.info("status: %d sessions (%d opened, %d expired, %d evicted); up %d datagrams "
-                 "%d bytes; down %d datagrams %d bytes; dropped %d up %d down; "
-                 "%d upstream errors; %d GSO sends", len(self.table), s.opened,
-                 self.table.expired, self.table.evicted, s.datagrams_up, s.bytes_up,
-                 s.datagrams_down, s.bytes_down,
-                 s.dropped_up, s.dropped_down, s.upstream_errors, s.gso_sends)
+        self._last_stats = metrics
+        log.info("%s", render_status(metrics))
