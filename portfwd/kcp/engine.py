@@ -85,7 +85,7 @@ _ACK_BYTE = bytes([_ACK])
 
 
 # --- configuration -------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class KcpConfig:
     """Tuning of one KCP engine (ikcp_setmtu / ikcp_wndsize / ikcp_nodelay)."""
 

@@ -14,6 +14,7 @@ import time
 
 import gevent
 
+from portfwd.kcptcp.config import ClientConfig
 from portfwd.kcptcp.driver import (
     ConversationDriver,
     UdpEndpoint,
@@ -22,10 +23,10 @@ from portfwd.kcptcp.driver import (
     wall_ms,
 )
 from portfwd.runtime.acceptloop import AcceptLoop
-from portfwd.runtime.addr import Resolved, format_sockaddr
+from portfwd.runtime.addr import format_sockaddr
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.sockets import cooperative, set_buffers
-from portfwd.tunnel.stream import Conversation, ConversationConfig
+from portfwd.tunnel.stream import Conversation
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,11 @@ def random_conv() -> int:
 class TunnelClient:
     """Listens on TCP; carries each connection over KCP/UDP to ``remote``."""
 
-    def __init__(self, config: ConversationConfig, listener: socket.socket, remote: Resolved,
-                 udp_buffer: int, stats_interval: float) -> None:
+    def __init__(self, config: ClientConfig, listener: socket.socket) -> None:
         self.config = config
-        self.remote = remote
-        self.udp_buffer = udp_buffer
-        self.stats_interval = stats_interval
+        self.remote = config.remote
+        self.udp_buffer = config.udp_buffer
+        self.stats_interval = config.stats_interval
         self.accept_loop = AcceptLoop(listener, self._handle)
         self.drivers: dict[int, ConversationDriver] = {}
         self.finished = 0
@@ -51,10 +51,10 @@ class TunnelClient:
 
     def start(self) -> None:
         self.accept_loop.start()
-        if self.config.tunnel.psk is None:
+        if self.config.conversation.tunnel.psk is None:
             log.warning("no -K given: the tunnel is NOT encrypted or authenticated")
         log.info("tunnelling tcp %s -> udp %s (%s)", format_sockaddr(self.accept_loop.address),
-                 self.remote, "encrypted" if self.config.tunnel.psk else "plaintext")
+                 self.remote, "encrypted" if self.config.conversation.tunnel.psk else "plaintext")
         if self.stats_interval > 0:
             self._stats = gevent.spawn(stats_loop, self.stats_interval,
                                        lambda: list(self.drivers.values()), self._totals)
@@ -85,7 +85,8 @@ class TunnelClient:
             return
         udp = UdpEndpoint(udp_sock)
         conv_id = random_conv()
-        conv = Conversation.client(self.config, conv_id, self.remote.sockaddr, now_ms(), wall_ms())
+        conv = Conversation.client(self.config.conversation, conv_id, self.remote.sockaddr,
+                                   now_ms(), wall_ms())
         driver = ConversationDriver(conv, udp, f"conv={conv_id}")
         self.drivers[conv_id] = driver
         receiver = gevent.spawn(self._receive, driver, udp)

@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import dataclass
 
 import gevent
 import gevent.pool
 from gevent.socket import socket as gsocket
 
+from portfwd.kcptcp.config import ServerConfig
 from portfwd.kcptcp.driver import ConversationDriver, UdpEndpoint, now_ms, stats_loop, wall_ms
-from portfwd.runtime.addr import Resolved, format_sockaddr
+from portfwd.runtime.addr import format_sockaddr
 from portfwd.runtime.logs import RateLimitedLog
-from portfwd.runtime.sockets import CONNECT_TIMEOUT, cooperative, dial_tcp
+from portfwd.runtime.sockets import cooperative, dial_tcp
 from portfwd.tunnel.handshake import HandshakeAcceptor
-from portfwd.tunnel.stream import Conversation, ConversationConfig
+from portfwd.tunnel.stream import Conversation
 from portfwd.tunnel.wire import TYPE_MASK, MalformedPacket, PacketType, peek_prefix
 
 log = logging.getLogger(__name__)
@@ -39,26 +39,16 @@ EVICT_MIN_IDLE_MS = 2000  # ms without stream bytes before a session may be evic
 _HELLO = int(PacketType.HELLO)
 
 
-@dataclass(frozen=True)
-class ServerLimits:
-    """kcptcp-server's resource limits (--connect-timeout, --max-sessions, --max-pending)."""
-
-    connect_timeout: float = CONNECT_TIMEOUT  # s before a dial to the target is abandoned
-    max_sessions: int = MAX_SESSIONS  # conversations in all
-    max_pending: int = MAX_PENDING  # conversations not yet confirmed by the client
-
-
 class TunnelServer:
     """Listens on UDP; bridges each authenticated conversation to ``target`` over TCP."""
 
-    def __init__(self, config: ConversationConfig, udp_sock: socket.socket, target: Resolved,
-                 stats_interval: float, limits: ServerLimits | None = None) -> None:
+    def __init__(self, config: ServerConfig, udp_sock: socket.socket) -> None:
         self.config = config
-        self.target = target
-        self.stats_interval = stats_interval
-        self.limits = limits or ServerLimits()
+        self.target = config.target
+        self.stats_interval = config.stats_interval
+        self.limits = config.limits
         self.udp = UdpEndpoint(udp_sock)
-        self.handshakes = HandshakeAcceptor(config.tunnel)
+        self.handshakes = HandshakeAcceptor(config.conversation.tunnel)
         self.drivers: dict[int, ConversationDriver] = {}
         self.conversations = gevent.pool.Group()
         self.finished = 0
@@ -73,11 +63,11 @@ class TunnelServer:
         self._faults = RateLimitedLog(log)
 
     def start(self) -> None:
-        if self.config.tunnel.psk is None:
+        if self.config.conversation.tunnel.psk is None:
             log.warning("no -K given: the tunnel is NOT encrypted or authenticated")
         log.info("tunnelling udp %s -> tcp %s (%s)",
                  format_sockaddr(self.udp.sock.getsockname()), self.target,
-                 "encrypted" if self.config.tunnel.psk else "plaintext")
+                 "encrypted" if self.config.conversation.tunnel.psk else "plaintext")
         self._greenlets.append(gevent.spawn(self._receive))
         if self.stats_interval > 0:
             self._greenlets.append(gevent.spawn(stats_loop, self.stats_interval,
@@ -146,7 +136,7 @@ class TunnelServer:
                                  "session to evict: conv=%d from %s refused",
                                  self.limits.max_sessions, session.conv, format_sockaddr(addr))
             return None  # the session object is dropped unanswered; nothing was dialled
-        conv = Conversation(session, self.config, now)
+        conv = Conversation(session, self.config.conversation, now)
         driver = ConversationDriver(conv, self.udp, f"conv={conv.conv}")
         self.drivers[conv.conv] = driver
         self._pending.add(conv.conv)

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from portfwd.kcp import Kcp, KcpConfig
+from portfwd.kcp.engine import DEAD_LINK_XMIT
 from portfwd.tunnel import events
-from portfwd.tunnel.session import CLOSE_LOCAL, TunnelConfig, TunnelSession
+from portfwd.tunnel.session import CLOSE_LOCAL, OVERHEAD, TunnelConfig, TunnelSession
 
 RECORD_DATA = 0x00  # record type: stream bytes follow
 RECORD_FIN = 0x01  # record type: the sender's stream ended (TCP half-close)
@@ -42,25 +43,34 @@ _FIN = bytes([RECORD_FIN])
 _DATA = bytes([RECORD_DATA])
 
 
-@dataclass
+@dataclass(frozen=True)
 class ConversationConfig:
-    """KCP tuning and tunnel security settings of one conversation."""
+    """Tunnel security settings and KCP tuning of one conversation.
+
+    ``mtu`` is the conversation's one MTU: the largest UDP payload it sends. The KCP engine's
+    own MTU is derived from it per conversation (:meth:`kcp_config`), because what the session
+    adds to each datagram differs between plaintext and AEAD.
+    """
 
     tunnel: TunnelConfig = field(default_factory=TunnelConfig)
-    kcp: KcpConfig = field(default_factory=lambda: tunnel_kcp_config())  # mtu: see kcp_config_for
-    udp_mtu: int = 1350  # bytes: largest UDP payload we send (-M, seed default 1350)
+    mtu: int = 1350  # bytes: largest UDP payload we send (-M, seed default 1350)
+    interval: int = 10  # ms between KCP flushes (--interval)
+    resend: int = 2  # KCP fast retransmit after this many skipping acks, 0 = off (--resend)
+    nc: bool = True  # True = no KCP congestion control (--nc)
+    snd_wnd: int = 1024  # segments: KCP send window (--sndwnd)
+    rcv_wnd: int = 1024  # segments: KCP receive window (--rcvwnd)
+    dead_link: int = DEAD_LINK_XMIT  # transmissions of one segment before the link is dead
 
+    def __post_init__(self) -> None:
+        self.kcp_config(OVERHEAD)  # bad settings raise here, not at the first conversation
 
-def tunnel_kcp_config(**settings: int | bool) -> KcpConfig:
-    """KCP settings for the tunnel: the seed's defaults plus prompt zero-window probing."""
-    return KcpConfig(**{"probe_init": WINDOW_PROBE_INIT_MS,
-                        "probe_limit": WINDOW_PROBE_LIMIT_MS, **settings})
-
-
-def kcp_config_for(config: ConversationConfig, session: TunnelSession) -> KcpConfig:
-    """The KCP settings with the MTU shrunk by what the session adds to each datagram."""
-    kcp = config.kcp
-    return KcpConfig(**{**kcp.__dict__, "mtu": config.udp_mtu - session.overhead})
+    def kcp_config(self, overhead: int) -> KcpConfig:
+        """The engine's settings for a session adding ``overhead`` bytes to each datagram:
+        the seed's defaults plus prompt zero-window probing."""
+        return KcpConfig(mtu=self.mtu - overhead, snd_wnd=self.snd_wnd, rcv_wnd=self.rcv_wnd,
+                         interval=self.interval, resend=self.resend, nc=self.nc,
+                         dead_link=self.dead_link, probe_init=WINDOW_PROBE_INIT_MS,
+                         probe_limit=WINDOW_PROBE_LIMIT_MS)
 
 
 class Conversation:
@@ -69,7 +79,7 @@ class Conversation:
     def __init__(self, session: TunnelSession, config: ConversationConfig, now: int) -> None:
         self.session = session
         self.conv: int = session.conv
-        self.kcp = Kcp(session.conv, kcp_config_for(config, session))
+        self.kcp = Kcp(session.conv, config.kcp_config(session.overhead))
         self._send_limit: int = SEND_QUEUE_FACTOR * self.kcp.snd_wnd
         self._events: deque[events.Event] = deque()
         self._now: int = now
