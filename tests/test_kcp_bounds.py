@@ -28,7 +28,6 @@ from portfwd.tunnel.stream import (
     MAX_RECORD_SIZE,
     Conversation,
     ConversationConfig,
-    tunnel_kcp_config,
 )
 
 try:  # tests/ is not a package: pytest puts it on sys.path
@@ -238,8 +237,7 @@ class Attack:
     def __init__(self, seed: int = 0, conv: int = CONV,
                  budget: ReassemblyBudget | None = None) -> None:
         rng = random.Random(seed)
-        self.config = ConversationConfig(tunnel=TunnelConfig(psk=PSK), kcp=tunnel_kcp_config(),
-                                         udp_mtu=UDP_MTU)
+        self.config = ConversationConfig(tunnel=TunnelConfig(psk=PSK), mtu=UDP_MTU)
         self.client = TunnelSession.client(self.config.tunnel, conv, SERVER_ADDR, 0, WALL,
                                            rng.randbytes)
         acceptor = HandshakeAcceptor(self.config.tunnel, rng.randbytes)

@@ -16,6 +16,7 @@ import gevent.socket
 import pytest
 
 from portfwd.kcptcp.client import TunnelClient
+from portfwd.kcptcp.config import ClientConfig, ServerConfig
 from portfwd.kcptcp.metrics import (
     ConversationMetrics,
     TunnelClientMetrics,
@@ -28,11 +29,13 @@ from portfwd.kcptcp.server import TunnelServer
 from portfwd.runtime.addr import Resolved
 from portfwd.runtime.metrics import ErrorCounts, errno_name, flatten
 from portfwd.runtime.sockets import ListenOptions, bind_socket
-from portfwd.tcpfwd.forwarder import TcpConfig, TcpForwarder
+from portfwd.tcpfwd.config import TcpConfig
+from portfwd.tcpfwd.forwarder import TcpForwarder
 from portfwd.tcpfwd.metrics import TcpMetrics
 from portfwd.tunnel.session import TunnelConfig
 from portfwd.tunnel.stream import ConversationConfig
-from portfwd.udpfwd.forwarder import UdpConfig, UdpForwarder
+from portfwd.udpfwd.config import UdpConfig
+from portfwd.udpfwd.forwarder import UdpForwarder
 from portfwd.udpfwd.metrics import UdpMetrics, render_status
 
 LOOPBACK = "127.0.0.1"
@@ -124,7 +127,7 @@ def test_flatten_joins_nested_names():
 
 def start_tcpfwd(dest_port: int, listener: socket.socket | None = None) -> TcpForwarder:
     listener = listener or bind_socket(loopback(0), socket.SOCK_STREAM, ListenOptions())
-    config = TcpConfig(dest=loopback(dest_port), listen_port=listener.getsockname()[1])
+    config = TcpConfig(listen=loopback(listener.getsockname()[1]), dest=loopback(dest_port))
     forwarder = TcpForwarder(config, listener)
     forwarder.start()
     return forwarder
@@ -235,7 +238,8 @@ def udp_echo() -> Iterator[int]:
 
 def start_udpfwd(dest_port: int, stats_interval: float = 0) -> UdpForwarder:
     listener = bind_socket(loopback(0), socket.SOCK_DGRAM, ListenOptions())
-    fwd = UdpForwarder(UdpConfig(dest=loopback(dest_port), stats_interval=stats_interval,
+    fwd = UdpForwarder(UdpConfig(listen=loopback(listener.getsockname()[1]),
+                                 dest=loopback(dest_port), stats_interval=stats_interval,
                                  gso=False), listener)
     fwd.start()
     return fwd
@@ -302,11 +306,14 @@ def test_render_status():
 def start_tunnel(target_port: int, tunnel: TunnelConfig) -> tuple[TunnelClient, TunnelServer]:
     config = ConversationConfig(tunnel=tunnel)
     udp = bind_socket(loopback(0), socket.SOCK_DGRAM, ListenOptions())
-    server = TunnelServer(config, udp, loopback(target_port), stats_interval=0)
+    server = TunnelServer(ServerConfig(listen=loopback(udp.getsockname()[1]),
+                                       target=loopback(target_port), conversation=config,
+                                       stats_interval=0), udp)
     server.start()
     listener = bind_socket(loopback(0), socket.SOCK_STREAM, ListenOptions())
-    client = TunnelClient(config, listener, loopback(udp.getsockname()[1]), 1 << 20,
-                          stats_interval=0)
+    client = TunnelClient(ClientConfig(listen=loopback(listener.getsockname()[1]),
+                                       remote=loopback(udp.getsockname()[1]), conversation=config,
+                                       udp_buffer=1 << 20, stats_interval=0), listener)
     client.start()
     return client, server
 

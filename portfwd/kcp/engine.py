@@ -103,7 +103,7 @@ _ACK_BYTE = bytes([_ACK])
 FRG_MAX = 0xFF  # the header's frg field is a u8
 
 # --- configuration -------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class KcpConfig:
     """Tuning of one KCP engine (ikcp_setmtu / ikcp_wndsize / ikcp_nodelay)."""
 

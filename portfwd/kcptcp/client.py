@@ -14,6 +14,7 @@ import time
 
 import gevent
 
+from portfwd.kcptcp.config import ClientConfig
 from portfwd.kcptcp.driver import (
     ConversationDriver,
     ConversationService,
@@ -24,11 +25,11 @@ from portfwd.kcptcp.driver import (
 )
 from portfwd.kcptcp.metrics import TunnelClientMetrics, render_client_totals
 from portfwd.runtime.acceptloop import AcceptLoop
-from portfwd.runtime.addr import Resolved, format_sockaddr
+from portfwd.runtime.addr import format_sockaddr
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.metrics import ErrorCounts
 from portfwd.runtime.sockets import cooperative, set_buffers
-from portfwd.tunnel.stream import Conversation, ConversationConfig
+from portfwd.tunnel.stream import Conversation
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,11 @@ def random_conv() -> int:
 class TunnelClient(ConversationService):
     """Listens on TCP; carries each connection over KCP/UDP to ``remote``."""
 
-    def __init__(self, config: ConversationConfig, listener: socket.socket, remote: Resolved,
-                 udp_buffer: int, stats_interval: float) -> None:
-        super().__init__(stats_interval)
+    def __init__(self, config: ClientConfig, listener: socket.socket) -> None:
+        super().__init__(config.stats_interval)
         self.config = config
-        self.remote = remote
-        self.udp_buffer = udp_buffer
+        self.remote = config.remote
+        self.udp_buffer = config.udp_buffer
         self.accept_loop = AcceptLoop(listener, self._handle)
         self.udp_open_failures = ErrorCounts()
         self._stats: gevent.Greenlet | None = None
@@ -53,10 +53,11 @@ class TunnelClient(ConversationService):
 
     def start(self) -> None:
         self.accept_loop.start()
-        if self.config.tunnel.plaintext:
+        tunnel = self.config.conversation.tunnel
+        if tunnel.plaintext:
             log.warning("no -K given: the tunnel is NOT encrypted or authenticated")
         log.info("tunnelling tcp %s -> udp %s (%s)", format_sockaddr(self.accept_loop.address),
-                 self.remote, "plaintext" if self.config.tunnel.plaintext else "encrypted")
+                 self.remote, "plaintext" if tunnel.plaintext else "encrypted")
         if self.stats_interval > 0:
             self._stats = gevent.spawn(stats_loop, self.stats_interval, self.metrics,
                                        render_client_totals)
@@ -93,7 +94,8 @@ class TunnelClient(ConversationService):
             return
         udp = UdpEndpoint(udp_sock)
         conv_id = random_conv()
-        conv = Conversation.client(self.config, conv_id, self.remote.sockaddr, now_ms(), wall_ms())
+        conv = Conversation.client(self.config.conversation, conv_id, self.remote.sockaddr,
+                                   now_ms(), wall_ms())
         driver = ConversationDriver(conv, udp, f"conv={conv_id}")
         self.drivers[conv_id] = driver
         receiver = gevent.spawn(self._receive, driver, udp)

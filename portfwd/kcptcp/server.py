@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import dataclass
 
 import gevent
 import gevent.pool
 from gevent.socket import socket as gsocket
 
 from portfwd.kcp import ReassemblyBudget
+from portfwd.kcptcp.config import ServerConfig
 from portfwd.kcptcp.driver import (
     ConversationDriver,
     ConversationService,
@@ -33,12 +33,12 @@ from portfwd.kcptcp.driver import (
     wall_ms,
 )
 from portfwd.kcptcp.metrics import TunnelServerMetrics, render_server_totals
-from portfwd.runtime.addr import Resolved, format_sockaddr
+from portfwd.runtime.addr import format_sockaddr
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.metrics import ErrorCounts
-from portfwd.runtime.sockets import CONNECT_TIMEOUT, cooperative, dial_tcp
+from portfwd.runtime.sockets import cooperative, dial_tcp
 from portfwd.tunnel.handshake import HandshakeAcceptor
-from portfwd.tunnel.stream import Conversation, ConversationConfig
+from portfwd.tunnel.stream import Conversation
 from portfwd.tunnel.wire import TYPE_MASK, MalformedPacket, PacketType, peek_prefix
 
 log = logging.getLogger(__name__)
@@ -46,31 +46,19 @@ log = logging.getLogger(__name__)
 MAX_SESSIONS = 4096  # conversations held at once (each holds a target socket)
 MAX_PENDING = 256  # conversations whose client has not yet sent an authenticated packet
 EVICT_MIN_IDLE_MS = 2000  # ms without stream bytes before a session may be evicted at the cap
-REASSEMBLY_BYTES = 256 * 1024 * 1024  # bytes received from peers and not yet written, all sessions
 _HELLO = int(PacketType.HELLO)
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """kcptcp-server's resource limits (--connect-timeout, --max-sessions, --max-pending)."""
-
-    connect_timeout: float = CONNECT_TIMEOUT  # s before a dial to the target is abandoned
-    max_sessions: int = MAX_SESSIONS  # conversations in all
-    max_pending: int = MAX_PENDING  # conversations not yet confirmed by the client
-    reassembly_bytes: int = REASSEMBLY_BYTES  # KCP receive memory shared by all conversations
 
 
 class TunnelServer(ConversationService):
     """Listens on UDP; bridges each authenticated conversation to ``target`` over TCP."""
 
-    def __init__(self, config: ConversationConfig, udp_sock: socket.socket, target: Resolved,
-                 stats_interval: float, limits: ServerLimits | None = None) -> None:
-        super().__init__(stats_interval)
+    def __init__(self, config: ServerConfig, udp_sock: socket.socket) -> None:
+        super().__init__(config.stats_interval)
         self.config = config
-        self.target = target
-        self.limits = limits or ServerLimits()
+        self.target = config.target
+        self.limits = config.limits
         self.udp = UdpEndpoint(udp_sock)
-        self.handshakes = HandshakeAcceptor(config.tunnel)
+        self.handshakes = HandshakeAcceptor(config.conversation.tunnel)
         self.reassembly = ReassemblyBudget(self.limits.reassembly_bytes)
         self.conversations = gevent.pool.Group()
         self.dropped_unknown = 0  # datagrams for no conversation that are not a HELLO
@@ -85,11 +73,12 @@ class TunnelServer(ConversationService):
         self._faults = RateLimitedLog(log)
 
     def start(self) -> None:
-        if self.config.tunnel.plaintext:
+        tunnel = self.config.conversation.tunnel
+        if tunnel.plaintext:
             log.warning("no -K given: the tunnel is NOT encrypted or authenticated")
         log.info("tunnelling udp %s -> tcp %s (%s)",
                  format_sockaddr(self.udp.sock.getsockname()), self.target,
-                 "plaintext" if self.config.tunnel.plaintext else "encrypted")
+                 "plaintext" if tunnel.plaintext else "encrypted")
         self._greenlets.append(gevent.spawn(self._receive))
         if self.stats_interval > 0:
             self._greenlets.append(gevent.spawn(stats_loop, self.stats_interval, self.metrics,
@@ -162,7 +151,7 @@ class TunnelServer(ConversationService):
                                  "session to evict: conv=%d from %s refused",
                                  self.limits.max_sessions, session.conv, format_sockaddr(addr))
             return None  # the session object is dropped unanswered; nothing was dialled
-        conv = Conversation(session, self.config, now, self.reassembly)
+        conv = Conversation(session, self.config.conversation, now, self.reassembly)
         driver = ConversationDriver(conv, self.udp, f"conv={conv.conv}")
         self.drivers[conv.conv] = driver
         self._pending.add(conv.conv)

@@ -13,15 +13,15 @@ import logging
 import socket
 import struct
 import time
-from dataclasses import dataclass
 
 import gevent
 
 from portfwd.runtime.acceptloop import AcceptLoop
 from portfwd.runtime.addr import Resolved, format_sockaddr
 from portfwd.runtime.logs import RateLimitedLog, hot_info
-from portfwd.runtime.sockets import CONNECT_TIMEOUT, dial_tcp
+from portfwd.runtime.sockets import dial_tcp
 from portfwd.runtime.workers import Workers
+from portfwd.tcpfwd.config import TcpConfig
 from portfwd.tcpfwd.metrics import TcpCounters, TcpMetrics
 from portfwd.tcpfwd.pump import Counter, RelaySocket, pump
 
@@ -32,17 +32,6 @@ SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the sam
 
 class BaseAddrError(ValueError):
     """-b address arithmetic left the address space."""
-
-
-@dataclass(frozen=True)
-class TcpConfig:
-    """tcpfwd's behaviour, built from the command line in one place (``portfwd.tcpfwd.cli``)."""
-
-    dest: Resolved  # where connections go (the base address with -b)
-    listen_port: int  # the listener's port, the zero point of -b offsets
-    base_addr: bool = False  # -b: destination address += original port - listener port
-    splice: bool = True  # kernel splice() relay; False = userspace copy
-    connect_timeout: float = CONNECT_TIMEOUT  # s
 
 
 def offset_address(base: Resolved, offset: int) -> Resolved:
@@ -76,6 +65,7 @@ class TcpForwarder:
 
     def __init__(self, config: TcpConfig, listener: socket.socket) -> None:
         self.config = config
+        self.listen_port: int = listener.getsockname()[1]  # the zero point of -b offsets
         self.accept_loop = AcceptLoop(listener, self._handle)
         self._ids = itertools.count(1)
         self._faults = RateLimitedLog(log)
@@ -97,7 +87,7 @@ class TcpForwarder:
         if not self.config.base_addr:
             return self.config.dest
         try:
-            offset = original_dst_port(client) - self.config.listen_port
+            offset = original_dst_port(client) - self.listen_port
             return offset_address(self.config.dest, offset)
         except (OSError, BaseAddrError) as exc:
             self.counters.no_destination += 1

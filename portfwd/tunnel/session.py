@@ -73,7 +73,7 @@ _DATA, _INIT, _ACK, _PING, _CLOSE = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class TunnelConfig:
     """Settings of the tunnel security layer; the driver builds it from flags and env vars."""
 
