@@ -43,8 +43,6 @@ from portfwd.tunnel.wire import TYPE_MASK, MalformedPacket, PacketType, peek_pre
 
 log = logging.getLogger(__name__)
 
-MAX_SESSIONS = 4096  # conversations held at once (each holds a target socket)
-MAX_PENDING = 256  # conversations whose client has not yet sent an authenticated packet
 EVICT_MIN_IDLE_MS = 2000  # ms without stream bytes before a session may be evicted at the cap
 _HELLO = int(PacketType.HELLO)
 
