@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
+from typing import Any
 
 from portfwd.kcptcp.client import TunnelClient
 from portfwd.kcptcp.config import UDP_BUFFER, client_config, server_config
@@ -79,10 +81,21 @@ SERVER_PROG = "kcptcp-server"
 
 def client_main(argv: list[str] | None = None) -> int:
     return daemon.one_rule_main(CLIENT_PROG, CLIENT_USAGE, argv, CLIENT_FIELDS, client_config,
-                                socket.SOCK_STREAM, TunnelClient)
+                                socket.SOCK_STREAM, guarded(TunnelClient))
 
 
 def server_main(argv: list[str] | None = None) -> int:
     # The UDP socket's buffers are sized at bind time (listen_options.bufsize = -S).
     return daemon.one_rule_main(SERVER_PROG, SERVER_USAGE, argv, SERVER_FIELDS, server_config,
-                                socket.SOCK_DGRAM, TunnelServer)
+                                socket.SOCK_DGRAM, guarded(TunnelServer))
+
+
+def guarded(service: Callable[[Any, socket.socket], daemon.Service]
+            ) -> Callable[[Any, socket.socket], daemon.Service]:
+    """``service``, built only after the process stopped being dumpable if a key is loaded."""
+    def build(config: Any, sock: socket.socket) -> daemon.Service:
+        if config.conversation.tunnel.psk is not None:
+            daemon.disable_core_dumps()
+        return service(config, sock)
+
+    return build

@@ -7,6 +7,7 @@ it. Unlike the C original we also stop on SIGTERM in tcpfwd and remove the pidfi
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import logging
 import os
@@ -152,6 +153,20 @@ def detach() -> int:
     if null > 2:
         os.close(null)
     return write_fd
+
+
+PR_SET_DUMPABLE = 4  # linux/prctl.h
+
+
+def disable_core_dumps() -> None:
+    """For a process that holds a key: no core file (RLIMIT_CORE 0, soft and hard) and not
+    dumpable (PR_SET_DUMPABLE 0: no ptrace attach and no /proc/<pid>/mem for other processes of
+    the same user), so the key cannot be read out of its memory by those means."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        error = ctypes.get_errno()
+        raise StartupError(f"cannot protect the key's memory: {os.strerror(error)}")
 
 
 def bind_listener(addr: Resolved, socktype: int, options: ListenOptions) -> socket.socket:
