@@ -108,11 +108,19 @@ def tool(name: str, *args: str) -> list[str]:
     return [sys.executable, os.path.join(BIN, name), *args]
 
 
+IPERF3_BUSY_RETRIES = 10  # an iperf3 server takes a moment after one test to accept the next
+IPERF3_BUSY_WAIT = 0.5  # s between those tries
+
+
 def iperf3(port: int, seconds: float, *extra: str) -> dict:
     """Run an iperf3 client against 127.0.0.1:port; the parsed JSON result."""
-    out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J",
-                          *extra], capture_output=True, text=True, timeout=seconds + 30)
-    result = json.loads(out.stdout)
+    for _ in range(IPERF3_BUSY_RETRIES):
+        out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds),
+                              "-J", *extra], capture_output=True, text=True, timeout=seconds + 30)
+        result = json.loads(out.stdout)
+        if "busy" not in result.get("error", ""):
+            break
+        time.sleep(IPERF3_BUSY_WAIT)
     if "error" in result:
         raise RuntimeError(result["error"])
     return result
