@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-from portfwd.kcp import KcpConfig
 from portfwd.tunnel.events import (
     ConnectionClosed,
     EpochSwitched,
@@ -56,10 +55,10 @@ FINISHED = ConnectionClosed(CLOSE_FINISHED, by_peer=False)
 CLOSED_BY_PEER = ConnectionClosed(CLOSE_BY_PEER, by_peer=True)
 
 
-def make_config(psk: bytes | None = PSK, kcp: KcpConfig | None = None,
+def make_config(psk: bytes | None = PSK, kcp: dict[str, Any] | None = None,
                 **tunnel: Any) -> ConversationConfig:
-    return ConversationConfig(tunnel=TunnelConfig(psk=psk, **tunnel), kcp=kcp or KcpConfig(),
-                              udp_mtu=UDP_MTU)
+    """``kcp``: ConversationConfig's KCP settings; the rest is TunnelConfig's."""
+    return ConversationConfig(tunnel=TunnelConfig(psk=psk, **tunnel), mtu=UDP_MTU, **(kcp or {}))
 
 
 def payload(rng: random.Random, size: int) -> bytes:
@@ -401,7 +400,7 @@ def test_silent_peer_idle_timeout() -> None:
 
 
 def test_dead_link_mid_stream() -> None:
-    net = Net(make_config(kcp=KcpConfig(dead_link=5)), seed=11)
+    net = Net(make_config(kcp={"dead_link": 5}), seed=11)
     net.client.write(payload(random.Random(19), 500_000))
     net.run(lambda: len(net.server.received) >= 100_000)
     net.cut = True
@@ -436,7 +435,7 @@ def test_peer_close_leaves_acknowledged_records_readable() -> None:
 def test_rekey_during_transfer(delay: tuple[int, int]) -> None:
     # A 64-segment send window spreads the transfer over many round trips (with 1024 segments
     # 1 MiB crosses in two); the jittered link reorders packets around each epoch switch.
-    config = make_config(kcp=KcpConfig(snd_wnd=64), rekey_seq_threshold=50)
+    config = make_config(kcp={"snd_wnd": 64}, rekey_seq_threshold=50)
     net = Net(config, seed=13, delay=delay)
     rng = random.Random(21)
     up, down = payload(rng, 1024 * 1024), payload(rng, 256 * 1024)

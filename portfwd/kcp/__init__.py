@@ -1,6 +1,7 @@
 """KCP, sans-IO: the ARQ engine (``engine``) and its wire codec (``wire``); imports nothing else
 of portfwd."""
 
+from .budget import ReassemblyBudget
 from .engine import Kcp, KcpConfig
 from .wire import (
            OVERHEAD,
@@ -12,5 +13,5 @@ from .wire import (
            unpack_segments,
 )
 
-__all__ = ["Cmd", "ConvMismatch", "Kcp", "KcpConfig", "MalformedSegment", "OVERHEAD", "conv_of",
-           "pack_segment", "unpack_segments"]
+__all__ = ["Cmd", "ConvMismatch", "Kcp", "KcpConfig", "MalformedSegment", "OVERHEAD",
+           "ReassemblyBudget", "conv_of", "pack_segment", "unpack_segments"]

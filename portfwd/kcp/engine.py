@@ -29,7 +29,19 @@ Deliberate differences, none visible to a correct peer:
   - stream-mode recv() returns every queued byte at once, and stream-mode send() has no
     127-segment limit (frg is always 0 there);
   - bad configuration raises ValueError instead of being clamped (rcv_wnd below 128 is
-    still raised to 128, as ikcp_wndsize does: a message may have 127 fragments).
+    still raised to 128, as ikcp_wndsize does: a message may have 127 fragments);
+  - a PUSH longer than our mss, or with frg above ``max_frg``, is dropped unacknowledged
+    (ikcp takes any length): a peer must not use a larger MTU than ours;
+  - with ``max_rcv_bytes`` or a :class:`ReassemblyBudget`, a PUSH that would exceed them is
+    dropped unacknowledged, so the peer retransmits it later (see "Receive memory" below).
+
+Receive memory: rcv_queue holds at most rcv_wnd segments and rcv_buf only sns inside
+[rcv_nxt, rcv_nxt + rcv_wnd), each at most mss bytes, so without limits a peer can make us hold
+2 * rcv_wnd * mss bytes (rcv_queue full because the application is not reading, rcv_buf full
+too).  ``max_rcv_bytes`` caps rcv_buf + rcv_queue; a shared :class:`ReassemblyBudget` caps the
+total over many engines (and shrinks the advertised window as it runs out).  Past either, an
+engine still keeps one whole message's worth (``(max_frg + 1) * mss``) out of order and in
+order, so a limit can slow a conversation but never deadlock it.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ from collections import deque
 from dataclasses import dataclass
 from itertools import islice
 
+from .budget import ReassemblyBudget
 from .wire import (
     HEADER,
     OVERHEAD,
@@ -87,8 +100,10 @@ _CMDS = frozenset((_PUSH, _ACK, _WASK, _WINS))
 _ACK_BYTE = bytes([_ACK])
 
 
+FRG_MAX = 0xFF  # the header's frg field is a u8
+
 # --- configuration -------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class KcpConfig:
     """Tuning of one KCP engine (ikcp_setmtu / ikcp_wndsize / ikcp_nodelay)."""
 
@@ -106,6 +121,12 @@ class KcpConfig:
     isn: int = 0  # initial sequence number (u32); ikcp always uses 0, both sides must agree
     probe_init: int = PROBE_INIT_MS  # ms: first window probe after the peer advertised 0
     probe_limit: int = PROBE_LIMIT_MS  # ms: window probe back-off ceiling
+    # fragments: a PUSH with a larger frg is dropped (a message has at most max_frg + 1
+    # fragments); 255 = no limit, as ikcp. A sender of ours never exceeds 127.
+    max_frg: int = FRG_MAX
+    # bytes: rcv_buf + rcv_queue beyond which out-of-order PUSHes are dropped unacknowledged;
+    # None = bounded only by the windows (2 * rcv_wnd * mss)
+    max_rcv_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.mtu < MTU_MIN:
@@ -126,6 +147,11 @@ class KcpConfig:
             raise ValueError("need 1 <= probe_init <= probe_limit (ms)")
         if not 0 <= self.isn <= U32_MASK:
             raise ValueError("isn must be a u32")
+        if not 0 <= self.max_frg <= FRG_MAX:
+            raise ValueError(f"max_frg must be 0..{FRG_MAX}")
+        if self.max_rcv_bytes is not None and self.max_rcv_bytes < 0:
+            raise ValueError("max_rcv_bytes must be >= 0")
+
 
 
 # A segment in snd_buf (ikcp's IKCPSEG minus the fields rebuilt at each transmission) is a
@@ -150,7 +176,8 @@ class Kcp:
     peer stops sending (then probes).  ``rcv_queue_bytes`` tells how much is waiting.
     """
 
-    def __init__(self, conv: int, config: KcpConfig | None = None) -> None:
+    def __init__(self, conv: int, config: KcpConfig | None = None,
+                 budget: ReassemblyBudget | None = None) -> None:
         cfg = config if config is not None else KcpConfig()
         if not 0 <= conv <= U32_MASK:
             raise ValueError(f"conv {conv} is not a u32")
@@ -175,6 +202,13 @@ class Kcp:
         if minrto is None:
             minrto = RTO_NODELAY_MIN_MS if cfg.nodelay else RTO_MIN_MS
         self.rx_minrto: int = minrto
+        self.max_frg: int = cfg.max_frg
+        self.max_rcv_bytes: int = (
+            cfg.max_rcv_bytes if cfg.max_rcv_bytes is not None else 2 * self.rcv_wnd * self.mss
+        )
+        self.budget: ReassemblyBudget | None = budget
+        # bytes: one whole message, kept past max_rcv_bytes and the budget (see _admit)
+        self._rcv_floor: int = (cfg.max_frg + 1) * self.mss
 
         # sequence state (u32)
         self.snd_una: int = cfg.isn
@@ -206,6 +240,7 @@ class Kcp:
         self.rcv_buf: dict[int, tuple[int, bytes]] = {}  # sn -> (frg, data), out of order
         self.rcv_queue: deque[tuple[int, bytes]] = deque()  # (frg, data), in order
         self._rcv_queue_bytes: int = 0
+        self._rcv_buf_bytes: int = 0
         self.acklist: list[tuple[int, int]] = []  # (sn, ts) to acknowledge at next flush
         # lower bound of every resendts in snd_buf (internal ms): lets flush and check skip
         # walking snd_buf when no timer can have fired
@@ -217,6 +252,8 @@ class Kcp:
         # counters
         self.dropped_malformed: int = 0
         self.dropped_conv: int = 0
+        self.dropped_oversize: int = 0  # PUSHes longer than mss or with frg above max_frg
+        self.dropped_reassembly: int = 0  # PUSHes refused by max_rcv_bytes or the budget
         self.retransmits: int = 0  # timeout retransmissions (ikcp xmit)
         self.fast_retransmits: int = 0
         self.segments_sent: int = 0  # PUSH segments put on the wire, retransmissions included
@@ -253,6 +290,19 @@ class Kcp:
     def rcv_buf_segments(self) -> int:
         """Out-of-order segments held for reassembly."""
         return len(self.rcv_buf)
+
+    @property
+    def rcv_bytes(self) -> int:
+        """Payload bytes held on the receive side: rcv_buf + rcv_queue."""
+        return self._rcv_queue_bytes + self._rcv_buf_bytes
+
+    def discard_received(self) -> None:
+        """Drop everything received and not yet read, returning its bytes to the budget."""
+        if self.budget is not None:
+            self.budget.release(self._rcv_queue_bytes + self._rcv_buf_bytes)
+        self.rcv_buf.clear()
+        self.rcv_queue.clear()
+        self._rcv_queue_bytes = self._rcv_buf_bytes = 0
 
     # --- user side --------------------------------------------------------------------------
     def send(self, data: bytes) -> None:
@@ -327,6 +377,8 @@ class Kcp:
                         break
                 result = b"".join(parts)
         self._rcv_queue_bytes -= len(result)
+        if self.budget is not None:
+            self.budget.release(len(result))
         if self.rcv_buf:
             self._drain_rcv_buf()
         if recover and len(queue) < self.rcv_wnd:
@@ -375,9 +427,15 @@ class Kcp:
                 and una == self.snd_una
                 and not self.rcv_buf
                 and len(self.rcv_queue) < self.rcv_wnd
+                and length <= self.mss
+                and frg <= self.max_frg
+                and self._rcv_queue_bytes + length <= self.max_rcv_bytes
+                and ((budget := self.budget) is None or budget.held + length <= budget.limit)
             ):
                 # header prediction (Van Jacobson's TCP fast path): the next in-order PUSH,
                 # nothing new acknowledged; the same effect as the general loop below
+                if budget is not None:
+                    budget.charge(length)
                 self.acklist.append((sn, ts))
                 self.rcv_queue.append((frg, datagram[OVERHEAD:]))
                 self._rcv_queue_bytes += length
@@ -405,6 +463,8 @@ class Kcp:
         maxack = 0
         rcv_wnd = self.rcv_wnd
         rmt_wnd = self.rmt_wnd
+        mss = self.mss
+        max_frg = self.max_frg
         # ikcp_update_ack runs once per ACK; srtt/rttval evolve per sample, the RTO derived
         # from them is only read after input returns, so it is computed once at the end
         srtt = self.rx_srtt
@@ -449,12 +509,16 @@ class Kcp:
             elif cmd == _PUSH:
                 self.segments_received += 1
                 window_offset = (sn - self.rcv_nxt) & U32_MASK
-                # ack anything left of the window's right edge, old duplicates included
-                if window_offset < rcv_wnd or window_offset >= U32_HALF + rcv_wnd:
+                if length > mss or frg > max_frg:
+                    # no sender of our MTU makes it; unacknowledged, never stored
+                    self.dropped_oversize += 1
+                elif window_offset < rcv_wnd:
+                    data = datagram[offset + OVERHEAD : offset + OVERHEAD + length]
+                    if self._parse_data(window_offset, sn, frg, data):
+                        self.acklist.append((sn, ts))
+                elif window_offset >= U32_HALF + rcv_wnd:
+                    # left of the window: an old duplicate, ack it again
                     self.acklist.append((sn, ts))
-                    if window_offset < rcv_wnd:
-                        data = datagram[offset + OVERHEAD : offset + OVERHEAD + length]
-                        self._parse_data(window_offset, sn, frg, data)
             elif cmd == _WASK:
                 self.probe |= ASK_TELL
             # WINS: the header's wnd is all it carries
@@ -520,20 +584,62 @@ class Kcp:
                 if seg[_FASTACK] >= resend > 0:
                     self._fast_pending = True
 
-    def _parse_data(self, offset: int, sn: int, frg: int, data: bytes) -> None:
-        """Store a PUSH inside the window and move in-order ones to rcv_queue."""
-        queue = self.rcv_queue
-        if offset == 0 and len(queue) < self.rcv_wnd:
-            # the common in-order case: straight to rcv_queue
-            queue.append((frg, data))
-            self._rcv_queue_bytes += len(data)
-            self.rcv_nxt = (sn + 1) & U32_MASK
-            if self.rcv_buf:
-                self._drain_rcv_buf()
-        elif sn not in self.rcv_buf:
-            self.rcv_buf[sn] = (frg, data)
-            if offset == 0:
-                self._drain_rcv_buf()
+    def _admit(self, length: int, in_order: bool) -> bool:
+        """May a new segment of ``length`` payload bytes be stored?  Counts a refusal.
+
+        Past max_rcv_bytes or the budget, an engine still keeps a guaranteed minimum: one
+        whole message's worth out of order, and the in-order segment while rcv_queue holds
+        less than a whole message (so recv() can always progress: no deadlock).
+        """
+        queued = self._rcv_queue_bytes
+        held = queued + self._rcv_buf_bytes
+        budget = self.budget
+        if held + length <= self.max_rcv_bytes and (budget is None or budget.reserve(length)):
+            return True
+        floor = self._rcv_floor
+        if held < floor or (in_order and queued < floor):
+            if budget is not None:
+                budget.charge(length)
+            return True
+        self.dropped_reassembly += 1
+        return False
+
+    def _budget_wnd(self) -> int:
+        """Segments the shared budget lets the peer have in flight (advertised in wnd), so a
+        correct sender slows down instead of having its segments refused."""
+        budget = self.budget
+        room = max(budget.limit - budget.held,
+                   self._rcv_floor - self._rcv_queue_bytes - self._rcv_buf_bytes, 0)
+        return (self._rcv_buf_bytes + room) // self.mss
+
+    def _parse_data(self, offset: int, sn: int, frg: int, data: bytes) -> bool:
+        """Store a PUSH inside the window and move in-order ones to rcv_queue.
+
+        False if it was refused for lack of memory (then it must not be acknowledged).
+        """
+        rcv_buf = self.rcv_buf
+        if sn in rcv_buf:
+            return True  # a duplicate: acknowledge it again
+        length = len(data)
+        if offset == 0:
+            if not self._admit(length, True):
+                return False
+            queue = self.rcv_queue
+            if len(queue) < self.rcv_wnd:
+                # the common in-order case: straight to rcv_queue
+                queue.append((frg, data))
+                self._rcv_queue_bytes += length
+                self.rcv_nxt = (sn + 1) & U32_MASK
+                if rcv_buf:
+                    self._drain_rcv_buf()
+                return True
+        elif not self._admit(length, False):
+            return False
+        rcv_buf[sn] = (frg, data)
+        self._rcv_buf_bytes += length
+        if offset == 0:
+            self._drain_rcv_buf()
+        return True
 
     def _drain_rcv_buf(self) -> None:
         """Move rcv_buf -> rcv_queue while the next sn is present and the queue has room."""
@@ -549,6 +655,7 @@ class Kcp:
             rcv_nxt = (rcv_nxt + 1) & U32_MASK
         self.rcv_nxt = rcv_nxt
         self._rcv_queue_bytes += added
+        self._rcv_buf_bytes -= added
 
     def _grow_cwnd(self) -> None:
         """Slow start / congestion avoidance after una advanced (end of ikcp_input)."""
@@ -659,6 +766,8 @@ class Kcp:
         wnd = self.rcv_wnd - len(self.rcv_queue)
         if wnd < 0:
             wnd = 0
+        if self.budget is not None:
+            wnd = min(wnd, self._budget_wnd())
         una = self.rcv_nxt
         pack = _HEADER_PACK
         parts: list[bytes] = []

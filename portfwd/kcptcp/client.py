@@ -14,18 +14,22 @@ import time
 
 import gevent
 
+from portfwd.kcptcp.config import ClientConfig
 from portfwd.kcptcp.driver import (
     ConversationDriver,
+    ConversationService,
     UdpEndpoint,
     now_ms,
     stats_loop,
     wall_ms,
 )
+from portfwd.kcptcp.metrics import TunnelClientMetrics, render_client_totals
 from portfwd.runtime.acceptloop import AcceptLoop
-from portfwd.runtime.addr import Resolved, format_sockaddr
+from portfwd.runtime.addr import format_sockaddr
 from portfwd.runtime.logs import RateLimitedLog
+from portfwd.runtime.metrics import ErrorCounts
 from portfwd.runtime.sockets import cooperative, set_buffers
-from portfwd.tunnel.stream import Conversation, ConversationConfig
+from portfwd.tunnel.stream import Conversation
 
 log = logging.getLogger(__name__)
 
@@ -34,33 +38,37 @@ def random_conv() -> int:
     return struct.unpack("<I", os.urandom(4))[0] or 1
 
 
-class TunnelClient:
+class TunnelClient(ConversationService):
     """Listens on TCP; carries each connection over KCP/UDP to ``remote``."""
 
-    def __init__(self, config: ConversationConfig, listener: socket.socket, remote: Resolved,
-                 udp_buffer: int, stats_interval: float) -> None:
+    def __init__(self, config: ClientConfig, listener: socket.socket) -> None:
+        super().__init__(config.stats_interval)
         self.config = config
-        self.remote = remote
-        self.udp_buffer = udp_buffer
-        self.stats_interval = stats_interval
+        self.remote = config.remote
+        self.udp_buffer = config.udp_buffer
         self.accept_loop = AcceptLoop(listener, self._handle)
-        self.drivers: dict[int, ConversationDriver] = {}
-        self.finished = 0
+        self.udp_open_failures = ErrorCounts()
         self._stats: gevent.Greenlet | None = None
         self._faults = RateLimitedLog(log)
 
     def start(self) -> None:
         self.accept_loop.start()
-        if self.config.tunnel.plaintext:
+        tunnel = self.config.conversation.tunnel
+        if tunnel.plaintext:
             log.warning("no -K given: the tunnel is NOT encrypted or authenticated")
         log.info("tunnelling tcp %s -> udp %s (%s)", format_sockaddr(self.accept_loop.address),
-                 self.remote, "plaintext" if self.config.tunnel.plaintext else "encrypted")
+                 self.remote, "plaintext" if tunnel.plaintext else "encrypted")
         if self.stats_interval > 0:
-            self._stats = gevent.spawn(stats_loop, self.stats_interval,
-                                       lambda: list(self.drivers.values()), self._totals)
+            self._stats = gevent.spawn(stats_loop, self.stats_interval, self.metrics,
+                                       render_client_totals)
 
-    def _totals(self) -> str:
-        return f"conversations={len(self.drivers)} finished={self.finished}"
+    def metrics(self) -> TunnelClientMetrics:
+        """A snapshot of the counters and of every live conversation (no I/O)."""
+        return TunnelClientMetrics(
+            conversations=len(self.drivers), finished=self.finished,
+            accepted=self.accept_loop.accepted, accept_errors=self.accept_loop.errors.snapshot(),
+            udp_open_failures=self.udp_open_failures.snapshot(),
+            per_conversation=self._per_conversation())
 
     def stop(self, timeout: float) -> None:
         if self._stats is not None:
@@ -78,6 +86,7 @@ class TunnelClient:
             set_buffers(udp_sock, self.udp_buffer, force=True)
             udp_sock.connect(self.remote.sockaddr)
         except OSError as exc:
+            self.udp_open_failures.add(exc)
             self._faults.warning("udp", "cannot open udp socket to %s: %s", self.remote, exc)
             if udp_sock is not None:
                 udp_sock.close()
@@ -85,7 +94,8 @@ class TunnelClient:
             return
         udp = UdpEndpoint(udp_sock)
         conv_id = random_conv()
-        conv = Conversation.client(self.config, conv_id, self.remote.sockaddr, now_ms(), wall_ms())
+        conv = Conversation.client(self.config.conversation, conv_id, self.remote.sockaddr,
+                                   now_ms(), wall_ms())
         driver = ConversationDriver(conv, udp, f"conv={conv_id}")
         self.drivers[conv_id] = driver
         receiver = gevent.spawn(self._receive, driver, udp)
@@ -96,14 +106,10 @@ class TunnelClient:
             log.info("conv=%d open %s -> %s", conv_id, format_sockaddr(peer), self.remote)
             driver.wait_finished()
         finally:
-            if not driver.finished.is_set():  # stopped by a signal: tell the server
-                driver.abort("shutting down")
-                driver.wait_finished()
+            self._retire(driver)
             receiver.kill()
             udp.close()
             sock.close()
-            del self.drivers[conv_id]
-            self.finished += 1
             log.info("conv=%d closed (%s): %d bytes up, %d down, %.1f s", conv_id,
                      driver.close_reason, conv.bytes_sent, conv.bytes_received,
                      time.monotonic() - driver.started)

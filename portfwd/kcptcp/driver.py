@@ -29,6 +29,7 @@ from gevent import get_hub
 from gevent.socket import socket as gsocket
 from gevent.socket import wait
 
+from portfwd.kcptcp.metrics import ConversationMetrics, Snapshot, render_stats
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.sockets import READ, WRITE
 from portfwd.tunnel import events
@@ -125,6 +126,9 @@ class ConversationDriver:
         self._writer: gevent.Greenlet | None = None
         self.started = time.monotonic()
         self.last_active = now_ms()  # ms: last stream bytes either way (session cap LRU)
+        self.rekeys_started = 0  # events counted for the metrics snapshot
+        self.epoch_switches = 0
+        self.peer_address_changes = 0
 
     # --- network input ---------------------------------------------------------------------
 
@@ -159,7 +163,12 @@ class ConversationDriver:
             self._wake.set()
             self.finished.set()
         elif isinstance(event, events.PeerAddressChanged):
+            self.peer_address_changes += 1
             log.info("%s peer address changed %s -> %s", self.name, event.old, event.new)
+        elif isinstance(event, events.RekeyStarted):
+            self.rekeys_started += 1
+        elif isinstance(event, events.EpochSwitched):
+            self.epoch_switches += 1
 
     # --- greenlets -------------------------------------------------------------------------
 
@@ -259,23 +268,49 @@ class ConversationDriver:
             self.tcp.close()
 
 
-def conversation_stats(driver: ConversationDriver) -> str:
-    """One conversation's counters for the periodic ``stats conv=<id>: ...`` line."""
-    conv, kcp, session = driver.conv, driver.conv.kcp, driver.conv.session
-    return (f"up={conv.bytes_sent} down={conv.bytes_received} srtt={kcp.rx_srtt}ms "
-            f"rto={kcp.rx_rto}ms inflight={kcp.snd_buf_segments} queued={kcp.snd_queue_segments} "
-            f"peer_wnd={kcp.rmt_wnd} rcv_queue={kcp.rcv_queue_segments} retrans={kcp.retransmits} "
-            f"fast_retrans={kcp.fast_retransmits} epoch={session.epoch} "
-            f"dgrams_out={session.datagrams_sent} dgrams_in={session.datagrams_received} "
-            f"dropped_auth={session.dropped_auth} dropped_replay={session.dropped_replay} "
-            f"age={time.monotonic() - driver.started:.0f}s")
+    def metrics(self, now: float) -> ConversationMetrics:
+        """This conversation's counters; ``now`` is ``time.monotonic()`` (for the age)."""
+        conv, kcp, session = self.conv, self.conv.kcp, self.conv.session
+        return ConversationMetrics(
+            conv=conv.conv, up=conv.bytes_sent, down=conv.bytes_received, srtt=kcp.rx_srtt,
+            rto=kcp.rx_rto, inflight=kcp.snd_buf_segments, queued=kcp.snd_queue_segments,
+            peer_wnd=kcp.rmt_wnd, rcv_queue=kcp.rcv_queue_segments, retrans=kcp.retransmits,
+            fast_retrans=kcp.fast_retransmits, epoch=session.epoch,
+            dgrams_out=session.datagrams_sent, dgrams_in=session.datagrams_received,
+            dropped_auth=session.dropped_auth, dropped_replay=session.dropped_replay,
+            age=now - self.started, rekeys_started=self.rekeys_started,
+            epoch_switches=self.epoch_switches, peer_address_changes=self.peer_address_changes)
 
 
-def stats_loop(interval: float, drivers: Callable[[], list[ConversationDriver]],
-               totals: Callable[[], str]) -> None:
+class ConversationService:
+    """What kcptcp-client and kcptcp-server share: the table of live conversations, the
+    clean-up when one ends, and the periodic stats lines."""
+
+    def __init__(self, stats_interval: float) -> None:
+        self.stats_interval = stats_interval
+        self.drivers: dict[int, ConversationDriver] = {}  # live conversations by conv id
+        self.finished = 0  # conversations ended since start
+
+    def _retire(self, driver: ConversationDriver) -> None:
+        """A conversation's greenlet is ending, however: make sure the peer heard it is over
+        and the TCP side is released, then take it out of the table and count it."""
+        if not driver.finished.is_set():  # stopped by a signal: tell the peer
+            driver.abort("shutting down")
+            driver.wait_finished()
+        conv_id = driver.conv.conv
+        if self.drivers.get(conv_id) is driver:  # an evicted one is already gone
+            del self.drivers[conv_id]
+        self.finished += 1
+
+    def _per_conversation(self) -> tuple[ConversationMetrics, ...]:
+        now = time.monotonic()
+        return tuple(driver.metrics(now) for driver in self.drivers.values())
+
+
+def stats_loop(interval: float, metrics: Callable[[], Snapshot],
+               render_totals: Callable[[Snapshot], str]) -> None:
     """Every ``interval`` seconds: a line per conversation and one total line."""
     while True:
         gevent.sleep(interval)
-        for driver in drivers():
-            log.info("stats %s: %s", driver.name, conversation_stats(driver))
-        log.info("stats total %s", totals())
+        for line in render_stats(metrics(), render_totals):
+            log.info("%s", line)

@@ -17,80 +17,83 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import dataclass
 
 import gevent
 import gevent.pool
 from gevent.socket import socket as gsocket
 
-from portfwd.kcptcp.driver import ConversationDriver, UdpEndpoint, now_ms, stats_loop, wall_ms
-from portfwd.runtime.addr import Resolved, format_sockaddr
+from portfwd.kcp import ReassemblyBudget
+from portfwd.kcptcp.config import ServerConfig
+from portfwd.kcptcp.driver import (
+    ConversationDriver,
+    ConversationService,
+    UdpEndpoint,
+    now_ms,
+    stats_loop,
+    wall_ms,
+)
+from portfwd.kcptcp.metrics import TunnelServerMetrics, render_server_totals
+from portfwd.runtime.addr import format_sockaddr
 from portfwd.runtime.logs import RateLimitedLog
-from portfwd.runtime.sockets import CONNECT_TIMEOUT, cooperative, dial_tcp
+from portfwd.runtime.metrics import ErrorCounts
+from portfwd.runtime.sockets import cooperative, dial_tcp
 from portfwd.tunnel.handshake import HandshakeAcceptor
-from portfwd.tunnel.stream import Conversation, ConversationConfig
+from portfwd.tunnel.stream import Conversation
 from portfwd.tunnel.wire import TYPE_MASK, MalformedPacket, PacketType, peek_prefix
 
 log = logging.getLogger(__name__)
 
-MAX_SESSIONS = 4096  # conversations held at once (each holds a target socket)
-MAX_PENDING = 256  # conversations whose client has not yet sent an authenticated packet
 EVICT_MIN_IDLE_MS = 2000  # ms without stream bytes before a session may be evicted at the cap
 _HELLO = int(PacketType.HELLO)
 
 
-@dataclass(frozen=True)
-class ServerLimits:
-    """kcptcp-server's resource limits (--connect-timeout, --max-sessions, --max-pending)."""
-
-    connect_timeout: float = CONNECT_TIMEOUT  # s before a dial to the target is abandoned
-    max_sessions: int = MAX_SESSIONS  # conversations in all
-    max_pending: int = MAX_PENDING  # conversations not yet confirmed by the client
-
-
-class TunnelServer:
+class TunnelServer(ConversationService):
     """Listens on UDP; bridges each authenticated conversation to ``target`` over TCP."""
 
-    def __init__(self, config: ConversationConfig, udp_sock: socket.socket, target: Resolved,
-                 stats_interval: float, limits: ServerLimits | None = None) -> None:
+    def __init__(self, config: ServerConfig, udp_sock: socket.socket) -> None:
+        super().__init__(config.stats_interval)
         self.config = config
-        self.target = target
-        self.stats_interval = stats_interval
-        self.limits = limits or ServerLimits()
+        self.target = config.target
+        self.limits = config.limits
         self.udp = UdpEndpoint(udp_sock)
-        self.handshakes = HandshakeAcceptor(config.tunnel)
-        self.drivers: dict[int, ConversationDriver] = {}
+        self.handshakes = HandshakeAcceptor(config.conversation.tunnel)
+        self.reassembly = ReassemblyBudget(self.limits.reassembly_bytes)
         self.conversations = gevent.pool.Group()
-        self.finished = 0
         self.dropped_unknown = 0  # datagrams for no conversation that are not a HELLO
         self.dropped_malformed = 0  # shorter than the common prefix
         self.refused_pending = 0  # HELLOs not looked at: max_pending unconfirmed sessions
         self.refused_full = 0  # authenticated HELLOs refused: max_sessions, none evictable
         self.evicted = 0  # idle sessions closed to make room at max_sessions
+        self.dial_failures = ErrorCounts()  # connects to the target, by errno name
         self._pending: set[int] = set()  # convs created and not yet seen confirmed
         self.accepting = True
         self._greenlets: list[gevent.Greenlet] = []
         self._faults = RateLimitedLog(log)
 
     def start(self) -> None:
-        if self.config.tunnel.plaintext:
+        tunnel = self.config.conversation.tunnel
+        if tunnel.plaintext:
             log.warning("no -K given: the tunnel is NOT encrypted or authenticated")
         log.info("tunnelling udp %s -> tcp %s (%s)",
                  format_sockaddr(self.udp.sock.getsockname()), self.target,
-                 "plaintext" if self.config.tunnel.plaintext else "encrypted")
+                 "plaintext" if tunnel.plaintext else "encrypted")
         self._greenlets.append(gevent.spawn(self._receive))
         if self.stats_interval > 0:
-            self._greenlets.append(gevent.spawn(stats_loop, self.stats_interval,
-                                                lambda: list(self.drivers.values()), self._totals))
+            self._greenlets.append(gevent.spawn(stats_loop, self.stats_interval, self.metrics,
+                                                render_server_totals))
 
-    def _totals(self) -> str:
+    def metrics(self) -> TunnelServerMetrics:
+        """A snapshot of the counters and of every live conversation (no I/O)."""
         a = self.handshakes
-        return (f"conversations={len(self.drivers)} finished={self.finished} "
-                f"handshakes={a.accepted} rejected_auth={a.dropped_auth} "
-                f"rejected_replay={a.dropped_replay} rejected_stale={a.dropped_stale} "
-                f"rejected_rate={a.dropped_rate} dropped_unknown={self.dropped_unknown} "
-                f"refused_pending={self.refused_pending} refused_full={self.refused_full} "
-                f"evicted={self.evicted}")
+        return TunnelServerMetrics(
+            conversations=len(self.drivers), finished=self.finished, handshakes=a.accepted,
+            rejected_auth=a.dropped_auth, rejected_replay=a.dropped_replay,
+            rejected_stale=a.dropped_stale, rejected_rate=a.dropped_rate,
+            dropped_unknown=self.dropped_unknown, dropped_malformed=self.dropped_malformed,
+            refused_pending=self.refused_pending, refused_full=self.refused_full,
+            evicted=self.evicted, send_errors=self.udp.send_errors,
+            dial_failures=self.dial_failures.snapshot(),
+            per_conversation=self._per_conversation())
 
     def stop(self, timeout: float) -> None:
         self.accepting = False
@@ -146,7 +149,7 @@ class TunnelServer:
                                  "session to evict: conv=%d from %s refused",
                                  self.limits.max_sessions, session.conv, format_sockaddr(addr))
             return None  # the session object is dropped unanswered; nothing was dialled
-        conv = Conversation(session, self.config, now)
+        conv = Conversation(session, self.config.conversation, now, self.reassembly)
         driver = ConversationDriver(conv, self.udp, f"conv={conv.conv}")
         self.drivers[conv.conv] = driver
         self._pending.add(conv.conv)
@@ -191,13 +194,9 @@ class TunnelServer:
                 driver.attach_tcp(target)
             driver.wait_finished()
         finally:
-            if not driver.finished.is_set():
-                driver.abort("shutting down")
-                driver.wait_finished()
-            if self.drivers.get(conv.conv) is driver:  # an evicted one is already gone
-                del self.drivers[conv.conv]
+            self._retire(driver)
+            conv.discard_received()  # its unread bytes go back to self.reassembly
             self._pending.discard(conv.conv)
-            self.finished += 1
             log.info("%s closed (%s): %d bytes up, %d down", driver.name, driver.close_reason,
                      conv.bytes_received, conv.bytes_sent)
 
@@ -205,6 +204,7 @@ class TunnelServer:
         try:
             return cooperative(dial_tcp(self.target, self.limits.connect_timeout))
         except OSError as exc:  # includes socket.timeout and EMFILE
+            self.dial_failures.add(exc)
             self._faults.warning("connect", "%s: connect to %s failed: %s", driver.name,
                                  self.target, exc.strerror or exc)
             driver.abort("target unreachable")

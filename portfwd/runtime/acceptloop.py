@@ -18,6 +18,7 @@ from gevent import get_hub
 from gevent.socket import wait
 
 from portfwd.runtime.logs import RateLimitedLog
+from portfwd.runtime.metrics import ErrorCounts
 from portfwd.runtime.sockets import LISTEN_BACKLOG, READ, tune_tcp
 from portfwd.runtime.workers import Workers
 
@@ -49,6 +50,7 @@ class AcceptLoop:
         self.handler = handler
         self.workers = workers if workers is not None else Workers()
         self.accepted = 0
+        self.errors = ErrorCounts()  # failed accept() calls, skipped ones included
         self._greenlet: gevent.Greenlet | None = None
         self._faults = RateLimitedLog(log)
 
@@ -73,6 +75,7 @@ class AcceptLoop:
                 wait(self._readable)
                 continue
             except OSError as exc:
+                self.errors.add(exc)
                 if exc.errno in SKIP_ERRNOS:
                     continue
                 if exc.errno not in SHORTAGE_ERRNOS:

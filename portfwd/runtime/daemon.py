@@ -12,13 +12,17 @@ import logging
 import os
 import resource
 import signal
+import socket
 from typing import Protocol
 
 import gevent
 import gevent.event
 
+from portfwd.runtime.addr import Resolved
+from portfwd.runtime.config import ProcessConfig
 from portfwd.runtime.logs import setup_logging
-from portfwd.runtime.options import EXIT_RUNTIME, fail
+from portfwd.runtime.options import EXIT_RUNTIME, StartupError
+from portfwd.runtime.sockets import ListenOptions, bind_socket
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +152,14 @@ def detach() -> int:
     return write_fd
 
 
+def bind_listener(addr: Resolved, socktype: int, options: ListenOptions) -> socket.socket:
+    """Bind in the foreground, so a failure reaches the terminal as StartupError (exit 1)."""
+    try:
+        return bind_socket(addr, socktype, options)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
+
+
 class Service(Protocol):
     """What a tool hands to :func:`run`: sockets are bound already, greenlets not started."""
 
@@ -156,22 +168,25 @@ class Service(Protocol):
     def stop(self, timeout: float) -> None: ...
 
 
-def run(prog: str, service: Service, *, daemonize: bool, pidfile: str | None) -> int:
-    """Run a bound service until a stop signal; the common ``main()`` tail of every tool."""
-    setup_logging(prog, detached=False)
+def run(prog: str, service: Service, process: ProcessConfig) -> int:
+    """Run a bound service until a stop signal; the common ``main()`` tail of every tool.
+
+    Raises StartupError when the pidfile cannot be taken (before anything is served).
+    """
+    setup_logging(prog, detached=False, level=process.log_level)
     raise_nofile_limit()
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a vanished peer is an error, not a kill
-    pid = PidFile(pidfile) if pidfile else None
+    pid = PidFile(process.pidfile) if process.pidfile else None
     if pid is not None:
         try:
             pid.acquire()
         except (PidFileBusy, OSError) as exc:
-            fail(prog, str(exc), EXIT_RUNTIME)
+            raise StartupError(str(exc)) from None
     ready_fd = None
-    if daemonize:
+    if process.daemonize:
         ready_fd = detach()
         gevent.reinit()
-        setup_logging(prog, detached=True)
+        setup_logging(prog, detached=True, level=process.log_level)
         if pid is not None:
             pid.write_pid()
     stopping = gevent.event.Event()

@@ -15,7 +15,10 @@ STARTED = time.time()  # relativeCreated counts from here
 
 
 def setup_logging(prog: str, *, detached: bool, level: int = logging.INFO) -> None:
-    """Route the root logger to stderr, or to syslog once the process is a daemon."""
+    """Route the root logger to stderr, or to syslog once the process is a daemon.
+
+    ``level`` is the root logger's (PORTFWD_LOGLEVEL, read by :mod:`portfwd.runtime.environment`).
+    """
     # Per-connection lines are on the hot path: skip what our formats never print (logging
     # HOWTO, "Optimization"): the caller's file/line lookup walks the stack for every record.
     logging._srcfile = None
@@ -36,7 +39,7 @@ def setup_logging(prog: str, *, detached: bool, level: int = logging.INFO) -> No
         handler = LineHandler(sys.stderr)
         handler.setFormatter(Formatter(FOREGROUND_FORMAT.replace("%(name)s", prog)))
     root.addHandler(handler)
-    root.setLevel(int(os.environ.get("PORTFWD_LOGLEVEL", level)))
+    root.setLevel(level)
 
 
 class LeanRecord(logging.LogRecord):

@@ -25,29 +25,28 @@ import sys
 
 from portfwd.runtime import daemon
 from portfwd.runtime import options as cli
-from portfwd.runtime.sockets import ListenOptions, bind_socket
-from portfwd.tcpfwd.forwarder import TcpConfig, TcpForwarder
-from portfwd.tcpfwd.pump import use_splice
+from portfwd.runtime.config import process_config
+from portfwd.runtime.environment import read_environment
+from portfwd.tcpfwd.config import tcpfwd_config
+from portfwd.tcpfwd.forwarder import TcpForwarder
 
 PROG = "tcpfwd"
+# field -> docopt key (also the label in error messages)
+FIELDS = {"listen": "<local_addr:local_port>", "dest": "<dest_addr:dest_port>",
+          "daemonize": "-d", "pidfile": "-p", "base_addr": "-b", "reuseaddr": "-r",
+          "reuseport": "-R", "v6only": "--v6only", "connect_timeout": "--connect-timeout"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli.parse_args(PROG, __doc__, argv)
-    listen = cli.address_arg(PROG, args["<local_addr:local_port>"], socket.SOCK_STREAM,
-                             passive=True)
-    dest = cli.address_arg(PROG, args["<dest_addr:dest_port>"], socket.SOCK_STREAM,
-                           passive=False)
-    connect_timeout = cli.int_option(PROG, args, "--connect-timeout", 1, 3600)
-    options = ListenOptions(reuseaddr=args["-r"], reuseport=args["-R"], v6only=args["--v6only"])
-    try:
-        listener = bind_socket(listen, socket.SOCK_STREAM, options)
-    except OSError as exc:
-        cli.fail(PROG, f"cannot listen on {listen}: {exc.strerror or exc}", cli.EXIT_RUNTIME)
-    config = TcpConfig(dest=dest, listen_port=listener.getsockname()[1], base_addr=args["-b"],
-                       splice=use_splice(), connect_timeout=connect_timeout)
-    return daemon.run(PROG, TcpForwarder(config, listener), daemonize=args["-d"],
-                      pidfile=args["-p"])
+    def body() -> int:
+        options = cli.Options.from_docopt(cli.parse_args(PROG, __doc__, argv), FIELDS)
+        env = read_environment()
+        config = tcpfwd_config(options, env)
+        process = process_config(options, env)
+        listener = daemon.bind_listener(config.listen, socket.SOCK_STREAM, config.listen_options)
+        return daemon.run(PROG, TcpForwarder(config, listener), process)
+
+    return cli.run_tool(PROG, body)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,16 @@ import logging
 import socket
 import struct
 import time
-from dataclasses import dataclass
 
 import gevent
 
 from portfwd.runtime.acceptloop import AcceptLoop
 from portfwd.runtime.addr import Resolved, format_sockaddr
 from portfwd.runtime.logs import RateLimitedLog, hot_info
-from portfwd.runtime.sockets import CONNECT_TIMEOUT, dial_tcp
+from portfwd.runtime.sockets import dial_tcp
 from portfwd.runtime.workers import Workers
+from portfwd.tcpfwd.config import TcpConfig
+from portfwd.tcpfwd.metrics import TcpCounters, TcpMetrics
 from portfwd.tcpfwd.pump import Counter, RelaySocket, pump
 
 log = logging.getLogger(__name__)
@@ -31,17 +32,6 @@ SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the sam
 
 class BaseAddrError(ValueError):
     """-b address arithmetic left the address space."""
-
-
-@dataclass(frozen=True)
-class TcpConfig:
-    """tcpfwd's behaviour, built from the command line in one place (``portfwd.tcpfwd.cli``)."""
-
-    dest: Resolved  # where connections go (the base address with -b)
-    listen_port: int  # the listener's port, the zero point of -b offsets
-    base_addr: bool = False  # -b: destination address += original port - listener port
-    splice: bool = True  # kernel splice() relay; False = userspace copy
-    connect_timeout: float = CONNECT_TIMEOUT  # s
 
 
 def offset_address(base: Resolved, offset: int) -> Resolved:
@@ -75,9 +65,15 @@ class TcpForwarder:
 
     def __init__(self, config: TcpConfig, listener: socket.socket) -> None:
         self.config = config
+        self.listen_port: int = listener.getsockname()[1]  # the zero point of -b offsets
         self.accept_loop = AcceptLoop(listener, self._handle)
         self._ids = itertools.count(1)
         self._faults = RateLimitedLog(log)
+        self.counters = TcpCounters()
+
+    def metrics(self) -> TcpMetrics:
+        """A snapshot of the counters (no I/O; bytes of running relays included)."""
+        return self.counters.snapshot(self.accept_loop.accepted, self.accept_loop.errors)
 
     def start(self) -> None:
         self.accept_loop.start()
@@ -91,9 +87,10 @@ class TcpForwarder:
         if not self.config.base_addr:
             return self.config.dest
         try:
-            offset = original_dst_port(client) - self.config.listen_port
+            offset = original_dst_port(client) - self.listen_port
             return offset_address(self.config.dest, offset)
         except (OSError, BaseAddrError) as exc:
+            self.counters.no_destination += 1
             self._faults.warning("base", "conn %d from %s: -b address: %s",
                                  conn_id, format_sockaddr(peer), exc)
             return None
@@ -110,13 +107,14 @@ class TcpForwarder:
                 accepted.close()
         if dialled is not None:
             hot_info(log, "conn %d open %s -> %s", conn_id, format_sockaddr(peer), dest)
-            Relay(conn_id, RelaySocket(accepted), RelaySocket(dialled), self.config.splice).run(
-                self.accept_loop.workers)
+            Relay(conn_id, RelaySocket(accepted), RelaySocket(dialled), self.config.splice,
+                  self.counters).run(self.accept_loop.workers)
 
     def _dial(self, conn_id: int, dest: Resolved) -> socket.socket | None:
         try:
             return dial_tcp(dest, self.config.connect_timeout)
         except OSError as exc:  # includes TimeoutError and EMFILE
+            self.counters.dial_failures.add(exc)
             self._faults.warning("connect", "conn %d: connect to %s failed: %s", conn_id, dest,
                                  exc.strerror or exc)
             return None
@@ -140,10 +138,10 @@ class Relay:
     """
 
     __slots__ = ("conn_id", "client", "upstream", "splice", "started", "up", "down", "running",
-                 "error", "cut")
+                 "error", "cut", "counters")
 
     def __init__(self, conn_id: int, client: RelaySocket, upstream: RelaySocket,
-                 splice: bool) -> None:
+                 splice: bool, counters: TcpCounters) -> None:
         self.conn_id = conn_id
         self.client, self.upstream = client, upstream
         self.splice = splice
@@ -152,6 +150,8 @@ class Relay:
         self.running = 2  # directions not yet over
         self.error = ""  # the first socket error is the connection's fate; later ones are echoes
         self.cut = False  # killed at the end of the drain period
+        self.counters = counters  # the forwarder's: live while running, totals once closed
+        counters.live.add(self)
 
     def run(self, workers: Workers) -> None:
         """Pump up here, down in another job; returns when up is over (down may go on)."""
@@ -176,7 +176,13 @@ class Relay:
                 self._close()
 
     def _close(self) -> None:
+        counters = self.counters
+        counters.live.discard(self)
+        counters.closed += 1
+        counters.bytes_up += self.up.moved
+        counters.bytes_down += self.down.moved
         if self.cut:
+            counters.reset += 1
             for end in (self.client, self.upstream):
                 reset_on_close(end.sock)
             log.info("conn %d reset: service stopping", self.conn_id)

@@ -33,11 +33,6 @@ SPLICE_AVAILABLE = hasattr(os, "splice")
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 
-def use_splice() -> bool:
-    """splice unless unavailable or PORTFWD_NO_SPLICE=1 forces the copy path (tests, bench)."""
-    return SPLICE_AVAILABLE and os.environ.get("PORTFWD_NO_SPLICE", "") in ("", "0")
-
-
 class RelaySocket:
     """One side of a relay: a non-blocking stdlib socket and its libev watchers.
 

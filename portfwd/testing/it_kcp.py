@@ -53,6 +53,7 @@ NORMAL_LINES = ("rekey trigger conv=", "recv REKEY_INIT conv=", "recv REKEY_ACK 
 # kcptcp-client / kcptcp-server in a child of this interpreter (bin/ may not be on PATH).
 TOOL_MAIN = "import sys; from portfwd.kcptcp.cli import %s_main; sys.exit(%s_main())"
 TIMEOUT_LINE = "rekey timeout, closing conv="
+FIELDS = {"send_mb": "<send_mb>", "pause_ms": "<pause_ms>", "pause_at_mb": "<pause_at_mb>"}
 
 
 class Harness:
@@ -231,16 +232,20 @@ def _give_up(harness: Harness) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli.parse_args(PROG, __doc__, argv)
-    send_mb = cli.int_option(PROG, args, "<send_mb>", 1, 100000)
+    return cli.run_tool(PROG, lambda: run(cli.parse_args(PROG, __doc__, argv)))
+
+
+def run(args: dict) -> int:
+    options = cli.Options.from_docopt(args, FIELDS)
+    send_mb = options.integer("send_mb", 1, 100000)
     psk = os.environ.get("IT_PSK", DEFAULT_PSK)
-    cli.psk_arg(PROG, psk)  # validate: one clear line and exit 2 if bad
+    cli.Options({"psk": psk}, {"psk": "-K"}).psk("psk")  # validate: the tools' own message
     ports = tuple(int(os.environ.get(name, default)) for name, default in
                   (("IT_ECHO_PORT", 2323), ("IT_UDP_PORT", 2324), ("IT_TCP_PORT", 2325)))
     deadline = time.monotonic() + float(os.environ.get("IT_DEADLINE_S", 180))
     if args["timeout"]:
-        pause_ms = cli.int_option(PROG, args, "<pause_ms>", 1, 600000)
-        pause_at_mb = cli.int_option(PROG, args, "<pause_at_mb>", 0, send_mb)
+        pause_ms = options.integer("pause_ms", 1, 600000)
+        pause_at_mb = options.integer("pause_at_mb", 0, send_mb)
         env = {"PORTFWD_REKEY_SEQ_THRESHOLD": str(TIMEOUT_REKEY_THRESHOLD),
                "PORTFWD_REKEY_TIMEOUT_MS": str(max(200, pause_ms // 2))}
     else:
@@ -248,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         harness = Harness(psk, ports, env)  # type: ignore[arg-type]
     except OSError as exc:
-        cli.fail(PROG, f"cannot start the echo server: {exc}", cli.EXIT_RUNTIME)
+        raise cli.StartupError(f"cannot start the echo server: {exc}") from None
     watchdog = threading.Timer(max(0.0, deadline - time.monotonic()) + 5, _give_up, (harness,))
     watchdog.daemon = True
     watchdog.start()

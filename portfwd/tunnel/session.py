@@ -82,7 +82,7 @@ _DATA, _INIT, _ACK, _PING, _CLOSE, _CHALLENGE, _RESPONSE = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class TunnelConfig:
     """Settings of the tunnel security layer; the driver builds it from flags and env vars."""
 

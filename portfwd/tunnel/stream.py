@@ -21,13 +21,16 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from portfwd.kcp import Kcp, KcpConfig
+from portfwd.kcp import OVERHEAD as KCP_OVERHEAD
+from portfwd.kcp import Kcp, KcpConfig, ReassemblyBudget
+from portfwd.kcp.engine import DEAD_LINK_XMIT, FRG_MAX, WND_RCV_MIN
 from portfwd.tunnel import events
-from portfwd.tunnel.session import CLOSE_LOCAL, TunnelConfig, TunnelSession
+from portfwd.tunnel.session import CLOSE_LOCAL, OVERHEAD, TunnelConfig, TunnelSession
 
 RECORD_DATA = 0x00  # record type: stream bytes follow
 RECORD_FIN = 0x01  # record type: the sender's stream ended (TCP half-close)
 MAX_RECORD_PAYLOAD = 32 * 1024  # bytes of stream data per record (KCP allows <= 127 fragments)
+MAX_RECORD_SIZE = MAX_RECORD_PAYLOAD + 1  # bytes: type byte + payload
 # ikcp probes a zero window only after 7 s (then backs off to 120 s). A receiver announces its
 # reopened window once; on a lossy link that one datagram is lost now and then, and the sender
 # sat idle for the full 7 s (seen in the lab at 5 % loss). Probing is a 24-byte WASK.
@@ -42,34 +45,58 @@ _FIN = bytes([RECORD_FIN])
 _DATA = bytes([RECORD_DATA])
 
 
-@dataclass
+@dataclass(frozen=True)
 class ConversationConfig:
-    """KCP tuning and tunnel security settings of one conversation."""
+    """Tunnel security settings and KCP tuning of one conversation.
+
+    ``mtu`` is the conversation's one MTU: the largest UDP payload it sends. The KCP engine's
+    own MTU is derived from it per conversation (:meth:`kcp_config`), because what the session
+    adds to each datagram differs between plaintext and AEAD.
+    """
 
     tunnel: TunnelConfig = field(default_factory=TunnelConfig)
-    kcp: KcpConfig = field(default_factory=lambda: tunnel_kcp_config())  # mtu: see kcp_config_for
-    udp_mtu: int = 1350  # bytes: largest UDP payload we send (-M, seed default 1350)
+    mtu: int = 1350  # bytes: largest UDP payload we send (-M, seed default 1350)
+    interval: int = 10  # ms between KCP flushes (--interval)
+    resend: int = 2  # KCP fast retransmit after this many skipping acks, 0 = off (--resend)
+    nc: bool = True  # True = no KCP congestion control (--nc)
+    snd_wnd: int = 1024  # segments: KCP send window (--sndwnd)
+    rcv_wnd: int = 1024  # segments: KCP receive window (--rcvwnd)
+    dead_link: int = DEAD_LINK_XMIT  # transmissions of one segment before the link is dead
 
+    def __post_init__(self) -> None:
+        self.kcp_config(OVERHEAD)  # bad settings raise here, not at the first conversation
 
-def tunnel_kcp_config(**settings: int | bool) -> KcpConfig:
-    """KCP settings for the tunnel: the seed's defaults plus prompt zero-window probing."""
-    return KcpConfig(**{"probe_init": WINDOW_PROBE_INIT_MS,
-                        "probe_limit": WINDOW_PROBE_LIMIT_MS, **settings})
+    def kcp_config(self, overhead: int) -> KcpConfig:
+        """The engine's settings for a session adding ``overhead`` bytes to each datagram:
+        the seed's defaults plus prompt zero-window probing.
 
-
-def kcp_config_for(config: ConversationConfig, session: TunnelSession) -> KcpConfig:
-    """The KCP settings with the MTU shrunk by what the session adds to each datagram."""
-    kcp = config.kcp
-    return KcpConfig(**{**kcp.__dict__, "mtu": config.udp_mtu - session.overhead})
+        Receive limits follow from the MTU: no fragment count beyond the largest record's, and
+        out-of-order data only while everything held stays within one receive window of full
+        segments, so a peer can make us hold about rcv_wnd * mss bytes (1.3 MB at the defaults),
+        not twice that.
+        """
+        mtu = self.mtu - overhead
+        mss = mtu - KCP_OVERHEAD
+        max_frg = FRG_MAX  # an MTU too small for any segment: KcpConfig rejects the mtu
+        if mss > 0:
+            max_frg = min(FRG_MAX, -(-MAX_RECORD_SIZE // mss) - 1)
+        return KcpConfig(mtu=mtu, snd_wnd=self.snd_wnd, rcv_wnd=self.rcv_wnd,
+                         interval=self.interval, resend=self.resend, nc=self.nc,
+                         dead_link=self.dead_link, probe_init=WINDOW_PROBE_INIT_MS,
+                         probe_limit=WINDOW_PROBE_LIMIT_MS, max_frg=max_frg,
+                         max_rcv_bytes=max(self.rcv_wnd, WND_RCV_MIN) * mss)
 
 
 class Conversation:
     """A TunnelSession carrying one KCP conversation that carries one TCP stream."""
 
-    def __init__(self, session: TunnelSession, config: ConversationConfig, now: int) -> None:
+    def __init__(self, session: TunnelSession, config: ConversationConfig, now: int,
+                 budget: ReassemblyBudget | None = None) -> None:
+        """``budget``: receive memory shared with other conversations (a server passes one)."""
         self.session = session
         self.conv: int = session.conv
-        self.kcp = Kcp(session.conv, kcp_config_for(config, session))
+        self.kcp = Kcp(session.conv, config.kcp_config(session.overhead), budget)
+        self._mtu: int = config.mtu
         self._send_limit: int = SEND_QUEUE_FACTOR * self.kcp.snd_wnd
         self._events: deque[events.Event] = deque()
         self._now: int = now
@@ -80,6 +107,7 @@ class Conversation:
         self.bytes_sent: int = 0  # stream bytes queued to the peer
         self.bytes_received: int = 0  # stream bytes read from the peer
         self.malformed_records: int = 0  # records that broke the format (closes the stream)
+        self.dropped_oversize: int = 0  # datagrams longer than mtu, dropped unopened
 
     @classmethod
     def client(cls, config: ConversationConfig, conv: int, peer_addr: Any, now: int,
@@ -127,13 +155,14 @@ class Conversation:
             return None
         self._kick = True  # reading may reopen our receive window: tell the peer promptly
         kind = record[:1]
-        if kind == _DATA and len(record) > 1:
+        if kind == _DATA and 1 < len(record) <= MAX_RECORD_SIZE:
             self.bytes_received += len(record) - 1
             return record[1:]
         if record == _FIN:
             self.eof_received = True
             return b""
-        # An authenticated peer broke the record format: the stream cannot be trusted further.
+        # An authenticated peer broke the record format (or sent a record larger than any of
+        # ours): the stream cannot be trusted further.
         self.malformed_records += 1
         self._close(CLOSE_BAD_RECORD)
         return None
@@ -142,11 +171,20 @@ class Conversation:
     def readable(self) -> bool:
         return not self.eof_received and self.kcp.peeksize() >= 0
 
+    def discard_received(self) -> None:
+        """Drop whatever was received and not read (the driver is done with this conversation),
+        returning its memory to the shared budget. Call once, after the last read()."""
+        self.kcp.discard_received()
+
     # --- network side -----------------------------------------------------------------------
 
     def receive_datagram(self, data: bytes, addr: Any, now: int) -> None:
         """One UDP datagram from ``addr``; dropped silently by the session if not authentic."""
         self._now = now
+        if len(data) > self._mtu:
+            # no peer with our -M sends it: drop before paying for the AEAD
+            self.dropped_oversize += 1
+            return
         session = self.session
         session.receive_datagram(data, addr, now)
         kcp_input = self.kcp.input

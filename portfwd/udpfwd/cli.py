@@ -33,48 +33,30 @@ import sys
 
 from portfwd.runtime import daemon
 from portfwd.runtime import options as cli
-from portfwd.runtime.sockets import SOCKBUF_CAP, ListenOptions, bind_socket
-from portfwd.udpfwd.forwarder import (
-    DEFAULT_STATS_INTERVAL,
-    DEFAULT_TABLE_HINT,
-    UdpConfig,
-    UdpForwarder,
-    use_gso,
-)
-from portfwd.udpfwd.table import DEFAULT_MAX_SESSIONS
+from portfwd.runtime.config import process_config
+from portfwd.runtime.environment import read_environment
+from portfwd.udpfwd.config import udpfwd_config
+from portfwd.udpfwd.forwarder import UdpForwarder
 
 PROG = "udpfwd"
-DEFAULT_TIMEOUT = 60  # s; seed "-t <seconds> proxy session timeout (default: 60)"
-MAX_TIMEOUT = 30 * 86400  # s; longer is a typo, not a wish
-MAX_SESSIONS = 1 << 20  # sessions; each holds an fd, so the fd limit binds long before this
-MIN_SOCKBUF = 4096  # bytes
-MAX_SOCKBUF = 1 << 28  # bytes; the kernel clamps to net.core.[rw]mem_max anyway
+# field -> docopt key (also the label in error messages)
+FIELDS = {"listen": "<local_addr:local_port>", "dest": "<dest_addr:dest_port>",
+          "timeout": "-t", "daemonize": "-d", "v6only": "-o", "reuseaddr": "-r",
+          "reuseport": "-R", "table_hint": "-H", "pidfile": "-p",
+          "max_sessions": "--max-sessions", "stats_interval": "--stats-interval",
+          "sockbuf": "--sockbuf"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli.parse_args(PROG, __doc__, argv)
-    timeout = cli.int_option(PROG, args, "-t", 0, MAX_TIMEOUT, DEFAULT_TIMEOUT)
-    table_hint = cli.int_option(PROG, args, "-H", 1, MAX_SESSIONS, DEFAULT_TABLE_HINT)
-    max_sessions = cli.int_option(PROG, args, "--max-sessions", 1, MAX_SESSIONS,
-                                  DEFAULT_MAX_SESSIONS)
-    stats_interval = cli.int_option(PROG, args, "--stats-interval", 0, None,
-                                    int(DEFAULT_STATS_INTERVAL))
-    sockbuf = cli.int_option(PROG, args, "--sockbuf", MIN_SOCKBUF, MAX_SOCKBUF, SOCKBUF_CAP)
-    listen = cli.address_arg(PROG, args["<local_addr:local_port>"], socket.SOCK_DGRAM,
-                             passive=True)
-    dest = cli.address_arg(PROG, args["<dest_addr:dest_port>"], socket.SOCK_DGRAM,
-                           passive=False)
-    options = ListenOptions(reuseaddr=args["-r"], reuseport=args["-R"], v6only=args["-o"],
-                            bufsize=sockbuf)
-    try:
-        listener = bind_socket(listen, socket.SOCK_DGRAM, options)
-    except OSError as exc:
-        cli.fail(PROG, f"cannot listen on {listen}: {exc.strerror or exc}", cli.EXIT_RUNTIME)
-    config = UdpConfig(dest=dest, idle_timeout=float(timeout), max_sessions=max_sessions,
-                       stats_interval=float(stats_interval), sockbuf=sockbuf,
-                       table_hint=table_hint, gso=use_gso())
-    return daemon.run(PROG, UdpForwarder(config, listener), daemonize=args["-d"],
-                      pidfile=args["-p"])
+    def body() -> int:
+        options = cli.Options.from_docopt(cli.parse_args(PROG, __doc__, argv), FIELDS)
+        env = read_environment()
+        config = udpfwd_config(options, env)
+        process = process_config(options, env)
+        listener = daemon.bind_listener(config.listen, socket.SOCK_DGRAM, config.listen_options)
+        return daemon.run(PROG, UdpForwarder(config, listener), process)
+
+    return cli.run_tool(PROG, body)
 
 
 if __name__ == "__main__":

@@ -33,18 +33,18 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
-import os
 import socket
 import struct
 import time
-from dataclasses import dataclass
 
 from gevent import get_hub
 
-from portfwd.runtime.addr import Resolved, format_sockaddr
+from portfwd.runtime.addr import format_sockaddr
 from portfwd.runtime.logs import RateLimitedLog
-from portfwd.runtime.sockets import READ, SOCKBUF_CAP, set_buffers
-from portfwd.udpfwd.table import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS, SessionTable
+from portfwd.runtime.sockets import READ, set_buffers
+from portfwd.udpfwd.config import UdpConfig
+from portfwd.udpfwd.metrics import UdpMetrics, render_status
+from portfwd.udpfwd.table import SessionTable
 
 log = logging.getLogger(__name__)
 
@@ -52,37 +52,16 @@ DGRAM_CAP = 65536  # bytes; seed UDP_PROXY_DGRAM_CAP: holds the largest UDP payl
 RECV_BUDGET = 64  # datagrams read per wake-up of one socket before others get their turn
 SWEEP_INTERVAL_MAX = 1.0  # s between idle sweeps; shorter for short timeouts (timeout / 4)
 SWEEP_LIMIT = 4096  # sessions closed per sweep tick, so a mass expiry cannot stall the loop
-DEFAULT_STATS_INTERVAL = 60.0  # s between status lines; 0 = none
-DEFAULT_TABLE_HINT = 4093  # seed -H default: the C hash table size (a sizing hint here)
 GSO_SEGMENT_MAX = 1200  # bytes; 1200 + 48 (IPv6+UDP headers) fits the 1280-byte IPv6 min MTU
 GSO_MAX_SEGMENTS = 32  # datagrams per GSO send (kernel limit UDP_MAX_SEGMENTS is 64)
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
 UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)  # linux/udp.h
-GSO_AVAILABLE = hasattr(socket.socket, "sendmsg") and os.uname().sysname == "Linux"
 SOFT_ERRNOS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN,
                errno.ENETDOWN, errno.EMSGSIZE}  # ICMP-reported: the datagram is lost, not us
 
 
-@dataclass(frozen=True)
-class UdpConfig:
-    """udpfwd's behaviour, built from the command line in one place (``portfwd.udpfwd.cli``)."""
-
-    dest: Resolved  # where datagrams go
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # s of inactivity before a session closes; 0 never
-    max_sessions: int = DEFAULT_MAX_SESSIONS  # sessions; the LRU one is evicted beyond this
-    stats_interval: float = DEFAULT_STATS_INTERVAL  # s between status lines; 0 = none
-    sockbuf: int = SOCKBUF_CAP  # bytes of SO_RCVBUF/SO_SNDBUF on every socket
-    table_hint: int = DEFAULT_TABLE_HINT  # -H: expected number of clients (sizing hint only)
-    gso: bool = GSO_AVAILABLE  # coalesce equal-size runs into UDP GSO sends (Linux)
-
-
-def use_gso() -> bool:
-    """GSO unless unavailable or PORTFWD_NO_GSO=1 forces one send per datagram (tests, bench)."""
-    return GSO_AVAILABLE and os.environ.get("PORTFWD_NO_GSO", "") in ("", "0")
-
-
 class Stats:
-    """Cumulative counters for the status line."""
+    """Cumulative counters of the datagram path (:meth:`UdpForwarder.metrics` copies them)."""
 
     __slots__ = ("datagrams_up", "bytes_up", "datagrams_down", "bytes_down", "dropped_up",
                  "dropped_down", "upstream_errors", "opened", "gso_sends")
@@ -97,9 +76,6 @@ class Stats:
         self.upstream_errors = 0  # ICMP errors (refused, unreachable) reported on upstreams
         self.opened = 0  # sessions opened
         self.gso_sends = 0  # sends that carried several datagrams (UDP GSO)
-
-    def snapshot(self) -> tuple[int, ...]:
-        return tuple(getattr(self, name) for name in self.__slots__)
 
 
 class Session:
@@ -135,11 +111,20 @@ class UdpForwarder:
         self._listen_watcher = None
         self._sweep_timer = None
         self._stats_timer = None
-        self._last_stats: tuple[int, ...] = ()
+        self._last_stats: UdpMetrics | None = None  # what the last status line showed
 
     @property
     def address(self) -> tuple:
         return self.listener.getsockname()
+
+    def metrics(self) -> UdpMetrics:
+        """A snapshot of the counters (no I/O)."""
+        s, table = self.stats, self.table
+        return UdpMetrics(
+            sessions=len(table), opened=s.opened, expired=table.expired, evicted=table.evicted,
+            datagrams_up=s.datagrams_up, bytes_up=s.bytes_up, datagrams_down=s.datagrams_down,
+            bytes_down=s.bytes_down, dropped_up=s.dropped_up, dropped_down=s.dropped_down,
+            upstream_errors=s.upstream_errors, gso_sends=s.gso_sends)
 
     def start(self) -> None:
         self.listener.setblocking(False)
@@ -335,15 +320,8 @@ class UdpForwarder:
         log.debug("session %d %s (%s)", session.id, why, format_sockaddr(session.client))
 
     def _log_stats(self, force: bool = False) -> None:
-        snapshot = (*self.stats.snapshot(), len(self.table), self.table.expired,
-                    self.table.evicted)
-        if snapshot == self._last_stats and not force:
+        metrics = self.metrics()
+        if metrics == self._last_stats and not force:
             return  # nothing moved since the last line: an idle forwarder stays quiet
-        self._last_stats = snapshot
-        s = self.stats
-        log.info("status: %d sessions (%d opened, %d expired, %d evicted); up %d datagrams "
-                 "%d bytes; down %d datagrams %d bytes; dropped %d up %d down; "
-                 "%d upstream errors; %d GSO sends", len(self.table), s.opened,
-                 self.table.expired, self.table.evicted, s.datagrams_up, s.bytes_up,
-                 s.datagrams_down, s.bytes_down,
-                 s.dropped_up, s.dropped_down, s.upstream_errors, s.gso_sends)
+        self._last_stats = metrics
+        log.info("%s", render_status(metrics))

@@ -1,0 +1,125 @@
+"""kcptcp's configuration: parsed options (flags today, config-file keys later) to the frozen
+configs of kcptcp-client (ClientConfig) and kcptcp-server (ServerConfig).
+
+Fields read by both: ``listen``, ``psk``, ``mtu``, ``sockbuf``, ``interval``,
+``resend``, ``nc``, ``sndwnd``, ``rcvwnd``, ``keepalive``, ``stats_interval``, ``reuseaddr``,
+``reuseport``, ``v6only``; by the client only: ``remote`` (the server's UDP address); by the
+server only: ``target`` (TCP), ``connect_timeout``, ``max_sessions``, ``max_pending``.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+from portfwd.runtime.addr import Resolved
+from portfwd.runtime.config import listen_options
+from portfwd.runtime.environment import Environment
+from portfwd.runtime.options import Options
+from portfwd.runtime.sockets import CONNECT_TIMEOUT, ListenOptions
+from portfwd.tunnel.session import REKEY_SEQ_THRESHOLD, REKEY_TIMEOUT_MS, TunnelConfig
+from portfwd.tunnel.stream import ConversationConfig
+
+MTU_MIN = 576  # bytes: the IPv4 minimum reassembly size; KCP records need >= ~310
+MTU_MAX = 9000  # bytes: jumbo frames; beyond this every datagram fragments
+MTU = 1350  # bytes: -M default (seed)
+UDP_BUFFER = 4 * 1024 * 1024  # bytes: -S default; small UDP buffers drop bursts of 1024 segments
+UDP_BUFFER_MIN = 4096  # bytes
+UDP_BUFFER_MAX = 1 << 30  # bytes
+INTERVAL = 10  # ms: --interval default
+RESEND = 2  # acks: --resend default
+NC = 1  # --nc default
+WINDOW = 1024  # segments: --sndwnd and --rcvwnd default
+KEEPALIVE = 30  # s: --keepalive default
+STATS_INTERVAL = 60  # s: --stats-interval default
+MAX_SESSIONS = 4096  # conversations held at once (each holds a target socket)
+MAX_PENDING = 256  # conversations whose client has not yet sent an authenticated packet
+REASSEMBLY_BYTES = 256 * 1024 * 1024  # bytes received from peers and not yet written, all sessions
+LIMIT_MAX = 1 << 20  # conversations: bound of --max-sessions and --max-pending
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """kcptcp-server's resource limits (--connect-timeout, --max-sessions, --max-pending)."""
+
+    connect_timeout: float = CONNECT_TIMEOUT  # s before a dial to the target is abandoned
+    max_sessions: int = MAX_SESSIONS  # conversations in all
+    max_pending: int = MAX_PENDING  # conversations not yet confirmed by the client
+    reassembly_bytes: int = REASSEMBLY_BYTES  # KCP receive memory shared by all conversations
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Everything one kcptcp-client service needs."""
+
+    listen: Resolved  # local TCP address
+    remote: Resolved  # the kcptcp-server's UDP address
+    conversation: ConversationConfig = field(default_factory=ConversationConfig)
+    listen_options: ListenOptions = field(default_factory=ListenOptions)  # -r, -R, -6
+    udp_buffer: int = UDP_BUFFER  # bytes of SO_RCVBUF/SO_SNDBUF of each conversation's socket
+    stats_interval: float = STATS_INTERVAL  # s between stats lines, 0 = off
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything one kcptcp-server service needs."""
+
+    listen: Resolved  # local UDP address
+    target: Resolved  # the TCP service each conversation is bridged to
+    conversation: ConversationConfig = field(default_factory=ConversationConfig)
+    listen_options: ListenOptions = field(default_factory=ListenOptions)  # -r, -R, -6, -S
+    udp_buffer: int = UDP_BUFFER  # bytes of SO_RCVBUF/SO_SNDBUF of the UDP socket
+    stats_interval: float = STATS_INTERVAL  # s between stats lines, 0 = off
+    limits: ServerLimits = field(default_factory=ServerLimits)
+
+
+def conversation_config(options: Options, env: Environment) -> ConversationConfig:
+    """Everything a conversation needs: the tunnel's security settings and KCP tuning."""
+    keepalive_s = options.integer("keepalive", 2, 86400, KEEPALIVE)
+    tunnel = TunnelConfig(
+        psk=options.psk("psk"),
+        rekey_seq_threshold=(REKEY_SEQ_THRESHOLD if env.rekey_seq_threshold is None
+                             else env.rekey_seq_threshold),
+        rekey_timeout_ms=REKEY_TIMEOUT_MS if env.rekey_timeout_ms is None else env.rekey_timeout_ms,
+        idle_timeout_ms=keepalive_s * 1000,
+        keepalive_interval_ms=max(1000, keepalive_s * 1000 // 3),
+    )
+    return ConversationConfig(
+        tunnel=tunnel,
+        interval=options.integer("interval", 10, 5000, INTERVAL),
+        resend=options.integer("resend", 0, 100, RESEND),
+        nc=bool(options.integer("nc", 0, 1, NC)),
+        snd_wnd=options.integer("sndwnd", 1, 65535, WINDOW),
+        rcv_wnd=options.integer("rcvwnd", 1, 65535, WINDOW),
+        mtu=options.integer("mtu", MTU_MIN, MTU_MAX, MTU),
+    )
+
+
+def client_config(options: Options, env: Environment) -> ClientConfig:
+    """Validate and resolve kcptcp-client's settings; raises ConfigError naming the bad one."""
+    conversation = conversation_config(options, env)
+    udp_buffer = options.integer("sockbuf", UDP_BUFFER_MIN, UDP_BUFFER_MAX, UDP_BUFFER)
+    stats_interval = options.integer("stats_interval", 0, 86400, STATS_INTERVAL)
+    return ClientConfig(
+        listen=options.address("listen", socket.SOCK_STREAM, passive=True),
+        remote=options.address("remote", socket.SOCK_DGRAM, passive=False),
+        conversation=conversation, listen_options=listen_options(options),
+        udp_buffer=udp_buffer, stats_interval=stats_interval)
+
+
+def server_config(options: Options, env: Environment) -> ServerConfig:
+    """Validate and resolve kcptcp-server's settings; raises ConfigError naming the bad one."""
+    conversation = conversation_config(options, env)
+    udp_buffer = options.integer("sockbuf", UDP_BUFFER_MIN, UDP_BUFFER_MAX, UDP_BUFFER)
+    stats_interval = options.integer("stats_interval", 0, 86400, STATS_INTERVAL)
+    listen = options.address("listen", socket.SOCK_DGRAM, passive=True)
+    target = options.address("target", socket.SOCK_STREAM, passive=False)
+    limits = ServerLimits(
+        connect_timeout=options.integer("connect_timeout", 1, 3600, int(CONNECT_TIMEOUT)),
+        max_sessions=options.integer("max_sessions", 1, LIMIT_MAX, MAX_SESSIONS),
+        max_pending=options.integer("max_pending", 1, LIMIT_MAX, MAX_PENDING),
+    )
+    return ServerConfig(
+        listen=listen, target=target, conversation=conversation,
+        listen_options=listen_options(options, bufsize=udp_buffer),
+        udp_buffer=udp_buffer, stats_interval=stats_interval, limits=limits)
