@@ -29,11 +29,15 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from . import crypto, events
+from .config import REKEY_SEQ_THRESHOLD as REKEY_SEQ_THRESHOLD
+from .config import REKEY_TIMEOUT_MS as REKEY_TIMEOUT_MS
+from .config import TunnelConfig
 from .path import PathValidator
+from .rekey import CLOSE_REKEY_TIMEOUT as CLOSE_REKEY_TIMEOUT
+from .rekey import CLOSE_WRAPAROUND, Rekeying
 from .replay import ReplayWindow
 from .wire import (
     CHALLENGE_SIZE,
@@ -45,11 +49,9 @@ from .wire import (
     UINT32_MAX,
     MalformedPacket,
     PacketType,
-    pack_epoch,
     pack_hello,
     pack_welcome,
     peek_prefix,
-    unpack_epoch,
     unpack_welcome,
 )
 
@@ -58,8 +60,6 @@ logger = logging.getLogger(__name__)
 DatagramReceived = events.DatagramReceived  # module-level alias: one lookup less per packet
 _unpack_header = HEADER.unpack_from
 
-REKEY_SEQ_THRESHOLD = 0xFFF00000  # send_seq at which a rekey starts (seed default)
-REKEY_TIMEOUT_MS = 5000  # ms without REKEY_ACK before closing (seed default)
 OVERHEAD = HEADER_SIZE + crypto.TAG_SIZE  # 25 bytes a sealed DATA packet adds to its payload
 PLAINTEXT_OVERHEAD = HEADER_SIZE  # 9 bytes in plaintext mode
 MAX_DATAGRAM_SIZE = 65507  # bytes, largest UDP payload over IPv4
@@ -69,8 +69,6 @@ CLOSE_LOCAL = "closed locally"
 CLOSE_BY_PEER = "closed by peer"
 CLOSE_HANDSHAKE_TIMEOUT = "handshake timeout"
 CLOSE_PEER_SILENT = "peer silent"
-CLOSE_REKEY_TIMEOUT = "rekey timeout"
-CLOSE_WRAPAROUND = "send_seq wraparound guard"
 
 MAX_HELLOS = 8  # client: HELLOs remembered, so a WELCOME to any recent retry still completes
 
@@ -80,53 +78,6 @@ _DATA, _INIT, _ACK, _PING, _CLOSE, _CHALLENGE, _RESPONSE = (
     int(PacketType.PING), int(PacketType.CLOSE), int(PacketType.PATH_CHALLENGE),
     int(PacketType.PATH_RESPONSE),
 )
-
-
-@dataclass(frozen=True)
-class TunnelConfig:
-    """Settings of the tunnel security layer; the driver builds it from flags and env vars."""
-
-    psk: bytes | None = None  #: 32-byte PSK (-K); None = plaintext mode (seed)
-    rekey_seq_threshold: int = REKEY_SEQ_THRESHOLD  #: send_seq that triggers a rekey (packets)
-    rekey_timeout_ms: int = REKEY_TIMEOUT_MS  #: ms from REKEY_INIT to closing without REKEY_ACK
-    rekey_retry_ms: int = 500  #: ms between REKEY_INIT retransmissions while waiting
-    rekey_grace_ms: int = 5000  #: ms the previous epoch's receive key still opens late packets;
-    #: keep >= rekey_timeout_ms so a responder still hears an initiator whose ACK was lost
-    replay_window: int = 2048  #: anti-replay window width (packets); docs/PROTOCOL.md "Anti-replay"
-    handshake_timeout_ms: int = 10000  #: ms the client waits for WELCOME before giving up
-    handshake_retry_ms: int = 250  #: ms before the first HELLO retransmission (then doubles)
-    handshake_retry_max_ms: int = 2000  #: ms cap of the HELLO retransmission interval
-    keepalive_interval_ms: int = 10000  #: ms of send silence after which a PING goes out
-    idle_timeout_ms: int = 30000  #: ms without an authenticated packet before closing
-    timestamp_window_ms: int = 30000  #: ms of clock difference a HELLO timestamp may have
-    hello_cache_size: int = 65536  #: entries in the server's HELLO replay cache (size bound)
-    handshake_rate_per_s: float = 20.0  #: HELLOs per second per source host (0 = unlimited)
-    handshake_burst: int = 40  #: HELLO burst per source host
-    rate_table_size: int = 4096  #: source hosts tracked by the handshake rate limiter (LRU)
-    max_pending_payloads: int = 4096  #: payloads queued before the handshake completes
-    initial_send_seq: int = 0  #: send_seq of epoch 0 (tests of the wraparound guard)
-
-    def __post_init__(self) -> None:
-        if self.psk is not None and len(self.psk) != crypto.PSK_SIZE:
-            raise ValueError(f"PSK must be {crypto.PSK_SIZE} bytes, got {len(self.psk)}")
-        if not 1 <= self.rekey_seq_threshold <= UINT32_MAX:
-            raise ValueError("rekey_seq_threshold must be in 1..0xFFFFFFFF")
-        if not 0 <= self.initial_send_seq <= UINT32_MAX:
-            raise ValueError("initial_send_seq must be in 0..0xFFFFFFFF")
-        for name in ("rekey_timeout_ms", "rekey_retry_ms", "handshake_timeout_ms",
-                     "handshake_retry_ms", "handshake_retry_max_ms", "keepalive_interval_ms",
-                     "idle_timeout_ms", "replay_window", "hello_cache_size", "rate_table_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
-        for name in ("rekey_grace_ms", "timestamp_window_ms", "max_pending_payloads",
-                     "handshake_rate_per_s", "handshake_burst"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative")
-
-    @property
-    def plaintext(self) -> bool:
-        """Plaintext mode (no ``-K``, seed): no AEAD tag, no secrecy, no integrity."""
-        return self.psk is None
 
 
 class _State(enum.Enum):
@@ -140,7 +91,7 @@ class _ConvAdapter(logging.LoggerAdapter):
         return f"conv={self.extra['conv']} {msg}", kwargs
 
 
-class TunnelSession:
+class TunnelSession(Rekeying):
     """One side of one tunnel conversation.  Build with :meth:`client` or via HandshakeAcceptor."""
 
     def __init__(self, config: TunnelConfig, conv: int, is_client: bool, peer_addr: Any,
@@ -371,16 +322,8 @@ class TunnelSession:
             self._log.info("no authenticated packet for %d ms, closing", now - self._last_recv_ms)
             self._terminate(CLOSE_PEER_SILENT, by_peer=False, send_close=True)
             return
-        if self._rekey_in_progress:
-            if now >= self._rekey_deadline:
-                # seed "Timeout": close to avoid stalling and potential nonce exhaustion
-                logger.info("rekey timeout, closing conv=%d", self.conv)
-                self._terminate(CLOSE_REKEY_TIMEOUT, by_peer=False, send_close=True)
-                return
-            if now >= self._rekey_retry_at:
-                # A lost REKEY_INIT must not kill the session: repeat it (fresh seq, same key).
-                self._rekey_retry_at = now + cfg.rekey_retry_ms
-                self._seal_raw(_INIT, pack_epoch(self._crypto.epoch + 1))
+        if self._rekey_in_progress and not self._rekey_timer(now):
+            return
         if self._state is _State.ESTABLISHED and not self._out and not self._pending and (
                 now >= self._last_send_ms + cfg.keepalive_interval_ms):
             self._seal(_PING, b"", now)
@@ -443,33 +386,6 @@ class TunnelSession:
             self._probes.append((sealed, to))
         self._send_seq = seq + 1
         return True
-
-    def _start_rekey(self, now: int) -> None:
-        cp = self._crypto
-        if cp.epoch >= UINT32_MAX:
-            self._terminate(CLOSE_WRAPAROUND, by_peer=False, send_close=True)
-            return
-        cp.prepare_next()
-        self._rekey_in_progress = True
-        self._rekey_deadline = now + self.config.rekey_timeout_ms
-        self._rekey_retry_at = now + self.config.rekey_retry_ms
-        logger.info("rekey trigger conv=%d epoch=%d->%d send_seq=%d deadline=%d",
-                    self.conv, cp.epoch, cp.epoch + 1, self._send_seq, self._rekey_deadline)
-        self._events.append(events.RekeyStarted(cp.epoch, self._send_seq, self._rekey_deadline))
-        # seed: REKEY_INIT under the current key, AAD = header (type + conv + send_seq)
-        self._seal_raw(_INIT, pack_epoch(cp.epoch + 1))
-
-    def _switch_epoch(self, now: int) -> None:
-        """seed "Epoch switch": next key -> key, epoch++, send_seq = 0, reset the window."""
-        cp = self._crypto
-        cp.update_key(now)
-        self._send_seq = 0
-        self._win_prev = self._win  # old-epoch packets in flight keep their own window
-        self._win = ReplayWindow(self.config.replay_window)
-        self._rekey_in_progress = False
-        self._refresh_fast_path()
-        logger.info("epoch switch conv=%d -> epoch=%d", self.conv, cp.epoch)
-        self._events.append(events.EpochSwitched(cp.epoch))
 
     def _refresh_fast_path(self) -> None:
         key = self._crypto.recv
@@ -620,29 +536,6 @@ class TunnelSession:
         # session keys (docs/PROTOCOL.md "Path validation").
         old, self.peer_addr = self.peer_addr, addr
         self._events.append(events.PeerAddressChanged(old, addr))
-
-    def _receive_rekey_init(self, body: bytes, seq: int, old_epoch: bool, now: int) -> None:
-        try:
-            target = unpack_epoch(body)
-        except MalformedPacket:
-            self.dropped_malformed += 1
-            return
-        logger.info("recv REKEY_INIT conv=%d seq=%d", self.conv, seq)
-        cp = self._crypto
-        if not old_epoch and target == cp.epoch + 1:
-            if cp.epoch >= UINT32_MAX:
-                self._terminate(CLOSE_WRAPAROUND, by_peer=False, send_close=True)
-                return
-            # seed: the responder switches after sending REKEY_ACK under the next key, seq 0;
-            # sealing it right after the switch is the same bytes (send_seq = 0, next key).
-            self._switch_epoch(now)
-            self._seal_raw(_ACK, pack_epoch(cp.epoch))
-        elif old_epoch and target == cp.epoch:
-            # The initiator is still repeating REKEY_INIT: our ACK was lost.  Seq 0 of this
-            # epoch is spent, so re-acknowledge with the next send_seq (never reuse a nonce).
-            self._seal_raw(_ACK, pack_epoch(cp.epoch))
-        else:
-            self.dropped_stale += 1
 
     def _receive_unsecured(self, data: bytes, addr: Any) -> None:
         """HELLO / WELCOME / garbage arriving on an established session."""
