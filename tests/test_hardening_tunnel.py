@@ -20,7 +20,7 @@ from conftest import REPO, connect, echo_roundtrip, free_port
 from hardening import Relay, Streamer, save_datagrams
 
 from portfwd.tunnel import crypto
-from portfwd.tunnel.wire import pack_hello
+from portfwd.tunnel.wire import WELCOME_SIZE, pack_hello
 
 PSK = "0123456789abcdef" * 4
 FUZZ_COUNT = 1_000_000  # datagrams; the time budget below bounds the test anyway
@@ -214,7 +214,8 @@ def forged_hellos(rng: random.Random, good_mac: bool, skew_ms: int) -> bytes:
     body = pack_hello(rng.getrandbits(32) or 1, int(time.time() * 1000) + skew_ms,
                       rng.randbytes(32))
     if good_mac:
-        return body + crypto.handshake_mac(crypto.handshake_mac_key(bytes.fromhex(PSK)), body)
+        key = crypto.handshake_mac_key(bytes.fromhex(PSK))
+        return body + crypto.handshake_mac(key, crypto.HELLO_LABEL, body)
     return body + rng.randbytes(16)
 
 
@@ -269,7 +270,8 @@ def test_hello_flood_does_not_stop_legitimate_clients(tool, echo_server):
 
 def test_pending_cap_then_recovery(tool, echo_server):
     """Authenticated HELLOs that never continue fill --max-pending; a legitimate client gets in
-    once they expire (keepalive), and the refusals are logged once."""
+    once they expire (the unconfirmed ones at the idle timeout, --keepalive), the target never
+    sees them, and the refusals are logged once."""
     udp, server = start_server(tool, echo_server.port, "--max-pending", "4", "--keepalive", "3")
     port, client = start_client(tool, udp)
     holder = bound_udp("127.0.0.2")
@@ -277,12 +279,15 @@ def test_pending_cap_then_recovery(tool, echo_server):
     for _ in range(10):
         holder.sendto(forged_hellos(rng, True, 0), ("127.0.0.1", udp))
     server.wait_for_log(r"pending session cap \(--max-pending 4\) reached")
-    wait_until(lambda: echo_server.accepted == 4, 5, "4 pending sessions dialled")
+    # The 4 pending sessions answered with one WELCOME each and dialled nothing: the target is
+    # reached only after the client's first sealed packet, which a HELLO alone never gives.
+    wait_until(lambda: bytes_waiting(holder) == 4 * WELCOME_SIZE, 5, "4 WELCOMEs")
     started = time.monotonic()
     with connect("127.0.0.1", port) as sock:  # waits for the pending ones to expire
         echo_roundtrip(sock, 100_000)
     assert time.monotonic() - started < 12
-    assert echo_server.accepted == 5
+    assert echo_server.accepted == 1
+    assert bytes_waiting(holder) == 0  # nothing more for the HELLOs' source
     assert len(re.findall("pending session cap", server.log())) == 1
     holder.close()
     assert_clean(server, client)

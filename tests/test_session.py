@@ -318,6 +318,19 @@ def test_unconfirmed_server_sends_nothing_but_welcomes_and_expires() -> None:
     assert drain(server) == [ConnectionClosed(CLOSE_HANDSHAKE_TIMEOUT, by_peer=False)]
 
 
+def test_unconfirmed_server_expires_at_idle_timeout_if_shorter() -> None:
+    # kcptcp --keepalive 3 sets idle_timeout_ms = 3000: an unconfirmed session, which has heard
+    # nothing authenticated at all, is not held for the longer handshake timeout.
+    rng = random.Random(7)
+    config = make_config(idle_timeout_ms=3000)
+    client = TunnelSession.client(config, CONV, SERVER_ADDR, 0, WALL, rng.randbytes)
+    [hello] = client.datagrams_to_send(0)
+    server = HandshakeAcceptor(config, rng.randbytes).accept(hello, CLIENT_ADDR, 0, WALL)
+    assert server.get_timer() == 3000
+    server.handle_timer(3000)
+    assert drain(server) == [ConnectionClosed(CLOSE_HANDSHAKE_TIMEOUT, by_peer=False)]
+
+
 def test_hello_stamped_before_server_start_is_refused() -> None:
     rng = random.Random(9)
     config = make_config()

@@ -26,7 +26,9 @@ class TunnelConfig:
     rekey_grace_ms: int = 5000  #: ms the previous epoch's receive key still opens late packets;
     #: keep >= rekey_timeout_ms so a responder still hears an initiator whose ACK was lost
     replay_window: int = 2048  #: anti-replay window width (packets); docs/PROTOCOL.md "Anti-replay"
-    handshake_timeout_ms: int = 10000  #: ms the client waits for WELCOME before giving up
+    handshake_timeout_ms: int = 10000  #: ms the client waits for WELCOME and the server's
+    #: answer to its PING; ms a server session waits for the client's first sealed packet
+    #: (at most idle_timeout_ms)
     handshake_retry_ms: int = 250  #: ms before the first HELLO retransmission (then doubles)
     handshake_retry_max_ms: int = 2000  #: ms cap of the HELLO retransmission interval
     keepalive_interval_ms: int = 10000  #: ms of send silence after which a PING goes out

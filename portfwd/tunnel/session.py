@@ -175,6 +175,8 @@ class TunnelSession(Rekeying):
         WELCOME queued for ``peer_addr``; None if the client's key share is unusable."""
         conv = peek_prefix(hello)[1]
         self = cls(config, conv, False, peer_addr, now, random_bytes)
+        # Nothing authenticated has come from the client yet: idle_timeout_ms bounds that too.
+        self._hs_deadline = now + min(config.handshake_timeout_ms, config.idle_timeout_ms)
         share = crypto.KeyShare(random_bytes(crypto.SHARE_SIZE))
         shared = share.exchange(client_share)
         if shared is None:
