@@ -263,6 +263,37 @@ def test_every_sealed_packet_matches_pycryptodome() -> None:
     assert unpack_header(close).ptype is wire.PacketType.CLOSE
 
 
+def test_psk_holder_who_recorded_a_handshake_cannot_open_its_packets() -> None:
+    """Forward secrecy and per-client key separation: with the PSK, the recorded HELLO and
+    WELCOME and a key pair of its own, another client still derives other keys."""
+    rng = random.Random(7748)
+    config = TunnelConfig(psk=PSK)
+    client = TunnelSession.client(config, 0xCAFE0002, "server", 0, 1_000_000, rng.randbytes)
+    [hello] = client.datagrams_to_send(0)
+    server = HandshakeAcceptor(config, rng.randbytes).accept(hello, "client", 0, 1_000_000)
+    assert server is not None
+    [(welcome, _)] = server.probes_to_send()
+    client.receive_datagram(welcome, "server", 0)
+    client.send_datagram(b"secret payload")
+    recorded = client.datagrams_to_send(0)  # the confirming PING, then the DATA
+    assert len(recorded) == 2
+    for datagram in recorded:
+        server.receive_datagram(datagram, "client", 0)
+    assert [e.data for e in iter(server.next_event, None)
+            if isinstance(e, DatagramReceived)] == [b"secret payload"]
+    client_share = wire.unpack_hello(hello).client_share
+    server_share = wire.unpack_welcome(welcome).server_share
+    eavesdropper = crypto.KeyShare(rng.randbytes(32))
+    guesses = [b"", bytes(32), eavesdropper.exchange(server_share),
+               eavesdropper.exchange(client_share)]
+    for dh in guesses:
+        secret = crypto.session_secret(PSK, client_share, server_share, dh)
+        pair = crypto.CryptoPair(PSK, secret, 0xCAFE0002, is_client=False, grace_ms=0)
+        data = recorded[1]
+        assert pair.recv.open(unpack_header(data).seq, data[:wire.HEADER_SIZE],
+                              data[wire.HEADER_SIZE:]) is None
+
+
 @pytest.mark.parametrize("size", [0, 1, 1350, 65507 - OVERHEAD])
 def test_data_overhead_is_25_bytes(size: int) -> None:
     assert OVERHEAD == 25
