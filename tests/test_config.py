@@ -329,3 +329,22 @@ def test_main_returns_1_when_the_port_is_taken(capsys):
         blocker.close()
     err = capsys.readouterr().err
     assert err == f"tcpfwd: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+def test_rekey_timeout_above_the_grace_period_is_refused_by_the_tunnel_config():
+    from portfwd.tunnel.session import TunnelConfig
+
+    with pytest.raises(ValueError, match="rekey_grace_ms"):
+        TunnelConfig(rekey_timeout_ms=6000, rekey_grace_ms=5000)
+
+
+def test_a_longer_rekey_timeout_stretches_the_grace_period():
+    from portfwd.kcptcp.config import conversation_config
+    from portfwd.runtime.environment import read_environment
+    from portfwd.runtime.options import Options
+
+    env = read_environment({"PORTFWD_REKEY_TIMEOUT_MS": "8000"})
+    tunnel = conversation_config(Options({}, {}), env).tunnel
+    assert (tunnel.rekey_timeout_ms, tunnel.rekey_grace_ms) == (8000, 8000)
+    tunnel = conversation_config(Options({}, {}), read_environment({})).tunnel
+    assert (tunnel.rekey_timeout_ms, tunnel.rekey_grace_ms) == (5000, 5000)

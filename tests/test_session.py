@@ -661,7 +661,8 @@ def test_wraparound_guard(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_grace_period_opens_late_old_epoch_packets() -> None:
-    p = client_and_server(rekey_seq_threshold=4, rekey_grace_ms=2000)
+    # The grace period may not be shorter than the rekey timeout (TunnelConfig checks).
+    p = client_and_server(rekey_seq_threshold=4, rekey_grace_ms=2000, rekey_timeout_ms=2000)
     for i in range(6):
         p.client.send_datagram(b"%d" % i)
     datagrams = p.client.datagrams_to_send(0)  # DATA 0-3, INIT 4, DATA 5-6

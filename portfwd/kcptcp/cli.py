@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
+from typing import Any
 
 from portfwd.kcptcp.client import TunnelClient
 from portfwd.kcptcp.config import UDP_BUFFER, client_config, server_config
 from portfwd.kcptcp.server import TunnelServer
 from portfwd.runtime import daemon
-from portfwd.runtime import options as cli
-from portfwd.runtime.config import process_config
-from portfwd.runtime.environment import read_environment
 from portfwd.tunnel.session import REKEY_SEQ_THRESHOLD, REKEY_TIMEOUT_MS
 
 # The options both tools share, in each tool's docopt usage text (the seed's list, then ours).
@@ -80,30 +79,23 @@ CLIENT_PROG = "kcptcp-client"
 SERVER_PROG = "kcptcp-server"
 
 
-# client_main and server_main are alike by design: one entry point per tool, each the same
-# steps (options -> frozen config -> service) around daemon.run.
 def client_main(argv: list[str] | None = None) -> int:
-    def body() -> int:
-        args = cli.parse_args(CLIENT_PROG, CLIENT_USAGE, argv)
-        options = cli.Options.from_docopt(args, CLIENT_FIELDS)
-        env = read_environment()
-        config = client_config(options, env)
-        process = process_config(options, env)
-        listener = daemon.bind_listener(config.listen, socket.SOCK_STREAM, config.listen_options)
-        return daemon.run(CLIENT_PROG, TunnelClient(config, listener), process)
-
-    return cli.run_tool(CLIENT_PROG, body)
+    return daemon.one_rule_main(CLIENT_PROG, CLIENT_USAGE, argv, CLIENT_FIELDS, client_config,
+                                socket.SOCK_STREAM, guarded(TunnelClient))
 
 
 def server_main(argv: list[str] | None = None) -> int:
-    def body() -> int:
-        args = cli.parse_args(SERVER_PROG, SERVER_USAGE, argv)
-        options = cli.Options.from_docopt(args, SERVER_FIELDS)
-        env = read_environment()
-        config = server_config(options, env)
-        process = process_config(options, env)
-        # the UDP socket's buffers are sized at bind time (listen_options.bufsize = -S)
-        listener = daemon.bind_listener(config.listen, socket.SOCK_DGRAM, config.listen_options)
-        return daemon.run(SERVER_PROG, TunnelServer(config, listener), process)
+    # The UDP socket's buffers are sized at bind time (listen_options.bufsize = -S).
+    return daemon.one_rule_main(SERVER_PROG, SERVER_USAGE, argv, SERVER_FIELDS, server_config,
+                                socket.SOCK_DGRAM, guarded(TunnelServer))
 
-    return cli.run_tool(SERVER_PROG, body)
+
+def guarded(service: Callable[[Any, socket.socket], daemon.Service]
+            ) -> Callable[[Any, socket.socket], daemon.Service]:
+    """``service``, built only after the process stopped being dumpable if a key is loaded."""
+    def build(config: Any, sock: socket.socket) -> daemon.Service:
+        if config.conversation.tunnel.psk is not None:
+            daemon.disable_core_dumps()
+        return service(config, sock)
+
+    return build

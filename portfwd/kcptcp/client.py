@@ -20,7 +20,6 @@ from portfwd.kcptcp.driver import (
     ConversationService,
     UdpEndpoint,
     now_ms,
-    stats_loop,
     wall_ms,
 )
 from portfwd.kcptcp.metrics import TunnelClientMetrics, render_client_totals
@@ -53,14 +52,9 @@ class TunnelClient(ConversationService):
 
     def start(self) -> None:
         self.accept_loop.start()
-        tunnel = self.config.conversation.tunnel
-        if tunnel.plaintext:
-            log.warning("no -K given: the tunnel is NOT encrypted or authenticated")
-        log.info("tunnelling tcp %s -> udp %s (%s)", format_sockaddr(self.accept_loop.address),
-                 self.remote, "plaintext" if tunnel.plaintext else "encrypted")
-        if self.stats_interval > 0:
-            self._stats = gevent.spawn(stats_loop, self.stats_interval, self.metrics,
-                                       render_client_totals)
+        self._announce(f"tcp {format_sockaddr(self.accept_loop.address)}", f"udp {self.remote}",
+                       self.config.conversation.tunnel.plaintext)
+        self._stats = self._start_stats(render_client_totals)
 
     def metrics(self) -> TunnelClientMetrics:
         """A snapshot of the counters and of every live conversation (no I/O)."""

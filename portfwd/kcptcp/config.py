@@ -17,7 +17,12 @@ from portfwd.runtime.config import listen_options
 from portfwd.runtime.environment import Environment
 from portfwd.runtime.options import Options
 from portfwd.runtime.sockets import CONNECT_TIMEOUT, ListenOptions
-from portfwd.tunnel.session import REKEY_SEQ_THRESHOLD, REKEY_TIMEOUT_MS, TunnelConfig
+from portfwd.tunnel.session import (
+    REKEY_GRACE_MS,
+    REKEY_SEQ_THRESHOLD,
+    REKEY_TIMEOUT_MS,
+    TunnelConfig,
+)
 from portfwd.tunnel.stream import ConversationConfig
 
 MTU_MIN = 576  # bytes: the IPv4 minimum reassembly size; KCP records need >= ~310
@@ -76,11 +81,14 @@ class ServerConfig:
 def conversation_config(options: Options, env: Environment) -> ConversationConfig:
     """Everything a conversation needs: the tunnel's security settings and KCP tuning."""
     keepalive_s = options.integer("keepalive", 2, 86400, KEEPALIVE)
+    rekey_timeout = REKEY_TIMEOUT_MS if env.rekey_timeout_ms is None else env.rekey_timeout_ms
     tunnel = TunnelConfig(
         psk=options.psk("psk"),
         rekey_seq_threshold=(REKEY_SEQ_THRESHOLD if env.rekey_seq_threshold is None
                              else env.rekey_seq_threshold),
-        rekey_timeout_ms=REKEY_TIMEOUT_MS if env.rekey_timeout_ms is None else env.rekey_timeout_ms,
+        rekey_timeout_ms=rekey_timeout,
+        # A longer rekey timeout (PORTFWD_REKEY_TIMEOUT_MS) stretches the old key's grace with it.
+        rekey_grace_ms=max(REKEY_GRACE_MS, rekey_timeout),
         idle_timeout_ms=keepalive_s * 1000,
         keepalive_interval_ms=max(1000, keepalive_s * 1000 // 3),
     )

@@ -309,6 +309,20 @@ class ConversationService:
             del self.drivers[conv_id]
         self.finished += 1
 
+    def _announce(self, local: str, remote: object, plaintext: bool) -> None:
+        """The start line of both tools, e.g. ``tunnelling tcp A -> udp B (encrypted)``, after
+        the warning that a tunnel without -K has no protection at all."""
+        if plaintext:
+            log.warning("no -K given: the tunnel is NOT encrypted or authenticated")
+        log.info("tunnelling %s -> %s (%s)", local, remote, "plaintext" if plaintext else
+                 "encrypted")
+
+    def _start_stats(self, render_totals: Callable[[Snapshot], str]) -> gevent.Greenlet | None:
+        """The periodic stats lines (--stats-interval), None when they are off."""
+        if self.stats_interval <= 0:
+            return None
+        return gevent.spawn(stats_loop, self.stats_interval, self.metrics, render_totals)
+
     def _per_conversation(self) -> tuple[ConversationMetrics, ...]:
         now = time.monotonic()
         return tuple(driver.metrics(now) for driver in self.drivers.values())

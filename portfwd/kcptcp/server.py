@@ -30,7 +30,6 @@ from portfwd.kcptcp.driver import (
     ConversationService,
     UdpEndpoint,
     now_ms,
-    stats_loop,
     wall_ms,
 )
 from portfwd.kcptcp.metrics import TunnelServerMetrics, render_server_totals
@@ -76,16 +75,12 @@ class TunnelServer(ConversationService):
         self._faults = RateLimitedLog(log)
 
     def start(self) -> None:
-        tunnel = self.config.conversation.tunnel
-        if tunnel.plaintext:
-            log.warning("no -K given: the tunnel is NOT encrypted or authenticated")
-        log.info("tunnelling udp %s -> tcp %s (%s)",
-                 format_sockaddr(self.udp.sock.getsockname()), self.target,
-                 "plaintext" if tunnel.plaintext else "encrypted")
+        self._announce(f"udp {format_sockaddr(self.udp.sock.getsockname())}",
+                       f"tcp {self.target}", self.config.conversation.tunnel.plaintext)
         self._greenlets.append(gevent.spawn(self._receive))
-        if self.stats_interval > 0:
-            self._greenlets.append(gevent.spawn(stats_loop, self.stats_interval, self.metrics,
-                                                render_server_totals))
+        stats = self._start_stats(render_server_totals)
+        if stats is not None:
+            self._greenlets.append(stats)
 
     def metrics(self) -> TunnelServerMetrics:
         """A snapshot of the counters and of every live conversation (no I/O)."""

@@ -7,21 +7,24 @@ it. Unlike the C original we also stop on SIGTERM in tcpfwd and remove the pidfi
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import logging
 import os
 import resource
 import signal
 import socket
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import gevent
 import gevent.event
 
 from portfwd.runtime.addr import Resolved
-from portfwd.runtime.config import ProcessConfig
+from portfwd.runtime.config import ProcessConfig, process_config
+from portfwd.runtime.environment import Environment, read_environment
 from portfwd.runtime.logs import setup_logging
-from portfwd.runtime.options import EXIT_RUNTIME, StartupError
+from portfwd.runtime.options import EXIT_RUNTIME, Options, StartupError, parse_args, run_tool
 from portfwd.runtime.sockets import ListenOptions, bind_socket
 
 log = logging.getLogger(__name__)
@@ -152,6 +155,20 @@ def detach() -> int:
     return write_fd
 
 
+PR_SET_DUMPABLE = 4  # linux/prctl.h
+
+
+def disable_core_dumps() -> None:
+    """For a process that holds a key: no core file (RLIMIT_CORE 0, soft and hard) and not
+    dumpable (PR_SET_DUMPABLE 0: no ptrace attach and no /proc/<pid>/mem for other processes of
+    the same user), so the key cannot be read out of its memory by those means."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        error = ctypes.get_errno()
+        raise StartupError(f"cannot protect the key's memory: {os.strerror(error)}")
+
+
 def bind_listener(addr: Resolved, socktype: int, options: ListenOptions) -> socket.socket:
     """Bind in the foreground, so a failure reaches the terminal as StartupError (exit 1)."""
     try:
@@ -166,6 +183,8 @@ class Service(Protocol):
     def start(self) -> None: ...
 
     def stop(self, timeout: float) -> None: ...
+
+    def metrics(self) -> Any: ...
 
 
 def run(prog: str, service: Service, process: ProcessConfig) -> int:
@@ -207,3 +226,21 @@ def run(prog: str, service: Service, process: ProcessConfig) -> int:
     log.info("stopped")
     return 0
 
+
+
+def one_rule_main(prog: str, usage: str, argv: list[str] | None, fields: Mapping[str, str],
+                  make_config: Callable[[Options, Environment], Any], socktype: int,
+                  make_service: Callable[[Any, socket.socket], Service]) -> int:
+    """The whole ``main()`` of a one-rule tool: command line -> Options -> the tool's frozen
+    config (``make_config``, which has ``listen`` and ``listen_options``) -> a listener bound
+    in the foreground, so its errors reach the terminal -> ``make_service`` -> :func:`run`.
+    Bad input exits 2 and start-up failures 1, each as one line (:func:`run_tool`)."""
+    def body() -> int:
+        options = Options.from_docopt(parse_args(prog, usage, argv), fields)
+        env = read_environment()
+        config = make_config(options, env)
+        process = process_config(options, env)
+        listener = bind_listener(config.listen, socktype, config.listen_options)
+        return run(prog, make_service(config, listener), process)
+
+    return run_tool(prog, body)

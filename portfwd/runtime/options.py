@@ -72,8 +72,34 @@ def parse_args(prog: str, usage: str, argv: list[str] | None) -> dict:
     try:
         return dict(docopt.docopt(usage, docopt_argv, version=f"{prog} {__version__}"))
     except docopt.DocoptExit:
-        message = f"invalid arguments {' '.join(argv)!r} (see '{prog} -h')"
+        message = f"invalid arguments {' '.join(redacted(argv))!r} (see '{prog} -h')"
         raise UsageError("argv", message) from None
+
+
+SECRET_FLAGS = "K"  # short options whose value is a key: never echoed in any message
+REDACTED = "<redacted>"
+
+
+def redacted(argv: list[str]) -> list[str]:
+    """``argv`` with the value of every secret option replaced (``-K <hex>``, ``-K<hex>``, and
+    short-option clusters such as ``-dK<hex>``), for messages that quote the command line."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        if arg.startswith("-") and not arg.startswith("--"):
+            for i, letter in enumerate(arg[1:], 1):
+                if letter in SECRET_FLAGS:
+                    if i + 1 < len(arg):
+                        arg = arg[:i + 1] + REDACTED
+                    else:
+                        hide_next = True
+                    break
+        out.append(arg)
+    return out
 
 
 def _frozen(mapping: Mapping) -> Mapping:

@@ -24,9 +24,6 @@ import socket
 import sys
 
 from portfwd.runtime import daemon
-from portfwd.runtime import options as cli
-from portfwd.runtime.config import process_config
-from portfwd.runtime.environment import read_environment
 from portfwd.tcpfwd.config import tcpfwd_config
 from portfwd.tcpfwd.forwarder import TcpForwarder
 
@@ -38,15 +35,8 @@ FIELDS = {"listen": "<local_addr:local_port>", "dest": "<dest_addr:dest_port>",
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body() -> int:
-        options = cli.Options.from_docopt(cli.parse_args(PROG, __doc__, argv), FIELDS)
-        env = read_environment()
-        config = tcpfwd_config(options, env)
-        process = process_config(options, env)
-        listener = daemon.bind_listener(config.listen, socket.SOCK_STREAM, config.listen_options)
-        return daemon.run(PROG, TcpForwarder(config, listener), process)
-
-    return cli.run_tool(PROG, body)
+    return daemon.one_rule_main(PROG, __doc__, argv, FIELDS, tcpfwd_config, socket.SOCK_STREAM,
+                                TcpForwarder)
 
 
 if __name__ == "__main__":

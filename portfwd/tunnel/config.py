@@ -13,6 +13,7 @@ from .wire import UINT32_MAX
 
 REKEY_SEQ_THRESHOLD = 0xFFF00000  # send_seq at which a rekey starts (seed default)
 REKEY_TIMEOUT_MS = 5000  # ms without REKEY_ACK before closing (seed default)
+REKEY_GRACE_MS = 5000  # ms the previous epoch's receive key stays usable after a switch
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,9 @@ class TunnelConfig:
     rekey_seq_threshold: int = REKEY_SEQ_THRESHOLD  #: send_seq that triggers a rekey (packets)
     rekey_timeout_ms: int = REKEY_TIMEOUT_MS  #: ms from REKEY_INIT to closing without REKEY_ACK
     rekey_retry_ms: int = 500  #: ms between REKEY_INIT retransmissions while waiting
-    rekey_grace_ms: int = 5000  #: ms the previous epoch's receive key still opens late packets;
-    #: keep >= rekey_timeout_ms so a responder still hears an initiator whose ACK was lost
+    rekey_grace_ms: int = REKEY_GRACE_MS  #: ms the previous epoch's receive key still opens
+    #: late packets; at least rekey_timeout_ms (checked) so a responder still hears an initiator
+    #: whose ACK was lost
     replay_window: int = 2048  #: anti-replay window width (packets); docs/PROTOCOL.md "Anti-replay"
     handshake_timeout_ms: int = 10000  #: ms the client waits for WELCOME and the server's
     #: answer to its PING; ms a server session waits for the client's first sealed packet
@@ -57,6 +59,11 @@ class TunnelConfig:
                      "handshake_rate_per_s", "handshake_burst"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if self.rekey_grace_ms < self.rekey_timeout_ms:
+            # A responder whose REKEY_ACK was lost must still open the initiator's repeated
+            # REKEY_INIT under the old key until the initiator gives up.
+            raise ValueError(f"rekey_grace_ms ({self.rekey_grace_ms}) must be at least "
+                             f"rekey_timeout_ms ({self.rekey_timeout_ms})")
 
     @property
     def plaintext(self) -> bool:

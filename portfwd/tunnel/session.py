@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import crypto, events
+from .config import REKEY_GRACE_MS as REKEY_GRACE_MS
 from .config import REKEY_SEQ_THRESHOLD as REKEY_SEQ_THRESHOLD
 from .config import REKEY_TIMEOUT_MS as REKEY_TIMEOUT_MS
 from .config import TunnelConfig

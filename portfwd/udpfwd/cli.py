@@ -32,9 +32,6 @@ import socket
 import sys
 
 from portfwd.runtime import daemon
-from portfwd.runtime import options as cli
-from portfwd.runtime.config import process_config
-from portfwd.runtime.environment import read_environment
 from portfwd.udpfwd.config import udpfwd_config
 from portfwd.udpfwd.forwarder import UdpForwarder
 
@@ -48,15 +45,8 @@ FIELDS = {"listen": "<local_addr:local_port>", "dest": "<dest_addr:dest_port>",
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body() -> int:
-        options = cli.Options.from_docopt(cli.parse_args(PROG, __doc__, argv), FIELDS)
-        env = read_environment()
-        config = udpfwd_config(options, env)
-        process = process_config(options, env)
-        listener = daemon.bind_listener(config.listen, socket.SOCK_DGRAM, config.listen_options)
-        return daemon.run(PROG, UdpForwarder(config, listener), process)
-
-    return cli.run_tool(PROG, body)
+    return daemon.one_rule_main(PROG, __doc__, argv, FIELDS, udpfwd_config, socket.SOCK_DGRAM,
+                                UdpForwarder)
 
 
 if __name__ == "__main__":
