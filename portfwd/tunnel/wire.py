@@ -74,8 +74,9 @@ SECURED_TYPES = frozenset(
     {PacketType.DATA, PacketType.REKEY_INIT, PacketType.REKEY_ACK, PacketType.PING,
      PacketType.CLOSE, PacketType.PATH_CHALLENGE, PacketType.PATH_RESPONSE}
 )
-# Every answer to an address that has not proven it holds the session keys is smaller than
-# what it answers (docs/SECURITY.md, "Amplification limits").
+# A WELCOME, the answer to a source that has not proven it holds the session keys, is smaller
+# than the HELLO it answers; path challenges keep to 3x instead (path.py; docs/SECURITY.md,
+# "Amplification limits").
 assert WELCOME_SIZE < HELLO_SIZE
 
 
