@@ -8,6 +8,7 @@ import random
 import pytest
 from Crypto.Cipher import ChaCha20_Poly1305
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 from tunnel_helpers import pack_header, reference_nonce, unpack_header
 
@@ -75,17 +76,20 @@ def test_open_rejects_tampering() -> None:
     assert key.open(7, b"hdr", flipped) is None
 
 
+DH = b"d" * 32  # stands in for an X25519 result where only the key schedule is under test
+
+
 def test_epoch_keys_are_deterministic() -> None:
-    secret = crypto.session_secret(PSK, b"c" * 32, b"s" * 32)
-    again = crypto.session_secret(PSK, b"c" * 32, b"s" * 32)
+    secret = crypto.session_secret(PSK, b"c" * 32, b"s" * 32, DH)
+    again = crypto.session_secret(PSK, b"c" * 32, b"s" * 32, DH)
     assert secret == again
     for epoch in (0, 1, 2, 0xFFFFFFFF):
         assert crypto.derive_epoch_keys(secret, 7, epoch, crypto.C2S) == \
             crypto.derive_epoch_keys(again, 7, epoch, crypto.C2S)
 
 
-def test_epochs_directions_convs_and_randoms_give_different_keys() -> None:
-    secret = crypto.session_secret(PSK, b"c" * 32, b"s" * 32)
+def test_epochs_directions_convs_and_shares_give_different_keys() -> None:
+    secret = crypto.session_secret(PSK, b"c" * 32, b"s" * 32, DH)
     keys = set()
     bases = set()
     for epoch in range(8):
@@ -96,24 +100,47 @@ def test_epochs_directions_convs_and_randoms_give_different_keys() -> None:
                 keys.add(key)
                 bases.add(base)
     assert len(keys) == len(bases) == 8 * 2 * 2
-    other = crypto.session_secret(PSK, b"c" * 32, b"t" * 32)
+    other = crypto.session_secret(PSK, b"c" * 32, b"t" * 32, DH)
     assert other != secret
-    assert crypto.session_secret(bytes(32), b"c" * 32, b"s" * 32) != secret
+    assert crypto.session_secret(bytes(32), b"c" * 32, b"s" * 32, DH) != secret
+    # The same PSK and shares with another DH result: other keys (what forward secrecy rests on).
+    assert crypto.session_secret(PSK, b"c" * 32, b"s" * 32, b"e" * 32) != secret
 
 
 def test_key_schedule_matches_cryptography_hkdf() -> None:
     # An independent HKDF implementation, with the labels docs/PROTOCOL.md specifies.
-    cr, sr, conv, epoch = bytes(range(32)), bytes(range(32, 64)), 0x01020304, 5
-    secret = crypto.session_secret(PSK, cr, sr)
-    info = b"portfwd/1 key s2c" + conv.to_bytes(4, "big") + epoch.to_bytes(4, "big")
-    okm = HKDF(algorithm=hashes.SHA256(), length=32, salt=cr + sr, info=info).derive(PSK)
+    cs, ss, conv, epoch = bytes(range(32)), bytes(range(32, 64)), 0x01020304, 5
+    dh = bytes(range(64, 96))
+    secret = crypto.session_secret(PSK, cs, ss, dh)
+    info = b"portfwd/2 key s2c" + conv.to_bytes(4, "big") + epoch.to_bytes(4, "big")
+    okm = HKDF(algorithm=hashes.SHA256(), length=32, salt=cs + ss, info=info).derive(PSK + dh)
     assert crypto.derive_epoch_keys(secret, conv, epoch, crypto.S2C)[0] == okm
-    info = b"portfwd/1 nonce s2c" + conv.to_bytes(4, "big") + epoch.to_bytes(4, "big")
+    info = b"portfwd/2 nonce s2c" + conv.to_bytes(4, "big") + epoch.to_bytes(4, "big")
     nonce = HKDFExpand(algorithm=hashes.SHA256(), length=12, info=info).derive(secret)
     assert crypto.derive_epoch_keys(secret, conv, epoch, crypto.S2C)[1] == nonce
-    hs = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"portfwd/1 handshake",
-              info=b"portfwd/1 hello mac").derive(PSK)
+    hs = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"portfwd/2 handshake",
+              info=b"portfwd/2 handshake mac").derive(PSK)
     assert crypto.handshake_mac_key(PSK) == hs
+
+
+def test_key_share_matches_cryptography_x25519() -> None:
+    # RFC 7748 section 6.1 (Diffie-Hellman test vector).
+    alice = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
+    bob = bytes.fromhex("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb")
+    shared = bytes.fromhex("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742")
+    a, b = crypto.KeyShare(alice), crypto.KeyShare(bob)
+    assert a.public == bytes.fromhex(
+        "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
+    assert a.exchange(b.public) == b.exchange(a.public) == shared
+    assert a.exchange(bytes(32)) is None  # a low-order point yields no secret
+
+
+def test_handshake_macs_are_labelled() -> None:
+    # A WELCOME's MAC input can never be taken for a HELLO's: each starts with its own label.
+    key = crypto.handshake_mac_key(PSK)
+    assert crypto.HELLO_LABEL != crypto.WELCOME_LABEL
+    assert crypto.handshake_mac(key, crypto.HELLO_LABEL, b"x") != \
+        crypto.handshake_mac(key, crypto.WELCOME_LABEL, b"x")
 
 
 def test_nonce_low_32_bits_carry_send_seq() -> None:
@@ -126,7 +153,7 @@ def test_nonce_low_32_bits_carry_send_seq() -> None:
 
 
 def test_crypto_pair_update_key_keeps_previous_for_grace() -> None:
-    secret = crypto.session_secret(PSK, b"c" * 32, b"s" * 32)
+    secret = crypto.session_secret(PSK, b"c" * 32, b"s" * 32, DH)
     client = crypto.CryptoPair(PSK, secret, 9, is_client=True, grace_ms=100)
     server = crypto.CryptoPair(PSK, secret, 9, is_client=False, grace_ms=100)
     old = client.send.seal(0, b"h", b"late")
@@ -159,8 +186,8 @@ def _pycryptodome_open(key: bytes, nonce: bytes, datagram: bytes) -> bytes:
 def _independent_keys(secret: bytes, conv: int, epoch: int,
                       direction: bytes) -> tuple[bytes, bytes]:
     suffix = direction + conv.to_bytes(4, "big") + epoch.to_bytes(4, "big")
-    key = HKDFExpand(algorithm=hashes.SHA256(), length=32, info=b"portfwd/1 key " + suffix)
-    nonce = HKDFExpand(algorithm=hashes.SHA256(), length=12, info=b"portfwd/1 nonce " + suffix)
+    key = HKDFExpand(algorithm=hashes.SHA256(), length=32, info=b"portfwd/2 key " + suffix)
+    nonce = HKDFExpand(algorithm=hashes.SHA256(), length=12, info=b"portfwd/2 nonce " + suffix)
     return key.derive(secret), nonce.derive(secret)
 
 
@@ -168,16 +195,31 @@ def test_every_sealed_packet_matches_pycryptodome() -> None:
     rng = random.Random(8439)
     config = TunnelConfig(psk=PSK, rekey_seq_threshold=40)
     conv = 0xCAFE0001
-    client = TunnelSession.client(config, conv, "server", 0, 1_000_000, rng.randbytes)
+    drawn: list[bytes] = []  # the client's random bytes: its X25519 private key is among them
+
+    def client_random(n: int) -> bytes:
+        drawn.append(rng.randbytes(n))
+        return drawn[-1]
+
+    client = TunnelSession.client(config, conv, "server", 0, 1_000_000, client_random)
     acceptor = HandshakeAcceptor(config, rng.randbytes)
     [hello] = client.datagrams_to_send(0)
     server = acceptor.accept(hello, "client", 0, 1_000_000)
     assert server is not None
-    [welcome] = server.datagrams_to_send(0)
+    assert server.datagrams_to_send(0) == []
+    [(welcome, to)] = server.probes_to_send()
+    assert to == "client"
     client.receive_datagram(welcome, "server", 0)
-    # Anyone who saw both randoms and holds the PSK derives the session secret.
-    secret = crypto.session_secret(PSK, wire.unpack_hello(hello).client_random,
-                                   wire.unpack_welcome(welcome).server_random)
+    client_share = wire.unpack_hello(hello).client_share
+    server_share = wire.unpack_welcome(welcome).server_share
+    # The session secret needs the PSK *and* the X25519 result, here computed independently
+    # from the client's private key; the PSK and the recorded shares alone give other keys.
+    [private] = [d for d in drawn if len(d) == 32 and X25519PrivateKey.from_private_bytes(
+        d).public_key().public_bytes_raw() == client_share]
+    shared = X25519PrivateKey.from_private_bytes(private).exchange(
+        X25519PublicKey.from_public_bytes(server_share))
+    secret = crypto.session_secret(PSK, client_share, server_share, shared)
+    assert crypto.session_secret(PSK, client_share, server_share, b"") != secret
     checked = {}
     expected_seq = {crypto.C2S: 0, crypto.S2C: 0}
     epoch_of = {crypto.C2S: 0, crypto.S2C: 0}
@@ -212,12 +254,44 @@ def test_every_sealed_packet_matches_pycryptodome() -> None:
             if isinstance(event, DatagramReceived):
                 assert event.data == sent[crypto.C2S]
     assert checked[wire.PacketType.DATA] == 600
+    assert checked[wire.PacketType.PING] >= 2  # the confirmation round trip
     assert checked[wire.PacketType.REKEY_INIT] >= 1
     assert checked[wire.PacketType.REKEY_ACK] >= 1
     assert epoch_of[crypto.C2S] >= 5 and epoch_of[crypto.S2C] >= 5
     client.close()
     [close] = client.datagrams_to_send(300)
     assert unpack_header(close).ptype is wire.PacketType.CLOSE
+
+
+def test_psk_holder_who_recorded_a_handshake_cannot_open_its_packets() -> None:
+    """Forward secrecy and per-client key separation: with the PSK, the recorded HELLO and
+    WELCOME and a key pair of its own, another client still derives other keys."""
+    rng = random.Random(7748)
+    config = TunnelConfig(psk=PSK)
+    client = TunnelSession.client(config, 0xCAFE0002, "server", 0, 1_000_000, rng.randbytes)
+    [hello] = client.datagrams_to_send(0)
+    server = HandshakeAcceptor(config, rng.randbytes).accept(hello, "client", 0, 1_000_000)
+    assert server is not None
+    [(welcome, _)] = server.probes_to_send()
+    client.receive_datagram(welcome, "server", 0)
+    client.send_datagram(b"secret payload")
+    recorded = client.datagrams_to_send(0)  # the confirming PING, then the DATA
+    assert len(recorded) == 2
+    for datagram in recorded:
+        server.receive_datagram(datagram, "client", 0)
+    assert [e.data for e in iter(server.next_event, None)
+            if isinstance(e, DatagramReceived)] == [b"secret payload"]
+    client_share = wire.unpack_hello(hello).client_share
+    server_share = wire.unpack_welcome(welcome).server_share
+    eavesdropper = crypto.KeyShare(rng.randbytes(32))
+    guesses = [b"", bytes(32), eavesdropper.exchange(server_share),
+               eavesdropper.exchange(client_share)]
+    for dh in guesses:
+        secret = crypto.session_secret(PSK, client_share, server_share, dh)
+        pair = crypto.CryptoPair(PSK, secret, 0xCAFE0002, is_client=False, grace_ms=0)
+        data = recorded[1]
+        assert pair.recv.open(unpack_header(data).seq, data[:wire.HEADER_SIZE],
+                              data[wire.HEADER_SIZE:]) is None
 
 
 @pytest.mark.parametrize("size", [0, 1, 1350, 65507 - OVERHEAD])

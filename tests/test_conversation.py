@@ -1,11 +1,13 @@
 """Sans-IO Conversation on a virtual clock: TCP bytes as stream records in KCP in a TunnelSession.
 
 No sockets and no sleep.  A client ``Conversation.client(...)`` and a server
-``Conversation(acceptor.accept(hello), ...)`` (built exactly as portfwd.kcptcp.server does) exchange
-datagrams through test_kcp's seeded ``Link`` (drop / duplicate / delay = reorder); time jumps to
-the earliest conversation timer or delivery.  Each ``Side`` is driven the way
+``Conversation(acceptor.accept(hello), ...)`` (built exactly as portfwd.kcptcp.server does, and
+``restart``-ed with a fresh session when a client's retried HELLO reaches an unconfirmed one)
+exchange datagrams through test_kcp's seeded ``Link`` (drop / duplicate / delay = reorder); time
+jumps to the earliest conversation timer or delivery.  Each ``Side`` is driven the way
 ``tunnel.ConversationDriver`` drives a conversation: after every input it reads what is ready,
-queues TCP bytes while ``can_send()``, then sends ``datagrams_to_send(now)`` and drains events.
+queues TCP bytes while ``can_send()``, then sends ``datagrams_to_send(now)`` and the
+``probes_to_send()`` (here all for the one peer address), and drains events.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from portfwd.tunnel.stream import (
     Conversation,
     ConversationConfig,
 )
+from portfwd.tunnel.wire import PacketType
 
 try:  # tests/ is not a package: pytest puts it on sys.path
     from test_kcp import Link
@@ -104,6 +107,8 @@ class Side:
                 and not conv.eof_sent):
             conv.send_eof()
         datagrams = conv.datagrams_to_send(now)
+        # The server's WELCOME goes out as a probe to the HELLO's source: the client's address.
+        datagrams += [datagram for datagram, _ in conv.probes_to_send()]
         for datagram in datagrams:
             self.max_datagram = max(self.max_datagram, len(datagram))
         while (event := conv.next_event()) is not None:
@@ -138,15 +143,24 @@ class Net:
         self.server = Side(SERVER_ADDR, random.Random(rng.getrandbits(64)), chunk)
         self.client.conv = Conversation.client(config, CONV, SERVER_ADDR, 0, WALL)
         self.cut = False  # True: both links drop everything from now on (peer vanished)
+        self.restarts = 0  # server conversations restarted by a client's retried HELLO
 
     def _to_server(self, datagram: bytes, now: int) -> None:
-        # As portfwd.kcptcp.server does: an unknown conv goes to the acceptor.
-        if self.server.conv is None:
+        # As portfwd.kcptcp.server does: an unknown conv goes to the acceptor, and so does a
+        # client's retried (fresh) HELLO while the session it would replace is unconfirmed.
+        conv = self.server.conv
+        if conv is None:
             session = self.acceptor.accept(datagram, CLIENT_ADDR, now, WALL + now)
             if session is not None:
                 self.server.conv = Conversation(session, self.server_config, now)
+        elif (not conv.session.confirmed and datagram[0] == PacketType.HELLO
+              and datagram != conv.session.hello):
+            session = self.acceptor.accept(datagram, CLIENT_ADDR, now, WALL + now)
+            if session is not None:
+                conv.restart(session)
+                self.restarts += 1
         else:
-            self.server.conv.receive_datagram(datagram, CLIENT_ADDR, now)
+            conv.receive_datagram(datagram, CLIENT_ADDR, now)
 
     def run(self, until: Callable[[], bool], limit_ms: int = 600_000) -> int:
         """Pump both sides, jump to the next deadline, deliver, fire timers; returns the time."""
@@ -294,6 +308,43 @@ def test_plaintext_stream() -> None:
     assert net.client.max_datagram == UDP_MTU
 
 
+def test_late_welcome_to_an_earlier_hello_still_completes() -> None:
+    """The client's retry (a fresh HELLO) restarted the server conversation, but the WELCOME to
+    its first HELLO was only late: the client completes with it, and the server goes on with
+    the session that WELCOME came from instead of the one the retry made."""
+    config = make_config()
+    acceptor = HandshakeAcceptor(config.tunnel, random.Random(23).randbytes)
+    client = Conversation.client(config, CONV, SERVER_ADDR, 0, WALL)
+    [hello1] = client.datagrams_to_send(0)
+    first = acceptor.accept(hello1, CLIENT_ADDR, 0, WALL)
+    assert first is not None
+    server = Conversation(first, config, 0)
+    [(welcome1, _)] = server.probes_to_send()  # held back by the network
+    client.handle_timer(250)
+    [hello2] = client.datagrams_to_send(250)
+    assert hello2 != hello1
+    second = acceptor.accept(hello2, CLIENT_ADDR, 250, WALL + 250)
+    assert second is not None
+    server.restart(second)
+    assert server.session is second
+    assert len(server.probes_to_send()) == 1  # the WELCOME to the retry: lost
+    client.receive_datagram(welcome1, SERVER_ADDR, 260)
+    assert client.established
+    client.send_stream_data(b"after a late WELCOME")
+    for now in range(260, 400, 5):
+        for datagram in client.datagrams_to_send(now):
+            server.receive_datagram(datagram, CLIENT_ADDR, now)
+        for datagram in server.datagrams_to_send(now):
+            client.receive_datagram(datagram, SERVER_ADDR, now)
+        for conv in (client, server):
+            if (timer := conv.get_timer()) is not None and timer <= now:
+                conv.handle_timer(now)
+    assert server.session is first and server.established and client.session.confirmed
+    assert server.next_event() == HandshakeCompleted(CONV)
+    assert server.read() == b"after a late WELCOME"
+    assert first.dropped_auth == 0
+
+
 # --- flow control -------------------------------------------------------------------------------
 
 def test_receiver_not_reading_closes_the_window_then_resumes() -> None:
@@ -378,7 +429,8 @@ def test_abort_closes_both_without_fin() -> None:
 
 def test_abort_reports_its_reason() -> None:
     net = Net(seed=9)
-    net.run(lambda: net.server.conv is not None and net.client.conv.established)
+    # The server has a TCP side (its dialled target) only once its session is established.
+    net.run(lambda: net.server.conv is not None and net.server.conv.established)
     net.server.conv.abort("tcp read: Connection reset by peer")
     net.run_to_close()
     assert net.server.events == [HandshakeCompleted(CONV),
@@ -388,15 +440,48 @@ def test_abort_reports_its_reason() -> None:
 
 def test_silent_peer_idle_timeout() -> None:
     net = Net(seed=10)
-    net.run(lambda: net.client.conv.established and net.server.conv is not None)
-    established_at = net.now
-    assert established_at == 10  # HELLO 5 ms there, WELCOME 5 ms back
+    net.run(lambda: net.server.conv is not None and net.client.conv.session.confirmed)
+    confirmed_at = net.now
+    # HELLO 5 ms there, WELCOME 5 ms back, the client's PING there, the server's PING back.
+    assert confirmed_at == 20
     net.cut = True  # the server host vanished
     net.run(lambda: net.client.closed_at is not None)
     assert net.client.events == [HandshakeCompleted(CONV), ConnectionClosed(CLOSE_PEER_SILENT,
                                                                             False)]
-    assert net.client.closed_at == established_at + TunnelConfig().idle_timeout_ms == 30_010
+    assert net.client.closed_at == confirmed_at + TunnelConfig().idle_timeout_ms == 30_020
     assert net.client.conv.get_timer() is None
+
+
+def test_server_silent_after_welcome_handshake_timeout() -> None:
+    """The client got its WELCOME but never hears the server answer its sealed PING: the server
+    never confirmed, so the client gives up at the handshake timeout, not after idle_timeout."""
+    net = Net(seed=10)
+    net.run(lambda: net.client.conv.established)
+    assert net.now == 10
+    net.down.loss = 1.0  # nothing more from the server
+    net.run(lambda: net.client.closed_at is not None)
+    assert net.client.events == [HandshakeCompleted(CONV),
+                                 ConnectionClosed(CLOSE_HANDSHAKE_TIMEOUT, False)]
+    assert net.client.closed_at == TunnelConfig().handshake_timeout_ms
+    assert net.server.conv.established  # it heard the client, its answers were lost
+
+
+def test_lost_welcomes_fresh_hello_restarts_the_server_conversation() -> None:
+    """Every WELCOME lost for a while: each client retry is a fresh HELLO, which replaces the
+    unconfirmed server conversation (as kcptcp-server does), and the stream still flows."""
+    net = Net(seed=15)
+    net.down.loss = 1.0
+    rng = random.Random(22)
+    up, down = payload(rng, 50_000), payload(rng, 20_000)
+    net.client.write(up, eof=True)
+    net.server.write(down, eof=True)
+    net.run(lambda: net.now >= 800)  # HELLOs at 0, 250 and 750 ms
+    assert net.acceptor.accepted == 3 and net.restarts == 2
+    assert not net.server.conv.established and not net.client.conv.established
+    net.down.loss = 0.0
+    net.run_to_close()
+    assert_finished_cleanly(net, up, down)
+    assert net.server.events[0] == HandshakeCompleted(CONV)
 
 
 def test_dead_link_mid_stream() -> None:
@@ -455,8 +540,8 @@ def test_rekey_during_transfer(delay: tuple[int, int]) -> None:
     # (docs/PROTOCOL.md "Rekeying": a simultaneous trigger, where each REKEY_INIT also serves
     # as the other's answer).
     assert {e.epoch for e in started} == set(range(epoch)) and len(started) >= epoch
-    # At send_seq 50, except that the server defers until the client is confirmed (the server
-    # sends its first window together with the WELCOME).
+    # At send_seq 50 (a server defers a rekey until the client is confirmed; it sends nothing
+    # sealed before that anyway).
     assert {e.send_seq for e in started if e.epoch > 0} == {50}
     assert min(e.send_seq for e in started) == 50
     if delay[0] == delay[1]:

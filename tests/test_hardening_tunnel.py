@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from conftest import REPO, connect, echo_roundtrip, free_port
 from hardening import Relay, Streamer, save_datagrams
 
 from portfwd.tunnel import crypto
-from portfwd.tunnel.wire import pack_hello
+from portfwd.tunnel.wire import WELCOME_SIZE, pack_hello
 
 PSK = "0123456789abcdef" * 4
 FUZZ_COUNT = 1_000_000  # datagrams; the time budget below bounds the test anyway
@@ -214,7 +215,8 @@ def forged_hellos(rng: random.Random, good_mac: bool, skew_ms: int) -> bytes:
     body = pack_hello(rng.getrandbits(32) or 1, int(time.time() * 1000) + skew_ms,
                       rng.randbytes(32))
     if good_mac:
-        return body + crypto.handshake_mac(crypto.handshake_mac_key(bytes.fromhex(PSK)), body)
+        key = crypto.handshake_mac_key(bytes.fromhex(PSK))
+        return body + crypto.handshake_mac(key, crypto.HELLO_LABEL, body)
     return body + rng.randbytes(16)
 
 
@@ -269,7 +271,8 @@ def test_hello_flood_does_not_stop_legitimate_clients(tool, echo_server):
 
 def test_pending_cap_then_recovery(tool, echo_server):
     """Authenticated HELLOs that never continue fill --max-pending; a legitimate client gets in
-    once they expire (keepalive), and the refusals are logged once."""
+    once they expire (the unconfirmed ones at the idle timeout, --keepalive), the target never
+    sees them, and the refusals are logged once."""
     udp, server = start_server(tool, echo_server.port, "--max-pending", "4", "--keepalive", "3")
     port, client = start_client(tool, udp)
     holder = bound_udp("127.0.0.2")
@@ -277,12 +280,15 @@ def test_pending_cap_then_recovery(tool, echo_server):
     for _ in range(10):
         holder.sendto(forged_hellos(rng, True, 0), ("127.0.0.1", udp))
     server.wait_for_log(r"pending session cap \(--max-pending 4\) reached")
-    wait_until(lambda: echo_server.accepted == 4, 5, "4 pending sessions dialled")
+    # The 4 pending sessions answered with one WELCOME each and dialled nothing: the target is
+    # reached only after the client's first sealed packet, which a HELLO alone never gives.
+    wait_until(lambda: bytes_waiting(holder) == 4 * WELCOME_SIZE, 5, "4 WELCOMEs")
     started = time.monotonic()
     with connect("127.0.0.1", port) as sock:  # waits for the pending ones to expire
         echo_roundtrip(sock, 100_000)
     assert time.monotonic() - started < 12
-    assert echo_server.accepted == 5
+    assert echo_server.accepted == 1
+    assert bytes_waiting(holder) == 0  # nothing more for the HELLOs' source
     assert len(re.findall("pending session cap", server.log())) == 1
     holder.close()
     assert_clean(server, client)
@@ -320,3 +326,91 @@ def echo_roundtrip_open(sock: socket.socket, data: bytes) -> None:
         assert chunk, "closed"
         got += chunk
     assert got == data
+
+
+class ScriptedRelay:
+    """UDP relay between one client and the server that can lose the server's first datagrams
+    and move its server-facing socket to a new port mid-conversation (a NAT rebinding)."""
+
+    def __init__(self, server: tuple[str, int], drop_down: int = 0) -> None:
+        self.server = server
+        self.front = bound_udp("127.0.0.1")
+        self.front.setblocking(True)
+        self.port: int = self.front.getsockname()[1]
+        self.back = bound_udp("127.0.0.1")
+        self.drop_down = drop_down  # server datagrams to lose before forwarding any
+        self.dropped: list[bytes] = []
+        self.client: tuple[str, int] | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def rebind(self) -> tuple[str, int]:
+        """From now on the client's datagrams reach the server from a new port."""
+        old, self.back = self.back, bound_udp("127.0.0.1")
+        time.sleep(0.3)  # the relay loop stops selecting on the old socket
+        old.close()
+        return self.back.getsockname()
+
+    def _run(self) -> None:
+        while not self._stop:
+            back = self.back
+            try:
+                ready, _, _ = select.select([self.front, back], [], [], 0.1)
+            except (OSError, ValueError):
+                continue
+            for sock in ready:
+                try:
+                    data, addr = sock.recvfrom(65536)
+                except OSError:
+                    continue
+                if sock is self.front:
+                    self.client = addr
+                    self.back.sendto(data, self.server)
+                elif len(self.dropped) < self.drop_down:
+                    self.dropped.append(data)
+                elif self.client is not None:
+                    self.front.sendto(data, self.client)
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(2)
+        self.front.close()
+        self.back.close()
+
+
+def test_lost_welcomes_fresh_hellos_then_one_dial(tool, echo_server):
+    """The first two WELCOMEs are lost: each client retry is a fresh HELLO that replaces the
+    unconfirmed session, and the target is dialled once, after the client's first sealed packet."""
+    udp, server = start_server(tool, echo_server.port)
+    relay = ScriptedRelay(("127.0.0.1", udp), drop_down=2)
+    port, client = start_client(tool, relay.port)
+    try:
+        with connect("127.0.0.1", port) as sock:
+            echo_roundtrip(sock, 200_000)
+        assert [len(d) for d in relay.dropped] == [WELCOME_SIZE, WELCOME_SIZE]
+        assert echo_server.accepted == 1
+        assert len(re.findall(r"\bopen 127\.0\.0\.1", server.log())) == 1
+        assert_clean(server, client)
+    finally:
+        relay.close()
+    assert client.stop() == 0 and server.stop() == 0
+
+
+def test_client_address_change_is_validated_then_followed(tool, echo_server):
+    """A NAT rebinding mid-stream: the server challenges the new address, moves there once it
+    answered, and the stream carries on intact over the one target connection."""
+    udp, server = start_server(tool, echo_server.port)
+    relay = ScriptedRelay(("127.0.0.1", udp))
+    port, client = start_client(tool, relay.port)
+    try:
+        with connect("127.0.0.1", port) as sock:
+            echo_roundtrip_open(sock, b"before the rebinding")
+            new = relay.rebind()
+            echo_roundtrip_open(sock, os.urandom(100_000))
+        server.wait_for_log(rf"peer address changed .* -> .*{new[1]}", timeout=10)
+        assert echo_server.accepted == 1
+        assert_clean(server, client)
+    finally:
+        relay.close()
+    assert client.stop() == 0 and server.stop() == 0

@@ -245,9 +245,15 @@ class Attack:
         session = acceptor.accept(hello, CLIENT_ADDR, 0, WALL)
         assert session is not None
         self.server = Conversation(session, self.config, 0, budget)
-        for datagram in self.server.datagrams_to_send(0):
+        assert self.server.datagrams_to_send(0) == []  # nothing on the path before confirmation
+        for datagram, _ in self.server.probes_to_send():  # the WELCOME
             self.client.receive_datagram(datagram, SERVER_ADDR, 0)
         assert self.client.established
+        for datagram in self.client.datagrams_to_send(0):  # the client's confirming PING
+            self.server.receive_datagram(datagram, CLIENT_ADDR, 0)
+        for datagram in self.server.datagrams_to_send(0):  # the server's PING back
+            self.client.receive_datagram(datagram, SERVER_ADDR, 0)
+        assert self.server.established and self.client.confirmed
         while self.client.next_event() is not None:
             pass
         self.conv = conv

@@ -14,30 +14,46 @@ from portfwd.tunnel.wire import MalformedPacket, PacketType
 u32 = st.integers(min_value=0, max_value=0xFFFFFFFF)
 u64 = st.integers(min_value=0, max_value=2**64 - 1)
 random32 = st.binary(min_size=32, max_size=32)
+cookie16 = st.binary(min_size=16, max_size=16)
 secured = st.sampled_from(sorted(wire.SECURED_TYPES))
 
 
-def _hello(conv: int = 1, ts: int = 2, rnd: bytes = bytes(32)) -> bytes:
-    return wire.pack_hello(conv, ts, rnd) + b"M" * wire.MAC_SIZE
+def _hello(conv: int = 1, ts: int = 2, share: bytes = bytes(32)) -> bytes:
+    return wire.pack_hello(conv, ts, share) + b"M" * wire.MAC_SIZE
 
 
-def _welcome(conv: int = 1, rnd: bytes = bytes(32)) -> bytes:
-    return wire.pack_welcome(conv, rnd) + b"M" * wire.MAC_SIZE
+def _welcome(conv: int = 1, share: bytes = bytes(32)) -> bytes:
+    return wire.pack_welcome(conv, share) + b"M" * wire.MAC_SIZE
 
 
-@given(conv=u32, ts=u64, rnd=random32, mac=st.binary(min_size=16, max_size=16))
-def test_hello_round_trip(conv: int, ts: int, rnd: bytes, mac: bytes) -> None:
-    data = wire.pack_hello(conv, ts, rnd) + mac
+@given(conv=u32, ts=u64, share=random32, cookie=cookie16,
+       mac=st.binary(min_size=16, max_size=16))
+def test_hello_round_trip(conv: int, ts: int, share: bytes, cookie: bytes, mac: bytes) -> None:
+    data = wire.pack_hello(conv, ts, share, cookie) + mac
     assert len(data) == wire.HELLO_SIZE
-    assert wire.unpack_hello(data) == wire.Hello(conv, wire.PROTOCOL_VERSION, ts, rnd, mac)
+    assert wire.unpack_hello(data) == wire.Hello(conv, wire.PROTOCOL_VERSION, ts, share, cookie,
+                                                 mac)
     assert wire.peek_prefix(data) == (PacketType.HELLO, conv)
 
 
-@given(conv=u32, rnd=random32, mac=st.binary(min_size=16, max_size=16))
-def test_welcome_round_trip(conv: int, rnd: bytes, mac: bytes) -> None:
-    data = wire.pack_welcome(conv, rnd) + mac
+def test_hello_layout() -> None:
+    # docs/PROTOCOL.md: share at bytes 14..46, cookie at 46..62 (zero by default), zero padding
+    # up to the MAC at 112..128.
+    share, cookie = bytes(range(32)), bytes(range(100, 116))
+    body = wire.pack_hello(7, 9, share, cookie)
+    assert len(body) == wire.HELLO_SIZE - wire.MAC_SIZE == 112
+    assert body[:6] == bytes([PacketType.HELLO, 0, 0, 0, 7, wire.PROTOCOL_VERSION])
+    assert body[6:14] == (9).to_bytes(8, "big")
+    assert body[14:46] == share and body[46:62] == cookie and body[62:] == bytes(50)
+    assert wire.pack_hello(7, 9, share)[46:62] == bytes(wire.COOKIE_SIZE)
+    assert wire.unpack_hello(wire.pack_hello(7, 9, share) + bytes(16)).cookie == bytes(16)
+
+
+@given(conv=u32, share=random32, mac=st.binary(min_size=16, max_size=16))
+def test_welcome_round_trip(conv: int, share: bytes, mac: bytes) -> None:
+    data = wire.pack_welcome(conv, share) + mac
     assert len(data) == wire.WELCOME_SIZE
-    assert wire.unpack_welcome(data) == wire.Welcome(conv, wire.PROTOCOL_VERSION, rnd, mac)
+    assert wire.unpack_welcome(data) == wire.Welcome(conv, wire.PROTOCOL_VERSION, share, mac)
     assert wire.peek_prefix(data) == (PacketType.WELCOME, conv)
 
 
@@ -55,6 +71,13 @@ def test_header_round_trip(ptype: PacketType, phase: int, conv: int, seq: int,
 @given(epoch=u32)
 def test_epoch_body_round_trip(epoch: int) -> None:
     assert wire.unpack_epoch(wire.pack_epoch(epoch)) == epoch
+
+
+def test_path_validation_types() -> None:
+    # docs/PROTOCOL.md: PATH_CHALLENGE = 8, PATH_RESPONSE = 9, both sealed, 8-byte bodies.
+    assert (PacketType.PATH_CHALLENGE, PacketType.PATH_RESPONSE) == (8, 9)
+    assert {PacketType.PATH_CHALLENGE, PacketType.PATH_RESPONSE} <= wire.SECURED_TYPES
+    assert wire.CHALLENGE_SIZE == 8 and wire.PROTOCOL_VERSION == 2
 
 
 def test_welcome_is_smaller_than_hello() -> None:
@@ -108,6 +131,8 @@ def test_wrong_type_and_version_rejected() -> None:
 def test_pack_misuse_raises_value_error() -> None:
     with pytest.raises(ValueError):
         wire.pack_hello(1, 2, b"short")
+    with pytest.raises(ValueError):
+        wire.pack_hello(1, 2, bytes(32), b"short")
     with pytest.raises(ValueError):
         wire.pack_welcome(1, b"short")
 

@@ -143,6 +143,10 @@ class ConversationDriver:
         datagrams = conv.datagrams_to_send(now)
         if datagrams:
             self.udp.send(datagrams, conv.peer_addr)
+        # WELCOMEs and path probes: each answers a datagram from its own address, which need
+        # not be the path (yet).
+        for data, addr in conv.probes_to_send():
+            self.udp.send([data], addr)
         while (event := conv.next_event()) is not None:
             self._handle_event(event)
         if conv.readable:
@@ -164,7 +168,10 @@ class ConversationDriver:
             self.finished.set()
         elif isinstance(event, events.PeerAddressChanged):
             self.peer_address_changes += 1
-            log.info("%s peer address changed %s -> %s", self.name, event.old, event.new)
+            # One line per interval for all conversations: a client behind a NAT that keeps
+            # rebinding (or many such clients) must not turn into a log flood.
+            _faults.log("migrate", logging.INFO, "%s peer address changed %s -> %s", self.name,
+                        event.old, event.new)
         elif isinstance(event, events.RekeyStarted):
             self.rekeys_started += 1
         elif isinstance(event, events.EpochSwitched):

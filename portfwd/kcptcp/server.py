@@ -1,9 +1,10 @@
 """kcptcp-server's service: accept authenticated conversations on UDP, bridge each to the target.
 
 One UDP socket and one receive loop serve every conversation: datagrams are demultiplexed by
-the conv field; only a HELLO for an unknown conv reaches the HandshakeAcceptor, and the target is
-dialled only after the acceptor authenticated it (docs/SECURITY.md). Nothing is ever sent in answer
-to a datagram that did not authenticate.
+the conv field; only a HELLO for an unknown conv (or a client's retry for an unconfirmed one)
+reaches the HandshakeAcceptor, and the target is dialled only after the client's first
+authenticated packet proved it holds the session keys (docs/SECURITY.md). Nothing is ever sent in
+answer to a datagram that did not authenticate.
 
 Floods (docs/SECURITY.md, "Flood limits"): besides the acceptor's per-source HELLO rate limit, two
 caps bound what authenticated HELLOs can make us hold: ``max_pending`` sessions whose client has not
@@ -55,7 +56,10 @@ class TunnelServer(ConversationService):
         self.target = config.target
         self.limits = config.limits
         self.udp = UdpEndpoint(udp_sock)
-        self.handshakes = HandshakeAcceptor(config.conversation.tunnel)
+        # HELLOs stamped before this moment were made for an earlier process (or replayed
+        # from one): refused, so a restart cannot be used to replay a recorded handshake.
+        self.handshakes = HandshakeAcceptor(config.conversation.tunnel,
+                                            started_wall_ms=wall_ms())
         self.reassembly = ReassemblyBudget(self.limits.reassembly_bytes)
         self.conversations = gevent.pool.Group()
         self.dropped_unknown = 0  # datagrams for no conversation that are not a HELLO
@@ -63,6 +67,7 @@ class TunnelServer(ConversationService):
         self.refused_pending = 0  # HELLOs not looked at: max_pending unconfirmed sessions
         self.refused_full = 0  # authenticated HELLOs refused: max_sessions, none evictable
         self.evicted = 0  # idle sessions closed to make room at max_sessions
+        self.restarted = 0  # unconfirmed sessions replaced by their client's retried HELLO
         self.dial_failures = ErrorCounts()  # connects to the target, by errno name
         self._pending: set[int] = set()  # convs created and not yet seen confirmed
         self.accepting = True
@@ -120,6 +125,9 @@ class TunnelServer(ConversationService):
                     driver = self._new_conversation(data, addr, now)
                     if driver is None:
                         continue
+                elif ptype & TYPE_MASK == _HELLO and self._is_retry(driver, data):
+                    if not self._restart(driver, data, addr, now):
+                        continue
                 else:
                     driver.datagram_received(data, addr, now)
                 touched[conv_id] = driver
@@ -148,8 +156,26 @@ class TunnelServer(ConversationService):
         driver = ConversationDriver(conv, self.udp, f"conv={conv.conv}")
         self.drivers[conv.conv] = driver
         self._pending.add(conv.conv)
-        self.conversations.spawn(self._serve, driver, addr)
+        self.conversations.spawn(self._serve, driver)
         return driver
+
+    @staticmethod
+    def _is_retry(driver: ConversationDriver, hello: bytes) -> bool:
+        """A HELLO for a known conv that may be its client's retry: the session has not been
+        confirmed and this is not a copy of its HELLO (each retry has a fresh key share; a copy
+        goes to the session, which answers it with the same WELCOME)."""
+        conv = driver.conv
+        return not conv.closed and not conv.session.confirmed and hello != conv.session.hello
+
+    def _restart(self, driver: ConversationDriver, hello: bytes, addr: tuple, now: int) -> bool:
+        """The client's WELCOME was lost and it sent a fresh HELLO: if that authenticates, it
+        replaces the unconfirmed session (nothing was dialled for it yet). True if it did."""
+        session = self.handshakes.accept(hello, addr, now, wall_ms())
+        if session is None:
+            return False  # dropped and counted by the acceptor
+        driver.conv.restart(session)
+        self.restarted += 1
+        return True
 
     def _pending_full(self) -> bool:
         """True if max_pending unconfirmed sessions exist; prunes the set only when it is full
@@ -179,14 +205,20 @@ class TunnelServer(ConversationService):
         victim.abort("evicted: session cap")
         return True
 
-    def _serve(self, driver: ConversationDriver, peer: tuple) -> None:
+    def _serve(self, driver: ConversationDriver) -> None:
         conv = driver.conv
         try:
             driver.start_ticker()
-            target = self._dial(driver)
-            if target is not None:
-                log.info("%s open %s -> %s", driver.name, format_sockaddr(peer), self.target)
-                driver.attach_tcp(target)
+            # Dial only once the client has proven it holds the session keys (its first
+            # authenticated packet, HandshakeCompleted): a replayed or raced HELLO gets a
+            # WELCOME and expires without the target ever seeing a connection.
+            gevent.wait([driver.established, driver.finished], count=1)
+            if driver.established.is_set() and not driver.finished.is_set():
+                target = self._dial(driver)
+                if target is not None:
+                    log.info("%s open %s -> %s", driver.name, format_sockaddr(conv.peer_addr),
+                             self.target)
+                    driver.attach_tcp(target)
             driver.wait_finished()
         finally:
             self._retire(driver)

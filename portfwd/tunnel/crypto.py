@@ -2,7 +2,11 @@
 
 Glossary:
   psk          -- the 32-byte pre-shared key given with ``-K`` (seed); ``None``: plaintext mode.
-  secret       -- HKDF-Extract(salt = client_random || server_random, IKM = psk): one per session.
+  share        -- an ephemeral X25519 public key (RFC 7748); each side makes a fresh one per
+                  handshake, so each session's keys need the PSK *and* that session's DH result.
+  secret       -- HKDF-Extract(salt = client_share || server_share, IKM = psk || X25519(...)):
+                  one per session (the Noise NNpsk0 / WireGuard idea: the PSK authenticates, the
+                  ephemeral DH gives forward secrecy and keys no other PSK holder can compute).
   epoch        -- rekey generation, 0 after the handshake, +1 at every epoch switch (seed).
   direction    -- ``c2s`` (client to server) or ``s2c``; each direction has its own keys, so the two
                   sides' ``(epoch, send_seq)`` counters can never collide under one key.
@@ -23,6 +27,7 @@ import hashlib
 import hmac
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from .wire import MAC_SIZE, UINT32_MAX
@@ -32,10 +37,13 @@ KEY_SIZE = 32  # bytes, ChaCha20 key (RFC 8439)
 NONCE_SIZE = 12  # bytes, 96-bit nonce (RFC 8439 section 2.8)
 TAG_SIZE = 16  # bytes, Poly1305 tag
 
-HANDSHAKE_SALT = b"portfwd/1 handshake"  # HKDF salt for the handshake MAC key
-HANDSHAKE_INFO = b"portfwd/1 hello mac"  # HKDF info for the handshake MAC key
-KEY_LABEL = b"portfwd/1 key "  # HKDF info prefix, followed by direction, conv, epoch
-NONCE_LABEL = b"portfwd/1 nonce "  # HKDF info prefix, followed by direction, conv, epoch
+HANDSHAKE_SALT = b"portfwd/2 handshake"  # HKDF salt for the handshake MAC key
+HANDSHAKE_INFO = b"portfwd/2 handshake mac"  # HKDF info for the handshake MAC key
+HELLO_LABEL = b"portfwd/2 hello"  # first input of a HELLO's MAC
+WELCOME_LABEL = b"portfwd/2 welcome"  # first input of a WELCOME's MAC: never a HELLO's
+KEY_LABEL = b"portfwd/2 key "  # HKDF info prefix, followed by direction, conv, epoch
+NONCE_LABEL = b"portfwd/2 nonce "  # HKDF info prefix, followed by direction, conv, epoch
+SHARE_SIZE = 32  # bytes, X25519 private and public keys
 C2S = b"c2s"  # direction label: client -> server
 S2C = b"s2c"  # direction label: server -> client
 PLAINTEXT_PSK = b""  # IKM used when no PSK is configured (plaintext mode: no secrecy at all)
@@ -81,10 +89,30 @@ def mac_equal(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
 
 
-def session_secret(psk: bytes | None, client_random: bytes, server_random: bytes) -> bytes:
+class KeyShare:
+    """One side's ephemeral X25519 key pair for one handshake."""
+
+    __slots__ = ("_private", "public")
+
+    def __init__(self, private: bytes) -> None:
+        # The caller supplies the 32 private bytes (os.urandom, or a seeded generator in tests):
+        # the core never reaches for randomness of its own.
+        self._private: X25519PrivateKey = X25519PrivateKey.from_private_bytes(private)
+        self.public: bytes = self._private.public_key().public_bytes_raw()
+
+    def exchange(self, peer_public: bytes) -> bytes | None:
+        """The shared secret, or None for a peer key that yields none (a low-order point)."""
+        try:
+            return self._private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        except ValueError:
+            return None
+
+
+def session_secret(psk: bytes | None, client_share: bytes, server_share: bytes,
+                   shared: bytes) -> bytes:
     """The per-session HKDF PRK both sides derive every epoch's keys from."""
     ikm = PLAINTEXT_PSK if psk is None else psk
-    return hkdf_extract(client_random + server_random, ikm)
+    return hkdf_extract(client_share + server_share, ikm + shared)
 
 
 def derive_epoch_keys(secret: bytes, conv: int, epoch: int,

@@ -11,10 +11,11 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class HandshakeCompleted:
-    """The session is authenticated and keyed (client: valid WELCOME; server: valid HELLO).
+    """The session is authenticated and keyed (client: valid WELCOME; server: the client's first
+    authenticated packet, which proves it holds the keys).
 
     The server-side driver dials the target only after this (docs/SECURITY.md, "No target dial
-    before authentication").
+    before the client proved its keys").
     """
 
     conv: int  #: conversation id of the session
@@ -29,7 +30,7 @@ class DatagramReceived:
 
 @dataclass(frozen=True, slots=True)
 class PeerAddressChanged:
-    """An authenticated packet arrived from a new source address; replies now go there."""
+    """The peer answered a path challenge from a new address; datagrams now go there."""
 
     old: Any  #: previous peer address (as given to ``receive_datagram``)
     new: Any  #: the new peer address

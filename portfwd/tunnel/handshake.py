@@ -33,11 +33,16 @@ class HandshakeAcceptor:
     """Validates HELLO datagrams for unknown convs and creates the server sessions."""
 
     def __init__(self, config: TunnelConfig,
-                 random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+                 random_bytes: Callable[[int], bytes] = os.urandom,
+                 started_wall_ms: int | None = None) -> None:
+        """``started_wall_ms``: Unix time in ms at which the server started; a HELLO stamped
+        before it cannot come from a client of this process (a replay from before a restart,
+        or meant for another process sharing the PSK), so it is refused. None: no such check."""
         self.config: TunnelConfig = config
+        self._started_wall_ms: int | None = started_wall_ms
         self._random_bytes: Callable[[int], bytes] = random_bytes
         self._mac_key: bytes = crypto.handshake_mac_key(config.psk)
-        # client_random -> wall-clock ms after which a replay of it would be stale anyway.
+        # client_share -> wall-clock ms after which a replay of it would be stale anyway.
         self._seen: OrderedDict[bytes, int] = OrderedDict()
         # source host -> (tokens, last refill ms); LRU-bounded so a spoofing flood cannot grow it.
         self._buckets: OrderedDict[Any, tuple[float, int]] = OrderedDict()
@@ -46,7 +51,8 @@ class HandshakeAcceptor:
         self.dropped_malformed: int = 0  #: not a well-formed HELLO
         self.dropped_auth: int = 0  #: HELLO MAC did not verify (wrong PSK or forged)
         self.dropped_stale: int = 0  #: timestamp outside timestamp_window_ms
-        self.dropped_replay: int = 0  #: client_random already seen inside the window
+        self.dropped_replay: int = 0  #: client_share already seen inside the window
+        self.dropped_before_start: int = 0  #: stamped before this server started
         self.dropped_rate: int = 0  #: source host over its handshake rate
         self.dropped_cache_full: int = 0  #: replay cache full of live entries (fail closed)
 
@@ -78,7 +84,7 @@ class HandshakeAcceptor:
             self.dropped_malformed += 1
             self._spend_token(host)
             return None
-        expected = crypto.handshake_mac(self._mac_key, data[:-MAC_SIZE])
+        expected = crypto.handshake_mac(self._mac_key, crypto.HELLO_LABEL, data[:-MAC_SIZE])
         if not crypto.mac_equal(expected, hello.mac):
             self.dropped_auth += 1
             self._spend_token(host)
@@ -90,8 +96,13 @@ class HandshakeAcceptor:
             self._spend_token(host)
             self._log_failure(now, "stale timestamp (clock skew?)", addr)
             return None
+        if self._started_wall_ms is not None and hello.timestamp_ms < self._started_wall_ms:
+            self.dropped_before_start += 1
+            self._spend_token(host)
+            self._log_failure(now, "stamped before the server started (a replay?)", addr)
+            return None
         self._expire(wall_ms)
-        if hello.client_random in self._seen:
+        if hello.client_share in self._seen:
             self.dropped_replay += 1
             self._spend_token(host)
             self._log_failure(now, "replayed HELLO", addr)
@@ -104,10 +115,14 @@ class HandshakeAcceptor:
             return None
         # Any replay later than 2 windows after now carries a timestamp older than
         # now + window - 2 * window, i.e. stale: the entry can go then (time bound).
-        self._seen[hello.client_random] = wall_ms + 2 * window
+        self._seen[hello.client_share] = wall_ms + 2 * window
+        session = TunnelSession.server_from_hello(cfg, data, hello.client_share, addr, now,
+                                                  self._random_bytes)
+        if session is None:  # a key share that yields no shared secret
+            self.dropped_malformed += 1
+            return None
         self.accepted += 1
-        return TunnelSession.server_from_hello(cfg, data, hello.client_random, addr, now,
-                                               self._random_bytes)
+        return session
 
     def _expire(self, wall_ms: int) -> None:
         seen = self._seen
@@ -145,6 +160,6 @@ class HandshakeAcceptor:
         self._next_log_ms = now + FAILURE_LOG_INTERVAL_MS
         logger.warning(
             "handshake rejected from %s: %s (totals: auth=%d stale=%d replay=%d rate=%d "
-            "malformed=%d cache_full=%d)", addr, what, self.dropped_auth, self.dropped_stale,
-            self.dropped_replay, self.dropped_rate, self.dropped_malformed,
-            self.dropped_cache_full)
+            "malformed=%d cache_full=%d before_start=%d)", addr, what, self.dropped_auth,
+            self.dropped_stale, self.dropped_replay, self.dropped_rate, self.dropped_malformed,
+            self.dropped_cache_full, self.dropped_before_start)

@@ -13,8 +13,13 @@ Glossary:
   epoch           -- key generation (crypto.py); send_seq restarts at 0 in each epoch.
   initiator       -- the side whose send_seq crossed the threshold and sent REKEY_INIT;
   responder       -- the side that answered it with REKEY_ACK (seed "AEAD Rekeying").
-  confirmed       -- (server) the client has proven it holds the session keys; until then a
-                     retransmitted HELLO is answered with the same WELCOME again.
+  confirmed       -- the peer has proven it holds the session keys (its first authenticated
+                     packet arrived). The server sends nothing but WELCOMEs before that (its
+                     driver dials nothing either); the client repeats a sealed PING until then.
+  path            -- the peer address datagrams go to; a new one is taken only after it
+                     answered a challenge (path.py).
+  probe           -- a datagram for an address other than the path (a WELCOME to a HELLO's
+                     source, a PATH_CHALLENGE or PATH_RESPONSE): see ``probes_to_send``.
 """
 
 from __future__ import annotations
@@ -24,26 +29,30 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from . import crypto, events
+from .config import REKEY_GRACE_MS as REKEY_GRACE_MS
+from .config import REKEY_SEQ_THRESHOLD as REKEY_SEQ_THRESHOLD
+from .config import REKEY_TIMEOUT_MS as REKEY_TIMEOUT_MS
+from .config import TunnelConfig
+from .path import PathValidator
+from .rekey import CLOSE_REKEY_TIMEOUT as CLOSE_REKEY_TIMEOUT
+from .rekey import CLOSE_WRAPAROUND, Rekeying
 from .replay import ReplayWindow
 from .wire import (
+    CHALLENGE_SIZE,
     HEADER,
     HEADER_SIZE,
     MAC_SIZE,
     PHASE_BIT,
-    RANDOM_SIZE,
     TYPE_MASK,
     UINT32_MAX,
     MalformedPacket,
     PacketType,
-    pack_epoch,
     pack_hello,
     pack_welcome,
     peek_prefix,
-    unpack_epoch,
     unpack_welcome,
 )
 
@@ -52,9 +61,6 @@ logger = logging.getLogger(__name__)
 DatagramReceived = events.DatagramReceived  # module-level alias: one lookup less per packet
 _unpack_header = HEADER.unpack_from
 
-REKEY_SEQ_THRESHOLD = 0xFFF00000  # send_seq at which a rekey starts (seed default)
-REKEY_TIMEOUT_MS = 5000  # ms without REKEY_ACK before closing (seed default)
-REKEY_GRACE_MS = 5000  # ms the previous epoch's receive key stays usable after a switch
 OVERHEAD = HEADER_SIZE + crypto.TAG_SIZE  # 25 bytes a sealed DATA packet adds to its payload
 PLAINTEXT_OVERHEAD = HEADER_SIZE  # 9 bytes in plaintext mode
 MAX_DATAGRAM_SIZE = 65507  # bytes, largest UDP payload over IPv4
@@ -64,71 +70,19 @@ CLOSE_LOCAL = "closed locally"
 CLOSE_BY_PEER = "closed by peer"
 CLOSE_HANDSHAKE_TIMEOUT = "handshake timeout"
 CLOSE_PEER_SILENT = "peer silent"
-CLOSE_REKEY_TIMEOUT = "rekey timeout"
-CLOSE_WRAPAROUND = "send_seq wraparound guard"
+
+MAX_HELLOS = 8  # client: HELLOs remembered, so a WELCOME to any recent retry still completes
 
 # Plain ints for the per-packet path: comparing an int with an IntEnum member costs ~70 ns.
-_DATA, _INIT, _ACK, _PING, _CLOSE = (
+_DATA, _INIT, _ACK, _PING, _CLOSE, _CHALLENGE, _RESPONSE = (
     int(PacketType.DATA), int(PacketType.REKEY_INIT), int(PacketType.REKEY_ACK),
-    int(PacketType.PING), int(PacketType.CLOSE),
+    int(PacketType.PING), int(PacketType.CLOSE), int(PacketType.PATH_CHALLENGE),
+    int(PacketType.PATH_RESPONSE),
 )
 
 
-@dataclass(frozen=True)
-class TunnelConfig:
-    """Settings of the tunnel security layer; the driver builds it from flags and env vars."""
-
-    psk: bytes | None = None  #: 32-byte PSK (-K); None = plaintext mode (seed)
-    rekey_seq_threshold: int = REKEY_SEQ_THRESHOLD  #: send_seq that triggers a rekey (packets)
-    rekey_timeout_ms: int = REKEY_TIMEOUT_MS  #: ms from REKEY_INIT to closing without REKEY_ACK
-    rekey_retry_ms: int = 500  #: ms between REKEY_INIT retransmissions while waiting
-    rekey_grace_ms: int = REKEY_GRACE_MS  #: ms the previous epoch's receive key still opens
-    #: late packets; at least rekey_timeout_ms (checked) so a responder still hears an initiator
-    #: whose ACK was lost
-    replay_window: int = 2048  #: anti-replay window width (packets); docs/PROTOCOL.md "Anti-replay"
-    handshake_timeout_ms: int = 10000  #: ms the client waits for WELCOME before giving up
-    handshake_retry_ms: int = 250  #: ms before the first HELLO retransmission (then doubles)
-    handshake_retry_max_ms: int = 2000  #: ms cap of the HELLO retransmission interval
-    keepalive_interval_ms: int = 10000  #: ms of send silence after which a PING goes out
-    idle_timeout_ms: int = 30000  #: ms without an authenticated packet before closing
-    timestamp_window_ms: int = 30000  #: ms of clock difference a HELLO timestamp may have
-    hello_cache_size: int = 65536  #: entries in the server's HELLO replay cache (size bound)
-    handshake_rate_per_s: float = 20.0  #: HELLOs per second per source host (0 = unlimited)
-    handshake_burst: int = 40  #: HELLO burst per source host
-    rate_table_size: int = 4096  #: source hosts tracked by the handshake rate limiter (LRU)
-    max_pending_payloads: int = 4096  #: payloads queued before the handshake completes
-    initial_send_seq: int = 0  #: send_seq of epoch 0 (tests of the wraparound guard)
-
-    def __post_init__(self) -> None:
-        if self.psk is not None and len(self.psk) != crypto.PSK_SIZE:
-            raise ValueError(f"PSK must be {crypto.PSK_SIZE} bytes, got {len(self.psk)}")
-        if not 1 <= self.rekey_seq_threshold <= UINT32_MAX:
-            raise ValueError("rekey_seq_threshold must be in 1..0xFFFFFFFF")
-        if not 0 <= self.initial_send_seq <= UINT32_MAX:
-            raise ValueError("initial_send_seq must be in 0..0xFFFFFFFF")
-        for name in ("rekey_timeout_ms", "rekey_retry_ms", "handshake_timeout_ms",
-                     "handshake_retry_ms", "handshake_retry_max_ms", "keepalive_interval_ms",
-                     "idle_timeout_ms", "replay_window", "hello_cache_size", "rate_table_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
-        for name in ("rekey_grace_ms", "timestamp_window_ms", "max_pending_payloads",
-                     "handshake_rate_per_s", "handshake_burst"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative")
-        if self.rekey_grace_ms < self.rekey_timeout_ms:
-            # A responder whose REKEY_ACK was lost must still open the initiator's repeated
-            # REKEY_INIT under the old key until the initiator gives up.
-            raise ValueError(f"rekey_grace_ms ({self.rekey_grace_ms}) must be at least "
-                             f"rekey_timeout_ms ({self.rekey_timeout_ms})")
-
-    @property
-    def plaintext(self) -> bool:
-        """Plaintext mode (no ``-K``, seed): no AEAD tag, no secrecy, no integrity."""
-        return self.psk is None
-
-
 class _State(enum.Enum):
-    HANDSHAKE = "handshake"  # client waiting for WELCOME
+    HANDSHAKE = "handshake"  # client: waiting for WELCOME; server: for the client's confirmation
     ESTABLISHED = "established"
     CLOSED = "closed"
 
@@ -138,25 +92,28 @@ class _ConvAdapter(logging.LoggerAdapter):
         return f"conv={self.extra['conv']} {msg}", kwargs
 
 
-class TunnelSession:
+class TunnelSession(Rekeying):
     """One side of one tunnel conversation.  Build with :meth:`client` or via HandshakeAcceptor."""
 
     def __init__(self, config: TunnelConfig, conv: int, is_client: bool, peer_addr: Any,
-                 now: int) -> None:
+                 now: int, random_bytes: Callable[[int], bytes] = os.urandom) -> None:
         if not 0 <= conv <= UINT32_MAX:
             raise ValueError(f"conv out of range: {conv}")
         self.config: TunnelConfig = config
         self.conv: int = conv
         self.is_client: bool = is_client
         self.peer_addr: Any = peer_addr
-        self.confirmed: bool = is_client  # server: becomes True on the first sealed packet
+        self.confirmed: bool = False  # the peer's first authenticated packet arrived
         self._state: _State = _State.HANDSHAKE
+        self._random_bytes: Callable[[int], bytes] = random_bytes
         self._log: _ConvAdapter = _ConvAdapter(logger, {"conv": conv})
         self._mac_key: bytes = crypto.handshake_mac_key(config.psk)
         self._crypto: crypto.CryptoPair | None = None
-        self._hello: bytes = b""  # the HELLO (client: to retransmit; server: to recognise dups)
-        self._welcome: bytes = b""  # server: the WELCOME to repeat to a retransmitted HELLO
-        self._client_random: bytes = b""
+        self._hello: bytes = b""  # the latest HELLO (server: to recognise copies of it)
+        self._welcome: bytes = b""  # server: the WELCOME to repeat to a copy of the HELLO
+        self._shares: list[tuple[bytes, crypto.KeyShare]] = []  # client: recent HELLOs, keys
+        self._wall_offset: int = 0  # client: Unix ms minus monotonic ms, for fresh HELLOs
+        self._probes: list[tuple[bytes, Any]] = []  # datagrams for other addresses than the path
         self._hs_deadline: int = now + config.handshake_timeout_ms
         self._hs_retry_at: int = now + config.handshake_retry_ms
         self._hs_interval: int = config.handshake_retry_ms
@@ -176,6 +133,9 @@ class TunnelSession:
         self._fast_type: int = -1  # type byte of a current-epoch DATA packet
         self._fast_open: Callable[[int, bytes, bytes], bytes | None] | None = None
         self._min_secured: int = HEADER_SIZE  # header + tag
+        self._path: PathValidator = PathValidator(
+            HEADER_SIZE + CHALLENGE_SIZE + (0 if config.plaintext else crypto.TAG_SIZE),
+            config.handshake_retry_ms, random_bytes)
         self.datagrams_sent: int = 0  #: datagrams handed out by datagrams_to_send
         self.datagrams_received: int = 0  #: authenticated, non-replayed datagrams
         self.dropped_auth: int = 0  #: MAC / AEAD tag did not verify
@@ -183,7 +143,8 @@ class TunnelSession:
         self.dropped_malformed: int = 0  #: did not parse, wrong conv, bad body
         self.dropped_stale: int = 0  #: no usable key: old epoch past grace, early, or closed
         self.dropped_send_queue: int = 0  #: payloads dropped: queue full before the handshake
-        self.welcomes_resent: int = 0  #: server: WELCOME repeated for a retransmitted HELLO
+        self.welcomes_resent: int = 0  #: server: WELCOME repeated for a copy of the HELLO
+        self.hellos_sent: int = 0  #: client: HELLOs made (each retry is a fresh one)
 
     # --- construction ---------------------------------------------------------------------
 
@@ -191,36 +152,54 @@ class TunnelSession:
     def client(cls, config: TunnelConfig, conv: int, peer_addr: Any, now: int, wall_ms: int,
                random_bytes: Callable[[int], bytes] = os.urandom) -> TunnelSession:
         """A client session with its HELLO queued; ``wall_ms`` is Unix time in ms."""
-        self = cls(config, conv, True, peer_addr, now)
-        self._client_random = random_bytes(RANDOM_SIZE)
-        body = pack_hello(conv, wall_ms, self._client_random)
-        self._hello = body + crypto.handshake_mac(self._mac_key, body)
-        self._out.append(self._hello)
+        self = cls(config, conv, True, peer_addr, now, random_bytes)
+        self._wall_offset = wall_ms - now
+        self._queue_hello(now)
         return self
+
+    def _queue_hello(self, now: int) -> None:
+        """A fresh HELLO (new key share, current timestamp): a retry is never a copy, so a HELLO
+        seen by a server that restarted since carries a time it can tell from its start."""
+        share = crypto.KeyShare(self._random_bytes(crypto.SHARE_SIZE))
+        body = pack_hello(self.conv, now + self._wall_offset, share.public)
+        self._hello = body + crypto.handshake_mac(self._mac_key, crypto.HELLO_LABEL, body)
+        self._shares = [*self._shares[1 - MAX_HELLOS:], (self._hello, share)]
+        self._out.append(self._hello)
+        self.hellos_sent += 1
 
     @classmethod
-    def server_from_hello(cls, config: TunnelConfig, hello: bytes, client_random: bytes,
+    def server_from_hello(cls, config: TunnelConfig, hello: bytes, client_share: bytes,
                           peer_addr: Any, now: int,
-                          random_bytes: Callable[[int], bytes] = os.urandom) -> TunnelSession:
-        """A server session for an already *validated* HELLO (use HandshakeAcceptor.accept)."""
+                          random_bytes: Callable[[int], bytes] = os.urandom
+                          ) -> TunnelSession | None:
+        """A server session for an already *validated* HELLO (use HandshakeAcceptor.accept), its
+        WELCOME queued for ``peer_addr``; None if the client's key share is unusable."""
         conv = peek_prefix(hello)[1]
-        self = cls(config, conv, False, peer_addr, now)
+        self = cls(config, conv, False, peer_addr, now, random_bytes)
+        # Nothing authenticated has come from the client yet: idle_timeout_ms bounds that too.
+        self._hs_deadline = now + min(config.handshake_timeout_ms, config.idle_timeout_ms)
+        share = crypto.KeyShare(random_bytes(crypto.SHARE_SIZE))
+        shared = share.exchange(client_share)
+        if shared is None:
+            return None
         self._hello = bytes(hello)
-        server_random = random_bytes(RANDOM_SIZE)
-        body = pack_welcome(conv, server_random)
-        self._welcome = body + crypto.handshake_mac(self._mac_key, self._hello, body)
-        self._out.append(self._welcome)
-        self._establish(client_random, server_random, now)
+        body = pack_welcome(conv, share.public)
+        self._welcome = body + crypto.handshake_mac(self._mac_key, crypto.WELCOME_LABEL,
+                                                    self._hello, body)
+        self._probes.append((self._welcome, peer_addr))
+        self._set_keys(client_share, share.public, shared)
         return self
 
-    def _establish(self, client_random: bytes, server_random: bytes, now: int) -> None:
-        secret = crypto.session_secret(self.config.psk, client_random, server_random)
+    def _set_keys(self, client_share: bytes, server_share: bytes, shared: bytes) -> None:
+        secret = crypto.session_secret(self.config.psk, client_share, server_share, shared)
         self._crypto = crypto.CryptoPair(self.config.psk, secret, self.conv, self.is_client,
                                          self.config.rekey_grace_ms)
-        self._state = _State.ESTABLISHED
-        self._last_recv_ms = now
         self._min_secured = HEADER_SIZE + self._crypto.tag_size
         self._refresh_fast_path()
+
+    def _establish(self, now: int) -> None:
+        self._state = _State.ESTABLISHED
+        self._last_recv_ms = now
         self._log.debug("handshake completed, peer %s", self.peer_addr)
         self._events.append(events.HandshakeCompleted(self.conv))
 
@@ -245,6 +224,11 @@ class TunnelSession:
     @property
     def rekey_in_progress(self) -> bool:
         return self._rekey_in_progress
+
+    @property
+    def hello(self) -> bytes:
+        """The latest HELLO (the server compares a HELLO for a known conv with it)."""
+        return self._hello
 
     @property
     def overhead(self) -> int:
@@ -277,6 +261,16 @@ class TunnelSession:
         """The oldest undelivered event, or None."""
         return self._events.popleft() if self._events else None
 
+    def probes_to_send(self) -> list[tuple[bytes, Any]]:
+        """``(datagram, address)`` pairs for addresses other than ``peer_addr``: WELCOMEs to the
+        sources of HELLOs, path challenges and responses. Each answers a datagram received from
+        that address and is smaller than three times what it sent."""
+        probes = self._probes
+        if probes:
+            self._probes = []
+            self.datagrams_sent += len(probes)
+        return probes
+
     def datagrams_to_send(self, now: int) -> list[bytes]:
         """Seal queued payloads and return every datagram to transmit to ``peer_addr``."""
         if self._pending and self._state is _State.ESTABLISHED:
@@ -297,9 +291,12 @@ class TunnelSession:
                            self._last_send_ms + cfg.keepalive_interval_ms)
             if self._rekey_in_progress:
                 deadline = min(deadline, self._rekey_deadline, self._rekey_retry_at)
+            if not self.confirmed:
+                deadline = min(deadline, self._hs_deadline, self._hs_retry_at)
             return deadline
         if state is _State.HANDSHAKE:
-            return min(self._hs_deadline, self._hs_retry_at)
+            return min(self._hs_deadline, self._hs_retry_at) if self.is_client else (
+                self._hs_deadline)
         return None
 
     def handle_timer(self, now: int) -> None:
@@ -308,31 +305,35 @@ class TunnelSession:
         cfg = self.config
         if state is _State.HANDSHAKE:
             if now >= self._hs_deadline:
+                # Server: an unconfirmed session (a replayed HELLO, or a client that never
+                # completed) is dropped without a word.
                 self._terminate(CLOSE_HANDSHAKE_TIMEOUT, by_peer=False, send_close=False)
-            elif now >= self._hs_retry_at:
-                self._out.append(self._hello)  # byte-identical: the server recognises dups
-                self._hs_interval = min(self._hs_interval * 2, cfg.handshake_retry_max_ms)
-                self._hs_retry_at = now + self._hs_interval
+            elif self.is_client and now >= self._hs_retry_at:
+                self._queue_hello(now)
+                self._retry_later(now)
             return
         if state is not _State.ESTABLISHED:
             return
+        if not self.confirmed:  # client: the server has not yet shown it heard our keys
+            if now >= self._hs_deadline:
+                self._terminate(CLOSE_HANDSHAKE_TIMEOUT, by_peer=False, send_close=True)
+                return
+            if now >= self._hs_retry_at:
+                self._seal(_PING, b"", now)
+                self._retry_later(now)
         if now >= self._last_recv_ms + cfg.idle_timeout_ms:
             self._log.info("no authenticated packet for %d ms, closing", now - self._last_recv_ms)
             self._terminate(CLOSE_PEER_SILENT, by_peer=False, send_close=True)
             return
-        if self._rekey_in_progress:
-            if now >= self._rekey_deadline:
-                # seed "Timeout": close to avoid stalling and potential nonce exhaustion
-                logger.info("rekey timeout, closing conv=%d", self.conv)
-                self._terminate(CLOSE_REKEY_TIMEOUT, by_peer=False, send_close=True)
-                return
-            if now >= self._rekey_retry_at:
-                # A lost REKEY_INIT must not kill the session: repeat it (fresh seq, same key).
-                self._rekey_retry_at = now + cfg.rekey_retry_ms
-                self._seal_raw(_INIT, pack_epoch(self._crypto.epoch + 1))
+        if self._rekey_in_progress and not self._rekey_timer(now):
+            return
         if self._state is _State.ESTABLISHED and not self._out and not self._pending and (
                 now >= self._last_send_ms + cfg.keepalive_interval_ms):
             self._seal(_PING, b"", now)
+
+    def _retry_later(self, now: int) -> None:
+        self._hs_interval = min(self._hs_interval * 2, self.config.handshake_retry_max_ms)
+        self._hs_retry_at = now + self._hs_interval
 
     # --- sending --------------------------------------------------------------------------
 
@@ -370,7 +371,8 @@ class TunnelSession:
             return False
         return self._seal_raw(ptype, body)
 
-    def _seal_raw(self, ptype: int, body: bytes) -> bool:
+    def _seal_raw(self, ptype: int, body: bytes, to: Any = None) -> bool:
+        """Seal one packet for the path, or as a probe for ``to``; False once closed."""
         seq = self._send_seq
         if seq >= UINT32_MAX:
             # seed "AEAD Rekeying", wraparound guard: send_seq 0xFFFFFFFF is never used, so
@@ -380,36 +382,13 @@ class TunnelSession:
             return False
         key = self._crypto.send
         header = HEADER.pack(ptype | (PHASE_BIT if key.phase else 0), self.conv, seq)
-        self._out.append(header + key.seal(seq, header, body))
+        sealed = header + key.seal(seq, header, body)
+        if to is None or to == self.peer_addr:
+            self._out.append(sealed)
+        else:
+            self._probes.append((sealed, to))
         self._send_seq = seq + 1
         return True
-
-    def _start_rekey(self, now: int) -> None:
-        cp = self._crypto
-        if cp.epoch >= UINT32_MAX:
-            self._terminate(CLOSE_WRAPAROUND, by_peer=False, send_close=True)
-            return
-        cp.prepare_next()
-        self._rekey_in_progress = True
-        self._rekey_deadline = now + self.config.rekey_timeout_ms
-        self._rekey_retry_at = now + self.config.rekey_retry_ms
-        logger.info("rekey trigger conv=%d epoch=%d->%d send_seq=%d deadline=%d",
-                    self.conv, cp.epoch, cp.epoch + 1, self._send_seq, self._rekey_deadline)
-        self._events.append(events.RekeyStarted(cp.epoch, self._send_seq, self._rekey_deadline))
-        # seed: REKEY_INIT under the current key, AAD = header (type + conv + send_seq)
-        self._seal_raw(_INIT, pack_epoch(cp.epoch + 1))
-
-    def _switch_epoch(self, now: int) -> None:
-        """seed "Epoch switch": next key -> key, epoch++, send_seq = 0, reset the window."""
-        cp = self._crypto
-        cp.update_key(now)
-        self._send_seq = 0
-        self._win_prev = self._win  # old-epoch packets in flight keep their own window
-        self._win = ReplayWindow(self.config.replay_window)
-        self._rekey_in_progress = False
-        self._refresh_fast_path()
-        logger.info("epoch switch conv=%d -> epoch=%d", self.conv, cp.epoch)
-        self._events.append(events.EpochSwitched(cp.epoch))
 
     def _refresh_fast_path(self) -> None:
         key = self._crypto.recv
@@ -431,11 +410,12 @@ class TunnelSession:
 
     def receive_datagram(self, data: bytes, addr: Any, now: int) -> None:
         """Process one datagram from ``addr``; anything invalid is dropped and counted."""
-        if self._state is _State.ESTABLISHED:
+        state = self._state
+        if state is _State.ESTABLISHED or (state is _State.HANDSHAKE and not self.is_client):
             if len(data) >= self._min_secured:
                 type_byte, conv, seq = _unpack_header(data)
                 if conv == self.conv:
-                    if type_byte == self._fast_type:
+                    if type_byte == self._fast_type and self.confirmed:
                         # Per-packet fast path: DATA of the current epoch. A deliberate inline copy
                         # of _receive_secured's steps (replay check, open, record, counters,
                         # migration) for its commonest case, without the call and the epoch
@@ -451,16 +431,15 @@ class TunnelSession:
                         win.record(seq)
                         self.datagrams_received += 1
                         self._last_recv_ms = now
-                        self.confirmed = True
                         if addr != self.peer_addr:
-                            self._migrate(addr)
+                            self._from_new_address(addr, seq == win.top, len(data), now)
                         self._events.append(DatagramReceived(body))
                         return
-                    if _DATA <= (type_byte & TYPE_MASK) <= _CLOSE:
+                    if _DATA <= (type_byte & TYPE_MASK) <= _RESPONSE:
                         self._receive_secured(data, type_byte, seq, addr, now)
                         return
             self._receive_unsecured(data, addr)
-        elif self._state is _State.HANDSHAKE:
+        elif state is _State.HANDSHAKE:
             self._receive_welcome(data, addr, now)
         else:
             self.dropped_stale += 1
@@ -508,9 +487,10 @@ class TunnelSession:
         # Authenticated from here on.
         self.datagrams_received += 1
         self._last_recv_ms = now
-        self.confirmed = True
-        if addr != self.peer_addr:
-            self._migrate(addr)
+        if not self.confirmed:
+            self._confirm(addr, now)
+        elif addr != self.peer_addr:
+            self._from_new_address(addr, not from_prev and seq == win.top, len(data), now)
         if ptype == _DATA:
             self._events.append(DatagramReceived(body))
         elif ptype == _PING:
@@ -519,38 +499,46 @@ class TunnelSession:
             self._terminate(CLOSE_BY_PEER, by_peer=True, send_close=False)
         elif ptype == _INIT:
             self._receive_rekey_init(body, seq, from_prev, now)
+        elif ptype == _CHALLENGE:
+            if len(body) == CHALLENGE_SIZE:
+                self._seal_raw(_RESPONSE, body, to=addr)  # to where it came from, same size
+            else:
+                self.dropped_malformed += 1
+        elif ptype == _RESPONSE:
+            if self._path.answered(addr, body):
+                self._migrate(addr)
         elif not from_next:  # REKEY_ACK under the current key: already switched, nothing to do
             logger.info("recv REKEY_ACK conv=%d", self.conv)
 
-    def _migrate(self, addr: Any) -> None:
-        # The peer address changes only on an authenticated, fresh packet, so a replayed or
-        # spoofed datagram cannot redirect the session (docs/PROTOCOL.md "Anti-replay").
-        old, self.peer_addr = self.peer_addr, addr
-        self._log.info("peer address changed %s -> %s", old, addr)
-        self._events.append(events.PeerAddressChanged(old, addr))
+    def _confirm(self, addr: Any, now: int) -> None:
+        """The peer's first authenticated packet: it holds the session keys, and its source is
+        the path from now on (whoever raced a copy of the HELLO from elsewhere got a WELCOME
+        and nothing more)."""
+        self.confirmed = True
+        self.peer_addr = addr
+        self._path.abandon()
+        if self._state is _State.HANDSHAKE:  # server: tell the client, which may have no data
+            self._establish(now)
+            self._seal_raw(_PING, b"")
 
-    def _receive_rekey_init(self, body: bytes, seq: int, old_epoch: bool, now: int) -> None:
-        try:
-            target = unpack_epoch(body)
-        except MalformedPacket:
-            self.dropped_malformed += 1
+    def _from_new_address(self, addr: Any, highest: bool, size: int, now: int) -> None:
+        """An authenticated packet from another address than the path. Only the newest packet
+        may start a move (an old one re-sent from elsewhere is no sign of a move), and only a
+        challenge goes there until it is answered."""
+        if not self.confirmed:
+            self._confirm(addr, now)
             return
-        logger.info("recv REKEY_INIT conv=%d seq=%d", self.conv, seq)
-        cp = self._crypto
-        if not old_epoch and target == cp.epoch + 1:
-            if cp.epoch >= UINT32_MAX:
-                self._terminate(CLOSE_WRAPAROUND, by_peer=False, send_close=True)
-                return
-            # seed: the responder switches after sending REKEY_ACK under the next key, seq 0;
-            # sealing it right after the switch is the same bytes (send_seq = 0, next key).
-            self._switch_epoch(now)
-            self._seal_raw(_ACK, pack_epoch(cp.epoch))
-        elif old_epoch and target == cp.epoch:
-            # The initiator is still repeating REKEY_INIT: our ACK was lost.  Seq 0 of this
-            # epoch is spent, so re-acknowledge with the next send_seq (never reuse a nonce).
-            self._seal_raw(_ACK, pack_epoch(cp.epoch))
-        else:
-            self.dropped_stale += 1
+        if not highest:
+            return
+        challenge = self._path.observe(addr, size, now)
+        if challenge is not None:
+            self._seal_raw(_CHALLENGE, challenge, to=addr)
+
+    def _migrate(self, addr: Any) -> None:
+        # The peer address changes only once the new address answered a challenge under the
+        # session keys (docs/PROTOCOL.md "Path validation").
+        old, self.peer_addr = self.peer_addr, addr
+        self._events.append(events.PeerAddressChanged(old, addr))
 
     def _receive_unsecured(self, data: bytes, addr: Any) -> None:
         """HELLO / WELCOME / garbage arriving on an established session."""
@@ -560,11 +548,12 @@ class TunnelSession:
             self.dropped_malformed += 1
             return
         if ptype == PacketType.HELLO and not self.is_client:
-            if not self.confirmed and data == self._hello and addr == self.peer_addr:
-                # Lost WELCOME: the client repeats its HELLO; repeat the same WELCOME (smaller
-                # than the HELLO, so no amplification) instead of creating a second session.
+            if not self.confirmed and data == self._hello:
+                # A copy of the HELLO, from its sender or from whoever raced it: each source gets
+                # the same WELCOME (smaller than the HELLO); the first authenticated packet then
+                # fixes the path, so a racer cannot cut the real client off.
                 self.welcomes_resent += 1
-                self._out.append(self._welcome)
+                self._probes.append((self._welcome, addr))
             else:
                 self.dropped_replay += 1
         elif ptype == PacketType.WELCOME and self.is_client:
@@ -586,12 +575,24 @@ class TunnelSession:
         if welcome.conv != self.conv:
             self.dropped_malformed += 1
             return
-        expected = crypto.handshake_mac(self._mac_key, self._hello, data[:-MAC_SIZE])
-        if not crypto.mac_equal(expected, welcome.mac):
+        body = data[:-MAC_SIZE]
+        for hello, share in reversed(self._shares):  # noqa: B007 (share: the match, below)
+            expected = crypto.handshake_mac(self._mac_key, crypto.WELCOME_LABEL, hello, body)
+            if crypto.mac_equal(expected, welcome.mac):
+                break
+        else:
             self.dropped_auth += 1
             return
-        if addr != self.peer_addr:
-            old, self.peer_addr = self.peer_addr, addr
-            self._events.append(events.PeerAddressChanged(old, addr))
-        self._establish(self._client_random, welcome.server_random, now)
+        shared = share.exchange(welcome.server_share)
+        if shared is None:
+            self.dropped_auth += 1
+            return
+        self._shares = []
+        self._set_keys(share.public, welcome.server_share, shared)
+        self._establish(now)
         self.datagrams_received += 1
+        # Confirm at once, even with no stream data yet (a server that speaks first): the server
+        # dials its target only after an authenticated packet. Repeated until it answers.
+        self._hs_interval = self.config.handshake_retry_ms
+        self._hs_retry_at = now + self._hs_interval
+        self._seal_raw(_PING, b"")

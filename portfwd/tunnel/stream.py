@@ -25,7 +25,14 @@ from portfwd.kcp import OVERHEAD as KCP_OVERHEAD
 from portfwd.kcp import Kcp, KcpConfig, ReassemblyBudget
 from portfwd.kcp.engine import DEAD_LINK_XMIT, FRG_MAX, WND_RCV_MIN
 from portfwd.tunnel import events
-from portfwd.tunnel.session import CLOSE_LOCAL, OVERHEAD, TunnelConfig, TunnelSession
+from portfwd.tunnel.session import (
+    CLOSE_LOCAL,
+    MAX_HELLOS,
+    OVERHEAD,
+    TunnelConfig,
+    TunnelSession,
+)
+from portfwd.tunnel.wire import SECURED_TYPES, TYPE_MASK
 
 RECORD_DATA = 0x00  # record type: stream bytes follow
 RECORD_FIN = 0x01  # record type: the sender's stream ended (TCP half-close)
@@ -95,6 +102,12 @@ class Conversation:
         """``budget``: receive memory shared with other conversations (a server passes one)."""
         self.session = session
         self.conv: int = session.conv
+        self._config: ConversationConfig = config
+        self._budget: ReassemblyBudget | None = budget
+        # Server: unconfirmed sessions that restart() replaced, oldest first. The client keeps
+        # its last MAX_HELLOS HELLOs and completes with a WELCOME to any of them, so a WELCOME
+        # that was late rather than lost leaves it holding the keys of one of these.
+        self._superseded: list[TunnelSession] = []
         self.kcp = Kcp(session.conv, config.kcp_config(session.overhead), budget)
         self._mtu: int = config.mtu
         self._send_limit: int = SEND_QUEUE_FACTOR * self.kcp.snd_wnd
@@ -114,6 +127,23 @@ class Conversation:
                wall_ms: int) -> Conversation:
         return cls(TunnelSession.client(config.tunnel, conv, peer_addr, now, wall_ms), config,
                    now)
+
+    def restart(self, session: TunnelSession) -> None:
+        """Carry on with ``session``, a server session for the client's fresh HELLO (a retry
+        after its WELCOME was lost) replacing the unconfirmed one; same conv.
+
+        Nothing can have moved on the stream yet: the stream never flushes KCP before the
+        session is established, and an unconfirmed server session is not. The engine is rebuilt
+        anyway, as __init__ builds it, so no state of the old session's handshake carries over.
+        """
+        if session.conv != self.conv:
+            raise ValueError(f"restart with conv {session.conv}, not {self.conv}")
+        self.kcp.discard_received()  # whatever it holds goes back to the shared budget
+        self._superseded = [*self._superseded[1 - MAX_HELLOS:], self.session]
+        self.session = session
+        self.kcp = Kcp(session.conv, self._config.kcp_config(session.overhead), self._budget)
+        self._send_limit = SEND_QUEUE_FACTOR * self.kcp.snd_wnd
+        self._kick = True
 
     # --- stream side ------------------------------------------------------------------------
 
@@ -187,6 +217,8 @@ class Conversation:
             return
         session = self.session
         session.receive_datagram(data, addr, now)
+        if self._superseded:
+            session = self._settle(session, data, addr, now)
         kcp_input = self.kcp.input
         while (event := session.next_event()) is not None:
             if type(event) is events.DatagramReceived:
@@ -195,10 +227,32 @@ class Conversation:
             else:
                 self._on_session_event(event)
 
+    def _settle(self, session: TunnelSession, data: bytes, addr: Any,
+                now: int) -> TunnelSession:
+        """Server after a restart: the session this conversation goes on with. A sealed packet
+        that did not confirm the current session may confirm one it replaced (the client
+        completed with the WELCOME to an earlier HELLO); the first to confirm wins."""
+        if session.confirmed:
+            self._superseded = []  # the others can never be confirmed now
+            return session
+        if data and (data[0] & TYPE_MASK) in SECURED_TYPES:
+            for old in reversed(self._superseded):
+                old.receive_datagram(data, addr, now)
+                if old.confirmed:
+                    self.session = old
+                    self._superseded = []
+                    return old
+        return session
+
     def _on_session_event(self, event: events.Event) -> None:
         if isinstance(event, events.ConnectionClosed):
             self.closed = True
         self._events.append(event)
+
+    def probes_to_send(self) -> list[tuple[bytes, Any]]:
+        """The session's ``(datagram, address)`` pairs for addresses other than peer_addr
+        (WELCOMEs, path challenges and responses); send each to its own address."""
+        return self.session.probes_to_send()
 
     def datagrams_to_send(self, now: int) -> list[bytes]:
         """Flush KCP if anything changed, seal its datagrams, return all to send to peer_addr."""

@@ -20,16 +20,18 @@ import enum
 import struct
 from typing import NamedTuple
 
-PROTOCOL_VERSION = 1  # carried in HELLO and WELCOME
+PROTOCOL_VERSION = 2  # carried in HELLO and WELCOME (2: X25519 key shares, path validation)
 PHASE_BIT = 0x80  # key phase flag in the type byte
 TYPE_MASK = 0x7F  # packet type bits of the type byte
 PREFIX_SIZE = 5  # bytes: type + conv, common to every packet
 HEADER_SIZE = 9  # bytes: type + conv + seq, header (and AAD) of every secured packet
 TIMESTAMP_SIZE = 8  # bytes, HELLO timestamp (Unix time in ms)
-RANDOM_SIZE = 32  # bytes, client_random / server_random
+KEY_SHARE_SIZE = 32  # bytes, an X25519 public key (RFC 7748): client_share / server_share
+COOKIE_SIZE = 16  # bytes, HELLO cookie field (all zero when the client holds no cookie)
 MAC_SIZE = 16  # bytes, truncated HMAC-SHA256 of HELLO / WELCOME
 HELLO_SIZE = 128  # bytes: HELLO is padded so WELCOME (and any retransmit of it) is smaller
-WELCOME_SIZE = PREFIX_SIZE + 1 + RANDOM_SIZE + MAC_SIZE  # 54 bytes
+WELCOME_SIZE = PREFIX_SIZE + 1 + KEY_SHARE_SIZE + MAC_SIZE  # 54 bytes
+CHALLENGE_SIZE = 8  # bytes, body of PATH_CHALLENGE / PATH_RESPONSE
 EPOCH_BODY_SIZE = 4  # bytes, plaintext body of REKEY_INIT / REKEY_ACK
 UINT32_MAX = 0xFFFFFFFF  # largest u32: conv, seq and epoch are 32-bit on the wire and in the nonce
 
@@ -44,8 +46,8 @@ PREFIX = struct.Struct(">BI")  # type byte, conv
 #        1          4            4          len(body)                     16 (0 in
 #                                                                         plaintext mode)
 HEADER = struct.Struct(">BII")  # type byte (PHASE_BIT | type), conv, seq
-_HELLO_FIELDS = struct.Struct(">BIBQ32s")  # type, conv, version, timestamp_ms, client_random
-_WELCOME_FIELDS = struct.Struct(">BIB32s")  # type, conv, version, server_random
+_HELLO_FIELDS = struct.Struct(">BIBQ32s16s")  # type, conv, version, timestamp_ms, share, cookie
+_WELCOME_FIELDS = struct.Struct(">BIB32s")  # type, conv, version, server_share
 _EPOCH = struct.Struct(">I")
 _HELLO_PAD = bytes(HELLO_SIZE - MAC_SIZE - _HELLO_FIELDS.size)
 
@@ -64,27 +66,34 @@ class PacketType(enum.IntEnum):
     REKEY_ACK = 5  #: rekey responder, sealed under the next epoch (seed)
     PING = 6  #: keepalive, empty sealed body
     CLOSE = 7  #: graceful close, empty sealed body
+    PATH_CHALLENGE = 8  #: "do you receive me at this address?", 8 random bytes, sealed
+    PATH_RESPONSE = 9  #: echo of a PATH_CHALLENGE's bytes, sealed
 
 
 SECURED_TYPES = frozenset(
     {PacketType.DATA, PacketType.REKEY_INIT, PacketType.REKEY_ACK, PacketType.PING,
-     PacketType.CLOSE}
+     PacketType.CLOSE, PacketType.PATH_CHALLENGE, PacketType.PATH_RESPONSE}
 )
+# A WELCOME, the answer to a source that has not proven it holds the session keys, is smaller
+# than the HELLO it answers; path challenges keep to 3x instead (path.py; docs/SECURITY.md,
+# "Amplification limits").
+assert WELCOME_SIZE < HELLO_SIZE
 
 
 class Hello(NamedTuple):
     conv: int  #: conversation id chosen at random by the client
     version: int  #: PROTOCOL_VERSION
     timestamp_ms: int  #: client's Unix time in ms, for the server's freshness check
-    client_random: bytes  #: 32 fresh random bytes
-    mac: bytes  #: HMAC over bytes [0, HELLO_SIZE - MAC_SIZE)
+    client_share: bytes  #: the client's ephemeral X25519 public key, fresh per HELLO
+    cookie: bytes  #: 16 bytes, zero when the client holds no cookie
+    mac: bytes  #: HMAC over "portfwd/2 hello" then bytes [0, HELLO_SIZE - MAC_SIZE)
 
 
 class Welcome(NamedTuple):
     conv: int  #: echo of the HELLO's conv
     version: int  #: PROTOCOL_VERSION
-    server_random: bytes  #: 32 fresh random bytes
-    mac: bytes  #: HMAC over the whole HELLO then bytes [0, WELCOME_SIZE - MAC_SIZE)
+    server_share: bytes  #: the server's ephemeral X25519 public key for this session
+    mac: bytes  #: HMAC over "portfwd/2 welcome", the whole HELLO, bytes [0, WELCOME_SIZE - 16)
 
 
 def peek_prefix(data: bytes) -> tuple[int, int]:
@@ -103,21 +112,24 @@ def peek_prefix(data: bytes) -> tuple[int, int]:
     return type_byte & TYPE_MASK, conv
 
 
-def pack_hello(conv: int, timestamp_ms: int, client_random: bytes) -> bytes:
+def pack_hello(conv: int, timestamp_ms: int, client_share: bytes,
+               cookie: bytes = bytes(COOKIE_SIZE)) -> bytes:
     """The authenticated part of a HELLO; the datagram is this followed by the 16-byte MAC.
 
     ::
 
-        0        1          5         6              14               46        112      128
-        +--------+----------+---------+--------------+----------------+---------+--------+
-        |0| 0x01 |   conv   | version | timestamp_ms | client_random  | zero pad|  mac   |
-        +--------+----------+---------+--------------+----------------+---------+--------+
-            1         4          1           8              32            66       16
+        0        1      5         6              14             46       62        112    128
+        +--------+------+---------+--------------+--------------+--------+---------+------+
+        |0| 0x01 | conv | version | timestamp_ms | client_share | cookie | zero pad| mac  |
+        +--------+------+---------+--------------+--------------+--------+---------+------+
+            1       4        1           8              32          16       50      16
     """
-    if len(client_random) != RANDOM_SIZE:
-        raise ValueError("client_random must be 32 bytes")
+    if len(client_share) != KEY_SHARE_SIZE:
+        raise ValueError("client_share must be 32 bytes")
+    if len(cookie) != COOKIE_SIZE:
+        raise ValueError("cookie must be 16 bytes")
     return _HELLO_FIELDS.pack(
-        PacketType.HELLO, conv, PROTOCOL_VERSION, timestamp_ms, client_random
+        PacketType.HELLO, conv, PROTOCOL_VERSION, timestamp_ms, client_share, cookie
     ) + _HELLO_PAD
 
 
@@ -125,40 +137,40 @@ def unpack_hello(data: bytes) -> Hello:
     """Parse a HELLO (layout in :func:`pack_hello`); the MAC is *not* verified here."""
     if len(data) != HELLO_SIZE:
         raise MalformedPacket(f"HELLO must be {HELLO_SIZE} bytes, got {len(data)}")
-    type_byte, conv, version, timestamp_ms, client_random = _HELLO_FIELDS.unpack_from(data)
+    type_byte, conv, version, timestamp_ms, share, cookie = _HELLO_FIELDS.unpack_from(data)
     if type_byte != PacketType.HELLO:
         raise MalformedPacket(f"not a HELLO: type byte 0x{type_byte:02x}")
     if version != PROTOCOL_VERSION:
         raise MalformedPacket(f"unsupported protocol version {version}")
-    return Hello(conv, version, timestamp_ms, client_random, bytes(data[HELLO_SIZE - MAC_SIZE:]))
+    return Hello(conv, version, timestamp_ms, share, cookie, bytes(data[HELLO_SIZE - MAC_SIZE:]))
 
 
-def pack_welcome(conv: int, server_random: bytes) -> bytes:
+def pack_welcome(conv: int, server_share: bytes) -> bytes:
     """The part of a WELCOME that the MAC covers after the HELLO; the datagram appends the MAC.
 
     ::
 
         0        1            5         6                  38       54
         +--------+------------+---------+------------------+--------+
-        |0| 0x02 |   conv     | version |  server_random   |  mac   |
+        |0| 0x02 |   conv     | version |  server_share    |  mac   |
         +--------+------------+---------+------------------+--------+
            1          4           1             32            16
     """
-    if len(server_random) != RANDOM_SIZE:
-        raise ValueError("server_random must be 32 bytes")
-    return _WELCOME_FIELDS.pack(PacketType.WELCOME, conv, PROTOCOL_VERSION, server_random)
+    if len(server_share) != KEY_SHARE_SIZE:
+        raise ValueError("server_share must be 32 bytes")
+    return _WELCOME_FIELDS.pack(PacketType.WELCOME, conv, PROTOCOL_VERSION, server_share)
 
 
 def unpack_welcome(data: bytes) -> Welcome:
     """Parse a WELCOME (layout in :func:`pack_welcome`); the MAC is *not* verified here."""
     if len(data) != WELCOME_SIZE:
         raise MalformedPacket(f"WELCOME must be {WELCOME_SIZE} bytes, got {len(data)}")
-    type_byte, conv, version, server_random = _WELCOME_FIELDS.unpack_from(data)
+    type_byte, conv, version, server_share = _WELCOME_FIELDS.unpack_from(data)
     if type_byte != PacketType.WELCOME:
         raise MalformedPacket(f"not a WELCOME: type byte 0x{type_byte:02x}")
     if version != PROTOCOL_VERSION:
         raise MalformedPacket(f"unsupported protocol version {version}")
-    return Welcome(conv, version, server_random, bytes(data[WELCOME_SIZE - MAC_SIZE:]))
+    return Welcome(conv, version, server_share, bytes(data[WELCOME_SIZE - MAC_SIZE:]))
 
 
 def pack_epoch(epoch: int) -> bytes:
