@@ -33,7 +33,8 @@ from portfwd.runtime.sockets import ListenOptions
 from portfwd.tcpfwd import cli as tcpfwd_cli
 from portfwd.tcpfwd.config import TcpConfig, tcpfwd_config
 from portfwd.tcpfwd.pump import SPLICE_AVAILABLE
-from portfwd.tunnel.session import OVERHEAD, PLAINTEXT_OVERHEAD, REKEY_SEQ_THRESHOLD, TunnelConfig
+from portfwd.tunnel.config import REKEY_SEQ_THRESHOLD
+from portfwd.tunnel.session import OVERHEAD, PLAINTEXT_OVERHEAD, TunnelConfig
 from portfwd.tunnel.stream import ConversationConfig
 from portfwd.udpfwd import cli as udpfwd_cli
 from portfwd.udpfwd.config import GSO_AVAILABLE, UdpConfig, udpfwd_config

@@ -20,7 +20,7 @@ import time
 from conftest import REPO, connect, echo_roundtrip, free_port
 from hardening import Relay, Streamer, save_datagrams
 
-from portfwd.tunnel import crypto
+from portfwd.tunnel import crypto, wire
 from portfwd.tunnel.wire import WELCOME_SIZE, pack_hello
 
 PSK = "0123456789abcdef" * 4
@@ -111,6 +111,15 @@ class SinkServer:
         self.sock.close()
 
 
+def assert_only_cookies_back(result: dict) -> None:
+    """What a fuzzing source got back: COOKIE replies only, at most one per HELLO-shaped
+    datagram it sent, so fewer bytes than it sent."""
+    assert result["bytes_received"] == result["received"] * wire.COOKIE_REPLY_SIZE, result
+    assert result["received"] <= result["kinds"].get("hello", 0) + result["kinds"].get(
+        "replay", 0), result
+    assert result["bytes_received"] < result["bytes_sent"] / 3, result
+
+
 def test_fuzz_while_transferring(tool, echo_server):
     udp, server = start_server(tool, echo_server.port, "--stats-interval", "2")
     relay = Relay(("127.0.0.1", udp))
@@ -137,8 +146,9 @@ def test_fuzz_while_transferring(tool, echo_server):
         print(f"\nfuzz: {result['sent']} datagrams ({result['bytes_sent']} B) in "
               f"{fuzz_seconds:.1f} s, kinds {result['kinds']}; valid transfer "
               f"{streamer.sent} B each way intact")
-        # No amplification, no reflection: not a single byte back to the fuzzing source.
-        assert result["received"] == 0 and result["bytes_received"] == 0
+        # No amplification: nothing back but, past the server's HELLO budget, COOKIEs for
+        # HELLO-shaped datagrams, each smaller than what it answers.
+        assert_only_cookies_back(result)
         assert result["sent"] >= min(FUZZ_COUNT, 200_000), result
         assert streamer.sent > 0
         assert echo_server.accepted == 1  # the fuzz never made the server dial
@@ -220,6 +230,16 @@ def forged_hellos(rng: random.Random, good_mac: bool, skew_ms: int) -> bytes:
     return body + rng.randbytes(16)
 
 
+def drain_datagrams(sock: socket.socket) -> list[bytes]:
+    sock.setblocking(False)
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(65536))
+        except BlockingIOError:
+            return out
+
+
 def test_hello_flood_does_not_stop_legitimate_clients(tool, echo_server):
     udp, server = start_server(tool, echo_server.port)
     port, client = start_client(tool, udp)
@@ -259,7 +279,11 @@ def test_hello_flood_does_not_stop_legitimate_clients(tool, echo_server):
     print(f"\nflood: {sent[1]} forged HELLOs ({sent[0]} B) in {elapsed:.1f} s; "
           f"5 legitimate connections transferred")
     assert sent[1] > 10_000
-    assert bytes_waiting(flooder) == 0  # amplification: 0 bytes for sent[0] received
+    # No amplification: past the HELLO budget the server answers with COOKIEs, each smaller
+    # than the HELLO, at most one per HELLO and within its reply budget.
+    replies = drain_datagrams(flooder)
+    assert all(len(reply) == wire.COOKIE_REPLY_SIZE for reply in replies)
+    assert len(replies) <= sent[1] and sum(map(len, replies)) < sent[0] / 3
     flooder.close()
     assert echo_server.accepted == 5  # only the legitimate ones reached the target
     rejected = re.findall(r"handshake rejected from .*", server.log())
@@ -270,27 +294,36 @@ def test_hello_flood_does_not_stop_legitimate_clients(tool, echo_server):
 
 
 def test_pending_cap_then_recovery(tool, echo_server):
-    """Authenticated HELLOs that never continue fill --max-pending; a legitimate client gets in
-    once they expire (the unconfirmed ones at the idle timeout, --keepalive), the target never
-    sees them, and the refusals are logged once."""
+    """Authenticated HELLOs that never continue fill --max-pending, one source prefix at most
+    its share of it; a legitimate client gets in once they expire (the unconfirmed ones at the
+    idle timeout, --keepalive), the target never sees them, and the refusals are logged once."""
     udp, server = start_server(tool, echo_server.port, "--max-pending", "4", "--keepalive", "3")
     port, client = start_client(tool, udp)
-    holder = bound_udp("127.0.0.2")
+    # Four sources in four /24s (a prefix may hold a quarter of the cap), none in the client's.
+    holders = [bound_udp(f"127.0.{i}.2") for i in range(1, 5)]
     rng = random.Random(9)
-    for _ in range(10):
+    first = holders[0]
+    first.sendto(forged_hellos(rng, True, 0), ("127.0.0.1", udp))
+    first.sendto(forged_hellos(rng, True, 0), ("127.0.0.1", udp))  # over its prefix's share
+    server.wait_for_log(r"pending sessions from 127\.0\.1\.2:\d+'s prefix at their share")
+    for holder in holders[1:]:
         holder.sendto(forged_hellos(rng, True, 0), ("127.0.0.1", udp))
+    for _ in range(3):
+        first.sendto(forged_hellos(rng, True, 0), ("127.0.0.1", udp))
     server.wait_for_log(r"pending session cap \(--max-pending 4\) reached")
     # The 4 pending sessions answered with one WELCOME each and dialled nothing: the target is
     # reached only after the client's first sealed packet, which a HELLO alone never gives.
-    wait_until(lambda: bytes_waiting(holder) == 4 * WELCOME_SIZE, 5, "4 WELCOMEs")
+    for holder in holders:
+        wait_until(lambda h=holder: bytes_waiting(h) == WELCOME_SIZE, 5, "one WELCOME each")
     started = time.monotonic()
     with connect("127.0.0.1", port) as sock:  # waits for the pending ones to expire
         echo_roundtrip(sock, 100_000)
     assert time.monotonic() - started < 12
     assert echo_server.accepted == 1
-    assert bytes_waiting(holder) == 0  # nothing more for the HELLOs' source
+    for holder in holders:
+        assert bytes_waiting(holder) == 0  # nothing more for the HELLOs' sources
+        holder.close()
     assert len(re.findall("pending session cap", server.log())) == 1
-    holder.close()
     assert_clean(server, client)
     assert client.stop() == 0 and server.stop() == 0
 

@@ -23,12 +23,12 @@ from portfwd.tunnel.events import (
     RekeyStarted,
 )
 from portfwd.tunnel.handshake import HandshakeAcceptor
+from portfwd.tunnel.rekey import CLOSE_REKEY_TIMEOUT
 from portfwd.tunnel.session import (
     CLOSE_BY_PEER,
     CLOSE_HANDSHAKE_TIMEOUT,
     CLOSE_LOCAL,
     CLOSE_PEER_SILENT,
-    CLOSE_REKEY_TIMEOUT,
     CLOSE_WRAPAROUND,
     MAX_PAYLOAD_SIZE,
     TunnelConfig,
@@ -202,28 +202,59 @@ def test_hello_cache_is_bounded_in_size_and_time() -> None:
     assert acceptor.cache_size == 1
 
 
-def test_handshake_rate_limit_per_source_host() -> None:
+def hello_from(config: TunnelConfig, rng: random.Random, forged: bool = False) -> bytes:
+    data = bytearray(TunnelSession.client(config, rng.getrandbits(32), SERVER_ADDR, 0, WALL,
+                                          rng.randbytes).datagrams_to_send(0)[0])
+    if forged:
+        data[-1] ^= 1  # bad MAC
+    return bytes(data)
+
+
+def test_bad_hellos_from_a_prefix_make_it_prove_its_address_not_lose_it() -> None:
     config = make_config(handshake_rate_per_s=1.0, handshake_burst=2)
     acceptor = HandshakeAcceptor(config, random.Random(5).randbytes)
     rng = random.Random(6)
+    attacker, victim = ("203.0.113.7", 1), ("203.0.113.99", 4000)  # one /24
+    assert acceptor.accept(hello_from(config, rng, forged=True), attacker, 0, WALL) is None
+    assert acceptor.accept(hello_from(config, rng, forged=True), attacker, 0, WALL) is None
+    assert acceptor.dropped_auth == 2 and acceptor.replies_to_send() == []
+    # The prefix spent its tokens: the victim's HELLO is not verified but answered with a cookie.
+    client = TunnelSession.client(config, CONV, SERVER_ADDR, 0, WALL, rng.randbytes)
+    [hello] = client.datagrams_to_send(0)
+    assert acceptor.accept(hello, victim, 0, WALL) is None
+    [(reply, to)] = acceptor.replies_to_send()
+    assert to == victim and len(reply) == wire.COOKIE_REPLY_SIZE < len(hello)
+    # The client repeats its HELLO with the cookie at once, and that one is verified.
+    client.receive_datagram(reply, SERVER_ADDR, 1)
+    [again] = client.datagrams_to_send(1)
+    assert client.hellos.cookie != wire.NO_COOKIE and client.cookies_received == 1
+    assert acceptor.accept(again, victim, 1, WALL + 1) is not None
+    assert acceptor.cookie_hellos == 1
+    # The cookie is the victim's address's: from the attacker's it proves nothing.
+    stolen = bytearray(hello_from(config, rng, forged=True))
+    stolen[wire.HELLO_COOKIE_OFFSET:wire.HELLO_COOKIE_OFFSET + 16] = client.hellos.cookie
+    assert acceptor.accept(bytes(stolen), attacker, 2, WALL + 2) is None
+    assert [to for _, to in acceptor.replies_to_send()] == [attacker]
+    assert acceptor.accept(hello_from(config, rng), CLIENT_ADDR, 2, WALL) is not None  # elsewhere
+    assert acceptor.accept(hello_from(config, rng), attacker, 2000, WALL + 2000) is not None
 
-    def hello() -> bytes:
-        return TunnelSession.client(config, rng.getrandbits(32), SERVER_ADDR, 0, WALL,
-                                    rng.randbytes).datagrams_to_send(0)[0]
 
-    def forged() -> bytes:
-        data = bytearray(hello())
-        data[-1] ^= 1  # bad MAC
-        return bytes(data)
-
-    attacker = ("203.0.113.7", 1)
-    assert acceptor.accept(forged(), attacker, 0, WALL) is None
-    assert acceptor.accept(forged(), (attacker[0], 2), 0, WALL) is None
-    assert acceptor.dropped_auth == 2 and acceptor.dropped_rate == 0
-    assert acceptor.accept(hello(), attacker, 0, WALL) is None  # bucket empty: not even valid
-    assert acceptor.dropped_rate == 1
-    assert acceptor.accept(hello(), CLIENT_ADDR, 0, WALL) is not None  # other host unaffected
-    assert acceptor.accept(hello(), attacker, 1000, WALL + 1000) is not None  # refilled
+def test_over_the_verify_budget_hellos_get_cookies_within_the_reply_budget() -> None:
+    config = make_config(hello_verify_rate_per_s=2, cookie_reply_rate_per_s=3,
+                         handshake_rate_per_s=0)
+    acceptor = HandshakeAcceptor(config, random.Random(5).randbytes)
+    rng = random.Random(7)
+    sources = [(f"198.18.{i}.1", 1000 + i) for i in range(10)]  # spoofed, one per /24
+    results = [acceptor.accept(hello_from(config, rng, forged=True), src, 0, WALL)
+               for src in sources]
+    assert results == [None] * 10
+    assert acceptor.dropped_auth == 2  # only the budget's two were verified at all
+    assert acceptor.cookies_sent == 3 and acceptor.dropped_load == 5
+    replies = acceptor.replies_to_send()
+    assert [to for _, to in replies] == sources[2:5]
+    assert all(len(reply) < wire.HELLO_SIZE for reply, _ in replies)
+    # A second later the budgets have refilled.
+    assert acceptor.accept(hello_from(config, rng), CLIENT_ADDR, 1000, WALL + 1000) is not None
 
 
 def test_valid_hellos_spend_no_tokens() -> None:

@@ -10,7 +10,7 @@ from portfwd.kcptcp.client import TunnelClient
 from portfwd.kcptcp.config import UDP_BUFFER, client_config, server_config
 from portfwd.kcptcp.server import TunnelServer
 from portfwd.runtime import daemon
-from portfwd.tunnel.session import REKEY_SEQ_THRESHOLD, REKEY_TIMEOUT_MS
+from portfwd.tunnel.config import REKEY_SEQ_THRESHOLD, REKEY_TIMEOUT_MS
 
 # The options both tools share, in each tool's docopt usage text (the seed's list, then ours).
 OPTIONS = f"""Options:

@@ -29,6 +29,7 @@ from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.metrics import ErrorCounts
 from portfwd.runtime.sockets import cooperative, set_buffers
 from portfwd.tunnel.stream import Conversation
+from portfwd.tunnel.wire import NO_COOKIE
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class TunnelClient(ConversationService):
         self.accept_loop = AcceptLoop(listener, self._handle)
         self.udp_open_failures = ErrorCounts()
         self._stats: gevent.Greenlet | None = None
+        # The cookie a loaded server last gave one of our conversations: every new HELLO
+        # carries it, so one round trip proves this host's address for all of them.
+        self.cookie: bytes = NO_COOKIE
         self._faults = RateLimitedLog(log)
 
     def start(self) -> None:
@@ -89,7 +93,7 @@ class TunnelClient(ConversationService):
         udp = UdpEndpoint(udp_sock)
         conv_id = random_conv()
         conv = Conversation.client(self.config.conversation, conv_id, self.remote.sockaddr,
-                                   now_ms(), wall_ms())
+                                   now_ms(), wall_ms(), self.cookie)
         driver = ConversationDriver(conv, udp, f"conv={conv_id}")
         self.drivers[conv_id] = driver
         receiver = gevent.spawn(self._receive, driver, udp)
@@ -108,11 +112,13 @@ class TunnelClient(ConversationService):
                      driver.close_reason, conv.bytes_sent, conv.bytes_received,
                      time.monotonic() - driver.started)
 
-    @staticmethod
-    def _receive(driver: ConversationDriver, udp: UdpEndpoint) -> None:
+    def _receive(self, driver: ConversationDriver, udp: UdpEndpoint) -> None:
+        session = driver.conv.session
         while True:
             batch = udp.recv_batch()
             now = now_ms()
             for data, addr in batch:
                 driver.datagram_received(data, addr, now)
+            if not session.confirmed and session.hellos.cookie != self.cookie:
+                self.cookie = session.hellos.cookie  # a COOKIE came: share it
             driver.transmit()

@@ -17,7 +17,7 @@ from portfwd.runtime.config import listen_options
 from portfwd.runtime.environment import Environment
 from portfwd.runtime.options import Options
 from portfwd.runtime.sockets import CONNECT_TIMEOUT, ListenOptions
-from portfwd.tunnel.session import (
+from portfwd.tunnel.config import (
     REKEY_GRACE_MS,
     REKEY_SEQ_THRESHOLD,
     REKEY_TIMEOUT_MS,

@@ -37,12 +37,14 @@ from portfwd.runtime.addr import format_sockaddr
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.metrics import ErrorCounts
 from portfwd.runtime.sockets import cooperative, dial_tcp
+from portfwd.tunnel.cookie import source_prefix
 from portfwd.tunnel.handshake import HandshakeAcceptor
 from portfwd.tunnel.stream import Conversation
 from portfwd.tunnel.wire import TYPE_MASK, MalformedPacket, PacketType, peek_prefix
 
 log = logging.getLogger(__name__)
 
+PENDING_PREFIX_SHARE = 4  # a source prefix may hold 1/4 of --max-pending unconfirmed sessions
 EVICT_MIN_IDLE_MS = 2000  # ms without stream bytes before a session may be evicted at the cap
 _HELLO = int(PacketType.HELLO)
 
@@ -69,7 +71,11 @@ class TunnelServer(ConversationService):
         self.evicted = 0  # idle sessions closed to make room at max_sessions
         self.restarted = 0  # unconfirmed sessions replaced by their client's retried HELLO
         self.dial_failures = ErrorCounts()  # connects to the target, by errno name
-        self._pending: set[int] = set()  # convs created and not yet seen confirmed
+        # Conversations whose client has not yet proven its keys, and their source prefixes:
+        # counted, so the caps cost O(1) per HELLO whatever is pending.
+        self._pending: dict[ConversationDriver, str] = {}
+        self._pending_by_prefix: dict[str, int] = {}
+        self._prefix_quota = max(1, self.limits.max_pending // PENDING_PREFIX_SHARE)
         self.accepting = True
         self._greenlets: list[gevent.Greenlet] = []
         self._faults = RateLimitedLog(log)
@@ -133,15 +139,26 @@ class TunnelServer(ConversationService):
                 touched[conv_id] = driver
             for driver in touched.values():
                 driver.transmit()
+            for reply, addr in self.handshakes.replies_to_send():  # COOKIEs, under load
+                self.udp.send([reply], addr)
 
     def _new_conversation(self, hello: bytes, addr: tuple, now: int) -> ConversationDriver | None:
         # Checked before the acceptor so a refused HELLO is not consumed: the client's
         # retransmission can still succeed once a pending session confirms or expires.
-        if self._pending_full():
+        prefix = source_prefix(addr[0])
+        if len(self._pending) >= self.limits.max_pending:
             self.refused_pending += 1
             self._faults.warning("pending", "pending session cap (--max-pending %d) reached: "
                                  "HELLO from %s ignored", self.limits.max_pending,
                                  format_sockaddr(addr))
+            return None
+        if self._pending_by_prefix.get(prefix, 0) >= self._prefix_quota:
+            # One source (a replaying or racing PSK holder) cannot take every pending slot.
+            self.refused_pending += 1
+            self._faults.warning("pending-prefix", "pending sessions from %s's prefix at their "
+                                 "share (%d of --max-pending %d): HELLO ignored",
+                                 format_sockaddr(addr), self._prefix_quota,
+                                 self.limits.max_pending)
             return None
         session = self.handshakes.accept(hello, addr, now, wall_ms())
         if session is None:
@@ -155,7 +172,8 @@ class TunnelServer(ConversationService):
         conv = Conversation(session, self.config.conversation, now, self.reassembly)
         driver = ConversationDriver(conv, self.udp, f"conv={conv.conv}")
         self.drivers[conv.conv] = driver
-        self._pending.add(conv.conv)
+        self._pending[driver] = prefix
+        self._pending_by_prefix[prefix] = self._pending_by_prefix.get(prefix, 0) + 1
         self.conversations.spawn(self._serve, driver)
         return driver
 
@@ -177,18 +195,15 @@ class TunnelServer(ConversationService):
         self.restarted += 1
         return True
 
-    def _pending_full(self) -> bool:
-        """True if max_pending unconfirmed sessions exist; prunes the set only when it is full
-        (so the common path is O(1) and a full check costs at most max_pending lookups)."""
-        pending = self._pending
-        if len(pending) < self.limits.max_pending:
-            return False
-        drivers = self.drivers
-        for conv_id in list(pending):
-            driver = drivers.get(conv_id)
-            if driver is None or driver.conv.session.confirmed:
-                pending.discard(conv_id)
-        return len(pending) >= self.limits.max_pending
+    def _unpend(self, driver: ConversationDriver) -> None:
+        """``driver``'s client proved its keys, or the conversation is over."""
+        prefix = self._pending.pop(driver, None)
+        if prefix is not None:
+            left = self._pending_by_prefix[prefix] - 1
+            if left:
+                self._pending_by_prefix[prefix] = left
+            else:
+                del self._pending_by_prefix[prefix]
 
     def _evict_idle(self, now: int) -> bool:
         """Close the least recently active session if it is idle enough; True if one was."""
@@ -201,7 +216,7 @@ class TunnelServer(ConversationService):
                              now - victim.last_active)
         # Out of the table now (its conv id may be reused at once); _serve finishes the close.
         del self.drivers[victim.conv.conv]
-        self._pending.discard(victim.conv.conv)
+        self._unpend(victim)
         victim.abort("evicted: session cap")
         return True
 
@@ -213,6 +228,7 @@ class TunnelServer(ConversationService):
             # authenticated packet, HandshakeCompleted): a replayed or raced HELLO gets a
             # WELCOME and expires without the target ever seeing a connection.
             gevent.wait([driver.established, driver.finished], count=1)
+            self._unpend(driver)
             if driver.established.is_set() and not driver.finished.is_set():
                 target = self._dial(driver)
                 if target is not None:
@@ -223,7 +239,7 @@ class TunnelServer(ConversationService):
         finally:
             self._retire(driver)
             conv.discard_received()  # its unread bytes go back to self.reassembly
-            self._pending.discard(conv.conv)
+            self._unpend(driver)
             log.info("%s closed (%s): %d bytes up, %d down", driver.name, driver.close_reason,
                      conv.bytes_received, conv.bytes_sent)
 

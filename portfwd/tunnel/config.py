@@ -37,9 +37,15 @@ class TunnelConfig:
     idle_timeout_ms: int = 30000  #: ms without an authenticated packet before closing
     timestamp_window_ms: int = 30000  #: ms of clock difference a HELLO timestamp may have
     hello_cache_size: int = 65536  #: entries in the server's HELLO replay cache (size bound)
-    handshake_rate_per_s: float = 20.0  #: HELLOs per second per source host (0 = unlimited)
-    handshake_burst: int = 40  #: HELLO burst per source host
-    rate_table_size: int = 4096  #: source hosts tracked by the handshake rate limiter (LRU)
+    handshake_rate_per_s: float = 20.0  #: rejected HELLOs per second per source prefix (/24,
+    #: /64) before its HELLOs need a cookie (0 = unlimited)
+    handshake_burst: int = 40  #: rejected-HELLO burst per source prefix
+    rate_table_size: int = 4096  #: source prefixes tracked by the rate limiters (LRU)
+    hello_verify_rate_per_s: float = 2000.0  #: HELLOs verified per second without a cookie;
+    #: beyond, a HELLO without a valid cookie is answered with one, not verified (0 = unlimited)
+    cookie_reply_rate_per_s: float = 10000.0  #: COOKIE replies per second at most
+    cookie_hello_rate_per_s: float = 5000.0  #: HELLOs with a valid cookie verified per second
+    #: per source prefix
     max_pending_payloads: int = 4096  #: payloads queued before the handshake completes
     initial_send_seq: int = 0  #: send_seq of epoch 0 (tests of the wraparound guard)
 
@@ -56,7 +62,8 @@ class TunnelConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         for name in ("rekey_grace_ms", "timestamp_window_ms", "max_pending_payloads",
-                     "handshake_rate_per_s", "handshake_burst"):
+                     "handshake_rate_per_s", "handshake_burst", "hello_verify_rate_per_s",
+                     "cookie_reply_rate_per_s", "cookie_hello_rate_per_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if self.rekey_grace_ms < self.rekey_timeout_ms:

@@ -21,8 +21,20 @@ from collections.abc import Callable
 from typing import Any
 
 from . import crypto
+from .cookie import CookieJar, TokenBucket, source_prefix
 from .session import TunnelConfig, TunnelSession
-from .wire import MAC_SIZE, MalformedPacket, unpack_hello
+from .wire import (
+    COOKIE_SIZE,
+    HELLO_COOKIE_OFFSET,
+    HELLO_SIZE,
+    MAC_SIZE,
+    NO_COOKIE,
+    PREFIX,
+    MalformedPacket,
+    PacketType,
+    pack_cookie,
+    unpack_hello,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +56,18 @@ class HandshakeAcceptor:
         self._mac_key: bytes = crypto.handshake_mac_key(config.psk)
         # client_share -> wall-clock ms after which a replay of it would be stale anyway.
         self._seen: OrderedDict[bytes, int] = OrderedDict()
-        # source host -> (tokens, last refill ms); LRU-bounded so a spoofing flood cannot grow it.
+        # source prefix -> (tokens, last refill ms) for rejected HELLOs; LRU-bounded so a
+        # spoofing flood cannot grow it.
         self._buckets: OrderedDict[Any, tuple[float, int]] = OrderedDict()
+        # Load control (cookie.py): without a cookie, HELLOs are verified within one global
+        # budget; with a valid one, within their prefix's own.
+        self._cookies: CookieJar = CookieJar(random_bytes, 0)
+        self._verify_budget = TokenBucket(config.hello_verify_rate_per_s,
+                                          config.hello_verify_rate_per_s, 0)
+        self._reply_budget = TokenBucket(config.cookie_reply_rate_per_s,
+                                         config.cookie_reply_rate_per_s, 0)
+        self._proven: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._replies: list[tuple[bytes, Any]] = []
         self._next_log_ms: int | None = None
         self.accepted: int = 0  #: sessions created
         self.dropped_malformed: int = 0  #: not a well-formed HELLO
@@ -55,6 +77,9 @@ class HandshakeAcceptor:
         self.dropped_before_start: int = 0  #: stamped before this server started
         self.dropped_rate: int = 0  #: source host over its handshake rate
         self.dropped_cache_full: int = 0  #: replay cache full of live entries (fail closed)
+        self.dropped_load: int = 0  #: no valid cookie, over the verify and the reply budgets
+        self.cookies_sent: int = 0  #: COOKIE replies (HELLOs not verified: under load)
+        self.cookie_hellos: int = 0  #: HELLOs that came with a valid cookie
 
     @property
     def cache_size(self) -> int:
@@ -68,49 +93,58 @@ class HandshakeAcceptor:
         with the HELLO's timestamp.
         """
         cfg = self.config
-        # The bucket is checked first (an empty one skips the HMAC: a flood costs no crypto)
-        # but only *rejected* HELLOs spend tokens. One kcptcp-client is one source host for
-        # all its TCP connections; charging its valid HELLOs capped it at handshake_rate_per_s
-        # new connections per second (20/s), while authenticated HELLOs are already bounded by
-        # the server's --max-pending / --max-sessions caps.
         host = addr[0] if isinstance(addr, tuple) else addr
-        if not self._has_token(host, now):
-            self.dropped_rate += 1
-            self._log_failure(now, "rate limited", addr)
+        prefix = source_prefix(host)
+        cookie = data[HELLO_COOKIE_OFFSET:HELLO_COOKIE_OFFSET + COOKIE_SIZE]
+        proven = (len(data) == HELLO_SIZE and cookie != NO_COOKIE
+                  and self._cookies.valid(cookie, host, now))
+        if proven:
+            # A real address (it received our COOKIE): its prefix's own budget, whatever
+            # spoofed floods did to the global one or to its bucket of rejected HELLOs.
+            self.cookie_hellos += 1
+            if not self._take(self._proven, prefix, cfg.cookie_hello_rate_per_s, now):
+                self.dropped_rate += 1
+                self._log_failure(now, "rate limited (with cookie)", addr)
+                return None
+        elif not self._verify_budget.take(now) or not self._has_token(prefix, now):
+            # Under load, or this prefix sent too many bad HELLOs: verify nothing, answer with
+            # a cookie so a real client can prove its address. Only *rejected* HELLOs spend a
+            # prefix's tokens: one kcptcp-client is one source for all its connections.
+            self._answer_with_cookie(data, addr, host, now)
             return None
         try:
             hello = unpack_hello(data)
         except MalformedPacket:
             self.dropped_malformed += 1
-            self._spend_token(host)
+            self._spend_token(prefix, proven)
             return None
         expected = crypto.handshake_mac(self._mac_key, crypto.HELLO_LABEL, data[:-MAC_SIZE])
         if not crypto.mac_equal(expected, hello.mac):
             self.dropped_auth += 1
-            self._spend_token(host)
+            self._spend_token(prefix, proven)
             self._log_failure(now, "bad MAC (wrong PSK?)", addr)
             return None
         window = cfg.timestamp_window_ms
         if abs(wall_ms - hello.timestamp_ms) > window:
             self.dropped_stale += 1
-            self._spend_token(host)
+            self._spend_token(prefix, proven)
             self._log_failure(now, "stale timestamp (clock skew?)", addr)
             return None
         if self._started_wall_ms is not None and hello.timestamp_ms < self._started_wall_ms:
             self.dropped_before_start += 1
-            self._spend_token(host)
+            self._spend_token(prefix, proven)
             self._log_failure(now, "stamped before the server started (a replay?)", addr)
             return None
         self._expire(wall_ms)
         if hello.client_share in self._seen:
             self.dropped_replay += 1
-            self._spend_token(host)
+            self._spend_token(prefix, proven)
             self._log_failure(now, "replayed HELLO", addr)
             return None
         if len(self._seen) >= cfg.hello_cache_size:
             # Evicting a live entry would re-open a replay hole: refuse instead (fail closed).
             self.dropped_cache_full += 1
-            self._spend_token(host)
+            self._spend_token(prefix, proven)
             self._log_failure(now, "replay cache full", addr)
             return None
         # Any replay later than 2 windows after now carries a timestamp older than
@@ -124,6 +158,35 @@ class HandshakeAcceptor:
         self.accepted += 1
         return session
 
+    def replies_to_send(self) -> list[tuple[bytes, Any]]:
+        """``(COOKIE datagram, address)`` pairs queued by :meth:`accept` under load."""
+        replies, self._replies = self._replies, []
+        return replies
+
+    def _answer_with_cookie(self, data: bytes, addr: Any, host: str, now: int) -> None:
+        """A COOKIE for a HELLO-sized datagram, stateless and smaller than it, within the reply
+        budget; past that the HELLO is dropped: a flood then costs a few comparisons each."""
+        if len(data) != HELLO_SIZE or data[0] != PacketType.HELLO:
+            self.dropped_malformed += 1
+            return
+        if not self._reply_budget.take(now):
+            self.dropped_load += 1
+            self._log_failure(now, "over the handshake budget", addr)
+            return
+        conv = PREFIX.unpack_from(data)[1]
+        self._replies.append((pack_cookie(conv, data[-MAC_SIZE:], self._cookies.make(host, now)),
+                              addr))
+        self.cookies_sent += 1
+
+    def _take(self, table: OrderedDict[str, TokenBucket], key: str, rate: float,
+              now: int) -> bool:
+        """One token from ``key``'s bucket in ``table`` (an LRU of rate_table_size buckets)."""
+        bucket = table.pop(key, None) or TokenBucket(rate, rate, now)
+        table[key] = bucket
+        if len(table) > self.config.rate_table_size:
+            table.popitem(last=False)
+        return bucket.take(now)
+
     def _expire(self, wall_ms: int) -> None:
         seen = self._seen
         # Insertion order is expiry order as long as the wall clock does not step back; a step
@@ -135,7 +198,8 @@ class HandshakeAcceptor:
             del seen[first]
 
     def _has_token(self, host: Any, now: int) -> bool:
-        """Refill ``host``'s bucket to ``now``; True if it holds a whole token."""
+        """Refill the bucket of rejected HELLOs of ``host`` (a prefix) to ``now``; True if it
+        holds a whole token."""
         rate = self.config.handshake_rate_per_s
         if rate <= 0:
             return True
@@ -148,8 +212,11 @@ class HandshakeAcceptor:
             buckets.popitem(last=False)
         return tokens >= 1.0
 
-    def _spend_token(self, host: Any) -> None:
-        """Charge ``host`` one token for a rejected HELLO (after :meth:`_has_token`)."""
+    def _spend_token(self, host: Any, proven: bool = False) -> None:
+        """Charge ``host`` (a prefix) one token for a rejected HELLO (after :meth:`_has_token`);
+        a HELLO with a valid cookie is charged to its own budget instead."""
+        if proven:
+            return
         entry = self._buckets.get(host)
         if entry is not None:
             self._buckets[host] = (entry[0] - 1.0, entry[1])
@@ -160,6 +227,7 @@ class HandshakeAcceptor:
         self._next_log_ms = now + FAILURE_LOG_INTERVAL_MS
         logger.warning(
             "handshake rejected from %s: %s (totals: auth=%d stale=%d replay=%d rate=%d "
-            "malformed=%d cache_full=%d before_start=%d)", addr, what, self.dropped_auth,
-            self.dropped_stale, self.dropped_replay, self.dropped_rate, self.dropped_malformed,
-            self.dropped_cache_full, self.dropped_before_start)
+            "malformed=%d cache_full=%d before_start=%d load=%d cookies=%d)", addr, what,
+            self.dropped_auth, self.dropped_stale, self.dropped_replay, self.dropped_rate,
+            self.dropped_malformed, self.dropped_cache_full, self.dropped_before_start,
+            self.dropped_load, self.cookies_sent)

@@ -32,12 +32,9 @@ from collections.abc import Callable
 from typing import Any
 
 from . import crypto, events
-from .config import REKEY_GRACE_MS as REKEY_GRACE_MS
-from .config import REKEY_SEQ_THRESHOLD as REKEY_SEQ_THRESHOLD
-from .config import REKEY_TIMEOUT_MS as REKEY_TIMEOUT_MS
 from .config import TunnelConfig
+from .hello import ClientHellos
 from .path import PathValidator
-from .rekey import CLOSE_REKEY_TIMEOUT as CLOSE_REKEY_TIMEOUT
 from .rekey import CLOSE_WRAPAROUND, Rekeying
 from .replay import ReplayWindow
 from .wire import (
@@ -45,12 +42,12 @@ from .wire import (
     HEADER,
     HEADER_SIZE,
     MAC_SIZE,
+    NO_COOKIE,
     PHASE_BIT,
     TYPE_MASK,
     UINT32_MAX,
     MalformedPacket,
     PacketType,
-    pack_hello,
     pack_welcome,
     peek_prefix,
     unpack_welcome,
@@ -71,7 +68,6 @@ CLOSE_BY_PEER = "closed by peer"
 CLOSE_HANDSHAKE_TIMEOUT = "handshake timeout"
 CLOSE_PEER_SILENT = "peer silent"
 
-MAX_HELLOS = 8  # client: HELLOs remembered, so a WELCOME to any recent retry still completes
 
 # Plain ints for the per-packet path: comparing an int with an IntEnum member costs ~70 ns.
 _DATA, _INIT, _ACK, _PING, _CLOSE, _CHALLENGE, _RESPONSE = (
@@ -111,8 +107,7 @@ class TunnelSession(Rekeying):
         self._crypto: crypto.CryptoPair | None = None
         self._hello: bytes = b""  # the latest HELLO (server: to recognise copies of it)
         self._welcome: bytes = b""  # server: the WELCOME to repeat to a copy of the HELLO
-        self._shares: list[tuple[bytes, crypto.KeyShare]] = []  # client: recent HELLOs, keys
-        self._wall_offset: int = 0  # client: Unix ms minus monotonic ms, for fresh HELLOs
+        self.hellos: ClientHellos | None = None  #: client: its HELLOs (count, cookie)
         self._probes: list[tuple[bytes, Any]] = []  # datagrams for other addresses than the path
         self._hs_deadline: int = now + config.handshake_timeout_ms
         self._hs_retry_at: int = now + config.handshake_retry_ms
@@ -144,28 +139,27 @@ class TunnelSession(Rekeying):
         self.dropped_stale: int = 0  #: no usable key: old epoch past grace, early, or closed
         self.dropped_send_queue: int = 0  #: payloads dropped: queue full before the handshake
         self.welcomes_resent: int = 0  #: server: WELCOME repeated for a copy of the HELLO
-        self.hellos_sent: int = 0  #: client: HELLOs made (each retry is a fresh one)
+        self.cookies_received: int = 0  #: client: COOKIEs from a loaded server (HELLO resent)
 
     # --- construction ---------------------------------------------------------------------
 
     @classmethod
     def client(cls, config: TunnelConfig, conv: int, peer_addr: Any, now: int, wall_ms: int,
-               random_bytes: Callable[[int], bytes] = os.urandom) -> TunnelSession:
-        """A client session with its HELLO queued; ``wall_ms`` is Unix time in ms."""
+               random_bytes: Callable[[int], bytes] = os.urandom,
+               cookie: bytes = NO_COOKIE) -> TunnelSession:
+        """A client session with its HELLO queued; ``wall_ms`` is Unix time in ms; ``cookie``
+        one a loaded server gave an earlier conversation of this client (``hellos.cookie``)."""
         self = cls(config, conv, True, peer_addr, now, random_bytes)
-        self._wall_offset = wall_ms - now
+        self.hellos = ClientHellos(self._mac_key, conv, wall_ms - now, random_bytes, cookie)
         self._queue_hello(now)
         return self
 
     def _queue_hello(self, now: int) -> None:
         """A fresh HELLO (new key share, current timestamp): a retry is never a copy, so a HELLO
         seen by a server that restarted since carries a time it can tell from its start."""
-        share = crypto.KeyShare(self._random_bytes(crypto.SHARE_SIZE))
-        body = pack_hello(self.conv, now + self._wall_offset, share.public)
-        self._hello = body + crypto.handshake_mac(self._mac_key, crypto.HELLO_LABEL, body)
-        self._shares = [*self._shares[1 - MAX_HELLOS:], (self._hello, share)]
+        self._hello = self.hellos.next(now)
         self._out.append(self._hello)
-        self.hellos_sent += 1
+
 
     @classmethod
     def server_from_hello(cls, config: TunnelConfig, hello: bytes, client_share: bytes,
@@ -565,6 +559,9 @@ class TunnelSession(Rekeying):
         """Client in HANDSHAKE: only a WELCOME that answers our HELLO is of interest."""
         try:
             ptype, conv = peek_prefix(data)
+            if ptype == PacketType.COOKIE:
+                self._receive_cookie(data, now)
+                return
             if ptype != PacketType.WELCOME:
                 self.dropped_stale += 1  # sealed packets before we have keys: unusable
                 return
@@ -575,19 +572,11 @@ class TunnelSession(Rekeying):
         if welcome.conv != self.conv:
             self.dropped_malformed += 1
             return
-        body = data[:-MAC_SIZE]
-        for hello, share in reversed(self._shares):  # noqa: B007 (share: the match, below)
-            expected = crypto.handshake_mac(self._mac_key, crypto.WELCOME_LABEL, hello, body)
-            if crypto.mac_equal(expected, welcome.mac):
-                break
-        else:
-            self.dropped_auth += 1
-            return
-        shared = share.exchange(welcome.server_share)
+        share = self.hellos.answered_by(welcome, data[:-MAC_SIZE])
+        shared = None if share is None else share.exchange(welcome.server_share)
         if shared is None:
             self.dropped_auth += 1
             return
-        self._shares = []
         self._set_keys(share.public, welcome.server_share, shared)
         self._establish(now)
         self.datagrams_received += 1
@@ -596,3 +585,13 @@ class TunnelSession(Rekeying):
         self._hs_interval = self.config.handshake_retry_ms
         self._hs_retry_at = now + self._hs_interval
         self._seal_raw(_PING, b"")
+
+    def _receive_cookie(self, data: bytes, now: int) -> None:
+        """A loaded server asks for our HELLO again with its cookie: at once, not at the next
+        retry (the cookie proves our address, so that HELLO is verified)."""
+        if not self.hellos.take_cookie(data):
+            self.dropped_malformed += 1
+            return
+        self.cookies_received += 1
+        self._queue_hello(now)
+        self._hs_retry_at = now + self._hs_interval

@@ -25,14 +25,14 @@ from portfwd.kcp import OVERHEAD as KCP_OVERHEAD
 from portfwd.kcp import Kcp, KcpConfig, ReassemblyBudget
 from portfwd.kcp.engine import DEAD_LINK_XMIT, FRG_MAX, WND_RCV_MIN
 from portfwd.tunnel import events
+from portfwd.tunnel.hello import MAX_HELLOS
 from portfwd.tunnel.session import (
     CLOSE_LOCAL,
-    MAX_HELLOS,
     OVERHEAD,
     TunnelConfig,
     TunnelSession,
 )
-from portfwd.tunnel.wire import SECURED_TYPES, TYPE_MASK
+from portfwd.tunnel.wire import NO_COOKIE, SECURED_TYPES, TYPE_MASK
 
 RECORD_DATA = 0x00  # record type: stream bytes follow
 RECORD_FIN = 0x01  # record type: the sender's stream ended (TCP half-close)
@@ -124,9 +124,9 @@ class Conversation:
 
     @classmethod
     def client(cls, config: ConversationConfig, conv: int, peer_addr: Any, now: int,
-               wall_ms: int) -> Conversation:
-        return cls(TunnelSession.client(config.tunnel, conv, peer_addr, now, wall_ms), config,
-                   now)
+               wall_ms: int, cookie: bytes = NO_COOKIE) -> Conversation:
+        return cls(TunnelSession.client(config.tunnel, conv, peer_addr, now, wall_ms,
+                                        cookie=cookie), config, now)
 
     def restart(self, session: TunnelSession) -> None:
         """Carry on with ``session``, a server session for the client's fresh HELLO (a retry

@@ -32,6 +32,9 @@ MAC_SIZE = 16  # bytes, truncated HMAC-SHA256 of HELLO / WELCOME
 HELLO_SIZE = 128  # bytes: HELLO is padded so WELCOME (and any retransmit of it) is smaller
 WELCOME_SIZE = PREFIX_SIZE + 1 + KEY_SHARE_SIZE + MAC_SIZE  # 54 bytes
 CHALLENGE_SIZE = 8  # bytes, body of PATH_CHALLENGE / PATH_RESPONSE
+COOKIE_REPLY_SIZE = PREFIX_SIZE + MAC_SIZE + COOKIE_SIZE  # 37 bytes
+HELLO_COOKIE_OFFSET = PREFIX_SIZE + 1 + TIMESTAMP_SIZE + KEY_SHARE_SIZE  # 46: where it sits
+NO_COOKIE = bytes(COOKIE_SIZE)
 EPOCH_BODY_SIZE = 4  # bytes, plaintext body of REKEY_INIT / REKEY_ACK
 UINT32_MAX = 0xFFFFFFFF  # largest u32: conv, seq and epoch are 32-bit on the wire and in the nonce
 
@@ -68,6 +71,7 @@ class PacketType(enum.IntEnum):
     CLOSE = 7  #: graceful close, empty sealed body
     PATH_CHALLENGE = 8  #: "do you receive me at this address?", 8 random bytes, sealed
     PATH_RESPONSE = 9  #: echo of a PATH_CHALLENGE's bytes, sealed
+    COOKIE = 10  #: server -> client under load: "repeat your HELLO with this cookie" (no MAC)
 
 
 SECURED_TYPES = frozenset(
@@ -77,7 +81,7 @@ SECURED_TYPES = frozenset(
 # A WELCOME, the answer to a source that has not proven it holds the session keys, is smaller
 # than the HELLO it answers; path challenges keep to 3x instead (path.py; docs/SECURITY.md,
 # "Amplification limits").
-assert WELCOME_SIZE < HELLO_SIZE
+assert WELCOME_SIZE < HELLO_SIZE and COOKIE_REPLY_SIZE < HELLO_SIZE
 
 
 class Hello(NamedTuple):
@@ -171,6 +175,42 @@ def unpack_welcome(data: bytes) -> Welcome:
     if version != PROTOCOL_VERSION:
         raise MalformedPacket(f"unsupported protocol version {version}")
     return Welcome(conv, version, server_share, bytes(data[WELCOME_SIZE - MAC_SIZE:]))
+
+
+class CookieReply(NamedTuple):
+    conv: int  #: echo of the HELLO's conv
+    hello_mac: bytes  #: echo of the HELLO's MAC: only who saw that HELLO can answer it
+    cookie: bytes  #: 16 bytes to put in the HELLO's cookie field
+
+
+def pack_cookie(conv: int, hello_mac: bytes, cookie: bytes) -> bytes:
+    """A COOKIE datagram: the answer of a loaded server to a HELLO without a valid cookie.
+
+    ::
+
+        0        1            5                  21                 37
+        +--------+------------+------------------+------------------+
+        |0| 0x0a |   conv     |   HELLO's mac    |      cookie      |
+        +--------+------------+------------------+------------------+
+           1          4               16                 16
+
+    It carries no MAC of its own: the echoed HELLO MAC binds it to one HELLO (an off-path
+    sender cannot know it), and a wrong cookie costs the client one more round trip, no more.
+    """
+    if len(hello_mac) != MAC_SIZE or len(cookie) != COOKIE_SIZE:
+        raise ValueError("hello_mac and cookie must be 16 bytes each")
+    return PREFIX.pack(PacketType.COOKIE, conv) + hello_mac + cookie
+
+
+def unpack_cookie(data: bytes) -> CookieReply:
+    """Parse a COOKIE datagram (layout in :func:`pack_cookie`)."""
+    if len(data) != COOKIE_REPLY_SIZE:
+        raise MalformedPacket(f"COOKIE must be {COOKIE_REPLY_SIZE} bytes, got {len(data)}")
+    type_byte, conv = PREFIX.unpack_from(data)
+    if type_byte != PacketType.COOKIE:
+        raise MalformedPacket(f"not a COOKIE: type byte 0x{type_byte:02x}")
+    return CookieReply(conv, bytes(data[PREFIX_SIZE:PREFIX_SIZE + MAC_SIZE]),
+                       bytes(data[PREFIX_SIZE + MAC_SIZE:]))
 
 
 def pack_epoch(epoch: int) -> bytes:

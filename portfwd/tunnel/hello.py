@@ -1,0 +1,70 @@
+"""The client's handshake messages, sans-IO: fresh HELLOs, the WELCOME or COOKIE that answers
+one of them (docs/PROTOCOL.md "Handshake", "Handshake under load").
+
+Each HELLO carries a new X25519 key share and the current time, so a retry is never a copy; the
+last MAX_HELLOS are remembered with their shares, so a late answer to an earlier one still
+completes. A COOKIE from a loaded server is kept and put into every later HELLO.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from . import crypto
+from .wire import (
+    MAC_SIZE,
+    NO_COOKIE,
+    MalformedPacket,
+    Welcome,
+    pack_hello,
+    unpack_cookie,
+)
+
+MAX_HELLOS = 8  # HELLOs remembered, so a WELCOME to any recent retry still completes
+
+
+class ClientHellos:
+    """Makes a client session's HELLOs and recognises the answers to them."""
+
+    def __init__(self, mac_key: bytes, conv: int, wall_offset_ms: int,
+                 random_bytes: Callable[[int], bytes], cookie: bytes = NO_COOKIE) -> None:
+        self._mac_key = mac_key
+        self._conv = conv
+        self._wall_offset = wall_offset_ms  # Unix ms minus the session's monotonic ms
+        self._random_bytes = random_bytes
+        self._sent: list[tuple[bytes, crypto.KeyShare]] = []  # recent HELLOs and their shares
+        self.cookie: bytes = cookie  #: what the next HELLO carries in its cookie field
+        self.count: int = 0  #: HELLOs made
+
+    def next(self, now: int) -> bytes:
+        """A fresh HELLO to send at ``now`` (monotonic ms)."""
+        share = crypto.KeyShare(self._random_bytes(crypto.SHARE_SIZE))
+        body = pack_hello(self._conv, now + self._wall_offset, share.public, self.cookie)
+        hello = body + crypto.handshake_mac(self._mac_key, crypto.HELLO_LABEL, body)
+        self._sent = [*self._sent[1 - MAX_HELLOS:], (hello, share)]
+        self.count += 1
+        return hello
+
+    def answered_by(self, welcome: Welcome, body: bytes) -> crypto.KeyShare | None:
+        """The key share of the HELLO whose MAC the WELCOME (``body`` = its bytes before the
+        MAC) carries, or None: a WELCOME for no HELLO of ours."""
+        for hello, share in reversed(self._sent):
+            expected = crypto.handshake_mac(self._mac_key, crypto.WELCOME_LABEL, hello, body)
+            if crypto.mac_equal(expected, welcome.mac):
+                self._sent = []
+                return share
+        return None
+
+    def take_cookie(self, data: bytes) -> bool:
+        """A COOKIE datagram: True (and the cookie kept) if it answers one of our HELLOs."""
+        try:
+            reply = unpack_cookie(data)
+        except MalformedPacket:
+            return False
+        if reply.conv != self._conv:
+            return False
+        if not any(crypto.mac_equal(hello[-MAC_SIZE:], reply.hello_mac)
+                   for hello, _ in self._sent):
+            return False
+        self.cookie = reply.cookie
+        return True
