@@ -3,6 +3,8 @@ test_aead), and every sealed packet of a real session cross-checked against pycr
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import random
 
 import pytest
@@ -139,8 +141,8 @@ def test_handshake_macs_are_labelled() -> None:
     # A WELCOME's MAC input can never be taken for a HELLO's: each starts with its own label.
     key = crypto.handshake_mac_key(PSK)
     assert crypto.HELLO_LABEL != crypto.WELCOME_LABEL
-    assert crypto.handshake_mac(key, crypto.HELLO_LABEL, b"x") != \
-        crypto.handshake_mac(key, crypto.WELCOME_LABEL, b"x")
+    assert crypto.HandshakeMac(key)(crypto.HELLO_LABEL, b"x") != \
+        crypto.HandshakeMac(key)(crypto.WELCOME_LABEL, b"x")
 
 
 def test_nonce_low_32_bits_carry_send_seq() -> None:
@@ -300,3 +302,11 @@ def test_data_overhead_is_25_bytes(size: int) -> None:
     key = crypto.PacketKey(bytes(32), bytes(12), 0)
     header = pack_header(wire.PacketType.DATA, 0, 1, 2)
     assert len(header + key.seal(2, header, bytes(size))) == size + OVERHEAD
+
+
+def test_handshake_mac_is_hmac_sha256_truncated() -> None:
+    key = crypto.handshake_mac_key(PSK)
+    parts = (crypto.HELLO_LABEL, bytes(range(112)))
+    reference = hmac.new(key, b"".join(parts), hashlib.sha256).digest()[:16]
+    assert crypto.HandshakeMac(key)(*parts) == reference
+    assert crypto.HandshakeMac(key)(b"".join(parts)) == reference  # parts only concatenate

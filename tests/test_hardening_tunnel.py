@@ -226,7 +226,7 @@ def forged_hellos(rng: random.Random, good_mac: bool, skew_ms: int) -> bytes:
                       rng.randbytes(32))
     if good_mac:
         key = crypto.handshake_mac_key(bytes.fromhex(PSK))
-        return body + crypto.handshake_mac(key, crypto.HELLO_LABEL, body)
+        return body + crypto.HandshakeMac(key)(crypto.HELLO_LABEL, body)
     return body + rng.randbytes(16)
 
 

@@ -37,12 +37,9 @@ class TunnelConfig:
     idle_timeout_ms: int = 30000  #: ms without an authenticated packet before closing
     timestamp_window_ms: int = 30000  #: ms of clock difference a HELLO timestamp may have
     hello_cache_size: int = 65536  #: entries in the server's HELLO replay cache (size bound)
-    handshake_rate_per_s: float = 20.0  #: rejected HELLOs per second per source prefix (/24,
-    #: /64) before its HELLOs need a cookie (0 = unlimited)
-    handshake_burst: int = 40  #: rejected-HELLO burst per source prefix
-    rate_table_size: int = 4096  #: source prefixes tracked by the rate limiters (LRU)
-    hello_verify_rate_per_s: float = 2000.0  #: HELLOs verified per second without a cookie;
-    #: beyond, a HELLO without a valid cookie is answered with one, not verified (0 = unlimited)
+    rate_table_size: int = 4096  #: source prefixes tracked by the cookie-lane budgets (LRU)
+    hello_verify_rate_per_s: float = 2000.0  #: new sessions per second from HELLOs without a
+    #: cookie; beyond, a valid HELLO without a valid cookie gets one instead (0 = unlimited)
     cookie_reply_rate_per_s: float = 10000.0  #: COOKIE replies per second at most
     cookie_hello_rate_per_s: float = 5000.0  #: HELLOs with a valid cookie verified per second
     #: per source prefix
@@ -62,7 +59,7 @@ class TunnelConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         for name in ("rekey_grace_ms", "timestamp_window_ms", "max_pending_payloads",
-                     "handshake_rate_per_s", "handshake_burst", "hello_verify_rate_per_s",
+                     "hello_verify_rate_per_s",
                      "cookie_reply_rate_per_s", "cookie_hello_rate_per_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")

@@ -1,11 +1,12 @@
 """Server-side HELLO validation: the only code that may create a server ``TunnelSession``.
 
-The server rules of docs/PROTOCOL.md "Handshake" (docs/SECURITY.md says what they protect): the
-handshake is authenticated with the PSK (HMAC) before anything is created or dialled; stale
-timestamps and replayed HELLOs are rejected (a cache bounded in size *and* time); nothing is ever
-sent to a source that did not authenticate; each source host is rate-limited -- rejected HELLOs
-spend its tokens, accepted ones do not, so a flood of forgeries cannot lock out a host that holds
-the PSK; failures are counted and logged at most once per interval.
+The server rules of docs/PROTOCOL.md "Handshake" and "Handshake under load" (docs/SECURITY.md
+says what they protect): the HELLO is authenticated with the PSK (HMAC) before anything is
+created, and nothing is ever sent to a source whose HELLO does not authenticate; stale
+timestamps, HELLOs stamped before the server started and replayed HELLOs are rejected (a cache
+bounded in size *and* time); new sessions are made within a global budget, past which a valid
+HELLO gets a stateless COOKIE and only HELLOs that echo a valid one are taken, within their
+source prefix's budget (cookie.py); failures are counted and logged at most once per interval.
 
 The driver demultiplexes by conv first (``wire.peek_prefix``): datagrams for a known conv go to that
 session (which answers a retransmitted HELLO with the same WELCOME); only datagrams for an unknown
@@ -24,12 +25,10 @@ from . import crypto
 from .cookie import CookieJar, TokenBucket, source_prefix
 from .session import TunnelConfig, TunnelSession
 from .wire import (
-    COOKIE_SIZE,
-    HELLO_COOKIE_OFFSET,
     HELLO_SIZE,
     MAC_SIZE,
     NO_COOKIE,
-    PREFIX,
+    Hello,
     MalformedPacket,
     PacketType,
     pack_cookie,
@@ -53,12 +52,9 @@ class HandshakeAcceptor:
         self.config: TunnelConfig = config
         self._started_wall_ms: int | None = started_wall_ms
         self._random_bytes: Callable[[int], bytes] = random_bytes
-        self._mac_key: bytes = crypto.handshake_mac_key(config.psk)
+        self._mac = crypto.HandshakeMac(crypto.handshake_mac_key(config.psk))
         # client_share -> wall-clock ms after which a replay of it would be stale anyway.
         self._seen: OrderedDict[bytes, int] = OrderedDict()
-        # source prefix -> (tokens, last refill ms) for rejected HELLOs; LRU-bounded so a
-        # spoofing flood cannot grow it.
-        self._buckets: OrderedDict[Any, tuple[float, int]] = OrderedDict()
         # Load control (cookie.py): without a cookie, HELLOs are verified within one global
         # budget; with a valid one, within their prefix's own.
         self._cookies: CookieJar = CookieJar(random_bytes, 0)
@@ -75,10 +71,10 @@ class HandshakeAcceptor:
         self.dropped_stale: int = 0  #: timestamp outside timestamp_window_ms
         self.dropped_replay: int = 0  #: client_share already seen inside the window
         self.dropped_before_start: int = 0  #: stamped before this server started
-        self.dropped_rate: int = 0  #: source host over its handshake rate
+        self.dropped_rate: int = 0  #: with a valid cookie, over its source prefix's budget
         self.dropped_cache_full: int = 0  #: replay cache full of live entries (fail closed)
         self.dropped_load: int = 0  #: no valid cookie, over the verify and the reply budgets
-        self.cookies_sent: int = 0  #: COOKIE replies (HELLOs not verified: under load)
+        self.cookies_sent: int = 0  #: COOKIE replies (valid HELLOs not taken up: under load)
         self.cookie_hellos: int = 0  #: HELLOs that came with a valid cookie
 
     @property
@@ -87,64 +83,63 @@ class HandshakeAcceptor:
         return len(self._seen)
 
     def accept(self, data: bytes, addr: Any, now: int, wall_ms: int) -> TunnelSession | None:
-        """A new server session (WELCOME queued) for a valid HELLO, else None (dropped, counted).
+        """A new server session (WELCOME queued) for a valid HELLO, else None (dropped, counted;
+        under load, a COOKIE may be queued for :meth:`replies_to_send`).
 
         ``now`` is the monotonic ms clock of the sessions; ``wall_ms`` is Unix time in ms, compared
-        with the HELLO's timestamp.
+        with the HELLO's timestamp. The checks run cheapest first. The MAC comes first: without
+        the PSK nothing passes it, and nothing is ever answered (a MAC costs about a
+        microsecond, less than the bookkeeping of any per-source limit would). Next the checks
+        against the clock and the replay cache, which cost a lookup each. Only a fresh, valid
+        HELLO reaches the expensive part (the X25519 exchange and the session), and that part
+        has a budget: past it, a HELLO without a valid cookie gets a COOKIE instead
+        (WireGuard's order: mac1 checked, then a cookie reply), and one with a valid cookie is
+        verified within its source prefix's own budget.
         """
         cfg = self.config
-        host = addr[0] if isinstance(addr, tuple) else addr
-        prefix = source_prefix(host)
-        cookie = data[HELLO_COOKIE_OFFSET:HELLO_COOKIE_OFFSET + COOKIE_SIZE]
-        proven = (len(data) == HELLO_SIZE and cookie != NO_COOKIE
-                  and self._cookies.valid(cookie, host, now))
-        if proven:
-            # A real address (it received our COOKIE): its prefix's own budget, whatever
-            # spoofed floods did to the global one or to its bucket of rejected HELLOs.
-            self.cookie_hellos += 1
-            if not self._take(self._proven, prefix, cfg.cookie_hello_rate_per_s, now):
-                self.dropped_rate += 1
-                self._log_failure(now, "rate limited (with cookie)", addr)
-                return None
-        elif not self._verify_budget.take(now) or not self._has_token(prefix, now):
-            # Under load, or this prefix sent too many bad HELLOs: verify nothing, answer with
-            # a cookie so a real client can prove its address. Only *rejected* HELLOs spend a
-            # prefix's tokens: one kcptcp-client is one source for all its connections.
-            self._answer_with_cookie(data, addr, host, now)
+        if len(data) != HELLO_SIZE or data[0] != PacketType.HELLO:
+            self.dropped_malformed += 1
+            return None
+        expected = self._mac(crypto.HELLO_LABEL, data[:-MAC_SIZE])
+        if not crypto.mac_equal(expected, data[-MAC_SIZE:]):
+            self.dropped_auth += 1
+            self._log_failure(now, "bad MAC (wrong PSK?)", addr)
             return None
         try:
             hello = unpack_hello(data)
         except MalformedPacket:
             self.dropped_malformed += 1
-            self._spend_token(prefix, proven)
-            return None
-        expected = crypto.handshake_mac(self._mac_key, crypto.HELLO_LABEL, data[:-MAC_SIZE])
-        if not crypto.mac_equal(expected, hello.mac):
-            self.dropped_auth += 1
-            self._spend_token(prefix, proven)
-            self._log_failure(now, "bad MAC (wrong PSK?)", addr)
             return None
         window = cfg.timestamp_window_ms
         if abs(wall_ms - hello.timestamp_ms) > window:
             self.dropped_stale += 1
-            self._spend_token(prefix, proven)
             self._log_failure(now, "stale timestamp (clock skew?)", addr)
             return None
         if self._started_wall_ms is not None and hello.timestamp_ms < self._started_wall_ms:
             self.dropped_before_start += 1
-            self._spend_token(prefix, proven)
             self._log_failure(now, "stamped before the server started (a replay?)", addr)
             return None
         self._expire(wall_ms)
         if hello.client_share in self._seen:
             self.dropped_replay += 1
-            self._spend_token(prefix, proven)
             self._log_failure(now, "replayed HELLO", addr)
+            return None
+        host = addr[0] if isinstance(addr, tuple) else addr
+        if hello.cookie != NO_COOKIE and self._cookies.valid(hello.cookie, host, now):
+            # A real address (it received our COOKIE): its prefix's own budget, whatever
+            # floods from other (or spoofed) sources did to the global one.
+            self.cookie_hellos += 1
+            if not self._take(self._proven, source_prefix(host), cfg.cookie_hello_rate_per_s,
+                              now):
+                self.dropped_rate += 1
+                self._log_failure(now, "over its prefix's budget (with cookie)", addr)
+                return None
+        elif not self._verify_budget.take(now):
+            self._answer_with_cookie(hello, data, addr, host, now)
             return None
         if len(self._seen) >= cfg.hello_cache_size:
             # Evicting a live entry would re-open a replay hole: refuse instead (fail closed).
             self.dropped_cache_full += 1
-            self._spend_token(prefix, proven)
             self._log_failure(now, "replay cache full", addr)
             return None
         # Any replay later than 2 windows after now carries a timestamp older than
@@ -163,19 +158,16 @@ class HandshakeAcceptor:
         replies, self._replies = self._replies, []
         return replies
 
-    def _answer_with_cookie(self, data: bytes, addr: Any, host: str, now: int) -> None:
-        """A COOKIE for a HELLO-sized datagram, stateless and smaller than it, within the reply
-        budget; past that the HELLO is dropped: a flood then costs a few comparisons each."""
-        if len(data) != HELLO_SIZE or data[0] != PacketType.HELLO:
-            self.dropped_malformed += 1
-            return
+    def _answer_with_cookie(self, hello: Hello, data: bytes, addr: Any, host: str,
+                            now: int) -> None:
+        """Over the verify budget: a COOKIE, stateless and smaller than the HELLO, within the
+        reply budget (past it the HELLO is dropped; the client's retry comes back)."""
         if not self._reply_budget.take(now):
             self.dropped_load += 1
             self._log_failure(now, "over the handshake budget", addr)
             return
-        conv = PREFIX.unpack_from(data)[1]
-        self._replies.append((pack_cookie(conv, data[-MAC_SIZE:], self._cookies.make(host, now)),
-                              addr))
+        self._replies.append((pack_cookie(hello.conv, data[-MAC_SIZE:],
+                                          self._cookies.make(host, now)), addr))
         self.cookies_sent += 1
 
     def _take(self, table: OrderedDict[str, TokenBucket], key: str, rate: float,
@@ -196,30 +188,6 @@ class HandshakeAcceptor:
             if seen[first] >= wall_ms:
                 break
             del seen[first]
-
-    def _has_token(self, host: Any, now: int) -> bool:
-        """Refill the bucket of rejected HELLOs of ``host`` (a prefix) to ``now``; True if it
-        holds a whole token."""
-        rate = self.config.handshake_rate_per_s
-        if rate <= 0:
-            return True
-        burst = float(self.config.handshake_burst)
-        buckets = self._buckets
-        tokens, last = buckets.pop(host, (burst, now))
-        tokens = min(burst, tokens + (now - last) * rate / 1000.0)
-        buckets[host] = (tokens, now)
-        if len(buckets) > self.config.rate_table_size:
-            buckets.popitem(last=False)
-        return tokens >= 1.0
-
-    def _spend_token(self, host: Any, proven: bool = False) -> None:
-        """Charge ``host`` (a prefix) one token for a rejected HELLO (after :meth:`_has_token`);
-        a HELLO with a valid cookie is charged to its own budget instead."""
-        if proven:
-            return
-        entry = self._buckets.get(host)
-        if entry is not None:
-            self._buckets[host] = (entry[0] - 1.0, entry[1])
 
     def _log_failure(self, now: int, what: str, addr: Any) -> None:
         if self._next_log_ms is not None and now < self._next_log_ms:

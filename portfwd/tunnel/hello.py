@@ -26,9 +26,9 @@ MAX_HELLOS = 8  # HELLOs remembered, so a WELCOME to any recent retry still comp
 class ClientHellos:
     """Makes a client session's HELLOs and recognises the answers to them."""
 
-    def __init__(self, mac_key: bytes, conv: int, wall_offset_ms: int,
+    def __init__(self, mac: crypto.HandshakeMac, conv: int, wall_offset_ms: int,
                  random_bytes: Callable[[int], bytes], cookie: bytes = NO_COOKIE) -> None:
-        self._mac_key = mac_key
+        self._mac = mac
         self._conv = conv
         self._wall_offset = wall_offset_ms  # Unix ms minus the session's monotonic ms
         self._random_bytes = random_bytes
@@ -40,7 +40,7 @@ class ClientHellos:
         """A fresh HELLO to send at ``now`` (monotonic ms)."""
         share = crypto.KeyShare(self._random_bytes(crypto.SHARE_SIZE))
         body = pack_hello(self._conv, now + self._wall_offset, share.public, self.cookie)
-        hello = body + crypto.handshake_mac(self._mac_key, crypto.HELLO_LABEL, body)
+        hello = body + self._mac(crypto.HELLO_LABEL, body)
         self._sent = [*self._sent[1 - MAX_HELLOS:], (hello, share)]
         self.count += 1
         return hello
@@ -49,7 +49,7 @@ class ClientHellos:
         """The key share of the HELLO whose MAC the WELCOME (``body`` = its bytes before the
         MAC) carries, or None: a WELCOME for no HELLO of ours."""
         for hello, share in reversed(self._sent):
-            expected = crypto.handshake_mac(self._mac_key, crypto.WELCOME_LABEL, hello, body)
+            expected = self._mac(crypto.WELCOME_LABEL, hello, body)
             if crypto.mac_equal(expected, welcome.mac):
                 self._sent = []
                 return share

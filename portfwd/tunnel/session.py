@@ -103,7 +103,7 @@ class TunnelSession(Rekeying):
         self._state: _State = _State.HANDSHAKE
         self._random_bytes: Callable[[int], bytes] = random_bytes
         self._log: _ConvAdapter = _ConvAdapter(logger, {"conv": conv})
-        self._mac_key: bytes = crypto.handshake_mac_key(config.psk)
+        self._mac = crypto.HandshakeMac(crypto.handshake_mac_key(config.psk))
         self._crypto: crypto.CryptoPair | None = None
         self._hello: bytes = b""  # the latest HELLO (server: to recognise copies of it)
         self._welcome: bytes = b""  # server: the WELCOME to repeat to a copy of the HELLO
@@ -150,7 +150,7 @@ class TunnelSession(Rekeying):
         """A client session with its HELLO queued; ``wall_ms`` is Unix time in ms; ``cookie``
         one a loaded server gave an earlier conversation of this client (``hellos.cookie``)."""
         self = cls(config, conv, True, peer_addr, now, random_bytes)
-        self.hellos = ClientHellos(self._mac_key, conv, wall_ms - now, random_bytes, cookie)
+        self.hellos = ClientHellos(self._mac, conv, wall_ms - now, random_bytes, cookie)
         self._queue_hello(now)
         return self
 
@@ -178,7 +178,7 @@ class TunnelSession(Rekeying):
             return None
         self._hello = bytes(hello)
         body = pack_welcome(conv, share.public)
-        self._welcome = body + crypto.handshake_mac(self._mac_key, crypto.WELCOME_LABEL,
+        self._welcome = body + self._mac(crypto.WELCOME_LABEL,
                                                     self._hello, body)
         self._probes.append((self._welcome, peer_addr))
         self._set_keys(client_share, share.public, shared)
