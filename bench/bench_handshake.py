@@ -1,18 +1,20 @@
 #!/usr/bin/env python3
 """New tunnelled connections per second, unloaded and under a spoofed-source HELLO flood.
 
-    sudo bench/bench_handshake.py [--seconds 4] [--rounds 3] [--flood-pps 150000]
-                                  [--sources 100000] [--compare REV]
+    sudo bench/bench_handshake.py [--seconds 4] [--rounds 3] [--workers 2]
+                                  [--flood-pps 150000] [--sources 100000] [--compare REV]
 
 Runs inside a network namespace it creates and deletes (root needed): loopback up, and
 10.99.0.1/8 on lo, so every 10.x.y.z address is local and a raw socket can send datagrams from
 any of them. kcptcp-server (-K) listens on 10.99.0.1, kcptcp-client on 127.0.0.1, an echo server
-is the target. A "connection" is: connect to kcptcp-client, send 100 B, read the echo, close; two
-client processes loop on that. The flood is HELLO-shaped datagrams (right size, type and
-version, random key share and MAC: what an attacker without the PSK can send) from ``--sources``
-random source addresses at up to ``--flood-pps``. ``--compare REV`` measures a second checkout
-(a git worktree of REV) in the same run, rounds interleaved, and prints its figures beside ours.
-Every figure is a median over rounds; ratios compare figures of this run only.
+is the target. A "connection" is: connect to kcptcp-client, send 100 B, read the echo, close;
+``--workers`` client processes loop on that (2: the rate is bound by each connection's latency;
+8: by CPU). The flood is HELLO-shaped datagrams (right size, type and version, random key share
+and MAC: what an attacker without the PSK can send) from ``--sources`` random source addresses
+at up to ``--flood-pps``; generating it takes about one of this machine's two cores.
+``--compare REV`` measures a second checkout (a git worktree of REV) in the same run, rounds
+interleaved, and prints its figures beside ours. Every figure is a median over rounds; ratios
+compare figures of this run only.
 """
 
 from __future__ import annotations
@@ -132,9 +134,9 @@ class Tunnel:
         self.template = hello_template(repo)
         time.sleep(1.0)
 
-    def measure(self, seconds: float, pps: int, sources: int) -> dict[str, float]:
+    def measure(self, seconds: float, pps: int, sources: int, workers: int) -> dict[str, float]:
         cpu0 = cpu_seconds(self.server.pid)
-        rate, failures = connection_rate(self.tcp_port, seconds)
+        rate, failures = connection_rate(self.tcp_port, seconds, workers)
         cpu_unloaded = (cpu_seconds(self.server.pid) - cpu0) / seconds
         queue: multiprocessing.Queue = multiprocessing.Queue()
         flooder = multiprocessing.Process(target=flood, args=(
@@ -142,7 +144,7 @@ class Tunnel:
         flooder.start()
         time.sleep(1.0)  # the flood is under way before the legitimate clients start
         cpu0 = cpu_seconds(self.server.pid)
-        flooded, flooded_failures = connection_rate(self.tcp_port, seconds)
+        flooded, flooded_failures = connection_rate(self.tcp_port, seconds, workers)
         cpu_flooded = (cpu_seconds(self.server.pid) - cpu0) / seconds
         achieved = queue.get(timeout=seconds + 60)
         flooder.join()
@@ -165,7 +167,8 @@ def inside(opts: argparse.Namespace) -> None:
         results: dict[str, list[dict[str, float]]] = {name: [] for name in tunnels}
         for _ in range(opts.rounds):
             for name, tunnel in tunnels.items():
-                results[name].append(tunnel.measure(opts.seconds, opts.flood_pps, opts.sources))
+                results[name].append(tunnel.measure(opts.seconds, opts.flood_pps, opts.sources,
+                                                    opts.workers))
     first = next(iter(results))
     med = {name: {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
            for name, rounds in results.items()}
@@ -181,13 +184,15 @@ def inside(opts: argparse.Namespace) -> None:
          "conn/s flooded", "× unloaded", "server CPU flooded", "failed (unloaded/flooded)"],
         rows,
         f"{opts.rounds} interleaved rounds of {opts.seconds:g} s per checkout and condition, "
-        f"medians; 2 client processes; flood from {opts.sources} random 10/8 sources.")])
+        f"medians; {opts.workers} client processes; flood from {opts.sources} random 10/8 "
+        "sources.")])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--flood-pps", type=int, default=150000)
     parser.add_argument("--sources", type=int, default=100000)
     parser.add_argument("--compare", help="a git revision to measure beside this checkout")
@@ -205,6 +210,7 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         argv = [sys.executable, os.path.abspath(__file__), "--inside",
                 "--seconds", str(opts.seconds), "--rounds", str(opts.rounds),
+                "--workers", str(opts.workers),
                 "--flood-pps", str(opts.flood_pps), "--sources", str(opts.sources)]
         if opts.compare:
             path = stack.enter_context(tempfile.TemporaryDirectory(prefix="pf-compare-"))

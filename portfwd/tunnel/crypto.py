@@ -23,6 +23,7 @@ runs only at the handshake and at rekeys, never per packet.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 
@@ -75,6 +76,12 @@ def handshake_mac_key(psk: bytes | None) -> bytes:
     """Key of the HMAC that authenticates HELLO and WELCOME."""
     ikm = PLAINTEXT_PSK if psk is None else psk
     return hkdf_expand(hkdf_extract(HANDSHAKE_SALT, ikm), HANDSHAKE_INFO, KEY_SIZE)
+
+
+@functools.lru_cache(maxsize=16)
+def handshake_mac_for(psk: bytes | None) -> HandshakeMac:
+    """The HandshakeMac of ``psk``, derived once per key rather than once per session."""
+    return HandshakeMac(handshake_mac_key(psk))
 
 
 class HandshakeMac:

@@ -52,7 +52,7 @@ class HandshakeAcceptor:
         self.config: TunnelConfig = config
         self._started_wall_ms: int | None = started_wall_ms
         self._random_bytes: Callable[[int], bytes] = random_bytes
-        self._mac = crypto.HandshakeMac(crypto.handshake_mac_key(config.psk))
+        self._mac = crypto.handshake_mac_for(config.psk)
         # client_share -> wall-clock ms after which a replay of it would be stale anyway.
         self._seen: OrderedDict[bytes, int] = OrderedDict()
         # Load control (cookie.py): without a cookie, HELLOs are verified within one global

@@ -103,7 +103,7 @@ class TunnelSession(Rekeying):
         self._state: _State = _State.HANDSHAKE
         self._random_bytes: Callable[[int], bytes] = random_bytes
         self._log: _ConvAdapter = _ConvAdapter(logger, {"conv": conv})
-        self._mac = crypto.HandshakeMac(crypto.handshake_mac_key(config.psk))
+        self._mac = crypto.handshake_mac_for(config.psk)
         self._crypto: crypto.CryptoPair | None = None
         self._hello: bytes = b""  # the latest HELLO (server: to recognise copies of it)
         self._welcome: bytes = b""  # server: the WELCOME to repeat to a copy of the HELLO
