@@ -237,7 +237,9 @@ class Attack:
     def __init__(self, seed: int = 0, conv: int = CONV,
                  budget: ReassemblyBudget | None = None) -> None:
         rng = random.Random(seed)
-        self.config = ConversationConfig(tunnel=TunnelConfig(psk=PSK), mtu=UDP_MTU)
+        # Confirmation PINGs at once, not after the delay that lets stream data carry them.
+        self.config = ConversationConfig(tunnel=TunnelConfig(psk=PSK, confirm_delay_ms=0),
+                                         mtu=UDP_MTU)
         self.client = TunnelSession.client(self.config.tunnel, conv, SERVER_ADDR, 0, WALL,
                                            rng.randbytes)
         acceptor = HandshakeAcceptor(self.config.tunnel, rng.randbytes)

@@ -46,6 +46,7 @@ LOG = "portfwd.tunnel.session"
 
 def make_config(**overrides: Any) -> TunnelConfig:
     overrides.setdefault("psk", PSK)
+    overrides.setdefault("confirm_delay_ms", 0)  # the confirmation PINGs at once: exact counts
     return TunnelConfig(**overrides)
 
 
@@ -396,7 +397,7 @@ def test_payloads_queued_before_handshake_flow_after() -> None:
     server = HandshakeAcceptor(config, rng.randbytes).accept(hello, CLIENT_ADDR, 0, WALL)
     [(welcome, _)] = server.probes_to_send()
     client.receive_datagram(welcome, SERVER_ADDR, 0)
-    assert transfer(client, server) == 3  # the confirming PING, then the two payloads
+    assert transfer(client, server) == 2  # the payloads confirm: no PING needed
     assert payloads(server) == [b"a", b"b"]
 
 

@@ -31,6 +31,8 @@ class TunnelConfig:
     handshake_timeout_ms: int = 10000  #: ms the client waits for WELCOME and the server's
     #: answer to its PING; ms a server session waits for the client's first sealed packet
     #: (at most idle_timeout_ms)
+    confirm_delay_ms: int = 10  #: ms a confirming PING (the client's after the WELCOME, the
+    #: server's after the client's first sealed packet) waits for stream data to carry the news
     handshake_retry_ms: int = 250  #: ms before the first HELLO retransmission (then doubles)
     handshake_retry_max_ms: int = 2000  #: ms cap of the HELLO retransmission interval
     keepalive_interval_ms: int = 10000  #: ms of send silence after which a PING goes out
@@ -59,6 +61,7 @@ class TunnelConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         for name in ("rekey_grace_ms", "timestamp_window_ms", "max_pending_payloads",
+                     "confirm_delay_ms",
                      "hello_verify_rate_per_s",
                      "cookie_reply_rate_per_s", "cookie_hello_rate_per_s"):
             if getattr(self, name) < 0:

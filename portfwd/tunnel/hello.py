@@ -18,6 +18,7 @@ from .wire import (
     Welcome,
     pack_hello,
     unpack_cookie,
+    unpack_welcome,
 )
 
 MAX_HELLOS = 8  # HELLOs remembered, so a WELCOME to any recent retry still completes
@@ -54,6 +55,17 @@ class ClientHellos:
                 self._sent = []
                 return share
         return None
+
+    def keys_from_welcome(self, data: bytes) -> tuple[bytes, bytes, bytes] | None:
+        """``(client_share, server_share, shared secret)`` from a WELCOME that answers one of
+        our HELLOs, None if it answers none (or its key share yields no secret); raises
+        MalformedPacket for a datagram that is no WELCOME of this conv."""
+        welcome = unpack_welcome(data)
+        if welcome.conv != self._conv:
+            raise MalformedPacket(f"WELCOME for conv {welcome.conv}")
+        share = self.answered_by(welcome, data[:-MAC_SIZE])
+        shared = None if share is None else share.exchange(welcome.server_share)
+        return None if shared is None else (share.public, welcome.server_share, shared)
 
     def take_cookie(self, data: bytes) -> bool:
         """A COOKIE datagram: True (and the cookie kept) if it answers one of our HELLOs."""

@@ -41,7 +41,6 @@ from .wire import (
     CHALLENGE_SIZE,
     HEADER,
     HEADER_SIZE,
-    MAC_SIZE,
     NO_COOKIE,
     PHASE_BIT,
     TYPE_MASK,
@@ -50,7 +49,6 @@ from .wire import (
     PacketType,
     pack_welcome,
     peek_prefix,
-    unpack_welcome,
 )
 
 logger = logging.getLogger(__name__)
@@ -109,6 +107,8 @@ class TunnelSession(Rekeying):
         self._welcome: bytes = b""  # server: the WELCOME to repeat to a copy of the HELLO
         self.hellos: ClientHellos | None = None  #: client: its HELLOs (count, cookie)
         self._probes: list[tuple[bytes, Any]] = []  # datagrams for other addresses than the path
+        self._confirm_at: int | None = None  # when a PING tells the peer its keys arrived,
+        # unless a sealed packet goes out first
         self._hs_deadline: int = now + config.handshake_timeout_ms
         self._hs_retry_at: int = now + config.handshake_retry_ms
         self._hs_interval: int = config.handshake_retry_ms
@@ -256,9 +256,8 @@ class TunnelSession(Rekeying):
         return self._events.popleft() if self._events else None
 
     def probes_to_send(self) -> list[tuple[bytes, Any]]:
-        """``(datagram, address)`` pairs for addresses other than ``peer_addr``: WELCOMEs to the
-        sources of HELLOs, path challenges and responses. Each answers a datagram received from
-        that address and is smaller than three times what it sent."""
+        """``(datagram, address)`` pairs for addresses other than ``peer_addr`` (WELCOMEs,
+        path challenges and responses), each under 3x what it answers from that address."""
         probes = self._probes
         if probes:
             self._probes = []
@@ -270,6 +269,13 @@ class TunnelSession(Rekeying):
         if self._pending and self._state is _State.ESTABLISHED:
             self._seal_pending(now)
         out = self._out
+        if self._confirm_at is not None:
+            if out:  # any sealed packet confirms: the PING is not needed
+                self._confirm_at = None
+            elif now >= self._confirm_at:
+                self._confirm_at = None
+                self._seal_raw(_PING, b"")
+                out = self._out
         if out:
             self._out = []
             self._last_send_ms = now
@@ -287,6 +293,8 @@ class TunnelSession(Rekeying):
                 deadline = min(deadline, self._rekey_deadline, self._rekey_retry_at)
             if not self.confirmed:
                 deadline = min(deadline, self._hs_deadline, self._hs_retry_at)
+            if self._confirm_at is not None:
+                deadline = min(deadline, self._confirm_at)
             return deadline
         if state is _State.HANDSHAKE:
             return min(self._hs_deadline, self._hs_retry_at) if self.is_client else (
@@ -513,7 +521,7 @@ class TunnelSession(Rekeying):
         self._path.abandon()
         if self._state is _State.HANDSHAKE:  # server: tell the client, which may have no data
             self._establish(now)
-            self._seal_raw(_PING, b"")
+            self._confirm_at = now + self.config.confirm_delay_ms
 
     def _from_new_address(self, addr: Any, highest: bool, size: int, now: int) -> None:
         """An authenticated packet from another address than the path. Only the newest packet
@@ -558,33 +566,28 @@ class TunnelSession(Rekeying):
     def _receive_welcome(self, data: bytes, addr: Any, now: int) -> None:
         """Client in HANDSHAKE: only a WELCOME that answers our HELLO is of interest."""
         try:
-            ptype, conv = peek_prefix(data)
+            ptype = peek_prefix(data)[0]
             if ptype == PacketType.COOKIE:
                 self._receive_cookie(data, now)
                 return
             if ptype != PacketType.WELCOME:
                 self.dropped_stale += 1  # sealed packets before we have keys: unusable
                 return
-            welcome = unpack_welcome(data)
+            keys = self.hellos.keys_from_welcome(data)
         except MalformedPacket:
             self.dropped_malformed += 1
             return
-        if welcome.conv != self.conv:
-            self.dropped_malformed += 1
-            return
-        share = self.hellos.answered_by(welcome, data[:-MAC_SIZE])
-        shared = None if share is None else share.exchange(welcome.server_share)
-        if shared is None:
+        if keys is None:
             self.dropped_auth += 1
             return
-        self._set_keys(share.public, welcome.server_share, shared)
+        self._set_keys(*keys)
         self._establish(now)
         self.datagrams_received += 1
-        # Confirm at once, even with no stream data yet (a server that speaks first): the server
-        # dials its target only after an authenticated packet. Repeated until it answers.
+        # Confirm promptly even with no stream data (a server that speaks first dials its
+        # target only after our first sealed packet); repeated until the server answers.
         self._hs_interval = self.config.handshake_retry_ms
         self._hs_retry_at = now + self._hs_interval
-        self._seal_raw(_PING, b"")
+        self._confirm_at = now + self.config.confirm_delay_ms
 
     def _receive_cookie(self, data: bytes, now: int) -> None:
         """A loaded server asks for our HELLO again with its cookie: at once, not at the next
