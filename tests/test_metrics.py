@@ -398,7 +398,8 @@ def test_render_client_stats():
 def test_render_server_totals():
     m = TunnelServerMetrics(
         conversations=1, finished=2, handshakes=3, rejected_auth=4, rejected_replay=5,
-        rejected_stale=6, rejected_rate=7, dropped_unknown=8, dropped_malformed=9,
+        rejected_stale=6, rejected_rate=7, rejected_before_start=0, rejected_load=0,
+        cookies_sent=0, cookie_hellos=0, restarted=0, dropped_unknown=8, dropped_malformed=9,
         refused_pending=10, refused_full=11, evicted=12, send_errors=13, dial_failures={},
         per_conversation=())
     assert render_stats(m, render_server_totals) == [

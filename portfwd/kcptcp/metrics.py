@@ -63,7 +63,12 @@ class TunnelServerMetrics:
     rejected_auth: int  # HELLOs that did not authenticate
     rejected_replay: int  # HELLOs seen before
     rejected_stale: int  # HELLOs whose timestamp is outside the window
-    rejected_rate: int  # HELLOs over the per-source rate limit
+    rejected_rate: int  # HELLOs with a valid cookie over their source prefix's budget
+    rejected_before_start: int  # HELLOs stamped before the server started (replays)
+    rejected_load: int  # valid HELLOs over the session and the COOKIE budgets
+    cookies_sent: int  # COOKIE replies to valid HELLOs without a cookie, under load
+    cookie_hellos: int  # HELLOs that came with a valid cookie
+    restarted: int  # unconfirmed sessions replaced by their client's fresh HELLO
     dropped_unknown: int  # datagrams for no conversation that are not a HELLO
     dropped_malformed: int  # datagrams shorter than the common prefix
     refused_pending: int  # HELLOs ignored at --max-pending

@@ -95,6 +95,8 @@ class TunnelServer(ConversationService):
             conversations=len(self.drivers), finished=self.finished, handshakes=a.accepted,
             rejected_auth=a.dropped_auth, rejected_replay=a.dropped_replay,
             rejected_stale=a.dropped_stale, rejected_rate=a.dropped_rate,
+            rejected_before_start=a.dropped_before_start, rejected_load=a.dropped_load,
+            cookies_sent=a.cookies_sent, cookie_hellos=a.cookie_hellos, restarted=self.restarted,
             dropped_unknown=self.dropped_unknown, dropped_malformed=self.dropped_malformed,
             refused_pending=self.refused_pending, refused_full=self.refused_full,
             evicted=self.evicted, send_errors=self.udp.send_errors,
