@@ -249,7 +249,11 @@ class ConversationDriver:
                     if not conv.closed:
                         self.transmit()
                     return
-                sock.sendall(data)
+                # One send() takes a record whole unless the socket is full; gevent's sendall()
+                # costs several layers more per call, so it only finishes what send() left.
+                sent = sock.send(data)
+                if sent < len(data):
+                    sock.sendall(memoryview(data)[sent:])
                 self.last_active = now_ms()
                 if not conv.closed:
                     self.transmit()  # reading reopened our window: let the peer know
