@@ -40,7 +40,7 @@ from portfwd.runtime.sockets import cooperative, dial_tcp
 from portfwd.tunnel.cookie import source_prefix
 from portfwd.tunnel.handshake import HandshakeAcceptor
 from portfwd.tunnel.stream import Conversation
-from portfwd.tunnel.wire import TYPE_MASK, MalformedPacket, PacketType, peek_prefix
+from portfwd.tunnel.wire import PREFIX_SIZE, TYPE_MASK, PacketType
 
 log = logging.getLogger(__name__)
 
@@ -120,20 +120,21 @@ class TunnelServer(ConversationService):
             now = now_ms()
             touched: dict[int, ConversationDriver] = {}
             for data, addr in batch:
-                try:
-                    ptype, conv_id = peek_prefix(data)
-                except MalformedPacket:
+                # wire.peek_prefix inlined: a flood of forged HELLOs costs this loop per datagram
+                if len(data) < PREFIX_SIZE:
                     self.dropped_malformed += 1
                     continue
+                ptype = data[0] & TYPE_MASK
+                conv_id = int.from_bytes(data[1:PREFIX_SIZE], "big")
                 driver = drivers.get(conv_id)
                 if driver is None:
-                    if ptype & TYPE_MASK != _HELLO or not self.accepting:
+                    if ptype != _HELLO or not self.accepting:
                         self.dropped_unknown += 1
                         continue
                     driver = self._new_conversation(data, addr, now)
                     if driver is None:
                         continue
-                elif ptype & TYPE_MASK == _HELLO and self._is_retry(driver, data):
+                elif ptype == _HELLO and self._is_retry(driver, data):
                     if not self._restart(driver, data, addr, now):
                         continue
                 else:
@@ -147,14 +148,15 @@ class TunnelServer(ConversationService):
     def _new_conversation(self, hello: bytes, addr: tuple, now: int) -> ConversationDriver | None:
         # Checked before the acceptor so a refused HELLO is not consumed: the client's
         # retransmission can still succeed once a pending session confirms or expires.
-        prefix = source_prefix(addr[0])
         if len(self._pending) >= self.limits.max_pending:
             self.refused_pending += 1
             self._faults.warning("pending", "pending session cap (--max-pending %d) reached: "
                                  "HELLO from %s ignored", self.limits.max_pending,
                                  format_sockaddr(addr))
             return None
-        if self._pending_by_prefix.get(prefix, 0) >= self._prefix_quota:
+        by_prefix = self._pending_by_prefix
+        prefix = source_prefix(addr[0]) if by_prefix else ""  # none pending: no prefix is full
+        if by_prefix.get(prefix, 0) >= self._prefix_quota:
             # One source (a replaying or racing PSK holder) cannot take every pending slot.
             self.refused_pending += 1
             self._faults.warning("pending-prefix", "pending sessions from %s's prefix at their "
@@ -174,6 +176,7 @@ class TunnelServer(ConversationService):
         conv = Conversation(session, self.config.conversation, now, self.reassembly)
         driver = ConversationDriver(conv, self.udp, f"conv={conv.conv}")
         self.drivers[conv.conv] = driver
+        prefix = prefix or source_prefix(addr[0])
         self._pending[driver] = prefix
         self._pending_by_prefix[prefix] = self._pending_by_prefix.get(prefix, 0) + 1
         self.conversations.spawn(self._serve, driver)

@@ -38,6 +38,7 @@ from .wire import (
 logger = logging.getLogger(__name__)
 
 FAILURE_LOG_INTERVAL_MS = 10000  # ms between two "handshake rejected" log lines
+_HELLO = int(PacketType.HELLO)  # a plain int: comparing with an IntEnum member costs more
 
 
 class HandshakeAcceptor:
@@ -97,7 +98,7 @@ class HandshakeAcceptor:
         verified within its source prefix's own budget.
         """
         cfg = self.config
-        if len(data) != HELLO_SIZE or data[0] != PacketType.HELLO:
+        if len(data) != HELLO_SIZE or data[0] != _HELLO:
             self.dropped_malformed += 1
             return None
         expected = self._mac(crypto.HELLO_LABEL, data[:-MAC_SIZE])
