@@ -8,6 +8,7 @@ concern at a time: these methods read and write the session's state (``_crypto``
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from . import events
@@ -39,15 +40,10 @@ class Rekeying:
     conv: int
     dropped_malformed: int
     dropped_stale: int
-
-    def _seal_raw(self, ptype: int, body: bytes, to: Any = None) -> bool:
-        raise NotImplementedError
-
-    def _terminate(self, reason: str, by_peer: bool, send_close: bool) -> None:
-        raise NotImplementedError
-
-    def _refresh_fast_path(self) -> None:
-        raise NotImplementedError
+    # TunnelSession's methods these call (declared, not defined: the session provides them).
+    _seal_raw: Callable[..., bool]  # (ptype, body, to=None)
+    _terminate: Callable[..., None]  # (reason, by_peer=, send_close=)
+    _refresh_fast_path: Callable[[], None]
 
     def _start_rekey(self, now: int) -> None:
         cp = self._crypto
