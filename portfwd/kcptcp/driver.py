@@ -204,7 +204,9 @@ class ConversationDriver:
             deadline = conv.get_timer()
             if deadline is not None and now >= deadline:
                 conv.handle_timer(max(now, deadline))
-            self.transmit()
+                self.transmit()
+            # Otherwise the deadline moved (later: what it waited for happened; earlier: the
+            # transmit() that woke us has sent everything already): just sleep again.
 
     def _tcp_reader(self, sock: gsocket) -> None:
         conv = self.conv
