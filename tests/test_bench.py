@@ -53,3 +53,17 @@ def test_bench_run_quick(tmp_path) -> None:
     # The run's namespace (named after its pid) is gone, and with it its nftables rules.
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert f"pfbench-{proc.pid}-" not in listed
+
+
+def test_bench_handshake_smoke() -> None:
+    """bench_handshake.py runs end to end (a tiny flood, one round) and cleans up after itself;
+    its figures mean nothing at this size."""
+    script = os.path.join(REPO, "bench", "bench_handshake.py")
+    proc = subprocess.run([sys.executable, script, "--seconds", "0.5", "--rounds", "1",
+                           "--workers", "1", "--flood-pps", "2000", "--sources", "100"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "New tunnelled connections per second" in proc.stdout
+    assert "| this checkout |" in proc.stdout
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "pfhs-" not in listed
