@@ -4,11 +4,13 @@ One UDP socket and one receive loop serve every conversation: datagrams are demu
 the conv field; only a HELLO for an unknown conv (or a client's retry for an unconfirmed one)
 reaches the HandshakeAcceptor, and the target is dialled only after the client's first
 authenticated packet proved it holds the session keys (docs/SECURITY.md). Nothing is ever sent in
-answer to a datagram that did not authenticate.
+answer to a datagram that did not authenticate; an authenticated HELLO gets a WELCOME, or under
+load a COOKIE, each smaller than it.
 
-Floods (docs/SECURITY.md, "Flood limits"): besides the acceptor's per-source HELLO rate limit, two
-caps bound what authenticated HELLOs can make us hold: ``max_pending`` sessions whose client has not
-yet proven its keys (``TunnelSession.confirmed``), and ``max_sessions`` in all. At the global cap
+Floods (docs/SECURITY.md, "Flood limits"): besides the acceptor's budgets and cookies, two caps
+bound what authenticated HELLOs can make us hold: ``max_pending`` sessions whose client has not
+yet proven its keys (``TunnelSession.confirmed``; a quarter of them per source prefix), and
+``max_sessions`` in all. At the global cap
 the least recently active session is evicted if it has moved no stream byte for EVICT_MIN_IDLE_MS;
 otherwise the new one is refused. Caps act only *after* the HELLO authenticated, so forged
 input can never evict anybody.

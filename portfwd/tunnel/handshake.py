@@ -130,13 +130,12 @@ class HandshakeAcceptor:
             # A real address (it received our COOKIE): its prefix's own budget, whatever
             # floods from other (or spoofed) sources did to the global one.
             self.cookie_hellos += 1
-            if not self._take(self._proven, source_prefix(host), cfg.cookie_hello_rate_per_s,
-                              now):
+            if not self._proven_prefix_token(source_prefix(host), now):
                 self.dropped_rate += 1
                 self._log_failure(now, "over its prefix's budget (with cookie)", addr)
                 return None
         elif not self._verify_budget.take(now):
-            self._answer_with_cookie(hello, data, addr, host, now)
+            self._answer_with_cookie(hello, addr, host, now)
             return None
         if len(self._seen) >= cfg.hello_cache_size:
             # Evicting a live entry would re-open a replay hole: refuse instead (fail closed).
@@ -159,23 +158,22 @@ class HandshakeAcceptor:
         replies, self._replies = self._replies, []
         return replies
 
-    def _answer_with_cookie(self, hello: Hello, data: bytes, addr: Any, host: str,
-                            now: int) -> None:
+    def _answer_with_cookie(self, hello: Hello, addr: Any, host: str, now: int) -> None:
         """Over the verify budget: a COOKIE, stateless and smaller than the HELLO, within the
         reply budget (past it the HELLO is dropped; the client's retry comes back)."""
         if not self._reply_budget.take(now):
             self.dropped_load += 1
             self._log_failure(now, "over the handshake budget", addr)
             return
-        self._replies.append((pack_cookie(hello.conv, data[-MAC_SIZE:],
-                                          self._cookies.make(host, now)), addr))
+        self._replies.append((pack_cookie(hello.conv, hello.mac, self._cookies.make(host, now)),
+                              addr))
         self.cookies_sent += 1
 
-    def _take(self, table: OrderedDict[str, TokenBucket], key: str, rate: float,
-              now: int) -> bool:
-        """One token from ``key``'s bucket in ``table`` (an LRU of rate_table_size buckets)."""
-        bucket = table.pop(key, None) or TokenBucket(rate, rate, now)
-        table[key] = bucket
+    def _proven_prefix_token(self, prefix: str, now: int) -> bool:
+        """One token from the cookie-lane budget of ``prefix`` (an LRU of rate_table_size)."""
+        table, rate = self._proven, self.config.cookie_hello_rate_per_s
+        bucket = table.pop(prefix, None) or TokenBucket(rate, rate, now)
+        table[prefix] = bucket
         if len(table) > self.config.rate_table_size:
             table.popitem(last=False)
         return bucket.take(now)

@@ -108,7 +108,7 @@ class Conversation:
         # its last MAX_HELLOS HELLOs and completes with a WELCOME to any of them, so a WELCOME
         # that was late rather than lost leaves it holding the keys of one of these.
         self._superseded: list[TunnelSession] = []
-        self.kcp = Kcp(session.conv, config.kcp_config(session.overhead), budget)
+        self.kcp: Kcp = self._engine_for(session)
         self._mtu: int = config.mtu
         self._send_limit: int = SEND_QUEUE_FACTOR * self.kcp.snd_wnd
         self._events: deque[events.Event] = deque()
@@ -141,9 +141,13 @@ class Conversation:
         self.kcp.discard_received()  # whatever it holds goes back to the shared budget
         self._superseded = [*self._superseded[1 - MAX_HELLOS:], self.session]
         self.session = session
-        self.kcp = Kcp(session.conv, self._config.kcp_config(session.overhead), self._budget)
-        self._send_limit = SEND_QUEUE_FACTOR * self.kcp.snd_wnd
+        self.kcp = self._engine_for(session)
         self._kick = True
+
+    def _engine_for(self, session: TunnelSession) -> Kcp:
+        """The KCP engine of this conversation over ``session`` (its MSS leaves room for the
+        session's overhead)."""
+        return Kcp(session.conv, self._config.kcp_config(session.overhead), self._budget)
 
     # --- stream side ------------------------------------------------------------------------
 
