@@ -16,16 +16,20 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "portfwd"
 IO_MODULES = {"gevent", "greenlet", "socket", "select", "selectors", "threading", "time",
               "asyncio", "subprocess"}
 TOOL_PACKAGES = {"portfwd.kcptcp", "portfwd.tcpfwd", "portfwd.udpfwd"}
+POLICY = "portfwd.policy"
 # package -> portfwd packages it must not import (besides itself being free to import itself)
 FORBIDDEN = {
-    "portfwd.kcp": {"portfwd.tunnel", "portfwd.runtime", "portfwd.testing", *TOOL_PACKAGES},
-    "portfwd.tunnel": {"portfwd.runtime", "portfwd.testing", *TOOL_PACKAGES},
-    "portfwd.runtime": {"portfwd.testing", *TOOL_PACKAGES},
+    "portfwd.kcp": {"portfwd.tunnel", "portfwd.runtime", "portfwd.testing", POLICY,
+                    *TOOL_PACKAGES},
+    POLICY: {"portfwd.kcp", "portfwd.tunnel", "portfwd.runtime", "portfwd.testing",
+             *TOOL_PACKAGES},
+    "portfwd.tunnel": {"portfwd.runtime", "portfwd.testing", POLICY, *TOOL_PACKAGES},
+    "portfwd.runtime": {"portfwd.testing", POLICY, *TOOL_PACKAGES},
     "portfwd.tcpfwd": {"portfwd.testing", "portfwd.kcptcp", "portfwd.udpfwd"},
     "portfwd.udpfwd": {"portfwd.testing", "portfwd.kcptcp", "portfwd.tcpfwd"},
     "portfwd.kcptcp": {"portfwd.testing", "portfwd.tcpfwd", "portfwd.udpfwd"},
 }
-SANS_IO = {"portfwd.kcp", "portfwd.tunnel"}
+SANS_IO = {"portfwd.kcp", "portfwd.tunnel", POLICY}
 MAX_MODULE_LINES = 600  # lines; the KCP engine alone may pass it (it mirrors ikcp.c)
 LONG_MODULES = {"portfwd/kcp/engine.py"}
 
