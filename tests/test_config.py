@@ -18,7 +18,7 @@ from portfwd.kcptcp.config import (
     client_config,
     server_config,
 )
-from portfwd.runtime.addr import Resolved
+from portfwd.runtime.addr import HostPort, Resolved
 from portfwd.runtime.config import ProcessConfig, process_config
 from portfwd.runtime.environment import Environment, read_environment
 from portfwd.runtime.options import (
@@ -30,6 +30,7 @@ from portfwd.runtime.options import (
     run_tool,
 )
 from portfwd.runtime.sockets import ListenOptions
+from portfwd.runtime.upstream import Destination
 from portfwd.tcpfwd import cli as tcpfwd_cli
 from portfwd.tcpfwd.config import TcpConfig, tcpfwd_config
 from portfwd.tcpfwd.pump import SPLICE_AVAILABLE
@@ -59,9 +60,11 @@ def test_tcpfwd_config():
     options = Options({"listen": "127.0.0.1:8000", "dest": "[::1]:80", "base_addr": True,
                        "reuseport": True, "connect_timeout": "5"})
     config = tcpfwd_config(options, ENV)
-    assert config == TcpConfig(listen=local(8000), dest=Resolved(V6, ("::1", 80, 0, 0)),
+    dest = Resolved(V6, ("::1", 80, 0, 0))
+    assert config == TcpConfig(listen=local(8000), dest=dest,
                                listen_options=ListenOptions(reuseport=True), base_addr=True,
-                               splice=SPLICE_AVAILABLE, connect_timeout=5.0)
+                               splice=SPLICE_AVAILABLE, connect_timeout=5.0,
+                               destinations=(Destination(HostPort("::1", 80), (dest,)),))
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.base_addr = False  # type: ignore[misc]
 

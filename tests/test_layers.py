@@ -24,7 +24,7 @@ FORBIDDEN = {
     POLICY: {"portfwd.kcp", "portfwd.tunnel", "portfwd.runtime", "portfwd.testing",
              *TOOL_PACKAGES},
     "portfwd.tunnel": {"portfwd.runtime", "portfwd.testing", POLICY, *TOOL_PACKAGES},
-    "portfwd.runtime": {"portfwd.testing", POLICY, *TOOL_PACKAGES},
+    "portfwd.runtime": {"portfwd.testing", *TOOL_PACKAGES},
     "portfwd.tcpfwd": {"portfwd.testing", "portfwd.kcptcp", "portfwd.udpfwd"},
     "portfwd.udpfwd": {"portfwd.testing", "portfwd.kcptcp", "portfwd.tcpfwd"},
     "portfwd.kcptcp": {"portfwd.testing", "portfwd.tcpfwd", "portfwd.udpfwd"},

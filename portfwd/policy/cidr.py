@@ -69,6 +69,15 @@ class CidrSet:
     def __bool__(self) -> bool:
         return bool(self.networks)
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CidrSet) and set(self.networks) == set(other.networks)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self.networks))
+
+    def __repr__(self) -> str:
+        return f"CidrSet([{', '.join(map(str, self.networks))}])"
+
     def __contains__(self, address: str) -> bool:
         version, value = address_key(address)
         return value in (self.v4 if version == 4 else self.v6)

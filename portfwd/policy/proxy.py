@@ -195,6 +195,15 @@ def pack_v2(source: Endpoint | None, destination: Endpoint | None, *,
     return bytes(header)
 
 
+def pack(version: int, source: tuple[str, int], destination: tuple[str, int]) -> bytes:
+    """The header a forwarder sends first: ``version`` 1 or 2, TCP over IPv4 or IPv6."""
+    if version == 1:
+        return pack_v1(source, destination)
+    if version == 2:
+        return pack_v2(source, destination)
+    raise ValueError(f"PROXY protocol version {version}")
+
+
 def _tlv(kind: int, value: bytes) -> bytes:
     if not 0 <= kind <= 0xFF or len(value) > 0xFFFF:
         raise ValueError(f"bad TLV type {kind} or length {len(value)}")

@@ -75,6 +75,42 @@ def parse_endpoint(text: str) -> HostPort:
     return HostPort(host, port)
 
 
+def usable(infos: list, socktype: int) -> tuple[Resolved, ...]:
+    """getaddrinfo's answer as Resolved endpoints of the families we use, duplicates dropped,
+    in the resolver's order (RFC 6724)."""
+    out: list[Resolved] = []
+    for family, kind, _, _, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6) and kind == socktype:
+            resolved = Resolved(socket.AddressFamily(family), tuple(sockaddr))
+            if resolved not in out:
+                out.append(resolved)
+    return tuple(out)
+
+
+def resolve_all(endpoint: HostPort, socktype: int) -> tuple[Resolved, ...]:
+    """Every address of a destination (Happy Eyeballs races them), resolved at start-up."""
+    host = endpoint.host or "127.0.0.1"
+    try:
+        infos = socket.getaddrinfo(host, endpoint.port, 0, socktype)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise AddressError(f"cannot resolve {endpoint}: {exc}") from None
+    found = usable(infos, socktype)
+    if not found:
+        raise AddressError(f"cannot resolve {endpoint}: no IPv4 or IPv6 address")
+    return found
+
+
+def is_literal(host: str) -> bool:
+    """True for an IP address (or the empty host): nothing to re-resolve."""
+    if not host:
+        return True
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host.split("%")[0])
+    except OSError:
+        return False
+    return True
+
+
 def resolve(endpoint: HostPort, socktype: int, *, passive: bool) -> Resolved:
     """Resolve once, before the service starts (blocking is fine there).
 

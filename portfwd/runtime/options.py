@@ -22,7 +22,8 @@ from types import MappingProxyType
 import docopt
 
 from portfwd import __version__
-from portfwd.runtime.addr import AddressError, Resolved, parse_and_resolve
+from portfwd.policy.cidr import Network, parse_cidr
+from portfwd.runtime.addr import AddressError, HostPort, Resolved, parse_and_resolve, parse_endpoint
 
 EXIT_USAGE = 2  # bad input
 EXIT_RUNTIME = 1  # could not start (address in use, live pidfile, ...)
@@ -193,3 +194,45 @@ class Options:
         if len(key) != PSK_SIZE:
             raise ConfigError(name, f"{message}, got {len(raw)} characters")
         return key
+
+    def strings(self, name: str) -> tuple[str, ...]:
+        """A repeatable value: docopt's list for ``[--allow <cidr>]...``, a config file's list or
+        single string; absent is empty."""
+        raw = self.values.get(name)
+        if raw is None:
+            return ()
+        items = [raw] if isinstance(raw, str) else raw
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(name, f"{self.label(name)} expects a string or a list of strings, "
+                                    f"got {raw!r}")
+        return tuple(items)
+
+    def cidrs(self, name: str) -> tuple[Network, ...]:
+        """A repeatable CIDR block (``10.0.0.0/8``, ``2001:db8::/32``, a bare address)."""
+        out = []
+        for text in self.strings(name):
+            try:
+                out.append(parse_cidr(text))
+            except ValueError as exc:
+                raise ConfigError(name, f"{self.label(name)}: bad CIDR {text!r}: {exc}") from None
+        return tuple(out)
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        """One of ``choices``; absent is ``default``."""
+        raw = self.values.get(name)
+        if raw is None:
+            return default
+        if raw not in choices:
+            raise ConfigError(name, f"{self.label(name)} expects one of {', '.join(choices)}, "
+                                    f"got {raw!r}")
+        return str(raw)
+
+    def endpoints(self, name: str) -> tuple[HostPort, ...]:
+        """One or more ``host:port`` (repeatable), parsed but not resolved."""
+        texts = self.strings(name)
+        if not texts:
+            raise ConfigError(name, f"{self.label(name)} is required")
+        try:
+            return tuple(parse_endpoint(t) for t in texts)
+        except AddressError as exc:
+            raise ConfigError(name, str(exc)) from None

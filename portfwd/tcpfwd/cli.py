@@ -1,8 +1,13 @@
 """tcpfwd: TCP port forwarding.
 
 Usage:
-  tcpfwd [options] <local_addr:local_port> <dest_addr:dest_port>
+  tcpfwd [options] [--allow <cidr>]... [--deny <cidr>]... [--proxy-from <cidr>]...
+         <local_addr:local_port> <dest_addr:dest_port>...
   tcpfwd -h | --help
+
+Several destinations are tried in --balance order; one that fails --max-fails times in a row
+is skipped for --fail-timeout seconds. A name is re-resolved in the background (at most every
+30 s); its addresses are tried with Happy Eyeballs (IPv6 first, the next after 250 ms).
 
 Options:
   -d                 run in background (daemonize)
@@ -12,6 +17,23 @@ Options:
   -R                 set SO_REUSEPORT on listener socket
   -6 --v6only        for IPv6 listener, set IPV6_V6ONLY
   --connect-timeout <s>  seconds to wait for the destination to answer [default: 10]
+  --balance <mode>       first (the first destination that answers) or roundrobin
+                         [default: first]
+  --max-fails <n>        failed connects in a row that put a destination down [default: 1]
+  --fail-timeout <s>     seconds a down destination is skipped [default: 10]
+  --allow <cidr>         only clients in this network (repeatable; IPv4 or IPv6)
+  --deny <cidr>          never clients in this network (repeatable; wins over --allow)
+  --max-conns <n>        connections at once; beyond, new ones are closed at once, 0 = no
+                         limit [default: 0]
+  --accept-proxy         every client starts with a PROXY protocol header (v1 or v2, 5 s to
+                         send it): its address is the client's
+  --proxy-from <cidr>    with --accept-proxy: only these peers may send one (repeatable;
+                         default: any)
+  --proxy-protocol <v>   send a PROXY protocol header, v1 or v2, to the destination first
+  --idle-timeout <s>     close a relay with no byte either way for s seconds, 0 = never
+                         [default: 0]
+  --half-close-timeout <s>  once one direction has ended, close the relay s seconds later,
+                         0 = never [default: 60]
   -h --help          show help
 
 Environment:
@@ -31,7 +53,12 @@ PROG = "tcpfwd"
 # field -> docopt key (also the label in error messages)
 FIELDS = {"listen": "<local_addr:local_port>", "dest": "<dest_addr:dest_port>",
           "daemonize": "-d", "pidfile": "-p", "base_addr": "-b", "reuseaddr": "-r",
-          "reuseport": "-R", "v6only": "--v6only", "connect_timeout": "--connect-timeout"}
+          "reuseport": "-R", "v6only": "--v6only", "connect_timeout": "--connect-timeout",
+          "balance": "--balance", "max_fails": "--max-fails", "fail_timeout": "--fail-timeout",
+          "allow": "--allow", "deny": "--deny", "max_conns": "--max-conns",
+          "accept_proxy": "--accept-proxy", "proxy_from": "--proxy-from",
+          "proxy_protocol": "--proxy-protocol", "idle_timeout": "--idle-timeout",
+          "half_close_timeout": "--half-close-timeout"}
 
 
 def main(argv: list[str] | None = None) -> int:

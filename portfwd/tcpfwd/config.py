@@ -1,7 +1,10 @@
 """tcpfwd's configuration: parsed options (flags today, config-file keys later) to TcpConfig.
 
-Fields read: ``listen``, ``dest``, ``base_addr``, ``reuseaddr``, ``reuseport``, ``v6only``,
-``connect_timeout``.
+Fields read: ``listen``, ``dest`` (one or more), ``base_addr``, ``reuseaddr``, ``reuseport``,
+``v6only``, ``connect_timeout``, ``proxy_protocol``, ``idle_timeout``, ``half_close_timeout``;
+those of :func:`portfwd.runtime.admission.admission_config` (``allow``, ``deny``,
+``max_conns``, ``accept_proxy``, ``proxy_from``) and of
+:func:`portfwd.runtime.upstream.upstream_config` (``balance``, ``max_fails``, ``fail_timeout``).
 """
 
 from __future__ import annotations
@@ -10,13 +13,27 @@ import socket
 from dataclasses import dataclass, field
 
 from portfwd.runtime.addr import Resolved
+from portfwd.runtime.admission import Admission, admission_config
 from portfwd.runtime.config import listen_options
 from portfwd.runtime.environment import Environment
-from portfwd.runtime.options import Options
+from portfwd.runtime.options import ConfigError, Options
 from portfwd.runtime.sockets import CONNECT_TIMEOUT, ListenOptions
+from portfwd.runtime.upstream import Balancing, Destination, destinations_config, upstream_config
 from portfwd.tcpfwd.pump import SPLICE_AVAILABLE
 
 MAX_CONNECT_TIMEOUT = 3600  # s
+MAX_TIMEOUT = 7 * 86400  # s: bound of --idle-timeout and --half-close-timeout
+HALF_CLOSE_TIMEOUT = 60  # s: --half-close-timeout default
+PROXY_VERSIONS = {"v1": 1, "v2": 2}  # --proxy-protocol
+
+
+@dataclass(frozen=True)
+class RelayLimits:
+    """Timeouts of one relay (0 = none)."""
+
+    idle_timeout: float = 0.0  # s without a byte either way before both sides are closed
+    half_close_timeout: float = float(HALF_CLOSE_TIMEOUT)  # s the other direction gets after
+    # one direction ended
 
 
 @dataclass(frozen=True)
@@ -24,20 +41,35 @@ class TcpConfig:
     """Everything one tcpfwd service needs: where to listen, where to forward, how."""
 
     listen: Resolved  # the listener's address
-    dest: Resolved  # where connections go (the base address with -b)
+    dest: Resolved  # the first destination's first address (the base address with -b)
     listen_options: ListenOptions = field(default_factory=ListenOptions)  # -r, -R, -6
     base_addr: bool = False  # -b: destination address += original port - listener port
     splice: bool = SPLICE_AVAILABLE  # kernel splice() relay; False = userspace copy
     connect_timeout: float = CONNECT_TIMEOUT  # s before an unanswered dial is abandoned
+    destinations: tuple[Destination, ...] = ()  # every destination; () = just ``dest``
+    balancing: Balancing = field(default_factory=Balancing)  # --balance, --max-fails, ...
+    admission: Admission = field(default_factory=Admission)  # --allow, --max-conns, ...
+    proxy_protocol: int = 0  # --proxy-protocol: PROXY header version sent first, 0 = none
+    relay: RelayLimits = field(default_factory=RelayLimits)  # --idle-timeout, ...
 
 
 def tcpfwd_config(options: Options, env: Environment) -> TcpConfig:
     """Validate and resolve tcpfwd's settings; raises ConfigError naming the bad one."""
     listen = options.address("listen", socket.SOCK_STREAM, passive=True)
-    dest = options.address("dest", socket.SOCK_STREAM, passive=False)
+    destinations = destinations_config(options, "dest")
+    base_addr = options.flag("base_addr")
+    if base_addr and len(destinations) > 1:
+        raise ConfigError("dest", f"{options.label('base_addr')} takes one destination")
     connect_timeout = options.integer("connect_timeout", 1, MAX_CONNECT_TIMEOUT,
                                       int(CONNECT_TIMEOUT))
-    return TcpConfig(listen=listen, dest=dest, listen_options=listen_options(options),
-                     base_addr=options.flag("base_addr"),
+    proxy = options.choice("proxy_protocol", tuple(PROXY_VERSIONS), "none")
+    relay = RelayLimits(
+        idle_timeout=float(options.integer("idle_timeout", 0, MAX_TIMEOUT, 0)),
+        half_close_timeout=float(options.integer("half_close_timeout", 0, MAX_TIMEOUT,
+                                                 HALF_CLOSE_TIMEOUT)))
+    return TcpConfig(listen=listen, dest=destinations[0].addresses[0],
+                     listen_options=listen_options(options), base_addr=base_addr,
                      splice=SPLICE_AVAILABLE and not env.no_splice,
-                     connect_timeout=float(connect_timeout))
+                     connect_timeout=float(connect_timeout), destinations=destinations,
+                     balancing=upstream_config(options), admission=admission_config(options),
+                     proxy_protocol=PROXY_VERSIONS.get(proxy, 0), relay=relay)

@@ -15,18 +15,23 @@ import struct
 import time
 
 import gevent
+from gevent import get_hub
 
+from portfwd.policy.proxy import pack
 from portfwd.runtime.acceptloop import AcceptLoop
-from portfwd.runtime.addr import Resolved, format_sockaddr
+from portfwd.runtime.addr import HostPort, Resolved, format_sockaddr
+from portfwd.runtime.admission import Client, Gate
 from portfwd.runtime.logs import RateLimitedLog, hot_info
 from portfwd.runtime.sockets import dial_tcp
+from portfwd.runtime.upstream import Destination, Upstreams
 from portfwd.runtime.workers import Workers
-from portfwd.tcpfwd.config import TcpConfig
+from portfwd.tcpfwd.config import RelayLimits, TcpConfig
 from portfwd.tcpfwd.metrics import TcpCounters, TcpMetrics
 from portfwd.tcpfwd.pump import Counter, RelaySocket, pump
 
 log = logging.getLogger(__name__)
 
+NO_LIMITS = RelayLimits(idle_timeout=0.0, half_close_timeout=0.0)
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
 
 
@@ -70,22 +75,30 @@ class TcpForwarder:
         self._ids = itertools.count(1)
         self._faults = RateLimitedLog(log)
         self.counters = TcpCounters()
+        self.gate = Gate(config.admission)
+        self.upstreams = Upstreams(
+            config.destinations or (Destination(HostPort(config.dest.host, config.dest.port),
+                                                (config.dest,)),),
+            config.balancing, config.connect_timeout)
+        self._single = self.upstreams.single  # one literal address: dial it directly
+        self.pending = 0  # connections accepted and not yet relaying (reading, dialling)
 
     def metrics(self) -> TcpMetrics:
         """A snapshot of the counters (no I/O; bytes of running relays included)."""
-        return self.counters.snapshot(self.accept_loop.accepted, self.accept_loop.errors)
+        return self.counters.snapshot(self.accept_loop.accepted, self.accept_loop.errors,
+                                      self.gate, self.upstreams)
 
     def start(self) -> None:
         self.accept_loop.start()
+        dests = ", ".join(map(str, self.upstreams.destinations))
         log.info("forwarding %s -> %s (%s)", format_sockaddr(self.accept_loop.address),
-                 self.config.dest, "splice" if self.config.splice else "copy")
+                 dests if not self.config.base_addr else self.config.dest,
+                 "splice" if self.config.splice else "copy")
 
     def stop(self, timeout: float) -> None:
         self.accept_loop.stop(timeout)
 
     def _destination(self, conn_id: int, client: socket.socket, peer: tuple) -> Resolved | None:
-        if not self.config.base_addr:
-            return self.config.dest
         try:
             offset = original_dst_port(client) - self.listen_port
             return offset_address(self.config.dest, offset)
@@ -97,18 +110,76 @@ class TcpForwarder:
 
     def _handle(self, accepted: socket.socket, peer: tuple) -> None:
         conn_id = next(self._ids)
-        dialled = None
+        dialled = dest = None
+        client = None
+        self.pending += 1
         try:
-            dest = self._destination(conn_id, accepted, peer)
-            if dest is not None:
-                dialled = self._dial(conn_id, dest)
+            if self.gate.checks:  # --allow/--deny, --max-conns, --accept-proxy: before any dial
+                client = self.gate.admit(accepted, peer,
+                                         len(self.counters.live) + self.pending - 1)
+                if client is None:
+                    return
+            if self.config.base_addr:
+                dest = self._destination(conn_id, accepted, peer)
+                if dest is not None:
+                    dialled = self._dial(conn_id, dest)
+            else:
+                dialled, dest = self._dial_upstream(conn_id)
         finally:
-            if dialled is None:  # no destination, or killed while dialling
+            self.pending -= 1
+            if dialled is None:  # refused, no destination, or killed while dialling
                 accepted.close()
-        if dialled is not None:
+        if dialled is None:
+            return
+        upstream = RelaySocket(dialled)
+        shown = peer if client is None else client.address
+        prelude = self._prelude(accepted, peer, client)
+        if prelude:
+            try:
+                upstream.send_all(prelude)
+            except OSError as exc:
+                self._faults.warning("prelude", "conn %d: sending to %s failed: %s", conn_id,
+                                     dest, exc.strerror or exc)
+                upstream.close()
+                accepted.close()
+                return
+        if shown is peer:
             hot_info(log, "conn %d open %s -> %s", conn_id, format_sockaddr(peer), dest)
-            Relay(conn_id, RelaySocket(accepted), RelaySocket(dialled), self.config.splice,
-                  self.counters).run(self.accept_loop.workers)
+        else:
+            hot_info(log, "conn %d open %s (via %s) -> %s", conn_id, format_sockaddr(shown),
+                     format_sockaddr(peer), dest)
+        relay = Relay(conn_id, RelaySocket(accepted), upstream, self.config.splice,
+                      self.counters, self.config.relay)
+        if client is not None:
+            relay.up.moved += len(client.early)
+        relay.run(self.accept_loop.workers)
+
+    def _prelude(self, accepted: socket.socket, peer: tuple, client: Client | None) -> bytes:
+        """What goes to the destination before the relay: the PROXY header we send, then the
+        stream bytes that arrived with the header we read."""
+        early = b"" if client is None else client.early
+        version = self.config.proxy_protocol
+        if not version:
+            return early
+        if client is not None:
+            source, local = client.address, client.local
+        else:
+            try:
+                source, local = peer, accepted.getsockname()
+            except OSError:
+                return early
+        return pack(version, source[:2], local[:2]) + early
+
+    def _dial_upstream(self, conn_id: int) -> tuple[socket.socket | None, Resolved | None]:
+        if self._single is not None:
+            return self._dial(conn_id, self._single), self._single
+        try:
+            return self.upstreams.dial()
+        except OSError as exc:
+            self.counters.dial_failures.add(exc)
+            self._faults.warning("connect", "conn %d: no destination answered: %s", conn_id,
+                                 exc.strerror or exc)
+            return None, None
 
     def _dial(self, conn_id: int, dest: Resolved) -> socket.socket | None:
         try:
@@ -138,10 +209,10 @@ class Relay:
     """
 
     __slots__ = ("conn_id", "client", "upstream", "splice", "started", "up", "down", "running",
-                 "error", "cut", "counters")
+                 "error", "cut", "counters", "limits", "timer", "seen", "quiet_since")
 
     def __init__(self, conn_id: int, client: RelaySocket, upstream: RelaySocket,
-                 splice: bool, counters: TcpCounters) -> None:
+                 splice: bool, counters: TcpCounters, limits: RelayLimits = NO_LIMITS) -> None:
         self.conn_id = conn_id
         self.client, self.upstream = client, upstream
         self.splice = splice
@@ -151,6 +222,16 @@ class Relay:
         self.error = ""  # the first socket error is the connection's fate; later ones are echoes
         self.cut = False  # killed at the end of the drain period
         self.counters = counters  # the forwarder's: live while running, totals once closed
+        self.limits = limits
+        self.timer = None  # the libev timer of --idle-timeout, then of --half-close-timeout
+        self.seen = 0  # bytes moved both ways at the last idle check
+        self.quiet_since = self.started  # s (monotonic): when the byte count last changed
+        if limits.idle_timeout:
+            # Checked a few times per period from the hub instead of re-arming a timer per
+            # read: the pumps stay as they are, and a relay closes within 1.25x the timeout.
+            every = max(0.05, limits.idle_timeout / 4)
+            self.timer = get_hub().loop.timer(every, every)
+            self.timer.start(self._idle_check)
         counters.live.add(self)
 
     def run(self, workers: Workers) -> None:
@@ -174,8 +255,40 @@ class Relay:
             self.running -= 1
             if not self.running:
                 self._close()
+            elif self.limits.half_close_timeout and not self.error:
+                self._stop_timer()  # the idle check gives way: one direction is over
+                self.timer = get_hub().loop.timer(self.limits.half_close_timeout)
+                self.timer.start(self._expire, "half-close timeout")
+
+    def _idle_check(self) -> None:
+        """A hub callback: close the relay once no byte moved for --idle-timeout seconds."""
+        moved, now = self.up.moved + self.down.moved, time.monotonic()
+        if moved != self.seen:
+            self.seen, self.quiet_since = moved, now
+        elif now - self.quiet_since >= self.limits.idle_timeout:
+            self._expire("idle timeout")
+
+    def _expire(self, reason: str) -> None:
+        """A hub callback (must not block): shut both sockets down, which wakes each pump with
+        EOF or an error; the last one to end closes the relay as usual."""
+        self._stop_timer()
+        if reason == "idle timeout":
+            self.counters.idle_timeouts += 1
+        else:
+            self.counters.half_close_timeouts += 1
+        self.error = self.error or reason
+        for end in (self.client, self.upstream):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.stop()
+            self.timer.close()
+            self.timer = None
 
     def _close(self) -> None:
+        self._stop_timer()
         counters = self.counters
         counters.live.discard(self)
         counters.closed += 1

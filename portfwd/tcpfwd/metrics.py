@@ -14,7 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from portfwd.runtime.admission import Gate
 from portfwd.runtime.metrics import ErrorCounts
+from portfwd.runtime.upstream import Upstreams
 
 
 @dataclass(frozen=True)
@@ -31,13 +33,20 @@ class TcpMetrics:
     dial_failures: Mapping[str, int]  # connects to the destination that failed, by errno name
     no_destination: int  # -b: no destination address could be computed for the connection
     accept_errors: Mapping[str, int]  # failed accept() calls on the listener, by errno name
+    denied: int = 0  # connections refused by --allow/--deny (before any dial)
+    over_limit: int = 0  # connections closed at once because --max-conns were open
+    proxy_rejected: int = 0  # --accept-proxy: header missing, malformed, late or untrusted
+    idle_timeouts: int = 0  # relays closed by --idle-timeout
+    half_close_timeouts: int = 0  # relays closed by --half-close-timeout
+    destinations_down: int = 0  # times a destination was put down after --max-fails failures
+    lookups_failed: int = 0  # background re-resolutions that failed (the last answer kept)
 
 
 class TcpCounters:
     """The forwarder's running counts; :meth:`snapshot` turns them into :class:`TcpMetrics`."""
 
     __slots__ = ("live", "closed", "reset", "bytes_up", "bytes_down", "dial_failures",
-                 "no_destination")
+                 "no_destination", "idle_timeouts", "half_close_timeouts")
 
     def __init__(self) -> None:
         self.live: set[Any] = set()  # running Relays (whose ``up``/``down`` counters grow)
@@ -47,8 +56,11 @@ class TcpCounters:
         self.bytes_down = 0
         self.dial_failures = ErrorCounts()
         self.no_destination = 0
+        self.idle_timeouts = 0
+        self.half_close_timeouts = 0
 
-    def snapshot(self, accepted: int, accept_errors: ErrorCounts) -> TcpMetrics:
+    def snapshot(self, accepted: int, accept_errors: ErrorCounts, gate: Gate,
+                 upstreams: Upstreams) -> TcpMetrics:
         live = self.live
         return TcpMetrics(
             accepted=accepted,
@@ -61,4 +73,11 @@ class TcpCounters:
             dial_failures=self.dial_failures.snapshot(),
             no_destination=self.no_destination,
             accept_errors=accept_errors.snapshot(),
+            denied=gate.denied,
+            over_limit=gate.over_limit,
+            proxy_rejected=gate.proxy_rejected,
+            idle_timeouts=self.idle_timeouts,
+            half_close_timeouts=self.half_close_timeouts,
+            destinations_down=upstreams.marked_down,
+            lookups_failed=upstreams.lookups_failed,
         )

@@ -1,0 +1,156 @@
+"""The admission gate of a TCP listener (tcpfwd, kcptcp-client): who may connect, how many at
+once, and who the client really is when a proxy in front sends a PROXY header.
+
+Order per accepted connection, all before any dial: ``--max-conns`` (beyond it the connection
+is closed at once: accepted, so the backlog never fills and the accept loop never spins),
+then with ``--accept-proxy`` the sender must be in ``--proxy-from`` and send a valid header
+within 5 s, then ``--allow``/``--deny`` on the client address (the header's, if any). Every
+refusal closes the connection, is counted and logged (rate-limited: a flood is one line per
+10 s per kind).
+
+Fields read by :func:`admission_config`: ``allow``, ``deny``, ``max_conns``, ``accept_proxy``,
+``proxy_from``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+
+from gevent.socket import wait_read
+
+from portfwd.policy.cidr import AccessList, CidrSet
+from portfwd.policy.proxy import MalformedHeader, ProxyParser
+from portfwd.runtime.addr import format_sockaddr
+from portfwd.runtime.logs import RateLimitedLog
+from portfwd.runtime.options import ConfigError, Options
+
+log = logging.getLogger(__name__)
+
+PROXY_HEADER_TIMEOUT = 5.0  # s for a client to send its whole PROXY header
+HEADER_READ = 4096  # bytes per recv while reading a header (the rest is relayed on)
+MAX_CONNS_LIMIT = 1 << 20  # connections: bound of --max-conns
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The gate's settings."""
+
+    access: AccessList = field(default_factory=AccessList)  # --allow / --deny
+    max_conns: int = 0  # connections at once, 0 = no limit
+    accept_proxy: bool = False  # --accept-proxy: every client must start with a PROXY header
+    proxy_from: CidrSet | None = None  # --proxy-from; None = any peer may send the header
+    header_timeout: float = PROXY_HEADER_TIMEOUT  # s
+
+
+def admission_config(options: Options) -> Admission:
+    """Validate the gate's options; raises ConfigError naming the bad one."""
+    access = AccessList(CidrSet(options.cidrs("allow")), CidrSet(options.cidrs("deny")))
+    proxy_from = options.cidrs("proxy_from")
+    accept_proxy = options.flag("accept_proxy")
+    if proxy_from and not accept_proxy:
+        raise ConfigError("proxy_from", f"{options.label('proxy_from')} needs "
+                                        f"{options.label('accept_proxy')}")
+    return Admission(access=access, max_conns=options.integer("max_conns", 0, MAX_CONNS_LIMIT, 0),
+                     accept_proxy=accept_proxy,
+                     proxy_from=CidrSet(proxy_from) if proxy_from else None)
+
+
+@dataclass(frozen=True)
+class Client:
+    """An admitted connection: who it is for and what was already read from it."""
+
+    address: tuple  # the client's (host, port): the PROXY header's source, else the TCP peer
+    local: tuple  # the address the client connected to (the header's destination, if any)
+    peer: tuple  # the TCP peer itself (the proxy, when a header came)
+    early: bytes = b""  # stream bytes that arrived with the header: relay them first
+
+
+class Gate:
+    """Runs the checks; counts and logs refusals. One per listener."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self.denied = 0  # refused by --allow/--deny
+        self.over_limit = 0  # refused by --max-conns
+        self.proxy_rejected = 0  # PROXY header missing, malformed, late or from an untrusted peer
+        self._faults = RateLimitedLog(log)
+
+    @property
+    def checks(self) -> bool:
+        """False when the gate admits everyone as they are (callers may skip it)."""
+        a = self.admission
+        return a.access.active or a.max_conns > 0 or a.accept_proxy
+
+    def admit(self, sock: socket.socket, peer: tuple, active: int) -> Client | None:
+        """The connection's client, or None when it must be closed (the caller closes it).
+        ``active``: connections this listener holds now, this one not included."""
+        admission = self.admission
+        if admission.max_conns and active >= admission.max_conns:
+            self.over_limit += 1
+            self._faults.warning("max-conns", "connection from %s refused: --max-conns %d "
+                                 "reached", format_sockaddr(peer), admission.max_conns)
+            return None
+        client = Client(address=peer, local=peer, peer=peer)
+        if admission.accept_proxy:
+            client = self._read_header(sock, peer)
+            if client is None:
+                return None
+        if admission.access.active and not admission.access.permits(client.address[0]):
+            self.denied += 1
+            self._faults.warning("acl", "connection from %s denied by --allow/--deny",
+                                 format_sockaddr(client.address))
+            return None
+        return client
+
+    def _read_header(self, sock: socket.socket, peer: tuple) -> Client | None:
+        admission = self.admission
+        if admission.proxy_from is not None and peer[0] not in admission.proxy_from:
+            return self._reject(peer, "not in --proxy-from")
+        try:
+            local = sock.getsockname()
+            parsed = read_proxy_header(sock, admission.header_timeout)
+        except MalformedHeader as exc:
+            return self._reject(peer, str(exc))
+        except TimeoutError:
+            return self._reject(peer, f"no complete PROXY header in "
+                                      f"{admission.header_timeout:g} s")
+        except OSError as exc:
+            return self._reject(peer, exc.strerror or str(exc))
+        header = parsed.header
+        if not header.has_address or not isinstance(header.source, tuple):
+            # LOCAL / UNKNOWN (a health check) or a UNIX address: the connection is its own.
+            return Client(address=peer, local=local, peer=peer, early=parsed.rest)
+        destination = header.destination if isinstance(header.destination, tuple) else local
+        return Client(address=header.source, local=destination, peer=peer, early=parsed.rest)
+
+    def _reject(self, peer: tuple, reason: str) -> None:
+        self.proxy_rejected += 1
+        self._faults.warning("proxy", "connection from %s closed: PROXY header: %s",
+                             format_sockaddr(peer), reason)
+        return None
+
+
+def read_proxy_header(sock: socket.socket, timeout: float):  # -> policy.proxy.Parsed
+    """Read and parse one PROXY header (v1 or v2) within ``timeout`` seconds. Raises
+    MalformedHeader (also for EOF before its end), TimeoutError or OSError. Leaves the socket
+    non-blocking."""
+    sock.setblocking(False)
+    parser = ProxyParser()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            data = sock.recv(HEADER_READ)
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("PROXY header timeout") from None
+            wait_read(sock.fileno(), left, TimeoutError("PROXY header timeout"))
+            continue
+        if not data:
+            raise MalformedHeader("connection closed inside the PROXY header")
+        result = parser.feed(data)
+        if result is not None:
+            return result
