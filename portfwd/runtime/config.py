@@ -7,10 +7,11 @@ Fields read: ``daemonize``, ``pidfile`` (process); ``reuseaddr``, ``reuseport``,
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from portfwd.runtime.environment import Environment
-from portfwd.runtime.options import Options
+from portfwd.runtime.options import ConfigError, Options
 from portfwd.runtime.sockets import ListenOptions
 
 
@@ -26,9 +27,20 @@ class ProcessConfig:
 def process_config(options: Options, env: Environment) -> ProcessConfig:
     return ProcessConfig(
         daemonize=options.flag("daemonize"),
-        pidfile=options.text("pidfile") or None,
+        pidfile=_in_existing_directory(options, "pidfile"),
         log_level=logging.INFO if env.log_level is None else env.log_level,
     )
+
+
+def _in_existing_directory(options: Options, name: str) -> str | None:
+    """A path option whose directory must exist (nothing creates it for us): bad input."""
+    path = options.text(name) or None
+    if path is not None:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise ConfigError(name, f"{options.label(name)} {path}: directory {directory} "
+                                    "does not exist")
+    return path
 
 
 def listen_options(options: Options, bufsize: int | None = None) -> ListenOptions:

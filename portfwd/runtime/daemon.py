@@ -199,8 +199,11 @@ def run(prog: str, service: Service, process: ProcessConfig) -> int:
     if pid is not None:
         try:
             pid.acquire()
-        except (PidFileBusy, OSError) as exc:
+        except PidFileBusy as exc:
             raise StartupError(str(exc)) from None
+        except OSError as exc:
+            raise StartupError(f"cannot create pidfile {pid.path}: "
+                               f"{exc.strerror or exc}") from None
     ready_fd = None
     if process.daemonize:
         ready_fd = detach()

@@ -14,8 +14,11 @@ Options:
   --connect-timeout <s>  seconds to wait for the destination to answer [default: 10]
   -h --help          show help
 
+The listener always sets SO_REUSEADDR (a restart never waits for TIME_WAIT); -r is accepted.
+
 Environment:
   PORTFWD_NO_SPLICE=1  relay through userspace copies instead of Linux splice()
+  PORTFWD_LOGLEVEL=n   numeric level of the log (10 = DEBUG, 30 = warnings only)
 """
 
 from __future__ import annotations

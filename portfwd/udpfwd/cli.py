@@ -24,6 +24,7 @@ table size; this implementation sizes itself and takes it as a hint only.
 
 Environment:
   PORTFWD_NO_GSO=1   one send per datagram instead of coalescing runs with Linux UDP GSO
+  PORTFWD_LOGLEVEL=n numeric level of the log (10 = DEBUG, 30 = warnings only)
 """
 
 from __future__ import annotations
