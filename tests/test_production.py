@@ -1,10 +1,15 @@
-"""First contact: what a new user's first commands meet (dual-stack ``:port``)."""
+"""First contact: what a new user's first commands meet (dual-stack ``:port``, the systemd
+units with a tool directory of their own)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import subprocess
 
-from conftest import connect, echo_roundtrip, free_port, needs_ipv6
+import pytest
+from conftest import BIN, REPO, connect, echo_roundtrip, free_port, needs_ipv6
 
 
 @needs_ipv6
@@ -39,3 +44,35 @@ def test_udpfwd_empty_host_answers_both_families(tool):
     finally:
         upstream.close()
     assert fwd.stop() == 0
+
+
+UNITS = os.path.join(REPO, "contrib", "systemd")
+TOOLS = ["tcpfwd", "udpfwd", "kcptcp-client", "kcptcp-server"]
+
+
+def unit_setting(text: str, key: str) -> list[str]:
+    return [line.split("=", 1)[1] for line in text.splitlines() if line.startswith(key + "=")]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+@pytest.mark.parametrize("tool_name", TOOLS)
+def test_systemd_unit_verifies(tmp_path, tool_name):
+    shutil.copy(os.path.join(UNITS, f"{tool_name}@.service"), tmp_path)
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / f"{tool_name}@t.service")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("tool_name", TOOLS)
+def test_systemd_unit_runs_tool_from_bindir(tool_name):
+    """ExecStart as systemd expands it (${BINDIR} inside a word, $ARGS split into words) runs the
+    tool from any BINDIR, here this checkout's bin/ standing in for a venv's."""
+    with open(os.path.join(UNITS, f"{tool_name}@.service"), encoding="utf-8") as f:
+        text = f.read()
+    assert unit_setting(text, "Environment") == ["BINDIR=/usr/local/bin"]  # the default
+    (exec_start,) = unit_setting(text, "ExecStart")
+    argv = [word.replace("${BINDIR}", BIN) for word in exec_start.split()]
+    argv = [arg for word in argv for arg in (["-h"] if word == "$ARGS" else [word])]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{tool_name}:")

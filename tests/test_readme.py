@@ -90,3 +90,23 @@ def test_client_rejects_server_only_options() -> None:
         result = run_cli("kcptcp-client", flag, value, "127.0.0.1:1", "127.0.0.1:2")
         assert result.returncode == 2
         assert result.stderr == f"kcptcp-client: error: {flag} is a kcptcp-server option\n"
+
+
+def readme_commands() -> list[str]:
+    """The one-line ``sh`` blocks of the README's Set-up section."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    setup = readme[readme.index("## Set-up\n"):readme.index("## Addresses\n")]
+    return [block.strip() for block in re.findall(r"```sh\n(.*?)```", setup, re.S)]
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    install, test = readme_commands()
+    with open(os.path.join(REPO, ".ci", "run"), encoding="utf-8") as f:
+        ci = f.read()
+    assert ci.rstrip().splitlines()[-1] == test
+    # Both work on an externally-managed system Python: they install into a venv.
+    for command in (install, test):
+        assert command.count("\n") == 0
+        assert "python3 -m venv .venv && . .venv/bin/activate && pip install" in command
+    assert "python3-venv" in install and "python3-venv" in ci
