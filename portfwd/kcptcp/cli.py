@@ -46,6 +46,7 @@ SERVER_OPTIONS = """  --connect-timeout <s>
 
 ENVIRONMENT = f"""
 Environment:
+  PORTFWD_PSK                  the key as 64 hex digits, instead of -K (not shown by ps)
   PORTFWD_LOGLEVEL             numeric level of the log (10 = DEBUG, 30 = warnings only)
   PORTFWD_REKEY_SEQ_THRESHOLD  send_seq that starts a rekey [default: {REKEY_SEQ_THRESHOLD:#x}]
   PORTFWD_REKEY_TIMEOUT_MS     ms without REKEY_ACK before closing [default: {REKEY_TIMEOUT_MS}]

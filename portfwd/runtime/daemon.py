@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 import socket
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -25,6 +26,7 @@ from portfwd.runtime.config import ProcessConfig, process_config
 from portfwd.runtime.environment import Environment, read_environment
 from portfwd.runtime.logs import setup_logging
 from portfwd.runtime.options import EXIT_RUNTIME, Options, StartupError, parse_args, run_tool
+from portfwd.runtime.proctitle import SECRET_ON_COMMAND_LINE, hide_secret_arguments
 from portfwd.runtime.sockets import ListenOptions, bind_socket
 
 log = logging.getLogger(__name__)
@@ -187,12 +189,16 @@ class Service(Protocol):
     def metrics(self) -> Any: ...
 
 
-def run(prog: str, service: Service, process: ProcessConfig) -> int:
+def run(prog: str, service: Service, process: ProcessConfig,
+        warnings: tuple[str, ...] = ()) -> int:
     """Run a bound service until a stop signal; the common ``main()`` tail of every tool.
 
-    Raises StartupError when the pidfile cannot be taken (before anything is served).
+    ``warnings`` are logged once logging is set up. Raises StartupError when the pidfile
+    cannot be taken (before anything is served).
     """
     setup_logging(prog, detached=False, level=process.log_level)
+    for warning in warnings:
+        log.warning("%s", warning)
     raise_nofile_limit()
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a vanished peer is an error, not a kill
     pid = PidFile(process.pidfile) if process.pidfile else None
@@ -239,11 +245,14 @@ def one_rule_main(prog: str, usage: str, argv: list[str] | None, fields: Mapping
     in the foreground, so its errors reach the terminal -> ``make_service`` -> :func:`run`.
     Bad input exits 2 and start-up failures 1, each as one line (:func:`run_tool`)."""
     def body() -> int:
-        options = Options.from_docopt(parse_args(prog, usage, argv), fields)
+        args = list(sys.argv[1:] if argv is None else argv)
+        hidden = hide_secret_arguments(args)  # first: the key leaves ps as early as we can
+        options = Options.from_docopt(parse_args(prog, usage, args), fields)
         env = read_environment()
         config = make_config(options, env)
         process = process_config(options, env)
         listener = bind_listener(config.listen, socktype, config.listen_options)
-        return run(prog, make_service(config, listener), process)
+        warnings = (SECRET_ON_COMMAND_LINE,) if hidden else ()
+        return run(prog, make_service(config, listener), process, warnings)
 
     return run_tool(prog, body)
