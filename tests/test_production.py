@@ -3,13 +3,16 @@ units with a tool directory of their own)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import time
 
 import pytest
-from conftest import BIN, REPO, connect, echo_roundtrip, free_port, needs_ipv6
+from conftest import BIN, REPO, connect, echo_roundtrip, free_port, needs_ipv6, run_cli
 
 
 @needs_ipv6
@@ -76,3 +79,60 @@ def test_systemd_unit_runs_tool_from_bindir(tool_name):
     result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{tool_name}:")
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def read(path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+@pytest.mark.parametrize("tool_name", ["tcpfwd", "udpfwd", "kcptcp-client", "kcptcp-server"])
+def test_log_file_with_daemon_and_sigusr2_reopen(tmp_path, tool_name):
+    """--log-file takes the daemon's log; after logrotate's rename, SIGUSR2 starts a new file."""
+    log, pidfile = tmp_path / "tool.log", tmp_path / "tool.pid"
+    socktype = socket.SOCK_DGRAM if tool_name in ("udpfwd", "kcptcp-server") else socket.SOCK_STREAM
+    port = free_port(socktype=socktype)
+    started = run_cli(tool_name, "-d", "-p", str(pidfile), "--log-file", str(log),
+                      f"127.0.0.1:{port}", "127.0.0.1:9")
+    assert started.returncode == 0, started.stderr
+    assert started.stderr == ""  # nothing lost: the log has a home
+    pid = int(pidfile.read_text())
+    try:
+        wait_for(lambda: "INFO" in read(log))
+        rotated = tmp_path / "tool.log.1"
+        log.rename(rotated)
+        os.kill(pid, signal.SIGUSR2)
+        wait_for(log.exists)
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: "stopped" in read(log))
+        assert "stopped" not in rotated.read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(os.path.exists("/dev/log"), reason="this system has a syslog socket")
+def test_daemon_without_syslog_says_logs_are_lost(tmp_path):
+    pidfile = tmp_path / "t.pid"
+    started = run_cli("tcpfwd", "-d", "-p", str(pidfile), f"127.0.0.1:{free_port()}",
+                      "127.0.0.1:9")
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "log lines from now on are lost; give --log-file <path>" in started.stderr
+    finally:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            os.kill(int(pidfile.read_text()), signal.SIGTERM)
+
+
+def test_log_file_in_missing_directory(tmp_path):
+    missing = tmp_path / "nope" / "t.log"
+    result = run_cli("udpfwd", f"127.0.0.1:{free_port()}", "127.0.0.1:9", "--log-file",
+                     str(missing))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"udpfwd: error: --log-file {missing}: directory")

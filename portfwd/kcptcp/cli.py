@@ -18,6 +18,7 @@ from portfwd.tunnel.config import REKEY_SEQ_THRESHOLD, REKEY_TIMEOUT_MS
 OPTIONS = f"""Options:
   -d                    run in background (daemonize)
   -p <pidfile>          write PID to file
+  --log-file <path>     append log lines to this file (reopened on SIGUSR2)
   -r                    set SO_REUSEADDR on listener socket
   -R                    set SO_REUSEPORT on listener socket
   -6 --v6only           for IPv6 listener, set IPV6_V6ONLY
@@ -57,7 +58,8 @@ Environment:
 FIELDS = {"daemonize": "-d", "pidfile": "-p", "reuseaddr": "-r", "reuseport": "-R",
           "v6only": "--v6only", "sockbuf": "-S", "mtu": "-M", "psk": "-K",
           "interval": "--interval", "resend": "--resend", "nc": "--nc", "sndwnd": "--sndwnd",
-          "rcvwnd": "--rcvwnd", "keepalive": "--keepalive", "stats_interval": "--stats-interval"}
+          "rcvwnd": "--rcvwnd", "keepalive": "--keepalive", "stats_interval": "--stats-interval",
+          "log_file": "--log-file"}
 CLIENT_FIELDS = {**FIELDS, "listen": "<local_tcp_addr:port>", "remote": "<remote_udp_addr:port>"}
 SERVER_FIELDS = {**FIELDS, "listen": "<local_udp_addr:port>", "target": "<target_tcp_addr:port>",
                  "connect_timeout": "--connect-timeout", "max_sessions": "--max-sessions",

@@ -1,7 +1,7 @@
 """The settings every tool shares, from parsed options: the process's and the listener's.
 
-Fields read: ``daemonize``, ``pidfile`` (process); ``reuseaddr``, ``reuseport``, ``v6only``
-(listener).
+Fields read: ``daemonize``, ``pidfile``, ``log_file`` (process); ``reuseaddr``, ``reuseport``,
+``v6only`` (listener).
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from portfwd.runtime.sockets import ListenOptions
 
 @dataclass(frozen=True)
 class ProcessConfig:
-    """How the process runs, whatever service it hosts (-d, -p, PORTFWD_LOGLEVEL)."""
+    """How the process runs, whatever service it hosts (-d, -p, --log-file, PORTFWD_LOGLEVEL)."""
 
     daemonize: bool = False  # -d: detach and log to syslog
     pidfile: str | None = None  # -p: path of the pidfile, None = none
     log_level: int = logging.INFO  # root logger level
+    log_file: str | None = None  # --log-file: append log lines here, reopened on SIGUSR2
 
 
 def process_config(options: Options, env: Environment) -> ProcessConfig:
@@ -29,6 +30,7 @@ def process_config(options: Options, env: Environment) -> ProcessConfig:
         daemonize=options.flag("daemonize"),
         pidfile=_in_existing_directory(options, "pidfile"),
         log_level=logging.INFO if env.log_level is None else env.log_level,
+        log_file=_in_existing_directory(options, "log_file"),
     )
 
 
@@ -40,6 +42,7 @@ def _in_existing_directory(options: Options, name: str) -> str | None:
         if not os.path.isdir(directory):
             raise ConfigError(name, f"{options.label(name)} {path}: directory {directory} "
                                     "does not exist")
+        path = os.path.abspath(path)  # the daemon chdirs to /
     return path
 
 

@@ -24,7 +24,7 @@ import gevent.event
 from portfwd.runtime.addr import Resolved
 from portfwd.runtime.config import ProcessConfig, process_config
 from portfwd.runtime.environment import Environment, read_environment
-from portfwd.runtime.logs import setup_logging
+from portfwd.runtime.logs import SYSLOG_SOCKET, logs_are_lost, reopen_log_files, setup_logging
 from portfwd.runtime.options import EXIT_RUNTIME, Options, StartupError, parse_args, run_tool
 from portfwd.runtime.proctitle import SECRET_ON_COMMAND_LINE, hide_secret_arguments
 from portfwd.runtime.sockets import ListenOptions, bind_socket
@@ -196,9 +196,17 @@ def run(prog: str, service: Service, process: ProcessConfig,
     ``warnings`` are logged once logging is set up. Raises StartupError when the pidfile
     cannot be taken (before anything is served).
     """
-    setup_logging(prog, detached=False, level=process.log_level)
+    try:
+        setup_logging(prog, detached=False, level=process.log_level, log_file=process.log_file)
+    except OSError as exc:
+        raise StartupError(f"cannot open log file {process.log_file}: "
+                           f"{exc.strerror or exc}") from None
     for warning in warnings:
         log.warning("%s", warning)
+    if logs_are_lost(process.daemonize, process.log_file):
+        # Said on the terminal (stderr, even with --log-file absent) before it goes away.
+        log.warning("-d without %s (no syslog daemon here): log lines from now on are lost; "
+                    "give --log-file <path>", SYSLOG_SOCKET)
     raise_nofile_limit()
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a vanished peer is an error, not a kill
     pid = PidFile(process.pidfile) if process.pidfile else None
@@ -214,12 +222,13 @@ def run(prog: str, service: Service, process: ProcessConfig,
     if process.daemonize:
         ready_fd = detach()
         gevent.reinit()
-        setup_logging(prog, detached=True, level=process.log_level)
+        setup_logging(prog, detached=True, level=process.log_level, log_file=process.log_file)
         if pid is not None:
             pid.write_pid()
     stopping = gevent.event.Event()
     for signum in STOP_SIGNALS:
         gevent.signal_handler(signum, stopping.set)
+    gevent.signal_handler(signal.SIGUSR2, reopen_log_files)
     try:
         service.start()
         if ready_fd is not None:

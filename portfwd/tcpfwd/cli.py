@@ -7,6 +7,7 @@ Usage:
 Options:
   -d                 run in background (daemonize)
   -p <pidfile>       write PID to file
+  --log-file <path>  append log lines to this file (reopened on SIGUSR2)
   -b                 base-addr mode (Linux TPROXY/original-dst based address math; expert use only)
   -r                 set SO_REUSEADDR on listener socket
   -R                 set SO_REUSEPORT on listener socket
@@ -34,7 +35,8 @@ PROG = "tcpfwd"
 # field -> docopt key (also the label in error messages)
 FIELDS = {"listen": "<local_addr:local_port>", "dest": "<dest_addr:dest_port>",
           "daemonize": "-d", "pidfile": "-p", "base_addr": "-b", "reuseaddr": "-r",
-          "reuseport": "-R", "v6only": "--v6only", "connect_timeout": "--connect-timeout"}
+          "reuseport": "-R", "v6only": "--v6only", "connect_timeout": "--connect-timeout",
+          "log_file": "--log-file"}
 
 
 def main(argv: list[str] | None = None) -> int:
