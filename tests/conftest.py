@@ -115,9 +115,10 @@ def tool() -> Iterator:
         process.close()
 
 
-def run_cli(tool: str, *args: str, timeout: float = 20.0) -> subprocess.CompletedProcess:
+def run_cli(tool: str, *args: str, timeout: float = 20.0,
+            env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, os.path.join(BIN, tool), *args], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env)
 
 
 @pytest.fixture

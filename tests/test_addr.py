@@ -3,7 +3,7 @@ import socket
 
 import pytest
 
-from portfwd.runtime.addr import AddressError, HostPort, parse_and_resolve, parse_endpoint
+from portfwd.runtime.addr import AddressError, HostPort, any_host, parse_and_resolve, parse_endpoint
 
 
 @pytest.mark.parametrize("text, host, port", [
@@ -44,7 +44,9 @@ def test_resolve_families():
 
 
 def test_resolve_empty_host():
-    assert parse_and_resolve(":80", socket.SOCK_STREAM, passive=True).host == "0.0.0.0"
+    # Dual-stack where the system has IPv6 (bind_socket turns IPV6_V6ONLY off), else IPv4.
+    assert parse_and_resolve(":80", socket.SOCK_STREAM, passive=True).host in ("::", "0.0.0.0")
+    assert parse_and_resolve(":80", socket.SOCK_STREAM, passive=True).host == any_host()
     assert parse_and_resolve(":80", socket.SOCK_STREAM, passive=False).host == "127.0.0.1"
 
 

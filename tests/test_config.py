@@ -18,7 +18,7 @@ from portfwd.kcptcp.config import (
     client_config,
     server_config,
 )
-from portfwd.runtime.addr import HostPort, Resolved
+from portfwd.runtime.addr import HostPort, Resolved, any_host
 from portfwd.runtime.config import ProcessConfig, process_config
 from portfwd.runtime.environment import Environment, read_environment
 from portfwd.runtime.options import (
@@ -73,7 +73,8 @@ def test_tcpfwd_config_no_splice_from_environment():
     options = Options({"listen": ":8000", "dest": ":80"})
     config = tcpfwd_config(options, Environment(no_splice=True))
     assert config.splice is False
-    assert config.listen == Resolved(V4, ("0.0.0.0", 8000))  # "any" for a listener
+    # "any" for a listener: dual-stack where the system has IPv6
+    assert config.listen.host == any_host() and config.listen.port == 8000
     assert config.dest == local(80)  # loopback for a destination
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -10,17 +11,19 @@ from portfwd.kcptcp.client import TunnelClient
 from portfwd.kcptcp.config import UDP_BUFFER, client_config, server_config
 from portfwd.kcptcp.server import TunnelServer
 from portfwd.runtime import daemon
+from portfwd.runtime.options import EXIT_USAGE, report
 from portfwd.tunnel.config import REKEY_SEQ_THRESHOLD, REKEY_TIMEOUT_MS
 
 # The options both tools share, in each tool's docopt usage text (the seed's list, then ours).
 OPTIONS = f"""Options:
   -d                    run in background (daemonize)
   -p <pidfile>          write PID to file
+  --log-file <path>     append log lines to this file (reopened on SIGUSR2)
   -r                    set SO_REUSEADDR on listener socket
   -R                    set SO_REUSEPORT on listener socket
   -6 --v6only           for IPv6 listener, set IPV6_V6ONLY
   -S <bytes>            SO_RCVBUF/SO_SNDBUF size [default: {UDP_BUFFER}]
-  -M <mtu>              KCP MTU (default 1350; tune to avoid IP fragmentation) [default: 1350]
+  -M <mtu>              KCP MTU (default 1350; tune to avoid IP fragmentation)
   -K <hex>              32-byte PSK in hex (ChaCha20-Poly1305); enables encryption
   --interval <ms>       KCP flush interval [default: 10]
   --resend <n>          KCP fast retransmit after n skipping acks, 0 = off [default: 2]
@@ -29,16 +32,23 @@ OPTIONS = f"""Options:
   --rcvwnd <segments>   KCP receive window [default: 1024]
   --keepalive <s>       close a conversation after s seconds without a packet [default: 30]
   --stats-interval <s>  seconds between stats lines, 0 = off [default: 60]
-  --connect-timeout <s> (server) seconds to wait for the target to answer a dial
-                        [default: 10]
-  --max-sessions <n>    (server) conversations at once; at the cap the least recently
-                        active one idle for 2 s is evicted, else new ones are refused
-                        [default: 4096]
-  --max-pending <n>     (server) conversations whose client has not yet sent an
-                        authenticated packet; beyond, HELLOs are ignored [default: 256]
   -h --help             show help
+"""
 
+# kcptcp-server's own options, after the shared ones in its usage text only (the client
+# rejects them: docopt knows only the options its usage text lists).
+SERVER_OPTIONS = """  --connect-timeout <s>
+                        seconds to wait for the target to answer a dial [default: 10]
+  --max-sessions <n>    conversations at once; at the cap the least recently active one
+                        idle for 2 s is evicted, else new ones are refused [default: 4096]
+  --max-pending <n>     conversations whose client has not yet sent an authenticated
+                        packet; beyond, HELLOs are ignored [default: 256]
+"""
+
+ENVIRONMENT = f"""
 Environment:
+  PORTFWD_PSK                  the key as 64 hex digits, instead of -K (not shown by ps)
+  PORTFWD_LOGLEVEL             numeric level of the log (10 = DEBUG, 30 = warnings only)
   PORTFWD_REKEY_SEQ_THRESHOLD  send_seq that starts a rekey [default: {REKEY_SEQ_THRESHOLD:#x}]
   PORTFWD_REKEY_TIMEOUT_MS     ms without REKEY_ACK before closing [default: {REKEY_TIMEOUT_MS}]
 """
@@ -49,10 +59,11 @@ FIELDS = {"daemonize": "-d", "pidfile": "-p", "reuseaddr": "-r", "reuseport": "-
           "v6only": "--v6only", "sockbuf": "-S", "mtu": "-M", "psk": "-K",
           "interval": "--interval", "resend": "--resend", "nc": "--nc", "sndwnd": "--sndwnd",
           "rcvwnd": "--rcvwnd", "keepalive": "--keepalive", "stats_interval": "--stats-interval",
-          "connect_timeout": "--connect-timeout", "max_sessions": "--max-sessions",
-          "max_pending": "--max-pending"}
+          "log_file": "--log-file"}
 CLIENT_FIELDS = {**FIELDS, "listen": "<local_tcp_addr:port>", "remote": "<remote_udp_addr:port>"}
-SERVER_FIELDS = {**FIELDS, "listen": "<local_udp_addr:port>", "target": "<target_tcp_addr:port>"}
+SERVER_FIELDS = {**FIELDS, "listen": "<local_udp_addr:port>", "target": "<target_tcp_addr:port>",
+                 "connect_timeout": "--connect-timeout", "max_sessions": "--max-sessions",
+                 "max_pending": "--max-pending"}
 
 CLIENT_USAGE = """kcptcp-client: TCP over KCP/UDP client.
 
@@ -62,8 +73,9 @@ Usage:
 
 Listens on a local TCP address and carries each connection as one KCP conversation over UDP
 to a kcptcp-server. AEAD encryption is enabled only when -K is given on both client and server.
+The TCP listener always sets SO_REUSEADDR; -r is accepted.
 
-{{OPTIONS}}""".replace("{{OPTIONS}}", OPTIONS)
+{{OPTIONS}}""".replace("{{OPTIONS}}", OPTIONS + ENVIRONMENT)
 
 SERVER_USAGE = """kcptcp-server: KCP/UDP to TCP server.
 
@@ -74,12 +86,19 @@ Usage:
 Listens on a UDP address, accepts KCP sessions from kcptcp-client and bridges each to the
 target TCP service. AEAD requires the same -K PSK as the client for handshakes to succeed.
 
-{{OPTIONS}}""".replace("{{OPTIONS}}", OPTIONS)
+{{OPTIONS}}""".replace("{{OPTIONS}}", OPTIONS + SERVER_OPTIONS + ENVIRONMENT)
 CLIENT_PROG = "kcptcp-client"
+SERVER_ONLY = [key for key in SERVER_FIELDS.values()
+               if key.startswith("-") and key not in FIELDS.values()]
 SERVER_PROG = "kcptcp-server"
 
 
 def client_main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    misplaced = [arg.split("=")[0] for arg in args if arg.split("=")[0] in SERVER_ONLY]
+    if misplaced:
+        report(CLIENT_PROG, f"{misplaced[0]} is a kcptcp-server option")
+        return EXIT_USAGE
     return daemon.one_rule_main(CLIENT_PROG, CLIENT_USAGE, argv, CLIENT_FIELDS, client_config,
                                 socket.SOCK_STREAM, guarded(TunnelClient))
 

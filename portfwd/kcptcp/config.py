@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from portfwd.runtime.addr import Resolved
 from portfwd.runtime.config import listen_options
-from portfwd.runtime.environment import Environment
-from portfwd.runtime.options import Options
+from portfwd.runtime.environment import PSK, Environment
+from portfwd.runtime.options import ConfigError, Options
 from portfwd.runtime.sockets import CONNECT_TIMEOUT, ListenOptions
 from portfwd.tunnel.config import (
     REKEY_GRACE_MS,
@@ -83,7 +83,7 @@ def conversation_config(options: Options, env: Environment) -> ConversationConfi
     keepalive_s = options.integer("keepalive", 2, 86400, KEEPALIVE)
     rekey_timeout = REKEY_TIMEOUT_MS if env.rekey_timeout_ms is None else env.rekey_timeout_ms
     tunnel = TunnelConfig(
-        psk=options.psk("psk"),
+        psk=tunnel_key(options, env),
         rekey_seq_threshold=(REKEY_SEQ_THRESHOLD if env.rekey_seq_threshold is None
                              else env.rekey_seq_threshold),
         rekey_timeout_ms=rekey_timeout,
@@ -101,6 +101,14 @@ def conversation_config(options: Options, env: Environment) -> ConversationConfi
         rcv_wnd=options.integer("rcvwnd", 1, 65535, WINDOW),
         mtu=options.integer("mtu", MTU_MIN, MTU_MAX, MTU),
     )
+
+
+def tunnel_key(options: Options, env: Environment) -> bytes | None:
+    """The PSK from -K or PORTFWD_PSK (one of them: two sources that could disagree are refused)."""
+    key = options.psk("psk")
+    if key is not None and env.psk is not None:
+        raise ConfigError("psk", f"{options.label('psk')} and {PSK} both give a key; use one")
+    return key if key is not None else env.psk
 
 
 def client_config(options: Options, env: Environment) -> ClientConfig:

@@ -1,15 +1,19 @@
 """Address parsing and one-time resolution for every tool.
 
 Accepted forms (seed "Examples"): ``1.2.3.4:80``, ``[::]:80``, ``[2001:db8::2]:80``,
-``localhost:80`` and ``:80`` (an empty host means "any" for a listener and the loopback
-address for a destination). Ports are 1-65535. Names are resolved once, at start-up:
+``localhost:80`` and ``:80`` (an empty host means "any" for a listener -- ``[::]`` with
+IPV6_V6ONLY off, so IPv4 and IPv6 both, where the system has IPv6, else ``0.0.0.0`` -- and the
+loopback address for a destination). Ports are 1-65535. Names are resolved once, at start-up:
 resolving per connection would run getaddrinfo in gevent's threadpool every time.
 """
 
 from __future__ import annotations
 
+import functools
 import socket
 from dataclasses import dataclass
+
+V4_MAPPED = "::ffff:"  # RFC 4291 2.5.5.2: how an IPv6 socket names an IPv4 peer
 
 
 class AddressError(ValueError):
@@ -47,8 +51,11 @@ class Resolved:
 
 
 def format_sockaddr(sockaddr: tuple) -> str:
-    """``1.2.3.4:80`` or ``[::1]:80`` for log lines."""
+    """``1.2.3.4:80`` or ``[::1]:80`` for log lines; an IPv4 peer of a dual-stack listener
+    (``::ffff:1.2.3.4``) is written as the IPv4 address it is."""
     host, port = sockaddr[0], sockaddr[1]
+    if host.startswith(V4_MAPPED) and "." in host:
+        host = host[len(V4_MAPPED):]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -114,10 +121,10 @@ def is_literal(host: str) -> bool:
 def resolve(endpoint: HostPort, socktype: int, *, passive: bool) -> Resolved:
     """Resolve once, before the service starts (blocking is fine there).
 
-    ``passive`` selects listener semantics: an empty host binds the IPv4 wildcard.
-    For a destination an empty host means the loopback address.
+    ``passive`` selects listener semantics: an empty host binds the wildcard of both families
+    (:func:`any_host`). For a destination an empty host means the loopback address.
     """
-    host = endpoint.host or ("0.0.0.0" if passive else "127.0.0.1")
+    host = endpoint.host or (any_host() if passive else "127.0.0.1")
     flags = socket.AI_PASSIVE if passive else 0
     try:
         infos = socket.getaddrinfo(host, endpoint.port, 0, socktype, 0, flags)
@@ -128,6 +135,18 @@ def resolve(endpoint: HostPort, socktype: int, *, passive: bool) -> Resolved:
         if family in (socket.AF_INET, socket.AF_INET6):
             return Resolved(socket.AddressFamily(family), tuple(sockaddr))
     raise AddressError(f"cannot resolve {endpoint}: no IPv4 or IPv6 address")
+
+
+@functools.cache
+def any_host() -> str:
+    """``::`` where this system can bind IPv6 (the listener then takes IPv4 too, as V4-mapped
+    addresses: bind_socket sets IPV6_V6ONLY off unless -6), else ``0.0.0.0``."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::", 0))
+    except OSError:  # no IPv6 in this kernel or namespace (ipv6.disable=1, disable_ipv6)
+        return "0.0.0.0"
+    return "::"
 
 
 def parse_and_resolve(text: str, socktype: int, *, passive: bool) -> Resolved:

@@ -1,34 +1,49 @@
 """The settings every tool shares, from parsed options: the process's and the listener's.
 
-Fields read: ``daemonize``, ``pidfile`` (process); ``reuseaddr``, ``reuseport``, ``v6only``
-(listener).
+Fields read: ``daemonize``, ``pidfile``, ``log_file`` (process); ``reuseaddr``, ``reuseport``,
+``v6only`` (listener).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from portfwd.runtime.environment import Environment
-from portfwd.runtime.options import Options
+from portfwd.runtime.options import ConfigError, Options
 from portfwd.runtime.sockets import ListenOptions
 
 
 @dataclass(frozen=True)
 class ProcessConfig:
-    """How the process runs, whatever service it hosts (-d, -p, PORTFWD_LOGLEVEL)."""
+    """How the process runs, whatever service it hosts (-d, -p, --log-file, PORTFWD_LOGLEVEL)."""
 
     daemonize: bool = False  # -d: detach and log to syslog
     pidfile: str | None = None  # -p: path of the pidfile, None = none
     log_level: int = logging.INFO  # root logger level
+    log_file: str | None = None  # --log-file: append log lines here, reopened on SIGUSR2
 
 
 def process_config(options: Options, env: Environment) -> ProcessConfig:
     return ProcessConfig(
         daemonize=options.flag("daemonize"),
-        pidfile=options.text("pidfile") or None,
+        pidfile=_in_existing_directory(options, "pidfile"),
         log_level=logging.INFO if env.log_level is None else env.log_level,
+        log_file=_in_existing_directory(options, "log_file"),
     )
+
+
+def _in_existing_directory(options: Options, name: str) -> str | None:
+    """A path option whose directory must exist (nothing creates it for us): bad input."""
+    path = options.text(name) or None
+    if path is not None:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise ConfigError(name, f"{options.label(name)} {path}: directory {directory} "
+                                    "does not exist")
+        path = os.path.abspath(path)  # the daemon chdirs to /
+    return path
 
 
 def listen_options(options: Options, bufsize: int | None = None) -> ListenOptions:

@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 import socket
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -23,8 +24,9 @@ import gevent.event
 from portfwd.runtime.addr import Resolved
 from portfwd.runtime.config import ProcessConfig, process_config
 from portfwd.runtime.environment import Environment, read_environment
-from portfwd.runtime.logs import setup_logging
+from portfwd.runtime.logs import SYSLOG_SOCKET, logs_are_lost, reopen_log_files, setup_logging
 from portfwd.runtime.options import EXIT_RUNTIME, Options, StartupError, parse_args, run_tool
+from portfwd.runtime.proctitle import SECRET_ON_COMMAND_LINE, hide_secret_arguments
 from portfwd.runtime.sockets import ListenOptions, bind_socket
 
 log = logging.getLogger(__name__)
@@ -187,30 +189,46 @@ class Service(Protocol):
     def metrics(self) -> Any: ...
 
 
-def run(prog: str, service: Service, process: ProcessConfig) -> int:
+def run(prog: str, service: Service, process: ProcessConfig,
+        warnings: tuple[str, ...] = ()) -> int:
     """Run a bound service until a stop signal; the common ``main()`` tail of every tool.
 
-    Raises StartupError when the pidfile cannot be taken (before anything is served).
+    ``warnings`` are logged once logging is set up. Raises StartupError when the pidfile
+    cannot be taken (before anything is served).
     """
-    setup_logging(prog, detached=False, level=process.log_level)
+    try:
+        setup_logging(prog, detached=False, level=process.log_level, log_file=process.log_file)
+    except OSError as exc:
+        raise StartupError(f"cannot open log file {process.log_file}: "
+                           f"{exc.strerror or exc}") from None
+    for warning in warnings:
+        log.warning("%s", warning)
+    if logs_are_lost(process.daemonize, process.log_file):
+        # Said on the terminal (stderr, even with --log-file absent) before it goes away.
+        log.warning("-d without %s (no syslog daemon here): log lines from now on are lost; "
+                    "give --log-file <path>", SYSLOG_SOCKET)
     raise_nofile_limit()
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a vanished peer is an error, not a kill
     pid = PidFile(process.pidfile) if process.pidfile else None
     if pid is not None:
         try:
             pid.acquire()
-        except (PidFileBusy, OSError) as exc:
+        except PidFileBusy as exc:
             raise StartupError(str(exc)) from None
+        except OSError as exc:
+            raise StartupError(f"cannot create pidfile {pid.path}: "
+                               f"{exc.strerror or exc}") from None
     ready_fd = None
     if process.daemonize:
         ready_fd = detach()
         gevent.reinit()
-        setup_logging(prog, detached=True, level=process.log_level)
+        setup_logging(prog, detached=True, level=process.log_level, log_file=process.log_file)
         if pid is not None:
             pid.write_pid()
     stopping = gevent.event.Event()
     for signum in STOP_SIGNALS:
         gevent.signal_handler(signum, stopping.set)
+    gevent.signal_handler(signal.SIGUSR2, reopen_log_files)
     try:
         service.start()
         if ready_fd is not None:
@@ -236,11 +254,14 @@ def one_rule_main(prog: str, usage: str, argv: list[str] | None, fields: Mapping
     in the foreground, so its errors reach the terminal -> ``make_service`` -> :func:`run`.
     Bad input exits 2 and start-up failures 1, each as one line (:func:`run_tool`)."""
     def body() -> int:
-        options = Options.from_docopt(parse_args(prog, usage, argv), fields)
+        args = list(sys.argv[1:] if argv is None else argv)
+        hidden = hide_secret_arguments(args)  # first: the key leaves ps as early as we can
+        options = Options.from_docopt(parse_args(prog, usage, args), fields)
         env = read_environment()
         config = make_config(options, env)
         process = process_config(options, env)
         listener = bind_listener(config.listen, socktype, config.listen_options)
-        return run(prog, make_service(config, listener), process)
+        warnings = (SECRET_ON_COMMAND_LINE,) if hidden else ()
+        return run(prog, make_service(config, listener), process, warnings)
 
     return run_tool(prog, body)

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from portfwd.runtime.options import ConfigError
+from portfwd.runtime.options import ConfigError, Options
 
 NO_SPLICE = "PORTFWD_NO_SPLICE"  # 1: tcpfwd relays through userspace copies (tests, bench)
 NO_GSO = "PORTFWD_NO_GSO"  # 1: udpfwd sends one datagram per syscall (tests, bench)
 LOGLEVEL = "PORTFWD_LOGLEVEL"  # numeric logging level of the root logger (10 = DEBUG)
 REKEY_SEQ_THRESHOLD = "PORTFWD_REKEY_SEQ_THRESHOLD"  # kcptcp: send_seq that starts a rekey
 REKEY_TIMEOUT_MS = "PORTFWD_REKEY_TIMEOUT_MS"  # kcptcp: ms without REKEY_ACK before closing
+PSK = "PORTFWD_PSK"  # kcptcp: the key as 64 hex digits, kept out of ps (unlike -K)
 REKEY_SEQ_MAX = 0xFFFFFFFF  # packets: send_seq is a u32
 REKEY_TIMEOUT_MAX_MS = 3600_000  # ms
 
@@ -30,6 +31,7 @@ class Environment:
     log_level: int | None = None  # PORTFWD_LOGLEVEL
     rekey_seq_threshold: int | None = None  # packets, 1..0xFFFFFFFF
     rekey_timeout_ms: int | None = None  # ms, 1..3600000
+    psk: bytes | None = field(default=None, repr=False)  # PORTFWD_PSK: 32 bytes
 
 
 def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
@@ -41,6 +43,7 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         log_level=_log_level(env),
         rekey_seq_threshold=_number(env, REKEY_SEQ_THRESHOLD, 1, REKEY_SEQ_MAX),
         rekey_timeout_ms=_number(env, REKEY_TIMEOUT_MS, 1, REKEY_TIMEOUT_MAX_MS),
+        psk=Options({"psk": env.get(PSK)}, {"psk": PSK}).psk("psk"),
     )
 
 

@@ -1,4 +1,5 @@
-"""Logging set-up (stderr in the foreground, syslog when detached) and rate-limited failure logs."""
+"""Logging set-up (stderr in the foreground, syslog when detached, or a file with --log-file,
+reopened on SIGUSR2 for logrotate) and rate-limited failure logs."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ RATE_LIMIT_INTERVAL = 10.0  # s between two log lines of one kind of failure
 STARTED = time.time()  # relativeCreated counts from here
 
 
-def setup_logging(prog: str, *, detached: bool, level: int = logging.INFO) -> None:
-    """Route the root logger to stderr, or to syslog once the process is a daemon.
+def setup_logging(prog: str, *, detached: bool, level: int = logging.INFO,
+                  log_file: str | None = None) -> None:
+    """Route the root logger to ``log_file`` if given, else to stderr, or to syslog once the
+    process is a daemon.
 
     ``level`` is the root logger's (PORTFWD_LOGLEVEL, read by :mod:`portfwd.runtime.environment`).
+    Raises OSError when ``log_file`` cannot be opened.
     """
     # Per-connection lines are on the hot path: skip what our formats never print (logging
     # HOWTO, "Optimization"): the caller's file/line lookup walks the stack for every record.
@@ -30,7 +34,10 @@ def setup_logging(prog: str, *, detached: bool, level: int = logging.INFO) -> No
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handler: logging.Handler
-    if detached and os.path.exists(SYSLOG_SOCKET):
+    if log_file is not None:
+        handler = ReopenableFileHandler(log_file)
+        handler.setFormatter(Formatter(FOREGROUND_FORMAT.replace("%(name)s", prog)))
+    elif detached and os.path.exists(SYSLOG_SOCKET):
         handler = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET)
         handler.setFormatter(Formatter(f"{prog}[%(process)d]: %(levelname)s %(message)s"))
     elif detached:
@@ -40,6 +47,36 @@ def setup_logging(prog: str, *, detached: bool, level: int = logging.INFO) -> No
         handler.setFormatter(Formatter(FOREGROUND_FORMAT.replace("%(name)s", prog)))
     root.addHandler(handler)
     root.setLevel(level)
+
+
+def logs_are_lost(detached: bool, log_file: str | None) -> bool:
+    """True when a daemon would have nowhere to write: no --log-file and no syslog socket
+    (containers), its stdio being /dev/null."""
+    return detached and log_file is None and not os.path.exists(SYSLOG_SOCKET)
+
+
+def reopen_log_files() -> None:
+    """SIGUSR2: reopen every log file (logrotate renamed it; nginx's USR1, for us USR2)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, ReopenableFileHandler):
+            handler.reopen()
+
+
+class ReopenableFileHandler(logging.FileHandler):
+    """A log file, opened for appending at once (a bad path fails at start) and reopened on
+    request, so logrotate can move it away without copytruncate."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, mode="a", encoding="utf-8", delay=False)
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            stream, self.stream = self.stream, self._open()
+            if stream is not None:
+                stream.close()
+        finally:
+            self.release()
 
 
 class LeanRecord(logging.LogRecord):

@@ -25,17 +25,23 @@ READ, WRITE = 1, 2  # libev event masks (EV_READ, EV_WRITE) for loop.io() watche
 class ListenOptions:
     """The listener flags every tool shares."""
 
-    reuseaddr: bool = False  # -r: SO_REUSEADDR
+    reuseaddr: bool = False  # -r: SO_REUSEADDR on a UDP listener (TCP listeners always set it)
     reuseport: bool = False  # -R: SO_REUSEPORT (several processes share one port)
     v6only: bool = False  # -6 (udpfwd: -o): IPV6_V6ONLY; without it [::] also takes IPv4
     bufsize: int | None = None  # SO_RCVBUF/SO_SNDBUF in bytes, None = kernel default
 
 
 def bind_socket(addr: Resolved, socktype: int, options: ListenOptions) -> socket.socket:
-    """A bound (not yet listening) stdlib socket; errors propagate as OSError for the caller."""
+    """A bound (not yet listening) stdlib socket; errors propagate as OSError for the caller.
+
+    A TCP listener always gets SO_REUSEADDR, as nginx, HAProxy and gevent's StreamServer do:
+    without it the TIME_WAIT sockets of the last run's short connections keep the port from a
+    restarted instance for a minute. On a UDP socket SO_REUSEADDR lets a second process bind
+    the same port, so there it stays the -r opt-in.
+    """
     sock = socket.socket(addr.family, socktype)
     try:
-        if options.reuseaddr:
+        if options.reuseaddr or socktype == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if options.reuseport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

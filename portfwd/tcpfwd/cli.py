@@ -12,6 +12,7 @@ is skipped for --fail-timeout seconds. A name is re-resolved in the background (
 Options:
   -d                 run in background (daemonize)
   -p <pidfile>       write PID to file
+  --log-file <path>  append log lines to this file (reopened on SIGUSR2)
   -b                 base-addr mode (Linux TPROXY/original-dst based address math; expert use only)
   -r                 set SO_REUSEADDR on listener socket
   -R                 set SO_REUSEPORT on listener socket
@@ -36,8 +37,11 @@ Options:
                          0 = never [default: 60]
   -h --help          show help
 
+The listener always sets SO_REUSEADDR (a restart never waits for TIME_WAIT); -r is accepted.
+
 Environment:
   PORTFWD_NO_SPLICE=1  relay through userspace copies instead of Linux splice()
+  PORTFWD_LOGLEVEL=n   numeric level of the log (10 = DEBUG, 30 = warnings only)
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ FIELDS = {"listen": "<local_addr:local_port>", "dest": "<dest_addr:dest_port>",
           "allow": "--allow", "deny": "--deny", "max_conns": "--max-conns",
           "accept_proxy": "--accept-proxy", "proxy_from": "--proxy-from",
           "proxy_protocol": "--proxy-protocol", "idle_timeout": "--idle-timeout",
-          "half_close_timeout": "--half-close-timeout"}
+          "half_close_timeout": "--half-close-timeout",
+          "log_file": "--log-file"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,7 +58,10 @@ def offset_address(base: Resolved, offset: int) -> Resolved:
 def original_dst_port(sock: socket.socket) -> int:
     """The port a REDIRECT/TPROXY'd connection was originally sent to (netfilter conntrack)."""
     if sock.family == socket.AF_INET6:
-        raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+        try:
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+        except OSError:  # an IPv4 connection on a dual-stack listener: tracked as IPv4
+            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     else:
         raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     return struct.unpack_from("!H", raw, 2)[0]  # sockaddr_in{,6}: family, then port

@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 
+from portfwd.runtime import environment
 from portfwd.runtime import options as cli
 from portfwd.testing.echo import EchoServer
 
@@ -64,8 +65,10 @@ class Harness:
         self.logs: dict[str, str] = {}
         self.procs: dict[str, subprocess.Popen] = {}
         self._echo = EchoServer("127.0.0.1", self.echo_port)
+        # The key goes in the environment, not on a command line every local user can read.
         env = dict(os.environ, **rekey_env)
-        common = ["-K", psk, "--stats-interval", os.environ.get("IT_STATS_INTERVAL", "0")]
+        env[environment.PSK] = psk
+        common = ["--stats-interval", os.environ.get("IT_STATS_INTERVAL", "0")]
         self._spawn("server", f"127.0.0.1:{self.udp_port}", f"127.0.0.1:{self.echo_port}",
                     *common, env=env)
         self._spawn("client", f"127.0.0.1:{self.tcp_port}", f"127.0.0.1:{self.udp_port}",

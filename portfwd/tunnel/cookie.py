@@ -58,9 +58,12 @@ def source_prefix(host: str) -> str:
     if ":" not in host:
         return host.rpartition(".")[0]
     try:
-        return ipaddress.IPv6Address(host.split("%")[0]).packed[:8].hex()
+        ip = ipaddress.IPv6Address(host.split("%")[0])
     except ValueError:
         return host
+    if ip.ipv4_mapped is not None:  # an IPv4 client of a dual-stack listener
+        return str(ip.ipv4_mapped).rpartition(".")[0]
+    return ip.packed[:8].hex()
 
 
 class CookieJar:

@@ -17,6 +17,7 @@ Options:
                            (default: 8192)
   --stats-interval <s>     seconds between status lines, 0 = none (default: 60)
   --sockbuf <bytes>        SO_RCVBUF/SO_SNDBUF of every socket (default: 262144)
+  --log-file <path>        append log lines to this file (reopened on SIGUSR2)
 
 Sessions: each client address gets its own upstream socket, closed after -t seconds without
 a datagram either way (-t 0: never) or when evicted at --max-sessions. -H is the seed's hash
@@ -24,6 +25,7 @@ table size; this implementation sizes itself and takes it as a hint only.
 
 Environment:
   PORTFWD_NO_GSO=1   one send per datagram instead of coalescing runs with Linux UDP GSO
+  PORTFWD_LOGLEVEL=n numeric level of the log (10 = DEBUG, 30 = warnings only)
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ FIELDS = {"listen": "<local_addr:local_port>", "dest": "<dest_addr:dest_port>",
           "timeout": "-t", "daemonize": "-d", "v6only": "-o", "reuseaddr": "-r",
           "reuseport": "-R", "table_hint": "-H", "pidfile": "-p",
           "max_sessions": "--max-sessions", "stats_interval": "--stats-interval",
-          "sockbuf": "--sockbuf"}
+          "sockbuf": "--sockbuf", "log_file": "--log-file"}
 
 
 def main(argv: list[str] | None = None) -> int:
