@@ -18,12 +18,13 @@ IO_MODULES = {"gevent", "greenlet", "socket", "select", "selectors", "threading"
 TOOL_PACKAGES = {"portfwd.kcptcp", "portfwd.tcpfwd", "portfwd.udpfwd"}
 # package -> portfwd packages it must not import (besides itself being free to import itself)
 FORBIDDEN = {
-    "portfwd.kcp": {"portfwd.tunnel", "portfwd.runtime", "portfwd.testing", *TOOL_PACKAGES},
-    "portfwd.tunnel": {"portfwd.runtime", "portfwd.testing", *TOOL_PACKAGES},
-    "portfwd.runtime": {"portfwd.testing", *TOOL_PACKAGES},
-    "portfwd.tcpfwd": {"portfwd.testing", "portfwd.kcptcp", "portfwd.udpfwd"},
-    "portfwd.udpfwd": {"portfwd.testing", "portfwd.kcptcp", "portfwd.tcpfwd"},
-    "portfwd.kcptcp": {"portfwd.testing", "portfwd.tcpfwd", "portfwd.udpfwd"},
+    "portfwd.kcp": {"portfwd.app", "portfwd.tunnel", "portfwd.runtime", "portfwd.testing", *TOOL_PACKAGES},
+    "portfwd.tunnel": {"portfwd.app", "portfwd.runtime", "portfwd.testing", *TOOL_PACKAGES},
+    "portfwd.runtime": {"portfwd.app", "portfwd.testing", *TOOL_PACKAGES},
+    "portfwd.tcpfwd": {"portfwd.app", "portfwd.testing", "portfwd.kcptcp", "portfwd.udpfwd"},
+    "portfwd.udpfwd": {"portfwd.app", "portfwd.testing", "portfwd.kcptcp", "portfwd.tcpfwd"},
+    "portfwd.kcptcp": {"portfwd.app", "portfwd.testing", "portfwd.tcpfwd", "portfwd.udpfwd"},
+    "portfwd.app": {"portfwd.testing"},
 }
 SANS_IO = {"portfwd.kcp", "portfwd.tunnel"}
 MAX_MODULE_LINES = 600  # lines; the KCP engine alone may pass it (it mirrors ikcp.c)

@@ -1,7 +1,7 @@
 """kcptcp's configuration: parsed options (flags today, config-file keys later) to the frozen
 configs of kcptcp-client (ClientConfig) and kcptcp-server (ServerConfig).
 
-Fields read by both: ``listen``, ``psk``, ``mtu``, ``sockbuf``, ``interval``,
+Fields read by both: ``listen``, ``psk``, ``psk_file``, ``mtu``, ``sockbuf``, ``interval``,
 ``resend``, ``nc``, ``sndwnd``, ``rcvwnd``, ``keepalive``, ``stats_interval``, ``reuseaddr``,
 ``reuseport``, ``v6only``; by the client only: ``remote`` (the server's UDP address); by the
 server only: ``target`` (TCP), ``connect_timeout``, ``max_sessions``, ``max_pending``.
@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from portfwd.runtime.addr import Resolved
 from portfwd.runtime.config import listen_options
 from portfwd.runtime.environment import Environment
-from portfwd.runtime.options import Options
+from portfwd.runtime.keyfile import read_psk_file
+from portfwd.runtime.options import ConfigError, Options
 from portfwd.runtime.sockets import CONNECT_TIMEOUT, ListenOptions
 from portfwd.tunnel.config import (
     REKEY_GRACE_MS,
@@ -83,7 +84,7 @@ def conversation_config(options: Options, env: Environment) -> ConversationConfi
     keepalive_s = options.integer("keepalive", 2, 86400, KEEPALIVE)
     rekey_timeout = REKEY_TIMEOUT_MS if env.rekey_timeout_ms is None else env.rekey_timeout_ms
     tunnel = TunnelConfig(
-        psk=options.psk("psk"),
+        psk=tunnel_psk(options),
         rekey_seq_threshold=(REKEY_SEQ_THRESHOLD if env.rekey_seq_threshold is None
                              else env.rekey_seq_threshold),
         rekey_timeout_ms=rekey_timeout,
@@ -101,6 +102,17 @@ def conversation_config(options: Options, env: Environment) -> ConversationConfi
         rcv_wnd=options.integer("rcvwnd", 1, 65535, WINDOW),
         mtu=options.integer("mtu", MTU_MIN, MTU_MAX, MTU),
     )
+
+
+def tunnel_psk(options: Options) -> bytes | None:
+    """The PSK from ``psk`` (hex) or ``psk_file`` (a file holding it), never both."""
+    path = options.text("psk_file")
+    if path is None:
+        return options.psk("psk")
+    if options.raw("psk") is not None:
+        raise ConfigError("psk_file", f"{options.label('psk')} and {options.label('psk_file')} "
+                          f"both give the key: use one")
+    return read_psk_file(path, options.label("psk_file"))
 
 
 def client_config(options: Options, env: Environment) -> ClientConfig:

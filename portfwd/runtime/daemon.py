@@ -3,6 +3,7 @@
 Seed "Signals, PID files, and graceful shutdown": the pidfile is created exclusively, a stale
 one is taken over, and SIGINT/SIGTERM/SIGHUP/SIGQUIT all stop the service gracefully and remove
 it. Unlike the C original we also stop on SIGTERM in tcpfwd and remove the pidfile on SIGHUP.
+``portfwd run`` alone reloads its config file on SIGHUP (see :func:`run`).
 """
 
 from __future__ import annotations
@@ -187,9 +188,12 @@ class Service(Protocol):
     def metrics(self) -> Any: ...
 
 
-def run(prog: str, service: Service, process: ProcessConfig) -> int:
+def run(prog: str, service: Service, process: ProcessConfig, *,
+        reload: Callable[[], None] | None = None) -> int:
     """Run a bound service until a stop signal; the common ``main()`` tail of every tool.
 
+    With ``reload`` (``portfwd run``), SIGHUP calls it (in a greenlet of its own) instead of
+    stopping (nginx's convention); the one-rule tools keep the seed's SIGHUP = stop.
     Raises StartupError when the pidfile cannot be taken (before anything is served).
     """
     setup_logging(prog, detached=False, level=process.log_level)
@@ -210,7 +214,10 @@ def run(prog: str, service: Service, process: ProcessConfig) -> int:
             pid.write_pid()
     stopping = gevent.event.Event()
     for signum in STOP_SIGNALS:
-        gevent.signal_handler(signum, stopping.set)
+        if signum == signal.SIGHUP and reload is not None:
+            gevent.signal_handler(signum, reload)  # gevent runs it in a new greenlet
+        else:
+            gevent.signal_handler(signum, stopping.set)
     try:
         service.start()
         if ready_fd is not None:
