@@ -18,7 +18,8 @@ IO_MODULES = {"gevent", "greenlet", "socket", "select", "selectors", "threading"
 TOOL_PACKAGES = {"portfwd.kcptcp", "portfwd.tcpfwd", "portfwd.udpfwd"}
 # package -> portfwd packages it must not import (besides itself being free to import itself)
 FORBIDDEN = {
-    "portfwd.kcp": {"portfwd.app", "portfwd.tunnel", "portfwd.runtime", "portfwd.testing", *TOOL_PACKAGES},
+    "portfwd.kcp": {"portfwd.app", "portfwd.tunnel", "portfwd.runtime", "portfwd.testing",
+                    *TOOL_PACKAGES},
     "portfwd.tunnel": {"portfwd.app", "portfwd.runtime", "portfwd.testing", *TOOL_PACKAGES},
     "portfwd.runtime": {"portfwd.app", "portfwd.testing", *TOOL_PACKAGES},
     "portfwd.tcpfwd": {"portfwd.app", "portfwd.testing", "portfwd.kcptcp", "portfwd.udpfwd"},

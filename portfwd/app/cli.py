@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import sys
 
-from portfwd.app.load import absolute, read_config
+from portfwd.app.load import LoadedConfig, absolute, read_config
 from portfwd.app.supervisor import Supervisor, bind_all
 from portfwd.runtime import daemon
 from portfwd.runtime.config import process_config
@@ -59,12 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     return run_tool(PROG, body)
 
 
-def check(loaded) -> int:
+def check(loaded: LoadedConfig) -> int:
     """``portfwd check``: the rules as resolved, warnings on stderr."""
-    for warning in loaded.file.warnings:
+    for warning in loaded.warnings:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     for rule in loaded.rules:
-        print(rule.describe())
+        print(rule.describe())  # no key is ever printed: only kinds, names, addresses
     print(f"{len(loaded.rules)} listeners: configuration OK")
     return 0
 

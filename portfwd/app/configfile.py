@@ -74,7 +74,8 @@ def parse_config(text: str, filename: str, kinds: Mapping[str, KindKeys],
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         found = re.search(r"line (\d+)", str(exc))
-        where = f"{filename}:{found.group(1)}" if found else filename
+        line = found.group(1) if found else len(text.splitlines()) or 1  # "end of document"
+        where = f"{filename}:{line}"
         raise ConfigError("file", f"{where}: invalid TOML: {exc}") from None
     doc = _with_paths(doc, base_dir)
     lines = KeyLines(text)
@@ -163,9 +164,10 @@ def _rule(kind: str, number: int, table: Mapping[str, object], defaults: Mapping
             raise ConfigError(key, f"{label(key)}: unknown key for a {kind} rule (known: "
                               f"{', '.join(sorted({*RULE_KEYS, *keys.keys}))})")
     for key in ("listen", "to"):
-        if not isinstance(table.get(key), str):
-            raise ConfigError(key, f"{label(key) if key in table else where}: {key}: "
-                              f"{'expects a string host:port' if key in table else 'is required'}")
+        if key not in table:
+            raise ConfigError(key, f"{where}: {key}: is required")
+        if not isinstance(table[key], str):
+            raise ConfigError(key, f"{label(key)}: expects a string host:port")
     if name is not None and (not isinstance(name, str) or not name):
         raise ConfigError("name", f"{label('name')}: expects a non-empty string")
     assert isinstance(listen, str)

@@ -39,7 +39,7 @@ class Rule:
 
     def describe(self) -> str:
         dest = getattr(self.config, self.kind.dest_field)
-        return f"{self.kind.name} {self.name!r}: {self.config.listen} -> {dest}"
+        return f'{self.kind.name} "{self.name}": {self.config.listen} -> {dest}'
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,16 @@ class LoadedConfig:
 
     @property
     def holds_key(self) -> bool:
-        return any(rule.kind.holds_key(rule.config) for rule in self.rules)
+        return any(rule.kind.holds_key is not None and rule.kind.holds_key(rule.config)
+                   for rule in self.rules)
+
+    @property
+    def warnings(self) -> list[str]:
+        """The parser's (an inline key), then one per tunnel rule that has no key."""
+        plaintext = {rule.spec.where: None for rule in self.rules
+                     if rule.kind.plaintext(rule.config)}
+        return [*self.file.warnings, *(f"{where}: no psk or psk_file: the tunnel is NOT "
+                                       f"encrypted or authenticated" for where in plaintext)]
 
 
 def read_config(path: str, env: Environment, label: str | None = None) -> LoadedConfig:

@@ -47,7 +47,11 @@ class RuleKind:
     dest_field: str  # the field the key ``to`` sets
     keys: frozenset[str]  # the fields its rules may set besides listen and to
     reuse: str  # HANDOVER or RECONFIGURE
-    holds_key: Callable[[Any], bool] = lambda config: False  # the config carries a PSK
+    holds_key: Callable[[Any], bool] | None = None  # a tunnel kind: does it carry a PSK?
+
+    def plaintext(self, config: Any) -> bool:
+        """A tunnel rule without a key: it runs, but unencrypted (``check`` warns)."""
+        return self.holds_key is not None and not self.holds_key(config)
 
     @property
     def parser_keys(self) -> KindKeys:

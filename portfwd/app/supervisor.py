@@ -106,7 +106,7 @@ class Supervisor:
     # -- the Service protocol -------------------------------------------------------------
 
     def start(self) -> None:
-        for warning in self.loaded.file.warnings:
+        for warning in self.loaded.warnings:
             log.warning("%s", warning)
         self._guard_keys(self.loaded)
         for rule in self.loaded.rules:
@@ -143,20 +143,22 @@ class Supervisor:
             if self._stopped:
                 return
             started = time.monotonic()
-            if self._reload():
-                self.reloads += 1
-                log.info("reload of %s done in %.0f ms", self.label,
-                         (time.monotonic() - started) * 1000)
-            else:
+            done = self._reload()
+            if done is None:
                 self.reload_failures += 1
+                return
+            self.reloads += 1
+            log.info("reload of %s in %.0f ms: %s", self.label,
+                     (time.monotonic() - started) * 1000, done)
 
-    def _reload(self) -> bool:
+    def _reload(self) -> str | None:
+        """Apply the file; what changed, or None if nothing did (the reason is logged)."""
         try:
             new = read_config(self.path, self.env, self.label)
         except ConfigError as exc:
             log.error("reload refused, still running the previous configuration: %s",
                       exc.message)
-            return False
+            return None
         old = {key: running.rule for key, running in self.running.items()}
         fresh = {rule.key: rule for rule in new.rules}
         added = [rule for key, rule in fresh.items() if key not in old]
@@ -169,14 +171,14 @@ class Supervisor:
                 log.error("reload refused, still running the previous configuration: %s: "
                           "v6only of a bound listener cannot change (remove the rule, reload, "
                           "then add it back)", rule.spec.options.label("listen"))
-                return False
+                return None
         try:
             self._guard_keys(new)
             bound = bind_rules(added)
         except (OSError, StartupError) as exc:
             reason = bind_failure(exc) if isinstance(exc, OSError) else str(exc)
             log.error("reload refused, still running the previous configuration: %s", reason)
-            return False
+            return None
         if new.file.process != self.loaded.file.process:
             log.warning("reload: the process settings of %s take effect at the next start",
                         self.label)
@@ -187,9 +189,8 @@ class Supervisor:
         for rule in added:
             self._start_rule(rule, bound[rule.key])
         self.loaded = new
-        log.info("reload of %s: added %s; changed %s; removed %s; kept %s", self.label,
-                 listing(added), listing(changed), listing(removed), listing(kept))
-        return True
+        return (f"added {listing(added)}; changed {listing(changed)}; removed "
+                f"{listing(removed)}; kept {listing(kept)}")
 
     # -- one rule -------------------------------------------------------------------------
 
@@ -229,7 +230,16 @@ def names(rules: Iterable[Rule]) -> dict[str, int]:
 
 
 def listing(rules: Iterable[Rule]) -> str:
-    """``"ssh", "web" (100 ports)`` or ``none``, for the reload line."""
-    parts = [f'"{name}"' + (f" ({count} ports)" if count > 1 else "")
-             for name, count in names(rules).items()]
+    """``"ssh", "web" (100 ports), "dns:5301"`` or ``none``, for the reload line: a rule by
+    its name, one port of a range by the instance's."""
+    rules = list(rules)
+    counts = names(rules)
+    parts, seen = [], set()
+    for rule in rules:
+        count = counts[rule.spec.rule]
+        if count == 1:
+            parts.append(f'"{rule.name}"')
+        elif rule.spec.rule not in seen:
+            seen.add(rule.spec.rule)
+            parts.append(f'"{rule.spec.rule}" ({count} ports)')
     return ", ".join(parts) or "none"
