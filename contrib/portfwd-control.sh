@@ -1,18 +1,26 @@
 #!/bin/sh
 # Manage one daemonised portfwd instance through its pidfile.
 #
-#   portfwd-control.sh start|stop|status|restart
+#   portfwd-control.sh start|stop|status|restart|reload
 #
-# Configure the three variables below (or set them in the environment):
-#   BIN      the tool: tcpfwd, udpfwd, kcptcp-client or kcptcp-server
-#   ARGS     its arguments, without -d and -p (this script adds them)
+# Configure the variables below (or set them in the environment):
+#   BIN      the tool: portfwd (many rules from a config file), or one rule's tool: tcpfwd,
+#            udpfwd, kcptcp-client or kcptcp-server
+#   CONFIG   portfwd's config file (portfwd run -d -p PIDFILE CONFIG)
+#   ARGS     a one-rule tool's arguments, without -d and -p (this script adds them)
 #   PIDFILE  where the daemon writes its PID
-# Exit status follows LSB: status returns 0 when running, 3 when not.
+# reload (portfwd only) checks the file with `portfwd check` first, then sends SIGHUP; the
+# one-rule tools stop on SIGHUP (the seed's meaning), so for them reload is refused: restart.
+# Exit status follows LSB: status returns 0 when running, 3 when not; reload returns 3 when
+# the tool cannot reload and 1 when the file is invalid (the daemon then keeps running as is).
 
 BIN="${BIN:-tcpfwd}"
 ARGS="${ARGS:-127.0.0.1:1022 127.0.0.1:22}"
-PIDFILE="${PIDFILE:-/run/portfwd-$BIN.pid}"
+CONFIG="${CONFIG:-/etc/portfwd/portfwd.toml}"
+PIDFILE="${PIDFILE:-/run/portfwd-$(basename "$BIN").pid}"
 STOP_TIMEOUT="${STOP_TIMEOUT:-15}"   # seconds to wait for a graceful stop
+
+is_portfwd() { [ "$(basename "$BIN")" = portfwd ]; }
 
 running_pid() {
     # Print the PID if the pidfile names a live process; remove a stale pidfile.
@@ -32,8 +40,13 @@ start() {
         echo "$BIN already running (pid $pid)"
         return 0
     fi
-    # shellcheck disable=SC2086  # ARGS is a word list on purpose
-    if "$BIN" -d -p "$PIDFILE" $ARGS; then
+    if is_portfwd; then
+        set -- run -d -p "$PIDFILE" "$CONFIG"
+    else
+        # shellcheck disable=SC2086  # ARGS is a word list on purpose
+        set -- -d -p "$PIDFILE" $ARGS
+    fi
+    if "$BIN" "$@"; then
         echo "$BIN started (pid $(head -n 1 "$PIDFILE"))"
     else
         echo "$BIN failed to start" >&2
@@ -70,10 +83,29 @@ status() {
     return 3
 }
 
+reload() {
+    if ! is_portfwd; then
+        echo "$BIN cannot reload (SIGHUP stops it); use restart" >&2
+        return 3
+    fi
+    if ! pid=$(running_pid); then
+        echo "$BIN not running"
+        return 7
+    fi
+    # nginx -t before nginx -s reload: a file that does not check is not sent.
+    if ! "$BIN" check "$CONFIG" >/dev/null; then
+        echo "$CONFIG is invalid: not reloaded, $BIN (pid $pid) keeps its configuration" >&2
+        return 1
+    fi
+    kill -HUP "$pid"
+    echo "$BIN (pid $pid) reloading $CONFIG"
+}
+
 case "$1" in
     start) start ;;
     stop) stop ;;
     status) status ;;
     restart) stop && start ;;
-    *) echo "usage: $0 start|stop|status|restart" >&2; exit 2 ;;
+    reload) reload ;;
+    *) echo "usage: $0 start|stop|status|restart|reload" >&2; exit 2 ;;
 esac

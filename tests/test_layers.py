@@ -19,15 +19,17 @@ TOOL_PACKAGES = {"portfwd.kcptcp", "portfwd.tcpfwd", "portfwd.udpfwd"}
 POLICY = "portfwd.policy"
 # package -> portfwd packages it must not import (besides itself being free to import itself)
 FORBIDDEN = {
-    "portfwd.kcp": {"portfwd.tunnel", "portfwd.runtime", "portfwd.testing", POLICY,
+    "portfwd.kcp": {"portfwd.app", "portfwd.tunnel", "portfwd.runtime", "portfwd.testing", POLICY,
                     *TOOL_PACKAGES},
-    POLICY: {"portfwd.kcp", "portfwd.tunnel", "portfwd.runtime", "portfwd.testing",
+    POLICY: {"portfwd.app", "portfwd.kcp", "portfwd.tunnel", "portfwd.runtime", "portfwd.testing",
              *TOOL_PACKAGES},
-    "portfwd.tunnel": {"portfwd.runtime", "portfwd.testing", POLICY, *TOOL_PACKAGES},
-    "portfwd.runtime": {"portfwd.testing", *TOOL_PACKAGES},
-    "portfwd.tcpfwd": {"portfwd.testing", "portfwd.kcptcp", "portfwd.udpfwd"},
-    "portfwd.udpfwd": {"portfwd.testing", "portfwd.kcptcp", "portfwd.tcpfwd"},
-    "portfwd.kcptcp": {"portfwd.testing", "portfwd.tcpfwd", "portfwd.udpfwd"},
+    "portfwd.tunnel": {"portfwd.app", "portfwd.runtime", "portfwd.testing", POLICY,
+                       *TOOL_PACKAGES},
+    "portfwd.runtime": {"portfwd.app", "portfwd.testing", *TOOL_PACKAGES},
+    "portfwd.tcpfwd": {"portfwd.app", "portfwd.testing", "portfwd.kcptcp", "portfwd.udpfwd"},
+    "portfwd.udpfwd": {"portfwd.app", "portfwd.testing", "portfwd.kcptcp", "portfwd.tcpfwd"},
+    "portfwd.kcptcp": {"portfwd.app", "portfwd.testing", "portfwd.tcpfwd", "portfwd.udpfwd"},
+    "portfwd.app": {"portfwd.testing"},
 }
 SANS_IO = {"portfwd.kcp", "portfwd.tunnel", POLICY}
 MAX_MODULE_LINES = 600  # lines; the KCP engine alone may pass it (it mirrors ikcp.c)

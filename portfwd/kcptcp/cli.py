@@ -25,6 +25,8 @@ OPTIONS = f"""Options:
   -S <bytes>            SO_RCVBUF/SO_SNDBUF size [default: {UDP_BUFFER}]
   -M <mtu>              KCP MTU (default 1350; tune to avoid IP fragmentation)
   -K <hex>              32-byte PSK in hex (ChaCha20-Poly1305); enables encryption
+  --psk-file <path>     read the PSK (64 hex digits) from a file that only its owner
+                        may read (mode 0600); instead of -K
   --interval <ms>       KCP flush interval [default: 10]
   --resend <n>          KCP fast retransmit after n skipping acks, 0 = off [default: 2]
   --nc <0|1>            1 = no KCP congestion control [default: 1]
@@ -57,6 +59,7 @@ Environment:
 # field -> docopt key (also the label in error messages), for both tools
 FIELDS = {"daemonize": "-d", "pidfile": "-p", "reuseaddr": "-r", "reuseport": "-R",
           "v6only": "--v6only", "sockbuf": "-S", "mtu": "-M", "psk": "-K",
+          "psk_file": "--psk-file",
           "interval": "--interval", "resend": "--resend", "nc": "--nc", "sndwnd": "--sndwnd",
           "rcvwnd": "--rcvwnd", "keepalive": "--keepalive", "stats_interval": "--stats-interval",
           "log_file": "--log-file"}

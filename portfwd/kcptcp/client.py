@@ -73,6 +73,11 @@ class TunnelClient(ConversationService):
             self._stats.kill()
         self.accept_loop.stop(timeout)
 
+    def handover(self) -> socket.socket:
+        """Stop accepting; return the listener for the next service of this address (config
+        reload). Open conversations go on until stop(timeout), which then leaves it open."""
+        return self.accept_loop.release()
+
     def _handle(self, accepted: socket.socket, peer: tuple) -> None:
         sock = cooperative(accepted)
         udp_sock: socket.socket | None = None

@@ -1,7 +1,7 @@
 """kcptcp's configuration: parsed options (flags today, config-file keys later) to the frozen
 configs of kcptcp-client (ClientConfig) and kcptcp-server (ServerConfig).
 
-Fields read by both: ``listen``, ``psk``, ``mtu``, ``sockbuf``, ``interval``,
+Fields read by both: ``listen``, ``psk``, ``psk_file``, ``mtu``, ``sockbuf``, ``interval``,
 ``resend``, ``nc``, ``sndwnd``, ``rcvwnd``, ``keepalive``, ``stats_interval``, ``reuseaddr``,
 ``reuseport``, ``v6only``; by the client only: ``remote`` (the server's UDP address); by the
 server only: ``target`` (TCP), ``connect_timeout``, ``max_sessions``, ``max_pending``.
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from portfwd.runtime.addr import Resolved
 from portfwd.runtime.config import listen_options
 from portfwd.runtime.environment import PSK, Environment
+from portfwd.runtime.keyfile import read_psk_file
 from portfwd.runtime.options import ConfigError, Options
 from portfwd.runtime.sockets import CONNECT_TIMEOUT, ListenOptions
 from portfwd.tunnel.config import (
@@ -104,10 +105,18 @@ def conversation_config(options: Options, env: Environment) -> ConversationConfi
 
 
 def tunnel_key(options: Options, env: Environment) -> bytes | None:
-    """The PSK from -K or PORTFWD_PSK (one of them: two sources that could disagree are refused)."""
+    """The PSK from exactly one of -K (``psk``), --psk-file (``psk_file``) and PORTFWD_PSK:
+    two sources that could disagree are refused."""
+    path = options.text("psk_file")
     key = options.psk("psk")
+    if path is not None and key is not None:
+        raise ConfigError("psk_file", f"{options.label('psk')} and {options.label('psk_file')} "
+                          f"both give the key: use one")
+    if path is not None:
+        key = read_psk_file(path, options.label("psk_file"))
     if key is not None and env.psk is not None:
-        raise ConfigError("psk", f"{options.label('psk')} and {PSK} both give a key; use one")
+        label = options.label("psk_file" if path is not None else "psk")
+        raise ConfigError("psk", f"{label} and {PSK} both give a key; use one")
     return key if key is not None else env.psk
 
 

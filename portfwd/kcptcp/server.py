@@ -38,7 +38,7 @@ from portfwd.kcptcp.metrics import TunnelServerMetrics, render_server_totals
 from portfwd.runtime.addr import format_sockaddr
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.metrics import ErrorCounts
-from portfwd.runtime.sockets import cooperative, dial_tcp
+from portfwd.runtime.sockets import cooperative, dial_tcp, set_buffers
 from portfwd.tunnel.cookie import source_prefix
 from portfwd.tunnel.handshake import HandshakeAcceptor
 from portfwd.tunnel.stream import Conversation
@@ -80,15 +80,14 @@ class TunnelServer(ConversationService):
         self._prefix_quota = max(1, self.limits.max_pending // PENDING_PREFIX_SHARE)
         self.accepting = True
         self._greenlets: list[gevent.Greenlet] = []
+        self._stats: gevent.Greenlet | None = None
         self._faults = RateLimitedLog(log)
 
     def start(self) -> None:
         self._announce(f"udp {format_sockaddr(self.udp.sock.getsockname())}",
                        f"tcp {self.target}", self.config.conversation.tunnel.plaintext)
         self._greenlets.append(gevent.spawn(self._receive))
-        stats = self._start_stats(render_server_totals)
-        if stats is not None:
-            self._greenlets.append(stats)
+        self._stats = self._start_stats(render_server_totals)
 
     def metrics(self) -> TunnelServerMetrics:
         """A snapshot of the counters and of every live conversation (no I/O)."""
@@ -112,8 +111,25 @@ class TunnelServer(ConversationService):
             driver.abort("shutting down")
         self.conversations.join(timeout=1)
         self.conversations.kill(timeout=1)
-        gevent.killall(self._greenlets)
+        gevent.killall([*self._greenlets, *filter(None, [self._stats])])
         self.udp.close()
+
+    def reconfigure(self, config: ServerConfig) -> None:
+        """New settings for the same UDP socket (config reload): conversations that start from
+        now on get them (target, KCP tuning, limits, key); live ones finish on theirs. New
+        tunnel settings mean a new handshake acceptor (its counters restart), which refuses
+        HELLOs stamped before the reload, as after a restart."""
+        if config.conversation.tunnel != self.config.conversation.tunnel:
+            self.handshakes = HandshakeAcceptor(config.conversation.tunnel,
+                                                started_wall_ms=wall_ms())
+        self.config, self.target, self.limits = config, config.target, config.limits
+        self._prefix_quota = max(1, self.limits.max_pending // PENDING_PREFIX_SHARE)
+        set_buffers(self.udp.sock, config.udp_buffer)
+        if config.stats_interval != self.stats_interval:
+            if self._stats is not None:
+                self._stats.kill()
+            self.stats_interval = config.stats_interval
+            self._stats = self._start_stats(render_server_totals)
 
     def _receive(self) -> None:
         drivers = self.drivers

@@ -52,6 +52,7 @@ class AcceptLoop:
         self.accepted = 0
         self.errors = ErrorCounts()  # failed accept() calls, skipped ones included
         self._greenlet: gevent.Greenlet | None = None
+        self._listener_owned = True  # False once release() handed the listener on
         self._faults = RateLimitedLog(log)
 
     @property
@@ -92,11 +93,22 @@ class AcceptLoop:
             # connections already open get their turn in between.
             wait(self._readable)
 
-    def stop(self, timeout: float) -> None:
-        """Stop accepting now; give open connections ``timeout`` seconds, then cut them."""
+    def release(self) -> socket.socket:
+        """Stop accepting and hand the listener over, still bound and listening (a config
+        reload gives it to the rule's next service); stop() then only drains."""
+        self._stop_accepting()
+        listener, self._listener_owned = self.listener, False
+        return listener
+
+    def _stop_accepting(self) -> None:
         if self._greenlet is not None:
             self._greenlet.kill()
-        self._readable.close()
-        self.listener.close()
+        self._readable.close()  # libev must never poll an fd after it is handed on or closed
+
+    def stop(self, timeout: float) -> None:
+        """Stop accepting now; give open connections ``timeout`` seconds, then cut them."""
+        self._stop_accepting()
+        if self._listener_owned:
+            self.listener.close()
         if not self.workers.join(timeout):
             self.workers.kill(timeout=1)

@@ -14,6 +14,10 @@ from portfwd.runtime.environment import Environment
 from portfwd.runtime.options import ConfigError, Options
 from portfwd.runtime.sockets import ListenOptions
 
+# Every field process_config reads: the top-level keys of a config file (portfwd run), which
+# no rule kind may take as its own. tests/test_configfile.py checks it against the code below.
+PROCESS_FIELDS = frozenset({"daemonize", "pidfile"})
+
 
 @dataclass(frozen=True)
 class ProcessConfig:

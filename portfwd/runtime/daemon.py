@@ -3,6 +3,7 @@
 Seed "Signals, PID files, and graceful shutdown": the pidfile is created exclusively, a stale
 one is taken over, and SIGINT/SIGTERM/SIGHUP/SIGQUIT all stop the service gracefully and remove
 it. Unlike the C original we also stop on SIGTERM in tcpfwd and remove the pidfile on SIGHUP.
+``portfwd run`` alone reloads its config file on SIGHUP (see :func:`run`).
 """
 
 from __future__ import annotations
@@ -189,12 +190,14 @@ class Service(Protocol):
     def metrics(self) -> Any: ...
 
 
-def run(prog: str, service: Service, process: ProcessConfig,
-        warnings: tuple[str, ...] = ()) -> int:
+def run(prog: str, service: Service, process: ProcessConfig, *,
+        warnings: tuple[str, ...] = (), reload: Callable[[], None] | None = None) -> int:
     """Run a bound service until a stop signal; the common ``main()`` tail of every tool.
 
-    ``warnings`` are logged once logging is set up. Raises StartupError when the pidfile
-    cannot be taken (before anything is served).
+    ``warnings`` are logged once logging is set up. With ``reload`` (``portfwd run``), SIGHUP
+    calls it (in a greenlet of its own) instead of stopping (nginx's convention); the one-rule
+    tools keep the seed's SIGHUP = stop. Raises StartupError when the pidfile cannot be taken
+    (before anything is served).
     """
     try:
         setup_logging(prog, detached=False, level=process.log_level, log_file=process.log_file)
@@ -227,7 +230,10 @@ def run(prog: str, service: Service, process: ProcessConfig,
             pid.write_pid()
     stopping = gevent.event.Event()
     for signum in STOP_SIGNALS:
-        gevent.signal_handler(signum, stopping.set)
+        if signum == signal.SIGHUP and reload is not None:
+            gevent.signal_handler(signum, reload)  # gevent runs it in a new greenlet
+        else:
+            gevent.signal_handler(signum, stopping.set)
     gevent.signal_handler(signal.SIGUSR2, reopen_log_files)
     try:
         service.start()

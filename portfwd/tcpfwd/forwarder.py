@@ -101,6 +101,11 @@ class TcpForwarder:
     def stop(self, timeout: float) -> None:
         self.accept_loop.stop(timeout)
 
+    def handover(self) -> socket.socket:
+        """Stop accepting; return the listener for the next service of this address (config
+        reload). Open connections go on until stop(timeout), which then leaves it open."""
+        return self.accept_loop.release()
+
     def _destination(self, conn_id: int, client: socket.socket, peer: tuple) -> Resolved | None:
         try:
             offset = original_dst_port(client) - self.listen_port

@@ -131,6 +131,13 @@ class UdpForwarder:
         self._loop = get_hub().loop
         self._listen_watcher = self._loop.io(self.listener.fileno(), READ)
         self._listen_watcher.start(self._relay, True)
+        self._start_timers()
+        log.info("forwarding %s -> %s (udp, timeout %s, max %d sessions, %s)",
+                 format_sockaddr(self.address), self.config.dest,
+                 f"{self.config.idle_timeout:g} s" if self.config.idle_timeout else "never",
+                 self.config.max_sessions, "gso" if self._gso else "no gso")
+
+    def _start_timers(self) -> None:
         if self.config.idle_timeout:
             interval = min(SWEEP_INTERVAL_MAX, self.config.idle_timeout / 4)
             self._sweep_timer = self._loop.timer(interval, interval)
@@ -139,17 +146,31 @@ class UdpForwarder:
             interval = self.config.stats_interval
             self._stats_timer = self._loop.timer(interval, interval)
             self._stats_timer.start(self._log_stats)
-        log.info("forwarding %s -> %s (udp, timeout %s, max %d sessions, %s)",
-                 format_sockaddr(self.address), self.config.dest,
-                 f"{self.config.idle_timeout:g} s" if self.config.idle_timeout else "never",
-                 self.config.max_sessions, "gso" if self._gso else "no gso")
+
+    def _stop_timers(self) -> None:
+        for timer in (self._sweep_timer, self._stats_timer):
+            if timer is not None:
+                timer.stop()
+                timer.close()
+        self._sweep_timer = self._stats_timer = None
+
+    def reconfigure(self, config: UdpConfig) -> None:
+        """New settings for the same listening socket (config reload): sessions opened from
+        now on go to the new destination; the timeout and the cap apply to the whole table at
+        once, since it is one LRU. Open sessions keep their upstream socket."""
+        self.config = config
+        self.table.capacity = config.max_sessions
+        self.table.idle_timeout = config.idle_timeout
+        set_buffers(self.listener, config.sockbuf)
+        self._stop_timers()
+        self._start_timers()
 
     def stop(self, timeout: float) -> None:
         """Close everything now: UDP has nothing to drain (``timeout`` is for TCP's sake)."""
-        for watcher in (self._listen_watcher, self._sweep_timer, self._stats_timer):
-            if watcher is not None:
-                watcher.stop()
-                watcher.close()
+        self._stop_timers()
+        if self._listen_watcher is not None:
+            self._listen_watcher.stop()
+            self._listen_watcher.close()
         for _, session in self.table.clear():
             self._close(session, "stopped")
         self.listener.close()

@@ -1,0 +1,1 @@
+"""portfwd: many forwarding rules in one process, from a TOML config file, reloaded on SIGHUP."""

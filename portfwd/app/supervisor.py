@@ -1,0 +1,245 @@
+"""The gevent side of ``portfwd run``: every rule's service, started, reloaded and stopped.
+
+A reload (SIGHUP) follows the contract of mitmproxy's OptManager and nginx's reload: the new
+file is read and validated completely, every new listener is bound, and only then is anything
+changed; any failure before that point leaves the running set exactly as it was. Then:
+unchanged rules are untouched; a changed rule keeps its listener (``rules.RuleKind.reuse``:
+TCP listeners are handed over to a new service while the old one's connections finish, UDP
+services take the new settings for new sessions); a removed rule stops accepting and drains
+for DRAIN_TIMEOUT, like a stop; a new rule starts on its new listener.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import gevent
+import gevent.lock
+import gevent.pool
+
+from portfwd.app.load import LoadedConfig, Rule, read_config
+from portfwd.app.rules import HANDOVER
+from portfwd.runtime import daemon
+from portfwd.runtime.environment import Environment
+from portfwd.runtime.options import ConfigError, StartupError
+from portfwd.runtime.sockets import bind_socket
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SupervisorMetrics:
+    """``portfwd run`` as a whole (each rule's own snapshot: Supervisor.rule_snapshots)."""
+
+    rules: int  # listeners running (a port range counts one per port)
+    draining: int  # services of removed or replaced rules still finishing their connections
+    reloads: int  # reloads applied
+    reload_failures: int  # reloads refused (invalid file, unbindable rule): nothing changed
+
+
+class Running:
+    """A rule and the service that runs it on ``listener``."""
+
+    __slots__ = ("rule", "service", "listener")
+
+    def __init__(self, rule: Rule, service: daemon.Service, listener: socket.socket) -> None:
+        self.rule = rule
+        self.service = service
+        self.listener = listener
+
+
+def bind_rules(rules: Iterable[Rule]) -> dict[tuple, socket.socket]:
+    """A listener per rule, or none: on the first failure the others are closed and OSError
+    propagates with ``.rule`` naming the rule that could not bind."""
+    bound: dict[tuple, socket.socket] = {}
+    try:
+        for rule in rules:
+            try:
+                bound[rule.key] = bind_socket(rule.config.listen, rule.kind.socktype,
+                                              rule.config.listen_options)
+            except OSError as exc:
+                exc.rule = rule  # type: ignore[attr-defined]
+                raise
+    except OSError:
+        for sock in bound.values():
+            sock.close()
+        raise
+    return bound
+
+
+def bind_failure(exc: OSError) -> str:
+    rule: Rule = exc.rule  # type: ignore[attr-defined]
+    return (f"cannot listen on {rule.config.listen} for {rule.spec.where.split(': ', 1)[1]}: "
+            f"{exc.strerror or exc}")
+
+
+def bind_all(loaded: LoadedConfig) -> dict[tuple, socket.socket]:
+    """Bind at start, in the foreground: a failure is a StartupError (exit 1)."""
+    try:
+        return bind_rules(loaded.rules)
+    except OSError as exc:
+        raise StartupError(bind_failure(exc)) from None
+
+
+class Supervisor:
+    """The service ``portfwd run`` hands to ``daemon.run``: all rules of one file."""
+
+    def __init__(self, path: str, label: str, env: Environment, loaded: LoadedConfig,
+                 listeners: dict[tuple, socket.socket]) -> None:
+        self.path = path  # absolute: re-read on every reload
+        self.label = label  # the file's name as the user gave it, in messages
+        self.env = env
+        self.loaded = loaded
+        self._listeners = listeners  # bound by bind_all, until start() hands them on
+        self.running: dict[tuple, Running] = {}
+        self.draining = gevent.pool.Group()
+        self.reloads = 0
+        self.reload_failures = 0
+        self._reloading = gevent.lock.Semaphore()  # one reload at a time, in signal order
+        self._key_guarded = False
+        self._stopped = False  # a SIGHUP after the stop signal must not start anything
+
+    # -- the Service protocol -------------------------------------------------------------
+
+    def start(self) -> None:
+        for warning in self.loaded.warnings:
+            log.warning("%s", warning)
+        self._guard_keys(self.loaded)
+        for rule in self.loaded.rules:
+            self._start_rule(rule, self._listeners.pop(rule.key))
+        log.info("running %d rules on %d listeners from %s", len(names(self.loaded.rules)),
+                 len(self.running), self.label)
+
+    def stop(self, timeout: float) -> None:
+        with self._reloading:
+            self._stopped = True
+            group = gevent.pool.Group()
+            for running in self.running.values():
+                group.spawn(running.service.stop, timeout)
+            self.running.clear()
+            group.join()
+            self.draining.join(timeout=timeout + 1)
+            self.draining.kill(timeout=1)
+
+    def metrics(self) -> SupervisorMetrics:
+        return SupervisorMetrics(rules=len(self.running), draining=len(self.draining),
+                                 reloads=self.reloads, reload_failures=self.reload_failures)
+
+    def rule_snapshots(self) -> list[tuple[str, str, object]]:
+        """(kind, instance name, that service's metrics()) of every running listener; an
+        instance of a port range is named ``<rule name>:<port>``."""
+        return [(r.rule.kind.name, r.rule.name, r.service.metrics())
+                for r in self.running.values()]
+
+    # -- reload ---------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read the file and apply it, or change nothing (logged either way)."""
+        with self._reloading:
+            if self._stopped:
+                return
+            started = time.monotonic()
+            done = self._reload()
+            if done is None:
+                self.reload_failures += 1
+                return
+            self.reloads += 1
+            log.info("reload of %s in %.0f ms: %s", self.label,
+                     (time.monotonic() - started) * 1000, done)
+
+    def _reload(self) -> str | None:
+        """Apply the file; what changed, or None if nothing did (the reason is logged)."""
+        try:
+            new = read_config(self.path, self.env, self.label)
+        except ConfigError as exc:
+            log.error("reload refused, still running the previous configuration: %s",
+                      exc.message)
+            return None
+        old = {key: running.rule for key, running in self.running.items()}
+        fresh = {rule.key: rule for rule in new.rules}
+        added = [rule for key, rule in fresh.items() if key not in old]
+        removed = [rule for key, rule in old.items() if key not in fresh]
+        changed = [rule for key, rule in fresh.items()
+                   if key in old and (rule.config != old[key].config or rule.name != old[key].name)]
+        kept = [rule for key, rule in fresh.items() if key in old and rule not in changed]
+        for rule in changed:
+            if rule.config.listen_options.v6only != old[rule.key].config.listen_options.v6only:
+                log.error("reload refused, still running the previous configuration: %s: "
+                          "v6only of a bound listener cannot change (remove the rule, reload, "
+                          "then add it back)", rule.spec.options.label("listen"))
+                return None
+        try:
+            self._guard_keys(new)
+            bound = bind_rules(added)
+        except (OSError, StartupError) as exc:
+            reason = bind_failure(exc) if isinstance(exc, OSError) else str(exc)
+            log.error("reload refused, still running the previous configuration: %s", reason)
+            return None
+        if new.file.process != self.loaded.file.process:
+            log.warning("reload: the process settings of %s take effect at the next start",
+                        self.label)
+        for rule in removed:
+            self.draining.spawn(self.running.pop(rule.key).service.stop, daemon.DRAIN_TIMEOUT)
+        for rule in changed:
+            self._change(rule)
+        for rule in added:
+            self._start_rule(rule, bound[rule.key])
+        self.loaded = new
+        return (f"added {listing(added)}; changed {listing(changed)}; removed "
+                f"{listing(removed)}; kept {listing(kept)}")
+
+    # -- one rule -------------------------------------------------------------------------
+
+    def _start_rule(self, rule: Rule, listener: socket.socket) -> None:
+        service = rule.kind.make_service(rule.config, listener)
+        service.start()
+        self.running[rule.key] = Running(rule, service, listener)
+
+    def _change(self, rule: Rule) -> None:
+        running = self.running[rule.key]
+        options = rule.config.listen_options
+        for flag, option in ((options.reuseaddr, socket.SO_REUSEADDR),
+                             (options.reuseport, socket.SO_REUSEPORT)):
+            running.listener.setsockopt(socket.SOL_SOCKET, option, int(flag))
+        if rule.kind.reuse == HANDOVER:
+            listener = running.service.handover()  # type: ignore[attr-defined]
+            self.draining.spawn(running.service.stop, daemon.DRAIN_TIMEOUT)
+            del self.running[rule.key]
+            self._start_rule(rule, listener)
+        else:
+            running.service.reconfigure(rule.config)  # type: ignore[attr-defined]
+            running.rule = rule
+
+    def _guard_keys(self, loaded: LoadedConfig) -> None:
+        """A process that holds a tunnel key does not dump core (as the kcptcp tools)."""
+        if loaded.holds_key and not self._key_guarded:
+            daemon.disable_core_dumps()
+            self._key_guarded = True
+
+
+def names(rules: Iterable[Rule]) -> dict[str, int]:
+    """Rule name -> number of its listeners, in file order."""
+    counts: dict[str, int] = {}
+    for rule in rules:
+        counts[rule.spec.rule] = counts.get(rule.spec.rule, 0) + 1
+    return counts
+
+
+def listing(rules: Iterable[Rule]) -> str:
+    """``"ssh", "web" (100 ports), "dns:5301"`` or ``none``, for the reload line: a rule by
+    its name, one port of a range by the instance's."""
+    rules = list(rules)
+    counts = names(rules)
+    parts, seen = [], set()
+    for rule in rules:
+        count = counts[rule.spec.rule]
+        if count == 1:
+            parts.append(f'"{rule.name}"')
+        elif rule.spec.rule not in seen:
+            seen.add(rule.spec.rule)
+            parts.append(f'"{rule.spec.rule}" ({count} ports)')
+    return ", ".join(parts) or "none"
