@@ -268,6 +268,6 @@ def one_rule_main(prog: str, usage: str, argv: list[str] | None, fields: Mapping
         process = process_config(options, env)
         listener = bind_listener(config.listen, socktype, config.listen_options)
         warnings = (SECRET_ON_COMMAND_LINE,) if hidden else ()
-        return run(prog, make_service(config, listener), process, warnings)
+        return run(prog, make_service(config, listener), process, warnings=warnings)
 
     return run_tool(prog, body)
