@@ -15,15 +15,17 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "portfwd"
 IO_MODULES = {"gevent", "greenlet", "socket", "select", "selectors", "threading", "time",
               "asyncio", "subprocess"}
-TOOL_PACKAGES = {"portfwd.kcptcp", "portfwd.tcpfwd", "portfwd.udpfwd"}
+TOOL_PACKAGES = {"portfwd.kcptcp", "portfwd.kcpudp", "portfwd.tcpfwd", "portfwd.udpfwd"}
 # package -> portfwd packages it must not import (besides itself being free to import itself)
 FORBIDDEN = {
     "portfwd.kcp": {"portfwd.tunnel", "portfwd.runtime", "portfwd.testing", *TOOL_PACKAGES},
     "portfwd.tunnel": {"portfwd.runtime", "portfwd.testing", *TOOL_PACKAGES},
     "portfwd.runtime": {"portfwd.testing", *TOOL_PACKAGES},
-    "portfwd.tcpfwd": {"portfwd.testing", "portfwd.kcptcp", "portfwd.udpfwd"},
-    "portfwd.udpfwd": {"portfwd.testing", "portfwd.kcptcp", "portfwd.tcpfwd"},
-    "portfwd.kcptcp": {"portfwd.testing", "portfwd.tcpfwd", "portfwd.udpfwd"},
+    "portfwd.tcpfwd": {"portfwd.testing", "portfwd.kcptcp", "portfwd.kcpudp", "portfwd.udpfwd"},
+    "portfwd.udpfwd": {"portfwd.testing", "portfwd.kcptcp", "portfwd.kcpudp", "portfwd.tcpfwd"},
+    "portfwd.kcptcp": {"portfwd.testing", "portfwd.kcpudp", "portfwd.tcpfwd", "portfwd.udpfwd"},
+    # kcpudp runs on kcptcp's drivers, server and options (docs/ARCHITECTURE.md): never the reverse
+    "portfwd.kcpudp": {"portfwd.testing", "portfwd.tcpfwd", "portfwd.udpfwd"},
 }
 SANS_IO = {"portfwd.kcp", "portfwd.tunnel"}
 MAX_MODULE_LINES = 600  # lines; the KCP engine alone may pass it (it mirrors ikcp.c)
