@@ -15,21 +15,30 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "portfwd"
 IO_MODULES = {"gevent", "greenlet", "socket", "select", "selectors", "threading", "time",
               "asyncio", "subprocess"}
-TOOL_PACKAGES = {"portfwd.kcptcp", "portfwd.tcpfwd", "portfwd.udpfwd"}
+TOOL_PACKAGES = {"portfwd.kcptcp", "portfwd.kcpudp", "portfwd.tcpfwd", "portfwd.udpfwd"}
 POLICY = "portfwd.policy"
+APP = "portfwd.app"  # portfwd run: hosts every tool, so it may import them all
+TESTING = "portfwd.testing"
+EVERYTHING = {"portfwd.kcp", "portfwd.tunnel", POLICY, "portfwd.runtime", *TOOL_PACKAGES, APP,
+              TESTING}
+
+
+def tools_but(*allowed: str) -> set[str]:
+    return {APP, TESTING, *(TOOL_PACKAGES - set(allowed))}
+
+
 # package -> portfwd packages it must not import (besides itself being free to import itself)
 FORBIDDEN = {
-    "portfwd.kcp": {"portfwd.app", "portfwd.tunnel", "portfwd.runtime", "portfwd.testing", POLICY,
-                    *TOOL_PACKAGES},
-    POLICY: {"portfwd.app", "portfwd.kcp", "portfwd.tunnel", "portfwd.runtime", "portfwd.testing",
-             *TOOL_PACKAGES},
-    "portfwd.tunnel": {"portfwd.app", "portfwd.runtime", "portfwd.testing", POLICY,
-                       *TOOL_PACKAGES},
-    "portfwd.runtime": {"portfwd.app", "portfwd.testing", *TOOL_PACKAGES},
-    "portfwd.tcpfwd": {"portfwd.app", "portfwd.testing", "portfwd.kcptcp", "portfwd.udpfwd"},
-    "portfwd.udpfwd": {"portfwd.app", "portfwd.testing", "portfwd.kcptcp", "portfwd.tcpfwd"},
-    "portfwd.kcptcp": {"portfwd.app", "portfwd.testing", "portfwd.tcpfwd", "portfwd.udpfwd"},
-    "portfwd.app": {"portfwd.testing"},
+    "portfwd.kcp": EVERYTHING - {"portfwd.kcp"},
+    POLICY: EVERYTHING - {POLICY},
+    "portfwd.tunnel": EVERYTHING - {"portfwd.tunnel", "portfwd.kcp"},
+    "portfwd.runtime": tools_but(),
+    "portfwd.tcpfwd": tools_but("portfwd.tcpfwd"),
+    "portfwd.udpfwd": tools_but("portfwd.udpfwd"),
+    "portfwd.kcptcp": tools_but("portfwd.kcptcp"),
+    # kcpudp runs on kcptcp's drivers, server and options (docs/ARCHITECTURE.md): never the reverse
+    "portfwd.kcpudp": tools_but("portfwd.kcpudp", "portfwd.kcptcp"),
+    APP: {TESTING},
 }
 SANS_IO = {"portfwd.kcp", "portfwd.tunnel", POLICY}
 MAX_MODULE_LINES = 600  # lines; the KCP engine alone may pass it (it mirrors ikcp.c)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from portfwd.udpfwd.table import SessionTable
+from portfwd.runtime.session_table import SessionTable
 
 
 def filled(n: int, timeout: float = 10.0, capacity: int = 100, step: float = 1.0):

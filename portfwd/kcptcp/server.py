@@ -41,6 +41,7 @@ from portfwd.runtime.metrics import ErrorCounts
 from portfwd.runtime.sockets import cooperative, dial_tcp, set_buffers
 from portfwd.tunnel.cookie import source_prefix
 from portfwd.tunnel.handshake import HandshakeAcceptor
+from portfwd.tunnel.session import TunnelSession
 from portfwd.tunnel.stream import Conversation
 from portfwd.tunnel.wire import PREFIX_SIZE, TYPE_MASK, PacketType
 
@@ -191,14 +192,18 @@ class TunnelServer(ConversationService):
                                  "session to evict: conv=%d from %s refused",
                                  self.limits.max_sessions, session.conv, format_sockaddr(addr))
             return None  # the session object is dropped unanswered; nothing was dialled
-        conv = Conversation(session, self.config.conversation, now, self.reassembly)
-        driver = ConversationDriver(conv, self.udp, f"conv={conv.conv}")
-        self.drivers[conv.conv] = driver
+        driver = self._make_driver(session, now)
+        self.drivers[session.conv] = driver
         prefix = prefix or source_prefix(addr[0])
         self._pending[driver] = prefix
         self._pending_by_prefix[prefix] = self._pending_by_prefix.get(prefix, 0) + 1
         self.conversations.spawn(self._serve, driver)
         return driver
+
+    def _make_driver(self, session: TunnelSession, now: int) -> ConversationDriver:
+        """The conversation and driver of a new session (kcpudp-server makes its own)."""
+        conv = Conversation(session, self.config.conversation, now, self.reassembly)
+        return ConversationDriver(conv, self.udp, f"conv={conv.conv}")
 
     @staticmethod
     def _is_retry(driver: ConversationDriver, hello: bytes) -> bool:
@@ -253,11 +258,7 @@ class TunnelServer(ConversationService):
             gevent.wait([driver.established, driver.finished], count=1)
             self._unpend(driver)
             if driver.established.is_set() and not driver.finished.is_set():
-                target = self._dial(driver)
-                if target is not None:
-                    log.info("%s open %s -> %s", driver.name, format_sockaddr(conv.peer_addr),
-                             self.target)
-                    driver.attach_tcp(target)
+                self._connect(driver)
             driver.wait_finished()
         finally:
             self._retire(driver)
@@ -265,6 +266,15 @@ class TunnelServer(ConversationService):
             self._unpend(driver)
             log.info("%s closed (%s): %d bytes up, %d down", driver.name, driver.close_reason,
                      conv.bytes_received, conv.bytes_sent)
+
+    def _connect(self, driver: ConversationDriver) -> None:
+        """Dial the target for a confirmed conversation and start bridging (kcpudp-server
+        opens a UDP socket instead)."""
+        target = self._dial(driver)
+        if target is not None:
+            log.info("%s open %s -> %s", driver.name, format_sockaddr(driver.conv.peer_addr),
+                     self.target)
+            driver.attach_tcp(target)
 
     def _dial(self, driver: ConversationDriver) -> gsocket | None:
         try:

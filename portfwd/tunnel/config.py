@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import crypto
-from .wire import UINT32_MAX
+from .wire import UINT32_MAX, Carries, PacketType
 
 REKEY_SEQ_THRESHOLD = 0xFFF00000  # send_seq at which a rekey starts (seed default)
 REKEY_TIMEOUT_MS = 5000  # ms without REKEY_ACK before closing (seed default)
@@ -47,6 +47,7 @@ class TunnelConfig:
     #: per source prefix
     max_pending_payloads: int = 4096  #: payloads queued before the handshake completes
     initial_send_seq: int = 0  #: send_seq of epoch 0 (tests of the wraparound guard)
+    carries: int = Carries.STREAM  #: what conversations carry (HELLO byte 62): both ends agree
 
     def __post_init__(self) -> None:
         if self.psk is not None and len(self.psk) != crypto.PSK_SIZE:
@@ -71,6 +72,12 @@ class TunnelConfig:
             # REKEY_INIT under the old key until the initiator gives up.
             raise ValueError(f"rekey_grace_ms ({self.rekey_grace_ms}) must be at least "
                              f"rekey_timeout_ms ({self.rekey_timeout_ms})")
+
+    @property
+    def payload_type(self) -> int:
+        """The packet type of payloads: DATAGRAM in kcpudp's datagram mode (no KCP), else DATA
+        (each payload a KCP datagram)."""
+        return int(PacketType.DATAGRAM if self.carries == Carries.DATAGRAMS else PacketType.DATA)
 
     @property
     def plaintext(self) -> bool:

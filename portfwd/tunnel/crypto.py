@@ -43,6 +43,7 @@ HANDSHAKE_SALT = b"portfwd/2 handshake"  # HKDF salt for the handshake MAC key
 HANDSHAKE_INFO = b"portfwd/2 handshake mac"  # HKDF info for the handshake MAC key
 HELLO_LABEL = b"portfwd/2 hello"  # first input of a HELLO's MAC
 WELCOME_LABEL = b"portfwd/2 welcome"  # first input of a WELCOME's MAC: never a HELLO's
+REFUSE_LABEL = b"portfwd/3 refuse"  # first input of a REFUSE's MAC
 KEY_LABEL = b"portfwd/2 key "  # HKDF info prefix, followed by direction, conv, epoch
 NONCE_LABEL = b"portfwd/2 nonce "  # HKDF info prefix, followed by direction, conv, epoch
 SHARE_SIZE = 32  # bytes, X25519 private and public keys

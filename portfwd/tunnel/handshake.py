@@ -31,7 +31,9 @@ from .wire import (
     Hello,
     MalformedPacket,
     PacketType,
+    carries_label,
     pack_cookie,
+    pack_refuse,
     unpack_hello,
 )
 
@@ -77,6 +79,7 @@ class HandshakeAcceptor:
         self.dropped_load: int = 0  #: no valid cookie, over the verify and the reply budgets
         self.cookies_sent: int = 0  #: COOKIE replies (valid HELLOs not taken up: under load)
         self.cookie_hellos: int = 0  #: HELLOs that came with a valid cookie
+        self.refused_carries: int = 0  #: valid HELLOs for another kind of conversation (REFUSE)
 
     @property
     def cache_size(self) -> int:
@@ -145,6 +148,9 @@ class HandshakeAcceptor:
         # Any replay later than 2 windows after now carries a timestamp older than
         # now + window - 2 * window, i.e. stale: the entry can go then (time bound).
         self._seen[hello.client_share] = wall_ms + 2 * window
+        if hello.carries != cfg.carries:
+            self._refuse(hello, data, addr, now)
+            return None
         session = TunnelSession.server_from_hello(cfg, data, hello.client_share, addr, now,
                                                   self._random_bytes)
         if session is None:  # a key share that yields no shared secret
@@ -157,6 +163,18 @@ class HandshakeAcceptor:
         """``(COOKIE datagram, address)`` pairs queued by :meth:`accept` under load."""
         replies, self._replies = self._replies, []
         return replies
+
+    def _refuse(self, hello: Hello, data: bytes, addr: Any, now: int) -> None:
+        """A PSK holder asks for another kind of conversation (a kcptcp client at a kcpudp
+        server, or another --mode): a REFUSE, smaller than the HELLO and bound to it, tells it
+        so; nothing is created or dialled."""
+        self.refused_carries += 1
+        cfg_carries = self.config.carries
+        body = pack_refuse(hello.conv, cfg_carries)
+        self._replies.append((body + self._mac(crypto.REFUSE_LABEL, data, body), addr))
+        self._log_failure(now, f"conv={hello.conv}: the client carries "
+                          f"{carries_label(hello.carries)}, this server "
+                          f"{carries_label(cfg_carries)}", addr)
 
     def _answer_with_cookie(self, hello: Hello, addr: Any, host: str, now: int) -> None:
         """Over the verify budget: a COOKIE, stateless and smaller than the HELLO, within the

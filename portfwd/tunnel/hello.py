@@ -14,10 +14,13 @@ from . import crypto
 from .wire import (
     MAC_SIZE,
     NO_COOKIE,
+    Carries,
     MalformedPacket,
     Welcome,
+    carries_label,
     pack_hello,
     unpack_cookie,
+    unpack_refuse,
     unpack_welcome,
 )
 
@@ -28,8 +31,10 @@ class ClientHellos:
     """Makes a client session's HELLOs and recognises the answers to them."""
 
     def __init__(self, mac: crypto.HandshakeMac, conv: int, wall_offset_ms: int,
-                 random_bytes: Callable[[int], bytes], cookie: bytes = NO_COOKIE) -> None:
+                 random_bytes: Callable[[int], bytes], cookie: bytes = NO_COOKIE,
+                 carries: int = Carries.STREAM) -> None:
         self._mac = mac
+        self._carries = carries  # what our HELLOs say the conversation carries
         self._conv = conv
         self._wall_offset = wall_offset_ms  # Unix ms minus the session's monotonic ms
         self._random_bytes = random_bytes
@@ -40,7 +45,8 @@ class ClientHellos:
     def next(self, now: int) -> bytes:
         """A fresh HELLO to send at ``now`` (monotonic ms)."""
         share = crypto.KeyShare(self._random_bytes(crypto.SHARE_SIZE))
-        body = pack_hello(self._conv, now + self._wall_offset, share.public, self.cookie)
+        body = pack_hello(self._conv, now + self._wall_offset, share.public, self.cookie,
+                          self._carries)
         hello = body + self._mac(crypto.HELLO_LABEL, body)
         self._sent = [*self._sent[1 - MAX_HELLOS:], (hello, share)]
         self.count += 1
@@ -80,3 +86,19 @@ class ClientHellos:
             return False
         self.cookie = reply.cookie
         return True
+
+    def refusal(self, data: bytes) -> str | None:
+        """The close reason for a REFUSE that answers one of our HELLOs (the server carries
+        something else), else None (not a REFUSE, or not for a HELLO of ours)."""
+        try:
+            refuse = unpack_refuse(data)
+        except MalformedPacket:
+            return None
+        if refuse.conv != self._conv:
+            return None
+        body = data[:-MAC_SIZE]
+        if not any(crypto.mac_equal(self._mac(crypto.REFUSE_LABEL, hello, body), refuse.mac)
+                   for hello, _ in self._sent):
+            return None
+        return (f"refused by the server: it carries {carries_label(refuse.carries)}, "
+                f"this side {carries_label(self._carries)}")

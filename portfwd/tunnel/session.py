@@ -1,11 +1,10 @@
 """Sans-IO tunnel session: handshake, AEAD, anti-replay, rekey, keepalive (docs/PROTOCOL.md).
 
-The session carries *opaque datagrams* (each one KCP output datagram) between two peers; it knows
-nothing about KCP, sockets or clocks.  Time is an int of milliseconds passed in as ``now``; the
-HELLO timestamp is Unix time in ms passed in as ``wall_ms``.  The verbs are aioquic's:
-``receive_datagram`` / ``send_datagram`` / ``datagrams_to_send`` / ``get_timer`` /
-``handle_timer`` / ``next_event`` / ``close``.  Network input never raises: it is dropped and
-counted.
+The session carries *opaque datagrams* (KCP output datagrams, or kcpudp datagram fragments)
+between two peers; it knows nothing about KCP, sockets or clocks. Time is an int of ms passed in
+as ``now``; the HELLO timestamp is Unix time in ms passed in as ``wall_ms``. The verbs are
+aioquic's: ``receive_datagram`` / ``send_datagram`` / ``datagrams_to_send`` / ``get_timer`` /
+``handle_timer`` / ``next_event`` / ``close``. Network input never raises: dropped, counted.
 
 Glossary:
   client / server -- the kcptcp-client side (sends HELLO) and the kcptcp-server side (answers).
@@ -99,6 +98,7 @@ class TunnelSession(Rekeying):
         self.peer_addr: Any = peer_addr
         self.confirmed: bool = False  # the peer's first authenticated packet arrived
         self._state: _State = _State.HANDSHAKE
+        self._data_type: int = config.payload_type  # DATA, or DATAGRAM (kcpudp datagram mode)
         self._random_bytes: Callable[[int], bytes] = random_bytes
         self._log: _ConvAdapter = _ConvAdapter(logger, {"conv": conv})
         self._mac = crypto.handshake_mac_for(config.psk)
@@ -150,7 +150,8 @@ class TunnelSession(Rekeying):
         """A client session with its HELLO queued; ``wall_ms`` is Unix time in ms; ``cookie``
         one a loaded server gave an earlier conversation of this client (``hellos.cookie``)."""
         self = cls(config, conv, True, peer_addr, now, random_bytes)
-        self.hellos = ClientHellos(self._mac, conv, wall_ms - now, random_bytes, cookie)
+        self.hellos = ClientHellos(self._mac, conv, wall_ms - now, random_bytes, cookie,
+                                   config.carries)
         self._queue_hello(now)
         return self
 
@@ -159,7 +160,6 @@ class TunnelSession(Rekeying):
         seen by a server that restarted since carries a time it can tell from its start."""
         self._hello = self.hellos.next(now)
         self._out.append(self._hello)
-
 
     @classmethod
     def server_from_hello(cls, config: TunnelConfig, hello: bytes, client_share: bytes,
@@ -178,8 +178,7 @@ class TunnelSession(Rekeying):
             return None
         self._hello = bytes(hello)
         body = pack_welcome(conv, share.public)
-        self._welcome = body + self._mac(crypto.WELCOME_LABEL,
-                                                    self._hello, body)
+        self._welcome = body + self._mac(crypto.WELCOME_LABEL, self._hello, body)
         self._probes.append((self._welcome, peer_addr))
         self._set_keys(client_share, share.public, shared)
         return self
@@ -343,7 +342,7 @@ class TunnelSession(Rekeying):
         pending = self._pending
         out = self._out
         key = self._crypto.send
-        type_byte = _DATA | (PHASE_BIT if key.phase else 0)
+        type_byte = self._data_type | (PHASE_BIT if key.phase else 0)
         conv = self.conv
         threshold = self._threshold
         seq = self._send_seq
@@ -353,7 +352,7 @@ class TunnelSession(Rekeying):
             if seq >= threshold:
                 # Slow path: rekey trigger and wraparound guard (seed "AEAD Rekeying").
                 self._send_seq = seq
-                while pending and self._seal(_DATA, pending.popleft(), now):
+                while pending and self._seal(self._data_type, pending.popleft(), now):
                     pass
                 return
             payload = pending.popleft()
@@ -394,7 +393,7 @@ class TunnelSession(Rekeying):
 
     def _refresh_fast_path(self) -> None:
         key = self._crypto.recv
-        self._fast_type = _DATA | (PHASE_BIT if key.phase else 0)
+        self._fast_type = self._data_type | (PHASE_BIT if key.phase else 0)
         self._fast_open = key.open
 
     def _terminate(self, reason: str, by_peer: bool, send_close: bool) -> None:
@@ -437,7 +436,7 @@ class TunnelSession(Rekeying):
                             self._from_new_address(addr, seq == win.top, len(data), now)
                         self._events.append(DatagramReceived(body))
                         return
-                    if _DATA <= (type_byte & TYPE_MASK) <= _RESPONSE:
+                    if _DATA < (t := type_byte & TYPE_MASK) <= _RESPONSE or t == self._data_type:
                         self._receive_secured(data, type_byte, seq, addr, now)
                         return
             self._receive_unsecured(data, addr)
@@ -493,7 +492,7 @@ class TunnelSession(Rekeying):
             self._confirm(addr, now)
         elif addr != self.peer_addr:
             self._from_new_address(addr, not from_prev and seq == win.top, len(data), now)
-        if ptype == _DATA:
+        if ptype == self._data_type:
             self._events.append(DatagramReceived(body))
         elif ptype == _PING:
             pass
@@ -567,7 +566,7 @@ class TunnelSession(Rekeying):
         """Client in HANDSHAKE: only a WELCOME that answers our HELLO is of interest."""
         try:
             ptype = peek_prefix(data)[0]
-            if ptype == PacketType.COOKIE:
+            if ptype == PacketType.COOKIE or ptype == PacketType.REFUSE:
                 self._receive_cookie(data, now)
                 return
             if ptype != PacketType.WELCOME:
@@ -590,9 +589,10 @@ class TunnelSession(Rekeying):
         self._confirm_at = now + self.config.confirm_delay_ms
 
     def _receive_cookie(self, data: bytes, now: int) -> None:
-        """A loaded server asks for our HELLO again with its cookie: at once, not at the next
-        retry (the cookie proves our address, so that HELLO is verified)."""
+        """A COOKIE (our HELLO again with it, at once: it proves our address) or a REFUSE."""
         if not self.hellos.take_cookie(data):
+            if (refused := self.hellos.refusal(data)) is not None:  # REFUSE: not our kind
+                return self._terminate(refused, by_peer=True, send_close=False)
             self.dropped_malformed += 1
             return
         self.cookies_received += 1

@@ -73,9 +73,10 @@ class ConversationConfig:
     def __post_init__(self) -> None:
         self.kcp_config(OVERHEAD)  # bad settings raise here, not at the first conversation
 
-    def kcp_config(self, overhead: int) -> KcpConfig:
-        """The engine's settings for a session adding ``overhead`` bytes to each datagram:
-        the seed's defaults plus prompt zero-window probing.
+    def kcp_config(self, overhead: int, max_message: int = MAX_RECORD_SIZE) -> KcpConfig:
+        """The engine's settings for a session adding ``overhead`` bytes to each datagram and
+        KCP messages of up to ``max_message`` bytes: the seed's defaults plus prompt zero-window
+        probing.
 
         Receive limits follow from the MTU: no fragment count beyond the largest record's, and
         out-of-order data only while everything held stays within one receive window of full
@@ -86,7 +87,7 @@ class ConversationConfig:
         mss = mtu - KCP_OVERHEAD
         max_frg = FRG_MAX  # an MTU too small for any segment: KcpConfig rejects the mtu
         if mss > 0:
-            max_frg = min(FRG_MAX, -(-MAX_RECORD_SIZE // mss) - 1)
+            max_frg = min(FRG_MAX, -(-max_message // mss) - 1)
         return KcpConfig(mtu=mtu, snd_wnd=self.snd_wnd, rcv_wnd=self.rcv_wnd,
                          interval=self.interval, resend=self.resend, nc=self.nc,
                          dead_link=self.dead_link, probe_init=WINDOW_PROBE_INIT_MS,
@@ -96,6 +97,8 @@ class ConversationConfig:
 
 class Conversation:
     """A TunnelSession carrying one KCP conversation that carries one TCP stream."""
+
+    max_message: int = MAX_RECORD_SIZE  # bytes: the largest KCP message (a subclass may differ)
 
     def __init__(self, session: TunnelSession, config: ConversationConfig, now: int,
                  budget: ReassemblyBudget | None = None) -> None:
@@ -147,7 +150,8 @@ class Conversation:
     def _engine_for(self, session: TunnelSession) -> Kcp:
         """The KCP engine of this conversation over ``session`` (its MSS leaves room for the
         session's overhead)."""
-        return Kcp(session.conv, self._config.kcp_config(session.overhead), self._budget)
+        return Kcp(session.conv, self._config.kcp_config(session.overhead, self.max_message),
+                   self._budget)
 
     # --- stream side ------------------------------------------------------------------------
 

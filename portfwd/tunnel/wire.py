@@ -20,7 +20,8 @@ import enum
 import struct
 from typing import NamedTuple
 
-PROTOCOL_VERSION = 2  # carried in HELLO and WELCOME (2: X25519 key shares, path validation)
+PROTOCOL_VERSION = 3  # carried in HELLO and WELCOME (2: X25519 key shares, path validation;
+#                       3: what a conversation carries, DATAGRAM and REFUSE packets)
 PHASE_BIT = 0x80  # key phase flag in the type byte
 TYPE_MASK = 0x7F  # packet type bits of the type byte
 PREFIX_SIZE = 5  # bytes: type + conv, common to every packet
@@ -35,6 +36,8 @@ CHALLENGE_SIZE = 8  # bytes, body of PATH_CHALLENGE / PATH_RESPONSE
 COOKIE_REPLY_SIZE = PREFIX_SIZE + MAC_SIZE + COOKIE_SIZE  # 37 bytes
 HELLO_COOKIE_OFFSET = PREFIX_SIZE + 1 + TIMESTAMP_SIZE + KEY_SHARE_SIZE  # 46: where it sits
 NO_COOKIE = bytes(COOKIE_SIZE)
+HELLO_CARRIES_OFFSET = HELLO_COOKIE_OFFSET + COOKIE_SIZE  # 62: first pad byte, what is carried
+REFUSE_SIZE = PREFIX_SIZE + 2 + MAC_SIZE  # 23 bytes
 EPOCH_BODY_SIZE = 4  # bytes, plaintext body of REKEY_INIT / REKEY_ACK
 UINT32_MAX = 0xFFFFFFFF  # largest u32: conv, seq and epoch are 32-bit on the wire and in the nonce
 
@@ -51,8 +54,9 @@ PREFIX = struct.Struct(">BI")  # type byte, conv
 HEADER = struct.Struct(">BII")  # type byte (PHASE_BIT | type), conv, seq
 _HELLO_FIELDS = struct.Struct(">BIBQ32s16s")  # type, conv, version, timestamp_ms, share, cookie
 _WELCOME_FIELDS = struct.Struct(">BIB32s")  # type, conv, version, server_share
+_REFUSE_FIELDS = struct.Struct(">BIBB")  # type, conv, version, what the server carries
 _EPOCH = struct.Struct(">I")
-_HELLO_PAD = bytes(HELLO_SIZE - MAC_SIZE - _HELLO_FIELDS.size)
+_HELLO_PAD = bytes(HELLO_SIZE - MAC_SIZE - _HELLO_FIELDS.size - 1)  # after the carries byte
 
 
 class MalformedPacket(ValueError):
@@ -72,16 +76,46 @@ class PacketType(enum.IntEnum):
     PATH_CHALLENGE = 8  #: "do you receive me at this address?", 8 random bytes, sealed
     PATH_RESPONSE = 9  #: echo of a PATH_CHALLENGE's bytes, sealed
     COOKIE = 10  #: server -> client under load: "repeat your HELLO with this cookie" (no MAC)
+    DATAGRAM = 14  #: either way, one fragment of an unreliable datagram, AEAD-sealed (kcpudp)
+    REFUSE = 15  #: server -> client: "I carry something else" (HMAC, bound to the HELLO)
+
+
+class Carries(enum.IntEnum):
+    """What a conversation carries: the HELLO's byte at HELLO_CARRIES_OFFSET (docs/PROTOCOL.md,
+    "Conversation payloads"). Client and server must agree, or the server REFUSEs."""
+
+    STREAM = 0  #: one TCP stream in KCP (kcptcp)
+    RELIABLE_DATAGRAMS = 1  #: UDP datagrams, each one KCP message (kcpudp --mode reliable)
+    DATAGRAMS = 2  #: UDP datagrams in DATAGRAM packets, outside KCP (kcpudp --mode datagram)
+
+    @property
+    def label(self) -> str:
+        """How log lines name it."""
+        return _CARRIES_LABELS[self]
+
+
+_CARRIES_LABELS = {Carries.STREAM: "a TCP stream (kcptcp)",
+                   Carries.RELIABLE_DATAGRAMS: "reliable datagrams (kcpudp --mode reliable)",
+                   Carries.DATAGRAMS: "unreliable datagrams (kcpudp --mode datagram)"}
+
+
+def carries_label(value: int) -> str:
+    """The log name of a carries byte, known or not."""
+    try:
+        return Carries(value).label
+    except ValueError:
+        return f"unknown payload kind {value}"
 
 
 SECURED_TYPES = frozenset(
     {PacketType.DATA, PacketType.REKEY_INIT, PacketType.REKEY_ACK, PacketType.PING,
-     PacketType.CLOSE, PacketType.PATH_CHALLENGE, PacketType.PATH_RESPONSE}
+     PacketType.CLOSE, PacketType.PATH_CHALLENGE, PacketType.PATH_RESPONSE,
+     PacketType.DATAGRAM}
 )
 # A WELCOME, the answer to a source that has not proven it holds the session keys, is smaller
 # than the HELLO it answers; path challenges keep to 3x instead (path.py; docs/SECURITY.md,
 # "Amplification limits").
-assert WELCOME_SIZE < HELLO_SIZE and COOKIE_REPLY_SIZE < HELLO_SIZE
+assert WELCOME_SIZE < HELLO_SIZE and COOKIE_REPLY_SIZE < HELLO_SIZE and REFUSE_SIZE < HELLO_SIZE
 
 
 class Hello(NamedTuple):
@@ -91,6 +125,7 @@ class Hello(NamedTuple):
     client_share: bytes  #: the client's ephemeral X25519 public key, fresh per HELLO
     cookie: bytes  #: 16 bytes, zero when the client holds no cookie
     mac: bytes  #: HMAC over "portfwd/2 hello" then bytes [0, HELLO_SIZE - MAC_SIZE)
+    carries: int = Carries.STREAM  #: what the conversation carries (a Carries value, or not)
 
 
 class Welcome(NamedTuple):
@@ -117,16 +152,19 @@ def peek_prefix(data: bytes) -> tuple[int, int]:
 
 
 def pack_hello(conv: int, timestamp_ms: int, client_share: bytes,
-               cookie: bytes = bytes(COOKIE_SIZE)) -> bytes:
+               cookie: bytes = bytes(COOKIE_SIZE), carries: int = Carries.STREAM) -> bytes:
     """The authenticated part of a HELLO; the datagram is this followed by the 16-byte MAC.
 
     ::
 
-        0        1      5         6              14             46       62        112    128
-        +--------+------+---------+--------------+--------------+--------+---------+------+
-        |0| 0x01 | conv | version | timestamp_ms | client_share | cookie | zero pad| mac  |
-        +--------+------+---------+--------------+--------------+--------+---------+------+
-            1       4        1           8              32          16       50      16
+        0        1      5         6              14             46       62  63  64    112    128
+        +--------+------+---------+--------------+--------------+--------+---+---+-----+------+
+        |0| 0x01 | conv | version | timestamp_ms | client_share | cookie | c | r | pad | mac  |
+        +--------+------+---------+--------------+--------------+--------+---+---+-----+------+
+            1       4        1           8              32          16     1   1    48    16
+
+    ``c`` is what the conversation carries (:class:`Carries`); ``r`` is reserved (zero); the
+    pad is zero.
     """
     if len(client_share) != KEY_SHARE_SIZE:
         raise ValueError("client_share must be 32 bytes")
@@ -134,7 +172,7 @@ def pack_hello(conv: int, timestamp_ms: int, client_share: bytes,
         raise ValueError("cookie must be 16 bytes")
     return _HELLO_FIELDS.pack(
         PacketType.HELLO, conv, PROTOCOL_VERSION, timestamp_ms, client_share, cookie
-    ) + _HELLO_PAD
+    ) + bytes([carries]) + _HELLO_PAD
 
 
 def unpack_hello(data: bytes) -> Hello:
@@ -146,7 +184,8 @@ def unpack_hello(data: bytes) -> Hello:
         raise MalformedPacket(f"not a HELLO: type byte 0x{type_byte:02x}")
     if version != PROTOCOL_VERSION:
         raise MalformedPacket(f"unsupported protocol version {version}")
-    return Hello(conv, version, timestamp_ms, share, cookie, bytes(data[HELLO_SIZE - MAC_SIZE:]))
+    return Hello(conv, version, timestamp_ms, share, cookie, bytes(data[HELLO_SIZE - MAC_SIZE:]),
+                 data[HELLO_CARRIES_OFFSET])
 
 
 def pack_welcome(conv: int, server_share: bytes) -> bytes:
@@ -211,6 +250,38 @@ def unpack_cookie(data: bytes) -> CookieReply:
         raise MalformedPacket(f"not a COOKIE: type byte 0x{type_byte:02x}")
     return CookieReply(conv, bytes(data[PREFIX_SIZE:PREFIX_SIZE + MAC_SIZE]),
                        bytes(data[PREFIX_SIZE + MAC_SIZE:]))
+
+
+class Refuse(NamedTuple):
+    conv: int  #: echo of the HELLO's conv
+    version: int  #: PROTOCOL_VERSION
+    carries: int  #: what the server carries (a Carries value)
+    mac: bytes  #: HMAC over "portfwd/3 refuse", the whole HELLO, bytes [0, REFUSE_SIZE - 16)
+
+
+def pack_refuse(conv: int, carries: int) -> bytes:
+    """The part of a REFUSE that the MAC covers after the HELLO; the datagram appends the MAC.
+    The server's answer to an authenticated HELLO for a kind of conversation it does not carry.
+
+    ::
+
+        0        1            5         6         7        23
+        +--------+------------+---------+---------+--------+
+        |0| 0x0f |   conv     | version | carries |  mac   |
+        +--------+------------+---------+---------+--------+
+           1          4           1         1        16
+    """
+    return _REFUSE_FIELDS.pack(PacketType.REFUSE, conv, PROTOCOL_VERSION, carries)
+
+
+def unpack_refuse(data: bytes) -> Refuse:
+    """Parse a REFUSE (layout in :func:`pack_refuse`); the MAC is *not* verified here."""
+    if len(data) != REFUSE_SIZE:
+        raise MalformedPacket(f"REFUSE must be {REFUSE_SIZE} bytes, got {len(data)}")
+    type_byte, conv, version, carries = _REFUSE_FIELDS.unpack_from(data)
+    if type_byte != PacketType.REFUSE:
+        raise MalformedPacket(f"not a REFUSE: type byte 0x{type_byte:02x}")
+    return Refuse(conv, version, carries, bytes(data[REFUSE_SIZE - MAC_SIZE:]))
 
 
 def pack_epoch(epoch: int) -> bytes:

@@ -1,1 +1,2 @@
-"""udpfwd: the UDP forwarder service, its session table and its command line."""
+"""udpfwd: the UDP forwarder service and its command line (its session table is
+portfwd.runtime.session_table, shared with kcpudp)."""

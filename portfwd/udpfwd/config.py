@@ -14,8 +14,8 @@ from portfwd.runtime.addr import Resolved
 from portfwd.runtime.config import listen_options
 from portfwd.runtime.environment import Environment
 from portfwd.runtime.options import Options
+from portfwd.runtime.session_table import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS
 from portfwd.runtime.sockets import SOCKBUF_CAP, ListenOptions
-from portfwd.udpfwd.table import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS
 
 DEFAULT_STATS_INTERVAL = 60  # s between status lines; 0 = none
 DEFAULT_TABLE_HINT = 4093  # seed -H default: the C hash table size (a sizing hint here)

@@ -3,7 +3,7 @@
 Glossary: *client* is a peer that sends to our listening socket; *upstream* is the connected
 socket we open per client towards the destination (so the destination sees one stable source
 port per client); *up* is client -> destination, *down* destination -> client. A *session* is
-the pair (client address, upstream socket), kept in a :class:`~portfwd.udpfwd.table.SessionTable`.
+the pair (client address, upstream socket), kept in a ``SessionTable`` (runtime/session_table.py).
 
 Shape (why no greenlets here): every socket is a plain non-blocking stdlib socket with a
 libev io watcher whose callback drains it, at most ``RECV_BUDGET`` datagrams per wake-up so
@@ -41,10 +41,10 @@ from gevent import get_hub
 
 from portfwd.runtime.addr import format_sockaddr
 from portfwd.runtime.logs import RateLimitedLog
+from portfwd.runtime.session_table import SessionTable
 from portfwd.runtime.sockets import READ, set_buffers
 from portfwd.udpfwd.config import UdpConfig
 from portfwd.udpfwd.metrics import UdpMetrics, render_status
-from portfwd.udpfwd.table import SessionTable
 
 log = logging.getLogger(__name__)
 

@@ -101,6 +101,11 @@ class SessionTable(Generic[K, V]):
         self._entries[key] = _Entry(value, now)
         return removed
 
+    def pop(self, key: K) -> V | None:
+        """Remove ``key`` (its session ended by itself); its value, or None if absent."""
+        entry = self._entries.pop(key, None)
+        return None if entry is None else entry.value
+
     def expire(self, now: float, limit: int | None = None) -> list[tuple[K, V]]:
         """Remove entries idle for at least ``idle_timeout`` at ``now``, oldest first.
 

@@ -1,0 +1,1 @@
+"""kcpudp: UDP datagrams through the encrypted KCP tunnel (kcpudp-client, kcpudp-server)."""

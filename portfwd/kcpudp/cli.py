@@ -1,0 +1,82 @@
+"""The command lines of kcpudp-client and kcpudp-server: usage texts and entry points.
+
+The options are kcptcp's (its OPTIONS text, less --connect-timeout: nothing is dialled), with
+--max-sessions capping the client's table of client addresses too, plus udpfwd's -t and
+--mode.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+
+from portfwd.kcptcp import cli as kcptcp_cli
+from portfwd.kcpudp.client import DatagramClient
+from portfwd.kcpudp.config import client_config, server_config
+from portfwd.kcpudp.server import DatagramServer
+from portfwd.runtime import daemon
+
+KCPUDP_OPTIONS = """\
+  -t <seconds>          close a conversation after this many seconds without a
+                        datagram either way, 0 = never [default: 60]
+  --mode <mode>         reliable: each datagram one KCP message (retransmitted, in
+                        order); datagram: each sent once, outside the ARQ; must match
+                        on both ends [default: reliable]
+  --max-sessions <n>    conversations at once (client: client addresses; the least
+                        recently active is closed for a new one; server: kcptcp's cap,
+                        idle ones evicted after 2 s) [default: 4096]
+"""
+
+
+def _options() -> str:
+    """kcptcp's OPTIONS entries, --connect-timeout left out and --max-sessions replaced."""
+    options, environment = kcptcp_cli.OPTIONS.split("\n\nEnvironment:")
+    entries = re.split(r"\n(?=  -)", options)
+    help_entry = next(e for e in entries if e.lstrip().startswith("-h"))
+    kept = [e for e in entries
+            if not e.lstrip().startswith(("--connect-timeout", "--max-sessions", "-h"))]
+    return ("\n".join(kept) + "\n" + KCPUDP_OPTIONS + help_entry + "\n\nEnvironment:"
+            + environment)
+
+
+OPTIONS = _options()
+FIELDS = {**{k: v for k, v in kcptcp_cli.FIELDS.items() if k != "connect_timeout"},
+          "timeout": "-t", "mode": "--mode"}
+CLIENT_FIELDS = {**FIELDS, "listen": "<local_udp_addr:port>", "remote": "<remote_udp_addr:port>"}
+SERVER_FIELDS = {**FIELDS, "listen": "<local_udp_addr:port>", "target": "<target_udp_addr:port>"}
+
+CLIENT_USAGE = """kcpudp-client: UDP over the encrypted KCP/UDP tunnel, client.
+
+Usage:
+  kcpudp-client [options] <local_udp_addr:port> <remote_udp_addr:port>
+  kcpudp-client -h | --help
+
+Listens on a local UDP address and carries each client address's datagrams as one tunnel
+conversation to a kcpudp-server, datagram boundaries kept (0 to 65,507 bytes). AEAD
+encryption is enabled only when -K is given on both client and server.
+
+{{OPTIONS}}""".replace("{{OPTIONS}}", OPTIONS)
+
+SERVER_USAGE = """kcpudp-server: the encrypted KCP/UDP tunnel to a UDP service, server.
+
+Usage:
+  kcpudp-server [options] <local_udp_addr:port> <target_udp_addr:port>
+  kcpudp-server -h | --help
+
+Listens on a UDP address, accepts tunnel conversations from kcpudp-client and bridges each to
+the target UDP service over a socket of its own. AEAD requires the same -K PSK as the client
+for handshakes to succeed; a kcptcp-client or a client in the other --mode is refused.
+
+{{OPTIONS}}""".replace("{{OPTIONS}}", OPTIONS)
+CLIENT_PROG = "kcpudp-client"
+SERVER_PROG = "kcpudp-server"
+
+
+def client_main(argv: list[str] | None = None) -> int:
+    return daemon.one_rule_main(CLIENT_PROG, CLIENT_USAGE, argv, CLIENT_FIELDS, client_config,
+                                socket.SOCK_DGRAM, kcptcp_cli.guarded(DatagramClient))
+
+
+def server_main(argv: list[str] | None = None) -> int:
+    return daemon.one_rule_main(SERVER_PROG, SERVER_USAGE, argv, SERVER_FIELDS, server_config,
+                                socket.SOCK_DGRAM, kcptcp_cli.guarded(DatagramServer))

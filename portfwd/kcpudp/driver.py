@@ -1,0 +1,113 @@
+"""kcpudp's conversation driver: kcptcp's ConversationDriver with a UDP local side.
+
+Where kcptcp's driver runs a TCP reader and writer, a datagram conversation needs no greenlet
+of its own for the local side: datagrams from it are handed to the conversation by whoever
+reads the local socket (:meth:`DatagramDriver.from_local`), and every :meth:`transmit` first
+hands what the peer sent to the local socket, dropping (and counting) what it does not take
+at once, as a full UDP buffer would.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import gevent
+
+from portfwd.kcptcp.driver import ConversationDriver, UdpEndpoint, now_ms
+from portfwd.kcpudp.metrics import DatagramConversationMetrics, Snapshot, render_stats
+from portfwd.tunnel.datagrams import ReliableDatagrams, UnreliableDatagrams
+
+log = logging.getLogger(__name__)
+
+CONVERSATIONS = {"reliable": ReliableDatagrams, "datagram": UnreliableDatagrams}  # by --mode
+SWEEP_INTERVAL_MAX = 1.0  # s between idle sweeps; shorter for short -t (timeout / 4)
+SWEEP_LIMIT = 4096  # conversations closed per sweep, so a mass expiry cannot stall the loop
+
+
+class DatagramDriver(ConversationDriver):
+    """Runs one ReliableDatagrams or UnreliableDatagrams between its peer and a local UDP side.
+
+    ``to_local`` sends one datagram to the local side and says whether it was taken."""
+
+    def __init__(self, conv: ReliableDatagrams | UnreliableDatagrams, udp: UdpEndpoint,
+                 name: str) -> None:
+        super().__init__(conv, udp, name)  # type: ignore[arg-type]
+        self.to_local: Callable[[bytes], bool] | None = None  # None: no local side yet
+        self.on_local_activity: Callable[[], None] | None = None  # e.g. the client's LRU touch
+        self.local_close: Callable[[], None] | None = None  # releases the local side
+        self.dropped_local = 0  # datagrams the local side did not take
+
+    def attach_local(self, to_local: Callable[[bytes], bool], close: Callable[[], None],
+                     reader: Callable[[], None]) -> None:
+        """Start bridging to a local side: ``to_local`` sends it one datagram, ``close``
+        releases it, ``reader`` (a greenlet until the conversation ends) feeds from_local."""
+        self.to_local = to_local
+        self.local_close = close
+        self._greenlets.append(gevent.spawn(reader))
+
+    def from_local(self, datagram: bytes) -> None:
+        """A datagram from the local side, for the peer; call :meth:`transmit` after a batch."""
+        self.conv.send(datagram)
+        self.last_active = now_ms()
+
+    def transmit(self) -> None:
+        to_local = self.to_local
+        if to_local is not None:
+            conv = self.conv
+            delivered = False
+            while (datagram := conv.read()) is not None:
+                if to_local(datagram):
+                    delivered = True
+                else:
+                    self.dropped_local += 1
+            if delivered:
+                self.last_active = now_ms()
+                if self.on_local_activity is not None:
+                    self.on_local_activity()
+        super().transmit()
+
+    def wait_finished(self) -> None:
+        super().wait_finished()
+        if self.local_close is not None:
+            self.local_close()
+            self.local_close = None
+
+    def metrics(self, now: float) -> DatagramConversationMetrics:  # type: ignore[override]
+        """This conversation's counters; ``now`` is ``time.monotonic()`` (for the age)."""
+        conv, session = self.conv, self.conv.session
+        kcp = conv.kcp if isinstance(conv, ReliableDatagrams) else None
+        return DatagramConversationMetrics(
+            conv=conv.conv, up=conv.datagrams_sent, down=conv.datagrams_received,
+            up_bytes=conv.bytes_sent, down_bytes=conv.bytes_received,
+            dropped_queue=conv.dropped_queue, dropped_local=self.dropped_local,
+            dropped_incomplete=getattr(conv, "dropped_incomplete", 0),
+            srtt=kcp.rx_srtt if kcp else 0,
+            retrans=kcp.retransmits + kcp.fast_retransmits if kcp else 0,
+            epoch=session.epoch, dropped_auth=session.dropped_auth,
+            dropped_replay=session.dropped_replay, age=now - self.started)
+
+
+def start_stats(interval: float, metrics: Callable[[], Snapshot],
+                render_totals: Callable[[Snapshot], str]) -> gevent.Greenlet | None:
+    """The periodic stats lines (--stats-interval), None when they are off."""
+    if interval <= 0:
+        return None
+
+    def loop() -> None:
+        while True:
+            gevent.sleep(interval)
+            for line in render_stats(metrics(), render_totals):
+                log.info("%s", line)
+
+    return gevent.spawn(loop)
+
+
+def sweep_interval(idle_timeout: float) -> float:
+    return min(SWEEP_INTERVAL_MAX, idle_timeout / 4)
+
+
+def monotonic() -> float:
+    """Seconds, the session table's clock."""
+    return time.monotonic()

@@ -1,0 +1,93 @@
+"""kcpudp's snapshots and the periodic ``stats`` lines rendered from them.
+
+A kcpudp conversation carries datagrams, so its line counts datagrams and what was dropped
+besides kcptcp's tunnel counters: ``up``/``down`` are datagrams (and ``*_bytes`` their bytes)
+as the conversation's own side sees them; ``dropped_queue`` datagrams found a full queue (the
+send window in reliable mode, the receive queue in datagram mode), ``dropped_local`` could not
+be handed to the local UDP socket (full or refused), ``dropped_incomplete`` (datagram mode)
+lost a fragment on the way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+from portfwd.kcptcp.metrics import TunnelServerMetrics
+from portfwd.kcptcp.metrics import render_server_totals as render_tunnel_totals
+
+
+@dataclass(frozen=True)
+class DatagramConversationMetrics:
+    """One live conversation: datagram and tunnel-session counters."""
+
+    conv: int  # conversation id
+    up: int  # datagrams sent to the peer
+    down: int  # datagrams received from the peer
+    up_bytes: int
+    down_bytes: int
+    dropped_queue: int  # datagrams dropped at a full queue
+    dropped_local: int  # datagrams the local UDP socket did not take
+    dropped_incomplete: int  # datagram mode: a fragment never came
+    srtt: int  # ms, KCP smoothed round-trip time (0 in datagram mode)
+    retrans: int  # KCP retransmissions, timeout and fast (0 in datagram mode)
+    epoch: int  # key epoch in use
+    dropped_auth: int  # tunnel datagrams dropped: bad tag
+    dropped_replay: int  # tunnel datagrams dropped: replayed or too old a counter
+    age: float  # s since the conversation started
+
+
+@dataclass(frozen=True)
+class DatagramClientMetrics:
+    """kcpudp-client: totals plus one entry per live conversation (client address)."""
+
+    conversations: int  # live now
+    finished: int  # ended since start
+    opened: int  # conversations opened for new client addresses
+    expired: int  # closed after -t seconds without a datagram either way
+    evicted: int  # live ones closed to make room at --max-sessions
+    dropped_open: int  # datagrams from new clients for which no conversation could open
+    udp_open_failures: Mapping[str, int]  # no UDP socket for a new client, by errno name
+    per_conversation: tuple[DatagramConversationMetrics, ...]  # oldest first
+
+
+@dataclass(frozen=True)
+class DatagramServerMetrics:
+    """kcpudp-server: kcptcp-server's totals plus one entry per live conversation."""
+
+    tunnel: TunnelServerMetrics  # handshakes, rejections, caps (dial_failures: target sockets)
+    refused_mode: int  # authenticated HELLOs for another kind of conversation (REFUSE sent)
+    expired: int  # conversations closed after -t seconds without a datagram either way
+    per_conversation: tuple[DatagramConversationMetrics, ...]  # oldest first
+
+
+def render_conversation(m: DatagramConversationMetrics) -> str:
+    """The part of a ``stats conv=<id>: ...`` line after the colon."""
+    return (f"up={m.up} down={m.down} up_bytes={m.up_bytes} down_bytes={m.down_bytes} "
+            f"dropped_queue={m.dropped_queue} dropped_local={m.dropped_local} "
+            f"dropped_incomplete={m.dropped_incomplete} srtt={m.srtt}ms retrans={m.retrans} "
+            f"epoch={m.epoch} dropped_auth={m.dropped_auth} "
+            f"dropped_replay={m.dropped_replay} age={m.age:.0f}s")
+
+
+def render_client_totals(m: DatagramClientMetrics) -> str:
+    """The part of kcpudp-client's ``stats total ...`` line after "total"."""
+    return (f"conversations={m.conversations} finished={m.finished} opened={m.opened} "
+            f"expired={m.expired} evicted={m.evicted} dropped_open={m.dropped_open}")
+
+
+def render_server_totals(m: DatagramServerMetrics) -> str:
+    """The part of kcpudp-server's ``stats total ...`` line after "total"."""
+    return (f"{render_tunnel_totals(m.tunnel)} refused_mode={m.refused_mode} "
+            f"expired={m.expired}")
+
+
+Snapshot = TypeVar("Snapshot", DatagramClientMetrics, DatagramServerMetrics)
+
+
+def render_stats(m: Snapshot, totals: Callable[[Snapshot], str]) -> list[str]:
+    """The lines of one stats round: one per live conversation, then the total."""
+    lines = [f"stats conv={c.conv}: {render_conversation(c)}" for c in m.per_conversation]
+    lines.append(f"stats total {totals(m)}")
+    return lines

@@ -1,0 +1,117 @@
+"""kcpudp-server's service: kcptcp-server's flood-limited acceptor, each conversation bridged
+to the target over its own connected UDP socket (so the target sees one stable source per
+client).
+
+Everything before the bridge is kcptcp-server's (:class:`TunnelServer`: one UDP socket,
+demultiplexing by conv, the HandshakeAcceptor, the pending and session caps, eviction): the
+target socket opens only once the client proved its keys, and a HELLO for another kind of
+conversation (a kcptcp client, or the other --mode) is answered with a REFUSE and nothing else.
+A conversation without a datagram either way for ``-t`` seconds is closed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+
+import gevent
+
+from portfwd.kcptcp.driver import UdpEndpoint, now_ms
+from portfwd.kcptcp.server import TunnelServer
+from portfwd.kcpudp.config import ServerConfig
+from portfwd.kcpudp.driver import (
+    CONVERSATIONS,
+    SWEEP_LIMIT,
+    DatagramDriver,
+    start_stats,
+    sweep_interval,
+)
+from portfwd.kcpudp.metrics import DatagramServerMetrics, render_server_totals
+from portfwd.runtime.addr import format_sockaddr
+from portfwd.runtime.sockets import set_buffers
+from portfwd.tunnel.session import TunnelSession
+
+log = logging.getLogger(__name__)
+
+
+class DatagramServer(TunnelServer):
+    """Listens on UDP; bridges each authenticated conversation to the UDP ``target``."""
+
+    def __init__(self, config: ServerConfig, udp_sock: socket.socket) -> None:
+        super().__init__(config, udp_sock)
+        self.config: ServerConfig = config
+        self.conversation_class = CONVERSATIONS[config.mode]
+        self.expired = 0  # conversations closed after -t seconds without a datagram
+
+    def start(self) -> None:
+        self._announce(f"udp {format_sockaddr(self.udp.sock.getsockname())}",
+                       f"udp {self.target} ({self.config.mode})",
+                       self.config.conversation.tunnel.plaintext)
+        self._greenlets.append(gevent.spawn(self._receive))
+        if self.config.idle_timeout:
+            self._greenlets.append(gevent.spawn(self._sweep))
+        stats = start_stats(self.stats_interval, self.metrics, render_server_totals)
+        if stats is not None:
+            self._greenlets.append(stats)
+
+    def metrics(self) -> DatagramServerMetrics:  # type: ignore[override]
+        """A snapshot of the counters and of every live conversation (no I/O)."""
+        tunnel = super().metrics()
+        return DatagramServerMetrics(
+            tunnel=dataclasses.replace(tunnel, per_conversation=()),
+            refused_mode=self.handshakes.refused_carries, expired=self.expired,
+            per_conversation=tunnel.per_conversation)  # type: ignore[arg-type]
+
+    def _make_driver(self, session: TunnelSession, now: int) -> DatagramDriver:
+        conv = self.conversation_class(session, self.config.conversation, now, self.reassembly)
+        return DatagramDriver(conv, self.udp, f"conv={conv.conv}")
+
+    def _connect(self, driver: DatagramDriver) -> None:  # type: ignore[override]
+        """The client proved its keys: a UDP socket connected to the target, and a greenlet
+        carrying what the target sends back."""
+        target = self.target
+        sock: socket.socket | None = None
+        try:
+            sock = socket.socket(target.family, socket.SOCK_DGRAM)
+            set_buffers(sock, self.config.udp_buffer, force=True)
+            sock.connect(target.sockaddr)
+        except OSError as exc:  # EMFILE at the fd limit, or no route
+            self.dial_failures.add(exc)
+            self._faults.warning("connect", "%s: cannot open udp socket to %s: %s",
+                                 driver.name, target, exc.strerror or exc)
+            if sock is not None:
+                sock.close()
+            driver.abort("target unreachable")
+            return
+        local = UdpEndpoint(sock)
+        driver.attach_local(lambda datagram: self._to_target(local, datagram), local.close,
+                            lambda: self._receive_target(driver, local))
+        log.info("%s open %s -> %s", driver.name, format_sockaddr(driver.conv.peer_addr), target)
+        driver.transmit()  # what arrived before the socket was open
+
+    def _to_target(self, local: UdpEndpoint, datagram: bytes) -> bool:
+        try:
+            local.sock.send(datagram)
+            return True
+        except OSError:  # full, or the target's port refused the last one (ICMP): lost
+            return False
+
+    @staticmethod
+    def _receive_target(driver: DatagramDriver, local: UdpEndpoint) -> None:
+        while True:
+            batch = local.recv_batch()
+            for data, _ in batch:
+                driver.from_local(data)
+            driver.transmit()
+
+    def _sweep(self) -> None:
+        interval = sweep_interval(self.config.idle_timeout)
+        idle_ms = self.config.idle_timeout * 1000
+        while True:
+            gevent.sleep(interval)
+            now = now_ms()
+            idle = [d for d in self.drivers.values() if now - d.last_active >= idle_ms]
+            for driver in idle[:SWEEP_LIMIT]:
+                self.expired += 1
+                driver.abort("idle")

@@ -1,0 +1,386 @@
+"""kcpudp end to end: real kcpudp-client and kcpudp-server processes on loopback, threaded peers.
+
+Sizes, many client addresses, expiry, a seeded lossy relay, wrong PSK and refusals. WireGuard
+and dnsmasq behind the tunnel are in test_kcpudp_peers.py.
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import select
+import socket
+import struct
+import threading
+import time
+import zlib
+
+import pytest
+from conftest import free_port, run_cli
+from hardening import fd_count
+from test_hardening_tunnel import wait_until
+from test_udpfwd import MAX_PAYLOAD, udp_socket
+
+PSK = "0123456789abcdef" * 4
+OTHER_PSK = "fedcba9876543210" * 4
+MODES = ["reliable", "datagram"]
+
+
+class UdpTarget:
+    """A threaded UDP service: echoes every datagram (``reply``) and keeps what arrived."""
+
+    def __init__(self, reply=None) -> None:
+        self.sock = udp_socket("127.0.0.1")
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.reply = reply or (lambda data: data)
+        self.received: list[bytes] = []
+        self.sources: set[tuple] = set()
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                data, peer = self.sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.received.append(data)
+            self.sources.add(peer)
+            answer = self.reply(data)
+            if answer is not None:
+                try:
+                    self.sock.sendto(answer, peer)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def target():
+    started: list[UdpTarget] = []
+
+    def start(reply=None) -> UdpTarget:
+        peer = UdpTarget(reply)
+        started.append(peer)
+        return peer
+
+    yield start
+    for peer in started:
+        peer.close()
+
+
+def start_tunnel(tool, target_port: int, *extra: str, server_extra: tuple = (),
+                 client_extra: tuple = (), server_port: int | None = None,
+                 client_server_port: int | None = None):
+    """Server then client; returns ((host, port) of the client's listener, server, client).
+    ``client_server_port``: where the client sends (a relay in front of the server)."""
+    udp = server_port or free_port(socket.AF_INET, socket.SOCK_DGRAM)
+    local = free_port(socket.AF_INET, socket.SOCK_DGRAM)
+    server = tool("kcpudp-server", f"127.0.0.1:{udp}", f"127.0.0.1:{target_port}", *extra,
+                  *server_extra)
+    server.wait_for_log("tunnelling")
+    client = tool("kcpudp-client", f"127.0.0.1:{local}",
+                  f"127.0.0.1:{client_server_port or udp}", *extra, *client_extra)
+    client.wait_for_log("tunnelling")
+    return ("127.0.0.1", local), server, client
+
+
+def exchange(sock: socket.socket, addr: tuple, datagram: bytes, timeout: float = 10.0) -> bytes:
+    """Send until an answer comes (the first datagrams wait for the handshake: in datagram
+    mode nothing is retransmitted), return it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.sendto(datagram, addr)
+        ready, _, _ = select.select([sock], [], [], 0.5)
+        if ready:
+            return sock.recv(65536)
+    raise AssertionError("no answer through the tunnel")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_size_both_ways(tool, target, mode):
+    """0..65,507 bytes pass intact up and down (the echo), fragmented beyond -M."""
+    echo = target()
+    addr, server, client = start_tunnel(tool, echo.port, "--mode", mode, "-K", PSK)
+    rng = random.Random(1)
+    sizes = [0, 1, 2, 100, 1300, 1318, 1319, 1320, 1350, 1400, 2700, 9000, 32768, 65000,
+             MAX_PAYLOAD - 1, MAX_PAYLOAD]
+    with udp_socket("127.0.0.1") as sock:
+        exchange(sock, addr, b"warm-up")
+        for size in sizes:
+            data = rng.randbytes(size)
+            assert exchange(sock, addr, data) == data, f"{size} bytes"
+    assert len(echo.sources) == 1  # one conversation: one stable source at the target
+    for proc in (client, server):
+        assert proc.stop() == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_1000_client_addresses_all_answered_then_expire(tool, target, mode):
+    """1,000 concurrent client addresses, each its own conversation and answered; -t expires
+    them all and every socket is released on both sides."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2500:
+        pytest.skip(f"fd hard limit {hard} is too low for 1,000 client sockets")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    echo = target()
+    addr, server, client = start_tunnel(tool, echo.port, "--mode", mode, "-K", PSK, "-t", "2",
+                                        "--stats-interval", "1")
+    base_client, base_server = fd_count(client.pid), fd_count(server.pid)
+    clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(1000)]
+    try:
+        pending = dict(enumerate(clients))
+        deadline = time.monotonic() + 90
+        while pending and time.monotonic() < deadline:  # datagram mode: resend what is lost
+            for n, sock in pending.items():
+                sock.sendto(b"%d" % n, addr)
+            end = time.monotonic() + 2
+            while pending and time.monotonic() < end:
+                ready, _, _ = select.select(list(pending.values()), [], [], 0.2)
+                for sock in ready:
+                    n = clients.index(sock)
+                    assert sock.recv(100) == b"%d" % n
+                    pending.pop(n, None)
+        assert not pending, f"{len(pending)} client addresses never answered"
+        assert len(echo.sources) == 1000  # one target socket per client address
+        assert fd_count(client.pid) == base_client + 1000
+        assert fd_count(server.pid) == base_server + 1000
+        wait_until(lambda: fd_count(client.pid) == base_client, 30, "client sockets released")
+        wait_until(lambda: fd_count(server.pid) == base_server, 30, "server sockets released")
+        client.wait_for_log(r"stats total conversations=0 finished=1000 opened=1000 "
+                            r"expired=1000", timeout=10)
+    finally:
+        for sock in clients:
+            sock.close()
+    assert client.stop() == 0 and server.stop() == 0
+
+
+class LossyRelay:
+    """A seeded lossy UDP link between kcpudp-client and kcpudp-server (one client): each
+    datagram either way is dropped, duplicated or held back (reordered) by a seeded draw."""
+
+    def __init__(self, server_port: int, seed: int, loss: float = 0.1, dup: float = 0.05,
+                 reorder: float = 0.1) -> None:
+        self.rng = random.Random(seed)
+        self.loss, self.dup, self.reorder = loss, dup, reorder
+        self.server = ("127.0.0.1", server_port)
+        self.front = udp_socket("127.0.0.1")
+        self.back = udp_socket("127.0.0.1")
+        self.port = self.front.getsockname()[1]
+        self.client: tuple | None = None
+        self.dropped = self.duplicated = self.reordered = 0
+        self._held: list[tuple[socket.socket, bytes, tuple]] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            ready, _, _ = select.select([self.front, self.back], [], [], 0.05)
+            if not ready and self._held:  # idle: let what was held back go
+                self._flush()
+            for sock in ready:
+                data, addr = sock.recvfrom(65536)
+                if sock is self.front:
+                    self.client = addr
+                    out, to = self.back, self.server
+                elif self.client is not None:
+                    out, to = self.front, self.client
+                else:
+                    continue
+                self._forward(out, data, to)
+
+    def _forward(self, out: socket.socket, data: bytes, to: tuple) -> None:
+        draw = self.rng.random()
+        if draw < self.loss:
+            self.dropped += 1
+            return
+        if draw < self.loss + self.reorder:
+            self.reordered += 1
+            self._held.append((out, data, to))  # sent after the next one: out of order
+            return
+        copies = 2 if self.rng.random() < self.dup else 1
+        self.duplicated += copies - 1
+        for _ in range(copies):
+            self._send(out, data, to)
+        self._flush()
+
+    def _flush(self) -> None:
+        held, self._held = self._held, []
+        for out, data, to in held:
+            self._send(out, data, to)
+
+    @staticmethod
+    def _send(out: socket.socket, data: bytes, to: tuple) -> None:
+        try:
+            out.sendto(data, to)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(2)
+        self.front.close()
+        self.back.close()
+
+
+def numbered(n: int, rng: random.Random) -> bytes:
+    """Datagram ``n``: its number, a length and a payload whose checksum proves it intact."""
+    body = rng.randbytes(rng.choice([0, 10, 500, 1200, 3000, 5000]))
+    return struct.pack(">II", n, zlib_crc(body)) + body
+
+
+def zlib_crc(data: bytes) -> int:
+    return zlib.crc32(data)
+
+
+def parse(datagram: bytes) -> int:
+    n, crc = struct.unpack_from(">II", datagram)
+    assert zlib_crc(datagram[8:]) == crc, f"datagram {n} corrupted"
+    return n
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_lossy_relay(tool, target, mode, seed):
+    """Through loss, duplication and reordering: reliable delivers every datagram exactly
+    once and in order; datagram at most once and never corrupted. Both directions."""
+    echo = target()
+    server_port = free_port(socket.AF_INET, socket.SOCK_DGRAM)
+    relay = LossyRelay(server_port, seed)
+    try:
+        addr, server, client = start_tunnel(tool, echo.port, "--mode", mode, "-K", PSK,
+                                            server_port=server_port,
+                                            client_server_port=relay.port)
+        rng = random.Random(seed)
+        count = 300
+        sent = [numbered(n, rng) for n in range(count)]
+        got: list[int] = []
+        with udp_socket("127.0.0.1") as sock:
+            sock.settimeout(0.2)
+            exchange(sock, addr, struct.pack(">II", 0xFFFFFFFF, zlib_crc(b"")), timeout=30)
+            for n, datagram in enumerate(sent):
+                sock.sendto(datagram, addr)
+                if n % 20 == 19:
+                    time.sleep(0.02)  # no burst beyond the sockets' buffers
+            deadline = time.monotonic() + (60 if mode == "reliable" else 5)
+            while time.monotonic() < deadline and len(got) < count:
+                try:
+                    got.append(parse(sock.recv(65536)))
+                except TimeoutError:
+                    continue
+        got = [n for n in got if n != 0xFFFFFFFF]  # late copies of the warm-up's answer
+        assert relay.dropped and relay.duplicated and relay.reordered  # the link was lossy
+        if mode == "reliable":
+            assert got == list(range(count))  # exactly once, in order (up, then down)
+        else:
+            assert len(got) == len(set(got)), "a datagram arrived twice"
+            assert set(got) <= set(range(count))
+            assert got, "nothing crossed the lossy link"
+        for proc in (client, server):
+            assert proc.stop() == 0
+    finally:
+        relay.close()
+
+
+def test_wrong_psk_nothing_reaches_the_target(tool, target):
+    echo = target()
+    addr, server, client = start_tunnel(tool, echo.port, server_extra=("-K", PSK),
+                                        client_extra=("-K", OTHER_PSK))
+    with udp_socket("127.0.0.1") as sock:
+        for _ in range(20):
+            sock.sendto(b"secret", addr)
+            time.sleep(0.05)
+    server.wait_for_log(r"handshake rejected from .*bad MAC", timeout=10)
+    time.sleep(0.5)
+    assert echo.received == []
+    assert "open" not in server.log()
+    for proc in (client, server):
+        assert proc.stop() == 0
+
+
+@pytest.mark.parametrize(("client_tool", "client_mode", "server_mode"), [
+    ("kcpudp-client", "datagram", "reliable"),
+    ("kcpudp-client", "reliable", "datagram"),
+    ("kcptcp-client", None, "reliable"),
+])
+def test_mode_mismatch_refused_on_both_sides(tool, target, client_tool, client_mode,
+                                             server_mode):
+    """A client in the other mode (or a kcptcp-client) is refused with a REFUSE: a clear line
+    on both sides, nothing reaches or is opened to the target."""
+    echo = target()
+    udp = free_port(socket.AF_INET, socket.SOCK_DGRAM)
+    server = tool("kcpudp-server", f"127.0.0.1:{udp}", f"127.0.0.1:{echo.port}", "-K", PSK,
+                  "--mode", server_mode)
+    server.wait_for_log("tunnelling")
+    if client_tool == "kcptcp-client":
+        local = free_port()
+        client = tool(client_tool, f"127.0.0.1:{local}", f"127.0.0.1:{udp}", "-K", PSK)
+        client.wait_for_log("tunnelling")
+        with socket.create_connection(("127.0.0.1", local), timeout=5) as conn:
+            conn.sendall(b"hello")
+            conn.settimeout(10)
+            assert conn.recv(100) == b""  # closed, not bridged
+        client_carries = r"a TCP stream \(kcptcp\)"
+    else:
+        local = free_port(socket.AF_INET, socket.SOCK_DGRAM)
+        client = tool(client_tool, f"127.0.0.1:{local}", f"127.0.0.1:{udp}", "-K", PSK,
+                      "--mode", client_mode)
+        client.wait_for_log("tunnelling")
+        with udp_socket("127.0.0.1") as sock:
+            sock.sendto(b"hello", ("127.0.0.1", local))
+        client_carries = rf"--mode {client_mode}"
+    server_carries = rf"--mode {server_mode}"
+    client.wait_for_log(rf"refused by the server: it carries .*{server_carries}.*, this side "
+                        rf".*{client_carries}", timeout=10)
+    server.wait_for_log(rf"handshake rejected from .*: conv=\d+: the client carries "
+                        rf".*{client_carries}.*, this server .*{server_carries}")
+    assert echo.received == [] and " open " not in server.log()
+    for proc in (client, server):
+        assert proc.stop() == 0
+
+
+def test_reverse_mismatch_kcpudp_client_at_kcptcp_server(tool, target):
+    udp = free_port(socket.AF_INET, socket.SOCK_DGRAM)
+    server = tool("kcptcp-server", f"127.0.0.1:{udp}", f"127.0.0.1:{free_port()}", "-K", PSK)
+    server.wait_for_log("tunnelling")
+    local = free_port(socket.AF_INET, socket.SOCK_DGRAM)
+    client = tool("kcpudp-client", f"127.0.0.1:{local}", f"127.0.0.1:{udp}", "-K", PSK)
+    client.wait_for_log("tunnelling")
+    with udp_socket("127.0.0.1") as sock:
+        sock.sendto(b"hello", ("127.0.0.1", local))
+    client.wait_for_log(r"refused by the server: it carries a TCP stream \(kcptcp\)")
+    server.wait_for_log(r"the client carries reliable datagrams .*, this server a TCP stream")
+    assert " open " not in server.log()
+    for proc in (client, server):
+        assert proc.stop() == 0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--mode", "lossy"], "--mode must be reliable or datagram, got 'lossy'"),
+    (["-t", "-1"], "-t must be 0-86400, got -1"),
+    (["--max-sessions", "0"], "--max-sessions must be"),
+])
+def test_bad_options_one_line_exit_2(args, message):
+    for prog in ("kcpudp-client", "kcpudp-server"):
+        result = run_cli(prog, *args, "127.0.0.1:1", "127.0.0.1:2")
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [f"{prog}: error: {message}"] or (
+            message in result.stderr and result.stderr.count("\n") == 1), result.stderr
+
+
+def test_help_lists_the_options():
+    for prog in ("kcpudp-client", "kcpudp-server"):
+        out = run_cli(prog, "-h").stdout
+        for option in ("-t <seconds>", "--mode <mode>", "-K <hex>", "--keepalive",
+                       "--max-sessions", "--max-pending", "--sndwnd"):
+            assert option in out
+        assert "--connect-timeout" not in out
