@@ -41,6 +41,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import iperf3, process  # noqa: E402
 from wan_model import Direction, Link  # noqa: E402
 
 CLIENT_IP = "10.201.0.1"  # the client site's address on its TUN device
@@ -307,33 +308,43 @@ class Ceiling:
                 f"ms / p99 {self.rtt_p99_ms:.2f} ms at zero configured delay")
 
 
-def iperf3_json(link: Wan, seconds: int, *extra: str) -> dict:
-    """One iperf3 client run from the client site to an iperf3 -s in the server site."""
-    port = 5201
-    server = subprocess.Popen(link.argv("server", ["iperf3", "-s", "-1", "-B", SERVER_IP,
-                                                   "-p", str(port)]),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(50):  # until it listens
-            out = subprocess.run(link.argv("server", ["ss", "-Hltn", f"sport = :{port}"]),
-                                 capture_output=True, text=True).stdout
-            if out.strip():
-                break
-            time.sleep(0.1)
-        out = subprocess.run(link.argv("client", ["iperf3", "-c", SERVER_IP, "-p", str(port),
-                                                  "-t", str(seconds), "-J", *extra]),
-                             capture_output=True, text=True, timeout=seconds + 60).stdout
-        return json.loads(out)
-    finally:
-        server.kill()
-        server.wait()
+def wait_bound(link: Wan, side: str, port: int, socktype: int = socket.SOCK_STREAM,
+               proc: subprocess.Popen | None = None, timeout: float = 10.0) -> None:
+    """Wait until something in one site is bound to ``port`` (our own bind there fails),
+    without connecting or sending (iperf3 -s dislikes probes). ``proc`` dying ends the wait."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with link.socket(side, socktype) as probe:
+            try:
+                probe.bind(("0.0.0.0", port))
+            except OSError:
+                return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[4]} exited with {proc.returncode}")
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing bound to port {port} in the {side} site")
+
+
+@contextlib.contextmanager
+def iperf3_server(link: Wan, port: int = 5201) -> Iterator[int]:
+    """An iperf3 -s in the server site; its port."""
+    with process(link.argv("server", ["iperf3", "-s", "-p", str(port)])) as proc:
+        wait_bound(link, "server", port, proc=proc)
+        yield port
+
+
+def iperf3_through(link: Wan, port: int, seconds: int, *extra: str,
+                   host: str = SERVER_IP) -> dict:
+    """iperf3 -c from the client site to host:port; the parsed JSON result."""
+    return iperf3(port, seconds, *extra, host=host, prefix=tuple(link.argv("client", [])))
 
 
 def ceiling(seconds: int = 3) -> Ceiling:
     with wan(Direction()) as link:
         rtts = udp_rtts(link, 300)
-        tcp = iperf3_json(link, seconds)
-        udp = iperf3_json(link, seconds, "-u", "-b", "0", "-l", "64")
+        with iperf3_server(link) as port:
+            tcp = iperf3_through(link, port, seconds)
+            udp = iperf3_through(link, port, seconds, "-u", "-b", "0", "-l", "64")
     mbit = tcp["end"]["sum_received"]["bits_per_second"] / 1e6
     s = udp["end"]["sum"]
     pps = (s["packets"] - s["lost_packets"]) / s["seconds"]

@@ -8,8 +8,10 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -237,3 +239,24 @@ def test_live_tcp_crosses_and_teardown() -> None:
                 assert got == payload
     listed = os.listdir("/run/netns")
     assert not any(n in listed for n in names)
+
+
+@live
+@pytest.mark.skipif(any(shutil.which(b) is None for b in ("iperf3", "kcptun-client", "nft")),
+                    reason="iperf3, kcptun or nft missing")
+def test_bench_run_quick_wan(tmp_path) -> None:
+    """``bench/run --quick --only wan`` writes its matrix (numbers meaningless at this size)
+    and leaves no namespace behind."""
+    run = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                       "run")
+    before = set(os.listdir("/run/netns"))
+    proc = subprocess.run([sys.executable, run, "--quick", "--only", "wan", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = next(tmp_path.glob("*.md")).read_text()
+    assert "## The WAN matrix (TUN relay emulator)" in text
+    assert "emulator ceiling" in text
+    for path in ("TCP bbr", "kcptcp -K", "kcptun fast3"):
+        assert f"| 20 ms | 5 % | {path} |" in text
+    assert "### Errors" not in text
+    assert not [n for n in set(os.listdir("/run/netns")) - before if n.startswith("wan")]
