@@ -112,11 +112,14 @@ IPERF3_BUSY_RETRIES = 10  # an iperf3 server takes a moment after one test to ac
 IPERF3_BUSY_WAIT = 0.5  # s between those tries
 
 
-def iperf3(port: int, seconds: float, *extra: str) -> dict:
-    """Run an iperf3 client against 127.0.0.1:port; the parsed JSON result."""
+def iperf3(port: int, seconds: float, *extra: str, host: str = "127.0.0.1",
+           prefix: tuple[str, ...] = ()) -> dict:
+    """Run an iperf3 client against host:port (its argv after ``prefix``, e.g. an
+    ``ip netns exec NS``); the parsed JSON result."""
     for _ in range(IPERF3_BUSY_RETRIES):
-        out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds),
-                              "-J", *extra], capture_output=True, text=True, timeout=seconds + 30)
+        out = subprocess.run([*prefix, "iperf3", "-c", host, "-p", str(port), "-t",
+                              str(seconds), "-J", *extra], capture_output=True, text=True,
+                             timeout=seconds + 30)
         result = json.loads(out.stdout)
         if "busy" not in result.get("error", ""):
             break

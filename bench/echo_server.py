@@ -1,4 +1,4 @@
-"""A gevent TCP echo server for the short-connection benchmark: ``echo_server.py PORT``."""
+"""A gevent TCP echo server for the short-connection benchmark: ``echo_server.py PORT [HOST]``."""
 
 import sys
 
@@ -11,4 +11,5 @@ def echo(sock, _addr) -> None:
 
 
 if __name__ == "__main__":
-    StreamServer(("127.0.0.1", int(sys.argv[1])), echo, backlog=4096).serve_forever()
+    host = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"
+    StreamServer((host, int(sys.argv[1])), echo, backlog=4096).serve_forever()
