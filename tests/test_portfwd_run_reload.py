@@ -252,6 +252,24 @@ def test_tunnel_pair_in_one_process_survives_reloads(tool, tmp_path, echo):
             assert got == message
     with connect("127.0.0.1", base + 1) as fresh:
         echo_roundtrip(fresh, 1 * MIB, seed=4)
+    # Changed options: the server's target and the client's send window. A conversation
+    # open across the reload stays on the old ones, a new one gets the new ones.
+    other = EchoServer()
+    try:
+        with connect("127.0.0.1", base + 1) as open_conv:
+            open_conv.sendall(b"hello")
+            assert open_conv.recv(100) == b"hello"
+            write(path, pair[0].replace(f"127.0.0.1:{echo.port}", f"127.0.0.1:{other.port}"),
+                  pair[1].replace("\n\n", "\nsndwnd = 512\n\n"), top=TOP)
+            assert 'changed "in", "out"' in reloader.reload()
+            open_conv.sendall(b"still there")
+            assert open_conv.recv(100) == b"still there"
+            assert other.accepted == 0
+            with connect("127.0.0.1", base + 1) as fresh:
+                echo_roundtrip(fresh, 1 * MIB, seed=5)
+            assert other.accepted == 1
+    finally:
+        other.close()
     assert process.stop() == 0
     assert "Traceback" not in process.log()
 
