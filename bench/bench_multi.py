@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import platform
 import re
 import signal
 import socket
@@ -75,24 +76,14 @@ def config_text(ports: list[int], dests: list[int], extra: str = "") -> str:
 
 @contextlib.contextmanager
 def portfwd_run(path: str, log_path: str):
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(tool("portfwd", "run", path), stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT)
-    try:
+    """``portfwd run path`` logging to ``log_path``, once it runs every rule."""
+    with process(tool("portfwd", "run", path), log=log_path) as proc:
         deadline = time.monotonic() + 120
         while "running " not in open(log_path).read():
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"portfwd run did not start:\n{open(log_path).read()}")
             time.sleep(0.05)
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def settle(pid: int) -> int:
@@ -227,8 +218,14 @@ def main() -> None:
     print_tables(tables)
     if opts.out:
         command = "python bench/bench_multi.py " + " ".join(sys.argv[1:])
+        commit = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)),
+                                 "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
         with open(opts.out, "w") as f:
-            f.write(f"# portfwd run: many rules in one process\n\nReproduce: `{command}`\n\n")
+            f.write(f"# portfwd run: many rules in one process\n\nReproduce: `{command}`\n\n"
+                    f"- commit `{commit}`, Python {platform.python_version()}, "
+                    f"{os.cpu_count()} CPUs, host loopback; the machine was shared with other "
+                    f"test runs (loaded): only the ratios of one run mean something.\n\n")
             f.write("\n".join(table.markdown() for table in tables))
 
 

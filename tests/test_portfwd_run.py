@@ -106,13 +106,6 @@ class Reloader:
 
 
 @pytest.fixture
-def echo():
-    server = EchoServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def udp_echo():
     peer = UdpPeer()
     yield peer
@@ -189,9 +182,10 @@ def test_inline_psk_warns_in_check(tmp_path):
     assert PSK not in result.stdout + result.stderr
 
 
-def test_invalid_file_starts_nothing(tool, tmp_path, echo):
+def test_invalid_file_starts_nothing(tool, tmp_path, echo_server):
     port = free_port()
-    path = write(tmp_path / "c.toml", tcp_rule(f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}"),
+    path = write(tmp_path / "c.toml",
+                 tcp_rule(f"127.0.0.1:{port}", f"127.0.0.1:{echo_server.port}"),
                  tcp_rule(f"127.0.0.1:{free_port()}", "127.0.0.1:2", connect_timeout=0))
     process = tool("portfwd", "run", path)
     assert process.proc.wait(20) == 2
@@ -199,12 +193,13 @@ def test_invalid_file_starts_nothing(tool, tmp_path, echo):
     assert refused(port)
 
 
-def test_unbindable_rule_at_start_exits_1(tool, tmp_path, echo):
+def test_unbindable_rule_at_start_exits_1(tool, tmp_path, echo_server):
     held = socket.socket()
     held.bind(("127.0.0.1", 0))
     held.listen()
     port = free_port()
-    path = write(tmp_path / "c.toml", tcp_rule(f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}"),
+    path = write(tmp_path / "c.toml",
+                 tcp_rule(f"127.0.0.1:{port}", f"127.0.0.1:{echo_server.port}"),
                  tcp_rule(f"127.0.0.1:{held.getsockname()[1]}", "127.0.0.1:2", "busy"))
     result = run_cli("portfwd", "run", path)
     held.close()
@@ -215,7 +210,7 @@ def test_unbindable_rule_at_start_exits_1(tool, tmp_path, echo):
 
 # -- run ----------------------------------------------------------------------------------------
 
-def test_100_mixed_rules_each_forward_intact_data(tool, tmp_path, echo, udp_echo):
+def test_100_mixed_rules_each_forward_intact_data(tool, tmp_path, echo_server, udp_echo):
     """100 listeners in one process: tcp (a range of 20 onto 20 echo servers, 40 single
     rules), udp (a range of 10 onto 10 echo peers, 20 single rules), 5 kcptcp-server +
     5 kcptcp-client pairs."""
@@ -226,7 +221,7 @@ def test_100_mixed_rules_each_forward_intact_data(tool, tmp_path, echo, udp_echo
     try:
         rules = [tcp_rule(f"127.0.0.1:{base}-{base + 19}", f"127.0.0.1:{base + 100}-{base + 119}",
                           "tcp-range")]
-        rules += [tcp_rule(f"127.0.0.1:{base + 20 + i}", f"127.0.0.1:{echo.port}")
+        rules += [tcp_rule(f"127.0.0.1:{base + 20 + i}", f"127.0.0.1:{echo_server.port}")
                   for i in range(40)]
         rules.append(rule("udp", f"127.0.0.1:{base + 60}-{base + 69}",
                           f"127.0.0.1:{base + 120}-{base + 129}", "udp-range"))
@@ -234,7 +229,7 @@ def test_100_mixed_rules_each_forward_intact_data(tool, tmp_path, echo, udp_echo
                   for i in range(20)]
         for i in range(5):
             rules.append(rule("kcptcp-server", f"127.0.0.1:{base + 90 + i}",
-                              f"127.0.0.1:{echo.port}", f"in{i}", psk_file=key))
+                              f"127.0.0.1:{echo_server.port}", f"in{i}", psk_file=key))
             rules.append(rule("kcptcp-client", f"127.0.0.1:{base + 95 + i}",
                               f"127.0.0.1:{base + 90 + i}", f"out{i}", psk_file=key))
         path = write(tmp_path / "c.toml", *rules, top="[defaults]\nstats_interval = 0\n\n")

@@ -51,26 +51,19 @@ class Background(threading.Thread):
 
 
 @pytest.fixture
-def echo():
-    server = EchoServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def udp_echo():
+def udp_echo_port():
     peer = UdpPeer()
-    yield peer
+    yield peer.port
     peer.close()
 
 
-def test_reload_under_load_then_remove_drains(tool, tmp_path, echo, udp_echo):
+def test_reload_under_load_then_remove_drains(tool, tmp_path, echo_server, udp_echo_port):
     """A 256 MiB transfer through A and a UDP exchange through B stay intact across 20 reloads
     that add, change and remove other rules; removing A then drains its connection."""
     base = free_range(12)
     a, b = f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"
-    rule_a = tcp_rule(a, f"127.0.0.1:{echo.port}", "A")
-    rule_b = rule("udp", b, f"127.0.0.1:{udp_echo.port}", "B")
+    rule_a = tcp_rule(a, f"127.0.0.1:{echo_server.port}", "A")
+    rule_b = rule("udp", b, f"127.0.0.1:{udp_echo_port}", "B")
 
     def others(i: int) -> list[str]:
         """Round i: rules O(i) and O(i+1) on ports base+2.., O(i+1)'s options change
@@ -80,7 +73,7 @@ def test_reload_under_load_then_remove_drains(tool, tmp_path, echo, udp_echo):
             port = base + 2 + j % 10
             kind = "tcp" if j % 2 else "udp"
             keys = {"connect_timeout": 1 + i} if kind == "tcp" else {"timeout": 10 + i}
-            out.append(rule(kind, f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}", f"O{j}",
+            out.append(rule(kind, f"127.0.0.1:{port}", f"127.0.0.1:{echo_server.port}", f"O{j}",
                             **keys))
         return out
 
@@ -120,15 +113,15 @@ def test_reload_under_load_then_remove_drains(tool, tmp_path, echo, udp_echo):
     assert "Traceback" not in process.log()
 
 
-def test_invalid_or_unbindable_reload_changes_nothing(tool, tmp_path, echo, udp_echo):
+def test_invalid_or_unbindable_reload_changes_nothing(tool, tmp_path, echo_server, udp_echo_port):
     base = free_range(4)
-    r1 = tcp_rule(f"127.0.0.1:{base}", f"127.0.0.1:{echo.port}", "R1")
-    r2 = rule("udp", f"127.0.0.1:{base + 1}", f"127.0.0.1:{udp_echo.port}", "R2")
-    n1 = tcp_rule(f"127.0.0.1:{base + 2}", f"127.0.0.1:{echo.port}", "N1")
+    r1 = tcp_rule(f"127.0.0.1:{base}", f"127.0.0.1:{echo_server.port}", "R1")
+    r2 = rule("udp", f"127.0.0.1:{base + 1}", f"127.0.0.1:{udp_echo_port}", "R2")
+    n1 = tcp_rule(f"127.0.0.1:{base + 2}", f"127.0.0.1:{echo_server.port}", "N1")
     held = socket.socket()
     held.bind(("127.0.0.1", 0))
     held.listen()
-    n2 = tcp_rule(f"127.0.0.1:{held.getsockname()[1]}", f"127.0.0.1:{echo.port}", "N2")
+    n2 = tcp_rule(f"127.0.0.1:{held.getsockname()[1]}", f"127.0.0.1:{echo_server.port}", "N2")
     path = tmp_path / "c.toml"
     write(path, r1, r2, top=TOP)
     process = tool("portfwd", "run", str(path))
@@ -225,10 +218,10 @@ def test_changed_rule_keeps_listener_new_connections_get_new_options(tool, tmp_p
             peer.close()
 
 
-def test_tunnel_pair_in_one_process_survives_reloads(tool, tmp_path, echo):
+def test_tunnel_pair_in_one_process_survives_reloads(tool, tmp_path, echo_server):
     key = key_file(tmp_path)
     base = free_range(8)
-    pair = [rule("kcptcp-server", f"127.0.0.1:{base}", f"127.0.0.1:{echo.port}", "in",
+    pair = [rule("kcptcp-server", f"127.0.0.1:{base}", f"127.0.0.1:{echo_server.port}", "in",
                  psk_file=os.path.basename(key)),
             rule("kcptcp-client", f"127.0.0.1:{base + 1}", f"127.0.0.1:{base}", "out",
                  psk_file=os.path.basename(key))]
@@ -240,7 +233,7 @@ def test_tunnel_pair_in_one_process_survives_reloads(tool, tmp_path, echo):
     reloader = Reloader(process)
     with connect("127.0.0.1", base + 1) as tunnelled:
         for i in range(5):
-            extra = [tcp_rule(f"127.0.0.1:{base + 2 + j}", f"127.0.0.1:{echo.port}")
+            extra = [tcp_rule(f"127.0.0.1:{base + 2 + j}", f"127.0.0.1:{echo_server.port}")
                      for j in range(i % 3)]
             write(path, *pair, *extra, top=TOP)
             assert 'kept "in", "out"' in reloader.reload()
@@ -259,7 +252,7 @@ def test_tunnel_pair_in_one_process_survives_reloads(tool, tmp_path, echo):
         with connect("127.0.0.1", base + 1) as open_conv:
             open_conv.sendall(b"hello")
             assert open_conv.recv(100) == b"hello"
-            write(path, pair[0].replace(f"127.0.0.1:{echo.port}", f"127.0.0.1:{other.port}"),
+            write(path, pair[0].replace(f"127.0.0.1:{echo_server.port}", f"127.0.0.1:{other.port}"),
                   pair[1].replace("\n\n", "\nsndwnd = 512\n\n"), top=TOP)
             assert 'changed "in", "out"' in reloader.reload()
             open_conv.sendall(b"still there")
@@ -279,10 +272,10 @@ def control(command: str, env: dict) -> subprocess.CompletedProcess:
                           timeout=60)
 
 
-def test_daemon_pidfile_and_reload_through_the_control_script(tmp_path, echo):
+def test_daemon_pidfile_and_reload_through_the_control_script(tmp_path, echo_server):
     first, second = free_port(), free_port()
     path = tmp_path / "c.toml"
-    write(path, tcp_rule(f"127.0.0.1:{first}", f"127.0.0.1:{echo.port}"), top=TOP)
+    write(path, tcp_rule(f"127.0.0.1:{first}", f"127.0.0.1:{echo_server.port}"), top=TOP)
     pidfile = tmp_path / "portfwd.pid"
     env = dict(os.environ, BIN=os.path.join(BIN, "portfwd"), CONFIG=str(path),
                PIDFILE=str(pidfile))
@@ -293,8 +286,8 @@ def test_daemon_pidfile_and_reload_through_the_control_script(tmp_path, echo):
         assert os.getsid(pid) != os.getsid(0)  # detached
         with connect("127.0.0.1", first) as sock:
             echo_roundtrip(sock, 100_000)
-        write(path, tcp_rule(f"127.0.0.1:{first}", f"127.0.0.1:{echo.port}"),
-              tcp_rule(f"127.0.0.1:{second}", f"127.0.0.1:{echo.port}"), top=TOP)
+        write(path, tcp_rule(f"127.0.0.1:{first}", f"127.0.0.1:{echo_server.port}"),
+              tcp_rule(f"127.0.0.1:{second}", f"127.0.0.1:{echo_server.port}"), top=TOP)
         reloaded = control("reload", env)
         assert reloaded.returncode == 0, reloaded.stderr
         with connect("127.0.0.1", second) as sock:  # retried until the new rule listens

@@ -188,6 +188,8 @@ class Supervisor:
             self._change(rule)
         for rule in added:
             self._start_rule(rule, bound[rule.key])
+        for rule in kept:  # the same rule, perhaps on other lines of the file now
+            self.running[rule.key].rule = rule
         self.loaded = new
         return (f"added {listing(added)}; changed {listing(changed)}; removed "
                 f"{listing(removed)}; kept {listing(kept)}")
