@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import signal
 import socket
 import time
 
@@ -252,3 +253,31 @@ def test_100_mixed_rules_each_forward_intact_data(tool, tmp_path, echo_server, u
             server.close()
         for peer in peers:
             peer.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGQUIT])
+def test_stop_signals_stop_and_sighup_does_not(tool, tmp_path, echo_server, signum):
+    port = free_port()
+    pidfile = tmp_path / "p.pid"
+    path = write(tmp_path / "c.toml", tcp_rule(f"127.0.0.1:{port}",
+                                               f"127.0.0.1:{echo_server.port}"))
+    process = tool("portfwd", "run", "-p", str(pidfile), path)
+    process.wait_for_log("running 1 rules")
+    assert pidfile.read_text() == f"{process.pid}\n"
+    assert "kept" in Reloader(process).reload()  # SIGHUP: a reload, not a stop
+    with connect("127.0.0.1", port) as sock:
+        echo_roundtrip(sock, 10_000)
+    assert process.stop(signum) == 0
+    assert "stopping: closing listeners" in process.log()
+    assert not pidfile.exists()
+
+
+def test_a_process_holding_a_key_does_not_dump_core(tool, tmp_path):
+    path = write(tmp_path / "c.toml", rule("kcptcp-server", f"127.0.0.1:{free_port()}",
+                                           "127.0.0.1:9", psk_file=key_file(tmp_path)))
+    process = tool("portfwd", "run", path)
+    process.wait_for_log("running 1 rules")
+    with open(f"/proc/{process.pid}/limits") as f:
+        core = next(line for line in f if line.startswith("Max core file size"))
+    assert core.split()[4:6] == ["0", "0"]
+    assert process.stop() == 0
