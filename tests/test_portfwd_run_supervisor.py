@@ -48,3 +48,24 @@ def test_rule_snapshots_and_metrics_across_a_reload(tmp_path):
     assert supervisor.rule_snapshots() == []
     supervisor.reload()  # after a stop, a late SIGHUP starts nothing
     assert supervisor.rule_snapshots() == []
+
+
+def test_a_tcp_address_changing_kind_takes_the_listener_over(tmp_path):
+    """tcp -> kcptcp-client on one address: the new rule's service gets the old listener
+    (binding anew would find the address in use); the reload is not refused."""
+    port = free_port()
+    path = tmp_path / "c.toml"
+    path.write_text(tcp_rule(f"127.0.0.1:{port}", "127.0.0.1:7", "plain"))
+    env = Environment()
+    loaded = read_config(str(path), env)
+    supervisor = Supervisor(str(path), "c.toml", env, loaded, bind_all(loaded))
+    supervisor.start()
+    try:
+        path.write_text(rule("kcptcp-client", f"127.0.0.1:{port}", "127.0.0.1:9", "tunnel",
+                             stats_interval=0))
+        supervisor.reload()
+        assert supervisor.metrics().reload_failures == 0
+        assert [(kind, name) for kind, name, _ in supervisor.rule_snapshots()] == [
+            ("kcptcp-client", "tunnel")]
+    finally:
+        gevent.spawn(supervisor.stop, 1).join(10)
