@@ -4,7 +4,7 @@ exporter reads."""
 from __future__ import annotations
 
 import gevent
-from conftest import free_port
+from conftest import free_port, needs_ipv6
 from test_portfwd_run import free_range, rule, tcp_rule
 
 from portfwd.app.load import read_config
@@ -67,5 +67,28 @@ def test_a_tcp_address_changing_kind_takes_the_listener_over(tmp_path):
         assert supervisor.metrics().reload_failures == 0
         assert [(kind, name) for kind, name, _ in supervisor.rule_snapshots()] == [
             ("kcptcp-client", "tunnel")]
+    finally:
+        gevent.spawn(supervisor.stop, 1).join(10)
+
+
+@needs_ipv6
+def test_v6only_of_a_bound_listener_cannot_change(tmp_path):
+    port = free_port()
+    path = tmp_path / "c.toml"
+    path.write_text(tcp_rule(f"[::1]:{port}", "127.0.0.1:7", "six"))
+    env = Environment()
+    loaded = read_config(str(path), env)
+    supervisor = Supervisor(str(path), "c.toml", env, loaded, bind_all(loaded))
+    supervisor.start()
+    try:
+        before = next(iter(supervisor.running.values())).service
+        path.write_text(tcp_rule(f"[::1]:{port}", "127.0.0.1:7", "six", v6only=True))
+        supervisor.reload()
+        assert supervisor.metrics().reload_failures == 1
+        path.write_text(tcp_rule(f"[::1]:{port}", "127.0.0.1:8", "six"))
+        supervisor.reload()  # another option of the same rule: handed over, not refused
+        assert supervisor.metrics().reload_failures == 1
+        assert supervisor.metrics().reloads == 1
+        assert next(iter(supervisor.running.values())).service is not before  # a new service
     finally:
         gevent.spawn(supervisor.stop, 1).join(10)

@@ -167,7 +167,9 @@ class Supervisor:
                    if key in old and (rule.config != old[key].config or rule.name != old[key].name)]
         kept = [rule for key, rule in fresh.items() if key in old and rule not in changed]
         for rule in changed:
-            if rule.config.listen_options.v6only != old[rule.key].config.listen_options.v6only:
+            v6only = rule.config.listen_options.v6only
+            if (rule.config.listen.family == socket.AF_INET6
+                    and v6only != old[rule.key].config.listen_options.v6only):
                 log.error("reload refused, still running the previous configuration: %s: "
                           "v6only of a bound listener cannot change (remove the rule, reload, "
                           "then add it back)", rule.spec.options.label("listen"))
