@@ -88,10 +88,16 @@ def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1",
 
 
 @contextlib.contextmanager
-def process(argv: list[str], env: dict | None = None) -> Iterator[subprocess.Popen]:
-    """A background process, always terminated (then killed) on exit."""
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=dict(os.environ, **(env or {})))
+def process(argv: list[str], env: dict | None = None,
+            log: str | None = None) -> Iterator[subprocess.Popen]:
+    """A background process, always terminated (then killed) on exit; its output goes to the
+    file ``log`` if given."""
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115  (closed below)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                            stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+                            env=dict(os.environ, **(env or {})))
+    if log:
+        out.close()  # the child holds its own copy
     try:
         yield proc
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import signal
 import socket
 import time
 
@@ -106,13 +107,6 @@ class Reloader:
 
 
 @pytest.fixture
-def echo():
-    server = EchoServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def udp_echo():
     peer = UdpPeer()
     yield peer
@@ -189,9 +183,10 @@ def test_inline_psk_warns_in_check(tmp_path):
     assert PSK not in result.stdout + result.stderr
 
 
-def test_invalid_file_starts_nothing(tool, tmp_path, echo):
+def test_invalid_file_starts_nothing(tool, tmp_path, echo_server):
     port = free_port()
-    path = write(tmp_path / "c.toml", tcp_rule(f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}"),
+    path = write(tmp_path / "c.toml",
+                 tcp_rule(f"127.0.0.1:{port}", f"127.0.0.1:{echo_server.port}"),
                  tcp_rule(f"127.0.0.1:{free_port()}", "127.0.0.1:2", connect_timeout=0))
     process = tool("portfwd", "run", path)
     assert process.proc.wait(20) == 2
@@ -199,12 +194,13 @@ def test_invalid_file_starts_nothing(tool, tmp_path, echo):
     assert refused(port)
 
 
-def test_unbindable_rule_at_start_exits_1(tool, tmp_path, echo):
+def test_unbindable_rule_at_start_exits_1(tool, tmp_path, echo_server):
     held = socket.socket()
     held.bind(("127.0.0.1", 0))
     held.listen()
     port = free_port()
-    path = write(tmp_path / "c.toml", tcp_rule(f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}"),
+    path = write(tmp_path / "c.toml",
+                 tcp_rule(f"127.0.0.1:{port}", f"127.0.0.1:{echo_server.port}"),
                  tcp_rule(f"127.0.0.1:{held.getsockname()[1]}", "127.0.0.1:2", "busy"))
     result = run_cli("portfwd", "run", path)
     held.close()
@@ -215,7 +211,7 @@ def test_unbindable_rule_at_start_exits_1(tool, tmp_path, echo):
 
 # -- run ----------------------------------------------------------------------------------------
 
-def test_100_mixed_rules_each_forward_intact_data(tool, tmp_path, echo, udp_echo):
+def test_100_mixed_rules_each_forward_intact_data(tool, tmp_path, echo_server, udp_echo):
     """100 listeners in one process: tcp (a range of 20 onto 20 echo servers, 40 single
     rules), udp (a range of 10 onto 10 echo peers, 20 single rules), 5 kcptcp-server +
     5 kcptcp-client pairs."""
@@ -226,7 +222,7 @@ def test_100_mixed_rules_each_forward_intact_data(tool, tmp_path, echo, udp_echo
     try:
         rules = [tcp_rule(f"127.0.0.1:{base}-{base + 19}", f"127.0.0.1:{base + 100}-{base + 119}",
                           "tcp-range")]
-        rules += [tcp_rule(f"127.0.0.1:{base + 20 + i}", f"127.0.0.1:{echo.port}")
+        rules += [tcp_rule(f"127.0.0.1:{base + 20 + i}", f"127.0.0.1:{echo_server.port}")
                   for i in range(40)]
         rules.append(rule("udp", f"127.0.0.1:{base + 60}-{base + 69}",
                           f"127.0.0.1:{base + 120}-{base + 129}", "udp-range"))
@@ -234,7 +230,7 @@ def test_100_mixed_rules_each_forward_intact_data(tool, tmp_path, echo, udp_echo
                   for i in range(20)]
         for i in range(5):
             rules.append(rule("kcptcp-server", f"127.0.0.1:{base + 90 + i}",
-                              f"127.0.0.1:{echo.port}", f"in{i}", psk_file=key))
+                              f"127.0.0.1:{echo_server.port}", f"in{i}", psk_file=key))
             rules.append(rule("kcptcp-client", f"127.0.0.1:{base + 95 + i}",
                               f"127.0.0.1:{base + 90 + i}", f"out{i}", psk_file=key))
         path = write(tmp_path / "c.toml", *rules, top="[defaults]\nstats_interval = 0\n\n")
@@ -257,3 +253,31 @@ def test_100_mixed_rules_each_forward_intact_data(tool, tmp_path, echo, udp_echo
             server.close()
         for peer in peers:
             peer.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGQUIT])
+def test_stop_signals_stop_and_sighup_does_not(tool, tmp_path, echo_server, signum):
+    port = free_port()
+    pidfile = tmp_path / "p.pid"
+    path = write(tmp_path / "c.toml", tcp_rule(f"127.0.0.1:{port}",
+                                               f"127.0.0.1:{echo_server.port}"))
+    process = tool("portfwd", "run", "-p", str(pidfile), path)
+    process.wait_for_log("running 1 rules")
+    assert pidfile.read_text() == f"{process.pid}\n"
+    assert "kept" in Reloader(process).reload()  # SIGHUP: a reload, not a stop
+    with connect("127.0.0.1", port) as sock:
+        echo_roundtrip(sock, 10_000)
+    assert process.stop(signum) == 0
+    assert "stopping: closing listeners" in process.log()
+    assert not pidfile.exists()
+
+
+def test_a_process_holding_a_key_does_not_dump_core(tool, tmp_path):
+    path = write(tmp_path / "c.toml", rule("kcptcp-server", f"127.0.0.1:{free_port()}",
+                                           "127.0.0.1:9", psk_file=key_file(tmp_path)))
+    process = tool("portfwd", "run", path)
+    process.wait_for_log("running 1 rules")
+    with open(f"/proc/{process.pid}/limits") as f:
+        core = next(line for line in f if line.startswith("Max core file size"))
+    assert core.split()[4:6] == ["0", "0"]
+    assert process.stop() == 0

@@ -37,6 +37,12 @@ class Rule:
         """What a rule is across reloads: its kind and the address it listens on."""
         return (self.kind.name, self.config.listen.family, self.config.listen.sockaddr)
 
+    @property
+    def socket_key(self) -> tuple:
+        """What the kernel sees of its listener: socket type and address (two rules may not
+        share one)."""
+        return (self.kind.socktype, self.config.listen.family, self.config.listen.sockaddr)
+
     def describe(self) -> str:
         dest = getattr(self.config, self.kind.dest_field)
         return f'{self.kind.name} "{self.name}": {self.config.listen} -> {dest}'
@@ -93,14 +99,13 @@ def load_config(text: str, filename: str, env: Environment, base_dir: str = "") 
         except ConfigError as exc:
             raise ConfigError(exc.field, located(spec, exc)) from None
         rule = Rule(kind, spec, config)
-        where = (kind.socktype, config.listen.family, config.listen.sockaddr)
-        if where in listening:
-            other = listening[where]
+        if rule.socket_key in listening:
+            other = listening[rule.socket_key]
             raise ConfigError("listen", f"{spec.options.label('listen')}: "
                               f"{format_sockaddr(config.listen.sockaddr)} is already the "
                               f"listen address of {other.spec.where.split(': ', 1)[1]}"
                               f"{'' if other.name == other.spec.rule else f' ({other.name})'}")
-        listening[where] = rule
+        listening[rule.socket_key] = rule
         rules.append(rule)
     return LoadedConfig(parsed, tuple(rules))
 

@@ -167,14 +167,21 @@ class Supervisor:
                    if key in old and (rule.config != old[key].config or rule.name != old[key].name)]
         kept = [rule for key, rule in fresh.items() if key in old and rule not in changed]
         for rule in changed:
-            if rule.config.listen_options.v6only != old[rule.key].config.listen_options.v6only:
+            v6only = rule.config.listen_options.v6only
+            if (rule.config.listen.family == socket.AF_INET6
+                    and v6only != old[rule.key].config.listen_options.v6only):
                 log.error("reload refused, still running the previous configuration: %s: "
                           "v6only of a bound listener cannot change (remove the rule, reload, "
                           "then add it back)", rule.spec.options.label("listen"))
                 return None
+        # A rule of another kind on a removed rule's TCP address takes its listener over
+        # (tcp <-> kcptcp-client); binding it anew would find the address in use.
+        vacated = {rule.socket_key: rule for rule in removed if rule.kind.reuse == HANDOVER}
+        takeover = {rule.key: vacated[rule.socket_key] for rule in added
+                    if rule.socket_key in vacated and rule.kind.reuse == HANDOVER}
         try:
             self._guard_keys(new)
-            bound = bind_rules(added)
+            bound = bind_rules(rule for rule in added if rule.key not in takeover)
         except (OSError, StartupError) as exc:
             reason = bind_failure(exc) if isinstance(exc, OSError) else str(exc)
             log.error("reload refused, still running the previous configuration: %s", reason)
@@ -182,12 +189,18 @@ class Supervisor:
         if new.file.process != self.loaded.file.process:
             log.warning("reload: the process settings of %s take effect at the next start",
                         self.label)
+        for rule in added:
+            if rule.key in takeover:
+                bound[rule.key] = self._retire(takeover[rule.key].key, handover=True)
         for rule in removed:
-            self.draining.spawn(self.running.pop(rule.key).service.stop, daemon.DRAIN_TIMEOUT)
+            if rule.key in self.running:  # not taken over above
+                self._retire(rule.key)
         for rule in changed:
             self._change(rule)
         for rule in added:
             self._start_rule(rule, bound[rule.key])
+        for rule in kept:  # the same rule, perhaps on other lines of the file now
+            self.running[rule.key].rule = rule
         self.loaded = new
         return (f"added {listing(added)}; changed {listing(changed)}; removed "
                 f"{listing(removed)}; kept {listing(kept)}")
@@ -206,13 +219,18 @@ class Supervisor:
                              (options.reuseport, socket.SO_REUSEPORT)):
             running.listener.setsockopt(socket.SOL_SOCKET, option, int(flag))
         if rule.kind.reuse == HANDOVER:
-            listener = running.service.handover()  # type: ignore[attr-defined]
-            self.draining.spawn(running.service.stop, daemon.DRAIN_TIMEOUT)
-            del self.running[rule.key]
-            self._start_rule(rule, listener)
+            self._start_rule(rule, self._retire(rule.key, handover=True))
         else:
             running.service.reconfigure(rule.config)  # type: ignore[attr-defined]
             running.rule = rule
+
+    def _retire(self, key: tuple, handover: bool = False) -> socket.socket | None:
+        """Take a rule's service out of the running set and let it drain in the background;
+        with ``handover``, first take its listener (still listening) and return it."""
+        service = self.running.pop(key).service
+        listener = service.handover() if handover else None  # type: ignore[attr-defined]
+        self.draining.spawn(service.stop, daemon.DRAIN_TIMEOUT)
+        return listener
 
     def _guard_keys(self, loaded: LoadedConfig) -> None:
         """A process that holds a tunnel key does not dump core (as the kcptcp tools)."""
