@@ -12,6 +12,8 @@ Options:
   -R                 set SO_REUSEPORT on listener socket
   -6 --v6only        for IPv6 listener, set IPV6_V6ONLY
   --connect-timeout <s>  seconds to wait for the destination to answer [default: 10]
+  --metrics <addr:port>  serve Prometheus metrics at http://addr:port/metrics (off by default)
+  --log-format <format>  text (default) or json: one JSON object per log line
   -h --help          show help
 
 Environment:
@@ -26,17 +28,19 @@ import sys
 from portfwd.runtime import daemon
 from portfwd.tcpfwd.config import tcpfwd_config
 from portfwd.tcpfwd.forwarder import TcpForwarder
+from portfwd.tcpfwd.metrics import KIND
 
 PROG = "tcpfwd"
 # field -> docopt key (also the label in error messages)
 FIELDS = {"listen": "<local_addr:local_port>", "dest": "<dest_addr:dest_port>",
           "daemonize": "-d", "pidfile": "-p", "base_addr": "-b", "reuseaddr": "-r",
-          "reuseport": "-R", "v6only": "--v6only", "connect_timeout": "--connect-timeout"}
+          "reuseport": "-R", "v6only": "--v6only", "connect_timeout": "--connect-timeout",
+          "metrics": "--metrics", "log_format": "--log-format"}
 
 
 def main(argv: list[str] | None = None) -> int:
     return daemon.one_rule_main(PROG, __doc__, argv, FIELDS, tcpfwd_config, socket.SOCK_STREAM,
-                                TcpForwarder)
+                                TcpForwarder, KIND)
 
 
 if __name__ == "__main__":
