@@ -8,6 +8,7 @@ from typing import Any
 
 from portfwd.kcptcp.client import TunnelClient
 from portfwd.kcptcp.config import UDP_BUFFER, client_config, server_config
+from portfwd.kcptcp.metrics import CLIENT_KIND, SERVER_KIND
 from portfwd.kcptcp.server import TunnelServer
 from portfwd.runtime import daemon
 from portfwd.tunnel.config import REKEY_SEQ_THRESHOLD, REKEY_TIMEOUT_MS
@@ -36,6 +37,8 @@ OPTIONS = f"""Options:
                         [default: 4096]
   --max-pending <n>     (server) conversations whose client has not yet sent an
                         authenticated packet; beyond, HELLOs are ignored [default: 256]
+  --metrics <addr:port> serve Prometheus metrics at http://addr:port/metrics (off by default)
+  --log-format <format> text (default) or json: one JSON object per log line
   -h --help             show help
 
 Environment:
@@ -50,7 +53,7 @@ FIELDS = {"daemonize": "-d", "pidfile": "-p", "reuseaddr": "-r", "reuseport": "-
           "interval": "--interval", "resend": "--resend", "nc": "--nc", "sndwnd": "--sndwnd",
           "rcvwnd": "--rcvwnd", "keepalive": "--keepalive", "stats_interval": "--stats-interval",
           "connect_timeout": "--connect-timeout", "max_sessions": "--max-sessions",
-          "max_pending": "--max-pending"}
+          "max_pending": "--max-pending", "metrics": "--metrics", "log_format": "--log-format"}
 CLIENT_FIELDS = {**FIELDS, "listen": "<local_tcp_addr:port>", "remote": "<remote_udp_addr:port>"}
 SERVER_FIELDS = {**FIELDS, "listen": "<local_udp_addr:port>", "target": "<target_tcp_addr:port>"}
 
@@ -81,13 +84,13 @@ SERVER_PROG = "kcptcp-server"
 
 def client_main(argv: list[str] | None = None) -> int:
     return daemon.one_rule_main(CLIENT_PROG, CLIENT_USAGE, argv, CLIENT_FIELDS, client_config,
-                                socket.SOCK_STREAM, guarded(TunnelClient))
+                                socket.SOCK_STREAM, guarded(TunnelClient), CLIENT_KIND)
 
 
 def server_main(argv: list[str] | None = None) -> int:
     # The UDP socket's buffers are sized at bind time (listen_options.bufsize = -S).
     return daemon.one_rule_main(SERVER_PROG, SERVER_USAGE, argv, SERVER_FIELDS, server_config,
-                                socket.SOCK_DGRAM, guarded(TunnelServer))
+                                socket.SOCK_DGRAM, guarded(TunnelServer), SERVER_KIND)
 
 
 def guarded(service: Callable[[Any, socket.socket], daemon.Service]

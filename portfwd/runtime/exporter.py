@@ -88,7 +88,7 @@ class Families:
                 counts[-1] += 1
         running = 0
         base = f"{PREFIX}{name}"
-        for bound, count in zip((*buckets, float("inf")), counts):
+        for bound, count in zip((*buckets, float("inf")), counts, strict=True):
             running += count
             le = "+Inf" if bound == float("inf") else repr(float(bound))
             family.add_sample(base + "_bucket", {**labels, "le": le}, running)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from portfwd.runtime.exporter import TOP, Families, Labels, RuleKind
@@ -45,7 +45,9 @@ class TcpMetrics:
     no_destination: int  # -b: no destination address could be computed for the connection
     accept_errors: Mapping[str, int]  # failed accept() calls on the listener, by errno name
     connections_failed: int = 0  # of the closed ones, ended by a socket error
-    top: tuple[ConnectionEntry, ...] = ()  # the live connections that moved most, largest first
+    # The live connections that moved most, largest first (their ages change by the moment:
+    # not part of a snapshot's equality).
+    top: tuple[ConnectionEntry, ...] = field(default=(), compare=False)
 
 
 class TcpCounters:
