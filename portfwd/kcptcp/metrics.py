@@ -106,7 +106,7 @@ class TunnelClientMetrics:
     udp_open_failures: Mapping[str, int]  # no UDP socket for a new connection, by errno name
     per_conversation: tuple[ConversationMetrics, ...]  # live ones, oldest first
     totals: ConversationTotals = NO_TOTALS  # ended and live conversations summed
-    closed: Mapping[str, int] = field(default_factory=lambda: NO_COUNTS)  # ended conversations, by reason
+    closed: Mapping[str, int] = field(default_factory=lambda: NO_COUNTS)  # ended, by reason
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class TunnelServerMetrics:
     dial_failures: Mapping[str, int]  # connects to the target that failed, by errno name
     per_conversation: tuple[ConversationMetrics, ...]  # live ones, oldest first
     totals: ConversationTotals = NO_TOTALS  # ended and live conversations summed
-    closed: Mapping[str, int] = field(default_factory=lambda: NO_COUNTS)  # ended conversations, by reason
+    closed: Mapping[str, int] = field(default_factory=lambda: NO_COUNTS)  # ended, by reason
     rejected_malformed: int = 0  # HELLO-typed datagrams that are no well-formed HELLO
     rejected_cache_full: int = 0  # valid HELLOs refused: replay cache full (fails closed)
     kernel_drops: int = 0  # datagrams the kernel dropped on the UDP socket (buffer full)
