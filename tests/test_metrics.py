@@ -294,11 +294,11 @@ def test_udpfwd_status_line_is_rendered_from_the_snapshot_and_idle_stays_quiet(u
 def test_render_status():
     m = UdpMetrics(sessions=0, opened=2000, expired=2000, evicted=0, datagrams_up=2000,
                    bytes_up=64000, datagrams_down=1990, bytes_down=63680, dropped_up=1,
-                   dropped_down=2, upstream_errors=3, gso_sends=4)
+                   dropped_down=2, upstream_errors=3, gso_sends=4, kernel_drops=5)
     assert render_status(m) == (
         "status: 0 sessions (2000 opened, 2000 expired, 0 evicted); up 2000 datagrams "
         "64000 bytes; down 1990 datagrams 63680 bytes; dropped 1 up 2 down; "
-        "3 upstream errors; 4 GSO sends")
+        "3 upstream errors; 4 GSO sends; 5 kernel drops")
 
 
 # --- kcptcp ---------------------------------------------------------------------------------
@@ -401,8 +401,8 @@ def test_render_server_totals():
         rejected_stale=6, rejected_rate=7, rejected_before_start=0, rejected_load=0,
         cookies_sent=0, cookie_hellos=0, restarted=0, dropped_unknown=8, dropped_malformed=9,
         refused_pending=10, refused_full=11, evicted=12, send_errors=13, dial_failures={},
-        per_conversation=())
+        per_conversation=(), kernel_drops=14)
     assert render_stats(m, render_server_totals) == [
         "stats total conversations=1 finished=2 handshakes=3 rejected_auth=4 "
         "rejected_replay=5 rejected_stale=6 rejected_rate=7 dropped_unknown=8 "
-        "refused_pending=10 refused_full=11 evicted=12"]
+        "refused_pending=10 refused_full=11 evicted=12 kernel_drops=14"]

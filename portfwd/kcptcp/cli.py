@@ -9,6 +9,7 @@ from typing import Any
 
 from portfwd.kcptcp.client import TunnelClient
 from portfwd.kcptcp.config import UDP_BUFFER, client_config, server_config
+from portfwd.kcptcp.metrics import CLIENT_KIND, SERVER_KIND
 from portfwd.kcptcp.server import TunnelServer
 from portfwd.runtime import daemon
 from portfwd.runtime.options import EXIT_USAGE, report
@@ -34,6 +35,8 @@ OPTIONS = f"""Options:
   --rcvwnd <segments>   KCP receive window [default: 1024]
   --keepalive <s>       close a conversation after s seconds without a packet [default: 30]
   --stats-interval <s>  seconds between stats lines, 0 = off [default: 60]
+  --metrics <addr:port> serve Prometheus metrics at http://addr:port/metrics (off by default)
+  --log-format <format> text (default) or json: one JSON object per log line
   -h --help             show help
 """
 
@@ -62,7 +65,7 @@ FIELDS = {"daemonize": "-d", "pidfile": "-p", "reuseaddr": "-r", "reuseport": "-
           "psk_file": "--psk-file",
           "interval": "--interval", "resend": "--resend", "nc": "--nc", "sndwnd": "--sndwnd",
           "rcvwnd": "--rcvwnd", "keepalive": "--keepalive", "stats_interval": "--stats-interval",
-          "log_file": "--log-file"}
+          "log_file": "--log-file", "metrics": "--metrics", "log_format": "--log-format"}
 CLIENT_FIELDS = {**FIELDS, "listen": "<local_tcp_addr:port>", "remote": "<remote_udp_addr:port>"}
 SERVER_FIELDS = {**FIELDS, "listen": "<local_udp_addr:port>", "target": "<target_tcp_addr:port>",
                  "connect_timeout": "--connect-timeout", "max_sessions": "--max-sessions",
@@ -103,13 +106,13 @@ def client_main(argv: list[str] | None = None) -> int:
         report(CLIENT_PROG, f"{misplaced[0]} is a kcptcp-server option")
         return EXIT_USAGE
     return daemon.one_rule_main(CLIENT_PROG, CLIENT_USAGE, argv, CLIENT_FIELDS, client_config,
-                                socket.SOCK_STREAM, guarded(TunnelClient))
+                                socket.SOCK_STREAM, guarded(TunnelClient), CLIENT_KIND)
 
 
 def server_main(argv: list[str] | None = None) -> int:
     # The UDP socket's buffers are sized at bind time (listen_options.bufsize = -S).
     return daemon.one_rule_main(SERVER_PROG, SERVER_USAGE, argv, SERVER_FIELDS, server_config,
-                                socket.SOCK_DGRAM, guarded(TunnelServer))
+                                socket.SOCK_DGRAM, guarded(TunnelServer), SERVER_KIND)
 
 
 def guarded(service: Callable[[Any, socket.socket], daemon.Service]

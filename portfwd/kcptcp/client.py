@@ -11,6 +11,7 @@ import os
 import socket
 import struct
 import time
+from types import MappingProxyType
 
 import gevent
 
@@ -62,11 +63,12 @@ class TunnelClient(ConversationService):
 
     def metrics(self) -> TunnelClientMetrics:
         """A snapshot of the counters and of every live conversation (no I/O)."""
+        live = self._per_conversation()
         return TunnelClientMetrics(
             conversations=len(self.drivers), finished=self.finished,
             accepted=self.accept_loop.accepted, accept_errors=self.accept_loop.errors.snapshot(),
-            udp_open_failures=self.udp_open_failures.snapshot(),
-            per_conversation=self._per_conversation())
+            udp_open_failures=self.udp_open_failures.snapshot(), per_conversation=live,
+            totals=self._totals(live), closed=MappingProxyType(dict(self.closed)))
 
     def stop(self, timeout: float) -> None:
         if self._stats is not None:

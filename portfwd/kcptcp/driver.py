@@ -29,7 +29,15 @@ from gevent import get_hub
 from gevent.socket import socket as gsocket
 from gevent.socket import wait
 
-from portfwd.kcptcp.metrics import ConversationMetrics, Snapshot, render_stats
+from portfwd.kcptcp.metrics import (
+    NO_TOTALS,
+    ConversationMetrics,
+    ConversationTotals,
+    Snapshot,
+    close_reason_label,
+    render_stats,
+    sum_totals,
+)
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.sockets import READ, WRITE
 from portfwd.tunnel import events
@@ -292,7 +300,9 @@ class ConversationDriver:
             dgrams_out=session.datagrams_sent, dgrams_in=session.datagrams_received,
             dropped_auth=session.dropped_auth, dropped_replay=session.dropped_replay,
             age=now - self.started, rekeys_started=self.rekeys_started,
-            epoch_switches=self.epoch_switches, peer_address_changes=self.peer_address_changes)
+            epoch_switches=self.epoch_switches, peer_address_changes=self.peer_address_changes,
+            dropped_malformed=session.dropped_malformed, dropped_stale=session.dropped_stale,
+            established=self.established.is_set())
 
 
 class ConversationService:
@@ -303,6 +313,8 @@ class ConversationService:
         self.stats_interval = stats_interval
         self.drivers: dict[int, ConversationDriver] = {}  # live conversations by conv id
         self.finished = 0  # conversations ended since start
+        self.ended = NO_TOTALS  # the counters of the ended conversations, summed
+        self.closed: dict[str, int] = {}  # ended conversations by close_reason_label
 
     def _retire(self, driver: ConversationDriver) -> None:
         """A conversation's greenlet is ending, however: make sure the peer heard it is over
@@ -314,6 +326,10 @@ class ConversationService:
         if self.drivers.get(conv_id) is driver:  # an evicted one is already gone
             del self.drivers[conv_id]
         self.finished += 1
+        # Once per conversation, so the exported counters never go down when one ends.
+        self.ended = self.ended.plus(driver.metrics(time.monotonic()))
+        reason = close_reason_label(driver.close_reason)
+        self.closed[reason] = self.closed.get(reason, 0) + 1
 
     def _announce(self, local: str, remote: object, plaintext: bool) -> None:
         """The start line of both tools, e.g. ``tunnelling tcp A -> udp B (encrypted)``, after
@@ -332,6 +348,9 @@ class ConversationService:
     def _per_conversation(self) -> tuple[ConversationMetrics, ...]:
         now = time.monotonic()
         return tuple(driver.metrics(now) for driver in self.drivers.values())
+
+    def _totals(self, live: tuple[ConversationMetrics, ...]) -> ConversationTotals:
+        return sum_totals(self.ended, live)
 
 
 def stats_loop(interval: float, metrics: Callable[[], Snapshot],

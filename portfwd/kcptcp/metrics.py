@@ -10,9 +10,16 @@ received through the tunnel (on the server, up is towards the client).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TypeVar
+
+from portfwd.runtime.exporter import Families, Labels, RuleKind, top
+from portfwd.runtime.metrics import format_counts
+
+NO_COUNTS: Mapping[str, int] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,53 @@ class ConversationMetrics:
     rekeys_started: int  # rekeys this side started (RekeyStarted events)
     epoch_switches: int  # key epochs switched to (EpochSwitched events)
     peer_address_changes: int  # peer moved to a new source address (PeerAddressChanged)
+    dropped_malformed: int = 0  # datagrams dropped: did not parse, wrong conv, bad body
+    dropped_stale: int = 0  # datagrams dropped: no usable key (old epoch past grace, early)
+    established: bool = False  # the handshake completed
+
+
+@dataclass(frozen=True)
+class ConversationTotals:
+    """Counters of conversations summed, ended and live together (so they only grow): what
+    the Prometheus counters of a rule are made of. A conversation's counts are added to the
+    ended sum once, when it ends (:meth:`plus`)."""
+
+    handshakes: int = 0  # conversations whose handshake completed
+    up: int = 0  # stream bytes sent to the peer
+    down: int = 0  # stream bytes received from the peer
+    retrans: int = 0  # KCP timeout retransmissions
+    fast_retrans: int = 0  # KCP fast retransmissions
+    dgrams_out: int = 0  # datagrams sealed and sent
+    dgrams_in: int = 0  # datagrams authenticated and accepted
+    dropped_auth: int = 0  # datagrams dropped: bad tag (unauthenticated)
+    dropped_replay: int = 0  # datagrams dropped: replayed or too old a counter
+    dropped_malformed: int = 0  # datagrams dropped: did not parse
+    dropped_stale: int = 0  # datagrams dropped: no usable key
+    rekeys_started: int = 0  # rekeys started by this side
+    epoch_switches: int = 0  # key epochs switched to
+    peer_address_changes: int = 0  # peers that moved to a new address
+
+    def plus(self, c: ConversationMetrics) -> ConversationTotals:
+        return ConversationTotals(*(getattr(self, f.name) + getattr(c, FROM_CONVERSATION.get(
+            f.name, f.name)) for f in TOTAL_FIELDS))
+
+
+TOTAL_FIELDS = dataclasses.fields(ConversationTotals)
+FROM_CONVERSATION = {"handshakes": "established"}  # total field -> ConversationMetrics field
+NO_TOTALS = ConversationTotals()
+
+
+def sum_totals(ended: ConversationTotals,
+               live: tuple[ConversationMetrics, ...]) -> ConversationTotals:
+    for c in live:
+        ended = ended.plus(c)
+    return ended
+
+
+def close_reason_label(reason: str) -> str:
+    """A bounded label for a close reason: ``"tcp read: Connection reset by peer"`` ->
+    ``tcp_read``, ``"closed by peer"`` -> ``closed_by_peer`` (the errno text is for logs)."""
+    return reason.partition(":")[0].strip().lower().replace(" ", "_") or "unknown"
 
 
 @dataclass(frozen=True)
@@ -51,6 +105,8 @@ class TunnelClientMetrics:
     accept_errors: Mapping[str, int]  # failed accept() calls, by errno name
     udp_open_failures: Mapping[str, int]  # no UDP socket for a new connection, by errno name
     per_conversation: tuple[ConversationMetrics, ...]  # live ones, oldest first
+    totals: ConversationTotals = NO_TOTALS  # ended and live conversations summed
+    closed: Mapping[str, int] = field(default_factory=lambda: NO_COUNTS)  # ended, by reason
 
 
 @dataclass(frozen=True)
@@ -77,6 +133,11 @@ class TunnelServerMetrics:
     send_errors: int  # UDP sends the network refused (KCP retransmits)
     dial_failures: Mapping[str, int]  # connects to the target that failed, by errno name
     per_conversation: tuple[ConversationMetrics, ...]  # live ones, oldest first
+    totals: ConversationTotals = NO_TOTALS  # ended and live conversations summed
+    closed: Mapping[str, int] = field(default_factory=lambda: NO_COUNTS)  # ended, by reason
+    rejected_malformed: int = 0  # HELLO-typed datagrams that are no well-formed HELLO
+    rejected_cache_full: int = 0  # valid HELLOs refused: replay cache full (fails closed)
+    kernel_drops: int = 0  # datagrams the kernel dropped on the UDP socket (buffer full)
 
 
 def render_conversation(m: ConversationMetrics) -> str:
@@ -100,7 +161,7 @@ def render_server_totals(m: TunnelServerMetrics) -> str:
             f"rejected_replay={m.rejected_replay} rejected_stale={m.rejected_stale} "
             f"rejected_rate={m.rejected_rate} dropped_unknown={m.dropped_unknown} "
             f"refused_pending={m.refused_pending} refused_full={m.refused_full} "
-            f"evicted={m.evicted}")
+            f"evicted={m.evicted} kernel_drops={m.kernel_drops}")
 
 
 Snapshot = TypeVar("Snapshot", TunnelClientMetrics, TunnelServerMetrics)
@@ -111,3 +172,109 @@ def render_stats(m: Snapshot, render_totals: Callable[[Snapshot], str]) -> list[
     lines = [f"stats conv={c.conv}: {render_conversation(c)}" for c in m.per_conversation]
     lines.append(f"stats total {render_totals(m)}")
     return lines
+
+
+# --- export: Prometheus families, the SIGUSR1 lines, systemd's STATUS= ------------------------
+
+RTT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)  # s
+
+
+def conversation_families(out: Families, labels: Labels,
+                          m: TunnelClientMetrics | TunnelServerMetrics) -> None:
+    """What both sides export: conversations, stream bytes, datagrams, KCP, keys, RTT."""
+    t = m.totals
+    out.counter("conversations_opened", "Tunnelled conversations started",
+                m.conversations + m.finished, labels)
+    out.gauge("conversations_active", "Tunnelled conversations live now", m.conversations,
+              labels)
+    out.counters_by("conversations_closed", "Tunnelled conversations ended, by reason",
+                    "reason", m.closed, labels)
+    doc = "Stream bytes through the tunnel (up: sent to the peer)"
+    out.counter("bytes", doc, t.up, {**labels, "direction": "up"})
+    out.counter("bytes", doc, t.down, {**labels, "direction": "down"})
+    doc = "Tunnel datagrams (out: sealed and sent; in: authenticated and accepted)"
+    out.counter("tunnel_datagrams", doc, t.dgrams_out, {**labels, "direction": "out"})
+    out.counter("tunnel_datagrams", doc, t.dgrams_in, {**labels, "direction": "in"})
+    out.counters_by("tunnel_datagrams_dropped", "Tunnel datagrams dropped by a conversation, "
+                    "by reason (unauthenticated: bad tag; replayed; malformed; stale: no "
+                    "usable key)", "reason",
+                    {"unauthenticated": t.dropped_auth, "replayed": t.dropped_replay,
+                     "malformed": t.dropped_malformed, "stale": t.dropped_stale}, labels)
+    doc = "KCP retransmissions (timeout: RTO expired; fast: skipped by later acks)"
+    out.counter("kcp_retransmissions", doc, t.retrans, {**labels, "type": "timeout"})
+    out.counter("kcp_retransmissions", doc, t.fast_retrans, {**labels, "type": "fast"})
+    out.counter("tunnel_rekeys", "Rekeys this side started", t.rekeys_started, labels)
+    out.counter("tunnel_epoch_switches", "Key epochs switched to", t.epoch_switches, labels)
+    out.counter("tunnel_peer_address_changes", "Peers that moved to a new address",
+                t.peer_address_changes, labels)
+    out.gauge_histogram("tunnel_srtt_seconds", "KCP smoothed round-trip time of the live "
+                        "conversations that have measured one",
+                        (c.srtt / 1000 for c in m.per_conversation if c.srtt), RTT_BUCKETS,
+                        labels)
+
+
+def client_families(out: Families, labels: Labels, m: TunnelClientMetrics) -> None:
+    conversation_families(out, labels, m)
+    out.counter("tunnel_handshakes", "Handshakes completed", m.totals.handshakes, labels)
+    out.counter("connections_accepted", "TCP connections accepted from clients", m.accepted,
+                labels)
+    out.counters_by("accept_errors", "Failed accept() calls on the listener, by errno",
+                    "reason", m.accept_errors, labels)
+    out.counters_by("udp_open_failures", "No UDP socket for a new connection, by errno",
+                    "reason", m.udp_open_failures, labels)
+
+
+def server_families(out: Families, labels: Labels, m: TunnelServerMetrics) -> None:
+    conversation_families(out, labels, m)
+    out.counter("tunnel_handshakes", "HELLOs authenticated and answered", m.handshakes, labels)
+    out.counters_by("tunnel_handshakes_rejected", "HELLOs rejected, by reason (auth: bad MAC, "
+                    "e.g. a wrong PSK)", "reason", rejected(m), labels)
+    out.counters_by("tunnel_hellos_refused", "Authenticated or pending HELLOs refused at a cap "
+                    "(pending: --max-pending; full: --max-sessions)", "reason",
+                    {"pending": m.refused_pending, "full": m.refused_full}, labels)
+    out.counter("tunnel_cookies_sent", "COOKIE replies sent under load", m.cookies_sent, labels)
+    out.counter("tunnel_handshakes_restarted", "Unconfirmed sessions replaced by a retried "
+                "HELLO", m.restarted, labels)
+    out.counter("conversations_evicted", "Idle conversations closed at --max-sessions",
+                m.evicted, labels)
+    out.counters_by("tunnel_datagrams_unmatched", "Datagrams dropped before any conversation "
+                    "(unknown: no such conv, not a HELLO; malformed: shorter than the prefix)",
+                    "reason", {"unknown": m.dropped_unknown, "malformed": m.dropped_malformed},
+                    labels)
+    out.counter("udp_kernel_drops", "Datagrams the kernel dropped on the UDP socket before the "
+                "process read them (receive buffer full)", m.kernel_drops, labels)
+    out.counter("udp_send_errors", "UDP sends the network refused (KCP retransmits)",
+                m.send_errors, labels)
+    out.counters_by("dial_failures", "Connects to the target that failed, by errno", "reason",
+                    m.dial_failures, labels)
+
+
+def rejected(m: TunnelServerMetrics) -> dict[str, int]:
+    return {"auth": m.rejected_auth, "replay": m.rejected_replay, "stale": m.rejected_stale,
+            "rate": m.rejected_rate, "before_start": m.rejected_before_start,
+            "load": m.rejected_load, "malformed": m.rejected_malformed,
+            "cache_full": m.rejected_cache_full}
+
+
+def status(m: TunnelClientMetrics | TunnelServerMetrics,
+           render_totals: Callable) -> list[str]:
+    """SIGUSR1: the total line, the closes by reason, then the 10 conversations that moved
+    most."""
+    t = m.totals
+    lines = [f"total {render_totals(m)}",
+             f"closed {format_counts(m.closed)}; retrans={t.retrans} "
+             f"fast_retrans={t.fast_retrans} dropped_auth={t.dropped_auth} "
+             f"dropped_replay={t.dropped_replay} rekeys={t.rekeys_started}"]
+    lines += [f"top conv={c.conv}: {render_conversation(c)}"
+              for c in top(m.per_conversation, lambda c: c.up + c.down)]
+    return lines
+
+
+def summary(m: TunnelClientMetrics | TunnelServerMetrics) -> str:
+    return f"{m.conversations} conversations, {m.finished} finished"
+
+
+CLIENT_KIND = RuleKind("kcptcp-client", client_families,
+                       lambda m: status(m, render_client_totals), summary)
+SERVER_KIND = RuleKind("kcptcp-server", server_families,
+                       lambda m: status(m, render_server_totals), summary)

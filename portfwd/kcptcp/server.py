@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from types import MappingProxyType
 
 import gevent
 import gevent.pool
@@ -36,6 +37,7 @@ from portfwd.kcptcp.driver import (
 )
 from portfwd.kcptcp.metrics import TunnelServerMetrics, render_server_totals
 from portfwd.runtime.addr import format_sockaddr
+from portfwd.runtime.kerneldrops import KernelDrops
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.metrics import ErrorCounts
 from portfwd.runtime.sockets import cooperative, dial_tcp, set_buffers
@@ -61,6 +63,7 @@ class TunnelServer(ConversationService):
         self.target = config.target
         self.limits = config.limits
         self.udp = UdpEndpoint(udp_sock)
+        self._kernel_drops = KernelDrops(udp_sock)
         # HELLOs stamped before this moment were made for an earlier process (or replayed
         # from one): refused, so a restart cannot be used to replay a recorded handshake.
         self.handshakes = HandshakeAcceptor(config.conversation.tunnel,
@@ -91,8 +94,10 @@ class TunnelServer(ConversationService):
         self._stats = self._start_stats(render_server_totals)
 
     def metrics(self) -> TunnelServerMetrics:
-        """A snapshot of the counters and of every live conversation (no I/O)."""
+        """A snapshot of the counters and of every live conversation (no socket I/O; the
+        kernel's drop count is read from /proc)."""
         a = self.handshakes
+        live = self._per_conversation()
         return TunnelServerMetrics(
             conversations=len(self.drivers), finished=self.finished, handshakes=a.accepted,
             rejected_auth=a.dropped_auth, rejected_replay=a.dropped_replay,
@@ -102,8 +107,10 @@ class TunnelServer(ConversationService):
             dropped_unknown=self.dropped_unknown, dropped_malformed=self.dropped_malformed,
             refused_pending=self.refused_pending, refused_full=self.refused_full,
             evicted=self.evicted, send_errors=self.udp.send_errors,
-            dial_failures=self.dial_failures.snapshot(),
-            per_conversation=self._per_conversation())
+            dial_failures=self.dial_failures.snapshot(), per_conversation=live,
+            totals=self._totals(live), closed=MappingProxyType(dict(self.closed)),
+            rejected_malformed=a.dropped_malformed, rejected_cache_full=a.dropped_cache_full,
+            kernel_drops=self._kernel_drops.read())
 
     def stop(self, timeout: float) -> None:
         self.accepting = False

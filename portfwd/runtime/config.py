@@ -1,15 +1,17 @@
 """The settings every tool shares, from parsed options: the process's and the listener's.
 
-Fields read: ``daemonize``, ``pidfile``, ``log_file`` (process); ``reuseaddr``, ``reuseport``,
-``v6only`` (listener).
+Fields read: ``daemonize``, ``pidfile``, ``log_file``, ``metrics``, ``log_format`` (process);
+``reuseaddr``, ``reuseport``, ``v6only`` (listener).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
+from portfwd.runtime.addr import Resolved
 from portfwd.runtime.environment import Environment
 from portfwd.runtime.options import ConfigError, Options
 from portfwd.runtime.sockets import ListenOptions
@@ -27,14 +29,28 @@ class ProcessConfig:
     pidfile: str | None = None  # -p: path of the pidfile, None = none
     log_level: int = logging.INFO  # root logger level
     log_file: str | None = None  # --log-file: append log lines here, reopened on SIGUSR2
+    metrics: Resolved | None = None  # --metrics: where /metrics is served, None = nowhere
+    log_format: str = "text"  # --log-format: "text" (the seed's lines) or "json" (one object)
+
+
+LOG_FORMATS = ("text", "json")
 
 
 def process_config(options: Options, env: Environment) -> ProcessConfig:
+    metrics = None
+    if options.raw("metrics") is not None:
+        metrics = options.address("metrics", socket.SOCK_STREAM, passive=True)
+    log_format = options.text("log_format") or "text"
+    if log_format not in LOG_FORMATS:
+        raise ConfigError("log_format", f"{options.label('log_format')} expects text or json, "
+                          f"got {log_format!r}")
     return ProcessConfig(
         daemonize=options.flag("daemonize"),
         pidfile=_in_existing_directory(options, "pidfile"),
         log_level=logging.INFO if env.log_level is None else env.log_level,
         log_file=_in_existing_directory(options, "log_file"),
+        metrics=metrics,
+        log_format=log_format,
     )
 
 

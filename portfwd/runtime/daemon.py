@@ -25,7 +25,18 @@ import gevent.event
 from portfwd.runtime.addr import Resolved
 from portfwd.runtime.config import ProcessConfig, process_config
 from portfwd.runtime.environment import Environment, read_environment
+from portfwd.runtime.exporter import (
+    MetricsEndpoint,
+    RuleKind,
+    RuleSnapshots,
+    make_registry,
+    rule_name,
+    rule_snapshots,
+    status_lines,
+    summary_line,
+)
 from portfwd.runtime.logs import SYSLOG_SOCKET, logs_are_lost, reopen_log_files, setup_logging
+from portfwd.runtime.notify import Notifier
 from portfwd.runtime.options import EXIT_RUNTIME, Options, StartupError, parse_args, run_tool
 from portfwd.runtime.proctitle import SECRET_ON_COMMAND_LINE, hide_secret_arguments
 from portfwd.runtime.sockets import ListenOptions, bind_socket
@@ -34,6 +45,7 @@ log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 DRAIN_TIMEOUT = 5.0  # s that active connections get to finish after a stop signal
+NOTIFY_STATUS_INTERVAL = 30.0  # s between systemd STATUS= updates when there is no watchdog
 
 
 class PidFileBusy(RuntimeError):
@@ -191,16 +203,22 @@ class Service(Protocol):
 
 
 def run(prog: str, service: Service, process: ProcessConfig, *,
-        warnings: tuple[str, ...] = (), reload: Callable[[], None] | None = None) -> int:
+        warnings: tuple[str, ...] = (), reload: Callable[[], None] | None = None,
+        kinds: Mapping[str, RuleKind] | None = None, rule: tuple[str, str] | None = None) -> int:
     """Run a bound service until a stop signal; the common ``main()`` tail of every tool.
 
-    ``warnings`` are logged once logging is set up. With ``reload`` (``portfwd run``), SIGHUP
-    calls it (in a greenlet of its own) instead of stopping (nginx's convention); the one-rule
-    tools keep the seed's SIGHUP = stop. Raises StartupError when the pidfile cannot be taken
-    (before anything is served).
+    ``warnings`` are logged once logging is set up. ``reload`` (``portfwd run``): SIGHUP calls
+    it (between systemd's RELOADING=1 and READY=1) instead of stopping (nginx's convention); the
+    one-rule tools keep the seed's SIGHUP = stop. ``kinds`` (kind name -> :class:`RuleKind`)
+    and ``rule`` (``(kind, name)`` of a one-rule service; a service with ``rule_snapshots()``
+    names its rules itself) feed ``--metrics``, the SIGUSR1 status dump and systemd's STATUS=
+    line. Raises StartupError when the pidfile, the log file or the metrics port cannot be
+    taken (before anything is served).
     """
+    rule_label = rule[1] if rule is not None else None
     try:
-        setup_logging(prog, detached=False, level=process.log_level, log_file=process.log_file)
+        setup_logging(prog, detached=False, level=process.log_level, log_file=process.log_file,
+                      log_format=process.log_format, rule=rule_label)
     except OSError as exc:
         raise StartupError(f"cannot open log file {process.log_file}: "
                            f"{exc.strerror or exc}") from None
@@ -212,6 +230,12 @@ def run(prog: str, service: Service, process: ProcessConfig, *,
                     "give --log-file <path>", SYSLOG_SOCKET)
     raise_nofile_limit()
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a vanished peer is an error, not a kill
+    snapshots = rule_snapshots(service, rule) if kinds is not None else None
+    endpoint = None
+    if process.metrics is not None:
+        if snapshots is None or kinds is None:
+            raise StartupError("this service has no metrics to serve")
+        endpoint = MetricsEndpoint(process.metrics, make_registry(snapshots, kinds))
     pid = PidFile(process.pidfile) if process.pidfile else None
     if pid is not None:
         try:
@@ -225,39 +249,88 @@ def run(prog: str, service: Service, process: ProcessConfig, *,
     if process.daemonize:
         ready_fd = detach()
         gevent.reinit()
-        setup_logging(prog, detached=True, level=process.log_level, log_file=process.log_file)
+        setup_logging(prog, detached=True, level=process.log_level, log_file=process.log_file,
+                      log_format=process.log_format, rule=rule_label)
         if pid is not None:
             pid.write_pid()
+    notifier = Notifier.from_environ()
+    summary = (lambda: summary_line(snapshots, kinds)) if snapshots and kinds else (lambda: "")
     stopping = gevent.event.Event()
     for signum in STOP_SIGNALS:
-        if signum == signal.SIGHUP and reload is not None:
-            gevent.signal_handler(signum, reload)  # gevent runs it in a new greenlet
-        else:
+        if signum != signal.SIGHUP or reload is None:
             gevent.signal_handler(signum, stopping.set)
+    if reload is not None:
+        gevent.signal_handler(signal.SIGHUP, reloader(reload, notifier, summary))
+    if snapshots is not None and kinds is not None:
+        gevent.signal_handler(signal.SIGUSR1, log_status, snapshots, kinds)
     gevent.signal_handler(signal.SIGUSR2, reopen_log_files)
+    greenlets: list[gevent.Greenlet] = []
     try:
         service.start()
+        if endpoint is not None:
+            endpoint.start()
         if ready_fd is not None:
             os.write(ready_fd, b"1")
             os.close(ready_fd)
+        if notifier.enabled:
+            notifier.ready(summary())
+            greenlets.append(gevent.spawn(notify_loop, notifier, summary))
         stopping.wait()
+        notifier.stopping()
+        gevent.killall(greenlets)
         log.info("stopping: closing listeners, draining connections for up to %.0f s",
                  DRAIN_TIMEOUT)
         service.stop(DRAIN_TIMEOUT)
+        if endpoint is not None:
+            endpoint.stop()
     finally:
         if pid is not None:
             pid.release()
+        notifier.close()
     log.info("stopped")
     return 0
 
 
+def log_status(snapshots: RuleSnapshots, kinds: Mapping[str, RuleKind]) -> None:
+    """SIGUSR1: one status snapshot of every rule to the log; changes nothing."""
+    for line in status_lines(snapshots, kinds):
+        log.info("%s", line)
+
+
+def reloader(reload: Callable[[], None], notifier: Notifier,
+             summary: Callable[[], str]) -> Callable[[], None]:
+    """The SIGHUP handler of a service that reloads: RELOADING=1, ``reload()``, READY=1. A
+    failed reload is logged and the service goes on with what it had."""
+    def on_sighup() -> None:
+        notifier.reloading()
+        try:
+            reload()
+        except Exception:  # a reload must never take the running service down
+            log.exception("reload failed; still running the previous configuration")
+        notifier.ready(summary())
+
+    return on_sighup
+
+
+def notify_loop(notifier: Notifier, summary: Callable[[], str]) -> None:
+    """WATCHDOG=1 at half of WATCHDOG_USEC (from the hub: a stuck loop misses it) with a fresh
+    STATUS= line; without a watchdog, STATUS= alone every NOTIFY_STATUS_INTERVAL."""
+    interval = notifier.watchdog_interval
+    while True:
+        gevent.sleep(interval or NOTIFY_STATUS_INTERVAL)
+        if interval:
+            notifier.notify(WATCHDOG=1, STATUS=summary())
+        else:
+            notifier.status(summary())
+
 
 def one_rule_main(prog: str, usage: str, argv: list[str] | None, fields: Mapping[str, str],
                   make_config: Callable[[Options, Environment], Any], socktype: int,
-                  make_service: Callable[[Any, socket.socket], Service]) -> int:
+                  make_service: Callable[[Any, socket.socket], Service], kind: RuleKind) -> int:
     """The whole ``main()`` of a one-rule tool: command line -> Options -> the tool's frozen
     config (``make_config``, which has ``listen`` and ``listen_options``) -> a listener bound
-    in the foreground, so its errors reach the terminal -> ``make_service`` -> :func:`run`.
+    in the foreground, so its errors reach the terminal -> ``make_service`` -> :func:`run`
+    with the rule ``kind`` named ``<kind>:<listen as written>``.
     Bad input exits 2 and start-up failures 1, each as one line (:func:`run_tool`)."""
     def body() -> int:
         args = list(sys.argv[1:] if argv is None else argv)
@@ -268,6 +341,8 @@ def one_rule_main(prog: str, usage: str, argv: list[str] | None, fields: Mapping
         process = process_config(options, env)
         listener = bind_listener(config.listen, socktype, config.listen_options)
         warnings = (SECRET_ON_COMMAND_LINE,) if hidden else ()
-        return run(prog, make_service(config, listener), process, warnings=warnings)
+        rule = (kind.name, rule_name(kind.name, options.raw("listen")))
+        return run(prog, make_service(config, listener), process, warnings=warnings,
+                   kinds={kind.name: kind}, rule=rule)
 
     return run_tool(prog, body)

@@ -1,8 +1,14 @@
 """Logging set-up (stderr in the foreground, syslog when detached, or a file with --log-file,
-reopened on SIGUSR2 for logrotate) and rate-limited failure logs."""
+reopened on SIGUSR2 for logrotate) and rate-limited failure logs.
+
+Two formats: ``text`` (the seed's lines, the default) and ``json`` (``--log-format json``: one
+object per line with ``time``, ``level``, ``tool``, ``rule``, ``logger`` and ``message``, for
+log shippers).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.handlers
 import os
@@ -16,12 +22,14 @@ STARTED = time.time()  # relativeCreated counts from here
 
 
 def setup_logging(prog: str, *, detached: bool, level: int = logging.INFO,
-                  log_file: str | None = None) -> None:
+                  log_file: str | None = None, log_format: str = "text",
+                  rule: str | None = None) -> None:
     """Route the root logger to ``log_file`` if given, else to stderr, or to syslog once the
     process is a daemon.
 
-    ``level`` is the root logger's (PORTFWD_LOGLEVEL, read by :mod:`portfwd.runtime.environment`).
-    Raises OSError when ``log_file`` cannot be opened.
+    ``level`` is the root logger's (PORTFWD_LOGLEVEL, read by :mod:`portfwd.runtime.environment`);
+    ``log_format`` and ``rule`` (the one rule of a one-rule tool) choose the formatter
+    (:func:`make_formatter`). Raises OSError when ``log_file`` cannot be opened.
     """
     # Per-connection lines are on the hot path: skip what our formats never print (logging
     # HOWTO, "Optimization"): the caller's file/line lookup walks the stack for every record.
@@ -36,15 +44,15 @@ def setup_logging(prog: str, *, detached: bool, level: int = logging.INFO,
     handler: logging.Handler
     if log_file is not None:
         handler = ReopenableFileHandler(log_file)
-        handler.setFormatter(Formatter(FOREGROUND_FORMAT.replace("%(name)s", prog)))
+        handler.setFormatter(make_formatter(prog, log_format, rule))
     elif detached and os.path.exists(SYSLOG_SOCKET):
         handler = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET)
-        handler.setFormatter(Formatter(f"{prog}[%(process)d]: %(levelname)s %(message)s"))
+        handler.setFormatter(make_formatter(prog, log_format, rule, syslog=True))
     elif detached:
         handler = logging.NullHandler()  # no syslog daemon and stdio is /dev/null
     else:
         handler = LineHandler(sys.stderr)
-        handler.setFormatter(Formatter(FOREGROUND_FORMAT.replace("%(name)s", prog)))
+        handler.setFormatter(make_formatter(prog, log_format, rule))
     root.addHandler(handler)
     root.setLevel(level)
 
@@ -77,6 +85,37 @@ class ReopenableFileHandler(logging.FileHandler):
                 stream.close()
         finally:
             self.release()
+def make_formatter(prog: str, log_format: str, rule: str | None = None, *,
+                   syslog: bool = False) -> logging.Formatter:
+    """The formatter of ``log_format`` ("text" or "json"); syslog adds its own time stamp."""
+    if log_format == "json":
+        return JsonFormatter(prog, rule)
+    if syslog:
+        return Formatter(f"{prog}[%(process)d]: %(levelname)s %(message)s")
+    return Formatter(FOREGROUND_FORMAT.replace("%(name)s", prog))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ``time`` (RFC 3339, UTC, ms), ``level``, ``tool``, ``rule``
+    (a record's own ``rule`` attribute, given with ``extra=``, else the process's one rule),
+    ``logger``, ``pid``, ``message``, and ``exception`` with the traceback when there is one."""
+
+    def __init__(self, tool: str, rule: str | None = None) -> None:
+        super().__init__()
+        self.tool = tool
+        self.rule = rule
+
+    def format(self, record: logging.LogRecord) -> str:
+        created = record.created
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        out = {"time": f"{stamp}.{int(record.msecs):03d}Z", "level": record.levelname,
+               "tool": self.tool, "rule": getattr(record, "rule", self.rule),
+               "logger": record.name, "pid": record.process, "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        elif record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
 
 
 class LeanRecord(logging.LogRecord):

@@ -48,6 +48,11 @@ class ErrorCounts:
         return MappingProxyType(dict(sorted(self._counts.items())))
 
 
+def format_counts(counts: Mapping[str, int]) -> str:
+    """``ECONNREFUSED=2 ETIMEDOUT=1``, or ``none``, for status lines."""
+    return " ".join(f"{name}={count}" for name, count in counts.items()) or "none"
+
+
 def flatten(snapshot: Any, prefix: str = "") -> dict[str, float]:
     """A snapshot as ``dotted.counter.name -> number``, for exporters and quick looks.
 

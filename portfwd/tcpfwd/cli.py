@@ -35,6 +35,8 @@ Options:
                          [default: 0]
   --half-close-timeout <s>  once one direction has ended, close the relay s seconds later,
                          0 = never [default: 60]
+  --metrics <addr:port>  serve Prometheus metrics at http://addr:port/metrics (off by default)
+  --log-format <format>  text (default) or json: one JSON object per log line
   -h --help          show help
 
 The listener always sets SO_REUSEADDR (a restart never waits for TIME_WAIT); -r is accepted.
@@ -52,6 +54,7 @@ import sys
 from portfwd.runtime import daemon
 from portfwd.tcpfwd.config import tcpfwd_config
 from portfwd.tcpfwd.forwarder import TcpForwarder
+from portfwd.tcpfwd.metrics import KIND
 
 PROG = "tcpfwd"
 # field -> docopt key (also the label in error messages)
@@ -63,12 +66,12 @@ FIELDS = {"listen": "<local_addr:local_port>", "dest": "<dest_addr:dest_port>",
           "accept_proxy": "--accept-proxy", "proxy_from": "--proxy-from",
           "proxy_protocol": "--proxy-protocol", "idle_timeout": "--idle-timeout",
           "half_close_timeout": "--half-close-timeout",
-          "log_file": "--log-file"}
+          "log_file": "--log-file", "metrics": "--metrics", "log_format": "--log-format"}
 
 
 def main(argv: list[str] | None = None) -> int:
     return daemon.one_rule_main(PROG, __doc__, argv, FIELDS, tcpfwd_config, socket.SOCK_STREAM,
-                                TcpForwarder)
+                                TcpForwarder, KIND)
 
 
 if __name__ == "__main__":

@@ -308,6 +308,7 @@ class Relay:
                 reset_on_close(end.sock)
             log.info("conn %d reset: service stopping", self.conn_id)
         else:
+            counters.failed += bool(self.error)
             hot_info(log, "conn %d closed: %d bytes up, %d down, %.1f s%s", self.conn_id,
                      self.up.moved, self.down.moved, time.monotonic() - self.started,
                      f" ({self.error})" if self.error else "")

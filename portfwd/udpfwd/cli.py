@@ -18,6 +18,8 @@ Options:
   --stats-interval <s>     seconds between status lines, 0 = none (default: 60)
   --sockbuf <bytes>        SO_RCVBUF/SO_SNDBUF of every socket (default: 262144)
   --log-file <path>        append log lines to this file (reopened on SIGUSR2)
+  --metrics <addr:port>    serve Prometheus metrics at http://addr:port/metrics (off by default)
+  --log-format <format>    text (default) or json: one JSON object per log line
 
 Sessions: each client address gets its own upstream socket, closed after -t seconds without
 a datagram either way (-t 0: never) or when evicted at --max-sessions. -H is the seed's hash
@@ -36,6 +38,7 @@ import sys
 from portfwd.runtime import daemon
 from portfwd.udpfwd.config import udpfwd_config
 from portfwd.udpfwd.forwarder import UdpForwarder
+from portfwd.udpfwd.metrics import KIND
 
 PROG = "udpfwd"
 # field -> docopt key (also the label in error messages)
@@ -43,12 +46,13 @@ FIELDS = {"listen": "<local_addr:local_port>", "dest": "<dest_addr:dest_port>",
           "timeout": "-t", "daemonize": "-d", "v6only": "-o", "reuseaddr": "-r",
           "reuseport": "-R", "table_hint": "-H", "pidfile": "-p",
           "max_sessions": "--max-sessions", "stats_interval": "--stats-interval",
-          "sockbuf": "--sockbuf", "log_file": "--log-file"}
+          "sockbuf": "--sockbuf", "log_file": "--log-file", "metrics": "--metrics",
+          "log_format": "--log-format"}
 
 
 def main(argv: list[str] | None = None) -> int:
     return daemon.one_rule_main(PROG, __doc__, argv, FIELDS, udpfwd_config, socket.SOCK_DGRAM,
-                                UdpForwarder)
+                                UdpForwarder, KIND)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import time
 from gevent import get_hub
 
 from portfwd.runtime.addr import format_sockaddr
+from portfwd.runtime.kerneldrops import KernelDrops
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.session_table import SessionTable
 from portfwd.runtime.sockets import READ, set_buffers
@@ -107,6 +108,7 @@ class UdpForwarder:
         self._gso = config.gso
         self._ids = itertools.count(1)
         self._faults = RateLimitedLog(log)
+        self._kernel_drops = KernelDrops(listener)
         self._loop = None  # the hub's loop, taken in start() (after a daemon fork's reinit)
         self._listen_watcher = None
         self._sweep_timer = None
@@ -118,13 +120,15 @@ class UdpForwarder:
         return self.listener.getsockname()
 
     def metrics(self) -> UdpMetrics:
-        """A snapshot of the counters (no I/O)."""
+        """A snapshot of the counters (no socket I/O; the kernel's drop count is read from
+        /proc)."""
         s, table = self.stats, self.table
         return UdpMetrics(
             sessions=len(table), opened=s.opened, expired=table.expired, evicted=table.evicted,
             datagrams_up=s.datagrams_up, bytes_up=s.bytes_up, datagrams_down=s.datagrams_down,
             bytes_down=s.bytes_down, dropped_up=s.dropped_up, dropped_down=s.dropped_down,
-            upstream_errors=s.upstream_errors, gso_sends=s.gso_sends)
+            upstream_errors=s.upstream_errors, gso_sends=s.gso_sends,
+            kernel_drops=self._kernel_drops.read())
 
     def start(self) -> None:
         self.listener.setblocking(False)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from portfwd.runtime.exporter import Families, Labels, RuleKind
+
 
 @dataclass(frozen=True)
 class UdpMetrics:
@@ -26,6 +28,7 @@ class UdpMetrics:
     dropped_down: int
     upstream_errors: int  # ICMP errors (refused, unreachable) reported on upstream sockets
     gso_sends: int  # sends that carried several datagrams (UDP GSO)
+    kernel_drops: int = 0  # datagrams the kernel dropped on the listening socket (buffer full)
 
 
 def render_status(m: UdpMetrics) -> str:
@@ -34,4 +37,45 @@ def render_status(m: UdpMetrics) -> str:
             f"{m.evicted} evicted); up {m.datagrams_up} datagrams {m.bytes_up} bytes; "
             f"down {m.datagrams_down} datagrams {m.bytes_down} bytes; "
             f"dropped {m.dropped_up} up {m.dropped_down} down; "
-            f"{m.upstream_errors} upstream errors; {m.gso_sends} GSO sends")
+            f"{m.upstream_errors} upstream errors; {m.gso_sends} GSO sends; "
+            f"{m.kernel_drops} kernel drops")
+
+
+# --- export: Prometheus families, the SIGUSR1 lines, systemd's STATUS= ------------------------
+
+def families(out: Families, labels: Labels, m: UdpMetrics) -> None:
+    up, down = {**labels, "direction": "up"}, {**labels, "direction": "down"}
+    out.counter("sessions_opened", "UDP sessions opened (one per client address)", m.opened,
+                labels)
+    out.gauge("sessions_active", "UDP sessions open now", m.sessions, labels)
+    out.counters_by("sessions_closed", "UDP sessions closed, by reason (expired: idle for -t; "
+                    "evicted: the least recently active one at --max-sessions)", "reason",
+                    {"expired": m.expired, "evicted": m.evicted}, labels)
+    doc = "Datagrams forwarded (up: client to destination)"
+    out.counter("datagrams", doc, m.datagrams_up, up)
+    out.counter("datagrams", doc, m.datagrams_down, down)
+    doc = "Bytes relayed (up: client to destination)"
+    out.counter("bytes", doc, m.bytes_up, up)
+    out.counter("bytes", doc, m.bytes_down, down)
+    doc = "Datagrams the process dropped: a socket queue was full or no session could open"
+    out.counter("datagrams_dropped", doc, m.dropped_up, up)
+    out.counter("datagrams_dropped", doc, m.dropped_down, down)
+    out.counter("udp_kernel_drops", "Datagrams the kernel dropped on the listening socket "
+                "before the process read them (receive buffer full)", m.kernel_drops, labels)
+    out.counter("upstream_errors", "ICMP errors (refused, unreachable) on upstream sockets",
+                m.upstream_errors, labels)
+    out.counter("gso_sends", "Sends that carried several datagrams (UDP GSO)", m.gso_sends,
+                labels)
+
+
+def status(m: UdpMetrics) -> list[str]:
+    """Sessions keep no byte counters of their own (that would cost per datagram), so there is
+    no top list: the totals are the status."""
+    return [render_status(m).removeprefix("status: ")]
+
+
+def summary(m: UdpMetrics) -> str:
+    return f"{m.sessions} sessions, {m.opened} opened, {m.kernel_drops} kernel drops"
+
+
+KIND = RuleKind("udp", families, status, summary)
