@@ -29,6 +29,13 @@ class DatagramReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class FecReceived:
+    """One authenticated, non-replayed FEC body (a parity shard or a loss report) arrived."""
+
+    data: bytes  #: the body, for ``tunnel/fec.py`` (``FecChannel.fec_received``)
+
+
+@dataclass(frozen=True, slots=True)
 class PeerAddressChanged:
     """The peer answered a path challenge from a new address; datagrams now go there."""
 
@@ -61,6 +68,6 @@ class ConnectionClosed:
 
 
 Event = (
-    HandshakeCompleted | DatagramReceived | PeerAddressChanged | RekeyStarted | EpochSwitched
-    | ConnectionClosed
+    HandshakeCompleted | DatagramReceived | FecReceived | PeerAddressChanged | RekeyStarted
+    | EpochSwitched | ConnectionClosed
 )

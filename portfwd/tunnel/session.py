@@ -4,8 +4,7 @@ The session carries *opaque datagrams* (each one KCP output datagram) between tw
 nothing about KCP, sockets or clocks.  Time is an int of milliseconds passed in as ``now``; the
 HELLO timestamp is Unix time in ms passed in as ``wall_ms``.  The verbs are aioquic's:
 ``receive_datagram`` / ``send_datagram`` / ``datagrams_to_send`` / ``get_timer`` /
-``handle_timer`` / ``next_event`` / ``close``.  Network input never raises: it is dropped and
-counted.
+``handle_timer`` / ``next_event`` / ``close``.  Network input never raises: dropped, counted.
 
 Glossary:
   client / server -- the kcptcp-client side (sends HELLO) and the kcptcp-server side (answers).
@@ -53,7 +52,7 @@ from .wire import (
 
 logger = logging.getLogger(__name__)
 
-DatagramReceived = events.DatagramReceived  # module-level alias: one lookup less per packet
+DatagramReceived, FecReceived = events.DatagramReceived, events.FecReceived  # one lookup less
 _unpack_header = HEADER.unpack_from
 
 OVERHEAD = HEADER_SIZE + crypto.TAG_SIZE  # 25 bytes a sealed DATA packet adds to its payload
@@ -68,10 +67,10 @@ CLOSE_PEER_SILENT = "peer silent"
 
 
 # Plain ints for the per-packet path: comparing an int with an IntEnum member costs ~70 ns.
-_DATA, _INIT, _ACK, _PING, _CLOSE, _CHALLENGE, _RESPONSE = (
+_DATA, _INIT, _ACK, _PING, _CLOSE, _CHALLENGE, _RESPONSE, _FEC = (
     int(PacketType.DATA), int(PacketType.REKEY_INIT), int(PacketType.REKEY_ACK),
     int(PacketType.PING), int(PacketType.CLOSE), int(PacketType.PATH_CHALLENGE),
-    int(PacketType.PATH_RESPONSE),
+    int(PacketType.PATH_RESPONSE), int(PacketType.FEC),
 )
 
 
@@ -107,8 +106,7 @@ class TunnelSession(Rekeying):
         self._welcome: bytes = b""  # server: the WELCOME to repeat to a copy of the HELLO
         self.hellos: ClientHellos | None = None  #: client: its HELLOs (count, cookie)
         self._probes: list[tuple[bytes, Any]] = []  # datagrams for other addresses than the path
-        self._confirm_at: int | None = None  # when a PING tells the peer its keys arrived,
-        # unless a sealed packet goes out first
+        self._confirm_at: int | None = None  # PING "keys arrived" unless sealed data goes first
         self._hs_deadline: int = now + config.handshake_timeout_ms
         self._hs_retry_at: int = now + config.handshake_retry_ms
         self._hs_interval: int = config.handshake_retry_ms
@@ -246,6 +244,10 @@ class TunnelSession(Rekeying):
             self.dropped_send_queue += 1
             return
         self._pending.append(payload)
+
+    def seal_fec(self, body: bytes, now: int) -> bytes | None:
+        """An FEC body (tunnel/fec.py) sealed now, outside the queue; None unless established."""
+        return self._out.pop() if self._seal(_FEC, body, now) else None
 
     def close(self) -> None:
         """Send an authenticated CLOSE (if keyed) and end the session; idempotent."""
@@ -420,8 +422,7 @@ class TunnelSession(Rekeying):
                     if type_byte == self._fast_type and self.confirmed:
                         # Per-packet fast path: DATA of the current epoch. A deliberate inline copy
                         # of _receive_secured's steps (replay check, open, record, counters,
-                        # migration) for its commonest case, without the call and the epoch
-                        # dispatch; a change to one must be made to the other.
+                        # migration) without call and epoch dispatch: change both or neither.
                         win = self._win
                         if not win.is_new(seq):
                             self.dropped_replay += 1
@@ -437,7 +438,7 @@ class TunnelSession(Rekeying):
                             self._from_new_address(addr, seq == win.top, len(data), now)
                         self._events.append(DatagramReceived(body))
                         return
-                    if _DATA <= (type_byte & TYPE_MASK) <= _RESPONSE:
+                    if _DATA <= (ptype := type_byte & TYPE_MASK) <= _RESPONSE or ptype == _FEC:
                         self._receive_secured(data, type_byte, seq, addr, now)
                         return
             self._receive_unsecured(data, addr)
@@ -485,16 +486,15 @@ class TunnelSession(Rekeying):
                 logger.info("recv REKEY_ACK conv=%d", self.conv)
             self._switch_epoch(now)
             win = self._win
-        win.record(seq)
-        # Authenticated from here on.
+        win.record(seq)  # authenticated from here on
         self.datagrams_received += 1
         self._last_recv_ms = now
         if not self.confirmed:
             self._confirm(addr, now)
         elif addr != self.peer_addr:
             self._from_new_address(addr, not from_prev and seq == win.top, len(data), now)
-        if ptype == _DATA:
-            self._events.append(DatagramReceived(body))
+        if ptype == _DATA or ptype == _FEC:  # a payload, or an FEC body for tunnel/fec.py
+            self._events.append((DatagramReceived if ptype == _DATA else FecReceived)(body))
         elif ptype == _PING:
             pass
         elif ptype == _CLOSE:

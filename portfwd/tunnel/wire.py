@@ -20,7 +20,8 @@ import enum
 import struct
 from typing import NamedTuple
 
-PROTOCOL_VERSION = 2  # carried in HELLO and WELCOME (2: X25519 key shares, path validation)
+PROTOCOL_VERSION = 3  # carried in HELLO and WELCOME (2: X25519 key shares, path validation;
+# 3: FEC packets, docs/PROTOCOL.md "FEC")
 PHASE_BIT = 0x80  # key phase flag in the type byte
 TYPE_MASK = 0x7F  # packet type bits of the type byte
 PREFIX_SIZE = 5  # bytes: type + conv, common to every packet
@@ -72,11 +73,12 @@ class PacketType(enum.IntEnum):
     PATH_CHALLENGE = 8  #: "do you receive me at this address?", 8 random bytes, sealed
     PATH_RESPONSE = 9  #: echo of a PATH_CHALLENGE's bytes, sealed
     COOKIE = 10  #: server -> client under load: "repeat your HELLO with this cookie" (no MAC)
+    FEC = 13  #: either way, an FEC parity shard or loss report (tunnel/fec.py), sealed
 
 
 SECURED_TYPES = frozenset(
     {PacketType.DATA, PacketType.REKEY_INIT, PacketType.REKEY_ACK, PacketType.PING,
-     PacketType.CLOSE, PacketType.PATH_CHALLENGE, PacketType.PATH_RESPONSE}
+     PacketType.CLOSE, PacketType.PATH_CHALLENGE, PacketType.PATH_RESPONSE, PacketType.FEC}
 )
 # A WELCOME, the answer to a source that has not proven it holds the session keys, is smaller
 # than the HELLO it answers; path challenges keep to 3x instead (path.py; docs/SECURITY.md,
