@@ -31,6 +31,10 @@ OPTIONS = f"""Options:
   --interval <ms>       KCP flush interval [default: 10]
   --resend <n>          KCP fast retransmit after n skipping acks, 0 = off [default: 2]
   --nc <0|1>            1 = no KCP congestion control [default: 1]
+  --fec <spec>          forward error correction on what this end sends: <data>:<parity>
+                        (Reed-Solomon parity shards per group of datagrams, e.g. 10:3),
+                        auto (parity follows the loss the peer reports, none on a clean
+                        link), or off; either end decodes whatever it receives [default: off]
   --sndwnd <segments>   KCP send window [default: 1024]
   --rcvwnd <segments>   KCP receive window [default: 1024]
   --keepalive <s>       close a conversation after s seconds without a packet [default: 30]
@@ -63,8 +67,9 @@ Environment:
 FIELDS = {"daemonize": "-d", "pidfile": "-p", "reuseaddr": "-r", "reuseport": "-R",
           "v6only": "--v6only", "sockbuf": "-S", "mtu": "-M", "psk": "-K",
           "psk_file": "--psk-file",
-          "interval": "--interval", "resend": "--resend", "nc": "--nc", "sndwnd": "--sndwnd",
-          "rcvwnd": "--rcvwnd", "keepalive": "--keepalive", "stats_interval": "--stats-interval",
+          "interval": "--interval", "resend": "--resend", "nc": "--nc", "fec": "--fec",
+          "sndwnd": "--sndwnd", "rcvwnd": "--rcvwnd", "keepalive": "--keepalive",
+          "stats_interval": "--stats-interval",
           "log_file": "--log-file", "metrics": "--metrics", "log_format": "--log-format"}
 CLIENT_FIELDS = {**FIELDS, "listen": "<local_tcp_addr:port>", "remote": "<remote_udp_addr:port>"}
 SERVER_FIELDS = {**FIELDS, "listen": "<local_udp_addr:port>", "target": "<target_tcp_addr:port>",

@@ -101,7 +101,7 @@ class TunnelClient(ConversationService):
         conv_id = random_conv()
         conv = Conversation.client(self.config.conversation, conv_id, self.remote.sockaddr,
                                    now_ms(), wall_ms(), self.cookie)
-        driver = ConversationDriver(conv, udp, f"conv={conv_id}")
+        driver = ConversationDriver(conv, udp, f"conv={conv_id}", self.config.fec)
         self.drivers[conv_id] = driver
         receiver = gevent.spawn(self._receive, driver, udp)
         try:

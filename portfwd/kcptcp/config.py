@@ -3,8 +3,9 @@ configs of kcptcp-client (ClientConfig) and kcptcp-server (ServerConfig).
 
 Fields read by both: ``listen``, ``psk``, ``psk_file``, ``mtu``, ``sockbuf``, ``interval``,
 ``resend``, ``nc``, ``sndwnd``, ``rcvwnd``, ``keepalive``, ``stats_interval``, ``reuseaddr``,
-``reuseport``, ``v6only``; by the client only: ``remote`` (the server's UDP address); by the
-server only: ``target`` (TCP), ``connect_timeout``, ``max_sessions``, ``max_pending``.
+``reuseport``, ``v6only``, ``fec``; by the client only: ``remote`` (the server's UDP
+address); by the server only: ``target`` (TCP), ``connect_timeout``, ``max_sessions``,
+``max_pending``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from portfwd.tunnel.config import (
     REKEY_TIMEOUT_MS,
     TunnelConfig,
 )
+from portfwd.tunnel.fec import FecSettings
 from portfwd.tunnel.stream import ConversationConfig
 
 MTU_MIN = 576  # bytes: the IPv4 minimum reassembly size; KCP records need >= ~310
@@ -64,6 +66,7 @@ class ClientConfig:
     listen_options: ListenOptions = field(default_factory=ListenOptions)  # -r, -R, -6
     udp_buffer: int = UDP_BUFFER  # bytes of SO_RCVBUF/SO_SNDBUF of each conversation's socket
     stats_interval: float = STATS_INTERVAL  # s between stats lines, 0 = off
+    fec: FecSettings | None = None  # --fec: parity on what this end sends; None = off
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class ServerConfig:
     listen_options: ListenOptions = field(default_factory=ListenOptions)  # -r, -R, -6, -S
     udp_buffer: int = UDP_BUFFER  # bytes of SO_RCVBUF/SO_SNDBUF of the UDP socket
     stats_interval: float = STATS_INTERVAL  # s between stats lines, 0 = off
+    fec: FecSettings | None = None  # --fec: parity on what this end sends; None = off
     limits: ServerLimits = field(default_factory=ServerLimits)
 
 
@@ -118,6 +122,13 @@ def tunnel_key(options: Options, env: Environment) -> bytes | None:
         label = options.label("psk_file" if path is not None else "psk")
         raise ConfigError("psk", f"{label} and {PSK} both give a key; use one")
     return key if key is not None else env.psk
+def fec_settings(options: Options) -> FecSettings | None:
+    """--fec: ``<data>:<parity>``, ``auto`` or ``off`` (absent: off)."""
+    spec = options.text("fec") or "off"
+    try:
+        return FecSettings.parse(spec)
+    except ValueError as exc:
+        raise ConfigError("fec", f"{options.label('fec')}: {exc}") from None
 
 
 def client_config(options: Options, env: Environment) -> ClientConfig:
@@ -129,7 +140,7 @@ def client_config(options: Options, env: Environment) -> ClientConfig:
         listen=options.address("listen", socket.SOCK_STREAM, passive=True),
         remote=options.address("remote", socket.SOCK_DGRAM, passive=False),
         conversation=conversation, listen_options=listen_options(options),
-        udp_buffer=udp_buffer, stats_interval=stats_interval)
+        udp_buffer=udp_buffer, stats_interval=stats_interval, fec=fec_settings(options))
 
 
 def server_config(options: Options, env: Environment) -> ServerConfig:
@@ -147,4 +158,5 @@ def server_config(options: Options, env: Environment) -> ServerConfig:
     return ServerConfig(
         listen=listen, target=target, conversation=conversation,
         listen_options=listen_options(options, bufsize=udp_buffer),
-        udp_buffer=udp_buffer, stats_interval=stats_interval, limits=limits)
+        udp_buffer=udp_buffer, stats_interval=stats_interval, fec=fec_settings(options),
+        limits=limits)

@@ -41,6 +41,8 @@ from portfwd.kcptcp.metrics import (
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.sockets import READ, WRITE
 from portfwd.tunnel import events
+from portfwd.tunnel.fec import FecSettings
+from portfwd.tunnel.fec_channel import FecChannel
 from portfwd.tunnel.stream import Conversation
 
 log = logging.getLogger(__name__)
@@ -118,8 +120,10 @@ class UdpEndpoint:
 class ConversationDriver:
     """Runs one Conversation between a TCP socket and a UDP endpoint."""
 
-    def __init__(self, conv: Conversation, udp: UdpEndpoint, name: str) -> None:
+    def __init__(self, conv: Conversation, udp: UdpEndpoint, name: str,
+                 fec: FecSettings | None = None) -> None:
         self.conv = conv
+        self.fec = FecChannel(fec)  # decodes always; sends parity only with --fec
         self.udp = udp
         self.name = name  # for log lines: "conv=<id>"
         self.tcp: gsocket | None = None
@@ -142,13 +146,18 @@ class ConversationDriver:
 
     def datagram_received(self, data: bytes, addr: Any, now: int) -> None:
         """Feed one datagram; call :meth:`transmit` after a batch."""
-        self.conv.receive_datagram(data, addr, now)
+        conv = self.conv
+        before = conv.session.datagrams_received
+        conv.receive_datagram(data, addr, now)
+        if conv.session.datagrams_received != before:  # authenticated: FEC may keep it
+            for recovered in self.fec.authenticated(data):
+                conv.receive_datagram(recovered, addr, now)
 
     def transmit(self) -> None:
         """Send everything, handle events, wake whoever can move now, re-arm the ticker."""
         conv = self.conv
         now = now_ms()
-        datagrams = conv.datagrams_to_send(now)
+        datagrams = self.fec.outgoing(conv.session, conv.datagrams_to_send(now), now)
         if datagrams:
             self.udp.send(datagrams, conv.peer_addr)
         # WELCOMEs and path probes: each answers a datagram from its own address, which need
@@ -161,9 +170,14 @@ class ConversationDriver:
             self._data.set()
         if conv.can_send():
             self._room.set()
-        deadline = conv.get_timer()
+        deadline = self._deadline()
         if deadline is not None and (self._armed is None or deadline < self._armed):
             self._wake.set()
+
+    def _deadline(self) -> int | None:
+        """The conversation's timer or the FEC channel's, whichever is first."""
+        deadline, fec = self.conv.get_timer(), self.fec.get_timer()
+        return deadline if fec is None else fec if deadline is None else min(deadline, fec)
 
     def _handle_event(self, event: events.Event) -> None:
         if isinstance(event, events.HandshakeCompleted):
@@ -180,6 +194,10 @@ class ConversationDriver:
             # rebinding (or many such clients) must not turn into a log flood.
             _faults.log("migrate", logging.INFO, "%s peer address changed %s -> %s", self.name,
                         event.old, event.new)
+        elif isinstance(event, events.FecReceived):
+            now = now_ms()
+            for recovered in self.fec.fec_received(event.data, now):
+                self.conv.receive_datagram(recovered, self.conv.peer_addr, now)
         elif isinstance(event, events.RekeyStarted):
             self.rekeys_started += 1
         elif isinstance(event, events.EpochSwitched):
@@ -199,7 +217,7 @@ class ConversationDriver:
     def _tick(self) -> None:
         conv = self.conv
         while not conv.closed:
-            deadline = conv.get_timer()
+            deadline = self._deadline()
             self._armed = deadline
             if deadline is None:
                 self._wake.wait()
@@ -209,6 +227,9 @@ class ConversationDriver:
                     self._wake.wait(delay)
             self._wake.clear()
             now = now_ms()
+            fec = self.fec.get_timer()
+            if fec is not None and now >= fec:
+                self.udp.send(self.fec.handle_timer(conv.session, now), conv.peer_addr)
             deadline = conv.get_timer()
             if deadline is not None and now >= deadline:
                 conv.handle_timer(max(now, deadline))

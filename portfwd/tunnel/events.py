@@ -8,6 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+# ConnectionClosed reasons the session gives (the driver may add its own).
+CLOSE_LOCAL = "closed locally"
+CLOSE_BY_PEER = "closed by peer"
+CLOSE_HANDSHAKE_TIMEOUT = "handshake timeout"
+CLOSE_PEER_SILENT = "peer silent"
+
 
 @dataclass(frozen=True, slots=True)
 class HandshakeCompleted:
@@ -26,6 +32,13 @@ class DatagramReceived:
     """One authenticated, non-replayed DATA payload (one KCP datagram) arrived."""
 
     data: bytes  #: the opaque payload, exactly as the peer passed it to ``send_datagram``
+
+
+@dataclass(frozen=True, slots=True)
+class FecReceived:
+    """One authenticated, non-replayed FEC body (a parity shard or a loss report) arrived."""
+
+    data: bytes  #: the body, for ``tunnel/fec.py`` (``FecChannel.fec_received``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +74,6 @@ class ConnectionClosed:
 
 
 Event = (
-    HandshakeCompleted | DatagramReceived | PeerAddressChanged | RekeyStarted | EpochSwitched
-    | ConnectionClosed
+    HandshakeCompleted | DatagramReceived | FecReceived | PeerAddressChanged | RekeyStarted
+    | EpochSwitched | ConnectionClosed
 )

@@ -32,6 +32,7 @@ from typing import Any
 
 from . import crypto, events
 from .config import TunnelConfig
+from .events import CLOSE_BY_PEER, CLOSE_HANDSHAKE_TIMEOUT, CLOSE_LOCAL, CLOSE_PEER_SILENT
 from .hello import ClientHellos
 from .path import PathValidator
 from .rekey import CLOSE_WRAPAROUND, Rekeying
@@ -52,7 +53,7 @@ from .wire import (
 
 logger = logging.getLogger(__name__)
 
-DatagramReceived = events.DatagramReceived  # module-level alias: one lookup less per packet
+DatagramReceived, FecReceived = events.DatagramReceived, events.FecReceived  # one lookup less
 _unpack_header = HEADER.unpack_from
 
 OVERHEAD = HEADER_SIZE + crypto.TAG_SIZE  # 25 bytes a sealed DATA packet adds to its payload
@@ -60,17 +61,12 @@ PLAINTEXT_OVERHEAD = HEADER_SIZE  # 9 bytes in plaintext mode
 MAX_DATAGRAM_SIZE = 65507  # bytes, largest UDP payload over IPv4
 MAX_PAYLOAD_SIZE = MAX_DATAGRAM_SIZE - OVERHEAD  # bytes accepted by send_datagram
 
-CLOSE_LOCAL = "closed locally"
-CLOSE_BY_PEER = "closed by peer"
-CLOSE_HANDSHAKE_TIMEOUT = "handshake timeout"
-CLOSE_PEER_SILENT = "peer silent"
-
 
 # Plain ints for the per-packet path: comparing an int with an IntEnum member costs ~70 ns.
-_DATA, _INIT, _ACK, _PING, _CLOSE, _CHALLENGE, _RESPONSE = (
+_DATA, _INIT, _ACK, _PING, _CLOSE, _CHALLENGE, _RESPONSE, _FEC = (
     int(PacketType.DATA), int(PacketType.REKEY_INIT), int(PacketType.REKEY_ACK),
     int(PacketType.PING), int(PacketType.CLOSE), int(PacketType.PATH_CHALLENGE),
-    int(PacketType.PATH_RESPONSE),
+    int(PacketType.PATH_RESPONSE), int(PacketType.FEC),
 )
 
 
@@ -99,6 +95,7 @@ class TunnelSession(Rekeying):
         self.confirmed: bool = False  # the peer's first authenticated packet arrived
         self._state: _State = _State.HANDSHAKE
         self._data_type: int = config.payload_type  # DATA, or DATAGRAM (kcpudp datagram mode)
+        self._payloads = (self._data_type, _FEC)
         self._random_bytes: Callable[[int], bytes] = random_bytes
         self._log: _ConvAdapter = _ConvAdapter(logger, {"conv": conv})
         self._mac = crypto.handshake_mac_for(config.psk)
@@ -107,8 +104,7 @@ class TunnelSession(Rekeying):
         self._welcome: bytes = b""  # server: the WELCOME to repeat to a copy of the HELLO
         self.hellos: ClientHellos | None = None  #: client: its HELLOs (count, cookie)
         self._probes: list[tuple[bytes, Any]] = []  # datagrams for other addresses than the path
-        self._confirm_at: int | None = None  # when a PING tells the peer its keys arrived,
-        # unless a sealed packet goes out first
+        self._confirm_at: int | None = None  # PING "keys arrived" unless sealed data goes first
         self._hs_deadline: int = now + config.handshake_timeout_ms
         self._hs_retry_at: int = now + config.handshake_retry_ms
         self._hs_interval: int = config.handshake_retry_ms
@@ -245,6 +241,10 @@ class TunnelSession(Rekeying):
             self.dropped_send_queue += 1
             return
         self._pending.append(payload)
+
+    def seal_fec(self, body: bytes, now: int) -> bytes | None:
+        """An FEC body (tunnel/fec.py) sealed now, outside the queue; None unless established."""
+        return self._out.pop() if self._seal(_FEC, body, now) else None
 
     def close(self) -> None:
         """Send an authenticated CLOSE (if keyed) and end the session; idempotent."""
@@ -419,8 +419,7 @@ class TunnelSession(Rekeying):
                     if type_byte == self._fast_type and self.confirmed:
                         # Per-packet fast path: DATA of the current epoch. A deliberate inline copy
                         # of _receive_secured's steps (replay check, open, record, counters,
-                        # migration) for its commonest case, without the call and the epoch
-                        # dispatch; a change to one must be made to the other.
+                        # migration) without call and epoch dispatch: change both or neither.
                         win = self._win
                         if not win.is_new(seq):
                             self.dropped_replay += 1
@@ -436,7 +435,7 @@ class TunnelSession(Rekeying):
                             self._from_new_address(addr, seq == win.top, len(data), now)
                         self._events.append(DatagramReceived(body))
                         return
-                    if _DATA < (t := type_byte & TYPE_MASK) <= _RESPONSE or t == self._data_type:
+                    if _DATA < (t := type_byte & TYPE_MASK) <= _RESPONSE or t in self._payloads:
                         self._receive_secured(data, type_byte, seq, addr, now)
                         return
             self._receive_unsecured(data, addr)
@@ -484,8 +483,7 @@ class TunnelSession(Rekeying):
                 logger.info("recv REKEY_ACK conv=%d", self.conv)
             self._switch_epoch(now)
             win = self._win
-        win.record(seq)
-        # Authenticated from here on.
+        win.record(seq)  # authenticated from here on
         self.datagrams_received += 1
         self._last_recv_ms = now
         if not self.confirmed:
@@ -494,6 +492,8 @@ class TunnelSession(Rekeying):
             self._from_new_address(addr, not from_prev and seq == win.top, len(data), now)
         if ptype == self._data_type:
             self._events.append(DatagramReceived(body))
+        elif ptype == _FEC:  # an FEC body for tunnel/fec.py
+            self._events.append(FecReceived(body))
         elif ptype == _PING:
             pass
         elif ptype == _CLOSE:

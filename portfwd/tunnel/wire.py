@@ -21,7 +21,7 @@ import struct
 from typing import NamedTuple
 
 PROTOCOL_VERSION = 3  # carried in HELLO and WELCOME (2: X25519 key shares, path validation;
-#                       3: what a conversation carries, DATAGRAM and REFUSE packets)
+#                       3: what a conversation carries, DATAGRAM and REFUSE packets, FEC)
 PHASE_BIT = 0x80  # key phase flag in the type byte
 TYPE_MASK = 0x7F  # packet type bits of the type byte
 PREFIX_SIZE = 5  # bytes: type + conv, common to every packet
@@ -76,6 +76,7 @@ class PacketType(enum.IntEnum):
     PATH_CHALLENGE = 8  #: "do you receive me at this address?", 8 random bytes, sealed
     PATH_RESPONSE = 9  #: echo of a PATH_CHALLENGE's bytes, sealed
     COOKIE = 10  #: server -> client under load: "repeat your HELLO with this cookie" (no MAC)
+    FEC = 13  #: either way, an FEC parity shard or loss report (tunnel/fec.py), sealed
     DATAGRAM = 14  #: either way, one fragment of an unreliable datagram, AEAD-sealed (kcpudp)
     REFUSE = 15  #: server -> client: "I carry something else" (HMAC, bound to the HELLO)
 
@@ -110,7 +111,7 @@ def carries_label(value: int) -> str:
 SECURED_TYPES = frozenset(
     {PacketType.DATA, PacketType.REKEY_INIT, PacketType.REKEY_ACK, PacketType.PING,
      PacketType.CLOSE, PacketType.PATH_CHALLENGE, PacketType.PATH_RESPONSE,
-     PacketType.DATAGRAM}
+     PacketType.DATAGRAM, PacketType.FEC}
 )
 # A WELCOME, the answer to a source that has not proven it holds the session keys, is smaller
 # than the HELLO it answers; path challenges keep to 3x instead (path.py; docs/SECURITY.md,

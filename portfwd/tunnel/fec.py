@@ -1,0 +1,411 @@
+"""Forward error correction over sealed tunnel datagrams (docs/PROTOCOL.md, "FEC"), sans-IO.
+
+Glossary: a *group* is up to ``data`` consecutive sealed datagrams the sender sent to its
+peer; its *parity shards* are Reed–Solomon shards (zfec) computed over the group's datagrams,
+each zero-padded to the longest. The datagrams themselves go out unchanged and at once (FEC
+never holds a datagram back); the parity shards follow when the group closes, after ``data``
+datagrams or ``group_ms`` after its first, whichever comes first. Each parity shard is the body
+of an FEC packet (type 13) that the session seals like any other packet, and it carries the
+group's *manifest*: for each datagram its type byte, its seq and its length. So a shard is
+authenticated before anything in it is read, a forged one is dropped by the session's AEAD,
+and the lengths a recovery trims to are authenticated ones. A recovered datagram is itself a
+sealed packet the session opens (and replay-checks) as if it had arrived.
+
+The receiver keeps the peer's recent *authenticated* datagrams by (type byte, seq) and
+recovers every group that lost at most as many datagrams as it has parity shards. It also
+measures the loss the manifests reveal and, when the sender asks for it (``auto``), reports
+it back (a REPORT body, sealed the same way); the sender's parity then follows the loss.
+
+No clock is read here: ``now`` (ms) comes in as an argument.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import math
+import struct
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import zfec
+
+from .wire import HEADER_SIZE, MalformedPacket
+
+GROUP_MS = 5  # ms a group stays open after its first datagram (a lone request is not held)
+MAX_SHARDS = 255  # zfec: data + parity <= 256; one index value is kept free
+HISTORY = 4096  # the peer's authenticated datagrams kept for recovery (bounded memory)
+PENDING_GROUPS = 256  # groups with shards but not yet complete (oldest dropped beyond)
+REPORT_MS = 200  # ms between loss reports to a sender in auto mode
+LOSS_WINDOW = 2000  # data datagrams the measured loss is averaged over (sliding)
+AUTO_DATA = 10  # group size in auto mode
+AUTO_MAX_OVERHEAD = 0.5  # parity / data at most in auto mode (a full group: 5 of 10)
+AUTO_OFF_BELOW = 0.002  # reported loss under which auto sends no parity (manifests only)
+AUTO_TARGET = 0.001  # auto picks the least parity with P(group lost) under this
+LOSS_SCALE = 10000  # loss on the wire: in units of 1/10000
+
+_SHARD_HEAD = struct.Struct(">BIBBBH")  # kind|flags, group, data, parity, index, shard size
+_ENTRY = struct.Struct(">BIH")  # type byte, seq, length of one data datagram
+_REPORT = struct.Struct(">BHH")  # kind, loss (1/10000), datagrams the figure is over
+
+
+class Kind(enum.IntEnum):
+    """First byte of an FEC body (low 7 bits; the high bit of a SHARD is ``AUTO_FLAG``)."""
+
+    SHARD = 0  #: one parity shard (or, with parity 0, only the manifest) of a group
+    REPORT = 1  #: the receiver's measured loss, for a sender in auto mode
+
+
+AUTO_FLAG = 0x80  # in a SHARD's kind byte: "the sender adapts: report your loss"
+
+
+class Shard(NamedTuple):
+    auto: bool  #: the sender wants loss reports
+    group: int  #: the sender's group number (wraps at 2**32)
+    data: int  #: datagrams in the group
+    parity: int  #: parity shards of the group (0: a manifest only)
+    index: int  #: which parity shard this is, 0..parity-1 (0 when parity is 0)
+    entries: tuple[tuple[bytes, int], ...]  #: per datagram: (key, length); key = type + seq
+    shard: bytes  #: the parity bytes (empty when parity is 0)
+
+
+def datagram_key(datagram: bytes) -> bytes:
+    """What names a sealed datagram in a manifest: its type byte and seq (5 bytes)."""
+    return datagram[:1] + datagram[5:HEADER_SIZE]
+
+
+def pack_shard(auto: bool, group: int, index: int, parity: int, datagrams: list[bytes],
+               shard: bytes) -> bytes:
+    """The body of an FEC SHARD packet.
+
+    ::
+
+        0       1       5      6        7       8         10              10+7*data
+        +-------+-------+------+--------+-------+---------+-- ... --------+-----------+
+        |A| 0   | group | data | parity | index | size    | manifest      | shard     |
+        +-------+-------+------+--------+-------+---------+-- ... --------+-----------+
+            1       4      1       1        1       2       data x 7        size
+
+        manifest entry: type byte (1) | seq (4) | length (2) of one datagram of the group
+    """
+    head = _SHARD_HEAD.pack(Kind.SHARD | (AUTO_FLAG if auto else 0), group, len(datagrams),
+                            parity, index, len(shard))
+    return head + b"".join(_ENTRY.pack(d[0], int.from_bytes(d[5:HEADER_SIZE], "big"), len(d))
+                           for d in datagrams) + shard
+
+
+def unpack_shard(body: bytes) -> Shard:
+    """Parse a SHARD body (layout in :func:`pack_shard`); ``MalformedPacket`` if it is not one."""
+    if len(body) < _SHARD_HEAD.size:
+        raise MalformedPacket("FEC shard shorter than its header")
+    kind, group, data, parity, index, size = _SHARD_HEAD.unpack_from(body)
+    if kind & ~AUTO_FLAG != Kind.SHARD:
+        raise MalformedPacket(f"not an FEC shard: kind {kind}")
+    if not 1 <= data or data + parity > MAX_SHARDS or (parity and index >= parity):
+        raise MalformedPacket(f"FEC shard {index} of {data}:{parity}")
+    if parity == 0 and (index or size):
+        raise MalformedPacket("FEC manifest with shard bytes")
+    end = _SHARD_HEAD.size + data * _ENTRY.size
+    if len(body) != end + size:
+        raise MalformedPacket(f"FEC shard of {len(body)} bytes, expected {end + size}")
+    entries = []
+    for offset in range(_SHARD_HEAD.size, end, _ENTRY.size):
+        type_byte, seq, length = _ENTRY.unpack_from(body, offset)
+        if not HEADER_SIZE <= length <= size and parity:
+            raise MalformedPacket(f"FEC manifest length {length} with shards of {size}")
+        entries.append((bytes([type_byte]) + seq.to_bytes(4, "big"), length))
+    return Shard(bool(kind & AUTO_FLAG), group, data, parity, index, tuple(entries),
+                 bytes(body[end:]))
+
+
+def pack_report(loss: float, over: int) -> bytes:
+    """The body of an FEC REPORT: the loss the receiver measured.
+
+    ::
+
+        0      1                  3                  5
+        +------+------------------+------------------+
+        | 1    | loss (1/10000)   | over (datagrams) |
+        +------+------------------+------------------+
+    """
+    return _REPORT.pack(Kind.REPORT, min(LOSS_SCALE, round(loss * LOSS_SCALE)),
+                        min(0xFFFF, over))
+
+
+def unpack_report(body: bytes) -> tuple[float, int]:
+    """``(loss, over)`` of a REPORT body (layout in :func:`pack_report`)."""
+    if len(body) != _REPORT.size or body[0] != Kind.REPORT:
+        raise MalformedPacket("not an FEC report")
+    _, loss, over = _REPORT.unpack(body)
+    if loss > LOSS_SCALE:
+        raise MalformedPacket(f"FEC report loss {loss} > {LOSS_SCALE}")
+    return loss / LOSS_SCALE, over
+
+
+def body_kind(body: bytes) -> int:
+    """The kind of an FEC body (``Kind``), the AUTO flag masked; MalformedPacket if empty."""
+    if not body:
+        raise MalformedPacket("empty FEC body")
+    return body[0] & ~AUTO_FLAG
+
+
+@dataclass(frozen=True)
+class FecSettings:
+    """What a sender does (``--fec``): fixed ``data:parity``, or ``auto``."""
+
+    data: int = AUTO_DATA  #: datagrams per group
+    parity: int = 0  #: parity shards per full group (the starting point in auto mode)
+    auto: bool = False  #: parity follows the loss the peer reports
+    group_ms: int = GROUP_MS  #: ms a group stays open at most
+    max_overhead: float = AUTO_MAX_OVERHEAD  #: auto: parity / data at most
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.data or self.data + self.parity > MAX_SHARDS or self.parity < 0:
+            raise ValueError(f"data + parity must be at most {MAX_SHARDS}, data at least 1")
+        if not self.auto and self.parity < 1:
+            raise ValueError("parity must be at least 1 (or use auto)")
+        if self.group_ms < 1:
+            raise ValueError("group_ms must be at least 1")
+
+    @classmethod
+    def parse(cls, spec: str) -> FecSettings | None:
+        """``off`` -> None, ``auto``, or ``<data>:<parity>``; ValueError on anything else."""
+        if spec == "off":
+            return None
+        if spec == "auto":
+            return cls(auto=True)
+        data, sep, parity = spec.partition(":")
+        if not sep or not data.isdigit() or not parity.isdigit():
+            raise ValueError(f"expected <data>:<parity>, auto or off, got {spec!r}")
+        return cls(data=int(data), parity=int(parity))
+
+
+def parity_for(loss: float, data: int, max_overhead: float) -> int:
+    """Auto mode: the least parity that makes losing a group of ``data`` datagrams (more than
+    ``parity`` of ``data + parity`` lost, each independently with ``loss``) rarer than
+    AUTO_TARGET; none on a clean link; at most ``max_overhead`` x data (at least 1)."""
+    if loss < AUTO_OFF_BELOW:
+        return 0
+    cap = max(1, math.floor(max_overhead * data))
+    for parity in range(1, cap + 1):
+        n = data + parity
+        lost_group = 1.0 - sum(math.comb(n, i) * loss ** i * (1 - loss) ** (n - i)
+                               for i in range(parity + 1))
+        if lost_group < AUTO_TARGET:
+            return parity
+    return cap
+
+
+class FecEncoder:
+    """The sending half: groups outgoing sealed datagrams, returns parity bodies to seal."""
+
+    def __init__(self, settings: FecSettings) -> None:
+        self.settings = settings
+        self.parity = settings.parity  # parity per full group now (auto: follows reports)
+        self.peer_loss = 0.0  # the last loss the peer reported (auto)
+        self._group: list[bytes] = []
+        self._opened = 0  # ms the open group got its first datagram
+        self._number = 0  # next group number
+        self._coders: dict[tuple[int, int], zfec.Encoder] = {}
+        self.groups_sent = 0
+        self.shards_sent = 0
+        self.shard_bytes = 0  # bytes of FEC bodies produced (the overhead, before sealing)
+
+    def add(self, datagram: bytes, now: int) -> list[bytes]:
+        """One sealed datagram sent to the peer; the FEC bodies to seal (a group closed)."""
+        if not self._group:
+            self._opened = now
+        self._group.append(datagram)
+        if len(self._group) >= self.settings.data:
+            return self._close()
+        return []
+
+    def get_timer(self) -> int | None:
+        """Absolute ms at which the open group must close, or None."""
+        return self._opened + self.settings.group_ms if self._group else None
+
+    def handle_timer(self, now: int) -> list[bytes]:
+        if self._group and now >= self._opened + self.settings.group_ms:
+            return self._close()
+        return []
+
+    def report_received(self, body: bytes) -> None:
+        """An authenticated REPORT from the peer (auto mode follows it; fixed mode ignores)."""
+        loss, _over = unpack_report(body)
+        self.peer_loss = loss
+        if self.settings.auto:
+            self.parity = parity_for(loss, self.settings.data, self.settings.max_overhead)
+
+    def _close(self) -> list[bytes]:
+        group, self._group = self._group, []
+        number, self._number = self._number, (self._number + 1) & 0xFFFFFFFF
+        data = len(group)
+        # A short group (closed by the timer) gets its share of parity, at least one shard.
+        parity = min(self.parity, math.ceil(self.parity * data / self.settings.data))
+        auto = self.settings.auto
+        self.groups_sent += 1
+        if parity == 0:
+            bodies = [pack_shard(auto, number, 0, 0, group, b"")] if auto else []
+        else:
+            size = max(len(d) for d in group)
+            blocks = [d.ljust(size, b"\0") for d in group]
+            coder = self._coders.get((data, parity))
+            if coder is None:
+                coder = self._coders[data, parity] = zfec.Encoder(data, data + parity)
+            shards = coder.encode(blocks, list(range(data, data + parity)))
+            bodies = [pack_shard(auto, number, i, parity, group, bytes(s))
+                      for i, s in enumerate(shards)]
+        self.shards_sent += len(bodies)
+        self.shard_bytes += sum(len(b) for b in bodies)
+        return bodies
+
+
+class _Pending:
+    """A group the receiver has a manifest for and has not finished with."""
+
+    __slots__ = ("shard", "parity")
+
+    def __init__(self, shard: Shard) -> None:
+        self.shard = shard  # the first shard seen: its manifest names the group
+        self.parity: dict[int, bytes] = {}  # index -> parity bytes
+
+
+class FecDecoder:
+    """The receiving half: keeps the peer's authenticated datagrams, recovers lost ones."""
+
+    def __init__(self) -> None:
+        self._history: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
+        self._pending: collections.OrderedDict[int, _Pending] = collections.OrderedDict()
+        self._waiting: dict[bytes, int] = {}  # key of a missing datagram -> its group
+        self._done: collections.deque[int] = collections.deque(maxlen=PENDING_GROUPS)
+        self._coders: dict[tuple[int, int], zfec.Decoder] = {}
+        self._window: collections.deque[tuple[int, int]] = collections.deque()  # (lost, total)
+        self._window_total = 0
+        self._window_lost = 0
+        self._report_due: int | None = None  # ms: a sender in auto mode waits for a report
+        self.recovered = 0  # datagrams rebuilt from parity
+        self.unrecoverable = 0  # groups given up with datagrams still missing
+        self.dropped_malformed = 0  # FEC bodies that did not parse (authenticated, yet wrong)
+
+    # --- input -------------------------------------------------------------------------------
+
+    def record(self, datagram: bytes) -> list[bytes]:
+        """An authenticated datagram from the peer; datagrams recovered thanks to it."""
+        key = datagram_key(datagram)
+        history = self._history
+        history[key] = datagram
+        if len(history) > HISTORY:
+            history.popitem(last=False)
+        group = self._waiting.pop(key, None)
+        if group is not None and group in self._pending:
+            return self._attempt(group)
+        return []
+
+    def shard_received(self, body: bytes, now: int) -> list[bytes]:
+        """An authenticated SHARD body; the datagrams it lets us recover (sealed, to open)."""
+        try:
+            shard = unpack_shard(body)
+        except MalformedPacket:
+            self.dropped_malformed += 1
+            return []
+        if shard.group in self._done:
+            return []
+        pending = self._pending.get(shard.group)
+        if pending is None:
+            pending = self._pending[shard.group] = _Pending(shard)
+            self._measure(shard, now)
+            if len(self._pending) > PENDING_GROUPS:
+                old, gone = self._pending.popitem(last=False)
+                self._forget(old, gone)
+        elif (pending.shard.entries != shard.entries or pending.shard.parity != shard.parity
+              or len(pending.shard.shard) != len(shard.shard)):
+            self.dropped_malformed += 1  # the same group cannot have two manifests
+            return []
+        if shard.parity:
+            pending.parity[shard.index] = shard.shard
+        return self._attempt(shard.group)
+
+    # --- recovery ----------------------------------------------------------------------------
+
+    def _attempt(self, group: int) -> list[bytes]:
+        pending = self._pending[group]
+        manifest = pending.shard
+        history = self._history
+        have = [(i, history.get(key)) for i, (key, _) in enumerate(manifest.entries)]
+        missing = [i for i, d in have if d is None]
+        if not missing:
+            self._finish(group)
+            return []
+        for i in missing:
+            self._waiting[manifest.entries[i][0]] = group
+        if len(missing) > len(pending.parity):
+            return []
+        data, parity = manifest.data, manifest.parity
+        size = len(manifest.shard)
+        blocks, numbers = [], []
+        for i, d in have:
+            if d is not None:
+                if len(d) != manifest.entries[i][1]:
+                    return []  # not the datagram the manifest names (cannot be, unless forged)
+                blocks.append(d.ljust(size, b"\0"))
+                numbers.append(i)
+        for index, shard in sorted(pending.parity.items()):
+            if len(blocks) == data:
+                break
+            blocks.append(shard)
+            numbers.append(data + index)
+        coder = self._coders.get((data, parity))
+        if coder is None:
+            coder = self._coders[data, parity] = zfec.Decoder(data, data + parity)
+        primary = coder.decode(blocks, numbers)
+        out = [bytes(primary[i][:manifest.entries[i][1]]) for i in missing]
+        self.recovered += len(out)
+        for datagram in out:
+            history[datagram_key(datagram)] = datagram
+        self._finish(group)
+        return out
+
+    def _finish(self, group: int) -> None:
+        pending = self._pending.pop(group)
+        self._done.append(group)
+        for key, _ in pending.shard.entries:
+            self._waiting.pop(key, None)
+
+    def _forget(self, group: int, pending: _Pending) -> None:
+        history = self._history
+        if any(key not in history for key, _ in pending.shard.entries):
+            self.unrecoverable += 1
+        for key, _ in pending.shard.entries:
+            if self._waiting.get(key) == group:
+                del self._waiting[key]
+
+    # --- loss measurement (auto) -------------------------------------------------------------
+
+    def _measure(self, shard: Shard, now: int) -> None:
+        """The first shard of a group: how many of its datagrams did not arrive (yet)."""
+        lost = sum(1 for key, _ in shard.entries if key not in self._history)
+        self._window.append((lost, shard.data))
+        self._window_lost += lost
+        self._window_total += shard.data
+        while self._window_total - self._window[0][1] >= LOSS_WINDOW:
+            old_lost, old_total = self._window.popleft()
+            self._window_lost -= old_lost
+            self._window_total -= old_total
+        if shard.auto and self._report_due is None:
+            self._report_due = now + REPORT_MS
+
+    @property
+    def loss(self) -> float:
+        """The loss of the peer's datagrams over the last LOSS_WINDOW the manifests named."""
+        return self._window_lost / self._window_total if self._window_total else 0.0
+
+    def get_timer(self) -> int | None:
+        """Absolute ms at which a loss report is due, or None."""
+        return self._report_due
+
+    def report_to_send(self, now: int) -> bytes | None:
+        """A REPORT body when one is due (a sender in auto mode is listening), else None."""
+        if self._report_due is None or now < self._report_due:
+            return None
+        self._report_due = None
+        return pack_report(self.loss, self._window_total)
