@@ -132,8 +132,8 @@ def test_1000_client_addresses_all_answered_then_expire(tool, target, mode):
         pytest.skip(f"fd hard limit {hard} is too low for 1,000 client sockets")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
     echo = target()
-    addr, server, client = start_tunnel(tool, echo.port, "--mode", mode, "-K", PSK, "-t", "2",
-                                        "--stats-interval", "1")
+    addr, server, client = start_tunnel(tool, echo.port, "--mode", mode, "-K", PSK,
+                                        client_extra=("-t", "8", "--stats-interval", "1"))
     base_client, base_server = fd_count(client.pid), fd_count(server.pid)
     clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(1000)]
     try:
@@ -274,10 +274,11 @@ def test_lossy_relay(tool, target, mode, seed):
             deadline = time.monotonic() + (60 if mode == "reliable" else 5)
             while time.monotonic() < deadline and len(got) < count:
                 try:
-                    got.append(parse(sock.recv(65536)))
+                    n = parse(sock.recv(65536))
                 except TimeoutError:
                     continue
-        got = [n for n in got if n != 0xFFFFFFFF]  # late copies of the warm-up's answer
+                if n != 0xFFFFFFFF:  # not a late copy of the warm-up's answer
+                    got.append(n)
         assert relay.dropped and relay.duplicated and relay.reordered  # the link was lossy
         if mode == "reliable":
             assert got == list(range(count))  # exactly once, in order (up, then down)
@@ -328,7 +329,10 @@ def test_mode_mismatch_refused_on_both_sides(tool, target, client_tool, client_m
         with socket.create_connection(("127.0.0.1", local), timeout=5) as conn:
             conn.sendall(b"hello")
             conn.settimeout(10)
-            assert conn.recv(100) == b""  # closed, not bridged
+            try:
+                assert conn.recv(100) == b""  # closed, not bridged
+            except ConnectionResetError:
+                pass  # closed with "hello" unread: a reset, as closed as it gets
         client_carries = r"a TCP stream \(kcptcp\)"
     else:
         local = free_port(socket.AF_INET, socket.SOCK_DGRAM)
