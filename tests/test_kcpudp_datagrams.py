@@ -276,3 +276,20 @@ def test_hello_says_what_it_carries() -> None:
     for mode, (cls, carries) in KINDS.items():
         client = cls.client(config(carries), CONV, SERVER_ADDR, 0, WALL)
         assert client.datagrams_to_send(0)[0][HELLO_CARRIES_OFFSET] == carries, mode
+
+
+@pytest.mark.parametrize(("mode", "wrong"), [("datagram", PacketType.DATA),
+                                             ("reliable", PacketType.DATAGRAM)])
+def test_payload_packets_of_the_other_kind_are_dropped(mode: str, wrong: PacketType) -> None:
+    """A session takes payloads only in its own packet type: DATAGRAM in datagram mode, DATA
+    (KCP) otherwise; the other, even authenticated, is dropped as malformed."""
+    net = Net(mode)
+    net.established()
+    before = net.server.session.dropped_malformed
+    net.client.session._seal_raw(int(wrong), FRAGMENT.pack(0, 0, 1) + b"payload")
+    net.pump()
+    assert drain(net.server) == []
+    assert net.server.session.dropped_malformed == before + 1
+    net.client.send(b"still fine")
+    net.run(30)
+    assert drain(net.server) == [b"still fine"]
