@@ -27,6 +27,17 @@ CASES = {
         ("-M", "99999"): "-M must be",
         ("-K", PSK + "00"): "-K expects 64 hex digits",
     }),
+    "kcpudp-client": (["127.0.0.1:1", "127.0.0.1:2"], {
+        ("--mode", "lossy"): "--mode must be reliable or datagram, got 'lossy'",
+        ("-t", "-1"): "-t must be 0-86400, got -1",
+        ("--max-sessions", "0"): "--max-sessions must be",
+        ("-K", "xyz"): "-K expects 64 hex digits",
+    }),
+    "kcpudp-server": (["127.0.0.1:1", "127.0.0.1:2"], {
+        ("--mode", ""): "--mode must be reliable or datagram",
+        ("-t", "x"): "-t expects a whole number",
+        ("-M", "10"): "-M must be",
+    }),
 }
 TOOLS = [t for t in CASES if os.path.exists(os.path.join(BIN, t))]
 

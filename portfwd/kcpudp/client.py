@@ -15,7 +15,7 @@ from typing import Any
 import gevent
 import gevent.pool
 
-from portfwd.kcptcp.client import random_conv
+from portfwd.kcptcp.client import TunnelClient, random_conv
 from portfwd.kcptcp.driver import ConversationService, UdpEndpoint, now_ms, wall_ms
 from portfwd.kcpudp.config import ClientConfig
 from portfwd.kcpudp.driver import (
@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 class DatagramClient(ConversationService):
     """Listens on UDP; carries each client address's datagrams over the tunnel to ``remote``."""
+
+    # kcptcp-client's receive loop of one conversation's socket (it shares COOKIEs through
+    # self.cookie): one copy.
+    _receive_tunnel = TunnelClient._receive
 
     def __init__(self, config: ClientConfig, listener: socket.socket) -> None:
         super().__init__(config.stats_interval)
@@ -164,17 +168,6 @@ class DatagramClient(ConversationService):
                 logging.INFO)
             log.log(level, "%s closed (%s): %d datagrams up, %d down", driver.name,
                     driver.close_reason, conv.datagrams_sent, conv.datagrams_received)
-
-    def _receive_tunnel(self, driver: DatagramDriver, udp: UdpEndpoint) -> None:
-        session = driver.conv.session
-        while True:
-            batch = udp.recv_batch()
-            now = now_ms()
-            for data, addr in batch:
-                driver.datagram_received(data, addr, now)
-            if not session.confirmed and session.hellos.cookie != self.cookie:
-                self.cookie = session.hellos.cookie  # a COOKIE came: share it
-            driver.transmit()
 
     def _sweep(self) -> None:
         interval = sweep_interval(self.config.idle_timeout)
