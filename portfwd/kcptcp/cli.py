@@ -36,6 +36,17 @@ OPTIONS = f"""Options:
                         [default: 4096]
   --max-pending <n>     (server) conversations whose client has not yet sent an
                         authenticated packet; beyond, HELLOs are ignored [default: 256]
+  --allow <cidr>        only clients (client: TCP peers; server: UDP sources) in this
+                        network (repeatable; IPv4 or IPv6)
+  --deny <cidr>         never clients in this network (repeatable; wins over --allow)
+  --max-conns <n>       (client) connections at once; beyond, new ones are closed at once,
+                        0 = no limit [default: 0]
+  --accept-proxy        (client) every client starts with a PROXY protocol header (v1 or
+                        v2, 5 s to send it): its address is the client's
+  --proxy-from <cidr>   (client) with --accept-proxy: only these peers may send one
+                        (repeatable; default: any)
+  --proxy-protocol <v>  (server) send a PROXY protocol header, v1 or v2, with the client's
+                        address (carried in the tunnel) to the target first
   -h --help             show help
 
 Environment:
@@ -50,14 +61,17 @@ FIELDS = {"daemonize": "-d", "pidfile": "-p", "reuseaddr": "-r", "reuseport": "-
           "interval": "--interval", "resend": "--resend", "nc": "--nc", "sndwnd": "--sndwnd",
           "rcvwnd": "--rcvwnd", "keepalive": "--keepalive", "stats_interval": "--stats-interval",
           "connect_timeout": "--connect-timeout", "max_sessions": "--max-sessions",
-          "max_pending": "--max-pending"}
+          "max_pending": "--max-pending", "allow": "--allow", "deny": "--deny",
+          "max_conns": "--max-conns", "accept_proxy": "--accept-proxy",
+          "proxy_from": "--proxy-from", "proxy_protocol": "--proxy-protocol"}
 CLIENT_FIELDS = {**FIELDS, "listen": "<local_tcp_addr:port>", "remote": "<remote_udp_addr:port>"}
 SERVER_FIELDS = {**FIELDS, "listen": "<local_udp_addr:port>", "target": "<target_tcp_addr:port>"}
 
 CLIENT_USAGE = """kcptcp-client: TCP over KCP/UDP client.
 
 Usage:
-  kcptcp-client [options] <local_tcp_addr:port> <remote_udp_addr:port>
+  kcptcp-client [options] [--allow <cidr>]... [--deny <cidr>]... [--proxy-from <cidr>]...
+                <local_tcp_addr:port> <remote_udp_addr:port>
   kcptcp-client -h | --help
 
 Listens on a local TCP address and carries each connection as one KCP conversation over UDP
@@ -68,7 +82,8 @@ to a kcptcp-server. AEAD encryption is enabled only when -K is given on both cli
 SERVER_USAGE = """kcptcp-server: KCP/UDP to TCP server.
 
 Usage:
-  kcptcp-server [options] <local_udp_addr:port> <target_tcp_addr:port>
+  kcptcp-server [options] [--allow <cidr>]... [--deny <cidr>]...
+                <local_udp_addr:port> <target_tcp_addr:port>
   kcptcp-server -h | --help
 
 Listens on a UDP address, accepts KCP sessions from kcptcp-client and bridges each to the

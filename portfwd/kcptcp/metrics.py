@@ -51,6 +51,9 @@ class TunnelClientMetrics:
     accept_errors: Mapping[str, int]  # failed accept() calls, by errno name
     udp_open_failures: Mapping[str, int]  # no UDP socket for a new connection, by errno name
     per_conversation: tuple[ConversationMetrics, ...]  # live ones, oldest first
+    denied: int = 0  # connections refused by --allow/--deny (before any UDP was sent)
+    over_limit: int = 0  # connections closed at once because --max-conns were open
+    proxy_rejected: int = 0  # --accept-proxy: header missing, malformed, late or untrusted
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class TunnelServerMetrics:
     send_errors: int  # UDP sends the network refused (KCP retransmits)
     dial_failures: Mapping[str, int]  # connects to the target that failed, by errno name
     per_conversation: tuple[ConversationMetrics, ...]  # live ones, oldest first
+    denied: int = 0  # HELLOs dropped unread: their UDP source is refused by --allow/--deny
 
 
 def render_conversation(m: ConversationMetrics) -> str:

@@ -161,11 +161,11 @@ class TcpForwarder:
         version = self.config.proxy_protocol
         if not version:
             return early
-        if client is not None:
-            source, local = client.address, client.local
-        else:
+        source = peer if client is None else client.address
+        local = None if client is None else client.local
+        if local is None:
             try:
-                source, local = peer, accepted.getsockname()
+                local = accepted.getsockname()
             except OSError:
                 return early
         return pack(version, source[:2], local[:2]) + early
