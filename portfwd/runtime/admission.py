@@ -18,6 +18,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from gevent.socket import wait_read
 
@@ -58,9 +59,9 @@ def admission_config(options: Options) -> Admission:
                      proxy_from=CidrSet(proxy_from) if proxy_from else None)
 
 
-@dataclass(frozen=True)
-class Client:
-    """An admitted connection: who it is for and what was already read from it."""
+class Client(NamedTuple):
+    """An admitted connection: who it is for and what was already read from it (a tuple:
+    made per connection)."""
 
     address: tuple  # the client's (host, port): the PROXY header's source, else the TCP peer
     local: tuple | None  # the address the client connected to, when a PROXY header said so;
