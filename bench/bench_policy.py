@@ -22,7 +22,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_tcp import interleaved  # noqa: E402
-from common import Table, free_port, print_tables, process, raise_fd_limit, tool, wait_port  # noqa: E402
+from common import (  # noqa: E402
+    Table,
+    cpu_seconds,
+    free_port,
+    print_tables,
+    process,
+    raise_fd_limit,
+    tool,
+    wait_port,
+)
 
 PAYLOAD = 100  # bytes echoed per connection
 PROXY_V2_IPV4 = 28  # bytes: the v2 header of a TCP-over-IPv4 connection, echoed back too
@@ -30,6 +39,7 @@ ALLOW_100 = [f"10.{i // 256}.{i % 256}.0/24" for i in range(99)] + ["127.0.0.0/8
 
 PATHS = {  # name -> (extra tcpfwd flags, bytes the client reads back)
     "tcpfwd": ([], PAYLOAD),
+    "tcpfwd (a second one: the noise floor)": ([], PAYLOAD),
     "tcpfwd --proxy-protocol v2": (["--proxy-protocol", "v2"], PAYLOAD + PROXY_V2_IPV4),
     "tcpfwd 100-entry --allow": ([a for cidr in ALLOW_100 for a in ("--allow", cidr)], PAYLOAD),
 }
@@ -67,6 +77,9 @@ def measure(rounds: int, seconds: float) -> list[Table]:
     raise_fd_limit()
     echo_port = free_port()
     ports: dict[str, int] = {}
+    pids: dict[str, int] = {}
+    cpu: dict[str, float] = dict.fromkeys(PATHS, 0.0)  # forwarder CPU s during the rounds
+    made: dict[str, float] = dict.fromkeys(PATHS, 0.0)  # connections made in the rounds
     with process([sys.executable, os.path.join(os.path.dirname(__file__), "echo_server.py"),
                   str(echo_port)]), contextlib.ExitStack() as running:
         wait_port(echo_port)
@@ -76,20 +89,34 @@ def measure(rounds: int, seconds: float) -> list[Table]:
                 "tcpfwd", *flags, f"127.0.0.1:{listen}", f"127.0.0.1:{echo_port}")))
             wait_port(listen, proc=proc)
             ports[name] = listen
+            pids[name] = proc.pid
         time.sleep(0.2)
-        rates = interleaved(list(PATHS), rounds, lambda name: short_connections(
-            ports[name], seconds, PATHS[name][1]))
+
+        def one_round(name: str) -> float:
+            before = cpu_seconds(pids[name])
+            rate = short_connections(ports[name], seconds, PATHS[name][1])
+            cpu[name] += cpu_seconds(pids[name]) - before
+            made[name] += rate * seconds
+            return rate
+
+        rates = interleaved(list(PATHS), rounds, one_round)
     rows = []
     for name, values in rates.items():
         paired = sorted(v / p for v, p in zip(values, rates["tcpfwd"], strict=True) if p)
+        per_conn = cpu[name] / made[name] * 1e6 if made[name] else 0.0
+        base = cpu["tcpfwd"] / made["tcpfwd"] * 1e6 if made["tcpfwd"] else 0.0
         rows.append([name, f"{statistics.median(values):.0f}",
                      f"{min(values):.0f}–{max(values):.0f}", f"{statistics.median(paired):.3f}×",
-                     f"{paired[0]:.3f}–{paired[-1]:.3f}"])
+                     f"{paired[0]:.3f}–{paired[-1]:.3f}", f"{per_conn:.0f}",
+                     f"{per_conn / base:.3f}×" if base else "-"])
     return [Table("Short connections with policy (connect, 100 B echo, close)",
-                  ["path", "conn/s (median)", "min–max", "× tcpfwd (median)", "× tcpfwd min–max"],
+                  ["path", "conn/s (median)", "min–max", "× tcpfwd (median)", "× tcpfwd min–max",
+                   "fwd CPU µs/conn", "× tcpfwd"],
                   rows, f"2 client processes, {rounds} interleaved rounds of {seconds:g} s per "
                   "path; × tcpfwd is the median over rounds of the path's rate divided by plain "
-                  "tcpfwd's rate in the same round.")]
+                  "tcpfwd's rate in the same round. CPU µs/conn is the forwarder process's "
+                  "user+sys CPU over all its rounds divided by the connections it carried: on "
+                  "a shared, loaded machine it is steadier than the rates.")]
 
 
 def main() -> None:
