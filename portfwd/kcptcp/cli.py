@@ -41,6 +41,9 @@ OPTIONS = f"""Options:
   --stats-interval <s>  seconds between stats lines, 0 = off [default: 60]
   --metrics <addr:port> serve Prometheus metrics at http://addr:port/metrics (off by default)
   --log-format <format> text (default) or json: one JSON object per log line
+  --allow <cidr>        only clients (client: TCP peers; server: UDP sources) in this
+                        network (repeatable; IPv4 or IPv6)
+  --deny <cidr>         never clients in this network (repeatable; wins over --allow)
   -h --help             show help
 """
 
@@ -52,6 +55,17 @@ SERVER_OPTIONS = """  --connect-timeout <s>
                         idle for 2 s is evicted, else new ones are refused [default: 4096]
   --max-pending <n>     conversations whose client has not yet sent an authenticated
                         packet; beyond, HELLOs are ignored [default: 256]
+  --proxy-protocol <v>  send a PROXY protocol header, v1 or v2, with the client's address
+                        (carried in the tunnel) to the target first
+"""
+
+# kcptcp-client's own options, likewise.
+CLIENT_OPTIONS = """  --max-conns <n>       connections at once; beyond, new ones are closed at
+                        once, 0 = no limit [default: 0]
+  --accept-proxy        every client starts with a PROXY protocol header (v1 or v2, 5 s to
+                        send it): its address is the client's
+  --proxy-from <cidr>   with --accept-proxy: only these peers may send one (repeatable;
+                        default: any)
 """
 
 ENVIRONMENT = f"""
@@ -70,28 +84,33 @@ FIELDS = {"daemonize": "-d", "pidfile": "-p", "reuseaddr": "-r", "reuseport": "-
           "interval": "--interval", "resend": "--resend", "nc": "--nc", "fec": "--fec",
           "sndwnd": "--sndwnd", "rcvwnd": "--rcvwnd", "keepalive": "--keepalive",
           "stats_interval": "--stats-interval",
-          "log_file": "--log-file", "metrics": "--metrics", "log_format": "--log-format"}
-CLIENT_FIELDS = {**FIELDS, "listen": "<local_tcp_addr:port>", "remote": "<remote_udp_addr:port>"}
+          "log_file": "--log-file", "metrics": "--metrics", "log_format": "--log-format",
+          "allow": "--allow", "deny": "--deny"}
+CLIENT_FIELDS = {**FIELDS, "listen": "<local_tcp_addr:port>", "remote": "<remote_udp_addr:port>",
+                 "max_conns": "--max-conns", "accept_proxy": "--accept-proxy",
+                 "proxy_from": "--proxy-from"}
 SERVER_FIELDS = {**FIELDS, "listen": "<local_udp_addr:port>", "target": "<target_tcp_addr:port>",
                  "connect_timeout": "--connect-timeout", "max_sessions": "--max-sessions",
-                 "max_pending": "--max-pending"}
+                 "max_pending": "--max-pending", "proxy_protocol": "--proxy-protocol"}
 
 CLIENT_USAGE = """kcptcp-client: TCP over KCP/UDP client.
 
 Usage:
-  kcptcp-client [options] <local_tcp_addr:port> <remote_udp_addr:port>
+  kcptcp-client [options] [--allow <cidr>]... [--deny <cidr>]... [--proxy-from <cidr>]...
+                <local_tcp_addr:port> <remote_udp_addr:port>
   kcptcp-client -h | --help
 
 Listens on a local TCP address and carries each connection as one KCP conversation over UDP
 to a kcptcp-server. AEAD encryption is enabled only when -K is given on both client and server.
 The TCP listener always sets SO_REUSEADDR; -r is accepted.
 
-{{OPTIONS}}""".replace("{{OPTIONS}}", OPTIONS + ENVIRONMENT)
+{{OPTIONS}}""".replace("{{OPTIONS}}", OPTIONS + CLIENT_OPTIONS + ENVIRONMENT)
 
 SERVER_USAGE = """kcptcp-server: KCP/UDP to TCP server.
 
 Usage:
-  kcptcp-server [options] <local_udp_addr:port> <target_tcp_addr:port>
+  kcptcp-server [options] [--allow <cidr>]... [--deny <cidr>]...
+                <local_udp_addr:port> <target_tcp_addr:port>
   kcptcp-server -h | --help
 
 Listens on a UDP address, accepts KCP sessions from kcptcp-client and bridges each to the

@@ -26,9 +26,11 @@ from portfwd.kcptcp.driver import (
 from portfwd.kcptcp.metrics import TunnelClientMetrics, render_client_totals
 from portfwd.runtime.acceptloop import AcceptLoop
 from portfwd.runtime.addr import format_sockaddr
+from portfwd.runtime.admission import Gate
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.metrics import ErrorCounts
 from portfwd.runtime.sockets import cooperative, set_buffers
+from portfwd.tunnel.origin import Origin
 from portfwd.tunnel.stream import Conversation
 from portfwd.tunnel.wire import NO_COOKIE
 
@@ -54,6 +56,8 @@ class TunnelClient(ConversationService):
         # carries it, so one round trip proves this host's address for all of them.
         self.cookie: bytes = NO_COOKIE
         self._faults = RateLimitedLog(log)
+        self.gate = Gate(config.admission)
+        self.pending = 0  # connections accepted and still at the gate
 
     def start(self) -> None:
         self.accept_loop.start()
@@ -68,7 +72,9 @@ class TunnelClient(ConversationService):
             conversations=len(self.drivers), finished=self.finished,
             accepted=self.accept_loop.accepted, accept_errors=self.accept_loop.errors.snapshot(),
             udp_open_failures=self.udp_open_failures.snapshot(), per_conversation=live,
-            totals=self._totals(live), closed=MappingProxyType(dict(self.closed)))
+            totals=self._totals(live), closed=MappingProxyType(dict(self.closed)),
+            denied=self.gate.denied, over_limit=self.gate.over_limit,
+            proxy_rejected=self.gate.proxy_rejected)
 
     def stop(self, timeout: float) -> None:
         if self._stats is not None:
@@ -81,6 +87,19 @@ class TunnelClient(ConversationService):
         return self.accept_loop.release()
 
     def _handle(self, accepted: socket.socket, peer: tuple) -> None:
+        # --allow/--deny, --max-conns, --accept-proxy: before any UDP is sent
+        self.pending += 1
+        try:
+            client = self.gate.admit(accepted, peer, len(self.drivers) + self.pending - 1)
+            local = None if client is None else client.local or accepted.getsockname()
+        except OSError:  # the client is gone already
+            client = local = None
+        finally:
+            self.pending -= 1
+        if client is None or local is None:
+            accepted.close()
+            return
+        origin = Origin(client.address[:2], local[:2])
         sock = cooperative(accepted)
         udp_sock: socket.socket | None = None
         try:
@@ -101,6 +120,9 @@ class TunnelClient(ConversationService):
         conv_id = random_conv()
         conv = Conversation.client(self.config.conversation, conv_id, self.remote.sockaddr,
                                    now_ms(), wall_ms(), self.cookie)
+        conv.send_origin(origin)  # the first record: who this connection is for
+        if client.early:  # bytes that came with a PROXY header
+            conv.send_stream_data(client.early)
         driver = ConversationDriver(conv, udp, f"conv={conv_id}", self.config.fec)
         self.drivers[conv_id] = driver
         receiver = gevent.spawn(self._receive, driver, udp)
@@ -108,7 +130,8 @@ class TunnelClient(ConversationService):
             driver.start_ticker()
             driver.transmit()  # the HELLO
             driver.attach_tcp(sock)
-            log.info("conv=%d open %s -> %s", conv_id, format_sockaddr(peer), self.remote)
+            log.info("conv=%d open %s -> %s", conv_id, format_sockaddr(client.address),
+                     self.remote)
             driver.wait_finished()
         finally:
             self._retire(driver)

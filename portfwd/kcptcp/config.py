@@ -3,9 +3,10 @@ configs of kcptcp-client (ClientConfig) and kcptcp-server (ServerConfig).
 
 Fields read by both: ``listen``, ``psk``, ``psk_file``, ``mtu``, ``sockbuf``, ``interval``,
 ``resend``, ``nc``, ``sndwnd``, ``rcvwnd``, ``keepalive``, ``stats_interval``, ``reuseaddr``,
-``reuseport``, ``v6only``, ``fec``; by the client only: ``remote`` (the server's UDP
-address); by the server only: ``target`` (TCP), ``connect_timeout``, ``max_sessions``,
-``max_pending``.
+``reuseport``, ``v6only``, ``fec``, ``allow``, ``deny``; by the client only: ``remote`` (the
+server's UDP address) and, through :func:`portfwd.runtime.admission.admission_config`,
+``max_conns``, ``accept_proxy``, ``proxy_from``; by the server only: ``target`` (TCP),
+``connect_timeout``, ``max_sessions``, ``max_pending``, ``proxy_protocol``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 
+from portfwd.policy.cidr import AccessList, CidrSet
 from portfwd.runtime.addr import Resolved
+from portfwd.runtime.admission import Admission, admission_config
 from portfwd.runtime.config import listen_options
 from portfwd.runtime.environment import PSK, Environment
 from portfwd.runtime.keyfile import read_psk_file
@@ -43,6 +46,7 @@ STATS_INTERVAL = 60  # s: --stats-interval default
 MAX_SESSIONS = 4096  # conversations held at once (each holds a target socket)
 MAX_PENDING = 256  # conversations whose client has not yet sent an authenticated packet
 REASSEMBLY_BYTES = 256 * 1024 * 1024  # bytes received from peers and not yet written, all sessions
+PROXY_VERSIONS = {"v1": 1, "v2": 2}  # --proxy-protocol
 LIMIT_MAX = 1 << 20  # conversations: bound of --max-sessions and --max-pending
 
 
@@ -67,6 +71,7 @@ class ClientConfig:
     udp_buffer: int = UDP_BUFFER  # bytes of SO_RCVBUF/SO_SNDBUF of each conversation's socket
     stats_interval: float = STATS_INTERVAL  # s between stats lines, 0 = off
     fec: FecSettings | None = None  # --fec: parity on what this end sends; None = off
+    admission: Admission = field(default_factory=Admission)  # --allow, --max-conns, ...
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,8 @@ class ServerConfig:
     stats_interval: float = STATS_INTERVAL  # s between stats lines, 0 = off
     fec: FecSettings | None = None  # --fec: parity on what this end sends; None = off
     limits: ServerLimits = field(default_factory=ServerLimits)
+    access: AccessList = field(default_factory=AccessList)  # --allow/--deny on UDP sources
+    proxy_protocol: int = 0  # --proxy-protocol: PROXY header version sent to the target, 0 = none
 
 
 def conversation_config(options: Options, env: Environment) -> ConversationConfig:
@@ -140,7 +147,8 @@ def client_config(options: Options, env: Environment) -> ClientConfig:
         listen=options.address("listen", socket.SOCK_STREAM, passive=True),
         remote=options.address("remote", socket.SOCK_DGRAM, passive=False),
         conversation=conversation, listen_options=listen_options(options),
-        udp_buffer=udp_buffer, stats_interval=stats_interval, fec=fec_settings(options))
+        udp_buffer=udp_buffer, stats_interval=stats_interval, fec=fec_settings(options),
+        admission=admission_config(options))
 
 
 def server_config(options: Options, env: Environment) -> ServerConfig:
@@ -159,4 +167,7 @@ def server_config(options: Options, env: Environment) -> ServerConfig:
         listen=listen, target=target, conversation=conversation,
         listen_options=listen_options(options, bufsize=udp_buffer),
         udp_buffer=udp_buffer, stats_interval=stats_interval, fec=fec_settings(options),
-        limits=limits)
+        limits=limits,
+        access=AccessList(CidrSet(options.cidrs("allow")), CidrSet(options.cidrs("deny"))),
+        proxy_protocol=PROXY_VERSIONS.get(
+            options.choice("proxy_protocol", tuple(PROXY_VERSIONS), "none"), 0))

@@ -43,6 +43,7 @@ from portfwd.runtime.sockets import READ, WRITE
 from portfwd.tunnel import events
 from portfwd.tunnel.fec import FecSettings
 from portfwd.tunnel.fec_channel import FecChannel
+from portfwd.tunnel.origin import Origin
 from portfwd.tunnel.stream import Conversation
 
 log = logging.getLogger(__name__)
@@ -208,10 +209,12 @@ class ConversationDriver:
     def start_ticker(self) -> None:
         self._greenlets.append(gevent.spawn(self._tick))
 
-    def attach_tcp(self, sock: gsocket) -> None:
-        """Start moving bytes between ``sock`` and the conversation."""
+    def attach_tcp(self, sock: gsocket,
+                   prelude: Callable[[Origin | None], bytes] | None = None) -> None:
+        """Start moving bytes between ``sock`` and the conversation; ``prelude`` (server,
+        --proxy-protocol) makes what is written to ``sock`` first from the client's ORIGIN."""
         self.tcp = sock
-        self._writer = gevent.spawn(self._tcp_writer, sock)
+        self._writer = gevent.spawn(self._tcp_writer, sock, prelude)
         self._greenlets += [gevent.spawn(self._tcp_reader, sock), self._writer]
 
     def _tick(self) -> None:
@@ -260,12 +263,19 @@ class ConversationDriver:
         except OSError as exc:
             self.abort(f"tcp read: {exc.strerror or exc}")
 
-    def _tcp_writer(self, sock: gsocket) -> None:
+    def _tcp_writer(self, sock: gsocket,
+                    prelude: Callable[[Origin | None], bytes] | None = None) -> None:
         """Peer bytes to TCP. Runs on after the conversation closed until what KCP already
         received is written: the peer closes once its data is *acknowledged*, which can be
         before we handed it all to TCP."""
         conv = self.conv
         try:
+            if prelude is not None:
+                while not conv.poll_origin():
+                    self._data.clear()
+                    if not conv.readable and not conv.closed:
+                        self._data.wait()
+                sock.sendall(prelude(conv.origin))
             while True:
                 data = conv.read()
                 if data is None:

@@ -107,6 +107,9 @@ class TunnelClientMetrics:
     per_conversation: tuple[ConversationMetrics, ...]  # live ones, oldest first
     totals: ConversationTotals = NO_TOTALS  # ended and live conversations summed
     closed: Mapping[str, int] = field(default_factory=lambda: NO_COUNTS)  # ended, by reason
+    denied: int = 0  # connections refused by --allow/--deny (before any UDP was sent)
+    over_limit: int = 0  # connections closed at once because --max-conns were open
+    proxy_rejected: int = 0  # --accept-proxy: header missing, malformed, late or untrusted
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,7 @@ class TunnelServerMetrics:
     rejected_malformed: int = 0  # HELLO-typed datagrams that are no well-formed HELLO
     rejected_cache_full: int = 0  # valid HELLOs refused: replay cache full (fails closed)
     kernel_drops: int = 0  # datagrams the kernel dropped on the UDP socket (buffer full)
+    denied: int = 0  # HELLOs dropped unread: their UDP source is refused by --allow/--deny
 
 
 def render_conversation(m: ConversationMetrics) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from types import MappingProxyType
 
 import gevent
@@ -36,6 +37,7 @@ from portfwd.kcptcp.driver import (
     wall_ms,
 )
 from portfwd.kcptcp.metrics import TunnelServerMetrics, render_server_totals
+from portfwd.policy.proxy import pack, pack_v1, pack_v2
 from portfwd.runtime.addr import format_sockaddr
 from portfwd.runtime.kerneldrops import KernelDrops
 from portfwd.runtime.logs import RateLimitedLog
@@ -43,11 +45,27 @@ from portfwd.runtime.metrics import ErrorCounts
 from portfwd.runtime.sockets import cooperative, dial_tcp, set_buffers
 from portfwd.tunnel.cookie import source_prefix
 from portfwd.tunnel.handshake import HandshakeAcceptor
+from portfwd.tunnel.origin import Origin
 from portfwd.tunnel.session import TunnelSession
 from portfwd.tunnel.stream import Conversation
 from portfwd.tunnel.wire import PREFIX_SIZE, TYPE_MASK, PacketType
 
 log = logging.getLogger(__name__)
+
+
+def proxy_prelude(version: int) -> Callable[[Origin | None], bytes] | None:
+    """--proxy-protocol: the PROXY header for the target, from the client's ORIGIN record
+    (authenticated in the tunnel); a stream without one gets an address-less header (v1
+    UNKNOWN, v2 UNSPEC), so the target uses the connection's own addresses."""
+    if not version:
+        return None
+
+    def prelude(origin: Origin | None) -> bytes:
+        if origin is None:
+            return pack_v1(None, None) if version == 1 else pack_v2(None, None)
+        return pack(version, origin.source, origin.destination)
+
+    return prelude
 
 PENDING_PREFIX_SHARE = 4  # a source prefix may hold 1/4 of --max-pending unconfirmed sessions
 EVICT_MIN_IDLE_MS = 2000  # ms without stream bytes before a session may be evicted at the cap
@@ -86,6 +104,9 @@ class TunnelServer(ConversationService):
         self._greenlets: list[gevent.Greenlet] = []
         self._stats: gevent.Greenlet | None = None
         self._faults = RateLimitedLog(log)
+        self.access = config.access if config.access.active else None  # --allow/--deny
+        self.denied = 0  # HELLOs dropped unread: their source is refused by --allow/--deny
+        self._prelude = proxy_prelude(config.proxy_protocol)
 
     def start(self) -> None:
         self._announce(f"udp {format_sockaddr(self.udp.sock.getsockname())}",
@@ -110,7 +131,7 @@ class TunnelServer(ConversationService):
             dial_failures=self.dial_failures.snapshot(), per_conversation=live,
             totals=self._totals(live), closed=MappingProxyType(dict(self.closed)),
             rejected_malformed=a.dropped_malformed, rejected_cache_full=a.dropped_cache_full,
-            kernel_drops=self._kernel_drops.read())
+            kernel_drops=self._kernel_drops.read(), denied=self.denied)
 
     def stop(self, timeout: float) -> None:
         self.accepting = False
@@ -151,6 +172,8 @@ class TunnelServer(ConversationService):
                     self.dropped_malformed += 1
                     continue
                 ptype = data[0] & TYPE_MASK
+                if ptype == _HELLO and self.access is not None and not self._permitted(addr):
+                    continue  # refused before any handshake work (no MAC, no cookie)
                 conv_id = int.from_bytes(data[1:PREFIX_SIZE], "big")
                 driver = drivers.get(conv_id)
                 if driver is None:
@@ -170,6 +193,15 @@ class TunnelServer(ConversationService):
                 driver.transmit()
             for reply, addr in self.handshakes.replies_to_send():  # COOKIEs, under load
                 self.udp.send([reply], addr)
+
+    def _permitted(self, addr: tuple) -> bool:
+        assert self.access is not None
+        if self.access.permits(addr[0]):
+            return True
+        self.denied += 1
+        self._faults.warning("acl", "HELLO from %s dropped: denied by --allow/--deny",
+                             format_sockaddr(addr))
+        return False
 
     def _new_conversation(self, hello: bytes, addr: tuple, now: int) -> ConversationDriver | None:
         # Checked before the acceptor so a refused HELLO is not consumed: the client's
@@ -281,7 +313,7 @@ class TunnelServer(ConversationService):
         if target is not None:
             log.info("%s open %s -> %s", driver.name, format_sockaddr(driver.conv.peer_addr),
                      self.target)
-            driver.attach_tcp(target)
+            driver.attach_tcp(target, self._prelude)
 
     def _dial(self, driver: ConversationDriver) -> gsocket | None:
         try:

@@ -86,6 +86,12 @@ class CidrSet:
 def address_key(address: str) -> tuple[int, int]:
     """(IP version, integer value) of an address string; v4-mapped IPv6 counts as IPv4; a
     scope id (``fe80::1%eth0``) is ignored. Raises ValueError for anything else."""
+    if ":" not in address:  # dotted quad: without ipaddress's parser (per connection)
+        parts = address.split(".")
+        if len(parts) == 4 and address.replace(".", "").isdigit() and address.isascii():
+            a, b, c, d = map(int, parts)
+            if a <= 255 and b <= 255 and c <= 255 and d <= 255:
+                return 4, (a << 24) | (b << 16) | (c << 8) | d
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if ip.version == 6:
         mapped = ip.ipv4_mapped  # type: ignore[union-attr]

@@ -18,11 +18,12 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from gevent.socket import wait_read
 
 from portfwd.policy.cidr import AccessList, CidrSet
-from portfwd.policy.proxy import MalformedHeader, ProxyParser
+from portfwd.policy.proxy import MalformedHeader, Parsed, ProxyParser
 from portfwd.runtime.addr import format_sockaddr
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.options import ConfigError, Options
@@ -58,12 +59,13 @@ def admission_config(options: Options) -> Admission:
                      proxy_from=CidrSet(proxy_from) if proxy_from else None)
 
 
-@dataclass(frozen=True)
-class Client:
-    """An admitted connection: who it is for and what was already read from it."""
+class Client(NamedTuple):
+    """An admitted connection: who it is for and what was already read from it (a tuple:
+    made per connection)."""
 
     address: tuple  # the client's (host, port): the PROXY header's source, else the TCP peer
-    local: tuple  # the address the client connected to (the header's destination, if any)
+    local: tuple | None  # the address the client connected to, when a PROXY header said so;
+    # None: the connection's own (``getsockname()``, asked only by who needs it)
     peer: tuple  # the TCP peer itself (the proxy, when a header came)
     early: bytes = b""  # stream bytes that arrived with the header: relay them first
 
@@ -93,7 +95,7 @@ class Gate:
             self._faults.warning("max-conns", "connection from %s refused: --max-conns %d "
                                  "reached", format_sockaddr(peer), admission.max_conns)
             return None
-        client = Client(address=peer, local=peer, peer=peer)
+        client = Client(address=peer, local=None, peer=peer)
         if admission.accept_proxy:
             client = self._read_header(sock, peer)
             if client is None:
@@ -110,7 +112,6 @@ class Gate:
         if admission.proxy_from is not None and peer[0] not in admission.proxy_from:
             return self._reject(peer, "not in --proxy-from")
         try:
-            local = sock.getsockname()
             parsed = read_proxy_header(sock, admission.header_timeout)
         except MalformedHeader as exc:
             return self._reject(peer, str(exc))
@@ -122,8 +123,8 @@ class Gate:
         header = parsed.header
         if not header.has_address or not isinstance(header.source, tuple):
             # LOCAL / UNKNOWN (a health check) or a UNIX address: the connection is its own.
-            return Client(address=peer, local=local, peer=peer, early=parsed.rest)
-        destination = header.destination if isinstance(header.destination, tuple) else local
+            return Client(address=peer, local=None, peer=peer, early=parsed.rest)
+        destination = header.destination if isinstance(header.destination, tuple) else None
         return Client(address=header.source, local=destination, peer=peer, early=parsed.rest)
 
     def _reject(self, peer: tuple, reason: str) -> None:
@@ -133,7 +134,7 @@ class Gate:
         return None
 
 
-def read_proxy_header(sock: socket.socket, timeout: float):  # -> policy.proxy.Parsed
+def read_proxy_header(sock: socket.socket, timeout: float) -> Parsed:
     """Read and parse one PROXY header (v1 or v2) within ``timeout`` seconds. Raises
     MalformedHeader (also for EOF before its end), TimeoutError or OSError. Leaves the socket
     non-blocking."""

@@ -15,7 +15,6 @@ import struct
 import time
 
 import gevent
-from gevent import get_hub
 
 from portfwd.policy.proxy import pack
 from portfwd.runtime.acceptloop import AcceptLoop
@@ -25,13 +24,14 @@ from portfwd.runtime.logs import RateLimitedLog, hot_info
 from portfwd.runtime.sockets import dial_tcp
 from portfwd.runtime.upstream import Destination, Upstreams
 from portfwd.runtime.workers import Workers
-from portfwd.tcpfwd.config import RelayLimits, TcpConfig
+from portfwd.tcpfwd.config import TcpConfig
 from portfwd.tcpfwd.metrics import TcpCounters, TcpMetrics
 from portfwd.tcpfwd.pump import Counter, RelaySocket, pump
+from portfwd.tcpfwd.timeouts import HalfCloseSweeper, IdleTimer
 
 log = logging.getLogger(__name__)
 
-NO_LIMITS = RelayLimits(idle_timeout=0.0, half_close_timeout=0.0)
+PRELUDE_PEEK = 16384  # bytes of client data sent along with the PROXY header, at most
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
 
 
@@ -85,6 +85,10 @@ class TcpForwarder:
             config.balancing, config.connect_timeout)
         self._single = self.upstreams.single  # one literal address: dial it directly
         self.pending = 0  # connections accepted and not yet relaying (reading, dialling)
+        self._gated = self.gate.checks
+        self._proxy = config.proxy_protocol  # PROXY header version to send, 0 = none
+        half_close = config.relay.half_close_timeout
+        self.sweeper = HalfCloseSweeper(half_close) if half_close else None
 
     def metrics(self) -> TcpMetrics:
         """A snapshot of the counters (no I/O; bytes of running relays included)."""
@@ -122,7 +126,7 @@ class TcpForwarder:
         client = None
         self.pending += 1
         try:
-            if self.gate.checks:  # --allow/--deny, --max-conns, --accept-proxy: before any dial
+            if self._gated:  # --allow/--deny, --max-conns, --accept-proxy: before any dial
                 client = self.gate.admit(accepted, peer,
                                          len(self.counters.live) + self.pending - 1)
                 if client is None:
@@ -140,43 +144,52 @@ class TcpForwarder:
         if dialled is None:
             return
         upstream = RelaySocket(dialled)
-        shown = peer if client is None else client.address
-        prelude = self._prelude(accepted, peer, client)
-        if prelude:
-            try:
-                upstream.send_all(prelude)
-            except OSError as exc:
-                self._faults.warning("prelude", "conn %d: sending to %s failed: %s", conn_id,
-                                     dest, exc.strerror or exc)
+        ahead = 0  # stream bytes sent with the prelude
+        if client is not None or self._proxy:
+            sent = self._send_prelude(conn_id, accepted, peer, client, upstream, dest)
+            if sent is None:
                 upstream.close()
                 accepted.close()
                 return
-        if shown is peer:
+            ahead = sent
+        if client is None or client.address is peer:
             hot_info(log, "conn %d open %s -> %s", conn_id, format_sockaddr(peer), dest)
         else:
-            hot_info(log, "conn %d open %s (via %s) -> %s", conn_id, format_sockaddr(shown),
-                     format_sockaddr(peer), dest)
+            hot_info(log, "conn %d open %s (via %s) -> %s", conn_id,
+                     format_sockaddr(client.address), format_sockaddr(peer), dest)
         relay = Relay(conn_id, RelaySocket(accepted), upstream, self.config.splice,
-                      self.counters, self.config.relay)
-        if client is not None:
-            relay.up.moved += len(client.early)
+                      self.counters, self.config.relay.idle_timeout, self.sweeper)
+        relay.up.moved += ahead
         relay.run(self.accept_loop.workers)
 
-    def _prelude(self, accepted: socket.socket, peer: tuple, client: Client | None) -> bytes:
-        """What goes to the destination before the relay: the PROXY header we send, then the
-        stream bytes that arrived with the header we read."""
-        early = b"" if client is None else client.early
-        version = self.config.proxy_protocol
-        if not version:
-            return early
-        if client is not None:
-            source, local = client.address, client.local
-        else:
-            try:
-                source, local = peer, accepted.getsockname()
-            except OSError:
-                return early
-        return pack(version, source[:2], local[:2]) + early
+    def _send_prelude(self, conn_id: int, accepted: socket.socket, peer: tuple,
+                      client: Client | None, upstream: RelaySocket, dest: Resolved) -> int | None:
+        """Send what goes to the destination before the relay: the PROXY header, then the
+        stream bytes that arrived with a header we read. Returns how many stream bytes went
+        ahead of the relay, None if sending failed (logged)."""
+        data = b"" if client is None else client.early
+        ahead = len(data)  # stream bytes among ``data``
+        try:
+            if self._proxy:
+                source = peer if client is None else client.address
+                local = None if client is None else client.local
+                data = pack(self._proxy, source[:2], (local or accepted.getsockname())[:2]) + data
+                # What the client sent already goes in the same segment as the header: on
+                # loopback a segment of its own costs the forwarder ~10 us more per connection.
+                accepted.setblocking(False)  # as RelaySocket would (accepted ones block)
+                try:
+                    first = accepted.recv(PRELUDE_PEEK)
+                except BlockingIOError:
+                    first = b""
+                data += first
+                ahead += len(first)
+            if data:
+                upstream.send_all(data)
+        except OSError as exc:
+            self._faults.warning("prelude", "conn %d: sending to %s failed: %s", conn_id, dest,
+                                 exc.strerror or exc)
+            return None
+        return ahead
 
     def _dial_upstream(self, conn_id: int) -> tuple[socket.socket | None, Resolved | None]:
         if self._single is not None:
@@ -217,10 +230,11 @@ class Relay:
     """
 
     __slots__ = ("conn_id", "client", "upstream", "splice", "started", "up", "down", "running",
-                 "error", "cut", "counters", "limits", "timer", "seen", "quiet_since")
+                 "error", "cut", "counters", "idle", "sweeper")
 
     def __init__(self, conn_id: int, client: RelaySocket, upstream: RelaySocket,
-                 splice: bool, counters: TcpCounters, limits: RelayLimits = NO_LIMITS) -> None:
+                 splice: bool, counters: TcpCounters, idle_timeout: float = 0.0,
+                 sweeper: HalfCloseSweeper | None = None) -> None:
         self.conn_id = conn_id
         self.client, self.upstream = client, upstream
         self.splice = splice
@@ -230,17 +244,12 @@ class Relay:
         self.error = ""  # the first socket error is the connection's fate; later ones are echoes
         self.cut = False  # killed at the end of the drain period
         self.counters = counters  # the forwarder's: live while running, totals once closed
-        self.limits = limits
-        self.timer = None  # the libev timer of --idle-timeout, then of --half-close-timeout
-        self.seen = 0  # bytes moved both ways at the last idle check
-        self.quiet_since = self.started  # s (monotonic): when the byte count last changed
-        if limits.idle_timeout:
-            # Checked a few times per period from the hub instead of re-arming a timer per
-            # read: the pumps stay as they are, and a relay closes within 1.25x the timeout.
-            every = max(0.05, limits.idle_timeout / 4)
-            self.timer = get_hub().loop.timer(every, every)
-            self.timer.start(self._idle_check)
+        self.sweeper = sweeper  # --half-close-timeout, shared by the forwarder's relays
+        self.idle = IdleTimer(self, idle_timeout, self._moved) if idle_timeout else None
         counters.live.add(self)
+
+    def _moved(self) -> int:
+        return self.up.moved + self.down.moved
 
     def run(self, workers: Workers) -> None:
         """Pump up here, down in another job; returns when up is over (down may go on)."""
@@ -263,23 +272,14 @@ class Relay:
             self.running -= 1
             if not self.running:
                 self._close()
-            elif self.limits.half_close_timeout and not self.error:
-                self._stop_timer()  # the idle check gives way: one direction is over
-                self.timer = get_hub().loop.timer(self.limits.half_close_timeout)
-                self.timer.start(self._expire, "half-close timeout")
+            elif self.sweeper is not None and not self.error:
+                if self.idle is not None:  # one direction is over: the idle check gives way
+                    self.idle.stop()
+                self.sweeper.add(self)
 
-    def _idle_check(self) -> None:
-        """A hub callback: close the relay once no byte moved for --idle-timeout seconds."""
-        moved, now = self.up.moved + self.down.moved, time.monotonic()
-        if moved != self.seen:
-            self.seen, self.quiet_since = moved, now
-        elif now - self.quiet_since >= self.limits.idle_timeout:
-            self._expire("idle timeout")
-
-    def _expire(self, reason: str) -> None:
-        """A hub callback (must not block): shut both sockets down, which wakes each pump with
-        EOF or an error; the last one to end closes the relay as usual."""
-        self._stop_timer()
+    def expire(self, reason: str) -> None:
+        """A timeout (called in the hub, must not block): shut both sockets down, which wakes
+        each pump with EOF or an error; the last one to end closes the relay as usual."""
         if reason == "idle timeout":
             self.counters.idle_timeouts += 1
         else:
@@ -289,14 +289,11 @@ class Relay:
             with contextlib.suppress(OSError):
                 end.shutdown(socket.SHUT_RDWR)
 
-    def _stop_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.stop()
-            self.timer.close()
-            self.timer = None
-
     def _close(self) -> None:
-        self._stop_timer()
+        if self.idle is not None:
+            self.idle.stop()
+        if self.sweeper is not None:
+            self.sweeper.discard(self)
         counters = self.counters
         counters.live.discard(self)
         counters.closed += 1

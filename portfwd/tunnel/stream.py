@@ -26,6 +26,7 @@ from portfwd.kcp import Kcp, KcpConfig, ReassemblyBudget
 from portfwd.kcp.engine import DEAD_LINK_XMIT, FRG_MAX, WND_RCV_MIN
 from portfwd.tunnel import events
 from portfwd.tunnel.hello import MAX_HELLOS
+from portfwd.tunnel.origin import RECORD_ORIGIN, MalformedOrigin, Origin, pack_origin, unpack_origin
 from portfwd.tunnel.session import (
     CLOSE_LOCAL,
     OVERHEAD,
@@ -45,11 +46,13 @@ WINDOW_PROBE_INIT_MS = 100  # ms
 WINDOW_PROBE_LIMIT_MS = 1000  # ms
 SEND_QUEUE_FACTOR = 2  # can_send() while KCP holds < factor x send window segments
 CLOSE_LINK_DEAD = "link dead"  # KCP sent one segment dead_link times without an ack
-CLOSE_BAD_RECORD = "malformed stream record"  # empty, unknown type, or FIN with a payload
+CLOSE_BAD_RECORD = "malformed stream record"  # empty, unknown type, FIN with a payload, or a
+# misplaced or malformed ORIGIN
 CLOSE_FINISHED = "finished"  # both directions ended and everything was acknowledged
 
 _FIN = bytes([RECORD_FIN])
 _DATA = bytes([RECORD_DATA])
+_ORIGIN = bytes([RECORD_ORIGIN])
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,9 @@ class Conversation:
         self.bytes_sent: int = 0  # stream bytes queued to the peer
         self.bytes_received: int = 0  # stream bytes read from the peer
         self.malformed_records: int = 0  # records that broke the format (closes the stream)
+        self.origin: Origin | None = None  # the peer's ORIGIN record, once read
+        self._started: bool = False  # the stream's first record was looked at
+        self._stash: bytes | None = None  # that record, when poll_origin() found no ORIGIN
         self.dropped_oversize: int = 0  # datagrams longer than mtu, dropped unopened
 
     @classmethod
@@ -177,6 +183,38 @@ class Conversation:
         self.bytes_sent += len(data)
         self._kick = True
 
+    def send_origin(self, origin: Origin) -> None:
+        """Client: say who the connection is for, as the stream's first record (before any
+        DATA; the session authenticates it like every record)."""
+        if self.bytes_sent or self.eof_sent:
+            raise ValueError("ORIGIN after stream data")
+        self.kcp.send(pack_origin(origin))
+        self._kick = True
+
+    def poll_origin(self) -> bool:
+        """Server: True once the stream's start has arrived (or the conversation closed):
+        ``origin`` is then the client's ORIGIN, or None when the stream began without one.
+        Consumes only an ORIGIN record; anything else stays for :meth:`read`."""
+        if self._started:
+            return True
+        record = self.kcp.recv()
+        if record is None:
+            return self.closed
+        self._kick = True
+        self._started = True
+        if record[:1] == _ORIGIN:
+            self._take_origin(record)
+        else:
+            self._stash = record
+        return True
+
+    def _take_origin(self, record: bytes) -> None:
+        try:
+            self.origin = unpack_origin(record)
+        except MalformedOrigin:
+            self.malformed_records += 1
+            self._close(CLOSE_BAD_RECORD)
+
     def send_eof(self) -> None:
         """Our TCP side reached EOF: queue a FIN record behind the data (half-close)."""
         if not self.eof_sent:
@@ -188,11 +226,18 @@ class Conversation:
         """Next stream bytes from the peer; b"" once at the peer's EOF; None if nothing is ready."""
         if self.eof_received:
             return None
-        record = self.kcp.recv()
+        record, self._stash = self._stash, None
         if record is None:
-            return None
-        self._kick = True  # reading may reopen our receive window: tell the peer promptly
+            record = self.kcp.recv()
+            if record is None:
+                return None
+            self._kick = True  # reading may reopen our receive window: tell the peer promptly
         kind = record[:1]
+        if kind == _ORIGIN and not self._started:  # only as the first record
+            self._started = True
+            self._take_origin(record)
+            return None if self.closed else self.read()
+        self._started = True
         if kind == _DATA and 1 < len(record) <= MAX_RECORD_SIZE:
             self.bytes_received += len(record) - 1
             return record[1:]
@@ -207,7 +252,7 @@ class Conversation:
 
     @property
     def readable(self) -> bool:
-        return not self.eof_received and self.kcp.peeksize() >= 0
+        return not self.eof_received and (self._stash is not None or self.kcp.peeksize() >= 0)
 
     def discard_received(self) -> None:
         """Drop whatever was received and not read (the driver is done with this conversation),

@@ -1,0 +1,132 @@
+"""tcpfwd's per-connection policy vs plain tcpfwd, same run: short connections per second.
+
+    python bench/bench_policy.py [--quick] [--rounds N] [--seconds S]
+
+Paths (each a tcpfwd in front of the same echo server): plain; ``--proxy-protocol v2`` (the
+client reads the 28-byte header back with its echo); a 100-entry ``--allow`` list whose
+matching entry is the last one given. Rounds interleave the paths and each path's rate is
+divided by plain tcpfwd's rate in the same round (bench_tcp.py's method). Loopback only,
+bounded in time; never a timed test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import multiprocessing
+import os
+import socket
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_tcp import interleaved  # noqa: E402
+from common import (  # noqa: E402
+    Table,
+    cpu_seconds,
+    free_port,
+    print_tables,
+    process,
+    raise_fd_limit,
+    tool,
+    wait_port,
+)
+
+PAYLOAD = 100  # bytes echoed per connection
+PROXY_V2_IPV4 = 28  # bytes: the v2 header of a TCP-over-IPv4 connection, echoed back too
+ALLOW_100 = [f"10.{i // 256}.{i % 256}.0/24" for i in range(99)] + ["127.0.0.0/8"]
+
+PATHS = {  # name -> (extra tcpfwd flags, bytes the client reads back)
+    "tcpfwd": ([], PAYLOAD),
+    "tcpfwd (a second one: the noise floor)": ([], PAYLOAD),
+    "tcpfwd --proxy-protocol v2": (["--proxy-protocol", "v2"], PAYLOAD + PROXY_V2_IPV4),
+    "tcpfwd 100-entry --allow": ([a for cidr in ALLOW_100 for a in ("--allow", cidr)], PAYLOAD),
+}
+
+
+def _worker(port: int, seconds: float, expect: int, queue) -> None:
+    count, payload = 0, b"x" * PAYLOAD
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(payload)
+            got = 0
+            while got < expect:
+                data = sock.recv(expect)
+                if not data:
+                    raise RuntimeError(f"closed after {got} of {expect} bytes")
+                got += len(data)
+        count += 1
+    queue.put(count)
+
+
+def short_connections(port: int, seconds: float, expect: int, workers: int = 2) -> float:
+    queue = multiprocessing.Queue()
+    procs = [multiprocessing.Process(target=_worker, args=(port, seconds, expect, queue))
+             for _ in range(workers)]
+    for p in procs:
+        p.start()
+    total = sum(queue.get(timeout=seconds + 30) for _ in procs)
+    for p in procs:
+        p.join()
+    return total / seconds
+
+
+def measure(rounds: int, seconds: float) -> list[Table]:
+    raise_fd_limit()
+    echo_port = free_port()
+    ports: dict[str, int] = {}
+    pids: dict[str, int] = {}
+    cpu: dict[str, float] = dict.fromkeys(PATHS, 0.0)  # forwarder CPU s during the rounds
+    made: dict[str, float] = dict.fromkeys(PATHS, 0.0)  # connections made in the rounds
+    with process([sys.executable, os.path.join(os.path.dirname(__file__), "echo_server.py"),
+                  str(echo_port)]), contextlib.ExitStack() as running:
+        wait_port(echo_port)
+        for name, (flags, _) in PATHS.items():
+            listen = free_port()
+            proc = running.enter_context(process(tool(
+                "tcpfwd", *flags, f"127.0.0.1:{listen}", f"127.0.0.1:{echo_port}")))
+            wait_port(listen, proc=proc)
+            ports[name] = listen
+            pids[name] = proc.pid
+        time.sleep(0.2)
+
+        def one_round(name: str) -> float:
+            before = cpu_seconds(pids[name])
+            rate = short_connections(ports[name], seconds, PATHS[name][1])
+            cpu[name] += cpu_seconds(pids[name]) - before
+            made[name] += rate * seconds
+            return rate
+
+        rates = interleaved(list(PATHS), rounds, one_round)
+    rows = []
+    for name, values in rates.items():
+        paired = sorted(v / p for v, p in zip(values, rates["tcpfwd"], strict=True) if p)
+        per_conn = cpu[name] / made[name] * 1e6 if made[name] else 0.0
+        base = cpu["tcpfwd"] / made["tcpfwd"] * 1e6 if made["tcpfwd"] else 0.0
+        rows.append([name, f"{statistics.median(values):.0f}",
+                     f"{min(values):.0f}–{max(values):.0f}", f"{statistics.median(paired):.3f}×",
+                     f"{paired[0]:.3f}–{paired[-1]:.3f}", f"{per_conn:.0f}",
+                     f"{per_conn / base:.3f}×" if base else "-"])
+    return [Table("Short connections with policy (connect, 100 B echo, close)",
+                  ["path", "conn/s (median)", "min–max", "× tcpfwd (median)", "× tcpfwd min–max",
+                   "fwd CPU µs/conn", "× tcpfwd"],
+                  rows, f"2 client processes, {rounds} interleaved rounds of {seconds:g} s per "
+                  "path; × tcpfwd is the median over rounds of the path's rate divided by plain "
+                  "tcpfwd's rate in the same round. CPU µs/conn is the forwarder process's "
+                  "user+sys CPU over all its rounds divided by the connections it carried: on "
+                  "a shared, loaded machine it is steadier than the rates.")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny run to check the script works")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--seconds", type=float, default=2.0, help="per path per round")
+    opts = parser.parse_args()
+    print_tables(measure(1, 0.5) if opts.quick else measure(opts.rounds, opts.seconds))
+
+
+if __name__ == "__main__":
+    main()

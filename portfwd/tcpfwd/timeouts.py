@@ -1,0 +1,88 @@
+"""--idle-timeout and --half-close-timeout of tcpfwd's relays, on libev timers in the hub.
+
+The pumps stay as they are: a timeout shuts both sockets of its relay down, which wakes each
+pump with EOF or an error, and the relay ends as after any other error. Timer callbacks run in
+the hub, so they only call non-blocking ``shutdown()``.
+
+Cost on the short-connection path: every relay becomes half-closed for a moment (one
+direction ends first), so the half-close timeout must be cheap to arm and disarm. One sweeper
+per forwarder holds the half-closed relays in arrival order (one timeout for all, so that is
+deadline order) and one timer checks the oldest: a dict insert and a pop per connection, no
+timer object per relay. The idle timeout, when asked for, does take a timer per relay.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+from gevent import get_hub
+
+SWEEP_MAX = 1.0  # s between two sweeps at most (a relay closes at most this late)
+SWEEP_MIN = 0.05  # s
+
+
+class Expirable(Protocol):
+    def expire(self, reason: str) -> None: ...
+
+
+class HalfCloseSweeper:
+    """Closes relays that stayed half-closed for ``timeout`` seconds."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.every = min(SWEEP_MAX, max(SWEEP_MIN, timeout / 4))
+        self.waiting: dict[Expirable, float] = {}  # relay -> deadline (s, monotonic), in order
+        self.timer = None
+
+    def add(self, relay: Expirable) -> None:
+        self.waiting[relay] = time.monotonic() + self.timeout
+        if self.timer is None:
+            self.timer = get_hub().loop.timer(self.every, self.every)
+            self.timer.start(self._sweep)
+
+    def discard(self, relay: Expirable) -> None:
+        self.waiting.pop(relay, None)
+
+    def _sweep(self) -> None:
+        now, waiting = time.monotonic(), self.waiting
+        while waiting:
+            relay, deadline = next(iter(waiting.items()))
+            if deadline > now:
+                return
+            del waiting[relay]
+            relay.expire("half-close timeout")
+        self.timer.stop()
+        self.timer.close()
+        self.timer = None
+
+
+class IdleTimer:
+    """One relay's --idle-timeout: checked a few times per period instead of re-armed per read
+    (the pumps only count bytes), so a relay closes within 1.25x the timeout."""
+
+    __slots__ = ("timeout", "timer", "seen", "quiet_since", "relay", "moved")
+
+    def __init__(self, relay: Expirable, timeout: float, moved) -> None:
+        self.relay = relay
+        self.timeout = timeout
+        self.moved = moved  # () -> bytes moved both ways so far
+        self.seen = 0
+        self.quiet_since = time.monotonic()
+        every = max(SWEEP_MIN, timeout / 4)
+        self.timer = get_hub().loop.timer(every, every)
+        self.timer.start(self._check)
+
+    def _check(self) -> None:
+        moved, now = self.moved(), time.monotonic()
+        if moved != self.seen:
+            self.seen, self.quiet_since = moved, now
+        elif now - self.quiet_since >= self.timeout:
+            self.stop()
+            self.relay.expire("idle timeout")
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.stop()
+            self.timer.close()
+            self.timer = None

@@ -1,0 +1,111 @@
+"""Traffic policy through the tunnel, the real processes on loopback: the client's address
+carried inside the authenticated tunnel to kcptcp-server --proxy-protocol (nginx shows it),
+kcptcp-client --accept-proxy behind HAProxy, --allow/--deny and --max-conns on kcptcp-client,
+--allow/--deny on kcptcp-server's UDP sources."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+
+import pytest
+from conftest import EchoServer, connect, free_port
+from proxy_peers import haproxy, http_get, needs_haproxy, needs_nginx, nginx, wait_for
+
+PSK = "0123456789abcdef" * 4
+
+
+def start_tunnel(tool, target_port: int, server_extra: tuple = (), client_extra: tuple = ()):
+    udp = free_port(socket.AF_INET, socket.SOCK_DGRAM)
+    tcp = free_port()
+    server = tool("kcptcp-server", "-K", PSK, *server_extra, f"127.0.0.1:{udp}",
+                  f"127.0.0.1:{target_port}")
+    client = tool("kcptcp-client", "-K", PSK, *client_extra, f"127.0.0.1:{tcp}",
+                  f"127.0.0.1:{udp}")
+    server.wait_for_log("tunnelling")
+    client.wait_for_log("tunnelling")
+    return tcp, server, client
+
+
+def roundtrip(sock: socket.socket, payload: bytes = b"ping") -> bytes:
+    sock.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        data = sock.recv(65536)
+        if not data:
+            break
+        got += data
+    return got
+
+
+def connect_from(source: str, port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.settimeout(10)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+@needs_nginx
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_nginx_behind_the_tunnel_sees_the_client_address(tool, tmp_path, version):
+    with nginx(str(tmp_path)) as web:
+        port, server, client = start_tunnel(tool, web.port,
+                                            server_extra=("--proxy-protocol", version))
+        response, client_port = http_get(port, source="127.0.0.2")
+        assert response.startswith(b"HTTP/1.1 200"), (server.log(), web.error_log())
+        seen = wait_for(web.seen)
+        assert ("127.0.0.2", str(client_port), "127.0.0.1") in seen, (seen, web.error_log())
+
+
+@needs_nginx
+@needs_haproxy
+def test_haproxy_then_tunnel_then_nginx_keeps_the_client(tool, tmp_path):
+    with nginx(str(tmp_path)) as web:
+        port, server, client = start_tunnel(
+            tool, web.port, server_extra=("--proxy-protocol", "v2"),
+            client_extra=("--accept-proxy", "--proxy-from", "127.0.0.1"))
+        with haproxy(str(tmp_path), f"127.0.0.1:{port}", "send-proxy-v2") as front:
+            response, client_port = http_get(front.port, source="127.0.0.3")
+        assert response.startswith(b"HTTP/1.1 200"), client.log()
+        seen = wait_for(web.seen)
+        assert ("127.0.0.3", str(client_port), "127.0.0.1") in seen, (seen, client.log())
+
+
+def test_client_deny_and_max_conns(tool):
+    echo = EchoServer()
+    port, server, client = start_tunnel(
+        tool, echo.port, client_extra=("--deny", "127.0.0.2", "--max-conns", "2"))
+    with connect_from("127.0.0.2", port) as sock:
+        assert sock.recv(1) == b""
+    client.wait_for_log(r"connection from 127.0.0.2:\d+ denied by --allow/--deny")
+    assert echo.accepted == 0
+    held = [connect("127.0.0.1", port) for _ in range(2)]
+    for sock in held:
+        assert roundtrip(sock) == b"ping"
+    extra = [connect("127.0.0.1", port) for _ in range(3)]
+    for sock in extra:
+        sock.settimeout(10)
+        try:
+            assert sock.recv(1) == b""
+        except ConnectionResetError:
+            pass
+    client.wait_for_log(r"--max-conns 2 reached")
+    assert echo.accepted == 2
+    for sock in held + extra:
+        sock.close()
+    echo.close()
+
+
+def test_server_denies_the_udp_source_before_any_handshake_work(tool):
+    echo = EchoServer()
+    port, server, client = start_tunnel(tool, echo.port, server_extra=("--deny", "127.0.0.0/8"))
+    with connect("127.0.0.1", port) as sock:
+        sock.settimeout(1)
+        sock.sendall(b"never arrives")
+        server.wait_for_log(r"HELLO from 127.0.0.1:\d+ dropped: denied by --allow/--deny")
+        time.sleep(0.5)
+    assert echo.accepted == 0
+    assert not re.search(r"conv=\d+ open", server.log())
+    echo.close()
