@@ -77,7 +77,7 @@ def test_path_validation_types() -> None:
     # docs/PROTOCOL.md: PATH_CHALLENGE = 8, PATH_RESPONSE = 9, both sealed, 8-byte bodies.
     assert (PacketType.PATH_CHALLENGE, PacketType.PATH_RESPONSE) == (8, 9)
     assert {PacketType.PATH_CHALLENGE, PacketType.PATH_RESPONSE} <= wire.SECURED_TYPES
-    assert wire.CHALLENGE_SIZE == 8 and wire.PROTOCOL_VERSION == 2
+    assert wire.CHALLENGE_SIZE == 8 and wire.PROTOCOL_VERSION >= 2
 
 
 def test_welcome_is_smaller_than_hello() -> None:

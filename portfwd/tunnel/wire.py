@@ -20,7 +20,8 @@ import enum
 import struct
 from typing import NamedTuple
 
-PROTOCOL_VERSION = 2  # carried in HELLO and WELCOME (2: X25519 key shares, path validation)
+PROTOCOL_VERSION = 3  # carried in HELLO, WELCOME and PROBE (2: X25519 key shares, path
+# validation; 3: liveness probes, PROBE / UNKNOWN)
 PHASE_BIT = 0x80  # key phase flag in the type byte
 TYPE_MASK = 0x7F  # packet type bits of the type byte
 PREFIX_SIZE = 5  # bytes: type + conv, common to every packet
@@ -72,6 +73,8 @@ class PacketType(enum.IntEnum):
     PATH_CHALLENGE = 8  #: "do you receive me at this address?", 8 random bytes, sealed
     PATH_RESPONSE = 9  #: echo of a PATH_CHALLENGE's bytes, sealed
     COOKIE = 10  #: server -> client under load: "repeat your HELLO with this cookie" (no MAC)
+    PROBE = 11  #: client -> server: "do you hold this conversation?" (HMAC, probe.py)
+    UNKNOWN = 12  #: server -> client: "no such conversation here" (HMAC, bound to the PROBE)
 
 
 SECURED_TYPES = frozenset(
