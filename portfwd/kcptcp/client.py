@@ -31,6 +31,7 @@ from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.metrics import ErrorCounts
 from portfwd.runtime.sockets import cooperative, set_buffers
 from portfwd.tunnel.origin import Origin
+from portfwd.tunnel.session import CLOSE_HANDSHAKE_TIMEOUT
 from portfwd.tunnel.stream import Conversation
 from portfwd.tunnel.wire import NO_COOKIE
 
@@ -141,6 +142,11 @@ class TunnelClient(ConversationService):
             log.info("conv=%d closed (%s): %d bytes up, %d down, %.1f s", conv_id,
                      driver.close_reason, conv.bytes_sent, conv.bytes_received,
                      time.monotonic() - driver.started)
+            if driver.close_reason == CLOSE_HANDSHAKE_TIMEOUT:
+                # A dead server and a wrong key look the same from here: say both.
+                self._faults.warning("handshake", "handshake timeout: no answer from %s: the "
+                                     "server is down or unreachable, or its key differs from "
+                                     "ours (another -K, or -K on one side only)", self.remote)
 
     def _receive(self, driver: ConversationDriver, udp: UdpEndpoint) -> None:
         session = driver.conv.session

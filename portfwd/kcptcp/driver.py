@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,13 +45,14 @@ from portfwd.tunnel import events
 from portfwd.tunnel.fec import FecSettings
 from portfwd.tunnel.fec_channel import FecChannel
 from portfwd.tunnel.origin import Origin
-from portfwd.tunnel.stream import Conversation
+from portfwd.tunnel.stream import CLOSE_UNKNOWN, Conversation
 
 log = logging.getLogger(__name__)
 
 TCP_CHUNK = 64 * 1024  # bytes per TCP read
 UDP_RECV_SIZE = 65536  # bytes: any datagram fits
 DRAIN_TIMEOUT = 10.0  # s to write out what was received after the conversation closed
+RESET_LINGER = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 RECV_BATCH = 64  # datagrams read without yielding before one transmit per touched conversation
 
 _faults = RateLimitedLog(log)
@@ -131,6 +133,7 @@ class ConversationDriver:
         self.established = gevent.event.Event()
         self.finished = gevent.event.Event()
         self.close_reason = ""
+        self.reset_tcp = False  # close the tcp side with RST (SO_LINGER 0), not FIN
         self._wake = gevent.event.Event()  # ticker: deadline may have moved earlier
         self._room = gevent.event.Event()  # tcp reader: conversation can take more
         self._data = gevent.event.Event()  # tcp writer: records are waiting
@@ -185,6 +188,9 @@ class ConversationDriver:
             self.established.set()
         elif isinstance(event, events.ConnectionClosed):
             self.close_reason = event.reason
+            # The peer lost the conversation: what we hold can never arrive, so the local
+            # application is told at once and unmistakably (RST), not with a clean EOF.
+            self.reset_tcp = event.reason == CLOSE_UNKNOWN
             self._room.set()
             self._data.set()
             self._wake.set()
@@ -317,6 +323,8 @@ class ConversationDriver:
         current = gevent.getcurrent()
         gevent.killall([g for g in self._greenlets if g is not current], block=True, timeout=2)
         if self.tcp is not None:
+            if self.reset_tcp:
+                self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_LINGER)
             self.tcp.close()
 
 

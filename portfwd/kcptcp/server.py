@@ -46,6 +46,7 @@ from portfwd.runtime.sockets import cooperative, dial_tcp, set_buffers
 from portfwd.tunnel.cookie import source_prefix
 from portfwd.tunnel.handshake import HandshakeAcceptor
 from portfwd.tunnel.origin import Origin
+from portfwd.tunnel.probe import ProbeResponder
 from portfwd.tunnel.session import TunnelSession
 from portfwd.tunnel.stream import Conversation
 from portfwd.tunnel.wire import PREFIX_SIZE, TYPE_MASK, PacketType
@@ -70,6 +71,8 @@ def proxy_prelude(version: int) -> Callable[[Origin | None], bytes] | None:
 PENDING_PREFIX_SHARE = 4  # a source prefix may hold 1/4 of --max-pending unconfirmed sessions
 EVICT_MIN_IDLE_MS = 2000  # ms without stream bytes before a session may be evicted at the cap
 _HELLO = int(PacketType.HELLO)
+_PROBE = int(PacketType.PROBE)
+_UNSEALED = (_HELLO, _PROBE)  # what a client sends before it holds session keys
 
 
 class TunnelServer(ConversationService):
@@ -84,8 +87,13 @@ class TunnelServer(ConversationService):
         self._kernel_drops = KernelDrops(udp_sock)
         # HELLOs stamped before this moment were made for an earlier process (or replayed
         # from one): refused, so a restart cannot be used to replay a recorded handshake.
-        self.handshakes = HandshakeAcceptor(config.conversation.tunnel,
-                                            started_wall_ms=wall_ms())
+        started = wall_ms()
+        self.handshakes = HandshakeAcceptor(config.conversation.tunnel, started_wall_ms=started)
+        # PROBEs for convs we do not hold (we restarted, or forgot them): an UNKNOWN each, once.
+        tunnel = config.conversation.tunnel
+        self.probes = ProbeResponder(tunnel.psk, tunnel.timestamp_window_ms,
+                                     self.handshakes.first_sight, started_wall_ms=started)
+        self.probes_known = 0  # PROBEs for a conversation we hold: its packets answer them
         self.reassembly = ReassemblyBudget(self.limits.reassembly_bytes)
         self.conversations = gevent.pool.Group()
         self.dropped_unknown = 0  # datagrams for no conversation that are not a HELLO
@@ -134,11 +142,14 @@ class TunnelServer(ConversationService):
             kernel_drops=self._kernel_drops.read(), denied=self.denied)
 
     def stop(self, timeout: float) -> None:
+        """Tell every peer at once (an authenticated CLOSE per conversation), so its client
+        closes the application's connection now instead of after a silence; then wait only
+        until what was already received is written to the targets (at most ``timeout``), so
+        the UDP port is free for a restarted server as soon as nothing is left to drain."""
         self.accepting = False
-        self.conversations.join(timeout=timeout)
         for driver in list(self.drivers.values()):
             driver.abort("shutting down")
-        self.conversations.join(timeout=1)
+        self.conversations.join(timeout=timeout)
         self.conversations.kill(timeout=1)
         gevent.killall([*self._greenlets, *filter(None, [self._stats])])
         self.udp.close()
@@ -172,10 +183,13 @@ class TunnelServer(ConversationService):
                     self.dropped_malformed += 1
                     continue
                 ptype = data[0] & TYPE_MASK
-                if ptype == _HELLO and self.access is not None and not self._permitted(addr):
+                if ptype in _UNSEALED and self.access is not None and not self._permitted(addr):
                     continue  # refused before any handshake work (no MAC, no cookie)
                 conv_id = int.from_bytes(data[1:PREFIX_SIZE], "big")
                 driver = drivers.get(conv_id)
+                if ptype == _PROBE:
+                    self._probed(driver, data, addr, now)
+                    continue
                 if driver is None:
                     if ptype != _HELLO or not self.accepting:
                         self.dropped_unknown += 1
@@ -202,6 +216,20 @@ class TunnelServer(ConversationService):
         self._faults.warning("acl", "HELLO from %s dropped: denied by --allow/--deny",
                              format_sockaddr(addr))
         return False
+
+    def _probed(self, driver: ConversationDriver | None, probe: bytes, addr: tuple,
+                now: int) -> None:
+        """A client asks whether we hold its conversation (probe.py): if not, an UNKNOWN (21
+        bytes for 46) for a PROBE that verifies and was never seen; otherwise nothing, but the
+        nonce is remembered all the same, so a copy replayed after the conversation ended
+        gets no answer either."""
+        if driver is not None:
+            self.probes_known += 1
+            self.probes.verify(probe, wall_ms())
+            return
+        reply = self.probes.answer(probe, now, wall_ms())
+        if reply is not None:
+            self.udp.send([reply], addr)
 
     def _new_conversation(self, hello: bytes, addr: tuple, now: int) -> ConversationDriver | None:
         # Checked before the acceptor so a refused HELLO is not consumed: the client's

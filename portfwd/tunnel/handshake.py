@@ -28,6 +28,7 @@ from .wire import (
     HELLO_SIZE,
     MAC_SIZE,
     NO_COOKIE,
+    PROTOCOL_VERSION,
     Hello,
     MalformedPacket,
     PacketType,
@@ -107,12 +108,17 @@ class HandshakeAcceptor:
         expected = self._mac(crypto.HELLO_LABEL, data[:-MAC_SIZE])
         if not crypto.mac_equal(expected, data[-MAC_SIZE:]):
             self.dropped_auth += 1
-            self._log_failure(now, "bad MAC (wrong PSK?)", addr)
+            if self._log_due(now):
+                self._log_failure(now, self._why_bad_mac(data), addr)
             return None
         try:
             hello = unpack_hello(data)
         except MalformedPacket:
             self.dropped_malformed += 1
+            if data[5] != PROTOCOL_VERSION:
+                self._log_failure(now, f"protocol version {data[5]}, this server speaks "
+                                       f"{PROTOCOL_VERSION}: run the same version on both ends",
+                                  addr)
             return None
         window = cfg.timestamp_window_ms
         if abs(wall_ms - hello.timestamp_ms) > window:
@@ -195,6 +201,33 @@ class HandshakeAcceptor:
         if len(table) > self.config.rate_table_size:
             table.popitem(last=False)
         return bucket.take(now)
+
+    def first_sight(self, key: bytes, wall_ms: int) -> bool:
+        """The replay cache for the other packets stamped like a HELLO (PROBE nonces, probe.py):
+        True the first time ``key`` is seen (remembered as long as a HELLO's share); False for
+        a repeat, or when the cache is full of live entries (fail closed)."""
+        self._expire(wall_ms)
+        if key in self._seen or len(self._seen) >= self.config.hello_cache_size:
+            return False
+        self._seen[key] = wall_ms + 2 * self.config.timestamp_window_ms
+        return True
+
+    def _why_bad_mac(self, data: bytes) -> str:
+        """What a well-formed HELLO that fails our MAC most likely means. The other mode's MAC
+        is computed only here, when a line is logged, so forgeries cost one MAC as before."""
+        if len(data) != HELLO_SIZE or data[5] != PROTOCOL_VERSION:
+            return "bad MAC (wrong PSK?)"
+        if self.config.plaintext:
+            return ("bad MAC: the client encrypts (it has -K) and this server runs without a "
+                    "key (plaintext); give both the same -K")
+        plain = crypto.handshake_mac_for(None)(crypto.HELLO_LABEL, data[:-MAC_SIZE])
+        if crypto.mac_equal(plain, data[-MAC_SIZE:]):
+            return ("the client runs without a key (plaintext) and this server has one (-K); "
+                    "give both the same -K")
+        return "bad MAC (wrong PSK?)"
+
+    def _log_due(self, now: int) -> bool:
+        return self._next_log_ms is None or now >= self._next_log_ms
 
     def _expire(self, wall_ms: int) -> None:
         seen = self._seen

@@ -17,16 +17,19 @@ fast as its TCP writer drains them (an unread KCP receive queue closes the peer'
 
 from __future__ import annotations
 
+import os
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from portfwd.kcp import OVERHEAD as KCP_OVERHEAD
 from portfwd.kcp import Kcp, KcpConfig, ReassemblyBudget
 from portfwd.kcp.engine import DEAD_LINK_XMIT, FRG_MAX, WND_RCV_MIN
-from portfwd.tunnel import events
+from portfwd.tunnel import crypto, events
 from portfwd.tunnel.hello import MAX_HELLOS
 from portfwd.tunnel.origin import RECORD_ORIGIN, MalformedOrigin, Origin, pack_origin, unpack_origin
+from portfwd.tunnel.probe import UNKNOWN_SIZE, ClientProbes
 from portfwd.tunnel.session import (
     CLOSE_LOCAL,
     OVERHEAD,
@@ -49,6 +52,7 @@ CLOSE_LINK_DEAD = "link dead"  # KCP sent one segment dead_link times without an
 CLOSE_BAD_RECORD = "malformed stream record"  # empty, unknown type, FIN with a payload, or a
 # misplaced or malformed ORIGIN
 CLOSE_FINISHED = "finished"  # both directions ended and everything was acknowledged
+CLOSE_UNKNOWN = "server does not know this conversation (it restarted?)"  # an UNKNOWN came
 
 _FIN = bytes([RECORD_FIN])
 _DATA = bytes([RECORD_DATA])
@@ -130,12 +134,19 @@ class Conversation:
         self._started: bool = False  # the stream's first record was looked at
         self._stash: bytes | None = None  # that record, when poll_origin() found no ORIGIN
         self.dropped_oversize: int = 0  # datagrams longer than mtu, dropped unopened
+        self.probes: ClientProbes | None = None  # client: liveness probes (probe.py)
+        self._probe_out: list[tuple[bytes, Any]] = []  # a due PROBE, for probes_to_send
 
     @classmethod
     def client(cls, config: ConversationConfig, conv: int, peer_addr: Any, now: int,
-               wall_ms: int, cookie: bytes = NO_COOKIE) -> Conversation:
-        return cls(TunnelSession.client(config.tunnel, conv, peer_addr, now, wall_ms,
-                                        cookie=cookie), config, now)
+               wall_ms: int, cookie: bytes = NO_COOKIE,
+               random_bytes: Callable[[int], bytes] = os.urandom) -> Conversation:
+        tunnel = config.tunnel
+        self = cls(TunnelSession.client(tunnel, conv, peer_addr, now, wall_ms,
+                                        random_bytes, cookie=cookie), config, now)
+        self.probes = ClientProbes(crypto.handshake_mac_for(tunnel.psk), conv, wall_ms - now,
+                                   tunnel.keepalive_interval_ms, now, random_bytes)
+        return self
 
     def restart(self, session: TunnelSession) -> None:
         """Carry on with ``session``, a server session for the client's fresh HELLO (a retry
@@ -269,7 +280,15 @@ class Conversation:
             self.dropped_oversize += 1
             return
         session = self.session
+        probes = self.probes
+        if probes is not None and len(data) == UNKNOWN_SIZE and session.established and (
+                probes.is_unknown(data)):
+            self._close(CLOSE_UNKNOWN)  # the server lost our keys: nothing can be resent
+            return
+        heard = session.datagrams_received
         session.receive_datagram(data, addr, now)
+        if probes is not None and session.datagrams_received != heard:
+            probes.heard(now)
         if self._superseded:
             session = self._settle(session, data, addr, now)
         kcp_input = self.kcp.input
@@ -305,7 +324,10 @@ class Conversation:
     def probes_to_send(self) -> list[tuple[bytes, Any]]:
         """The session's ``(datagram, address)`` pairs for addresses other than peer_addr
         (WELCOMEs, path challenges and responses); send each to its own address."""
-        return self.session.probes_to_send()
+        probes = self.session.probes_to_send()
+        if self._probe_out:
+            probes, self._probe_out = self._probe_out + probes, []
+        return probes
 
     def datagrams_to_send(self, now: int) -> list[bytes]:
         """Flush KCP if anything changed, seal its datagrams, return all to send to peer_addr."""
@@ -344,6 +366,8 @@ class Conversation:
             return deadline
         if self.session.established:
             deadline = min(deadline, self.kcp.check(self._now))
+            if self.probes is not None:
+                deadline = min(deadline, self.probes.deadline(self.kcp.waitsnd > 0, self._now))
         return deadline
 
     def handle_timer(self, now: int) -> None:
@@ -357,6 +381,8 @@ class Conversation:
             self.kcp.update(now)
             if self.kcp.dead:
                 self.abort(CLOSE_LINK_DEAD)
+            elif self.probes is not None and now >= self.probes.deadline(self.kcp.waitsnd > 0, now):
+                self._probe_out.append((self.probes.next(now), session.peer_addr))
 
     def next_event(self) -> events.Event | None:
         if self._events:

@@ -20,8 +20,8 @@ import enum
 import struct
 from typing import NamedTuple
 
-PROTOCOL_VERSION = 3  # carried in HELLO and WELCOME (2: X25519 key shares, path validation;
-#                       3: what a conversation carries, DATAGRAM and REFUSE packets, FEC)
+PROTOCOL_VERSION = 3  # carried in HELLO, WELCOME and PROBE (2: X25519 key shares, path
+# validation; 3: liveness probes, what a conversation carries, DATAGRAM, REFUSE, FEC)
 PHASE_BIT = 0x80  # key phase flag in the type byte
 TYPE_MASK = 0x7F  # packet type bits of the type byte
 PREFIX_SIZE = 5  # bytes: type + conv, common to every packet
@@ -76,6 +76,8 @@ class PacketType(enum.IntEnum):
     PATH_CHALLENGE = 8  #: "do you receive me at this address?", 8 random bytes, sealed
     PATH_RESPONSE = 9  #: echo of a PATH_CHALLENGE's bytes, sealed
     COOKIE = 10  #: server -> client under load: "repeat your HELLO with this cookie" (no MAC)
+    PROBE = 11  #: client -> server: "do you hold this conversation?" (HMAC, probe.py)
+    UNKNOWN = 12  #: server -> client: "no such conversation here" (HMAC, bound to the PROBE)
     FEC = 13  #: either way, an FEC parity shard or loss report (tunnel/fec.py), sealed
     DATAGRAM = 14  #: either way, one fragment of an unreliable datagram, AEAD-sealed (kcpudp)
     REFUSE = 15  #: server -> client: "I carry something else" (HMAC, bound to the HELLO)
