@@ -175,7 +175,7 @@ def test_changed_rule_keeps_listener_new_connections_get_new_options(tool, tmp_p
         old_udp.settimeout(5)
         old_udp.sendto(b"first", ("127.0.0.1", base + 1))
         assert old_udp.recv(100) == b"first"
-        refusals = []
+        refusals, knocks = [], []
         stop = threading.Event()
 
         def knock() -> None:  # connects all through the reload: the listener never closes
@@ -184,6 +184,7 @@ def test_changed_rule_keeps_listener_new_connections_get_new_options(tool, tmp_p
                     return
                 try:
                     socket.create_connection(("127.0.0.1", base), timeout=5).close()
+                    knocks.append(1)
                 except ConnectionRefusedError:
                     refusals.append(1)
                 time.sleep(0.002)
@@ -200,6 +201,10 @@ def test_changed_rule_keeps_listener_new_connections_get_new_options(tool, tmp_p
             assert not refusals
             old_conn.sendall(b"still old")  # the open connection finishes on the old options
             assert old_conn.recv(100) == b"still old"
+            deadline = time.monotonic() + 10  # every knock reached a target (accepts lag)
+            while old_target.accepted + new_target.accepted < len(knocks) + 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
             accepted_before = new_target.accepted
             with connect("127.0.0.1", base) as new_conn:
                 echo_roundtrip(new_conn, 10_000)
