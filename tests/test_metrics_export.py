@@ -27,6 +27,7 @@ from portfwd.runtime.exporter import (
     status_lines,
     summary_line,
 )
+from portfwd.runtime.kerneldrops import KernelDrops
 from portfwd.runtime.logs import JsonFormatter, LeanRecord
 from portfwd.tcpfwd.metrics import KIND as TCP_KIND
 from portfwd.tcpfwd.metrics import ConnectionEntry, TcpMetrics
@@ -237,3 +238,46 @@ def test_json_log_lines():
         import sys
         failed = LeanRecord("x", logging.ERROR, "", 0, "failed", (), sys.exc_info())
     assert "ValueError: boom" in json.loads(formatter.format(failed))["exception"]
+
+
+def overflow(sock: socket.socket, count: int = 200) -> None:
+    host, port = sock.getsockname()[:2]
+    with socket.socket(sock.family, socket.SOCK_DGRAM) as sender:
+        for _ in range(count):
+            sender.sendto(b"x" * 500, (host, port))
+
+
+@pytest.mark.parametrize("family, host", [(socket.AF_INET, "127.0.0.1"),
+                                          (socket.AF_INET6, "::1")])
+def test_kernel_drops_of_a_full_socket(family, host):
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        sock.bind((host, 0))
+        drops = KernelDrops(sock)
+        assert drops.read() == 0
+        overflow(sock)
+        dropped = drops.read()
+        assert 0 < dropped < 200
+        assert drops.source == "netlink"  # the exact lookup, not the /proc scan
+        drops.close()
+
+
+def test_kernel_drops_of_a_reuseport_group_fall_back_to_proc():
+    """sock_diag's lookup of an SO_REUSEPORT address may answer for another member of the
+    group: the reader notices (inode) and reads /proc/net/udp instead; both count the same."""
+    socks = []
+    try:
+        for _ in range(4):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            sock.bind(("127.0.0.1", socks[0].getsockname()[1] if socks else 0))
+            socks.append(sock)
+        readers = [KernelDrops(s) for s in socks]
+        overflow(socks[0], 800)
+        counts = [r.read() for r in readers]
+        assert sum(counts) > 0
+        assert {r.source for r in readers} == {"netlink", "proc"}
+    finally:
+        for sock in socks:
+            sock.close()

@@ -1,0 +1,193 @@
+"""What --metrics costs: tcpfwd with and without it in the same run, and scrape time under load.
+
+    python bench/bench_metrics.py [--quick] [--seconds N] [--sessions N]
+
+1. Short connections per second (connect, 100-byte echo, close) and 1-stream iperf3 through
+   two tcpfwd processes, one plain and one with ``--metrics`` scraped once a second the whole
+   time (harsher than any Prometheus set-up: the default interval is 60 s), in interleaved
+   rounds; each round's with/without ratio, then the median.
+2. udpfwd with N (default 10,000) live sessions: the time of one ``GET /metrics`` (the
+   snapshot, the kernel-drop read from /proc/net/udp, which then lists every session's socket,
+   and the rendering), median of 20.
+
+Loopback only; every load bounded in time. The machine is shared: read the ratios, not the
+absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import threading
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_tcp import interleaved, short_connections, throughput  # noqa: E402
+from common import (  # noqa: E402
+    Table,
+    free_port,
+    print_tables,
+    process,
+    raise_fd_limit,
+    tool,
+    wait_port,
+)
+
+SCRAPES = 20  # timed scrapes with the sessions open
+
+
+def scrape(port: int) -> float:
+    """Seconds for one full GET /metrics."""
+    started = time.perf_counter()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
+        reply.read()
+    return time.perf_counter() - started
+
+
+class Scraper:
+    """GET /metrics every ``interval`` seconds in a thread until closed."""
+
+    def __init__(self, port: int, interval: float = 1.0) -> None:
+        self.port, self.interval = port, interval
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            scrape(self.port)
+            self.count += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def paired(values: list[float], anchors: list[float]) -> tuple[float, float, float]:
+    """Median, min and max of the round-by-round ratios values[i] / anchors[i]."""
+    ratios = sorted(v / a for v, a in zip(values, anchors, strict=True) if a)
+    return statistics.median(ratios), ratios[0], ratios[-1]
+
+
+def tcp_cost(seconds: float, rounds: int, short_seconds: float) -> Table:
+    iperf_port, echo_port = free_port(), free_port()
+    echo = [sys.executable, os.path.join(os.path.dirname(__file__), "echo_server.py"),
+            str(echo_port)]
+    with process(["iperf3", "-s", "-p", str(iperf_port)]), process(echo):
+        wait_port(iperf_port)
+        wait_port(echo_port)
+        ports: dict[str, dict[str, int]] = {"bulk": {}, "short": {}}
+        running = []
+        metrics_ports = []
+        for path in ("plain", "--metrics"):
+            for kind, dest in (("bulk", iperf_port), ("short", echo_port)):
+                listen = free_port()
+                extra: list[str] = []
+                if path == "--metrics":
+                    metrics_ports.append(free_port())
+                    extra = ["--metrics", f"127.0.0.1:{metrics_ports[-1]}"]
+                ctx = process(tool("tcpfwd", *extra, f"127.0.0.1:{listen}",
+                                   f"127.0.0.1:{dest}"))
+                running.append(ctx)
+                wait_port(listen, proc=ctx.__enter__())
+                ports[kind][path] = listen
+        for port in metrics_ports:
+            wait_port(port)
+        scrapers = [Scraper(port) for port in metrics_ports]
+        try:
+            paths = ["plain", "--metrics"]
+            rates = interleaved(paths, rounds, lambda p: short_connections(ports["short"][p],
+                                                                           short_seconds))
+            bulk = interleaved(paths, rounds, lambda p: throughput(ports["bulk"][p], seconds, 1))
+        finally:
+            for scraper in scrapers:
+                scraper.close()
+            for ctx in running:
+                ctx.__exit__(None, None, None)
+    scraped = sum(s.count for s in scrapers)
+    rows = []
+    for name, unit, values in (("short connections", "conn/s", rates),
+                               ("iperf3 1 stream", "Gbit/s", bulk)):
+        mid, lo, hi = paired(values["--metrics"], values["plain"])
+        fmt = "{:.0f}" if unit == "conn/s" else "{:.2f}"
+        rows.append([f"{name} ({unit})", fmt.format(statistics.median(values["plain"])),
+                     fmt.format(statistics.median(values["--metrics"])), f"{mid:.3f}×",
+                     f"{lo:.3f}–{hi:.3f}"])
+    return Table("tcpfwd with vs without --metrics (scraped every 1 s)",
+                 ["measure", "plain (median)", "--metrics (median)", "ratio (median)",
+                  "ratio min–max"], rows,
+                 f"{rounds} interleaved rounds (short: {short_seconds:g} s, 2 client processes; "
+                 f"iperf3 -t {seconds:g}); ratio = with / without in the same round; "
+                 f"{scraped} scrapes happened during the runs.")
+
+
+def udp_scrape_time(sessions: int) -> Table:
+    raise_fd_limit()
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # never read
+    sink.bind(("127.0.0.1", 0))
+    port, metrics = free_port(socket.SOCK_DGRAM), free_port()
+    argv = tool("udpfwd", f"127.0.0.1:{port}", f"127.0.0.1:{sink.getsockname()[1]}", "-t", "600",
+                "--max-sessions", str(sessions + 100), "--metrics", f"127.0.0.1:{metrics}")
+    clients: list[socket.socket] = []
+    try:
+        with process(argv) as proc:
+            wait_port(metrics, proc=proc)
+            idle = statistics.median(scrape(metrics) for _ in range(SCRAPES))
+            deadline = time.monotonic() + 120
+            opened = 0
+            while opened < sessions and time.monotonic() < deadline:
+                for _ in range(min(200, sessions - len(clients))):  # windows: no overflow
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    sock.sendto(b"!", ("127.0.0.1", port))
+                    clients.append(sock)
+                if len(clients) == sessions and opened < sessions:  # a datagram was lost
+                    for sock in clients:
+                        sock.sendto(b"!", ("127.0.0.1", port))
+                        time.sleep(0.0001)
+                time.sleep(0.02)
+                opened = session_count(metrics)
+            loaded = [scrape(metrics) for _ in range(SCRAPES)]
+            with open("/proc/net/udp") as f:
+                lines = sum(1 for _ in f) - 1
+    finally:
+        for sock in clients:
+            sock.close()
+        sink.close()
+    return Table(f"udpfwd scrape time with {opened} live sessions",
+                 ["sessions", "/proc/net/udp lines", "GET /metrics (median)", "max",
+                  "idle (0 sessions)"],
+                 [[opened, lines, f"{1000 * statistics.median(loaded):.1f} ms",
+                   f"{1000 * max(loaded):.1f} ms", f"{1000 * idle:.1f} ms"]],
+                 f"median of {SCRAPES} scrapes from a local client (HTTP included); the "
+                 "kernel-drop read scans /proc/net/udp, which lists every session's socket.")
+
+
+def session_count(metrics: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=30) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith("portfwd_sessions_active{"):
+                return int(float(line.rsplit(" ", 1)[1]))
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny run to check the script works")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per iperf3 run")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds")
+    parser.add_argument("--sessions", type=int, default=10_000, help="UDP sessions for scraping")
+    opts = parser.parse_args()
+    if opts.quick:
+        opts.seconds, opts.rounds, opts.sessions = 1.0, 1, 200
+    tables = [tcp_cost(opts.seconds, opts.rounds, 1.0 if opts.quick else 2.0),
+              udp_scrape_time(opts.sessions)]
+    print_tables(tables)
+
+
+if __name__ == "__main__":
+    main()
