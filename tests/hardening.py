@@ -36,10 +36,14 @@ class Relay:
     """UDP relay ``127.0.0.1:port`` (the client talks to it) <-> ``server`` (one client).
 
     Records up to CAPTURE_LIMIT datagrams each way in ``up`` (client -> server) and ``down``.
+    With ``loss``, drops that fraction of the datagrams each way (seeded), counted in ``lost``.
     """
 
-    def __init__(self, server: tuple[str, int]) -> None:
+    def __init__(self, server: tuple[str, int], loss: float = 0.0, seed: int = 0) -> None:
         self.server = server
+        self.loss = loss
+        self.lost = 0
+        self._rng = random.Random(seed)
         self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.front.bind(("127.0.0.1", 0))
         self.back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -63,6 +67,9 @@ class Relay:
                 try:
                     data, addr = sock.recvfrom(MAX_UDP)
                 except OSError:
+                    continue
+                if self.loss and self._rng.random() < self.loss:
+                    self.lost += 1
                     continue
                 try:
                     if sock is front:
