@@ -189,7 +189,7 @@ def test_settings_parse() -> None:
     assert FecSettings.parse("off") is None
     assert FecSettings.parse("10:3") == FecSettings(data=10, parity=3)
     assert FecSettings.parse("auto") == FecSettings(auto=True)
-    for bad in ("10", "10:0", "0:3", "200:100", "a:b", "10:3:1", ""):
+    for bad in ("10", "10:0", "0:3", "200:100", "33:1", "a:b", "10:3:1", ""):
         with pytest.raises(ValueError):
             FecSettings.parse(bad)
 
@@ -373,3 +373,19 @@ def test_pack_shard_roundtrip_with_auto_flag() -> None:
     body = pack_shard(True, 0xFFFFFFFF, 1, 2, group, bytes(max(map(len, group))))
     shard = unpack_shard(body)
     assert shard.auto and shard.group == 0xFFFFFFFF and shard.index == 1
+
+
+@pytest.mark.parametrize("data,parity", [(10, 3), (1, 1), (20, 5)])
+def test_a_sealed_shard_is_its_longest_datagram_plus_room(data: int, parity: int) -> None:
+    """kcptcp leaves ``room`` free in every KCP datagram, so shards fit the same MTU."""
+    settings_ = FecSettings(data=data, parity=parity)
+    link = Link(settings_)
+    rng = random.Random(data)
+    for _ in range(data):
+        link.client.send_datagram(rng.randbytes(rng.randint(1, 1300)))
+    channel = link.channel(link.client)
+    out = channel.outgoing(link.client, link.client.datagrams_to_send(0), 0)
+    sealed, shards = out[:data], out[data:]
+    assert len(shards) == parity
+    assert all(len(s) == max(map(len, sealed)) + settings_.room + link.client.overhead
+               for s in shards)

@@ -140,6 +140,7 @@ def fec_settings(options: Options) -> FecSettings | None:
 
 def client_config(options: Options, env: Environment) -> ClientConfig:
     """Validate and resolve kcptcp-client's settings; raises ConfigError naming the bad one."""
+    fec = fec_settings(options)
     conversation = conversation_config(options, env)
     udp_buffer = options.integer("sockbuf", UDP_BUFFER_MIN, UDP_BUFFER_MAX, UDP_BUFFER)
     stats_interval = options.integer("stats_interval", 0, 86400, STATS_INTERVAL)
@@ -147,12 +148,13 @@ def client_config(options: Options, env: Environment) -> ClientConfig:
         listen=options.address("listen", socket.SOCK_STREAM, passive=True),
         remote=options.address("remote", socket.SOCK_DGRAM, passive=False),
         conversation=conversation, listen_options=listen_options(options),
-        udp_buffer=udp_buffer, stats_interval=stats_interval, fec=fec_settings(options),
+        udp_buffer=udp_buffer, stats_interval=stats_interval, fec=fec,
         admission=admission_config(options))
 
 
 def server_config(options: Options, env: Environment) -> ServerConfig:
     """Validate and resolve kcptcp-server's settings; raises ConfigError naming the bad one."""
+    fec = fec_settings(options)
     conversation = conversation_config(options, env)
     udp_buffer = options.integer("sockbuf", UDP_BUFFER_MIN, UDP_BUFFER_MAX, UDP_BUFFER)
     stats_interval = options.integer("stats_interval", 0, 86400, STATS_INTERVAL)
@@ -166,8 +168,7 @@ def server_config(options: Options, env: Environment) -> ServerConfig:
     return ServerConfig(
         listen=listen, target=target, conversation=conversation,
         listen_options=listen_options(options, bufsize=udp_buffer),
-        udp_buffer=udp_buffer, stats_interval=stats_interval, fec=fec_settings(options),
-        limits=limits,
+        udp_buffer=udp_buffer, stats_interval=stats_interval, fec=fec, limits=limits,
         access=AccessList(CidrSet(options.cidrs("allow")), CidrSet(options.cidrs("deny"))),
         proxy_protocol=PROXY_VERSIONS.get(
             options.choice("proxy_protocol", tuple(PROXY_VERSIONS), "none"), 0))

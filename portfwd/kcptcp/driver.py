@@ -331,6 +331,7 @@ class ConversationDriver:
     def metrics(self, now: float) -> ConversationMetrics:
         """This conversation's counters; ``now`` is ``time.monotonic()`` (for the age)."""
         conv, kcp, session = self.conv, self.conv.kcp, self.conv.session
+        fec = self.fec.metrics()
         return ConversationMetrics(
             conv=conv.conv, up=conv.bytes_sent, down=conv.bytes_received, srtt=kcp.rx_srtt,
             rto=kcp.rx_rto, inflight=kcp.snd_buf_segments, queued=kcp.snd_queue_segments,
@@ -341,7 +342,8 @@ class ConversationDriver:
             age=now - self.started, rekeys_started=self.rekeys_started,
             epoch_switches=self.epoch_switches, peer_address_changes=self.peer_address_changes,
             dropped_malformed=session.dropped_malformed, dropped_stale=session.dropped_stale,
-            established=self.established.is_set())
+            established=self.established.is_set(), fec_parity=fec.parity,
+            fec_out=fec.shards_sent, fec_recovered=fec.recovered, fec_loss=fec.loss)
 
 
 class ConversationService:

@@ -49,6 +49,10 @@ class ConversationMetrics:
     dropped_malformed: int = 0  # datagrams dropped: did not parse, wrong conv, bad body
     dropped_stale: int = 0  # datagrams dropped: no usable key (old epoch past grace, early)
     established: bool = False  # the handshake completed
+    fec_parity: int = 0  # parity shards per full group this side sends now (--fec)
+    fec_out: int = 0  # FEC packets sent (parity shards, auto-mode manifests)
+    fec_recovered: int = 0  # the peer's datagrams rebuilt from its parity
+    fec_loss: float = 0.0  # loss of the peer's datagrams measured from its manifests, 0..1
 
 
 @dataclass(frozen=True)
@@ -150,7 +154,9 @@ def render_conversation(m: ConversationMetrics) -> str:
             f"queued={m.queued} peer_wnd={m.peer_wnd} rcv_queue={m.rcv_queue} "
             f"retrans={m.retrans} fast_retrans={m.fast_retrans} epoch={m.epoch} "
             f"dgrams_out={m.dgrams_out} dgrams_in={m.dgrams_in} dropped_auth={m.dropped_auth} "
-            f"dropped_replay={m.dropped_replay} age={m.age:.0f}s")
+            f"dropped_replay={m.dropped_replay} age={m.age:.0f}s"
+            + (f" fec_parity={m.fec_parity} fec_out={m.fec_out} fec_recovered={m.fec_recovered} "
+               f"fec_loss={100 * m.fec_loss:.1f}%" if m.fec_out or m.fec_recovered else ""))
 
 
 def render_client_totals(m: TunnelClientMetrics) -> str:

@@ -34,6 +34,7 @@ from .wire import HEADER_SIZE, MalformedPacket
 
 GROUP_MS = 5  # ms a group stays open after its first datagram (a lone request is not held)
 MAX_SHARDS = 255  # zfec: data + parity <= 256; one index value is kept free
+MAX_DATA = 32  # datagrams per group at most: bounds the room a shard needs (MAX_ROOM)
 HISTORY = 4096  # the peer's authenticated datagrams kept for recovery (bounded memory)
 PENDING_GROUPS = 256  # groups with shards but not yet complete (oldest dropped beyond)
 REPORT_MS = 200  # ms between loss reports to a sender in auto mode
@@ -47,6 +48,7 @@ LOSS_SCALE = 10000  # loss on the wire: in units of 1/10000
 _SHARD_HEAD = struct.Struct(">BIBBBH")  # kind|flags, group, data, parity, index, shard size
 _ENTRY = struct.Struct(">BIH")  # type byte, seq, length of one data datagram
 _REPORT = struct.Struct(">BHH")  # kind, loss (1/10000), datagrams the figure is over
+MAX_ROOM = _SHARD_HEAD.size + MAX_DATA * _ENTRY.size  # bytes: the most FecSettings.room can be
 
 
 class Kind(enum.IntEnum):
@@ -159,9 +161,16 @@ class FecSettings:
     group_ms: int = GROUP_MS  #: ms a group stays open at most
     max_overhead: float = AUTO_MAX_OVERHEAD  #: auto: parity / data at most
 
+    @property
+    def room(self) -> int:
+        """Bytes an FEC shard adds to the longest datagram of its group (its header and
+        manifest): what the datagrams must leave free for the shard to fit the same MTU."""
+        return _SHARD_HEAD.size + self.data * _ENTRY.size
+
     def __post_init__(self) -> None:
-        if not 1 <= self.data or self.data + self.parity > MAX_SHARDS or self.parity < 0:
-            raise ValueError(f"data + parity must be at most {MAX_SHARDS}, data at least 1")
+        if not 1 <= self.data <= MAX_DATA or not 0 <= self.parity <= MAX_SHARDS - self.data:
+            raise ValueError(f"data must be in 1..{MAX_DATA}, data + parity at most "
+                             f"{MAX_SHARDS}")
         if not self.auto and self.parity < 1:
             raise ValueError("parity must be at least 1 (or use auto)")
         if self.group_ms < 1:

@@ -27,6 +27,7 @@ from portfwd.kcp import OVERHEAD as KCP_OVERHEAD
 from portfwd.kcp import Kcp, KcpConfig, ReassemblyBudget
 from portfwd.kcp.engine import DEAD_LINK_XMIT, FRG_MAX, WND_RCV_MIN
 from portfwd.tunnel import crypto, events
+from portfwd.tunnel.fec import MAX_ROOM
 from portfwd.tunnel.hello import MAX_HELLOS
 from portfwd.tunnel.origin import RECORD_ORIGIN, MalformedOrigin, Origin, pack_origin, unpack_origin
 from portfwd.tunnel.probe import UNKNOWN_SIZE, ClientProbes
@@ -36,7 +37,7 @@ from portfwd.tunnel.session import (
     TunnelConfig,
     TunnelSession,
 )
-from portfwd.tunnel.wire import NO_COOKIE, SECURED_TYPES, TYPE_MASK
+from portfwd.tunnel.wire import NO_COOKIE, SECURED_TYPES, TYPE_MASK, PacketType
 
 RECORD_DATA = 0x00  # record type: stream bytes follow
 RECORD_FIN = 0x01  # record type: the sender's stream ended (TCP half-close)
@@ -275,8 +276,10 @@ class Conversation:
     def receive_datagram(self, data: bytes, addr: Any, now: int) -> None:
         """One UDP datagram from ``addr``; dropped silently by the session if not authentic."""
         self._now = now
-        if len(data) > self._mtu:
-            # no peer with our -M sends it: drop before paying for the AEAD
+        if len(data) > self._mtu and (len(data) > self._mtu + MAX_ROOM
+                                      or data[0] & TYPE_MASK != PacketType.FEC):
+            # no peer with our -M sends it (an FEC shard: its longest datagram + its header,
+            # tunnel/fec.py): drop before paying for the AEAD
             self.dropped_oversize += 1
             return
         session = self.session
