@@ -2,6 +2,7 @@
 
 Usage:
   udpfwd <local_addr:local_port> <dest_addr:dest_port> [options]
+         [--allow <cidr>]... [--deny <cidr>]...
   udpfwd -h | --help
 
 Options:
@@ -17,6 +18,9 @@ Options:
                            (default: 8192)
   --stats-interval <s>     seconds between status lines, 0 = none (default: 60)
   --sockbuf <bytes>        SO_RCVBUF/SO_SNDBUF of every socket (default: 262144)
+  --allow <cidr>           only clients in this network (repeatable; IPv4 or IPv6)
+  --deny <cidr>            never clients in this network (repeatable; wins over --allow);
+                           a refused client's datagrams are dropped before a session exists
 
 Sessions: each client address gets its own upstream socket, closed after -t seconds without
 a datagram either way (-t 0: never) or when evicted at --max-sessions. -H is the seed's hash
@@ -41,7 +45,7 @@ FIELDS = {"listen": "<local_addr:local_port>", "dest": "<dest_addr:dest_port>",
           "timeout": "-t", "daemonize": "-d", "v6only": "-o", "reuseaddr": "-r",
           "reuseport": "-R", "table_hint": "-H", "pidfile": "-p",
           "max_sessions": "--max-sessions", "stats_interval": "--stats-interval",
-          "sockbuf": "--sockbuf"}
+          "sockbuf": "--sockbuf", "allow": "--allow", "deny": "--deny"}
 
 
 def main(argv: list[str] | None = None) -> int:

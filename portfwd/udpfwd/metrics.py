@@ -26,6 +26,7 @@ class UdpMetrics:
     dropped_down: int
     upstream_errors: int  # ICMP errors (refused, unreachable) reported on upstream sockets
     gso_sends: int  # sends that carried several datagrams (UDP GSO)
+    denied: int = 0  # datagrams dropped before a session: the client is refused by --allow/--deny
 
 
 def render_status(m: UdpMetrics) -> str:
