@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import multiprocessing
 import os
 import socket
 import statistics
@@ -21,7 +20,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_tcp import interleaved  # noqa: E402
+from bench_tcp import interleaved, short_connections  # noqa: E402
 from common import (  # noqa: E402
     Table,
     cpu_seconds,
@@ -45,34 +44,6 @@ PATHS = {  # name -> (extra tcpfwd flags, bytes the client reads back)
 }
 
 
-def _worker(port: int, seconds: float, expect: int, queue) -> None:
-    count, payload = 0, b"x" * PAYLOAD
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(payload)
-            got = 0
-            while got < expect:
-                data = sock.recv(expect)
-                if not data:
-                    raise RuntimeError(f"closed after {got} of {expect} bytes")
-                got += len(data)
-        count += 1
-    queue.put(count)
-
-
-def short_connections(port: int, seconds: float, expect: int, workers: int = 2) -> float:
-    queue = multiprocessing.Queue()
-    procs = [multiprocessing.Process(target=_worker, args=(port, seconds, expect, queue))
-             for _ in range(workers)]
-    for p in procs:
-        p.start()
-    total = sum(queue.get(timeout=seconds + 30) for _ in procs)
-    for p in procs:
-        p.join()
-    return total / seconds
-
-
 def measure(rounds: int, seconds: float) -> list[Table]:
     raise_fd_limit()
     echo_port = free_port()
@@ -94,7 +65,7 @@ def measure(rounds: int, seconds: float) -> list[Table]:
 
         def one_round(name: str) -> float:
             before = cpu_seconds(pids[name])
-            rate = short_connections(ports[name], seconds, PATHS[name][1])
+            rate = short_connections(ports[name], seconds, expect=PATHS[name][1])
             cpu[name] += cpu_seconds(pids[name]) - before
             made[name] += rate * seconds
             return rate
