@@ -79,22 +79,27 @@ def throughput(port: int, seconds: float, streams: int) -> float:
     return result["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
-def _short_conn_worker(port: int, seconds: float, queue) -> None:
+def _short_conn_worker(port: int, seconds: float, queue, expect: int = 100) -> None:
     count, payload = 0, b"x" * 100
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.sendall(payload)
             got = 0
-            while got < 100:
-                got += len(sock.recv(100))
+            while got < expect:  # the echo, and whatever the forwarder put before it
+                data = sock.recv(expect)
+                if not data:
+                    raise RuntimeError(f"closed after {got} of {expect} bytes")
+                got += len(data)
         count += 1
     queue.put(count)
 
 
-def short_connections(port: int, seconds: float, workers: int = 2) -> float:
+def short_connections(port: int, seconds: float, workers: int = 2, expect: int = 100) -> float:
+    """Connections per second: connect, send 100 bytes, read ``expect`` bytes back, close."""
     queue = multiprocessing.Queue()
-    procs = [multiprocessing.Process(target=_short_conn_worker, args=(port, seconds, queue))
+    procs = [multiprocessing.Process(target=_short_conn_worker,
+                                     args=(port, seconds, queue, expect))
              for _ in range(workers)]
     for p in procs:
         p.start()

@@ -71,6 +71,15 @@ def wait_listening(port: int, proc: subprocess.Popen, log: str, timeout: float =
     raise AssertionError(f"not listening on {port} after {timeout} s: {log}")
 
 
+def terminate(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class Nginx:
     """nginx with ``listen ... proxy_protocol``; :meth:`seen` is its access log as
     (proxy_protocol_addr, proxy_protocol_port, remote_addr) per request."""
@@ -97,12 +106,7 @@ class Nginx:
             return f.read()
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc)
 
 
 class Haproxy:
@@ -121,12 +125,7 @@ class Haproxy:
         assert self.proc.poll() is None, "haproxy exited"
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc)
 
 
 @contextmanager
@@ -159,6 +158,27 @@ def http_get(port: int, source: str = "127.0.0.1", timeout: float = 10.0) -> tup
         while data := sock.recv(65536):
             chunks.append(data)
     return b"".join(chunks), ours
+
+
+def roundtrip(sock: socket.socket, payload: bytes = b"ping") -> bytes:
+    """Send ``payload`` and read as many bytes back (fewer at EOF)."""
+    sock.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        data = sock.recv(65536)
+        if not data:
+            break
+        got += data
+    return got
+
+
+def connect_from(source: str, port: int, host: str = "127.0.0.1") -> socket.socket:
+    """A TCP connection to ``host:port`` from the loopback address ``source``."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.settimeout(10)
+    sock.bind((source, 0))
+    sock.connect((host, port))
+    return sock
 
 
 def wait_for(predicate, timeout: float = 10.0):

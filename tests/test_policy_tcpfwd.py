@@ -11,31 +11,13 @@ import time
 
 import pytest
 from conftest import EchoServer, connect, free_port, listening_socket, needs_ipv6
+from proxy_peers import connect_from, roundtrip
 
 
 def start_tcpfwd(tool, *args: str):
     process = tool("tcpfwd", *args)
     process.wait_for_log(r"forwarding ")
     return process
-
-
-def roundtrip(sock: socket.socket, payload: bytes = b"ping") -> bytes:
-    sock.sendall(payload)
-    got = b""
-    while len(got) < len(payload):
-        data = sock.recv(65536)
-        if not data:
-            break
-        got += data
-    return got
-
-
-def connect_from(source: str, port: int, host: str = "127.0.0.1") -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.settimeout(10)
-    sock.bind((source, 0))
-    sock.connect((host, port))
-    return sock
 
 
 def closed_at_once(sock: socket.socket) -> bool:
@@ -135,15 +117,15 @@ def test_max_conns_10_of_50_holds_10_and_refuses_40(tool):
 def test_idle_relay_closes_at_its_timeout_and_a_busy_one_does_not(tool):
     echo = EchoServer()
     port = free_port()
-    fwd = start_tcpfwd(tool, "--idle-timeout", "1", f"127.0.0.1:{port}",
+    fwd = start_tcpfwd(tool, "--idle-timeout", "2", f"127.0.0.1:{port}",
                        f"127.0.0.1:{echo.port}")
     idle = connect("127.0.0.1", port)
     busy = connect("127.0.0.1", port)
     assert roundtrip(idle) == b"ping"
-    end = time.monotonic() + 2.5
-    while time.monotonic() < end:  # a byte every 0.2 s: never idle for 1 s
-        assert roundtrip(busy, b"b") == b"b"
-        time.sleep(0.2)
+    end = time.monotonic() + 3.5
+    while time.monotonic() < end:  # a byte every 0.1 s: never idle for 2 s
+        assert roundtrip(busy, b"b") == b"b", fwd.log()
+        time.sleep(0.1)
     idle.settimeout(10)
     assert idle.recv(10) == b""  # closed by the forwarder
     assert roundtrip(busy, b"alive") == b"alive"

@@ -11,7 +11,16 @@ import time
 
 import pytest
 from conftest import EchoServer, connect, free_port
-from proxy_peers import haproxy, http_get, needs_haproxy, needs_nginx, nginx, wait_for
+from proxy_peers import (
+    connect_from,
+    haproxy,
+    http_get,
+    needs_haproxy,
+    needs_nginx,
+    nginx,
+    roundtrip,
+    wait_for,
+)
 
 PSK = "0123456789abcdef" * 4
 
@@ -26,25 +35,6 @@ def start_tunnel(tool, target_port: int, server_extra: tuple = (), client_extra:
     server.wait_for_log("tunnelling")
     client.wait_for_log("tunnelling")
     return tcp, server, client
-
-
-def roundtrip(sock: socket.socket, payload: bytes = b"ping") -> bytes:
-    sock.sendall(payload)
-    got = b""
-    while len(got) < len(payload):
-        data = sock.recv(65536)
-        if not data:
-            break
-        got += data
-    return got
-
-
-def connect_from(source: str, port: int) -> socket.socket:
-    sock = socket.socket()
-    sock.settimeout(10)
-    sock.bind((source, 0))
-    sock.connect(("127.0.0.1", port))
-    return sock
 
 
 @needs_nginx

@@ -79,6 +79,7 @@ class Gate:
         self.over_limit = 0  # refused by --max-conns
         self.proxy_rejected = 0  # PROXY header missing, malformed, late or from an untrusted peer
         self._faults = RateLimitedLog(log)
+        self._access = admission.access if admission.access.active else None
 
     @property
     def checks(self) -> bool:
@@ -100,7 +101,7 @@ class Gate:
             client = self._read_header(sock, peer)
             if client is None:
                 return None
-        if admission.access.active and not admission.access.permits(client.address[0]):
+        if self._access is not None and not self._access.permits(client.address[0]):
             self.denied += 1
             self._faults.warning("acl", "connection from %s denied by --allow/--deny",
                                  format_sockaddr(client.address))

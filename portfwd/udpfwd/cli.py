@@ -2,6 +2,7 @@
 
 Usage:
   udpfwd <local_addr:local_port> <dest_addr:dest_port> [options]
+         [--allow <cidr>]... [--deny <cidr>]...
   udpfwd -h | --help
 
 Options:
@@ -20,6 +21,9 @@ Options:
   --log-file <path>        append log lines to this file (reopened on SIGUSR2)
   --metrics <addr:port>    serve Prometheus metrics at http://addr:port/metrics (off by default)
   --log-format <format>    text (default) or json: one JSON object per log line
+  --allow <cidr>           only clients in this network (repeatable; IPv4 or IPv6)
+  --deny <cidr>            never clients in this network (repeatable; wins over --allow);
+                           a refused client's datagrams are dropped before a session exists
 
 Sessions: each client address gets its own upstream socket, closed after -t seconds without
 a datagram either way (-t 0: never) or when evicted at --max-sessions. -H is the seed's hash
@@ -47,7 +51,7 @@ FIELDS = {"listen": "<local_addr:local_port>", "dest": "<dest_addr:dest_port>",
           "reuseport": "-R", "table_hint": "-H", "pidfile": "-p",
           "max_sessions": "--max-sessions", "stats_interval": "--stats-interval",
           "sockbuf": "--sockbuf", "log_file": "--log-file", "metrics": "--metrics",
-          "log_format": "--log-format"}
+          "log_format": "--log-format", "allow": "--allow", "deny": "--deny"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """udpfwd's configuration: parsed options (flags today, config-file keys later) to UdpConfig.
 
 Fields read: ``listen``, ``dest``, ``timeout``, ``table_hint``, ``max_sessions``,
-``stats_interval``, ``sockbuf``, ``reuseaddr``, ``reuseport``, ``v6only``.
+``stats_interval``, ``sockbuf``, ``reuseaddr``, ``reuseport``, ``v6only``, ``allow``, ``deny``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from portfwd.policy.cidr import AccessList, CidrSet
 from portfwd.runtime.addr import Resolved
 from portfwd.runtime.config import listen_options
 from portfwd.runtime.environment import Environment
@@ -39,6 +40,7 @@ class UdpConfig:
     sockbuf: int = SOCKBUF_CAP  # bytes of SO_RCVBUF/SO_SNDBUF on every socket
     table_hint: int = DEFAULT_TABLE_HINT  # -H: expected number of clients (sizing hint only)
     gso: bool = GSO_AVAILABLE  # coalesce equal-size runs into UDP GSO sends (Linux)
+    access: AccessList = field(default_factory=AccessList)  # --allow / --deny
 
 
 def udpfwd_config(options: Options, env: Environment) -> UdpConfig:
@@ -54,4 +56,5 @@ def udpfwd_config(options: Options, env: Environment) -> UdpConfig:
         listen_options=listen_options(options, bufsize=sockbuf),
         idle_timeout=float(timeout), max_sessions=max_sessions,
         stats_interval=float(stats_interval), sockbuf=sockbuf, table_hint=table_hint,
-        gso=GSO_AVAILABLE and not env.no_gso)
+        gso=GSO_AVAILABLE and not env.no_gso,
+        access=AccessList(CidrSet(options.cidrs("allow")), CidrSet(options.cidrs("deny"))))

@@ -65,7 +65,7 @@ class Stats:
     """Cumulative counters of the datagram path (:meth:`UdpForwarder.metrics` copies them)."""
 
     __slots__ = ("datagrams_up", "bytes_up", "datagrams_down", "bytes_down", "dropped_up",
-                 "dropped_down", "upstream_errors", "opened", "gso_sends")
+                 "dropped_down", "upstream_errors", "opened", "gso_sends", "denied")
 
     def __init__(self) -> None:
         self.datagrams_up = 0  # client -> destination, sent
@@ -77,6 +77,7 @@ class Stats:
         self.upstream_errors = 0  # ICMP errors (refused, unreachable) reported on upstreams
         self.opened = 0  # sessions opened
         self.gso_sends = 0  # sends that carried several datagrams (UDP GSO)
+        self.denied = 0  # datagrams of clients refused by --allow/--deny (no session made)
 
 
 class Session:
@@ -114,6 +115,7 @@ class UdpForwarder:
         self._sweep_timer = None
         self._stats_timer = None
         self._last_stats: UdpMetrics | None = None  # what the last status line showed
+        self._access = config.access if config.access.active else None  # --allow / --deny
 
     @property
     def address(self) -> tuple:
@@ -128,7 +130,7 @@ class UdpForwarder:
             datagrams_up=s.datagrams_up, bytes_up=s.bytes_up, datagrams_down=s.datagrams_down,
             bytes_down=s.bytes_down, dropped_up=s.dropped_up, dropped_down=s.dropped_down,
             upstream_errors=s.upstream_errors, gso_sends=s.gso_sends,
-            kernel_drops=self._kernel_drops.read())
+            kernel_drops=self._kernel_drops.read(), denied=s.denied)
 
     def start(self) -> None:
         self.listener.setblocking(False)
@@ -221,6 +223,8 @@ class UdpForwarder:
                             self._send(run_session, run[:run_size * run_count], run_size,
                                        run_count, up)
                             run_count = 0
+                        if self._access is not None and not self._permitted(client):
+                            continue
                         session = self._open(client, now)
                         if session is None:
                             self.stats.dropped_up += 1
@@ -296,6 +300,14 @@ class UdpForwarder:
             self._gso = False
             log.warning("UDP GSO refused (%s): sending one datagram per syscall from now on",
                         exc.strerror or exc)
+
+    def _permitted(self, client: tuple) -> bool:
+        if self._access.permits(client[0]):
+            return True
+        self.stats.denied += 1
+        self._faults.warning("acl", "datagram from %s dropped: denied by --allow/--deny",
+                             format_sockaddr(client))
+        return False
 
     def _open(self, client: tuple, now: float) -> Session | None:
         dest = self.config.dest

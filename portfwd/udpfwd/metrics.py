@@ -29,6 +29,7 @@ class UdpMetrics:
     upstream_errors: int  # ICMP errors (refused, unreachable) reported on upstream sockets
     gso_sends: int  # sends that carried several datagrams (UDP GSO)
     kernel_drops: int = 0  # datagrams the kernel dropped on the listening socket (buffer full)
+    denied: int = 0  # datagrams dropped before a session: the client is refused by --allow/--deny
 
 
 def render_status(m: UdpMetrics) -> str:
