@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 from gevent.socket import socket as gsocket
@@ -49,7 +50,9 @@ def bind_socket(addr: Resolved, socktype: int, options: ListenOptions) -> socket
             # Set explicitly both ways: the system default (bindv6only) must not decide.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(options.v6only))
         if options.bufsize:
-            set_buffers(sock, options.bufsize)
+            # A datagram listener's buffer is what holds a burst while we catch up (new
+            # sessions cost time): root may exceed net.core.rmem_max, as the tunnel does.
+            set_buffers(sock, options.bufsize, force=socktype == socket.SOCK_DGRAM)
         sock.bind(addr.sockaddr)
     except BaseException:
         sock.close()
@@ -57,9 +60,14 @@ def bind_socket(addr: Resolved, socktype: int, options: ListenOptions) -> socket
     return sock
 
 
+# Python's socket module does not export the root-only SO_{SND,RCV}BUFFORCE (they may exceed
+# net.core.{w,r}mem_max): Linux's asm-generic values (x86, arm, riscv), None elsewhere.
+_LINUX_GENERIC = sys.platform == "linux" and os.uname().machine in (
+    "x86_64", "i686", "aarch64", "armv7l", "armv6l", "riscv64")
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32 if _LINUX_GENERIC else None)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33 if _LINUX_GENERIC else None)
 # (capped option, root-only option that may exceed net.core.{r,w}mem_max or None)
-BUFFER_OPTIONS = [(socket.SO_RCVBUF, getattr(socket, "SO_RCVBUFFORCE", None)),
-                  (socket.SO_SNDBUF, getattr(socket, "SO_SNDBUFFORCE", None))]
+BUFFER_OPTIONS = [(socket.SO_RCVBUF, SO_RCVBUFFORCE), (socket.SO_SNDBUF, SO_SNDBUFFORCE)]
 
 
 def set_buffers(sock: socket.socket, size: int, force: bool = False) -> None:

@@ -17,7 +17,8 @@ Options:
   --max-sessions <n>       sessions kept; beyond, the least recently active one is evicted
                            (default: 8192)
   --stats-interval <s>     seconds between status lines, 0 = none (default: 60)
-  --sockbuf <bytes>        SO_RCVBUF/SO_SNDBUF of every socket (default: 262144)
+  --sockbuf <bytes>        SO_RCVBUF/SO_SNDBUF of every socket (default: 262144, the
+                           listener 4194304, beyond net.core.rmem_max when root)
   --log-file <path>        append log lines to this file (reopened on SIGUSR2)
   --metrics <addr:port>    serve Prometheus metrics at http://addr:port/metrics (off by default)
   --log-format <format>    text (default) or json: one JSON object per log line
