@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import signal
 import socket
+import subprocess
 import time
 
 import pytest
@@ -118,6 +120,7 @@ def udp_echo():
 def test_check_accepts_the_example():
     result = run_cli("portfwd", "check", EXAMPLE)
     assert result.returncode == 0, result.stderr
+    assert str(unit) not in result.stderr  # what it could not parse is named by file:line
     assert result.stdout.splitlines()[-1] == "14 listeners: configuration OK"
     assert 'tcp "web:8105": 127.0.0.1:8105 -> 10.0.0.5:8105' in result.stdout
 
@@ -281,3 +284,20 @@ def test_a_process_holding_a_key_does_not_dump_core(tool, tmp_path):
         core = next(line for line in f if line.startswith("Max core file size"))
     assert core.split()[4:6] == ["0", "0"]
     assert process.stop() == 0
+
+
+UNIT = os.path.join(REPO, "contrib", "systemd", "portfwd.service")
+
+
+def test_systemd_unit_runs_the_config_mode_and_reloads_with_sighup(tmp_path):
+    text = open(UNIT).read()
+    assert "ExecStart=/usr/local/bin/portfwd run /etc/portfwd/portfwd.toml\n" in text
+    assert "ExecReload=/bin/kill -HUP $MAINPID\n" in text
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed")
+    unit = tmp_path / "portfwd.service"  # the binary need not exist for the unit to verify
+    unit.write_text(text.replace("/usr/local/bin/portfwd", shutil.which("true")))
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert str(unit) not in result.stderr  # what it could not parse is named by file:line

@@ -3,6 +3,9 @@ exporter reads."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import gevent
 from conftest import free_port, needs_ipv6
 from test_portfwd_run import free_range, rule, tcp_rule
@@ -14,16 +17,25 @@ from portfwd.tcpfwd.metrics import TcpMetrics
 from portfwd.udpfwd.metrics import UdpMetrics
 
 
-def test_rule_snapshots_and_metrics_across_a_reload(tmp_path):
-    base = free_range(3)
-    path = tmp_path / "c.toml"
-    path.write_text(tcp_rule(f"127.0.0.1:{base}-{base + 1}", "127.0.0.1:7-8", "web")
-                    + rule("udp", f"127.0.0.1:{base + 2}", "127.0.0.1:9", stats_interval=0))
+@contextlib.contextmanager
+def started(path) -> Iterator[Supervisor]:
+    """The supervisor of the file at ``path``, started, stopped on exit."""
     env = Environment()
     loaded = read_config(str(path), env)
     supervisor = Supervisor(str(path), "c.toml", env, loaded, bind_all(loaded))
     supervisor.start()
     try:
+        yield supervisor
+    finally:
+        gevent.spawn(supervisor.stop, 1).join(10)
+
+
+def test_rule_snapshots_and_metrics_across_a_reload(tmp_path):
+    base = free_range(3)
+    path = tmp_path / "c.toml"
+    path.write_text(tcp_rule(f"127.0.0.1:{base}-{base + 1}", "127.0.0.1:7-8", "web")
+                    + rule("udp", f"127.0.0.1:{base + 2}", "127.0.0.1:9", stats_interval=0))
+    with started(path) as supervisor:
         snapshots = supervisor.rule_snapshots()
         assert [(kind, name) for kind, name, _ in snapshots] == [
             ("tcp", f"web:{base}"), ("tcp", f"web:{base + 1}"),
@@ -43,8 +55,6 @@ def test_rule_snapshots_and_metrics_across_a_reload(tmp_path):
         supervisor.reload()
         assert supervisor.metrics().reload_failures == 1
         assert [name for _, name, _ in supervisor.rule_snapshots()] == ["web", "new"]
-    finally:
-        gevent.spawn(supervisor.stop, 1).join(10)
     assert supervisor.rule_snapshots() == []
     supervisor.reload()  # after a stop, a late SIGHUP starts nothing
     assert supervisor.rule_snapshots() == []
@@ -56,19 +66,13 @@ def test_a_tcp_address_changing_kind_takes_the_listener_over(tmp_path):
     port = free_port()
     path = tmp_path / "c.toml"
     path.write_text(tcp_rule(f"127.0.0.1:{port}", "127.0.0.1:7", "plain"))
-    env = Environment()
-    loaded = read_config(str(path), env)
-    supervisor = Supervisor(str(path), "c.toml", env, loaded, bind_all(loaded))
-    supervisor.start()
-    try:
+    with started(path) as supervisor:
         path.write_text(rule("kcptcp-client", f"127.0.0.1:{port}", "127.0.0.1:9", "tunnel",
                              stats_interval=0))
         supervisor.reload()
         assert supervisor.metrics().reload_failures == 0
         assert [(kind, name) for kind, name, _ in supervisor.rule_snapshots()] == [
             ("kcptcp-client", "tunnel")]
-    finally:
-        gevent.spawn(supervisor.stop, 1).join(10)
 
 
 @needs_ipv6
@@ -76,11 +80,7 @@ def test_v6only_of_a_bound_listener_cannot_change(tmp_path):
     port = free_port()
     path = tmp_path / "c.toml"
     path.write_text(tcp_rule(f"[::1]:{port}", "127.0.0.1:7", "six"))
-    env = Environment()
-    loaded = read_config(str(path), env)
-    supervisor = Supervisor(str(path), "c.toml", env, loaded, bind_all(loaded))
-    supervisor.start()
-    try:
+    with started(path) as supervisor:
         before = next(iter(supervisor.running.values())).service
         path.write_text(tcp_rule(f"[::1]:{port}", "127.0.0.1:7", "six", v6only=True))
         supervisor.reload()
@@ -90,5 +90,3 @@ def test_v6only_of_a_bound_listener_cannot_change(tmp_path):
         assert supervisor.metrics().reload_failures == 1
         assert supervisor.metrics().reloads == 1
         assert next(iter(supervisor.running.values())).service is not before  # a new service
-    finally:
-        gevent.spawn(supervisor.stop, 1).join(10)
