@@ -44,7 +44,10 @@ OPTIONS = f"""Options:
   --allow <cidr>        only clients (client: TCP peers; server: UDP sources) in this
                         network (repeatable; IPv4 or IPv6)
   --deny <cidr>         never clients in this network (repeatable; wins over --allow)
-  -h --help             show help
+"""
+# Last in every options list: docopt gives an option the "[default: ...]" of the lines after
+# it, up to the next option, so the environment's defaults must follow a flag without a value.
+HELP = """  -h --help             show help
 """
 
 # kcptcp-server's own options, after the shared ones in its usage text only (the client
@@ -104,7 +107,7 @@ Listens on a local TCP address and carries each connection as one KCP conversati
 to a kcptcp-server. AEAD encryption is enabled only when -K is given on both client and server.
 The TCP listener always sets SO_REUSEADDR; -r is accepted.
 
-{{OPTIONS}}""".replace("{{OPTIONS}}", OPTIONS + CLIENT_OPTIONS + ENVIRONMENT)
+{{OPTIONS}}""".replace("{{OPTIONS}}", OPTIONS + CLIENT_OPTIONS + HELP + ENVIRONMENT)
 
 SERVER_USAGE = """kcptcp-server: KCP/UDP to TCP server.
 
@@ -116,7 +119,7 @@ Usage:
 Listens on a UDP address, accepts KCP sessions from kcptcp-client and bridges each to the
 target TCP service. AEAD requires the same -K PSK as the client for handshakes to succeed.
 
-{{OPTIONS}}""".replace("{{OPTIONS}}", OPTIONS + SERVER_OPTIONS + ENVIRONMENT)
+{{OPTIONS}}""".replace("{{OPTIONS}}", OPTIONS + SERVER_OPTIONS + HELP + ENVIRONMENT)
 CLIENT_PROG = "kcptcp-client"
 SERVER_ONLY = [key for key in SERVER_FIELDS.values()
                if key.startswith("-") and key not in FIELDS.values()]

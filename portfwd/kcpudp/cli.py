@@ -13,6 +13,7 @@ import socket
 from portfwd.kcptcp import cli as kcptcp_cli
 from portfwd.kcpudp.client import DatagramClient
 from portfwd.kcpudp.config import client_config, server_config
+from portfwd.kcpudp.metrics import CLIENT_KIND, SERVER_KIND
 from portfwd.kcpudp.server import DatagramServer
 from portfwd.runtime import daemon
 
@@ -28,19 +29,26 @@ KCPUDP_OPTIONS = """\
 """
 
 
+UNUSED = ("--fec", "--allow", "--deny")  # kcptcp options kcpudp does not offer (yet)
+
+
+def _entries(text: str) -> list[str]:
+    """The options of a docopt options text, each with its continuation lines."""
+    return re.split(r"\n(?=  -)", text.rstrip("\n"))
+
+
 def _options() -> str:
-    """kcptcp's OPTIONS entries, --connect-timeout left out and --max-sessions replaced."""
-    options, environment = kcptcp_cli.OPTIONS.split("\n\nEnvironment:")
-    entries = re.split(r"\n(?=  -)", options)
-    help_entry = next(e for e in entries if e.lstrip().startswith("-h"))
-    kept = [e for e in entries
-            if not e.lstrip().startswith(("--connect-timeout", "--max-sessions", "-h"))]
-    return ("\n".join(kept) + "\n" + KCPUDP_OPTIONS + help_entry + "\n\nEnvironment:"
-            + environment)
+    """kcptcp's shared options less UNUSED, kcptcp-server's --max-pending, kcpudp's own, -h
+    last (docopt reads the defaults after an option as its own), kcptcp's environment."""
+    kept = [e for e in _entries(kcptcp_cli.OPTIONS) if not e.lstrip().startswith(UNUSED)]
+    kept += [e for e in _entries(kcptcp_cli.SERVER_OPTIONS)
+             if e.lstrip().startswith("--max-pending")]
+    return "\n".join(kept) + "\n" + KCPUDP_OPTIONS + kcptcp_cli.HELP + kcptcp_cli.ENVIRONMENT
 
 
 OPTIONS = _options()
-FIELDS = {**{k: v for k, v in kcptcp_cli.FIELDS.items() if k != "connect_timeout"},
+FIELDS = {**{k: v for k, v in kcptcp_cli.FIELDS.items() if v not in UNUSED},
+          "max_pending": "--max-pending", "max_sessions": "--max-sessions",
           "timeout": "-t", "mode": "--mode"}
 CLIENT_FIELDS = {**FIELDS, "listen": "<local_udp_addr:port>", "remote": "<remote_udp_addr:port>"}
 SERVER_FIELDS = {**FIELDS, "listen": "<local_udp_addr:port>", "target": "<target_udp_addr:port>"}
@@ -74,9 +82,9 @@ SERVER_PROG = "kcpudp-server"
 
 def client_main(argv: list[str] | None = None) -> int:
     return daemon.one_rule_main(CLIENT_PROG, CLIENT_USAGE, argv, CLIENT_FIELDS, client_config,
-                                socket.SOCK_DGRAM, kcptcp_cli.guarded(DatagramClient))
+                                socket.SOCK_DGRAM, kcptcp_cli.guarded(DatagramClient), CLIENT_KIND)
 
 
 def server_main(argv: list[str] | None = None) -> int:
     return daemon.one_rule_main(SERVER_PROG, SERVER_USAGE, argv, SERVER_FIELDS, server_config,
-                                socket.SOCK_DGRAM, kcptcp_cli.guarded(DatagramServer))
+                                socket.SOCK_DGRAM, kcptcp_cli.guarded(DatagramServer), SERVER_KIND)

@@ -14,8 +14,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from portfwd.kcptcp.metrics import TunnelServerMetrics
+from portfwd.kcptcp.metrics import TunnelServerMetrics, rejected
 from portfwd.kcptcp.metrics import render_server_totals as render_tunnel_totals
+from portfwd.runtime.exporter import Families, Labels, RuleKind
 
 
 @dataclass(frozen=True)
@@ -91,3 +92,49 @@ def render_stats(m: Snapshot, totals: Callable[[Snapshot], str]) -> list[str]:
     lines = [f"stats conv={c.conv}: {render_conversation(c)}" for c in m.per_conversation]
     lines.append(f"stats total {totals(m)}")
     return lines
+
+
+# --- export: Prometheus families, the SIGUSR1 lines, systemd's STATUS= ------------------------
+
+def client_families(out: Families, labels: Labels, m: DatagramClientMetrics) -> None:
+    out.gauge("conversations_active", "Client addresses with a live tunnel conversation",
+              m.conversations, labels)
+    out.counter("conversations_opened", "Conversations opened for new client addresses",
+                m.opened, labels)
+    out.counters_by("conversations_closed", "Conversations ended, by reason (expired: -t "
+                    "without a datagram; evicted: at --max-sessions; other: the tunnel ended)",
+                    "reason", {"expired": m.expired, "evicted": m.evicted,
+                               "other": max(0, m.finished - m.expired - m.evicted)}, labels)
+    out.counter("datagrams_dropped_unopened", "Datagrams from new clients for which no "
+                "conversation could open", m.dropped_open, labels)
+    out.counters_by("udp_open_failures", "No UDP socket for a new client, by errno", "reason",
+                    m.udp_open_failures, labels)
+
+
+def server_families(out: Families, labels: Labels, m: DatagramServerMetrics) -> None:
+    out.gauge("conversations_active", "Tunnel conversations held", m.tunnel.conversations,
+              labels)
+    out.counter("tunnel_handshakes", "HELLOs authenticated and answered", m.tunnel.handshakes,
+                labels)
+    out.counters_by("tunnel_handshakes_rejected", "HELLOs rejected, by reason (auth: bad MAC, "
+                    "e.g. a wrong PSK; mode: a client of another --mode or kcptcp)", "reason",
+                    {**rejected(m.tunnel), "mode": m.refused_mode}, labels)
+    out.counter("conversations_expired", "Conversations closed after -t seconds without a "
+                "datagram", m.expired, labels)
+    out.counter("udp_kernel_drops", "Datagrams the kernel dropped on the UDP socket before the "
+                "process read them (receive buffer full)", m.tunnel.kernel_drops, labels)
+
+
+def client_status(m: DatagramClientMetrics) -> list[str]:
+    return render_stats(m, render_client_totals)
+
+
+def server_status(m: DatagramServerMetrics) -> list[str]:
+    return render_stats(m, render_server_totals)
+
+
+CLIENT_KIND = RuleKind("kcpudp-client", client_families, client_status,
+                       lambda m: f"{m.conversations} conversations, {m.finished} finished")
+SERVER_KIND = RuleKind("kcpudp-server", server_families, server_status,
+                       lambda m: f"{m.tunnel.conversations} conversations, "
+                                 f"{m.tunnel.finished} finished")
