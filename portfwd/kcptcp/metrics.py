@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from portfwd.runtime.exporter import Families, Labels, RuleKind, top
 from portfwd.runtime.metrics import format_counts
@@ -76,9 +76,11 @@ class ConversationTotals:
     epoch_switches: int = 0  # key epochs switched to
     peer_address_changes: int = 0  # peers that moved to a new address
 
-    def plus(self, c: ConversationMetrics) -> ConversationTotals:
+    def plus(self, c: Any) -> ConversationTotals:
+        """These totals with ``c``'s counts added: a ConversationMetrics, or another tool's
+        conversation snapshot (kcpudp's), whose missing counters count as 0."""
         return ConversationTotals(*(getattr(self, f.name) + getattr(c, FROM_CONVERSATION.get(
-            f.name, f.name)) for f in TOTAL_FIELDS))
+            f.name, f.name), 0) for f in TOTAL_FIELDS))
 
 
 TOTAL_FIELDS = dataclasses.fields(ConversationTotals)

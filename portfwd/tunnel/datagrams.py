@@ -113,6 +113,8 @@ class UnreliableDatagrams:
         self._partial_bytes = 0
         self._received: deque[bytes] = deque()
         self._events: deque[events.Event] = deque()
+        self.probes = None  # no liveness probes here: only stream and reliable conversations
+        self._probe_out: list = []  # (Conversation.probes_to_send reads it)
         self._now = now
         self.closed = False
         self.bytes_sent = 0  # datagram bytes sent to the peer
