@@ -259,7 +259,6 @@ def test_kernel_drops_of_a_full_socket(family, host):
         dropped = drops.read()
         assert 0 < dropped < 200
         assert drops.source == "netlink"  # the exact lookup, not the /proc scan
-        drops.close()
 
 
 def test_kernel_drops_of_a_reuseport_group_fall_back_to_proc():

@@ -50,7 +50,6 @@ class KernelDrops:
         self._family = sock.family
         self._inode = os.fstat(sock.fileno()).st_ino
         self._request = _diag_request(sock)
-        self._netlink: socket.socket | None = None
         self._use_netlink = self._request is not None
         self._last = 0
 
@@ -74,22 +73,18 @@ class KernelDrops:
 
     def _read_netlink(self) -> int | None:
         assert self._request is not None
+        # A socket per read (a few us, once per scrape or stats line): none held open, so the
+        # process's descriptors are what its connections and sessions need, nothing more.
         try:
-            if self._netlink is None:
-                self._netlink = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM
-                                              | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
-                self._netlink.setblocking(False)
-            self._netlink.send(self._request)
-            # The kernel answers a non-dump request inside send(): the reply is queued now.
-            reply = self._netlink.recv(8192)
+            with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
+                               NETLINK_SOCK_DIAG) as netlink:
+                netlink.setblocking(False)
+                netlink.send(self._request)
+                # The kernel answers a non-dump request inside send(): the reply is queued now.
+                reply = netlink.recv(8192)
         except OSError:
             return None
         return _parse_reply(reply, self._inode)
-
-    def close(self) -> None:
-        if self._netlink is not None:
-            self._netlink.close()
-            self._netlink = None
 
 
 def _diag_request(sock: socket.socket) -> bytes | None:
