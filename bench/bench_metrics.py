@@ -7,8 +7,8 @@
    time (harsher than any Prometheus set-up: the default interval is 60 s), in interleaved
    rounds; each round's with/without ratio, then the median.
 2. udpfwd with N (default 10,000) live sessions: the time of one ``GET /metrics`` (the
-   snapshot, the kernel-drop read from /proc/net/udp, which then lists every session's socket,
-   and the rendering), median of 20.
+   snapshot, the kernel-drop read by sock_diag, the process collector, which lists the 10,000
+   fds, and the rendering), median of 20.
 
 Loopback only; every load bounded in time. The machine is shared: read the ratios, not the
 absolute figures.
@@ -34,6 +34,7 @@ from common import (  # noqa: E402
     process,
     raise_fd_limit,
     tool,
+    tree_cpu_seconds,
     wait_port,
 )
 
@@ -82,6 +83,7 @@ def tcp_cost(seconds: float, rounds: int, short_seconds: float) -> Table:
         wait_port(iperf_port)
         wait_port(echo_port)
         ports: dict[str, dict[str, int]] = {"bulk": {}, "short": {}}
+        pids: dict[str, int] = {}
         running = []
         metrics_ports = []
         for path in ("plain", "--metrics"):
@@ -94,15 +96,27 @@ def tcp_cost(seconds: float, rounds: int, short_seconds: float) -> Table:
                 ctx = process(tool("tcpfwd", *extra, f"127.0.0.1:{listen}",
                                    f"127.0.0.1:{dest}"))
                 running.append(ctx)
-                wait_port(listen, proc=ctx.__enter__())
+                proc = ctx.__enter__()
+                wait_port(listen, proc=proc)
                 ports[kind][path] = listen
+                if kind == "short":
+                    pids[path] = proc.pid
         for port in metrics_ports:
             wait_port(port)
         scrapers = [Scraper(port) for port in metrics_ports]
         try:
             paths = ["plain", "--metrics"]
-            rates = interleaved(paths, rounds, lambda p: short_connections(ports["short"][p],
-                                                                           short_seconds))
+            cpu = dict.fromkeys(paths, 0.0)  # CPU seconds of each short-connection forwarder
+            done = dict.fromkeys(paths, 0.0)  # connections it carried meanwhile
+
+            def short(path: str) -> float:
+                before = tree_cpu_seconds(pids[path])
+                rate = short_connections(ports["short"][path], short_seconds)
+                cpu[path] += tree_cpu_seconds(pids[path]) - before
+                done[path] += rate * short_seconds
+                return rate
+
+            rates = interleaved(paths, rounds, short)
             bulk = interleaved(paths, rounds, lambda p: throughput(ports["bulk"][p], seconds, 1))
         finally:
             for scraper in scrapers:
@@ -118,11 +132,18 @@ def tcp_cost(seconds: float, rounds: int, short_seconds: float) -> Table:
         rows.append([f"{name} ({unit})", fmt.format(statistics.median(values["plain"])),
                      fmt.format(statistics.median(values["--metrics"])), f"{mid:.3f}×",
                      f"{lo:.3f}–{hi:.3f}"])
+    per = {path: 1e6 * cpu[path] / done[path] for path in cpu if done[path]}
+    if len(per) == 2:
+        rows.append(["tcpfwd CPU per short connection (µs)", f"{per['plain']:.0f}",
+                     f"{per['--metrics']:.0f}", f"{per['--metrics'] / per['plain']:.3f}×",
+                     "-"])
     return Table("tcpfwd with vs without --metrics (scraped every 1 s)",
                  ["measure", "plain (median)", "--metrics (median)", "ratio (median)",
                   "ratio min–max"], rows,
                  f"{rounds} interleaved rounds (short: {short_seconds:g} s, 2 client processes; "
-                 f"iperf3 -t {seconds:g}); ratio = with / without in the same round; "
+                 f"iperf3 -t {seconds:g}); ratio = with / without in the same round; CPU per "
+                 "connection = the forwarder's user+sys seconds over all short rounds / the "
+                 f"connections it carried (less swayed by the other load on the machine); "
                  f"{scraped} scrapes happened during the runs.")
 
 
@@ -164,7 +185,8 @@ def udp_scrape_time(sessions: int) -> Table:
                  [[opened, lines, f"{1000 * statistics.median(loaded):.1f} ms",
                    f"{1000 * max(loaded):.1f} ms", f"{1000 * idle:.1f} ms"]],
                  f"median of {SCRAPES} scrapes from a local client (HTTP included); the "
-                 "kernel-drop read scans /proc/net/udp, which lists every session's socket.")
+                 "kernel-drop count comes from sock_diag (an exact lookup), not from "
+                 "/proc/net/udp, whose line count (every session's socket) is shown for scale.")
 
 
 def session_count(metrics: int) -> int:

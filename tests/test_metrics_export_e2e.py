@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
-from conftest import connect, echo_roundtrip, free_port, run_cli
+from conftest import REPO, connect, echo_roundtrip, free_port, run_cli
 from hardening import Relay
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -249,3 +253,14 @@ def test_json_log_format(tool, echo_server):
     assert any(m.startswith("conn 1 open 127.0.0.1:") for m in messages)
     assert messages[-1] == "stopped"
     assert all(line["level"] == "INFO" and line["time"].endswith("Z") for line in lines)
+
+
+@pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 is not installed")
+def test_bench_metrics_quick():
+    """bench/bench_metrics.py runs end to end (one tiny round) and prints both tables."""
+    script = os.path.join(REPO, "bench", "bench_metrics.py")
+    out = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True,
+                         timeout=300, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr
+    assert "tcpfwd with vs without --metrics" in out.stdout
+    assert "udpfwd scrape time with 200 live sessions" in out.stdout
