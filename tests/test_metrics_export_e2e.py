@@ -15,9 +15,9 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import REPO, connect, echo_roundtrip, free_port, run_cli
+from conftest import REPO, connect, echo_roundtrip, exposition_samples, free_port, run_cli
+from conftest import sample_value as value
 from hardening import Relay
-from prometheus_client.parser import text_string_to_metric_families
 
 PSK = "0123456789abcdef" * 4
 OTHER_PSK = "fedcba9876543210" * 4
@@ -26,19 +26,7 @@ MIB = 1 << 20
 
 def scrape(port: int) -> dict[str, dict[tuple, float]]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    out: dict[str, dict[tuple, float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
-    return out
-
-
-def value(samples: dict, name: str, **labels: str) -> float:
-    """The sample whose labels include ``labels`` (exactly one must match)."""
-    found = [v for k, v in samples.get(name, {}).items() if set(labels.items()) <= set(k)]
-    assert len(found) == 1, (name, labels, samples.get(name))
-    return found[0]
+        return exposition_samples(reply.read().decode())
 
 
 def wait_for(port: int, check, timeout: float = 20.0) -> dict:
