@@ -121,6 +121,7 @@ class TunnelServer(ConversationService):
         self.conversations.kill(timeout=1)
         gevent.killall(self._greenlets)
         self.udp.close()
+        self._kernel_drops.close()
 
     def _receive(self) -> None:
         drivers = self.drivers
