@@ -4,8 +4,8 @@
 
 1. Short connections per second (connect, 100-byte echo, close) and 1-stream iperf3 through
    two tcpfwd processes, one plain and one with ``--metrics`` scraped once a second the whole
-   time (harsher than any Prometheus set-up: the default interval is 60 s), in interleaved
-   rounds; each round's with/without ratio, then the median.
+   time (harsher than any Prometheus set-up: the default interval is 60 s), in rounds
+   whose order alternates; each round's with/without ratio, then the median.
 2. udpfwd with N (default 10,000) live sessions: the time of one ``GET /metrics`` (the
    snapshot, the kernel-drop read by sock_diag, the process collector, which lists the 10,000
    fds, and the rendering), median of 20.
@@ -26,7 +26,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_tcp import interleaved, short_connections, throughput  # noqa: E402
+from bench_tcp import short_connections, throughput  # noqa: E402
 from common import (  # noqa: E402
     Table,
     free_port,
@@ -67,6 +67,17 @@ class Scraper:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(10)
+
+
+def alternating(paths: list[str], rounds: int, run) -> dict[str, list]:
+    """``run(path)`` for each path, ``rounds`` times, the order reversed every other round: with
+    two paths a fixed order would give one of them the same place in every round (bench_tcp's
+    interleaved() keeps its order; here the pair is what is compared)."""
+    results: dict[str, list] = {path: [] for path in paths}
+    for i in range(rounds):
+        for path in paths if i % 2 == 0 else paths[::-1]:
+            results[path].append(run(path))
+    return results
 
 
 def paired(values: list[float], anchors: list[float]) -> tuple[float, float, float]:
@@ -116,8 +127,8 @@ def tcp_cost(seconds: float, rounds: int, short_seconds: float) -> Table:
                 done[path] += rate * short_seconds
                 return rate
 
-            rates = interleaved(paths, rounds, short)
-            bulk = interleaved(paths, rounds, lambda p: throughput(ports["bulk"][p], seconds, 1))
+            rates = alternating(paths, rounds, short)
+            bulk = alternating(paths, rounds, lambda p: throughput(ports["bulk"][p], seconds, 1))
         finally:
             for scraper in scrapers:
                 scraper.close()
@@ -140,10 +151,11 @@ def tcp_cost(seconds: float, rounds: int, short_seconds: float) -> Table:
     return Table("tcpfwd with vs without --metrics (scraped every 1 s)",
                  ["measure", "plain (median)", "--metrics (median)", "ratio (median)",
                   "ratio min–max"], rows,
-                 f"{rounds} interleaved rounds (short: {short_seconds:g} s, 2 client processes; "
-                 f"iperf3 -t {seconds:g}); ratio = with / without in the same round; CPU per "
-                 "connection = the forwarder's user+sys seconds over all short rounds / the "
-                 f"connections it carried (less swayed by the other load on the machine); "
+                 f"{rounds} rounds, order alternating (short: {short_seconds:g} s, 2 client "
+                 f"processes; iperf3 -t {seconds:g}); ratio = with / without in the same "
+                 "round; CPU per connection = the forwarder's user+sys seconds over all "
+                 "short rounds / the connections it carried (less swayed by the other load "
+                 "on the machine); "
                  f"{scraped} scrapes happened during the runs.")
 
 
@@ -201,7 +213,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny run to check the script works")
     parser.add_argument("--seconds", type=float, default=3.0, help="per iperf3 run")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds (order alternating)")
     parser.add_argument("--sessions", type=int, default=10_000, help="UDP sessions for scraping")
     opts = parser.parse_args()
     if opts.quick:
