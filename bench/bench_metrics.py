@@ -86,7 +86,8 @@ def paired(values: list[float], anchors: list[float]) -> tuple[float, float, flo
     return statistics.median(ratios), ratios[0], ratios[-1]
 
 
-def tcp_cost(seconds: float, rounds: int, short_seconds: float) -> Table:
+def tcp_cost(seconds: float, rounds: int, short_seconds: float, control: bool = False) -> Table:
+    """``control``: the second path runs without --metrics too (an A/A run: the noise floor)."""
     iperf_port, echo_port = free_port(), free_port()
     echo = [sys.executable, os.path.join(os.path.dirname(__file__), "echo_server.py"),
             str(echo_port)]
@@ -101,7 +102,7 @@ def tcp_cost(seconds: float, rounds: int, short_seconds: float) -> Table:
             for kind, dest in (("bulk", iperf_port), ("short", echo_port)):
                 listen = free_port()
                 extra: list[str] = []
-                if path == "--metrics":
+                if path == "--metrics" and not control:
                     metrics_ports.append(free_port())
                     extra = ["--metrics", f"127.0.0.1:{metrics_ports[-1]}"]
                 ctx = process(tool("tcpfwd", *extra, f"127.0.0.1:{listen}",
@@ -148,7 +149,10 @@ def tcp_cost(seconds: float, rounds: int, short_seconds: float) -> Table:
         rows.append(["tcpfwd CPU per short connection (µs)", f"{per['plain']:.0f}",
                      f"{per['--metrics']:.0f}", f"{per['--metrics'] / per['plain']:.3f}×",
                      "-"])
-    return Table("tcpfwd with vs without --metrics (scraped every 1 s)",
+    title = "tcpfwd with vs without --metrics (scraped every 1 s)"
+    if control:
+        title = "control: two plain tcpfwd (the '--metrics' column runs without it)"
+    return Table(title,
                  ["measure", "plain (median)", "--metrics (median)", "ratio (median)",
                   "ratio min–max"], rows,
                  f"{rounds} rounds, order alternating (short: {short_seconds:g} s, 2 client "
@@ -215,11 +219,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="per iperf3 run")
     parser.add_argument("--rounds", type=int, default=7, help="rounds (order alternating)")
     parser.add_argument("--sessions", type=int, default=10_000, help="UDP sessions for scraping")
+    parser.add_argument("--control", action="store_true",
+                        help="also an A/A run of two plain tcpfwd: the noise floor of the ratios")
     opts = parser.parse_args()
     if opts.quick:
         opts.seconds, opts.rounds, opts.sessions = 1.0, 1, 200
-    tables = [tcp_cost(opts.seconds, opts.rounds, 1.0 if opts.quick else 2.0),
-              udp_scrape_time(opts.sessions)]
+    short = 1.0 if opts.quick else 2.0
+    tables = [tcp_cost(opts.seconds, opts.rounds, short)]
+    if opts.control:
+        tables.append(tcp_cost(opts.seconds, opts.rounds, short, control=True))
+    tables.append(udp_scrape_time(opts.sessions))
     print_tables(tables)
 
 
