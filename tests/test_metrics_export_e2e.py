@@ -10,9 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
+import uuid
 
 import pytest
 from conftest import REPO, connect, echo_roundtrip, exposition_samples, free_port, run_cli
@@ -252,3 +254,38 @@ def test_bench_metrics_quick():
     assert out.returncode == 0, out.stderr
     assert "tcpfwd with vs without --metrics" in out.stdout
     assert "udpfwd scrape time with 200 live sessions" in out.stdout
+
+
+NON_LOOPBACK = textwrap.dedent("""
+    import subprocess, sys, time, urllib.request
+    fwd = subprocess.Popen([sys.executable, sys.argv[1], "--metrics", "0.0.0.0:9100",
+                            "127.0.0.1:9001", "127.0.0.1:9002"], stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        for _ in range(200):
+            try:
+                urllib.request.urlopen("http://127.0.0.1:9100/metrics", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.05)
+    finally:
+        fwd.terminate()
+        print(fwd.communicate(timeout=10)[1])
+""")
+
+
+def test_non_loopback_metrics_address_warns():
+    """0.0.0.0 is bound inside a network namespace the test creates (nothing else can reach
+    it): the log says the endpoint is unauthenticated."""
+    name = f"pfwd-{uuid.uuid4().hex[:8]}"
+    if subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode:
+        pytest.skip("cannot create a network namespace here")
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        out = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-c", NON_LOOPBACK,
+                              os.path.join(REPO, "bin", "tcpfwd")], capture_output=True,
+                             text=True, timeout=60)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    assert "metrics endpoint on 0.0.0.0:9100 is not loopback: it is unauthenticated" in out.stdout
+    assert "metrics on http://0.0.0.0:9100/metrics" in out.stdout
