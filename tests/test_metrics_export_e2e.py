@@ -150,7 +150,7 @@ def start_pair(tool, target: int, client_psk: str = PSK, loss: float = 0.0):
 
 
 def test_kcptcp_pair_shows_handshakes_rtt_and_retransmissions(tool, echo_server):
-    tcp, server, client, relay, sm, cm, udp = start_pair(tool, echo_server.port, loss=0.05)
+    tcp, server, client, relay, sm, cm, udp = start_pair(tool, echo_server.port, loss=0.03)
     try:
         srule = dict(kind="kcptcp-server", rule=f"kcptcp-server:127.0.0.1:{udp}")
         crule = dict(kind="kcptcp-client", rule=f"kcptcp-client:127.0.0.1:{tcp}")
@@ -163,12 +163,12 @@ def test_kcptcp_pair_shows_handshakes_rtt_and_retransmissions(tool, echo_server)
                                              **crule) == 1)
             assert value(s, "portfwd_tunnel_srtt_seconds_gsum", **crule) > 0
             assert value(s, "portfwd_conversations_active", **crule) == 1
-        with connect("127.0.0.1", tcp) as sock:
-            echo_roundtrip(sock, 2 * MIB, seed=11)
+        with connect("127.0.0.1", tcp, timeout=60) as sock:  # lossy and a loaded box: slow
+            echo_roundtrip(sock, MIB, seed=11)
         assert relay.lost > 0
         c = wait_for(cm, lambda s: value(s, "portfwd_conversations_active", **crule) == 0)
         assert value(c, "portfwd_tunnel_handshakes_total", **crule) == 2
-        assert value(c, "portfwd_bytes_total", direction="up", **crule) == 2 * MIB + 80
+        assert value(c, "portfwd_bytes_total", direction="up", **crule) == MIB + 80
         retrans = (value(c, "portfwd_kcp_retransmissions_total", type="timeout", **crule)
                    + value(c, "portfwd_kcp_retransmissions_total", type="fast", **crule))
         s = wait_for(sm, lambda s: value(s, "portfwd_conversations_active", **srule) == 0)
@@ -176,7 +176,7 @@ def test_kcptcp_pair_shows_handshakes_rtt_and_retransmissions(tool, echo_server)
                     + value(s, "portfwd_kcp_retransmissions_total", type="fast", **srule))
         assert retrans > 0  # counted once each conversation ended, not lost with it
         assert value(s, "portfwd_tunnel_handshakes_total", **srule) >= 1
-        assert value(s, "portfwd_bytes_total", direction="down", **srule) == 2 * MIB + 80
+        assert value(s, "portfwd_bytes_total", direction="down", **srule) == MIB + 80
         assert sum(v for k, v in s["portfwd_conversations_closed_total"].items()
                    if ("rule", srule["rule"]) in k) == 2
         assert value(s, "portfwd_tunnel_handshakes_rejected_total", reason="auth", **srule) == 0
