@@ -190,3 +190,22 @@ def fill_until_blocked(sock: socket.socket, seconds: float, block: bytes = b"z" 
             time.sleep(0.05)
     sock.setblocking(True)
     return sent
+
+
+def exposition_samples(text: str) -> dict[str, dict[tuple, float]]:
+    """Prometheus text as ``name -> {sorted label items: value}``, parsed by prometheus_client's
+    own parser (so names and labels must be valid)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def sample_value(samples: dict, name: str, **labels: str) -> float:
+    """The one sample of ``name`` whose labels include ``labels``."""
+    found = [v for k, v in samples.get(name, {}).items() if set(labels.items()) <= set(k)]
+    assert len(found) == 1, (name, labels, samples.get(name))
+    return found[0]

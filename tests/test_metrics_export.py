@@ -7,8 +7,8 @@ import logging
 import socket
 
 import pytest
+from conftest import exposition_samples
 from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from portfwd.kcptcp.metrics import (
     CLIENT_KIND,
@@ -76,15 +76,12 @@ RULES = [("tcp", "tcp:127.0.0.1:80", TCP), ("udp", "udp:[::]:53", UDP),
 
 def scrape(rules=RULES) -> dict[str, dict[tuple, float]]:
     """name -> {sorted label items: value}, parsed by prometheus_client's own parser."""
-    text = generate_latest(make_registry(lambda: rules, KINDS, process=False)).decode()
-    out: dict[str, dict[tuple, float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
-    return out
+    return exposition_samples(
+        generate_latest(make_registry(lambda: rules, KINDS, process=False)).decode())
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
+    """Exactly these labels (besides ``kind`` and ``rule``, nothing else may be set)."""
     return samples[name][tuple(sorted(labels.items()))]
 
 
@@ -259,6 +256,7 @@ def test_kernel_drops_of_a_full_socket(family, host):
         dropped = drops.read()
         assert 0 < dropped < 200
         assert drops.source == "netlink"  # the exact lookup, not the /proc scan
+        drops.close()
 
 
 def test_kernel_drops_of_a_reuseport_group_fall_back_to_proc():

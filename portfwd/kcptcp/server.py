@@ -153,6 +153,7 @@ class TunnelServer(ConversationService):
         self.conversations.kill(timeout=1)
         gevent.killall([*self._greenlets, *filter(None, [self._stats])])
         self.udp.close()
+        self._kernel_drops.close()
 
     def reconfigure(self, config: ServerConfig) -> None:
         """New settings for the same UDP socket (config reload): conversations that start from

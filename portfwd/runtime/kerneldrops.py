@@ -50,7 +50,16 @@ class KernelDrops:
         self._family = sock.family
         self._inode = os.fstat(sock.fileno()).st_ino
         self._request = _diag_request(sock)
-        self._use_netlink = self._request is not None
+        self._netlink: socket.socket | None = None
+        if self._request is not None:
+            # Opened now, not at the first read: the service's fd count is steady from start.
+            try:
+                self._netlink = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM
+                                              | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
+                self._netlink.setblocking(False)
+            except OSError:
+                self._netlink = None
+        self._use_netlink = self._netlink is not None
         self._last = 0
 
     @property
@@ -65,26 +74,28 @@ class KernelDrops:
             if drops is not None:
                 self._last = drops
                 return drops
-            self._use_netlink = False  # unavailable or ambiguous here: /proc from now on
+            self.close()  # unavailable or ambiguous here: /proc from now on
         drops = _read_proc(PROC_FILES.get(self._family), self._inode)
         if drops is not None:
             self._last = drops
         return self._last
 
     def _read_netlink(self) -> int | None:
-        assert self._request is not None
-        # A socket per read (a few us, once per scrape or stats line): none held open, so the
-        # process's descriptors are what its connections and sessions need, nothing more.
+        assert self._request is not None and self._netlink is not None
         try:
-            with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
-                               NETLINK_SOCK_DIAG) as netlink:
-                netlink.setblocking(False)
-                netlink.send(self._request)
-                # The kernel answers a non-dump request inside send(): the reply is queued now.
-                reply = netlink.recv(8192)
+            self._netlink.send(self._request)
+            # The kernel answers a non-dump request inside send(): the reply is queued now.
+            reply = self._netlink.recv(8192)
         except OSError:
             return None
         return _parse_reply(reply, self._inode)
+
+    def close(self) -> None:
+        """Release the netlink socket; later reads fall back to /proc (or the last value)."""
+        self._use_netlink = False
+        if self._netlink is not None:
+            self._netlink.close()
+            self._netlink = None
 
 
 def _diag_request(sock: socket.socket) -> bytes | None:

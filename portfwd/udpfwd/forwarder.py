@@ -181,6 +181,7 @@ class UdpForwarder:
             self._close(session, "stopped")
         self.listener.close()
         self._log_stats(force=True)
+        self._kernel_drops.close()
 
     # -- forwarding, both ways ------------------------------------------------------------
 
