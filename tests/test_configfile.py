@@ -45,10 +45,19 @@ def test_process_fields_are_what_process_config_reads():
     """PROCESS_FIELDS (the top-level keys of a file) must list every field process_config
     reads: a field added there without it would not be settable from a config file."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(runtime_config.process_config)))
-    read = {node.args[0].value for node in ast.walk(tree)
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-            and isinstance(node.func.value, ast.Name) and node.func.value.id == "options"
-            and node.args and isinstance(node.args[0], ast.Constant)}
+    def field_read(call: ast.Call) -> str | None:
+        """``options.<validator>("field", ...)`` or ``helper(options, "field", ...)``."""
+        args = call.args
+        if (isinstance(call.func, ast.Attribute) and isinstance(call.func.value, ast.Name)
+                and call.func.value.id == "options" and args
+                and isinstance(args[0], ast.Constant)):
+            return args[0].value
+        if (len(args) > 1 and isinstance(args[0], ast.Name) and args[0].id == "options"
+                and isinstance(args[1], ast.Constant)):
+            return args[1].value
+        return None
+
+    read = {field_read(node) for node in ast.walk(tree) if isinstance(node, ast.Call)} - {None}
     assert read == PROCESS_FIELDS
 
 

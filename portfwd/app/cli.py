@@ -29,6 +29,7 @@ from __future__ import annotations
 import sys
 
 from portfwd.app.load import LoadedConfig, absolute, read_config
+from portfwd.app.rules import EXPORTED
 from portfwd.app.supervisor import Supervisor, bind_all
 from portfwd.runtime import daemon
 from portfwd.runtime.config import process_config
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                 values[field], labels[field] = args[key], key
         process = process_config(Options(values, labels), env)
         supervisor = Supervisor(absolute(path), path, env, loaded, bind_all(loaded))
-        return daemon.run(PROG, supervisor, process, reload=supervisor.reload)
+        return daemon.run(PROG, supervisor, process, reload=supervisor.reload, kinds=EXPORTED)
 
     return run_tool(PROG, body)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from portfwd.app.configfile import ConfigFile, RuleSpec, parse_config
-from portfwd.app.rules import KINDS, PARSER_KINDS, RuleKind
+from portfwd.app.rules import KINDS, PARSER_KINDS, Kind
 from portfwd.runtime.addr import format_sockaddr
 from portfwd.runtime.config import PROCESS_FIELDS
 from portfwd.runtime.environment import Environment
@@ -24,7 +24,7 @@ MAX_CONFIG_BYTES = 16 << 20  # a config file larger than this is not one
 class Rule:
     """One listener of the file, validated: its kind, where it was written, its tool config."""
 
-    kind: RuleKind
+    kind: Kind
     spec: RuleSpec
     config: Any  # the tool's frozen config (TcpConfig, UdpConfig, ClientConfig, ServerConfig)
 

@@ -1,7 +1,7 @@
 """The rule kinds of a config file: each is one of the tools, reached through its own config
 function and service class, so a config key and a command-line flag share one validation path.
 
-A new kind (UDP through the tunnel) is one more :class:`RuleKind` in :data:`KINDS`. How a
+A new kind is one more :class:`Kind` in :data:`KINDS`. How a
 kind's live service takes a changed rule on a reload is ``reuse``: ``handover`` (a TCP
 listener: the old service stops accepting and hands its socket to a new service, its open
 connections finish on the old settings) or ``reconfigure`` (one UDP socket serves every
@@ -17,17 +17,26 @@ from typing import Any
 
 from portfwd.app.configfile import KindKeys
 from portfwd.kcptcp import cli as kcptcp_cli
+from portfwd.kcptcp import metrics as kcptcp_metrics
 from portfwd.kcptcp.client import TunnelClient
 from portfwd.kcptcp.config import client_config, server_config
 from portfwd.kcptcp.server import TunnelServer
+from portfwd.kcpudp import cli as kcpudp_cli
+from portfwd.kcpudp import config as kcpudp_config
+from portfwd.kcpudp import metrics as kcpudp_metrics
+from portfwd.kcpudp.client import DatagramClient
+from portfwd.kcpudp.server import DatagramServer
+from portfwd.runtime import exporter
 from portfwd.runtime.config import PROCESS_FIELDS
 from portfwd.runtime.daemon import Service
 from portfwd.runtime.environment import Environment
 from portfwd.runtime.options import Options
 from portfwd.tcpfwd import cli as tcpfwd_cli
+from portfwd.tcpfwd import metrics as tcpfwd_metrics
 from portfwd.tcpfwd.config import tcpfwd_config
 from portfwd.tcpfwd.forwarder import TcpForwarder
 from portfwd.udpfwd import cli as udpfwd_cli
+from portfwd.udpfwd import metrics as udpfwd_metrics
 from portfwd.udpfwd.config import udpfwd_config
 from portfwd.udpfwd.forwarder import UdpForwarder
 
@@ -37,7 +46,7 @@ SERVER_ONLY = frozenset({"connect_timeout", "max_sessions", "max_pending"})
 
 
 @dataclass(frozen=True)
-class RuleKind:
+class Kind:
     """One tool as a rule kind."""
 
     name: str  # the table name: [[tcp]]
@@ -47,6 +56,7 @@ class RuleKind:
     dest_field: str  # the field the key ``to`` sets
     keys: frozenset[str]  # the fields its rules may set besides listen and to
     reuse: str  # HANDOVER or RECONFIGURE
+    exported: exporter.RuleKind  # how its snapshots are exported (--metrics, SIGUSR1, STATUS=)
     holds_key: Callable[[Any], bool] | None = None  # a tunnel kind: does it carry a PSK?
 
     def plaintext(self, config: Any) -> bool:
@@ -67,15 +77,23 @@ def _tunnel_key(config: Any) -> bool:
     return config.conversation.tunnel.psk is not None
 
 
-KINDS: dict[str, RuleKind] = {kind.name: kind for kind in (
-    RuleKind("tcp", tcpfwd_config, socket.SOCK_STREAM, TcpForwarder, "dest",
-             tool_keys(tcpfwd_cli.FIELDS, "dest"), HANDOVER),
-    RuleKind("udp", udpfwd_config, socket.SOCK_DGRAM, UdpForwarder, "dest",
-             tool_keys(udpfwd_cli.FIELDS, "dest"), RECONFIGURE),
-    RuleKind("kcptcp-client", client_config, socket.SOCK_STREAM, TunnelClient, "remote",
-             tool_keys(kcptcp_cli.CLIENT_FIELDS, "remote") - SERVER_ONLY, HANDOVER,
-             _tunnel_key),
-    RuleKind("kcptcp-server", server_config, socket.SOCK_DGRAM, TunnelServer, "target",
-             tool_keys(kcptcp_cli.SERVER_FIELDS, "target"), RECONFIGURE, _tunnel_key),
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (
+    Kind("tcp", tcpfwd_config, socket.SOCK_STREAM, TcpForwarder, "dest",
+         tool_keys(tcpfwd_cli.FIELDS, "dest"), HANDOVER, tcpfwd_metrics.KIND),
+    Kind("udp", udpfwd_config, socket.SOCK_DGRAM, UdpForwarder, "dest",
+         tool_keys(udpfwd_cli.FIELDS, "dest"), RECONFIGURE, udpfwd_metrics.KIND),
+    Kind("kcptcp-client", client_config, socket.SOCK_STREAM, TunnelClient, "remote",
+         tool_keys(kcptcp_cli.CLIENT_FIELDS, "remote") - SERVER_ONLY, HANDOVER,
+         kcptcp_metrics.CLIENT_KIND, _tunnel_key),
+    Kind("kcptcp-server", server_config, socket.SOCK_DGRAM, TunnelServer, "target",
+         tool_keys(kcptcp_cli.SERVER_FIELDS, "target"), RECONFIGURE,
+         kcptcp_metrics.SERVER_KIND, _tunnel_key),
+    Kind("kcpudp-client", kcpudp_config.client_config, socket.SOCK_DGRAM, DatagramClient,
+         "remote", tool_keys(kcpudp_cli.CLIENT_FIELDS, "remote") - {"max_pending"},
+         RECONFIGURE, kcpudp_metrics.CLIENT_KIND, _tunnel_key),
+    Kind("kcpudp-server", kcpudp_config.server_config, socket.SOCK_DGRAM, DatagramServer,
+         "target", tool_keys(kcpudp_cli.SERVER_FIELDS, "target"), RECONFIGURE,
+         kcpudp_metrics.SERVER_KIND, _tunnel_key),
 )}
+EXPORTED = {name: kind.exported for name, kind in KINDS.items()}  # for daemon.run(kinds=)
 PARSER_KINDS = {name: kind.parser_keys for name, kind in KINDS.items()}

@@ -3,7 +3,7 @@
 A reload (SIGHUP) follows the contract of mitmproxy's OptManager and nginx's reload: the new
 file is read and validated completely, every new listener is bound, and only then is anything
 changed; any failure before that point leaves the running set exactly as it was. Then:
-unchanged rules are untouched; a changed rule keeps its listener (``rules.RuleKind.reuse``:
+unchanged rules are untouched; a changed rule keeps its listener (``rules.Kind.reuse``:
 TCP listeners are handed over to a new service while the old one's connections finish, UDP
 services take the new settings for new sessions); a removed rule stops accepting and drains
 for DRAIN_TIMEOUT, like a stop; a new rule starts on its new listener.

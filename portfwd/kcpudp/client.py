@@ -80,6 +80,15 @@ class DatagramClient(ConversationService):
             dropped_open=self.dropped_open, udp_open_failures=self.udp_open_failures.snapshot(),
             per_conversation=self._per_conversation())  # type: ignore[arg-type]
 
+    def reconfigure(self, config: ClientConfig) -> None:
+        """New settings for the same listening socket (config reload): client addresses that
+        start a conversation from now on get them, live conversations finish on theirs; the
+        timeout and the cap apply to the whole table at once (one LRU), as in udpfwd."""
+        self.config, self.remote = config, config.remote
+        self.conversation_class = CONVERSATIONS[config.mode]
+        self.table.capacity = config.max_sessions
+        self.table.idle_timeout = config.idle_timeout
+
     def stop(self, timeout: float) -> None:
         gevent.killall(self._greenlets)
         for _, driver in self.table.clear():

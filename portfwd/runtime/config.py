@@ -18,7 +18,7 @@ from portfwd.runtime.sockets import ListenOptions
 
 # Every field process_config reads: the top-level keys of a config file (portfwd run), which
 # no rule kind may take as its own. tests/test_configfile.py checks it against the code below.
-PROCESS_FIELDS = frozenset({"daemonize", "pidfile"})
+PROCESS_FIELDS = frozenset({"daemonize", "pidfile", "log_file", "metrics", "log_format"})
 
 
 @dataclass(frozen=True)
