@@ -278,3 +278,17 @@ def test_kernel_drops_of_a_reuseport_group_fall_back_to_proc():
     finally:
         for sock in socks:
             sock.close()
+
+
+def test_policy_counters_are_exported():
+    # tcpfwd's admission gate and timeouts (issue: traffic policy), udpfwd's --deny drops
+    tcp = TcpMetrics(**{**TCP.__dict__, "denied": 2, "over_limit": 3, "proxy_rejected": 1,
+                        "idle_timeouts": 4, "half_close_timeouts": 5, "destinations_down": 6})
+    udp = UdpMetrics(**{**UDP.__dict__, "denied": 7})
+    s = scrape([("tcp", "a", tcp), ("udp", "b", udp)])
+    refused = {reason: value(s, "portfwd_connections_refused_total", kind="tcp", rule="a",
+                             reason=reason) for reason in ("denied", "over_limit", "proxy")}
+    assert refused == {"denied": 2, "over_limit": 3, "proxy": 1}
+    assert value(s, "portfwd_relays_timed_out_total", kind="tcp", rule="a", reason="idle") == 4
+    assert value(s, "portfwd_destinations_down_total", kind="tcp", rule="a") == 6
+    assert value(s, "portfwd_datagrams_denied_total", kind="udp", rule="b") == 7

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+from portfwd.runtime.admission import refusal_families
 from portfwd.runtime.exporter import Families, Labels, RuleKind, top
 from portfwd.runtime.metrics import format_counts
 
@@ -234,6 +235,7 @@ def client_families(out: Families, labels: Labels, m: TunnelClientMetrics) -> No
                     "reason", m.accept_errors, labels)
     out.counters_by("udp_open_failures", "No UDP socket for a new connection, by errno",
                     "reason", m.udp_open_failures, labels)
+    refusal_families(out, labels, m)
 
 
 def server_families(out: Families, labels: Labels, m: TunnelServerMetrics) -> None:
@@ -259,6 +261,8 @@ def server_families(out: Families, labels: Labels, m: TunnelServerMetrics) -> No
                 m.send_errors, labels)
     out.counters_by("dial_failures", "Connects to the target that failed, by errno", "reason",
                     m.dial_failures, labels)
+    out.counter("tunnel_hellos_denied", "HELLOs and PROBEs dropped unread: their UDP source is "
+                "refused by --allow/--deny", m.denied, labels)
 
 
 def rejected(m: TunnelServerMetrics) -> dict[str, int]:

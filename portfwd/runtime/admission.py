@@ -18,13 +18,14 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from gevent.socket import wait_read
 
 from portfwd.policy.cidr import AccessList, CidrSet
 from portfwd.policy.proxy import MalformedHeader, Parsed, ProxyParser
 from portfwd.runtime.addr import format_sockaddr
+from portfwd.runtime.exporter import Families, Labels
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.options import ConfigError, Options
 
@@ -156,3 +157,13 @@ def read_proxy_header(sock: socket.socket, timeout: float) -> Parsed:
         result = parser.feed(data)
         if result is not None:
             return result
+
+
+def refusal_families(out: Families, labels: Labels, m: Any) -> None:
+    """The admission gate's refusals (tcpfwd, kcptcp-client): ``denied``, ``over_limit``,
+    ``proxy_rejected``."""
+    out.counters_by("connections_refused", "Connections closed before any dial, by reason "
+                    "(denied: --allow/--deny; over_limit: --max-conns; proxy: a PROXY header "
+                    "missing, malformed, late or untrusted)", "reason",
+                    {"denied": m.denied, "over_limit": m.over_limit,
+                     "proxy": m.proxy_rejected}, labels)

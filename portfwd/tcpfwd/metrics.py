@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from portfwd.runtime.admission import Gate
+from portfwd.runtime.admission import Gate, refusal_families
 from portfwd.runtime.exporter import TOP, Families, Labels, RuleKind
 from portfwd.runtime.metrics import ErrorCounts, format_counts
 from portfwd.runtime.upstream import Upstreams
@@ -136,6 +136,14 @@ def families(out: Families, labels: Labels, m: TcpMetrics) -> None:
                     "reason", dial, labels)
     out.counters_by("accept_errors", "Failed accept() calls on the listener, by errno",
                     "reason", m.accept_errors, labels)
+    refusal_families(out, labels, m)
+    out.counters_by("relays_timed_out", "Relays closed by a timeout (idle: --idle-timeout; "
+                    "half_close: --half-close-timeout)", "reason",
+                    {"idle": m.idle_timeouts, "half_close": m.half_close_timeouts}, labels)
+    out.counter("destinations_down", "Times a destination was skipped after --max-fails "
+                "failures", m.destinations_down, labels)
+    out.counter("lookups_failed", "Background re-resolutions of a destination name that failed "
+                "(the last answer kept)", m.lookups_failed, labels)
 
 
 def status(m: TcpMetrics) -> list[str]:

@@ -67,6 +67,8 @@ def families(out: Families, labels: Labels, m: UdpMetrics) -> None:
                 m.upstream_errors, labels)
     out.counter("gso_sends", "Sends that carried several datagrams (UDP GSO)", m.gso_sends,
                 labels)
+    out.counter("datagrams_denied", "Datagrams dropped before a session: the client is refused "
+                "by --allow/--deny", m.denied, labels)
 
 
 def status(m: UdpMetrics) -> list[str]:
