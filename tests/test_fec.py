@@ -389,3 +389,14 @@ def test_a_sealed_shard_is_its_longest_datagram_plus_room(data: int, parity: int
     assert len(shards) == parity
     assert all(len(s) == max(map(len, sealed)) + settings_.room + link.client.overhead
                for s in shards)
+
+
+def test_auto_starts_from_the_services_last_report() -> None:
+    hint = fec.LossHint()
+    first = FecEncoder(FecSettings(auto=True), hint)
+    assert first.parity == 0
+    first.report_received(pack_report(0.05, 2000))
+    assert hint.loss == 0.05
+    second = FecEncoder(FecSettings(auto=True), hint)  # a new conversation of that service
+    assert second.parity == parity_for(0.05, 10, fec.AUTO_MAX_OVERHEAD) > 0
+    assert FecEncoder(FecSettings(data=4, parity=1), hint).parity == 1  # fixed: unaffected

@@ -94,7 +94,7 @@ class TunnelClient(ConversationService):
         conv_id = random_conv()
         conv = Conversation.client(self.config.conversation, conv_id, self.remote.sockaddr,
                                    now_ms(), wall_ms(), self.cookie)
-        driver = ConversationDriver(conv, udp, f"conv={conv_id}", self.config.fec)
+        driver = ConversationDriver(conv, udp, f"conv={conv_id}", self.config.fec, self.fec_hint)
         self.drivers[conv_id] = driver
         receiver = gevent.spawn(self._receive, driver, udp)
         try:

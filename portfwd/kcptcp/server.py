@@ -176,7 +176,8 @@ class TunnelServer(ConversationService):
                                  self.limits.max_sessions, session.conv, format_sockaddr(addr))
             return None  # the session object is dropped unanswered; nothing was dialled
         conv = Conversation(session, self.config.conversation, now, self.reassembly)
-        driver = ConversationDriver(conv, self.udp, f"conv={conv.conv}", self.config.fec)
+        driver = ConversationDriver(conv, self.udp, f"conv={conv.conv}", self.config.fec,
+                                    self.fec_hint)
         self.drivers[conv.conv] = driver
         prefix = prefix or source_prefix(addr[0])
         self._pending[driver] = prefix

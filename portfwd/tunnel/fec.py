@@ -205,13 +205,24 @@ def parity_for(loss: float, data: int, max_overhead: float) -> int:
     return cap
 
 
+@dataclass
+class LossHint:
+    """The loss the peers of one service last reported, shared by its conversations: a new
+    conversation in auto mode starts from it rather than unprotected until its first report."""
+
+    loss: float = 0.0  #: 0..1
+
+
 class FecEncoder:
     """The sending half: groups outgoing sealed datagrams, returns parity bodies to seal."""
 
-    def __init__(self, settings: FecSettings) -> None:
+    def __init__(self, settings: FecSettings, hint: LossHint | None = None) -> None:
         self.settings = settings
+        self.hint = hint
+        self.peer_loss = hint.loss if hint and settings.auto else 0.0  # last reported (auto)
         self.parity = settings.parity  # parity per full group now (auto: follows reports)
-        self.peer_loss = 0.0  # the last loss the peer reported (auto)
+        if settings.auto:
+            self.parity = parity_for(self.peer_loss, settings.data, settings.max_overhead)
         self._group: list[bytes] = []
         self._opened = 0  # ms the open group got its first datagram
         self._number = 0  # next group number
@@ -244,6 +255,8 @@ class FecEncoder:
         self.peer_loss = loss
         if self.settings.auto:
             self.parity = parity_for(loss, self.settings.data, self.settings.max_overhead)
+            if self.hint is not None:
+                self.hint.loss = loss
 
     def _close(self) -> list[bytes]:
         group, self._group = self._group, []
