@@ -15,6 +15,9 @@ with a drop-tail queue. Measured per cell and path:
   connections at once (so 2,000 samples at 100 ms RTT take 20 s, not 200 s), p50/p99/max;
 * **interactive**: one 64-byte "keystroke" every 50 ms on one connection, echoed, p99.
 
+Both ends of every probe connection set TCP_NODELAY (the echo server too), as interactive
+software does.
+
 Plain TCP picks its congestion control per socket on the client site (iperf3 -C, and
 TCP_CONGESTION on the probes' sockets); the server site's replies use the kernel default (bbr).
 kcptun's FEC row uses its default 10:3 (--ds 10 --ps 3). Nothing is asserted; every
@@ -59,7 +62,8 @@ TUNNEL_TOOLS = {  # name -> (kind, extra flags on both ends)
     "kcptun fast3": ("kcptun", ["--ds", "0", "--ps", "0"]),
     "kcptun fast3 FEC 10:3": ("kcptun", ["--ds", "10", "--ps", "3"]),
 }
-DEFAULT_TOOLS = ("TCP cubic", "TCP bbr", "kcptcp -K", "kcptun fast3", "kcptun fast3 FEC 10:3")
+DEFAULT_TOOLS = ("TCP cubic", "TCP bbr", "kcptcp -K", "kcptcp -K --fec 10:3",
+                 "kcptcp -K --fec auto", "kcptun fast3", "kcptun fast3 FEC 10:3")
 
 
 @dataclass
@@ -211,8 +215,9 @@ def measure(cfg: Settings) -> tuple[list[Table], dict]:
     first = cfg.direction(*cells[0])
     with contextlib.ExitStack() as stack:
         link = stack.enter_context(wan.wan(first))
-        stack.enter_context(process(link.argv("server", [
-            sys.executable, os.path.join(HERE, "echo_server.py"), str(ECHO_PORT), "0.0.0.0"])))
+        echo_argv = [sys.executable, os.path.join(HERE, "echo_server.py"), str(ECHO_PORT),
+                     "0.0.0.0", "nodelay"]
+        stack.enter_context(process(link.argv("server", echo_argv)))
         wan.wait_bound(link, "server", ECHO_PORT)
         stack.enter_context(wan.iperf3_server(link, IPERF_PORT))
         entries: dict[str, tuple[Entry, Entry]] = {}

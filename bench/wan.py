@@ -50,6 +50,7 @@ MTU = 1500  # bytes, both TUN devices (an Ethernet path)
 TXQUEUELEN = 10000  # packets the kernel queues towards the relay per TUN (it must not drop)
 READ_BATCH = 64  # packets read from one TUN per wakeup before serving the other
 READY_TIMEOUT = 10.0  # s for the relay to bring the devices up
+RELAY_PRIORITY = 10  # SCHED_RR priority of the relay process (1..99)
 TUNSETIFF = 0x400454CA
 IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
 CLONE_NEWNET = 0x40000000
@@ -197,6 +198,10 @@ def _place(dev: str, netns: str, address: str, peer: str) -> None:
 
 def serve(config: dict) -> None:
     """The relay: TUN <-> Link <-> TUN, until SIGTERM. Commands on stdin, replies on stdout."""
+    # The relay is the network: on a loaded machine it must not wait for a CPU behind the
+    # software under test (a real-time priority; it sleeps in select() between packets).
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(RELAY_PRIORITY))
     rng = random.Random(config["seed"])
     links = {"forward": Link(Direction(**config["forward"]), random.Random(rng.random())),
              "back": Link(Direction(**config["back"]), random.Random(rng.random()))}

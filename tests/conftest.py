@@ -140,8 +140,10 @@ def connect(host: str, port: int, timeout: float = 10.0) -> socket.socket:
             time.sleep(0.02)
 
 
-def echo_roundtrip(sock: socket.socket, total: int, seed: int = 1, chunk: int = 1 << 16) -> None:
-    """Send ``total`` seeded random bytes, read the echo back, compare sha256; ends with EOF."""
+def echo_roundtrip(sock: socket.socket, total: int, seed: int = 1, chunk: int = 1 << 16,
+                   shutdown: bool = True) -> None:
+    """Send ``total`` seeded random bytes, read the echo back, compare sha256; ends with EOF
+    (``shutdown``) or leaves the connection open once the echo is back."""
     import random
 
     rng = random.Random(seed)
@@ -150,7 +152,7 @@ def echo_roundtrip(sock: socket.socket, total: int, seed: int = 1, chunk: int = 
 
     def reader() -> None:
         nonlocal received
-        while True:
+        while shutdown or received < total:
             data = sock.recv(1 << 20)
             if not data:
                 return
@@ -165,7 +167,8 @@ def echo_roundtrip(sock: socket.socket, total: int, seed: int = 1, chunk: int = 
         sent_hash.update(block)
         sock.sendall(block)
         left -= len(block)
-    sock.shutdown(socket.SHUT_WR)
+    if shutdown:
+        sock.shutdown(socket.SHUT_WR)
     thread.join(120)
     assert received == total
     assert recv_hash.hexdigest() == sent_hash.hexdigest()

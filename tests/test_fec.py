@@ -389,3 +389,30 @@ def test_a_sealed_shard_is_its_longest_datagram_plus_room(data: int, parity: int
     assert len(shards) == parity
     assert all(len(s) == max(map(len, sealed)) + settings_.room + link.client.overhead
                for s in shards)
+
+
+def test_auto_starts_from_the_services_last_report() -> None:
+    hint = fec.LossHint()
+    first = FecEncoder(FecSettings(auto=True), hint)
+    assert first.parity == 0
+    first.report_received(pack_report(0.05, 2000))
+    assert hint.loss == 0.05
+    second = FecEncoder(FecSettings(auto=True), hint)  # a new conversation of that service
+    assert second.parity == parity_for(0.05, 10, fec.AUTO_MAX_OVERHEAD) > 0
+    assert FecEncoder(FecSettings(data=4, parity=1), hint).parity == 1  # fixed: unaffected
+
+
+def test_decoder_keeps_one_group_until_the_peer_sends_fec() -> None:
+    rng = random.Random(8)
+    decoder = FecDecoder()
+    for seq in range(100):
+        decoder.record(fake_datagram(seq, rng))
+    assert not decoder.active and len(decoder._history) == fec.MAX_DATA
+    datagrams, bodies = encode_group(3, 1, rng, first_seq=100)
+    for d in datagrams[1:]:
+        decoder.record(d)
+    assert decoder.shard_received(bodies[0], 0) == [datagrams[0]]  # the first group too
+    assert decoder.active
+    for seq in range(200, 200 + fec.HISTORY + 50):
+        decoder.record(fake_datagram(seq, rng))
+    assert len(decoder._history) == fec.HISTORY

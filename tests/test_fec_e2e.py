@@ -3,10 +3,8 @@ loopback, bytes intact, and the stats lines show the parity doing the work. No t
 
 from __future__ import annotations
 
-import random
 import re
 import socket
-import threading
 import time
 
 import pytest
@@ -32,25 +30,9 @@ def lossy_tunnel(tool, target: int, loss: float, client_fec: str, server_fec: st
 
 
 def echo_open(sock: socket.socket, size: int, seed: int) -> None:
-    """``size`` seeded bytes through the echo and back intact, the connection left open (the
+    """Seeded bytes through the echo and back intact, the connection left open (the
     conversation stays alive for the stats lines)."""
-    data = random.Random(seed).randbytes(size)
-    chunks: list[bytes] = []
-
-    def reader() -> None:
-        got = 0
-        while got < size:
-            chunk = sock.recv(1 << 20)
-            if not chunk:
-                return
-            chunks.append(chunk)
-            got += len(chunk)
-
-    thread = threading.Thread(target=reader)
-    thread.start()
-    sock.sendall(data)
-    thread.join(120)
-    assert b"".join(chunks) == data
+    echo_roundtrip(sock, size, seed, shutdown=False)
 
 
 def recovered(log: str) -> int:

@@ -42,7 +42,7 @@ from portfwd.kcptcp.metrics import (
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.sockets import READ, WRITE
 from portfwd.tunnel import events
-from portfwd.tunnel.fec import FecSettings
+from portfwd.tunnel.fec import FecSettings, LossHint
 from portfwd.tunnel.fec_channel import FecChannel
 from portfwd.tunnel.origin import Origin
 from portfwd.tunnel.stream import CLOSE_UNKNOWN, Conversation
@@ -124,9 +124,9 @@ class ConversationDriver:
     """Runs one Conversation between a TCP socket and a UDP endpoint."""
 
     def __init__(self, conv: Conversation, udp: UdpEndpoint, name: str,
-                 fec: FecSettings | None = None) -> None:
+                 fec: FecSettings | None = None, fec_hint: LossHint | None = None) -> None:
         self.conv = conv
-        self.fec = FecChannel(fec)  # decodes always; sends parity only with --fec
+        self.fec = FecChannel(fec, fec_hint)  # decodes always; sends parity only with --fec
         self.udp = udp
         self.name = name  # for log lines: "conv=<id>"
         self.tcp: gsocket | None = None
@@ -353,6 +353,7 @@ class ConversationService:
     def __init__(self, stats_interval: float) -> None:
         self.stats_interval = stats_interval
         self.drivers: dict[int, ConversationDriver] = {}  # live conversations by conv id
+        self.fec_hint = LossHint()  # --fec auto: new conversations start from the last report
         self.finished = 0  # conversations ended since start
         self.ended = NO_TOTALS  # the counters of the ended conversations, summed
         self.closed: dict[str, int] = {}  # ended conversations by close_reason_label

@@ -271,7 +271,8 @@ class TunnelServer(ConversationService):
     def _make_driver(self, session: TunnelSession, now: int) -> ConversationDriver:
         """The conversation and driver of a new session (kcpudp-server makes its own)."""
         conv = Conversation(session, self.config.conversation, now, self.reassembly)
-        return ConversationDriver(conv, self.udp, f"conv={conv.conv}", self.config.fec)
+        return ConversationDriver(conv, self.udp, f"conv={conv.conv}", self.config.fec,
+                                  self.fec_hint)
 
     @staticmethod
     def _is_retry(driver: ConversationDriver, hello: bytes) -> bool:

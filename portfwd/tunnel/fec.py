@@ -35,7 +35,8 @@ from .wire import HEADER_SIZE, MalformedPacket
 GROUP_MS = 5  # ms a group stays open after its first datagram (a lone request is not held)
 MAX_SHARDS = 255  # zfec: data + parity <= 256; one index value is kept free
 MAX_DATA = 32  # datagrams per group at most: bounds the room a shard needs (MAX_ROOM)
-HISTORY = 4096  # the peer's authenticated datagrams kept for recovery (bounded memory)
+HISTORY = 1024  # the peer's authenticated datagrams kept for recovery, once it sends FEC:
+# ~1.4 MB, 120 ms of a 100 Mbit/s stream, where a group's parity follows it within ~5 ms
 PENDING_GROUPS = 256  # groups with shards but not yet complete (oldest dropped beyond)
 REPORT_MS = 200  # ms between loss reports to a sender in auto mode
 LOSS_WINDOW = 2000  # data datagrams the measured loss is averaged over (sliding)
@@ -103,7 +104,7 @@ def unpack_shard(body: bytes) -> Shard:
     kind, group, data, parity, index, size = _SHARD_HEAD.unpack_from(body)
     if kind & ~AUTO_FLAG != Kind.SHARD:
         raise MalformedPacket(f"not an FEC shard: kind {kind}")
-    if not 1 <= data or data + parity > MAX_SHARDS or (parity and index >= parity):
+    if not 1 <= data <= MAX_DATA or data + parity > MAX_SHARDS or (parity and index >= parity):
         raise MalformedPacket(f"FEC shard {index} of {data}:{parity}")
     if parity == 0 and (index or size):
         raise MalformedPacket("FEC manifest with shard bytes")
@@ -205,13 +206,24 @@ def parity_for(loss: float, data: int, max_overhead: float) -> int:
     return cap
 
 
+@dataclass
+class LossHint:
+    """The loss the peers of one service last reported, shared by its conversations: a new
+    conversation in auto mode starts from it rather than unprotected until its first report."""
+
+    loss: float = 0.0  #: 0..1
+
+
 class FecEncoder:
     """The sending half: groups outgoing sealed datagrams, returns parity bodies to seal."""
 
-    def __init__(self, settings: FecSettings) -> None:
+    def __init__(self, settings: FecSettings, hint: LossHint | None = None) -> None:
         self.settings = settings
+        self.hint = hint
+        self.peer_loss = hint.loss if hint and settings.auto else 0.0  # last reported (auto)
         self.parity = settings.parity  # parity per full group now (auto: follows reports)
-        self.peer_loss = 0.0  # the last loss the peer reported (auto)
+        if settings.auto:
+            self.parity = parity_for(self.peer_loss, settings.data, settings.max_overhead)
         self._group: list[bytes] = []
         self._opened = 0  # ms the open group got its first datagram
         self._number = 0  # next group number
@@ -244,6 +256,8 @@ class FecEncoder:
         self.peer_loss = loss
         if self.settings.auto:
             self.parity = parity_for(loss, self.settings.data, self.settings.max_overhead)
+            if self.hint is not None:
+                self.hint.loss = loss
 
     def _close(self) -> list[bytes]:
         group, self._group = self._group, []
@@ -292,6 +306,7 @@ class FecDecoder:
         self._window_total = 0
         self._window_lost = 0
         self._report_due: int | None = None  # ms: a sender in auto mode waits for a report
+        self.active = False  # the peer sends FEC: keep HISTORY of its datagrams, not MAX_DATA
         self.recovered = 0  # datagrams rebuilt from parity
         self.unrecoverable = 0  # groups given up with datagrams still missing
         self.dropped_malformed = 0  # FEC bodies that did not parse (authenticated, yet wrong)
@@ -303,7 +318,8 @@ class FecDecoder:
         key = datagram_key(datagram)
         history = self._history
         history[key] = datagram
-        if len(history) > HISTORY:
+        # A peer without --fec costs one group's worth, enough for its first shard to use.
+        if len(history) > (HISTORY if self.active else MAX_DATA):
             history.popitem(last=False)
         group = self._waiting.pop(key, None)
         if group is not None and group in self._pending:
@@ -317,6 +333,7 @@ class FecDecoder:
         except MalformedPacket:
             self.dropped_malformed += 1
             return []
+        self.active = True
         if shard.group in self._done:
             return []
         pending = self._pending.get(shard.group)

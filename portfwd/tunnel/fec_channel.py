@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from .fec import FecDecoder, FecEncoder, FecSettings, Kind, body_kind
+from .fec import FecDecoder, FecEncoder, FecSettings, Kind, LossHint, body_kind
 from .wire import TYPE_MASK, MalformedPacket, PacketType
 
 _DATA = int(PacketType.DATA)
@@ -47,8 +47,8 @@ class FecMetrics:
 class FecChannel:
     """The FEC encoder (when this end sends parity) and decoder (always) of one conversation."""
 
-    def __init__(self, settings: FecSettings | None) -> None:
-        self.encoder: FecEncoder | None = FecEncoder(settings) if settings else None
+    def __init__(self, settings: FecSettings | None, hint: LossHint | None = None) -> None:
+        self.encoder: FecEncoder | None = FecEncoder(settings, hint) if settings else None
         self.decoder = FecDecoder()
         self.protected_bytes = 0  # DATA bytes the encoder grouped
         self.reports_sent = 0
