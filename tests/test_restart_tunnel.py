@@ -1,8 +1,8 @@
 """kcptcp-server restarts and crashes, seen from the application behind kcptcp-client.
 
-- a stop tells every client (an authenticated CLOSE per conversation): their applications see
-  EOF at once, the server exits without waiting out its drain, and a restart right after binds
-  and serves;
+- a stop tells every client (an authenticated CLOSE per idle conversation; a transfer under
+  way may finish first, tests/test_hardening_shutdown.py): their applications see EOF at once,
+  the server exits without waiting out its drain, and a restart right after binds and serves;
 - a crash (SIGKILL) says nothing: the client's PSK-authenticated PROBE, after about a second of
   silence with data outstanding (or a keepalive late when idle), reaches the restarted server,
   whose UNKNOWN makes the client reset that connection (RST); new connections work at once.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 
 import gevent
 import gevent.pool
@@ -48,6 +49,8 @@ from portfwd.tunnel.wire import PREFIX_SIZE, TYPE_MASK, PacketType
 log = logging.getLogger(__name__)
 
 PENDING_PREFIX_SHARE = 4  # a source prefix may hold 1/4 of --max-pending unconfirmed sessions
+STOP_IDLE_MS = 1000  # ms without stream bytes after which a stop closes a conversation at once
+STOP_POLL_S = 0.1  # s between two looks for conversations a stop can close
 EVICT_MIN_IDLE_MS = 2000  # ms without stream bytes before a session may be evicted at the cap
 _HELLO = int(PacketType.HELLO)
 _PROBE = int(PacketType.PROBE)
@@ -113,14 +116,22 @@ class TunnelServer(ConversationService):
             per_conversation=self._per_conversation())
 
     def stop(self, timeout: float) -> None:
-        """Tell every peer at once (an authenticated CLOSE per conversation), so its client
-        closes the application's connection now instead of after a silence; then wait only
-        until what was already received is written to the targets (at most ``timeout``), so
-        the UDP port is free for a restarted server as soon as nothing is left to drain."""
+        """Tell every peer (an authenticated CLOSE per conversation) as soon as its
+        conversation is idle -- no stream byte either way for STOP_IDLE_MS, which an
+        interactive session nearly always is -- so its client closes the application's
+        connection at once; a transfer under way gets up to ``timeout`` to finish first.
+        Return as soon as no conversation is left, so the UDP port is free for a restart."""
         self.accepting = False
+        deadline = time.monotonic() + timeout
+        while self.drivers and (left := deadline - time.monotonic()) > 0:
+            now = now_ms()
+            for driver in list(self.drivers.values()):
+                if now - driver.last_active >= STOP_IDLE_MS:
+                    driver.abort("shutting down")
+            self.conversations.join(timeout=min(STOP_POLL_S, left))
         for driver in list(self.drivers.values()):
             driver.abort("shutting down")
-        self.conversations.join(timeout=timeout)
+        self.conversations.join(timeout=1)
         self.conversations.kill(timeout=1)
         gevent.killall(self._greenlets)
         self.udp.close()
