@@ -77,6 +77,9 @@ class TunnelServerMetrics:
     send_errors: int  # UDP sends the network refused (KCP retransmits)
     dial_failures: Mapping[str, int]  # connects to the target that failed, by errno name
     per_conversation: tuple[ConversationMetrics, ...]  # live ones, oldest first
+    unknown_sent: int = 0  # UNKNOWN replies: PROBEs for conversations we do not hold
+    probes_known: int = 0  # PROBEs for conversations we hold (not answered)
+    probes_rejected: int = 0  # PROBEs dropped: forged, stale, replayed or over the budget
 
 
 def render_conversation(m: ConversationMetrics) -> str:
@@ -100,7 +103,7 @@ def render_server_totals(m: TunnelServerMetrics) -> str:
             f"rejected_replay={m.rejected_replay} rejected_stale={m.rejected_stale} "
             f"rejected_rate={m.rejected_rate} dropped_unknown={m.dropped_unknown} "
             f"refused_pending={m.refused_pending} refused_full={m.refused_full} "
-            f"evicted={m.evicted}")
+            f"evicted={m.evicted} unknown_sent={m.unknown_sent}")
 
 
 Snapshot = TypeVar("Snapshot", TunnelClientMetrics, TunnelServerMetrics)

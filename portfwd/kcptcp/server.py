@@ -102,7 +102,7 @@ class TunnelServer(ConversationService):
 
     def metrics(self) -> TunnelServerMetrics:
         """A snapshot of the counters and of every live conversation (no I/O)."""
-        a = self.handshakes
+        a, probes = self.handshakes, self.probes
         return TunnelServerMetrics(
             conversations=len(self.drivers), finished=self.finished, handshakes=a.accepted,
             rejected_auth=a.dropped_auth, rejected_replay=a.dropped_replay,
@@ -113,7 +113,11 @@ class TunnelServer(ConversationService):
             refused_pending=self.refused_pending, refused_full=self.refused_full,
             evicted=self.evicted, send_errors=self.udp.send_errors,
             dial_failures=self.dial_failures.snapshot(),
-            per_conversation=self._per_conversation())
+            per_conversation=self._per_conversation(), unknown_sent=probes.answered,
+            probes_known=self.probes_known,
+            probes_rejected=(probes.dropped_auth + probes.dropped_malformed
+                             + probes.dropped_stale + probes.dropped_replay
+                             + probes.dropped_rate))
 
     def stop(self, timeout: float) -> None:
         """Tell every peer (an authenticated CLOSE per conversation) as soon as its
