@@ -10,7 +10,8 @@ For each checkout, on loopback:
                       binds the same port at once;
   kcptcp crash     -- SIGKILL kcptcp-server, start a new one on the port, the application
                       sends: seconds until its connection is reset (or how it ended);
-  udpfwd burst     -- 1,000 new client sockets each send one datagram at once: answers.
+  udpfwd burst     -- 1,000 (then 2,000) new client sockets each send one datagram at once:
+                      answers, in 4 rounds of a fresh udpfwd each.
 Ratios are not meaningful here; the figures are latencies and counts on a shared 2-core box.
 """
 
@@ -58,6 +59,7 @@ class Checkout:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        self.procs = []
 
 
 def connect(port: int, timeout: float = 10.0) -> socket.socket:
@@ -204,8 +206,11 @@ def udp_burst(co: Checkout, clients: int = 1000) -> str:
 
     def serve() -> None:
         while True:
-            data, addr = echo.recvfrom(65535)
-            echo.sendto(data, addr)
+            try:
+                data, addr = echo.recvfrom(65535)
+                echo.sendto(data, addr)
+            except OSError:  # closed: this round is over
+                return
 
     threading.Thread(target=serve, daemon=True).start()
     port = free_port(socket.SOCK_DGRAM)
@@ -216,15 +221,30 @@ def udp_burst(co: Checkout, clients: int = 1000) -> str:
         sock.bind(("127.0.0.1", 0))
     for i, sock in enumerate(socks):
         sock.sendto(b"%06d" % i + bytes(64), ("127.0.0.1", port))
-    answered, waiting, deadline = 0, set(socks), time.monotonic() + 10
-    while waiting and time.monotonic() < deadline:
-        for sock in select.select(list(waiting), [], [], 0.2)[0]:
-            sock.recv(4096)
-            waiting.discard(sock)
+    poller = select.poll()
+    for sock in socks:
+        poller.register(sock.fileno(), select.POLLIN)
+    answered, deadline = 0, time.monotonic() + 10
+    while answered < clients and time.monotonic() < deadline:
+        for fd, _ in poller.poll(200):
+            poller.unregister(fd)
             answered += 1
     for sock in socks:
         sock.close()
-    return f"{answered}/{clients} answered"
+    echo.close()
+    return f"{answered}/{clients}"
+
+
+def udp_bursts(co: Checkout, rounds: int = 4) -> str:
+    """Answers to bursts of 1,000 and 2,000 new clients, ``rounds`` fresh udpfwd each."""
+    parts = []
+    for clients in (1000, 2000):
+        results = []
+        for _ in range(rounds):
+            results.append(udp_burst(co, clients))
+            co.cleanup()
+        parts.append(f"{clients} clients: {' '.join(results)}")
+    return "; ".join(parts)
 
 
 def measure(root: str) -> list[str]:
@@ -234,7 +254,7 @@ def measure(root: str) -> list[str]:
         return [f"tcpfwd: {tcpfwd_restart(co)}", f"kcptcp stop: {kcptcp_stop(co, echo)}",
                 f"kcptcp crash: {kcptcp_crash(co, echo, idle=False)}",
                 f"kcptcp crash: {kcptcp_crash(co, echo, idle=True)}",
-                f"udpfwd burst: {udp_burst(co)}"]
+                f"udpfwd burst answers: {udp_bursts(co)}"]
     finally:
         co.cleanup()
 
