@@ -121,16 +121,20 @@ class TunnelServer(ConversationService):
 
     def stop(self, timeout: float) -> None:
         """Tell every peer (an authenticated CLOSE per conversation) as soon as its
-        conversation is idle -- no stream byte either way for STOP_IDLE_MS, which an
-        interactive session nearly always is -- so its client closes the application's
-        connection at once; a transfer under way gets up to ``timeout`` to finish first.
-        Return as soon as no conversation is left, so the UDP port is free for a restart."""
+        conversation is idle -- no stream byte either way for STOP_IDLE_MS and nothing
+        unacknowledged or unread, which an interactive session nearly always is -- so its
+        client closes the application's connection at once; a transfer under way gets up to
+        ``timeout`` to finish first. Return as soon as no conversation is left, so the UDP
+        port is free for a restart."""
         self.accepting = False
         deadline = time.monotonic() + timeout
         while self.drivers and (left := deadline - time.monotonic()) > 0:
             now = now_ms()
             for driver in list(self.drivers.values()):
-                if now - driver.last_active >= STOP_IDLE_MS:
+                conv = driver.conv
+                # Idle: no stream byte for a while and nothing in flight either way here.
+                if (now - driver.last_active >= STOP_IDLE_MS and conv.kcp.waitsnd == 0
+                        and not conv.readable):
                     driver.abort("shutting down")
             self.conversations.join(timeout=min(STOP_POLL_S, left))
         for driver in list(self.drivers.values()):
