@@ -405,4 +405,4 @@ def test_render_server_totals():
     assert render_stats(m, render_server_totals) == [
         "stats total conversations=1 finished=2 handshakes=3 rejected_auth=4 "
         "rejected_replay=5 rejected_stale=6 rejected_rate=7 dropped_unknown=8 "
-        "refused_pending=10 refused_full=11 evicted=12 kernel_drops=14"]
+        "refused_pending=10 refused_full=11 evicted=12 kernel_drops=14 unknown_sent=0"]

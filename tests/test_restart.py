@@ -4,7 +4,7 @@ listener always has SO_REUSEADDR), and the start-up errors an operator meets fir
 from __future__ import annotations
 
 import os
-import socket
+import socketserver
 import subprocess
 import threading
 import time
@@ -16,28 +16,26 @@ SHORT_CONNECTIONS = 2000
 DEADLINE = 60.0  # s: the bounded loop gives up after this
 
 
-class CloseFirstServer:
+class CloseFirstServer(socketserver.ThreadingTCPServer):
     """A destination that writes one byte and closes first, as an HTTP/1.0 server does: the
     forwarder then closes its client side first, so the TIME_WAIT sockets sit on the
     forwarder's listening port (what blocked a restart without SO_REUSEADDR)."""
 
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
-        self.port = self.sock.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+    daemon_threads = True
+    request_queue_size = 1024
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.sendall(b"x")
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.sendall(b"x")
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), self.Handler)
+        self.port = self.server_address[1]
+        threading.Thread(target=self.serve_forever, daemon=True).start()
 
     def close(self) -> None:
-        self.sock.close()
+        self.shutdown()
+        self.server_close()
 
 
 def fetch_one(port: int) -> bytes:

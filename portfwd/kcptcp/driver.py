@@ -16,6 +16,7 @@ conversation emits, and the datagrams leave before any woken greenlet runs).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
@@ -324,7 +325,8 @@ class ConversationDriver:
         gevent.killall([g for g in self._greenlets if g is not current], block=True, timeout=2)
         if self.tcp is not None:
             if self.reset_tcp:
-                self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_LINGER)
+                with contextlib.suppress(OSError):  # already reset by the application
+                    self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_LINGER)
             self.tcp.close()
 
 

@@ -149,6 +149,9 @@ class TunnelServerMetrics:
     rejected_cache_full: int = 0  # valid HELLOs refused: replay cache full (fails closed)
     kernel_drops: int = 0  # datagrams the kernel dropped on the UDP socket (buffer full)
     denied: int = 0  # HELLOs dropped unread: their UDP source is refused by --allow/--deny
+    unknown_sent: int = 0  # UNKNOWN replies: PROBEs for conversations we do not hold
+    probes_known: int = 0  # PROBEs for conversations we hold (not answered)
+    probes_rejected: int = 0  # PROBEs dropped: forged, stale, replayed or over the budget
 
 
 def render_conversation(m: ConversationMetrics) -> str:
@@ -174,7 +177,7 @@ def render_server_totals(m: TunnelServerMetrics) -> str:
             f"rejected_replay={m.rejected_replay} rejected_stale={m.rejected_stale} "
             f"rejected_rate={m.rejected_rate} dropped_unknown={m.dropped_unknown} "
             f"refused_pending={m.refused_pending} refused_full={m.refused_full} "
-            f"evicted={m.evicted} kernel_drops={m.kernel_drops}")
+            f"evicted={m.evicted} kernel_drops={m.kernel_drops} unknown_sent={m.unknown_sent}")
 
 
 Snapshot = TypeVar("Snapshot", TunnelClientMetrics, TunnelServerMetrics)
@@ -261,6 +264,11 @@ def server_families(out: Families, labels: Labels, m: TunnelServerMetrics) -> No
                 m.send_errors, labels)
     out.counters_by("dial_failures", "Connects to the target that failed, by errno", "reason",
                     m.dial_failures, labels)
+    out.counters_by("tunnel_probes", "Liveness PROBEs from clients, by outcome (unknown: "
+                    "answered, we do not hold the conversation; known: we do; rejected: forged, "
+                    "stale, replayed or over the budget)", "outcome",
+                    {"unknown": m.unknown_sent, "known": m.probes_known,
+                     "rejected": m.probes_rejected}, labels)
     out.counter("tunnel_hellos_denied", "HELLOs and PROBEs dropped unread: their UDP source is "
                 "refused by --allow/--deny", m.denied, labels)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Callable
 from types import MappingProxyType
 
@@ -69,6 +70,8 @@ def proxy_prelude(version: int) -> Callable[[Origin | None], bytes] | None:
     return prelude
 
 PENDING_PREFIX_SHARE = 4  # a source prefix may hold 1/4 of --max-pending unconfirmed sessions
+STOP_IDLE_MS = 1000  # ms without stream bytes after which a stop closes a conversation at once
+STOP_POLL_S = 0.1  # s between two looks for conversations a stop can close
 EVICT_MIN_IDLE_MS = 2000  # ms without stream bytes before a session may be evicted at the cap
 _HELLO = int(PacketType.HELLO)
 _PROBE = int(PacketType.PROBE)
@@ -125,7 +128,7 @@ class TunnelServer(ConversationService):
     def metrics(self) -> TunnelServerMetrics:
         """A snapshot of the counters and of every live conversation (no socket I/O; the
         kernel's drop count is read from /proc)."""
-        a = self.handshakes
+        a, probes = self.handshakes, self.probes
         live = self._per_conversation()
         return TunnelServerMetrics(
             conversations=len(self.drivers), finished=self.finished, handshakes=a.accepted,
@@ -139,17 +142,33 @@ class TunnelServer(ConversationService):
             dial_failures=self.dial_failures.snapshot(), per_conversation=live,
             totals=self._totals(live), closed=MappingProxyType(dict(self.closed)),
             rejected_malformed=a.dropped_malformed, rejected_cache_full=a.dropped_cache_full,
-            kernel_drops=self._kernel_drops.read(), denied=self.denied)
+            kernel_drops=self._kernel_drops.read(), denied=self.denied,
+            unknown_sent=probes.answered, probes_known=self.probes_known,
+            probes_rejected=(probes.dropped_auth + probes.dropped_malformed
+                             + probes.dropped_stale + probes.dropped_replay
+                             + probes.dropped_rate))
 
     def stop(self, timeout: float) -> None:
-        """Tell every peer at once (an authenticated CLOSE per conversation), so its client
-        closes the application's connection now instead of after a silence; then wait only
-        until what was already received is written to the targets (at most ``timeout``), so
-        the UDP port is free for a restarted server as soon as nothing is left to drain."""
+        """Tell every peer (an authenticated CLOSE per conversation) as soon as its
+        conversation is idle -- no stream byte either way for STOP_IDLE_MS and nothing
+        unacknowledged or unread, which an interactive session nearly always is -- so its
+        client closes the application's connection at once; a transfer under way gets up to
+        ``timeout`` to finish first. Return as soon as no conversation is left, so the UDP
+        port is free for a restart."""
         self.accepting = False
+        deadline = time.monotonic() + timeout
+        while self.drivers and (left := deadline - time.monotonic()) > 0:
+            now = now_ms()
+            for driver in list(self.drivers.values()):
+                conv = driver.conv
+                # Idle: no stream byte for a while and nothing in flight either way here.
+                if (now - driver.last_active >= STOP_IDLE_MS and conv.kcp.waitsnd == 0
+                        and not conv.readable):
+                    driver.abort("shutting down")
+            self.conversations.join(timeout=min(STOP_POLL_S, left))
         for driver in list(self.drivers.values()):
             driver.abort("shutting down")
-        self.conversations.join(timeout=timeout)
+        self.conversations.join(timeout=1)
         self.conversations.kill(timeout=1)
         gevent.killall([*self._greenlets, *filter(None, [self._stats])])
         self.udp.close()
