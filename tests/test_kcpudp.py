@@ -56,11 +56,12 @@ def exchange(sock: socket.socket, addr: tuple, datagram: bytes, timeout: float =
     raise AssertionError("no answer through the tunnel")
 
 
+@pytest.mark.parametrize("key", [["-K", PSK], []], ids=["encrypted", "plaintext"])
 @pytest.mark.parametrize("mode", MODES)
-def test_every_size_both_ways(tool, peers, mode):
+def test_every_size_both_ways(tool, peers, mode, key):
     """0..65,507 bytes pass intact up and down (the echo), fragmented beyond -M."""
     echo = peers()
-    addr, server, client = start_tunnel(tool, echo.port, "--mode", mode, "-K", PSK)
+    addr, server, client = start_tunnel(tool, echo.port, "--mode", mode, *key)
     rng = random.Random(1)
     sizes = [0, 1, 2, 100, 1300, 1318, 1319, 1320, 1350, 1400, 2700, 9000, 32768, 65000,
              MAX_PAYLOAD - 1, MAX_PAYLOAD]
