@@ -17,7 +17,7 @@ import zlib
 
 import pytest
 import test_udpfwd
-from conftest import free_port, run_cli  # bad options: tests/test_cli.py
+from conftest import free_port, needs_ipv6, run_cli  # bad options: tests/test_cli.py
 from hardening import fd_count
 from test_hardening_tunnel import wait_until
 from test_udpfwd import MAX_PAYLOAD, udp_socket
@@ -378,3 +378,48 @@ def test_rekey_with_the_seed_log_lines(tool, peers, mode):
     assert "rekey timeout" not in client.log() + server.log()
     for proc in (client, server):
         assert proc.stop() == 0
+
+
+def test_server_timeout_closes_and_the_client_reopens(tool, peers):
+    """The server's -t closes an idle conversation (its target socket released, the client told
+    by CLOSE); the client's next datagram opens a new one. Stats lines name the datagrams."""
+    echo = peers()
+    addr, server, client = start_tunnel(tool, echo.port, "-K", PSK,
+                                        server_extra=("-t", "2", "--stats-interval", "1"),
+                                        client_extra=("-t", "0"))
+    base = fd_count(server.pid)
+    with udp_socket("127.0.0.1") as sock:
+        assert exchange(sock, addr, b"one") == b"one"
+        server.wait_for_log(r"stats conv=\d+: up=1 down=1 up_bytes=3 down_bytes=3 ")
+        assert fd_count(server.pid) == base + 1
+        server.wait_for_log(r"conv=\d+ closed \(idle\)")
+        client.wait_for_log(r"conv=\d+ closed \(closed by peer\): 1 datagrams up, 1 down")
+        wait_until(lambda: fd_count(server.pid) == base, 10, "the target socket released")
+        assert exchange(sock, addr, b"two") == b"two"
+    server.wait_for_log(r"stats total conversations=1 finished=1 .* expired=1")
+    assert len(echo.sources) == 2  # a new conversation, a new target socket
+    for proc in (client, server):
+        assert proc.stop() == 0
+
+
+@needs_ipv6
+@pytest.mark.parametrize("mode", MODES)
+def test_ipv6_everywhere(tool, mode):
+    """Listener, tunnel leg and target on ::1."""
+    echo = test_udpfwd.UdpPeer("::1")
+    try:
+        udp = free_port(socket.AF_INET6, socket.SOCK_DGRAM)
+        local = free_port(socket.AF_INET6, socket.SOCK_DGRAM)
+        server = tool("kcpudp-server", f"[::1]:{udp}", f"[::1]:{echo.port}", "-K", PSK,
+                      "--mode", mode)
+        server.wait_for_log("tunnelling")
+        client = tool("kcpudp-client", f"[::1]:{local}", f"[::1]:{udp}", "-K", PSK,
+                      "--mode", mode)
+        client.wait_for_log("tunnelling")
+        with udp_socket("::1") as sock:
+            data = random.Random(5).randbytes(40000)
+            assert exchange(sock, ("::1", local), data) == data
+        for proc in (client, server):
+            assert proc.stop() == 0
+    finally:
+        echo.close()
