@@ -81,7 +81,9 @@ class DatagramDriver(ConversationDriver):
         return DatagramConversationMetrics(
             conv=conv.conv, up=conv.datagrams_sent, down=conv.datagrams_received,
             up_bytes=conv.bytes_sent, down_bytes=conv.bytes_received,
-            dropped_queue=conv.dropped_queue, dropped_local=self.dropped_local,
+            # the session's own queue drops what comes before the handshake completes
+            dropped_queue=conv.dropped_queue + session.dropped_send_queue,
+            dropped_local=self.dropped_local,
             dropped_incomplete=getattr(conv, "dropped_incomplete", 0),
             srtt=kcp.rx_srtt if kcp else 0,
             retrans=kcp.retransmits + kcp.fast_retransmits if kcp else 0,
