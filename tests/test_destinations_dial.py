@@ -152,3 +152,43 @@ def test_metrics_count_denials_limits_and_idle_timeouts(echo):
             sock.close()
     finally:
         fwd.stop(1)
+
+
+def test_tunnel_metrics_count_client_and_server_refusals(echo):
+    from portfwd.kcptcp.client import TunnelClient
+    from portfwd.kcptcp.config import ClientConfig, ServerConfig
+    from portfwd.kcptcp.server import TunnelServer
+
+    loopback = lambda port: Resolved(V4, ("127.0.0.1", port))  # noqa: E731
+    udp = bind_socket(loopback(0), socket.SOCK_DGRAM, ListenOptions())
+    server = TunnelServer(ServerConfig(listen=loopback(udp.getsockname()[1]),
+                                       target=loopback(echo), stats_interval=0,
+                                       access=AccessList.of(deny=["127.0.0.3"])), udp)
+    server.start()
+    listener = bind_socket(loopback(0), socket.SOCK_STREAM, ListenOptions())
+    client = TunnelClient(ClientConfig(listen=loopback(listener.getsockname()[1]),
+                                       remote=loopback(udp.getsockname()[1]), stats_interval=0,
+                                       admission=Admission(
+                                           access=AccessList.of(deny=["127.0.0.2"]))), listener)
+    client.start()
+    try:
+        refused = gevent.socket.socket()
+        refused.bind(("127.0.0.2", 0))
+        refused.connect(client.accept_loop.address)
+        assert refused.recv(1) == b""
+        refused.close()
+        ok = gevent.socket.create_connection(client.accept_loop.address, timeout=10)
+        ok.sendall(b"x")
+        assert ok.recv(1) == b"x"
+        ok.close()
+        assert (client.metrics().denied, server.metrics().denied) == (1, 0)
+        # a HELLO from a denied UDP source: dropped unread, counted
+        hello_from_denied = gevent.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        hello_from_denied.bind(("127.0.0.3", 0))
+        hello_from_denied.sendto(bytes([1]) + bytes(127), udp.getsockname())
+        wait_until(lambda: server.metrics().denied == 1)
+        assert server.metrics().rejected_auth == 0  # never looked at
+        hello_from_denied.close()
+    finally:
+        client.stop(1)
+        server.stop(1)

@@ -160,7 +160,7 @@ class TcpForwarder:
         relay = Relay(conn_id, RelaySocket(accepted), upstream, self.config.splice,
                       self.counters, self.config.relay.idle_timeout, self.sweeper)
         relay.up.moved += ahead
-        relay.run(self.accept_loop.workers)
+        relay.run(self.accept_loop.workers, ahead > 0)
 
     def _send_prelude(self, conn_id: int, accepted: socket.socket, peer: tuple,
                       client: Client | None, upstream: RelaySocket, dest: Resolved) -> int | None:
@@ -251,10 +251,12 @@ class Relay:
     def _moved(self) -> int:
         return self.up.moved + self.down.moved
 
-    def run(self, workers: Workers) -> None:
-        """Pump up here, down in another job; returns when up is over (down may go on)."""
+    def run(self, workers: Workers, client_drained: bool = False) -> None:
+        """Pump up here, down in another job; returns when up is over (down may go on).
+        ``client_drained``: what the client had sent was just read (sent with a PROXY header),
+        so its pump waits for more before its first recv instead of after an EAGAIN."""
         workers.spawn(self._direction, self.upstream, self.client, self.down, True)
-        self._direction(self.client, self.upstream, self.up)
+        self._direction(self.client, self.upstream, self.up, client_drained)
 
     def _direction(self, src: RelaySocket, dst: RelaySocket, counter: Counter,
                    idle_first: bool = False) -> None:
