@@ -290,12 +290,13 @@ UNIT = os.path.join(REPO, "contrib", "systemd", "portfwd.service")
 
 def test_systemd_unit_runs_the_config_mode_and_reloads_with_sighup(tmp_path):
     text = open(UNIT).read()
-    assert "ExecStart=/usr/local/bin/portfwd run /etc/portfwd/portfwd.toml\n" in text
+    assert "ExecStart=/usr/bin/env ${BINDIR}/portfwd run /etc/portfwd/portfwd.toml\n" in text
+    assert "Type=notify\n" in text and "Environment=BINDIR=/usr/local/bin\n" in text
     assert "ExecReload=/bin/kill -HUP $MAINPID\n" in text
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze not installed")
     unit = tmp_path / "portfwd.service"  # the binary need not exist for the unit to verify
-    unit.write_text(text.replace("/usr/local/bin/portfwd", shutil.which("true")))
+    unit.write_text(text.replace("/usr/bin/env ${BINDIR}/portfwd", shutil.which("true")))
     result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
