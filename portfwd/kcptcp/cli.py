@@ -39,8 +39,9 @@ OPTIONS = f"""Options:
   --allow <cidr>        only clients (client: TCP peers; server: UDP sources) in this
                         network (repeatable; IPv4 or IPv6)
   --deny <cidr>         never clients in this network (repeatable; wins over --allow)
-  --max-conns <n>       (client) connections at once; beyond, new ones are closed at once,
-                        0 = no limit [default: 0]
+  --max-conns <n>       client: connections at once, beyond them new ones are closed at
+                        once; server: conversations at once, beyond them HELLOs are
+                        ignored (nothing evicted); 0 = no limit [default: 0]
   --accept-proxy        (client) every client starts with a PROXY protocol header (v1 or
                         v2, 5 s to send it): its address is the client's
   --proxy-from <cidr>   (client) with --accept-proxy: only these peers may send one

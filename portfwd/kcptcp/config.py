@@ -5,7 +5,7 @@ Fields read by both: ``listen``, ``psk``, ``mtu``, ``sockbuf``, ``interval``,
 ``resend``, ``nc``, ``sndwnd``, ``rcvwnd``, ``keepalive``, ``stats_interval``, ``reuseaddr``,
 ``reuseport``, ``v6only``; by the client only: ``remote`` (the server's UDP address); by the
 server only: ``target`` (TCP), ``connect_timeout``, ``max_sessions``, ``max_pending``,
-``allow``, ``deny``, ``proxy_protocol``; by the client only, through
+``allow``, ``deny``, ``proxy_protocol``, ``max_conns``; by the client only, through
 :func:`portfwd.runtime.admission.admission_config`: ``allow``, ``deny``, ``max_conns``,
 ``accept_proxy``, ``proxy_from``.
 """
@@ -85,6 +85,7 @@ class ServerConfig:
     limits: ServerLimits = field(default_factory=ServerLimits)
     access: AccessList = field(default_factory=AccessList)  # --allow/--deny on UDP sources
     proxy_protocol: int = 0  # --proxy-protocol: PROXY header version sent to the target, 0 = none
+    max_conns: int = 0  # --max-conns: conversations at once, 0 = no cap (beside --max-sessions)
 
 
 def conversation_config(options: Options, env: Environment) -> ConversationConfig:
@@ -143,4 +144,5 @@ def server_config(options: Options, env: Environment) -> ServerConfig:
         udp_buffer=udp_buffer, stats_interval=stats_interval, limits=limits,
         access=AccessList(CidrSet(options.cidrs("allow")), CidrSet(options.cidrs("deny"))),
         proxy_protocol=PROXY_VERSIONS.get(
-            options.choice("proxy_protocol", tuple(PROXY_VERSIONS), "none"), 0))
+            options.choice("proxy_protocol", tuple(PROXY_VERSIONS), "none"), 0),
+        max_conns=options.integer("max_conns", 0, LIMIT_MAX, 0))

@@ -81,6 +81,7 @@ class TunnelServerMetrics:
     dial_failures: Mapping[str, int]  # connects to the target that failed, by errno name
     per_conversation: tuple[ConversationMetrics, ...]  # live ones, oldest first
     denied: int = 0  # HELLOs dropped unread: their UDP source is refused by --allow/--deny
+    over_limit: int = 0  # HELLOs ignored at --max-conns (before any handshake work)
 
 
 def render_conversation(m: ConversationMetrics) -> str:
