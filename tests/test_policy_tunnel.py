@@ -99,3 +99,16 @@ def test_server_denies_the_udp_source_before_any_handshake_work(tool):
     assert echo.accepted == 0
     assert not re.search(r"conv=\d+ open", server.log())
     echo.close()
+
+
+def test_server_max_conns_ignores_hellos_beyond_it(tool):
+    echo = EchoServer()
+    port, server, client = start_tunnel(tool, echo.port, server_extra=("--max-conns", "1"))
+    with connect("127.0.0.1", port) as held:
+        assert roundtrip(held) == b"ping"
+        with connect("127.0.0.1", port) as extra:
+            extra.sendall(b"waits")
+            server.wait_for_log(r"--max-conns 1 reached: HELLO from 127.0.0.1:\d+ ignored")
+            assert roundtrip(held, b"still") == b"still"
+        assert echo.accepted == 1
+    echo.close()

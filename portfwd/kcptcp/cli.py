@@ -44,6 +44,9 @@ OPTIONS = f"""Options:
   --allow <cidr>        only clients (client: TCP peers; server: UDP sources) in this
                         network (repeatable; IPv4 or IPv6)
   --deny <cidr>         never clients in this network (repeatable; wins over --allow)
+  --max-conns <n>       client: connections at once, beyond them new ones are closed at
+                        once; server: conversations at once, beyond them HELLOs are
+                        ignored (nothing evicted); 0 = no limit [default: 0]
 """
 # Last in every options list: docopt gives an option the "[default: ...]" of the lines after
 # it, up to the next option, so the environment's defaults must follow a flag without a value.
@@ -63,9 +66,7 @@ SERVER_OPTIONS = """  --connect-timeout <s>
 """
 
 # kcptcp-client's own options, likewise.
-CLIENT_OPTIONS = """  --max-conns <n>       connections at once; beyond, new ones are closed at
-                        once, 0 = no limit [default: 0]
-  --accept-proxy        every client starts with a PROXY protocol header (v1 or v2, 5 s to
+CLIENT_OPTIONS = """  --accept-proxy        every client starts with a PROXY protocol header (v1 or v2, 5 s to
                         send it): its address is the client's
   --proxy-from <cidr>   with --accept-proxy: only these peers may send one (repeatable;
                         default: any)
@@ -88,10 +89,9 @@ FIELDS = {"daemonize": "-d", "pidfile": "-p", "reuseaddr": "-r", "reuseport": "-
           "sndwnd": "--sndwnd", "rcvwnd": "--rcvwnd", "keepalive": "--keepalive",
           "stats_interval": "--stats-interval",
           "log_file": "--log-file", "metrics": "--metrics", "log_format": "--log-format",
-          "allow": "--allow", "deny": "--deny"}
+          "allow": "--allow", "deny": "--deny", "max_conns": "--max-conns"}
 CLIENT_FIELDS = {**FIELDS, "listen": "<local_tcp_addr:port>", "remote": "<remote_udp_addr:port>",
-                 "max_conns": "--max-conns", "accept_proxy": "--accept-proxy",
-                 "proxy_from": "--proxy-from"}
+                 "accept_proxy": "--accept-proxy", "proxy_from": "--proxy-from"}
 SERVER_FIELDS = {**FIELDS, "listen": "<local_udp_addr:port>", "target": "<target_tcp_addr:port>",
                  "connect_timeout": "--connect-timeout", "max_sessions": "--max-sessions",
                  "max_pending": "--max-pending", "proxy_protocol": "--proxy-protocol"}

@@ -3,10 +3,11 @@ configs of kcptcp-client (ClientConfig) and kcptcp-server (ServerConfig).
 
 Fields read by both: ``listen``, ``psk``, ``psk_file``, ``mtu``, ``sockbuf``, ``interval``,
 ``resend``, ``nc``, ``sndwnd``, ``rcvwnd``, ``keepalive``, ``stats_interval``, ``reuseaddr``,
-``reuseport``, ``v6only``, ``fec``, ``allow``, ``deny``; by the client only: ``remote`` (the
-server's UDP address) and, through :func:`portfwd.runtime.admission.admission_config`,
-``max_conns``, ``accept_proxy``, ``proxy_from``; by the server only: ``target`` (TCP),
-``connect_timeout``, ``max_sessions``, ``max_pending``, ``proxy_protocol``.
+``reuseport``, ``v6only``, ``fec``, ``allow``, ``deny``, ``max_conns``; by the client only:
+``remote`` (the server's UDP address) and, through
+:func:`portfwd.runtime.admission.admission_config`, ``accept_proxy``, ``proxy_from``; by the
+server only: ``target`` (TCP), ``connect_timeout``, ``max_sessions``, ``max_pending``,
+``proxy_protocol``.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class ServerConfig:
     limits: ServerLimits = field(default_factory=ServerLimits)
     access: AccessList = field(default_factory=AccessList)  # --allow/--deny on UDP sources
     proxy_protocol: int = 0  # --proxy-protocol: PROXY header version sent to the target, 0 = none
+    max_conns: int = 0  # --max-conns: conversations at once, 0 = no cap (beside --max-sessions)
 
 
 def conversation_config(options: Options, env: Environment) -> ConversationConfig:
@@ -171,4 +173,5 @@ def server_config(options: Options, env: Environment) -> ServerConfig:
         udp_buffer=udp_buffer, stats_interval=stats_interval, fec=fec, limits=limits,
         access=AccessList(CidrSet(options.cidrs("allow")), CidrSet(options.cidrs("deny"))),
         proxy_protocol=PROXY_VERSIONS.get(
-            options.choice("proxy_protocol", tuple(PROXY_VERSIONS), "none"), 0))
+            options.choice("proxy_protocol", tuple(PROXY_VERSIONS), "none"), 0),
+        max_conns=options.integer("max_conns", 0, LIMIT_MAX, 0))

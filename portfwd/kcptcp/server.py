@@ -117,6 +117,8 @@ class TunnelServer(ConversationService):
         self._faults = RateLimitedLog(log)
         self.access = config.access if config.access.active else None  # --allow/--deny
         self.denied = 0  # HELLOs dropped unread: their source is refused by --allow/--deny
+        self.max_conns = config.max_conns  # --max-conns: conversations at once, 0 = no cap
+        self.over_limit = 0  # HELLOs ignored at --max-conns
         self._prelude = proxy_prelude(config.proxy_protocol)
 
     def start(self) -> None:
@@ -146,7 +148,7 @@ class TunnelServer(ConversationService):
             unknown_sent=probes.answered, probes_known=self.probes_known,
             probes_rejected=(probes.dropped_auth + probes.dropped_malformed
                              + probes.dropped_stale + probes.dropped_replay
-                             + probes.dropped_rate))
+                             + probes.dropped_rate), over_limit=self.over_limit)
 
     def stop(self, timeout: float) -> None:
         """Tell every peer (an authenticated CLOSE per conversation) as soon as its
@@ -269,6 +271,13 @@ class TunnelServer(ConversationService):
                                  "share (%d of --max-pending %d): HELLO ignored",
                                  format_sockaddr(addr), self._prefix_quota,
                                  self.limits.max_pending)
+            return None
+        if self.max_conns and len(self.drivers) >= self.max_conns:
+            # A hard cap, before any handshake work: unlike --max-sessions nothing is evicted;
+            # the client's HELLOs go unanswered until a conversation ends or it gives up.
+            self.over_limit += 1
+            self._faults.warning("max-conns", "--max-conns %d reached: HELLO from %s ignored",
+                                 self.max_conns, format_sockaddr(addr))
             return None
         session = self.handshakes.accept(hello, addr, now, wall_ms())
         if session is None:

@@ -29,7 +29,7 @@ KCPUDP_OPTIONS = """\
 """
 
 
-UNUSED = ("--fec", "--allow", "--deny")  # kcptcp options kcpudp does not offer (yet)
+UNUSED = ("--fec", "--allow", "--deny", "--max-conns")  # kcptcp options kcpudp does not offer (yet)
 
 
 def _entries(text: str) -> list[str]:
