@@ -66,7 +66,8 @@ SERVER_OPTIONS = """  --connect-timeout <s>
 """
 
 # kcptcp-client's own options, likewise.
-CLIENT_OPTIONS = """  --accept-proxy        every client starts with a PROXY protocol header (v1 or v2, 5 s to
+CLIENT_OPTIONS = """\
+  --accept-proxy        every client starts with a PROXY protocol header (v1 or v2, 5 s to
                         send it): its address is the client's
   --proxy-from <cidr>   with --accept-proxy: only these peers may send one (repeatable;
                         default: any)
