@@ -291,3 +291,12 @@ def test_configs_compare_equal_when_the_text_means_the_same():
              'connect_timeout = 10\n')
     assert a.rules[0].config == b.rules[0].config
     assert a.rules[0].key == b.rules[0].key
+
+
+def test_to_may_list_several_destinations_for_one_listener():
+    text = '[[tcp]]\nlisten = "127.0.0.1:8080"\nto = ["10.0.0.5:80", "10.0.0.6:80"]\n'
+    (spec,) = parse(text).rules
+    assert spec.options.raw("dest") == ["10.0.0.5:80", "10.0.0.6:80"]
+    ranged = '[[tcp]]\nlisten = "127.0.0.1:8080-8081"\nto = ["10.0.0.5:80"]\n'
+    with pytest.raises(ConfigError, match="cannot go with a port range"):
+        parse(ranged)

@@ -166,16 +166,22 @@ def _rule(kind: str, number: int, table: Mapping[str, object], defaults: Mapping
     for key in ("listen", "to"):
         if key not in table:
             raise ConfigError(key, f"{where}: {key}: is required")
-        if not isinstance(table[key], str):
-            raise ConfigError(key, f"{label(key)}: expects a string host:port")
+        if not isinstance(table[key], str) and not (key == "to" and _strings(table[key])):
+            raise ConfigError(key, f"{label(key)}: expects a string host:port"
+                              + (" or a list of them" if key == "to" else ""))
     if name is not None and (not isinstance(name, str) or not name):
         raise ConfigError("name", f"{label('name')}: expects a non-empty string")
     assert isinstance(listen, str)
     to = table["to"]
-    assert isinstance(to, str)
     rule_name = name if isinstance(name, str) else f"{kind}:{listen}"
     listens = _expand(listen, label("listen"))
-    tos = _expand(to, label("to"))
+    if isinstance(to, list):  # several destinations (tcp: --balance, --max-fails)
+        if len(listens) > 1 or any(len(_expand(one, label("to"))) > 1 for one in to):
+            raise ConfigError("to", f"{label('to')}: a list of destinations cannot go with a "
+                              f"port range")
+        tos: list[tuple[object, str]] = [(list(to), listens[0][1])]
+    else:
+        tos = _expand(to, label("to"))
     if len(tos) != len(listens):
         raise ConfigError("to", f"{label('to')}: {len(tos)} port(s) for the {len(listens)} of "
                           f"listen: ranges map 1:1 and must be the same size")
@@ -194,6 +200,11 @@ def _rule(kind: str, number: int, table: Mapping[str, object], defaults: Mapping
         specs.append(RuleSpec(kind, rule_name, f"{rule_name}:{port}" if ranged else rule_name,
                               where, Options(instance, labels)))
     return specs
+
+
+def _strings(value: object) -> bool:
+    """A non-empty TOML array of strings."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
 
 
 def _expand(text: str, label: str) -> list[tuple[str, str]]:

@@ -44,7 +44,9 @@ class Rule:
         return (self.kind.socktype, self.config.listen.family, self.config.listen.sockaddr)
 
     def describe(self) -> str:
-        dest = getattr(self.config, self.kind.dest_field)
+        several = getattr(self.config, "destinations", ())  # tcp: every destination
+        dest = (", ".join(map(str, several)) if len(several) > 1
+                else getattr(self.config, self.kind.dest_field))
         return f'{self.kind.name} "{self.name}": {self.config.listen} -> {dest}'
 
 

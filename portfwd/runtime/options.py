@@ -172,6 +172,11 @@ class Options:
     def address(self, name: str, socktype: int, *, passive: bool) -> Resolved:
         """A ``host:port``, parsed and resolved once (AddressError's text passes unchanged)."""
         raw = self.values.get(name)
+        if isinstance(raw, (list, tuple)):
+            if len(raw) != 1:
+                raise ConfigError(name, f"{self.label(name)} takes one host:port here, got "
+                                  f"{len(raw)}")
+            raw = raw[0]
         if not isinstance(raw, str):
             raise ConfigError(name, f"{self.label(name)} is required")
         try:
