@@ -11,7 +11,9 @@ from conftest import REPO, run_cli
 
 SECTIONS = {"tcpfwd": "## tcpfwd", "udpfwd": "## udpfwd",
             "kcptcp-client": "## kcptcp-client / kcptcp-server",
-            "kcptcp-server": "## kcptcp-client / kcptcp-server"}
+            "kcptcp-server": "## kcptcp-client / kcptcp-server",
+            "kcpudp-client": "## kcpudp-client / kcpudp-server",
+            "kcpudp-server": "## kcpudp-client / kcpudp-server"}
 SERVER_ONLY_MARK = "kcptcp-server only:"
 
 
@@ -25,11 +27,12 @@ def help_lines(tool: str) -> list[str]:
 
 
 def readme_block(tool: str) -> str:
-    """The first fenced block of the tool's README section (its usage)."""
+    """The first fenced block of the tool's README section (its usage), after the usage lines
+    (which may be indented continuations too)."""
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         readme = f.read()
     section = readme[readme.index(SECTIONS[tool] + "\n"):]
-    return re.search(r"```\n(.*?)```", section, re.S).group(1)
+    return re.search(r"```\n(.*?)```", section, re.S).group(1).split("\n\n", 1)[1]
 
 
 def indented(block: str) -> list[str]:
@@ -46,7 +49,7 @@ def option_names(lines: list[str]) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("tool", ["tcpfwd", "udpfwd"])
+@pytest.mark.parametrize("tool", ["tcpfwd", "udpfwd", "kcpudp-client", "kcpudp-server"])
 def test_one_rule_tool_readme_matches_help(tool: str) -> None:
     readme = indented(readme_block(tool))
     shown = help_lines(tool)
