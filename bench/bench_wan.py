@@ -32,6 +32,7 @@ import datetime
 import json
 import os
 import secrets
+import shlex
 import socket
 import statistics
 import subprocess
@@ -394,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip() or "?"
     parts = [f"# WAN matrix, {datetime.date.today().isoformat()}", "",
-             f"Reproduce: `sudo python bench/bench_wan.py {' '.join(sys.argv[1:])}` "
+             f"Reproduce: `sudo python bench/bench_wan.py {shlex.join(sys.argv[1:])}` "
              f"(commit `{commit}`, {os.cpu_count()} CPUs).", ""]
     if note:
         parts += [note, ""]
