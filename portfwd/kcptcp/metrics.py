@@ -184,9 +184,11 @@ def render_server_totals(m: TunnelServerMetrics) -> str:
 Snapshot = TypeVar("Snapshot", TunnelClientMetrics, TunnelServerMetrics)
 
 
-def render_stats(m: Snapshot, render_totals: Callable[[Snapshot], str]) -> list[str]:
-    """The lines of one stats round: one per live conversation, then the total."""
-    lines = [f"stats conv={c.conv}: {render_conversation(c)}" for c in m.per_conversation]
+def render_stats(m: Any, render_totals: Callable[[Any], str],
+                 render_conv: Callable[[Any], str] = render_conversation) -> list[str]:
+    """The lines of one stats round: one per live conversation (``render_conv``: kcpudp has
+    its own), then the total."""
+    lines = [f"stats conv={c.conv}: {render_conv(c)}" for c in m.per_conversation]
     lines.append(f"stats total {render_totals(m)}")
     return lines
 

@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from portfwd.kcptcp.metrics import TunnelServerMetrics, rejected
 from portfwd.kcptcp.metrics import render_server_totals as render_tunnel_totals
+from portfwd.kcptcp.metrics import render_stats as render_tunnel_stats
 from portfwd.runtime.exporter import Families, Labels, RuleKind
 
 
@@ -88,10 +89,8 @@ Snapshot = TypeVar("Snapshot", DatagramClientMetrics, DatagramServerMetrics)
 
 
 def render_stats(m: Snapshot, totals: Callable[[Snapshot], str]) -> list[str]:
-    """The lines of one stats round: one per live conversation, then the total."""
-    lines = [f"stats conv={c.conv}: {render_conversation(c)}" for c in m.per_conversation]
-    lines.append(f"stats total {totals(m)}")
-    return lines
+    """The lines of one stats round: kcptcp's, with kcpudp's conversation counters."""
+    return render_tunnel_stats(m, totals, render_conversation)
 
 
 # --- export: Prometheus families, the SIGUSR1 lines, systemd's STATUS= ------------------------

@@ -97,6 +97,7 @@ class UnreliableDatagrams:
     next_event = Conversation.next_event
     abort = Conversation.abort
     _close = Conversation._close
+    handle_timer = Conversation._session_timer  # no KCP to update
 
     def __init__(self, session: TunnelSession, config: ConversationConfig, now: int,
                  budget: Any = None) -> None:
@@ -262,11 +263,3 @@ class UnreliableDatagrams:
 
     def get_timer(self) -> int | None:
         return self.session.get_timer()
-
-    def handle_timer(self, now: int) -> None:
-        self._now = now
-        session = self.session
-        timer = session.get_timer()
-        if timer is not None and now >= timer:
-            session.handle_timer(now)
-            self._drain_session_events()

@@ -374,18 +374,23 @@ class Conversation:
         return deadline
 
     def handle_timer(self, now: int) -> None:
-        self._now = now
+        self._session_timer(now)
         session = self.session
-        timer = session.get_timer()
-        if timer is not None and now >= timer:
-            session.handle_timer(now)
-            self._drain_session_events()
         if not self.closed and session.established:
             self.kcp.update(now)
             if self.kcp.dead:
                 self.abort(CLOSE_LINK_DEAD)
             elif self.probes is not None and now >= self.probes.deadline(self.kcp.waitsnd > 0, now):
                 self._probe_out.append((self.probes.next(now), session.peer_addr))
+
+    def _session_timer(self, now: int) -> None:
+        """The session's own timer, if due (keepalive, rekey, handshake retries)."""
+        self._now = now
+        session = self.session
+        timer = session.get_timer()
+        if timer is not None and now >= timer:
+            session.handle_timer(now)
+            self._drain_session_events()
 
     def next_event(self) -> events.Event | None:
         if self._events:
