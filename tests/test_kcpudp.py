@@ -17,9 +17,10 @@ import zlib
 
 import pytest
 import test_udpfwd
-from conftest import free_port, needs_ipv6, run_cli  # bad options: tests/test_cli.py
+from conftest import free_port, needs_ipv6, run_cli, sample_value  # bad options: test_cli.py
 from hardening import fd_count
 from test_hardening_tunnel import wait_until
+from test_metrics_export_e2e import scrape
 from test_udpfwd import MAX_PAYLOAD, udp_socket
 
 PSK = "0123456789abcdef" * 4
@@ -423,3 +424,53 @@ def test_ipv6_everywhere(tool, mode):
             assert proc.stop() == 0
     finally:
         echo.close()
+
+
+def test_client_allow_deny_drops_refused_addresses_before_a_conversation(tool, peers):
+    """kcpudp-client --deny: a refused client address gets no conversation (nothing is sent
+    to the server), its datagrams are counted (stats line, Prometheus); others pass."""
+    echo = peers()
+    metrics = free_port()
+    addr, server, client = start_tunnel(
+        tool, echo.port, "-K", PSK, "--stats-interval", "1",
+        client_extra=("--allow", "127.0.0.0/8", "--deny", "127.0.0.2/32",
+                      "--metrics", f"127.0.0.1:{metrics}"))
+    with udp_socket("127.0.0.2") as refused, udp_socket("127.0.0.1") as permitted:
+        for _ in range(5):
+            refused.sendto(b"refused", addr)
+        assert exchange(permitted, addr, b"permitted") == b"permitted"
+        assert not readable([refused], 1.0)
+    client.wait_for_log(r"datagram from 127\.0\.0\.2:\d+ dropped: denied by --allow/--deny")
+    client.wait_for_log(r"stats total conversations=1 .*opened=1 .*denied=5")
+    samples = scrape(metrics)
+    assert sample_value(samples, "portfwd_datagrams_denied_total", kind="kcpudp-client") == 5
+    assert server.log().count(" open ") == 1  # the permitted client's conversation only
+    for proc in (client, server):
+        assert proc.stop() == 0
+
+
+def test_server_allow_refuses_the_client_source(tool, peers):
+    """kcpudp-server --allow (kcptcp-server's UDP-source check): a client from outside the
+    list gets no answer and nothing reaches the target; one inside is carried."""
+    echo = peers()
+    metrics = free_port()
+    addr, server, client = start_tunnel(
+        tool, echo.port, "-K", PSK,
+        server_extra=("--allow", "127.0.0.2/32", "--metrics", f"127.0.0.1:{metrics}"))
+    with udp_socket("127.0.0.1") as sock:
+        for _ in range(10):
+            sock.sendto(b"secret", addr)
+            time.sleep(0.05)
+        server.wait_for_log(r"HELLO from 127\.0\.0\.1:\d+ dropped: denied by --allow/--deny")
+        assert not readable([sock], 1.0)
+    assert echo.sources == set() and " open " not in server.log()
+    assert sample_value(scrape(metrics), "portfwd_tunnel_hellos_denied_total",
+                        kind="kcpudp-server") > 0
+    for proc in (client, server):
+        assert proc.stop() == 0
+    addr, server, client = start_tunnel(tool, echo.port, "-K", PSK,
+                                        server_extra=("--allow", "127.0.0.1/32"))
+    with udp_socket("127.0.0.1") as sock:
+        assert exchange(sock, addr, b"allowed") == b"allowed"
+    for proc in (client, server):
+        assert proc.stop() == 0

@@ -18,6 +18,7 @@ import gevent
 from portfwd.kcptcp.driver import ConversationDriver, UdpEndpoint, now_ms
 from portfwd.kcpudp.metrics import DatagramConversationMetrics, Snapshot, render_stats
 from portfwd.tunnel.datagrams import ReliableDatagrams, UnreliableDatagrams
+from portfwd.tunnel.fec import FecSettings, LossHint
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,9 @@ class DatagramDriver(ConversationDriver):
     ``to_local`` sends one datagram to the local side and says whether it was taken."""
 
     def __init__(self, conv: ReliableDatagrams | UnreliableDatagrams, udp: UdpEndpoint,
-                 name: str) -> None:
-        super().__init__(conv, udp, name)  # type: ignore[arg-type]
+                 name: str, fec: FecSettings | None = None,
+                 fec_hint: LossHint | None = None) -> None:
+        super().__init__(conv, udp, name, fec, fec_hint)  # type: ignore[arg-type]
         self.to_local: Callable[[bytes], bool] | None = None  # None: no local side yet
         self.on_local_activity: Callable[[], None] | None = None  # e.g. the client's LRU touch
         self.local_close: Callable[[], None] | None = None  # releases the local side

@@ -49,6 +49,7 @@ class DatagramClientMetrics:
     expired: int  # closed after -t seconds without a datagram either way
     evicted: int  # live ones closed to make room at --max-sessions
     dropped_open: int  # datagrams from new clients for which no conversation could open
+    denied: int  # datagrams dropped before a conversation: the client is refused by --allow/--deny
     udp_open_failures: Mapping[str, int]  # no UDP socket for a new client, by errno name
     per_conversation: tuple[DatagramConversationMetrics, ...]  # oldest first
 
@@ -75,7 +76,8 @@ def render_conversation(m: DatagramConversationMetrics) -> str:
 def render_client_totals(m: DatagramClientMetrics) -> str:
     """The part of kcpudp-client's ``stats total ...`` line after "total"."""
     return (f"conversations={m.conversations} finished={m.finished} opened={m.opened} "
-            f"expired={m.expired} evicted={m.evicted} dropped_open={m.dropped_open}")
+            f"expired={m.expired} evicted={m.evicted} dropped_open={m.dropped_open} "
+            f"denied={m.denied}")
 
 
 def render_server_totals(m: DatagramServerMetrics) -> str:
@@ -109,6 +111,8 @@ def client_families(out: Families, labels: Labels, m: DatagramClientMetrics) -> 
                 "conversation could open", m.dropped_open, labels)
     out.counters_by("udp_open_failures", "No UDP socket for a new client, by errno", "reason",
                     m.udp_open_failures, labels)
+    out.counter("datagrams_denied", "Datagrams dropped before a conversation: the client is "
+                "refused by --allow/--deny", m.denied, labels)
 
 
 def server_families(out: Families, labels: Labels, m: DatagramServerMetrics) -> None:
@@ -123,6 +127,8 @@ def server_families(out: Families, labels: Labels, m: DatagramServerMetrics) -> 
                 "datagram", m.expired, labels)
     out.counter("udp_kernel_drops", "Datagrams the kernel dropped on the UDP socket before the "
                 "process read them (receive buffer full)", m.tunnel.kernel_drops, labels)
+    out.counter("tunnel_hellos_denied", "HELLOs and PROBEs dropped unread: their UDP source is "
+                "refused by --allow/--deny", m.tunnel.denied, labels)
 
 
 def client_status(m: DatagramClientMetrics) -> list[str]:

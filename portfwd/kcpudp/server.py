@@ -65,7 +65,8 @@ class DatagramServer(TunnelServer):
 
     def _make_driver(self, session: TunnelSession, now: int) -> DatagramDriver:
         conv = self.conversation_class(session, self.config.conversation, now, self.reassembly)
-        return DatagramDriver(conv, self.udp, f"conv={conv.conv}")
+        return DatagramDriver(conv, self.udp, f"conv={conv.conv}", self.config.fec,
+                              self.fec_hint)
 
     def _connect(self, driver: DatagramDriver) -> None:  # type: ignore[override]
         """The client proved its keys: a UDP socket connected to the target, and a greenlet
