@@ -162,10 +162,7 @@ class TunnelServer(ConversationService):
         while self.drivers and (left := deadline - time.monotonic()) > 0:
             now = now_ms()
             for driver in list(self.drivers.values()):
-                conv = driver.conv
-                # Idle: no stream byte for a while and nothing in flight either way here.
-                if (now - driver.last_active >= STOP_IDLE_MS and conv.kcp.waitsnd == 0
-                        and not conv.readable):
+                if self._idle(driver, now):
                     driver.abort("shutting down")
             self.conversations.join(timeout=min(STOP_POLL_S, left))
         for driver in list(self.drivers.values()):
@@ -175,6 +172,14 @@ class TunnelServer(ConversationService):
         gevent.killall([*self._greenlets, *filter(None, [self._stats])])
         self.udp.close()
         self._kernel_drops.close()
+
+    @staticmethod
+    def _idle(driver: ConversationDriver, now: int) -> bool:
+        """No stream byte for a while and nothing in flight either way here (a stop may close
+        it at once)."""
+        conv = driver.conv
+        return (now - driver.last_active >= STOP_IDLE_MS and conv.kcp.waitsnd == 0
+                and not conv.readable)
 
     def reconfigure(self, config: ServerConfig) -> None:
         """New settings for the same UDP socket (config reload): conversations that start from

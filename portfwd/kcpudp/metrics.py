@@ -5,7 +5,8 @@ besides kcptcp's tunnel counters: ``up``/``down`` are datagrams (and ``*_bytes``
 as the conversation's own side sees them; ``dropped_queue`` datagrams found a full queue (the
 send window in reliable mode, the receive queue in datagram mode), ``dropped_local`` could not
 be handed to the local UDP socket (full or refused), ``dropped_incomplete`` (datagram mode)
-lost a fragment on the way.
+lost a fragment on the way; with FEC (``--fec``, or a peer that sends parity) ``fec_out`` and
+``fec_recovered`` follow.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class DatagramConversationMetrics:
     dropped_auth: int  # tunnel datagrams dropped: bad tag
     dropped_replay: int  # tunnel datagrams dropped: replayed or too old a counter
     age: float  # s since the conversation started
+    fec_out: int = 0  # FEC packets sent (--fec: parity shards, auto-mode manifests)
+    fec_recovered: int = 0  # the peer's packets rebuilt from its parity
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,9 @@ def render_conversation(m: DatagramConversationMetrics) -> str:
             f"dropped_queue={m.dropped_queue} dropped_local={m.dropped_local} "
             f"dropped_incomplete={m.dropped_incomplete} srtt={m.srtt}ms retrans={m.retrans} "
             f"epoch={m.epoch} dropped_auth={m.dropped_auth} "
-            f"dropped_replay={m.dropped_replay} age={m.age:.0f}s")
+            f"dropped_replay={m.dropped_replay} age={m.age:.0f}s"
+            + (f" fec_out={m.fec_out} fec_recovered={m.fec_recovered}"
+               if m.fec_out or m.fec_recovered else ""))
 
 
 def render_client_totals(m: DatagramClientMetrics) -> str:

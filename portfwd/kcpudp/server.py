@@ -18,7 +18,7 @@ import socket
 import gevent
 
 from portfwd.kcptcp.driver import UdpEndpoint, now_ms
-from portfwd.kcptcp.server import TunnelServer
+from portfwd.kcptcp.server import STOP_IDLE_MS, TunnelServer
 from portfwd.kcpudp.config import ServerConfig
 from portfwd.kcpudp.driver import (
     CONVERSATIONS,
@@ -30,6 +30,7 @@ from portfwd.kcpudp.driver import (
 from portfwd.kcpudp.metrics import DatagramServerMetrics, render_server_totals
 from portfwd.runtime.addr import format_sockaddr
 from portfwd.runtime.sockets import set_buffers
+from portfwd.tunnel.datagrams import UnreliableDatagrams
 from portfwd.tunnel.session import TunnelSession
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,13 @@ class DatagramServer(TunnelServer):
             tunnel=dataclasses.replace(tunnel, per_conversation=()),
             refused_mode=self.handshakes.refused_carries, expired=self.expired,
             per_conversation=tunnel.per_conversation)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _idle(driver: DatagramDriver, now: int) -> bool:  # type: ignore[override]
+        """kcptcp-server's test; a datagram-mode conversation has no KCP: nothing in flight."""
+        if isinstance(driver.conv, UnreliableDatagrams):
+            return now - driver.last_active >= STOP_IDLE_MS and not driver.conv.readable
+        return TunnelServer._idle(driver, now)
 
     def _make_driver(self, session: TunnelSession, now: int) -> DatagramDriver:
         conv = self.conversation_class(session, self.config.conversation, now, self.reassembly)
