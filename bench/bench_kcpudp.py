@@ -2,7 +2,8 @@
 datagram rate and CPU against udpfwd, ratios in one run.
 
     python bench/bench_kcpudp.py [--quick] [--seconds N] [--loss 0,1,5,10] [--rounds N]
-                                 [--wan RTT_MS] [--rate MBIT] [--cc NAME] [--no-clean]
+                                 [--wan RTT_MS] [--rate MBIT] [--cc NAME] [--fec SPEC]
+                                 [--no-clean]
 
 * WireGuard (root, wireguard-go): two network namespaces joined by a veth pair, WireGuard in
   each (tests/test_kcpudp_peers.py builds them). The "WAN" leg is the veth: nftables drops N %
@@ -139,7 +140,7 @@ def wan_leg(rtt_ms: float, rate_mbit: float) -> Iterator[Leg]:
 
 def wireguard_matrix(leg_factory: Callable[[], contextlib.AbstractContextManager[Leg]],
                      seconds: float, losses: list[int], pings: int, rounds: int,
-                     cc: str | None = None) -> Table:
+                     cc: str | None = None, fec: str | None = None) -> Table:
     keys = [run("wg", "genkey").stdout.strip() for _ in range(2)]
     pubs = [run("wg", "pubkey", input=k).stdout.strip() for k in keys]
     results: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
@@ -153,19 +154,19 @@ def wireguard_matrix(leg_factory: Callable[[], contextlib.AbstractContextManager
             iperf = Background(["iperf3", "-s", "-B", "10.78.0.2"], ns=b)
             started.append(iperf)
             dev = f"wg{a}"[:15]
+            paths = [*PATHS, *([f"kcpudp datagram --fec {fec}"] if fec else [])]
             for _ in range(rounds):
-                for path in PATHS:
+                for path in paths:
                     tunnel: list[Background] = []
                     if path == "bare WireGuard":
                         endpoint, port = f"{leg.server_ip}:{WG_PORT}", WG_PORT
                     else:
-                        mode = path.split()[1]
+                        mode, *extra = path.split()[1:]
+                        flags = ["-K", PSK, "--mode", mode, "--stats-interval", "0", *extra]
                         tunnel = [kcpudp("kcpudp-server", f"{leg.server_ip}:{SERVER_PORT}",
-                                         f"127.0.0.1:{WG_PORT}", "-K", PSK, "--mode", mode,
-                                         "--stats-interval", "0", ns=b),
+                                         f"127.0.0.1:{WG_PORT}", *flags, ns=b),
                                   kcpudp("kcpudp-client", f"127.0.0.1:{CLIENT_PORT}",
-                                         f"{leg.server_ip}:{SERVER_PORT}", "-K", PSK,
-                                         "--mode", mode, "--stats-interval", "0", ns=a)]
+                                         f"{leg.server_ip}:{SERVER_PORT}", *flags, ns=a)]
                         for proc in tunnel:
                             wait_log(proc, "tunnelling")
                         endpoint, port = f"127.0.0.1:{CLIENT_PORT}", SERVER_PORT
@@ -187,7 +188,7 @@ def wireguard_matrix(leg_factory: Callable[[], contextlib.AbstractContextManager
                 proc.close()
     rows = []
     for loss in losses:
-        for path in PATHS:
+        for path in paths:
             runs = results[path, loss]
             mbit, p50, p99, lost = (statistics.median(r[i] for r in runs) for i in range(4))
             bare = results["bare WireGuard", loss]
@@ -259,6 +260,8 @@ def main() -> None:
                         help="the WAN emulator's bottleneck in Mbit/s (with --wan)")
     parser.add_argument("--cc", help="iperf3's congestion control (-C), e.g. cubic; "
                         "default: the kernel's")
+    parser.add_argument("--fec", metavar="SPEC",
+                        help="one more path: kcpudp --mode datagram --fec SPEC (both ends)")
     parser.add_argument("--no-clean", action="store_true", help="skip the clean-leg table")
     opts = parser.parse_args()
     seconds = 1.0 if opts.quick else opts.seconds
@@ -270,7 +273,7 @@ def main() -> None:
     elif os.geteuid() == 0 and all(have(b) for b in ("wireguard-go", "wg", "ping", "iperf3")):
         legs = veth_leg if opts.wan is None else (lambda: wan_leg(opts.wan, opts.rate))
         tables.insert(0, wireguard_matrix(legs, seconds, losses, 20 if opts.quick else 100,
-                                          opts.rounds, opts.cc))
+                                          opts.rounds, opts.cc, opts.fec))
     else:
         print("WireGuard matrix skipped: needs root, wireguard-go, wg, ping and iperf3")
     print_tables(tables)
