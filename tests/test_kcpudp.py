@@ -21,6 +21,7 @@ from conftest import free_port, needs_ipv6, run_cli, sample_value  # bad options
 from hardening import fd_count
 from test_hardening_tunnel import wait_until
 from test_metrics_export_e2e import scrape
+from test_portfwd_run import Reloader, key_file, rule, write
 from test_udpfwd import MAX_PAYLOAD, udp_socket
 
 PSK = "0123456789abcdef" * 4
@@ -541,3 +542,31 @@ def test_stop_with_an_idle_conversation(tool, peers, mode):
     assert server.stop() == 0, server.log()[-3000:]
     assert "Traceback" not in server.log()
     assert client.stop() == 0
+
+
+def test_reload_applies_allow_and_mode_to_new_conversations(tool, peers, tmp_path):
+    """portfwd run: a reload that changes kcpudp-server's --allow and both ends' --mode
+    applies to the conversations that start after it."""
+    echo = peers()
+    tunnel = free_port(socket.AF_INET, socket.SOCK_DGRAM)
+    local = free_port(socket.AF_INET, socket.SOCK_DGRAM)
+    key = key_file(tmp_path)
+
+    def config(allow: str, mode: str) -> str:
+        return write(tmp_path / "c.toml",
+                     rule("kcpudp-server", f"127.0.0.1:{tunnel}", f"127.0.0.1:{echo.port}",
+                          "s", psk_file=key, mode=mode, allow=[allow]),
+                     rule("kcpudp-client", f"127.0.0.1:{local}", f"127.0.0.1:{tunnel}", "c",
+                          psk_file=key, mode=mode))
+
+    process = tool("portfwd", "run", config("127.0.0.2/32", "reliable"))
+    process.wait_for_log(rf"tunnelling udp 127\.0\.0\.1:{local}")
+    with udp_socket("127.0.0.1") as sock:
+        sock.sendto(b"refused", ("127.0.0.1", local))
+        process.wait_for_log(r"HELLO from 127\.0\.0\.1:\d+ dropped: denied by --allow/--deny")
+    config("127.0.0.1/32", "datagram")
+    assert "changed" in Reloader(process).reload()
+    with udp_socket("127.0.0.1") as sock:  # a new client address: a new conversation
+        assert exchange(sock, ("127.0.0.1", local), b"allowed now") == b"allowed now"
+    assert echo.sources and "Traceback" not in process.log()
+    assert process.stop() == 0

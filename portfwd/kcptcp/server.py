@@ -190,6 +190,7 @@ class TunnelServer(ConversationService):
             self.handshakes = HandshakeAcceptor(config.conversation.tunnel,
                                                 started_wall_ms=wall_ms())
         self.config, self.target, self.limits = config, config.target, config.limits
+        self.access = config.access if config.access.active else None
         self._prefix_quota = max(1, self.limits.max_pending // PENDING_PREFIX_SHARE)
         set_buffers(self.udp.sock, config.udp_buffer)
         if config.stats_interval != self.stats_interval:

@@ -64,6 +64,11 @@ class DatagramServer(TunnelServer):
             refused_mode=self.handshakes.refused_carries, expired=self.expired,
             per_conversation=tunnel.per_conversation)  # type: ignore[arg-type]
 
+    def reconfigure(self, config: ServerConfig) -> None:  # type: ignore[override]
+        """kcptcp-server's reload; new conversations also get the new --mode."""
+        super().reconfigure(config)
+        self.conversation_class = CONVERSATIONS[config.mode]
+
     @staticmethod
     def _idle(driver: DatagramDriver, now: int) -> bool:  # type: ignore[override]
         """kcptcp-server's test; a datagram-mode conversation has no KCP: nothing in flight."""
