@@ -162,10 +162,7 @@ class TunnelServer(ConversationService):
         while self.drivers and (left := deadline - time.monotonic()) > 0:
             now = now_ms()
             for driver in list(self.drivers.values()):
-                conv = driver.conv
-                # Idle: no stream byte for a while and nothing in flight either way here.
-                if (now - driver.last_active >= STOP_IDLE_MS and conv.kcp.waitsnd == 0
-                        and not conv.readable):
+                if self._idle(driver, now):
                     driver.abort("shutting down")
             self.conversations.join(timeout=min(STOP_POLL_S, left))
         for driver in list(self.drivers.values()):
@@ -176,6 +173,14 @@ class TunnelServer(ConversationService):
         self.udp.close()
         self._kernel_drops.close()
 
+    @staticmethod
+    def _idle(driver: ConversationDriver, now: int) -> bool:
+        """No stream byte for a while and nothing in flight either way here (a stop may close
+        it at once)."""
+        conv = driver.conv
+        return (now - driver.last_active >= STOP_IDLE_MS and conv.kcp.waitsnd == 0
+                and not conv.readable)
+
     def reconfigure(self, config: ServerConfig) -> None:
         """New settings for the same UDP socket (config reload): conversations that start from
         now on get them (target, KCP tuning, limits, key); live ones finish on theirs. New
@@ -185,6 +190,7 @@ class TunnelServer(ConversationService):
             self.handshakes = HandshakeAcceptor(config.conversation.tunnel,
                                                 started_wall_ms=wall_ms())
         self.config, self.target, self.limits = config, config.target, config.limits
+        self.access = config.access if config.access.active else None
         self._prefix_quota = max(1, self.limits.max_pending // PENDING_PREFIX_SHARE)
         set_buffers(self.udp.sock, config.udp_buffer)
         if config.stats_interval != self.stats_interval:

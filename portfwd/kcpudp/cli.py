@@ -29,7 +29,7 @@ KCPUDP_OPTIONS = """\
 """
 
 
-UNUSED = ("--fec", "--allow", "--deny", "--max-conns")  # kcptcp options kcpudp does not offer (yet)
+UNUSED = ("--max-conns",)  # kcptcp options kcpudp does not offer (yet)
 
 
 def _entries(text: str) -> list[str]:
@@ -40,7 +40,8 @@ def _entries(text: str) -> list[str]:
 def _options() -> str:
     """kcptcp's shared options less UNUSED, kcptcp-server's --max-pending, kcpudp's own, -h
     last (docopt reads the defaults after an option as its own), kcptcp's environment."""
-    kept = [e for e in _entries(kcptcp_cli.OPTIONS) if not e.lstrip().startswith(UNUSED)]
+    kept = [e.replace("client: TCP peers", "client: UDP peers")  # kcptcp's words
+            for e in _entries(kcptcp_cli.OPTIONS) if not e.lstrip().startswith(UNUSED)]
     kept += [e for e in _entries(kcptcp_cli.SERVER_OPTIONS)
              if e.lstrip().startswith("--max-pending")]
     return "\n".join(kept) + "\n" + KCPUDP_OPTIONS + kcptcp_cli.HELP + kcptcp_cli.ENVIRONMENT
@@ -56,7 +57,8 @@ SERVER_FIELDS = {**FIELDS, "listen": "<local_udp_addr:port>", "target": "<target
 CLIENT_USAGE = """kcpudp-client: UDP over the encrypted KCP/UDP tunnel, client.
 
 Usage:
-  kcpudp-client [options] <local_udp_addr:port> <remote_udp_addr:port>
+  kcpudp-client [options] [--allow <cidr>]... [--deny <cidr>]...
+                <local_udp_addr:port> <remote_udp_addr:port>
   kcpudp-client -h | --help
 
 Listens on a local UDP address and carries each client address's datagrams as one tunnel
@@ -68,7 +70,8 @@ encryption is enabled only when -K is given on both client and server.
 SERVER_USAGE = """kcpudp-server: the encrypted KCP/UDP tunnel to a UDP service, server.
 
 Usage:
-  kcpudp-server [options] <local_udp_addr:port> <target_udp_addr:port>
+  kcpudp-server [options] [--allow <cidr>]... [--deny <cidr>]...
+                <local_udp_addr:port> <target_udp_addr:port>
   kcpudp-server -h | --help
 
 Listens on a UDP address, accepts tunnel conversations from kcpudp-client and bridges each to

@@ -54,6 +54,8 @@ class DatagramClient(ConversationService):
         self.conversation_class = CONVERSATIONS[config.mode]
         self.opened = 0
         self.dropped_open = 0  # datagrams of new clients for which no conversation opened
+        self.denied = 0  # datagrams of clients refused by --allow/--deny (no conversation made)
+        self.access = config.admission.access if config.admission.access.active else None
         self.udp_open_failures = ErrorCounts()
         # The cookie a loaded server last gave one of our conversations (kcptcp-client's).
         self.cookie: bytes = NO_COOKIE
@@ -77,7 +79,8 @@ class DatagramClient(ConversationService):
         return DatagramClientMetrics(
             conversations=len(self.drivers), finished=self.finished, opened=self.opened,
             expired=self.table.expired, evicted=self.table.evicted,
-            dropped_open=self.dropped_open, udp_open_failures=self.udp_open_failures.snapshot(),
+            dropped_open=self.dropped_open, denied=self.denied,
+            udp_open_failures=self.udp_open_failures.snapshot(),
             per_conversation=self._per_conversation())  # type: ignore[arg-type]
 
     def reconfigure(self, config: ClientConfig) -> None:
@@ -85,6 +88,7 @@ class DatagramClient(ConversationService):
         start a conversation from now on get them, live conversations finish on theirs; the
         timeout and the cap apply to the whole table at once (one LRU), as in udpfwd."""
         self.config, self.remote = config, config.remote
+        self.access = config.admission.access if config.admission.access.active else None
         self.conversation_class = CONVERSATIONS[config.mode]
         self.table.capacity = config.max_sessions
         self.table.idle_timeout = config.idle_timeout
@@ -108,6 +112,8 @@ class DatagramClient(ConversationService):
             for data, addr in batch:
                 driver = table.get(addr, now)
                 if driver is None:
+                    if self.access is not None and not self._permitted(addr):
+                        continue
                     driver = self._open(addr, now)
                     if driver is None:
                         self.dropped_open += 1
@@ -116,6 +122,15 @@ class DatagramClient(ConversationService):
                 touched[id(driver)] = driver
             for driver in touched.values():
                 driver.transmit()
+
+    def _permitted(self, addr: Any) -> bool:
+        assert self.access is not None
+        if self.access.permits(addr[0]):
+            return True
+        self.denied += 1
+        self._faults.warning("acl", "datagram from %s dropped: denied by --allow/--deny",
+                             format_sockaddr(addr))
+        return False
 
     def _to_client(self, addr: Any, datagram: bytes) -> bool:
         try:
@@ -146,7 +161,7 @@ class DatagramClient(ConversationService):
         conv = self.conversation_class.client(self.config.conversation, conv_id,
                                               self.remote.sockaddr, now_ms(), wall_ms(),
                                               self.cookie)
-        driver = DatagramDriver(conv, udp, f"conv={conv_id}")
+        driver = DatagramDriver(conv, udp, f"conv={conv_id}", self.config.fec, self.fec_hint)
         driver.to_local = lambda datagram: self._to_client(addr, datagram)
         driver.on_local_activity = lambda: self.table.touch(addr, monotonic())
         self.drivers[conv_id] = driver

@@ -3,7 +3,9 @@ configs of kcpudp-client (ClientConfig) and kcpudp-server (ServerConfig).
 
 The fields are kcptcp's (``kcptcp.config``, read by the same functions) plus ``mode``
 (``reliable`` or ``datagram``) and ``timeout`` (``-t``, seconds a client address's conversation
-lives without a datagram either way, 0 = until the tunnel's keepalive gives up). ``max_sessions``
+lives without a datagram either way, 0 = until the tunnel's keepalive gives up). ``fec`` and
+the access list (``--allow``/``--deny``: the client's ``admission.access`` on client
+addresses, the server's ``access`` on UDP sources) are kcptcp's. ``max_sessions``
 caps the client's table of client addresses as well as the server's conversations;
 ``connect_timeout`` is not read (nothing is dialled: the server's target socket is UDP).
 """
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 from portfwd.kcptcp import config as kcptcp_config
 from portfwd.kcptcp.config import LIMIT_MAX, MAX_SESSIONS
+from portfwd.runtime.admission import Admission
 from portfwd.runtime.config import listen_options
 from portfwd.runtime.environment import Environment
 from portfwd.runtime.options import ConfigError, Options
@@ -69,7 +72,8 @@ def client_config(options: Options, env: Environment) -> ClientConfig:
         conversation=conversation_config(options, env),
         listen_options=listen_options(options, bufsize=base.udp_buffer),
         udp_buffer=base.udp_buffer, stats_interval=base.stats_interval, mode=mode(options),
-        idle_timeout=idle_timeout(options),
+        idle_timeout=idle_timeout(options), fec=base.fec,
+        admission=Admission(access=base.admission.access),  # --allow/--deny on client addresses
         max_sessions=options.integer("max_sessions", 1, LIMIT_MAX, MAX_SESSIONS))
 
 
@@ -81,7 +85,7 @@ def server_config(options: Options, env: Environment) -> ServerConfig:
         conversation=conversation_config(options, env), listen_options=base.listen_options,
         udp_buffer=base.udp_buffer, stats_interval=base.stats_interval,
         limits=dataclasses.replace(base.limits, connect_timeout=0.0), mode=mode(options),
-        idle_timeout=idle_timeout(options))
+        idle_timeout=idle_timeout(options), fec=base.fec, access=base.access)
 
 
 def idle_timeout(options: Options) -> float:

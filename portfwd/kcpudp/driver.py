@@ -18,6 +18,7 @@ import gevent
 from portfwd.kcptcp.driver import ConversationDriver, UdpEndpoint, now_ms
 from portfwd.kcpudp.metrics import DatagramConversationMetrics, Snapshot, render_stats
 from portfwd.tunnel.datagrams import ReliableDatagrams, UnreliableDatagrams
+from portfwd.tunnel.fec import FecSettings, LossHint
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,9 @@ class DatagramDriver(ConversationDriver):
     ``to_local`` sends one datagram to the local side and says whether it was taken."""
 
     def __init__(self, conv: ReliableDatagrams | UnreliableDatagrams, udp: UdpEndpoint,
-                 name: str) -> None:
-        super().__init__(conv, udp, name)  # type: ignore[arg-type]
+                 name: str, fec: FecSettings | None = None,
+                 fec_hint: LossHint | None = None) -> None:
+        super().__init__(conv, udp, name, fec, fec_hint)  # type: ignore[arg-type]
         self.to_local: Callable[[bytes], bool] | None = None  # None: no local side yet
         self.on_local_activity: Callable[[], None] | None = None  # e.g. the client's LRU touch
         self.local_close: Callable[[], None] | None = None  # releases the local side
@@ -53,20 +55,27 @@ class DatagramDriver(ConversationDriver):
         self.last_active = now_ms()
 
     def transmit(self) -> None:
-        to_local = self.to_local
-        if to_local is not None:
-            conv = self.conv
-            delivered = False
-            while (datagram := conv.read()) is not None:
-                if to_local(datagram):
-                    delivered = True
-                else:
-                    self.dropped_local += 1
-            if delivered:
-                self.last_active = now_ms()
-                if self.on_local_activity is not None:
-                    self.on_local_activity()
+        self._deliver()
         super().transmit()
+        if self.conv.readable:  # datagrams FEC rebuilt while the events were handled
+            self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand what the peer sent to the local side (once there is one)."""
+        to_local = self.to_local
+        if to_local is None:
+            return
+        conv = self.conv
+        delivered = False
+        while (datagram := conv.read()) is not None:
+            if to_local(datagram):
+                delivered = True
+            else:
+                self.dropped_local += 1
+        if delivered:
+            self.last_active = now_ms()
+            if self.on_local_activity is not None:
+                self.on_local_activity()
 
     def wait_finished(self) -> None:
         super().wait_finished()
@@ -78,6 +87,7 @@ class DatagramDriver(ConversationDriver):
         """This conversation's counters; ``now`` is ``time.monotonic()`` (for the age)."""
         conv, session = self.conv, self.conv.session
         kcp = conv.kcp if isinstance(conv, ReliableDatagrams) else None
+        fec = self.fec.metrics()
         return DatagramConversationMetrics(
             conv=conv.conv, up=conv.datagrams_sent, down=conv.datagrams_received,
             up_bytes=conv.bytes_sent, down_bytes=conv.bytes_received,
@@ -88,7 +98,8 @@ class DatagramDriver(ConversationDriver):
             srtt=kcp.rx_srtt if kcp else 0,
             retrans=kcp.retransmits + kcp.fast_retransmits if kcp else 0,
             epoch=session.epoch, dropped_auth=session.dropped_auth,
-            dropped_replay=session.dropped_replay, age=now - self.started)
+            dropped_replay=session.dropped_replay, age=now - self.started,
+            fec_out=fec.shards_sent, fec_recovered=fec.recovered)
 
 
 def start_stats(interval: float, metrics: Callable[[], Snapshot],

@@ -5,7 +5,8 @@ besides kcptcp's tunnel counters: ``up``/``down`` are datagrams (and ``*_bytes``
 as the conversation's own side sees them; ``dropped_queue`` datagrams found a full queue (the
 send window in reliable mode, the receive queue in datagram mode), ``dropped_local`` could not
 be handed to the local UDP socket (full or refused), ``dropped_incomplete`` (datagram mode)
-lost a fragment on the way.
+lost a fragment on the way; with FEC (``--fec``, or a peer that sends parity) ``fec_out`` and
+``fec_recovered`` follow.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class DatagramConversationMetrics:
     dropped_auth: int  # tunnel datagrams dropped: bad tag
     dropped_replay: int  # tunnel datagrams dropped: replayed or too old a counter
     age: float  # s since the conversation started
+    fec_out: int = 0  # FEC packets sent (--fec: parity shards, auto-mode manifests)
+    fec_recovered: int = 0  # the peer's packets rebuilt from its parity
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class DatagramClientMetrics:
     expired: int  # closed after -t seconds without a datagram either way
     evicted: int  # live ones closed to make room at --max-sessions
     dropped_open: int  # datagrams from new clients for which no conversation could open
+    denied: int  # datagrams dropped before a conversation: the client is refused by --allow/--deny
     udp_open_failures: Mapping[str, int]  # no UDP socket for a new client, by errno name
     per_conversation: tuple[DatagramConversationMetrics, ...]  # oldest first
 
@@ -70,13 +74,16 @@ def render_conversation(m: DatagramConversationMetrics) -> str:
             f"dropped_queue={m.dropped_queue} dropped_local={m.dropped_local} "
             f"dropped_incomplete={m.dropped_incomplete} srtt={m.srtt}ms retrans={m.retrans} "
             f"epoch={m.epoch} dropped_auth={m.dropped_auth} "
-            f"dropped_replay={m.dropped_replay} age={m.age:.0f}s")
+            f"dropped_replay={m.dropped_replay} age={m.age:.0f}s"
+            + (f" fec_out={m.fec_out} fec_recovered={m.fec_recovered}"
+               if m.fec_out or m.fec_recovered else ""))
 
 
 def render_client_totals(m: DatagramClientMetrics) -> str:
     """The part of kcpudp-client's ``stats total ...`` line after "total"."""
     return (f"conversations={m.conversations} finished={m.finished} opened={m.opened} "
-            f"expired={m.expired} evicted={m.evicted} dropped_open={m.dropped_open}")
+            f"expired={m.expired} evicted={m.evicted} dropped_open={m.dropped_open} "
+            f"denied={m.denied}")
 
 
 def render_server_totals(m: DatagramServerMetrics) -> str:
@@ -108,6 +115,8 @@ def client_families(out: Families, labels: Labels, m: DatagramClientMetrics) -> 
                 "conversation could open", m.dropped_open, labels)
     out.counters_by("udp_open_failures", "No UDP socket for a new client, by errno", "reason",
                     m.udp_open_failures, labels)
+    out.counter("datagrams_denied", "Datagrams dropped before a conversation: the client is "
+                "refused by --allow/--deny", m.denied, labels)
 
 
 def server_families(out: Families, labels: Labels, m: DatagramServerMetrics) -> None:
@@ -122,6 +131,8 @@ def server_families(out: Families, labels: Labels, m: DatagramServerMetrics) -> 
                 "datagram", m.expired, labels)
     out.counter("udp_kernel_drops", "Datagrams the kernel dropped on the UDP socket before the "
                 "process read them (receive buffer full)", m.tunnel.kernel_drops, labels)
+    out.counter("tunnel_hellos_denied", "HELLOs and PROBEs dropped unread: their UDP source is "
+                "refused by --allow/--deny", m.tunnel.denied, labels)
 
 
 def client_status(m: DatagramClientMetrics) -> list[str]:

@@ -18,7 +18,7 @@ import socket
 import gevent
 
 from portfwd.kcptcp.driver import UdpEndpoint, now_ms
-from portfwd.kcptcp.server import TunnelServer
+from portfwd.kcptcp.server import STOP_IDLE_MS, TunnelServer
 from portfwd.kcpudp.config import ServerConfig
 from portfwd.kcpudp.driver import (
     CONVERSATIONS,
@@ -30,6 +30,7 @@ from portfwd.kcpudp.driver import (
 from portfwd.kcpudp.metrics import DatagramServerMetrics, render_server_totals
 from portfwd.runtime.addr import format_sockaddr
 from portfwd.runtime.sockets import set_buffers
+from portfwd.tunnel.datagrams import UnreliableDatagrams
 from portfwd.tunnel.session import TunnelSession
 
 log = logging.getLogger(__name__)
@@ -63,9 +64,22 @@ class DatagramServer(TunnelServer):
             refused_mode=self.handshakes.refused_carries, expired=self.expired,
             per_conversation=tunnel.per_conversation)  # type: ignore[arg-type]
 
+    def reconfigure(self, config: ServerConfig) -> None:  # type: ignore[override]
+        """kcptcp-server's reload; new conversations also get the new --mode."""
+        super().reconfigure(config)
+        self.conversation_class = CONVERSATIONS[config.mode]
+
+    @staticmethod
+    def _idle(driver: DatagramDriver, now: int) -> bool:  # type: ignore[override]
+        """kcptcp-server's test; a datagram-mode conversation has no KCP: nothing in flight."""
+        if isinstance(driver.conv, UnreliableDatagrams):
+            return now - driver.last_active >= STOP_IDLE_MS and not driver.conv.readable
+        return TunnelServer._idle(driver, now)
+
     def _make_driver(self, session: TunnelSession, now: int) -> DatagramDriver:
         conv = self.conversation_class(session, self.config.conversation, now, self.reassembly)
-        return DatagramDriver(conv, self.udp, f"conv={conv.conv}")
+        return DatagramDriver(conv, self.udp, f"conv={conv.conv}", self.config.fec,
+                              self.fec_hint)
 
     def _connect(self, driver: DatagramDriver) -> None:  # type: ignore[override]
         """The client proved its keys: a UDP socket connected to the target, and a greenlet

@@ -8,8 +8,9 @@ of the session's ``FecReceived`` events (:meth:`fec_received`), and calls
 are recovered sealed datagrams: feed them to the session as if they had arrived.
 
 Every receiver decodes, whatever its own ``--fec``: parity needs no negotiation (a peer that
-sends none costs nothing). Only DATA packets are protected; handshake and control packets are
-not worth the parity (they are retransmitted on their own timers).
+sends none costs nothing). Only payload packets are protected: DATA (the KCP segments) and
+DATAGRAM (kcpudp's datagram mode, where FEC is the only loss repair); handshake and control
+packets are not worth the parity (they are retransmitted on their own timers).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Protocol
 from .fec import FecDecoder, FecEncoder, FecSettings, Kind, LossHint, body_kind
 from .wire import TYPE_MASK, MalformedPacket, PacketType
 
-_DATA = int(PacketType.DATA)
+_PROTECTED = frozenset({int(PacketType.DATA), int(PacketType.DATAGRAM)})
 
 
 class Sealer(Protocol):
@@ -39,7 +40,7 @@ class FecMetrics:
     groups_sent: int  #: groups closed
     shards_sent: int  #: FEC packets sent (parity shards and manifests)
     overhead_bytes: int  #: bytes of FEC bodies sent (before sealing)
-    protected_bytes: int  #: bytes of DATA datagrams the groups covered
+    protected_bytes: int  #: bytes of DATA and DATAGRAM packets the groups covered
     recovered: int  #: the peer's datagrams rebuilt from parity
     unrecoverable: int  #: groups given up with datagrams missing
 
@@ -50,7 +51,7 @@ class FecChannel:
     def __init__(self, settings: FecSettings | None, hint: LossHint | None = None) -> None:
         self.encoder: FecEncoder | None = FecEncoder(settings, hint) if settings else None
         self.decoder = FecDecoder()
-        self.protected_bytes = 0  # DATA bytes the encoder grouped
+        self.protected_bytes = 0  # DATA and DATAGRAM bytes the encoder grouped
         self.reports_sent = 0
 
     def outgoing(self, session: Sealer, datagrams: list[bytes], now: int) -> list[bytes]:
@@ -61,14 +62,14 @@ class FecChannel:
             return datagrams
         bodies: list[bytes] = []
         for datagram in datagrams:
-            if datagram[0] & TYPE_MASK == _DATA:
+            if datagram[0] & TYPE_MASK in _PROTECTED:
                 self.protected_bytes += len(datagram)
                 bodies += encoder.add(datagram, now)
         return datagrams + self._seal(session, bodies, now) if bodies else datagrams
 
     def authenticated(self, datagram: bytes) -> list[bytes]:
         """A datagram the session accepted; recovered datagrams it completed a group with."""
-        if datagram[0] & TYPE_MASK == _DATA:
+        if datagram[0] & TYPE_MASK in _PROTECTED:
             return self.decoder.record(datagram)
         return []
 
