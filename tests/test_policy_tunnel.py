@@ -101,14 +101,25 @@ def test_server_denies_the_udp_source_before_any_handshake_work(tool):
     echo.close()
 
 
-def test_server_max_conns_ignores_hellos_beyond_it(tool):
+def test_server_max_conns_refuses_beyond_it_and_the_client_resets_at_once(tool):
+    """--max-conns 2 on the server, three connections: the third's HELLO gets a REFUSE and its
+    client resets the TCP connection (a handshake timeout, 10 s later, would end it with a
+    FIN instead: the RST shows it was the REFUSE); the two held ones go on."""
     echo = EchoServer()
-    port, server, client = start_tunnel(tool, echo.port, server_extra=("--max-conns", "1"))
-    with connect("127.0.0.1", port) as held:
-        assert roundtrip(held) == b"ping"
-        with connect("127.0.0.1", port) as extra:
-            extra.sendall(b"waits")
-            server.wait_for_log(r"--max-conns 1 reached: HELLO from 127.0.0.1:\d+ ignored")
-            assert roundtrip(held, b"still") == b"still"
-        assert echo.accepted == 1
+    port, server, client = start_tunnel(tool, echo.port, server_extra=("--max-conns", "2"))
+    held = [connect("127.0.0.1", port) for _ in range(2)]
+    for sock in held:
+        assert roundtrip(sock) == b"ping"
+    with connect("127.0.0.1", port) as extra:
+        extra.settimeout(20)
+        extra.sendall(b"never arrives")
+        with pytest.raises(ConnectionResetError):
+            extra.recv(1)
+    server.wait_for_log(r"--max-conns 2 reached: HELLO from 127.0.0.1:\d+ refused")
+    client.wait_for_log(r"conv=\d+ closed \(server full: at its --max-conns\)")
+    client.wait_for_log(r"server at --max-conns: 127\.0\.0\.1:\d+ refused a new conversation")
+    for sock in held:
+        assert roundtrip(sock, b"still") == b"still"
+        sock.close()
+    assert echo.accepted == 2
     echo.close()

@@ -46,7 +46,8 @@ OPTIONS = f"""Options:
   --deny <cidr>         never clients in this network (repeatable; wins over --allow)
   --max-conns <n>       client: connections at once, beyond them new ones are closed at
                         once; server: conversations at once, beyond them HELLOs are
-                        ignored (nothing evicted); 0 = no limit [default: 0]
+                        refused (nothing evicted; the client resets its connection at
+                        once); 0 = no limit [default: 0]
 """
 # Last in every options list: docopt gives an option the "[default: ...]" of the lines after
 # it, up to the next option, so the environment's defaults must follow a flag without a value.

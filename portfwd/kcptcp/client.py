@@ -30,6 +30,7 @@ from portfwd.runtime.admission import Gate
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.metrics import ErrorCounts
 from portfwd.runtime.sockets import cooperative, set_buffers
+from portfwd.tunnel.hello import CLOSE_SERVER_FULL
 from portfwd.tunnel.origin import Origin
 from portfwd.tunnel.session import CLOSE_HANDSHAKE_TIMEOUT
 from portfwd.tunnel.stream import Conversation
@@ -147,6 +148,9 @@ class TunnelClient(ConversationService):
                 self._faults.warning("handshake", "handshake timeout: no answer from %s: the "
                                      "server is down or unreachable, or its key differs from "
                                      "ours (another -K, or -K on one side only)", self.remote)
+            elif driver.close_reason == CLOSE_SERVER_FULL:
+                self._faults.warning("max-conns", "server at --max-conns: %s refused a new "
+                                     "conversation; the connection was reset", self.remote)
 
     def _receive(self, driver: ConversationDriver, udp: UdpEndpoint) -> None:
         session = driver.conv.session

@@ -45,6 +45,7 @@ from portfwd.runtime.sockets import READ, WRITE
 from portfwd.tunnel import events
 from portfwd.tunnel.fec import FecSettings, LossHint
 from portfwd.tunnel.fec_channel import FecChannel
+from portfwd.tunnel.hello import CLOSE_SERVER_FULL
 from portfwd.tunnel.origin import Origin
 from portfwd.tunnel.stream import CLOSE_UNKNOWN, Conversation
 
@@ -189,9 +190,10 @@ class ConversationDriver:
             self.established.set()
         elif isinstance(event, events.ConnectionClosed):
             self.close_reason = event.reason
-            # The peer lost the conversation: what we hold can never arrive, so the local
-            # application is told at once and unmistakably (RST), not with a clean EOF.
-            self.reset_tcp = event.reason == CLOSE_UNKNOWN
+            # The peer lost the conversation (or never took it: at --max-conns): what we hold
+            # can never arrive, so the local application is told at once and unmistakably
+            # (RST), not with a clean EOF.
+            self.reset_tcp = event.reason in (CLOSE_UNKNOWN, CLOSE_SERVER_FULL)
             self._room.set()
             self._data.set()
             self._wake.set()
