@@ -147,6 +147,8 @@ class ConversationDriver:
         self.rekeys_started = 0  # events counted for the metrics snapshot
         self.epoch_switches = 0
         self.peer_address_changes = 0
+        # Called once when the first direction of the TCP side ends (--half-close-timeout)
+        self.half_closed: Callable[[], None] | None = None
 
     # --- network input ---------------------------------------------------------------------
 
@@ -265,6 +267,7 @@ class ConversationDriver:
                 if not data:
                     conv.send_eof()
                     self.transmit()
+                    self._direction_ended()
                     return
                 conv.send_stream_data(data)
                 self.last_active = now_ms()
@@ -298,6 +301,7 @@ class ConversationDriver:
                     sock.shutdown(socket.SHUT_WR)
                     if not conv.closed:
                         self.transmit()
+                        self._direction_ended()
                     return
                 # One send() takes a record whole unless the socket is full; gevent's sendall()
                 # costs several layers more per call, so it only finishes what send() left.
@@ -311,6 +315,16 @@ class ConversationDriver:
             self.abort(f"tcp write: {exc.strerror or exc}")
 
     # --- ending ------------------------------------------------------------------------------
+
+    def _direction_ended(self) -> None:
+        hook, self.half_closed = self.half_closed, None
+        if hook is not None:
+            hook()
+
+    def expire(self, reason: str) -> None:
+        """--idle-timeout or --half-close-timeout (called in the hub, which must not block):
+        abort the conversation from a greenlet; the TCP side closes as after any abort."""
+        gevent.spawn(self.abort, reason)
 
     def abort(self, reason: str) -> None:
         if not self.conv.closed:

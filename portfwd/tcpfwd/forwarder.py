@@ -21,13 +21,13 @@ from portfwd.runtime.acceptloop import AcceptLoop
 from portfwd.runtime.addr import HostPort, Resolved, format_sockaddr
 from portfwd.runtime.admission import Client, Gate
 from portfwd.runtime.logs import RateLimitedLog, hot_info
+from portfwd.runtime.relay_timeouts import HalfCloseSweeper, IdleTimer
 from portfwd.runtime.sockets import dial_tcp
 from portfwd.runtime.upstream import Destination, Upstreams
 from portfwd.runtime.workers import Workers
 from portfwd.tcpfwd.config import TcpConfig
 from portfwd.tcpfwd.metrics import TcpCounters, TcpMetrics
 from portfwd.tcpfwd.pump import Counter, RelaySocket, pump
-from portfwd.tcpfwd.timeouts import HalfCloseSweeper, IdleTimer
 
 log = logging.getLogger(__name__)
 
