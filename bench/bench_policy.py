@@ -1,6 +1,7 @@
 """tcpfwd's per-connection policy vs plain tcpfwd, same run: short connections per second.
 
-    python bench/bench_policy.py [--quick] [--rounds N] [--seconds S]
+    python bench/bench_policy.py [--quick] [--rounds N] [--seconds S] [--sequential N]
+    python bench/bench_policy.py --strace N   # syscalls per connection, plain vs PROXY v2
 
 Paths (each a tcpfwd in front of the same echo server): plain; ``--proxy-protocol v2`` (the
 client reads the 28-byte header back with its echo); a 100-entry ``--allow`` list whose
@@ -16,6 +17,7 @@ import contextlib
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import time
 
@@ -56,7 +58,7 @@ def rotated(paths: list[str], rounds: int, run) -> dict[str, list]:
     return results
 
 
-def measure(rounds: int, seconds: float) -> list[Table]:
+def measure(rounds: int, seconds: float, serial: int = 0) -> list[Table]:
     raise_fd_limit()
     echo_port = free_port()
     ports: dict[str, int] = {}
@@ -83,6 +85,15 @@ def measure(rounds: int, seconds: float) -> list[Table]:
             return rate
 
         rates = rotated(list(PATHS), rounds, one_round)
+        sequential: dict[str, float] = dict.fromkeys(PATHS, 0.0)  # CPU s, one client
+
+        def one_sequential_round(name: str) -> None:
+            before = cpu_seconds(pids[name])
+            one_at_a_time(ports[name], PATHS[name][1], serial)
+            sequential[name] += cpu_seconds(pids[name]) - before
+
+        if serial:
+            rotated(list(PATHS), rounds, one_sequential_round)
     rows = []
     for name, values in rates.items():
         paired = sorted(v / p for v, p in zip(values, rates["tcpfwd"], strict=True) if p)
@@ -92,6 +103,18 @@ def measure(rounds: int, seconds: float) -> list[Table]:
                      f"{min(values):.0f}–{max(values):.0f}", f"{statistics.median(paired):.3f}×",
                      f"{paired[0]:.3f}–{paired[-1]:.3f}", f"{per_conn:.0f}",
                      f"{per_conn / base:.3f}×" if base else "-"])
+    tables = []
+    if serial:
+        base = sequential["tcpfwd"]
+        tables.append(Table(
+            "Forwarder CPU per connection, one client at a time",
+            ["path", "fwd CPU µs/conn", "× tcpfwd"],
+            [[name, f"{cpu_s / (serial * rounds) * 1e6:.1f}",
+              f"{cpu_s / base:.3f}×" if base else "-"]
+             for name, cpu_s in sequential.items()],
+            f"{serial} connections per path per round, {rounds} rotated rounds, one client "
+            "process connecting, echoing 100 B and closing in a loop: no two connections "
+            "overlap, so the scheduler's noise is smaller than in the two-client run."))
     return [Table("Short connections with policy (connect, 100 B echo, close)",
                   ["path", "conn/s (median)", "min–max", "× tcpfwd (median)", "× tcpfwd min–max",
                    "fwd CPU µs/conn", "× tcpfwd"],
@@ -100,7 +123,56 @@ def measure(rounds: int, seconds: float) -> list[Table]:
                   "rounds of the path's rate divided by plain "
                   "tcpfwd's rate in the same round. CPU µs/conn is the forwarder process's "
                   "user+sys CPU over all its rounds divided by the connections it carried: on "
-                  "a shared, loaded machine it is steadier than the rates.")]
+                  "a shared, loaded machine it is steadier than the rates."), *tables]
+
+
+def one_at_a_time(port: int, expect: int, count: int) -> None:
+    """``count`` short connections in a row: connect, send 100 B, read ``expect`` back, close."""
+    for _ in range(count):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"x" * PAYLOAD)
+            got = 0
+            while got < expect and (data := sock.recv(65536)):
+                got += len(data)
+
+
+def syscalls(count: int) -> Table:
+    """``strace -c -f`` on a plain tcpfwd and on one with --proxy-protocol v2 for ``count``
+    sequential connections each: syscalls per connection (those made at least count/2 times)."""
+    counts: dict[str, dict[str, float]] = {}
+    echo_port = free_port()
+    with process([sys.executable, os.path.join(os.path.dirname(__file__), "echo_server.py"),
+                  str(echo_port)]):
+        wait_port(echo_port)
+        for name in ("tcpfwd", "tcpfwd --proxy-protocol v2"):
+            flags, expect = PATHS[name]
+            listen, out = free_port(), f"/tmp/bench_policy_strace.{os.getpid()}"
+            traced = subprocess.Popen(["strace", "-c", "-f", "-o", out, *tool(
+                "tcpfwd", *flags, f"127.0.0.1:{listen}", f"127.0.0.1:{echo_port}")],
+                stderr=subprocess.DEVNULL)
+            wait_port(listen)
+            one_at_a_time(listen, expect, count)
+            # strace ignores SIGTERM while it traces: stop the traced tcpfwd, its child
+            children = open(f"/proc/{traced.pid}/task/{traced.pid}/children").read().split()
+            for child in children:
+                os.kill(int(child), 15)
+            traced.wait(timeout=30)
+            counts[name] = {}
+            with open(out) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) >= 5 and parts[3].isdigit() and int(parts[3]) >= count // 2:
+                        counts[name][parts[-1]] = int(parts[3]) / count
+            os.unlink(out)
+    plain, v2 = counts.values()
+    rows = [[call, f"{plain.get(call, 0):.2f}", f"{v2.get(call, 0):.2f}"]
+            for call in sorted(set(plain) | set(v2), key=lambda c: -v2.get(c, 0))
+            if call != "total"]
+    rows.append(["total", f"{plain.get('total', 0):.2f}", f"{v2.get('total', 0):.2f}"])
+    return Table("Forwarder syscalls per connection (strace -c -f)",
+                 ["syscall", "tcpfwd", "tcpfwd --proxy-protocol v2"], rows,
+                 f"{count} sequential connections each (connect, 100 B echo, close); calls made "
+                 "fewer than count/2 times (start-up, stop) left out.")
 
 
 def in_process(count: int = 20000) -> Table:
@@ -125,7 +197,10 @@ def in_process(count: int = 20000) -> Table:
         steps = {
             "gate with no policy (kcptcp-client's path)": lambda: plain.admit(sock, peer, 0),
             "gate with a 100-entry --allow": lambda: gate.admit(sock, peer, 0),
-            "PROXY v2 header (getsockname + pack)": lambda: pack(2, peer, sock.getsockname()),
+            "PROXY v2 header (pack: a listener bound to an address)":
+                lambda: pack(2, peer, ("127.0.0.1", 4000)),
+            "PROXY v2 header (getsockname + pack: a wildcard listener)":
+                lambda: pack(2, peer, sock.getsockname()),
         }
         rows = [[name, f"{per_call(fn):.2f}"] for name, fn in steps.items()]
     return Table("Policy work per connection, in process", ["step", "µs per connection"], rows,
@@ -138,8 +213,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny run to check the script works")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=2.0, help="per path per round")
+    parser.add_argument("--sequential", type=int, default=1500, metavar="N",
+                        help="then N one-at-a-time connections per path per round (0: none)")
+    parser.add_argument("--strace", type=int, metavar="N",
+                        help="only count syscalls per connection over N connections")
     opts = parser.parse_args()
-    tables = measure(1, 0.5) if opts.quick else measure(opts.rounds, opts.seconds)
+    if opts.strace:
+        print_tables([syscalls(opts.strace)])
+        return
+    tables = (measure(1, 0.5, 100) if opts.quick
+              else measure(opts.rounds, opts.seconds, opts.sequential))
     print_tables([*tables, in_process(1000 if opts.quick else 20000)])
 
 

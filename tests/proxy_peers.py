@@ -8,12 +8,13 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from conftest import free_port
+from conftest import connect, free_port, listening_socket
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
@@ -189,3 +190,44 @@ def wait_for(predicate, timeout: float = 10.0):
             return value
         time.sleep(0.05)
     return predicate()
+
+
+@contextmanager
+def half_closing_target() -> Iterator[int]:
+    """A TCP target on loopback (its port yielded) that reads each connection to EOF and never
+    closes its side: what a --half-close-timeout must end."""
+    target = listening_socket()
+    kept: list[socket.socket] = []
+
+    def serve() -> None:
+        conn, _ = target.accept()
+        kept.append(conn)
+        while conn.recv(65536):
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield target.getsockname()[1]
+    finally:
+        thread.join(5)
+        for conn in kept:
+            conn.close()
+        target.close()
+
+
+def idle_and_busy(port: int, seconds: float, log) -> tuple[socket.socket, socket.socket]:
+    """Two connections to ``port``: one makes one exchange and then idles, the other a one-byte
+    exchange every 0.1 s for ``seconds``; then the idle one must be closed by an idle timeout
+    shorter than ``seconds`` (``log()`` explains a failed exchange). Returns (idle, busy)."""
+    idle = connect("127.0.0.1", port)
+    busy = connect("127.0.0.1", port)
+    assert roundtrip(idle) == b"ping"
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        assert roundtrip(busy, b"b") == b"b", log()
+        time.sleep(0.1)
+    idle.settimeout(15)
+    assert idle.recv(10) == b""  # closed by the idle timeout
+    assert roundtrip(busy, b"alive") == b"alive"
+    return idle, busy

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import select
 import socket
-import threading
 import time
 
 import pytest
-from conftest import EchoServer, connect, free_port, listening_socket, needs_ipv6
-from proxy_peers import connect_from, roundtrip
+from conftest import EchoServer, connect, free_port, needs_ipv6
+from proxy_peers import connect_from, half_closing_target, idle_and_busy, roundtrip
 
 
 def start_tcpfwd(tool, *args: str):
@@ -119,16 +118,7 @@ def test_idle_relay_closes_at_its_timeout_and_a_busy_one_does_not(tool):
     port = free_port()
     fwd = start_tcpfwd(tool, "--idle-timeout", "2", f"127.0.0.1:{port}",
                        f"127.0.0.1:{echo.port}")
-    idle = connect("127.0.0.1", port)
-    busy = connect("127.0.0.1", port)
-    assert roundtrip(idle) == b"ping"
-    end = time.monotonic() + 3.5
-    while time.monotonic() < end:  # a byte every 0.1 s: never idle for 2 s
-        assert roundtrip(busy, b"b") == b"b", fwd.log()
-        time.sleep(0.1)
-    idle.settimeout(10)
-    assert idle.recv(10) == b""  # closed by the forwarder
-    assert roundtrip(busy, b"alive") == b"alive"
+    idle, busy = idle_and_busy(port, 3.5, fwd.log)  # busy: never idle for 2 s
     fwd.wait_for_log(r"conn \d+ closed: 4 bytes up, 4 down, [\d.]+ s \(idle timeout\)")
     idle.close()
     busy.close()
@@ -136,30 +126,16 @@ def test_idle_relay_closes_at_its_timeout_and_a_busy_one_does_not(tool):
 
 
 def test_half_close_timeout_ends_a_relay_whose_other_side_never_closes(tool):
-    target = listening_socket()
-    kept: list[socket.socket] = []
-
-    def serve() -> None:
-        conn, _ = target.accept()
-        kept.append(conn)
-        while conn.recv(65536):  # read to EOF, never close our side
-            pass
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    port = free_port()
-    fwd = start_tcpfwd(tool, "--half-close-timeout", "1", f"127.0.0.1:{port}",
-                       f"127.0.0.1:{target.getsockname()[1]}")
-    with connect("127.0.0.1", port) as sock:
-        sock.sendall(b"request")
-        sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(15)
-        assert sock.recv(10) == b""
-    fwd.wait_for_log(r"\(half-close timeout\)")
-    thread.join(5)
-    for conn in kept:
-        conn.close()
-    target.close()
+    with half_closing_target() as target_port:
+        port = free_port()
+        fwd = start_tcpfwd(tool, "--half-close-timeout", "1", f"127.0.0.1:{port}",
+                           f"127.0.0.1:{target_port}")
+        with connect("127.0.0.1", port) as sock:
+            sock.sendall(b"request")
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(15)
+            assert sock.recv(10) == b""
+        fwd.wait_for_log(r"\(half-close timeout\)")
 
 
 # --- several destinations --------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Traffic policy through the tunnel, the real processes on loopback: the client's address
 carried inside the authenticated tunnel to kcptcp-server --proxy-protocol (nginx shows it),
-kcptcp-client --accept-proxy behind HAProxy, --allow/--deny and --max-conns on kcptcp-client,
---allow/--deny on kcptcp-server's UDP sources."""
+kcptcp-client --accept-proxy behind HAProxy, --allow/--deny, --max-conns, --idle-timeout and
+--half-close-timeout on kcptcp-client, --allow/--deny and --max-conns on kcptcp-server."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import pytest
 from conftest import EchoServer, connect, free_port
 from proxy_peers import (
     connect_from,
+    half_closing_target,
     haproxy,
     http_get,
+    idle_and_busy,
     needs_haproxy,
     needs_nginx,
     nginx,
@@ -101,14 +103,48 @@ def test_server_denies_the_udp_source_before_any_handshake_work(tool):
     echo.close()
 
 
-def test_server_max_conns_ignores_hellos_beyond_it(tool):
+def test_server_max_conns_refuses_beyond_it_and_the_client_resets_at_once(tool):
+    """--max-conns 2 on the server, three connections: the third's HELLO gets a REFUSE and its
+    client resets the TCP connection (a handshake timeout, 10 s later, would end it with a
+    FIN instead: the RST shows it was the REFUSE); the two held ones go on."""
     echo = EchoServer()
-    port, server, client = start_tunnel(tool, echo.port, server_extra=("--max-conns", "1"))
-    with connect("127.0.0.1", port) as held:
-        assert roundtrip(held) == b"ping"
+    port, server, client = start_tunnel(tool, echo.port, server_extra=("--max-conns", "2"))
+    held = [connect("127.0.0.1", port) for _ in range(2)]
+    for sock in held:
+        assert roundtrip(sock) == b"ping"
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):  # RST: even connect() may see it
         with connect("127.0.0.1", port) as extra:
-            extra.sendall(b"waits")
-            server.wait_for_log(r"--max-conns 1 reached: HELLO from 127.0.0.1:\d+ ignored")
-            assert roundtrip(held, b"still") == b"still"
-        assert echo.accepted == 1
+            extra.settimeout(20)
+            extra.sendall(b"never arrives")
+            extra.recv(1)
+    server.wait_for_log(r"--max-conns 2 reached: HELLO from 127.0.0.1:\d+ refused")
+    client.wait_for_log(r"conv=\d+ closed \(server full: at its --max-conns\)")
+    client.wait_for_log(r"server at --max-conns: 127\.0\.0\.1:\d+ refused a new conversation")
+    for sock in held:
+        assert roundtrip(sock, b"still") == b"still"
+        sock.close()
+    assert echo.accepted == 2
     echo.close()
+
+
+def test_client_idle_timeout_closes_both_sides_and_spares_a_busy_connection(tool):
+    echo = EchoServer()
+    port, server, client = start_tunnel(tool, echo.port, client_extra=("--idle-timeout", "2"))
+    idle, busy = idle_and_busy(port, 3.5, client.log)  # busy: never idle for 2 s
+    client.wait_for_log(r"conv=\d+ closed \(idle timeout\): 4 bytes up, 4 down")
+    server.wait_for_log(r"conv=\d+ closed")  # the server's side ended too (a CLOSE came)
+    idle.close()
+    busy.close()
+    echo.close()
+
+
+def test_client_half_close_timeout_ends_a_connection_whose_other_side_never_closes(tool):
+    with half_closing_target() as target_port:
+        port, server, client = start_tunnel(tool, target_port,
+                                            client_extra=("--half-close-timeout", "1"))
+        with connect("127.0.0.1", port) as sock:
+            sock.sendall(b"request")
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(15)  # the default (60 s) would not end it in time
+            assert sock.recv(10) == b""
+        client.wait_for_log(r"conv=\d+ closed \(half-close timeout\)")

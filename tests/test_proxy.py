@@ -19,6 +19,7 @@ from portfwd.policy.proxy import (
     TlvType,
     Transport,
     crc32c,
+    pack,
     pack_v1,
     pack_v2,
 )
@@ -289,3 +290,27 @@ def test_garbage_never_raises_anything_but_malformed(data):
         ProxyParser().feed(data)
     except MalformedHeader:
         pass
+
+
+@pytest.mark.parametrize(("source", "destination"), [
+    (("127.0.0.1", 45678), ("10.0.0.2", 80)),
+    (("::1", 1), ("2001:db8::5", 443)),
+    (("::ffff:192.0.2.1", 5), ("::1", 6)),  # v4-mapped: the general rules
+    (("::ffff:192.0.2.1", 5), ("::ffff:192.0.2.2", 6)),  # both mapped: IPv4
+    (("192.0.2.1", 5), ("::1", 6)),  # mixed: written v4-mapped
+    (("fe80::1%lo", 5), ("fe80::2%lo", 6)),
+])
+def test_the_forwarders_pack_is_pack_v2(source, destination) -> None:
+    """pack(2, ...) takes a shortcut for plain addresses; its bytes are pack_v2's, and they parse
+    back to the addresses given (v4-mapped ones as IPv4 where both are)."""
+    header = pack(2, source, destination)
+    assert header == pack_v2(source, destination)
+    assert pack(1, source, destination) == pack_v1(source, destination)
+    assert parse(header).header.source[1] == source[1]
+
+
+def test_pack_refuses_what_pack_v2_refuses() -> None:
+    with pytest.raises(ValueError):
+        pack(2, ("999.0.0.1", 1), ("10.0.0.1", 2))
+    with pytest.raises(ValueError):
+        pack(3, ("10.0.0.1", 1), ("10.0.0.1", 2))

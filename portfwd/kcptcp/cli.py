@@ -46,7 +46,8 @@ OPTIONS = f"""Options:
   --deny <cidr>         never clients in this network (repeatable; wins over --allow)
   --max-conns <n>       client: connections at once, beyond them new ones are closed at
                         once; server: conversations at once, beyond them HELLOs are
-                        ignored (nothing evicted); 0 = no limit [default: 0]
+                        refused (nothing evicted; the client resets its connection at
+                        once); 0 = no limit [default: 0]
 """
 # Last in every options list: docopt gives an option the "[default: ...]" of the lines after
 # it, up to the next option, so the environment's defaults must follow a flag without a value.
@@ -71,6 +72,11 @@ CLIENT_OPTIONS = """\
                         send it): its address is the client's
   --proxy-from <cidr>   with --accept-proxy: only these peers may send one (repeatable;
                         default: any)
+  --idle-timeout <s>    close a connection (and its conversation) with no byte either way
+                        for s seconds, 0 = never [default: 0]
+  --half-close-timeout <s>
+                        once one direction has ended, close the connection s seconds
+                        later, 0 = never [default: 60]
 """
 
 ENVIRONMENT = f"""
@@ -92,7 +98,8 @@ FIELDS = {"daemonize": "-d", "pidfile": "-p", "reuseaddr": "-r", "reuseport": "-
           "log_file": "--log-file", "metrics": "--metrics", "log_format": "--log-format",
           "allow": "--allow", "deny": "--deny", "max_conns": "--max-conns"}
 CLIENT_FIELDS = {**FIELDS, "listen": "<local_tcp_addr:port>", "remote": "<remote_udp_addr:port>",
-                 "accept_proxy": "--accept-proxy", "proxy_from": "--proxy-from"}
+                 "accept_proxy": "--accept-proxy", "proxy_from": "--proxy-from",
+                 "idle_timeout": "--idle-timeout", "half_close_timeout": "--half-close-timeout"}
 SERVER_FIELDS = {**FIELDS, "listen": "<local_udp_addr:port>", "target": "<target_tcp_addr:port>",
                  "connect_timeout": "--connect-timeout", "max_sessions": "--max-sessions",
                  "max_pending": "--max-pending", "proxy_protocol": "--proxy-protocol"}

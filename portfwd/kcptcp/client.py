@@ -29,7 +29,9 @@ from portfwd.runtime.addr import format_sockaddr
 from portfwd.runtime.admission import Gate
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.metrics import ErrorCounts
+from portfwd.runtime.relay_timeouts import HalfCloseSweeper, IdleTimer
 from portfwd.runtime.sockets import cooperative, set_buffers
+from portfwd.tunnel.hello import CLOSE_SERVER_FULL
 from portfwd.tunnel.origin import Origin
 from portfwd.tunnel.session import CLOSE_HANDSHAKE_TIMEOUT
 from portfwd.tunnel.stream import Conversation
@@ -59,6 +61,8 @@ class TunnelClient(ConversationService):
         self._faults = RateLimitedLog(log)
         self.gate = Gate(config.admission)
         self.pending = 0  # connections accepted and still at the gate
+        half_close = config.relay.half_close_timeout
+        self.sweeper = HalfCloseSweeper(half_close) if half_close else None
 
     def start(self) -> None:
         self.accept_loop.start()
@@ -127,14 +131,20 @@ class TunnelClient(ConversationService):
         driver = ConversationDriver(conv, udp, f"conv={conv_id}", self.config.fec, self.fec_hint)
         self.drivers[conv_id] = driver
         receiver = gevent.spawn(self._receive, driver, udp)
+        idle: IdleTimer | None = None
         try:
             driver.start_ticker()
             driver.transmit()  # the HELLO
             driver.attach_tcp(sock)
+            idle = self._time_out(driver)
             log.info("conv=%d open %s -> %s", conv_id, format_sockaddr(client.address),
                      self.remote)
             driver.wait_finished()
         finally:
+            if idle is not None:
+                idle.stop()
+            if self.sweeper is not None:
+                self.sweeper.discard(driver)
             self._retire(driver)
             receiver.kill()
             udp.close()
@@ -147,6 +157,24 @@ class TunnelClient(ConversationService):
                 self._faults.warning("handshake", "handshake timeout: no answer from %s: the "
                                      "server is down or unreachable, or its key differs from "
                                      "ours (another -K, or -K on one side only)", self.remote)
+            elif driver.close_reason == CLOSE_SERVER_FULL:
+                self._faults.warning("max-conns", "server at --max-conns: %s refused a new "
+                                     "conversation; the connection was reset", self.remote)
+
+    def _time_out(self, driver: ConversationDriver) -> IdleTimer | None:
+        """Arm --half-close-timeout (when a direction ends) and --idle-timeout (now) of a
+        connection; the idle timer gives way once a direction is over, as in tcpfwd."""
+        conv, relay = driver.conv, self.config.relay
+        idle = (IdleTimer(driver, relay.idle_timeout, lambda: conv.bytes_sent
+                          + conv.bytes_received) if relay.idle_timeout else None)
+        sweeper = self.sweeper
+        if sweeper is not None:
+            def half_closed() -> None:
+                if idle is not None:
+                    idle.stop()
+                sweeper.add(driver)
+            driver.half_closed = half_closed
+        return idle
 
     def _receive(self, driver: ConversationDriver, udp: UdpEndpoint) -> None:
         session = driver.conv.session

@@ -22,6 +22,7 @@ from portfwd.runtime.config import listen_options
 from portfwd.runtime.environment import PSK, Environment
 from portfwd.runtime.keyfile import read_psk_file
 from portfwd.runtime.options import ConfigError, Options
+from portfwd.runtime.relay_timeouts import RelayLimits, relay_limits
 from portfwd.runtime.sockets import CONNECT_TIMEOUT, ListenOptions
 from portfwd.tunnel.config import (
     REKEY_GRACE_MS,
@@ -73,6 +74,7 @@ class ClientConfig:
     stats_interval: float = STATS_INTERVAL  # s between stats lines, 0 = off
     fec: FecSettings | None = None  # --fec: parity on what this end sends; None = off
     admission: Admission = field(default_factory=Admission)  # --allow, --max-conns, ...
+    relay: RelayLimits = field(default_factory=RelayLimits)  # --idle-timeout, ... (TCP side)
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,7 @@ def client_config(options: Options, env: Environment) -> ClientConfig:
         remote=options.address("remote", socket.SOCK_DGRAM, passive=False),
         conversation=conversation, listen_options=listen_options(options),
         udp_buffer=udp_buffer, stats_interval=stats_interval, fec=fec,
-        admission=admission_config(options))
+        admission=admission_config(options), relay=relay_limits(options))
 
 
 def server_config(options: Options, env: Environment) -> ServerConfig:

@@ -45,6 +45,7 @@ from portfwd.runtime.sockets import READ, WRITE
 from portfwd.tunnel import events
 from portfwd.tunnel.fec import FecSettings, LossHint
 from portfwd.tunnel.fec_channel import FecChannel
+from portfwd.tunnel.hello import CLOSE_SERVER_FULL
 from portfwd.tunnel.origin import Origin
 from portfwd.tunnel.stream import CLOSE_UNKNOWN, Conversation
 
@@ -146,6 +147,8 @@ class ConversationDriver:
         self.rekeys_started = 0  # events counted for the metrics snapshot
         self.epoch_switches = 0
         self.peer_address_changes = 0
+        # Called once when the first direction of the TCP side ends (--half-close-timeout)
+        self.half_closed: Callable[[], None] | None = None
 
     # --- network input ---------------------------------------------------------------------
 
@@ -189,9 +192,10 @@ class ConversationDriver:
             self.established.set()
         elif isinstance(event, events.ConnectionClosed):
             self.close_reason = event.reason
-            # The peer lost the conversation: what we hold can never arrive, so the local
-            # application is told at once and unmistakably (RST), not with a clean EOF.
-            self.reset_tcp = event.reason == CLOSE_UNKNOWN
+            # The peer lost the conversation (or never took it: at --max-conns): what we hold
+            # can never arrive, so the local application is told at once and unmistakably
+            # (RST), not with a clean EOF.
+            self.reset_tcp = event.reason in (CLOSE_UNKNOWN, CLOSE_SERVER_FULL)
             self._room.set()
             self._data.set()
             self._wake.set()
@@ -263,6 +267,7 @@ class ConversationDriver:
                 if not data:
                     conv.send_eof()
                     self.transmit()
+                    self._direction_ended()
                     return
                 conv.send_stream_data(data)
                 self.last_active = now_ms()
@@ -296,6 +301,7 @@ class ConversationDriver:
                     sock.shutdown(socket.SHUT_WR)
                     if not conv.closed:
                         self.transmit()
+                        self._direction_ended()
                     return
                 # One send() takes a record whole unless the socket is full; gevent's sendall()
                 # costs several layers more per call, so it only finishes what send() left.
@@ -309,6 +315,16 @@ class ConversationDriver:
             self.abort(f"tcp write: {exc.strerror or exc}")
 
     # --- ending ------------------------------------------------------------------------------
+
+    def _direction_ended(self) -> None:
+        hook, self.half_closed = self.half_closed, None
+        if hook is not None:
+            hook()
+
+    def expire(self, reason: str) -> None:
+        """--idle-timeout or --half-close-timeout (called in the hub, which must not block):
+        abort the conversation from a greenlet; the TCP side closes as after any abort."""
+        gevent.spawn(self.abort, reason)
 
     def abort(self, reason: str) -> None:
         if not self.conv.closed:

@@ -152,7 +152,7 @@ class TunnelServerMetrics:
     unknown_sent: int = 0  # UNKNOWN replies: PROBEs for conversations we do not hold
     probes_known: int = 0  # PROBEs for conversations we hold (not answered)
     probes_rejected: int = 0  # PROBEs dropped: forged, stale, replayed or over the budget
-    over_limit: int = 0  # HELLOs ignored at --max-conns (before any handshake work)
+    over_limit: int = 0  # HELLOs refused at --max-conns (a valid one gets a REFUSE_FULL)
 
 
 def render_conversation(m: ConversationMetrics) -> str:

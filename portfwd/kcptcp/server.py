@@ -118,7 +118,7 @@ class TunnelServer(ConversationService):
         self.access = config.access if config.access.active else None  # --allow/--deny
         self.denied = 0  # HELLOs dropped unread: their source is refused by --allow/--deny
         self.max_conns = config.max_conns  # --max-conns: conversations at once, 0 = no cap
-        self.over_limit = 0  # HELLOs ignored at --max-conns
+        self.over_limit = 0  # HELLOs refused at --max-conns (answered if valid, in budget)
         self._prelude = proxy_prelude(config.proxy_protocol)
 
     def start(self) -> None:
@@ -233,7 +233,7 @@ class TunnelServer(ConversationService):
                 touched[conv_id] = driver
             for driver in touched.values():
                 driver.transmit()
-            for reply, addr in self.handshakes.replies_to_send():  # COOKIEs, under load
+            for reply, addr in self.handshakes.replies_to_send():  # COOKIEs, REFUSEs
                 self.udp.send([reply], addr)
 
     def _permitted(self, addr: tuple) -> bool:
@@ -279,10 +279,11 @@ class TunnelServer(ConversationService):
                                  self.limits.max_pending)
             return None
         if self.max_conns and len(self.drivers) >= self.max_conns:
-            # A hard cap, before any handshake work: unlike --max-sessions nothing is evicted;
-            # the client's HELLOs go unanswered until a conversation ends or it gives up.
+            # A hard cap: unlike --max-sessions nothing is evicted. A valid HELLO gets a REFUSE
+            # saying so (one MAC, no key exchange), and its client closes at once.
             self.over_limit += 1
-            self._faults.warning("max-conns", "--max-conns %d reached: HELLO from %s ignored",
+            self.handshakes.refuse_full(hello, addr, now, wall_ms())
+            self._faults.warning("max-conns", "--max-conns %d reached: HELLO from %s refused",
                                  self.max_conns, format_sockaddr(addr))
             return None
         session = self.handshakes.accept(hello, addr, now, wall_ms())

@@ -17,23 +17,13 @@ from portfwd.runtime.admission import Admission, admission_config
 from portfwd.runtime.config import listen_options
 from portfwd.runtime.environment import Environment
 from portfwd.runtime.options import ConfigError, Options
+from portfwd.runtime.relay_timeouts import RelayLimits, relay_limits
 from portfwd.runtime.sockets import CONNECT_TIMEOUT, ListenOptions
 from portfwd.runtime.upstream import Balancing, Destination, destinations_config, upstream_config
 from portfwd.tcpfwd.pump import SPLICE_AVAILABLE
 
 MAX_CONNECT_TIMEOUT = 3600  # s
-MAX_TIMEOUT = 7 * 86400  # s: bound of --idle-timeout and --half-close-timeout
-HALF_CLOSE_TIMEOUT = 60  # s: --half-close-timeout default
 PROXY_VERSIONS = {"v1": 1, "v2": 2}  # --proxy-protocol
-
-
-@dataclass(frozen=True)
-class RelayLimits:
-    """Timeouts of one relay (0 = none)."""
-
-    idle_timeout: float = 0.0  # s without a byte either way before both sides are closed
-    half_close_timeout: float = float(HALF_CLOSE_TIMEOUT)  # s the other direction gets after
-    # one direction ended
 
 
 @dataclass(frozen=True)
@@ -63,10 +53,7 @@ def tcpfwd_config(options: Options, env: Environment) -> TcpConfig:
     connect_timeout = options.integer("connect_timeout", 1, MAX_CONNECT_TIMEOUT,
                                       int(CONNECT_TIMEOUT))
     proxy = options.choice("proxy_protocol", tuple(PROXY_VERSIONS), "none")
-    relay = RelayLimits(
-        idle_timeout=float(options.integer("idle_timeout", 0, MAX_TIMEOUT, 0)),
-        half_close_timeout=float(options.integer("half_close_timeout", 0, MAX_TIMEOUT,
-                                                 HALF_CLOSE_TIMEOUT)))
+    relay = relay_limits(options)
     return TcpConfig(listen=listen, dest=destinations[0].addresses[0],
                      listen_options=listen_options(options), base_addr=base_addr,
                      splice=SPLICE_AVAILABLE and not env.no_splice,

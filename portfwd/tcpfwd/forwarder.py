@@ -21,13 +21,13 @@ from portfwd.runtime.acceptloop import AcceptLoop
 from portfwd.runtime.addr import HostPort, Resolved, format_sockaddr
 from portfwd.runtime.admission import Client, Gate
 from portfwd.runtime.logs import RateLimitedLog, hot_info
+from portfwd.runtime.relay_timeouts import HalfCloseSweeper, IdleTimer
 from portfwd.runtime.sockets import dial_tcp
 from portfwd.runtime.upstream import Destination, Upstreams
 from portfwd.runtime.workers import Workers
 from portfwd.tcpfwd.config import TcpConfig
 from portfwd.tcpfwd.metrics import TcpCounters, TcpMetrics
 from portfwd.tcpfwd.pump import Counter, RelaySocket, pump
-from portfwd.tcpfwd.timeouts import HalfCloseSweeper, IdleTimer
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,17 @@ def offset_address(base: Resolved, offset: int) -> Resolved:
     return Resolved(base.family, (str(new), *base.sockaddr[1:]))
 
 
+def listening_address(bound: tuple) -> tuple[str, int] | None:
+    """The local address of every connection a listener bound to ``bound`` accepts, or None for
+    a wildcard (0.0.0.0, ::), where each connection's is its own getsockname()."""
+    try:
+        if ipaddress.ip_address(bound[0]).is_unspecified:
+            return None
+    except ValueError:  # a scoped IPv6 address: ask each connection
+        return None
+    return bound[:2]
+
+
 def original_dst_port(sock: socket.socket) -> int:
     """The port a REDIRECT/TPROXY'd connection was originally sent to (netfilter conntrack)."""
     if sock.family == socket.AF_INET6:
@@ -73,7 +84,8 @@ class TcpForwarder:
 
     def __init__(self, config: TcpConfig, listener: socket.socket) -> None:
         self.config = config
-        self.listen_port: int = listener.getsockname()[1]  # the zero point of -b offsets
+        bound = listener.getsockname()
+        self.listen_port: int = bound[1]  # the zero point of -b offsets
         self.accept_loop = AcceptLoop(listener, self._handle)
         self._ids = itertools.count(1)
         self._faults = RateLimitedLog(log)
@@ -87,6 +99,7 @@ class TcpForwarder:
         self.pending = 0  # connections accepted and not yet relaying (reading, dialling)
         self._gated = self.gate.checks
         self._proxy = config.proxy_protocol  # PROXY header version to send, 0 = none
+        self._local = listening_address(bound)  # every connection's local address, or None
         half_close = config.relay.half_close_timeout
         self.sweeper = HalfCloseSweeper(half_close) if half_close else None
 
@@ -172,7 +185,7 @@ class TcpForwarder:
         try:
             if self._proxy:
                 source = peer if client is None else client.address
-                local = None if client is None else client.local
+                local = self._local if client is None else client.local or self._local
                 data = pack(self._proxy, source[:2], (local or accepted.getsockname())[:2]) + data
                 # What the client sent already goes in the same segment as the header: on
                 # loopback a segment of its own costs the forwarder ~10 us more per connection.

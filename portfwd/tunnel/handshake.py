@@ -29,6 +29,7 @@ from .wire import (
     MAC_SIZE,
     NO_COOKIE,
     PROTOCOL_VERSION,
+    REFUSE_FULL,
     Hello,
     MalformedPacket,
     PacketType,
@@ -81,6 +82,7 @@ class HandshakeAcceptor:
         self.cookies_sent: int = 0  #: COOKIE replies (valid HELLOs not taken up: under load)
         self.cookie_hellos: int = 0  #: HELLOs that came with a valid cookie
         self.refused_carries: int = 0  #: valid HELLOs for another kind of conversation (REFUSE)
+        self.refused_full: int = 0  #: valid HELLOs answered "at --max-conns" (REFUSE_FULL)
 
     @property
     def cache_size(self) -> int:
@@ -101,6 +103,52 @@ class HandshakeAcceptor:
         (WireGuard's order: mac1 checked, then a cookie reply), and one with a valid cookie is
         verified within its source prefix's own budget.
         """
+        hello = self._fresh(data, addr, now, wall_ms)
+        if hello is None:
+            return None
+        host = addr[0] if isinstance(addr, tuple) else addr
+        if hello.cookie != NO_COOKIE and self._cookies.valid(hello.cookie, host, now):
+            # A real address (it received our COOKIE): its prefix's own budget, whatever
+            # floods from other (or spoofed) sources did to the global one.
+            self.cookie_hellos += 1
+            if not self._proven_prefix_token(source_prefix(host), now):
+                self.dropped_rate += 1
+                self._log_failure(now, "over its prefix's budget (with cookie)", addr)
+                return None
+        elif not self._verify_budget.take(now):
+            self._answer_with_cookie(hello, addr, host, now)
+            return None
+        if not self._remember(hello, addr, now, wall_ms):
+            return None
+        if hello.carries != self.config.carries:
+            self._refuse(hello, data, addr, now, self.config.carries)
+            return None
+        session = TunnelSession.server_from_hello(self.config, data, hello.client_share, addr,
+                                                  now, self._random_bytes)
+        if session is None:  # a key share that yields no shared secret
+            self.dropped_malformed += 1
+            return None
+        self.accepted += 1
+        return session
+
+    def refuse_full(self, data: bytes, addr: Any, now: int, wall_ms: int) -> None:
+        """The server is at --max-conns: a fresh, valid HELLO gets a REFUSE saying so (queued
+        for :meth:`replies_to_send`, within the reply budget), so its client gives up at once
+        instead of at its handshake timeout. Its key share goes into the replay cache: one
+        REFUSE per HELLO at most, and a replay of it later gets nothing. No key exchange."""
+        hello = self._fresh(data, addr, now, wall_ms)
+        if hello is None:
+            return
+        if not self._reply_budget.take(now):
+            self.dropped_load += 1
+            self._log_failure(now, "over the handshake budget", addr)
+            return
+        if self._remember(hello, addr, now, wall_ms):
+            self._refuse(hello, data, addr, now, REFUSE_FULL)
+
+    def _fresh(self, data: bytes, addr: Any, now: int, wall_ms: int) -> Hello | None:
+        """The HELLO in ``data`` if it is well formed, authentic, timely and not seen before,
+        else None (counted, logged at most once per interval)."""
         cfg = self.config
         if len(data) != HELLO_SIZE or data[0] != _HELLO:
             self.dropped_malformed += 1
@@ -134,53 +182,40 @@ class HandshakeAcceptor:
             self.dropped_replay += 1
             self._log_failure(now, "replayed HELLO", addr)
             return None
-        host = addr[0] if isinstance(addr, tuple) else addr
-        if hello.cookie != NO_COOKIE and self._cookies.valid(hello.cookie, host, now):
-            # A real address (it received our COOKIE): its prefix's own budget, whatever
-            # floods from other (or spoofed) sources did to the global one.
-            self.cookie_hellos += 1
-            if not self._proven_prefix_token(source_prefix(host), now):
-                self.dropped_rate += 1
-                self._log_failure(now, "over its prefix's budget (with cookie)", addr)
-                return None
-        elif not self._verify_budget.take(now):
-            self._answer_with_cookie(hello, addr, host, now)
-            return None
-        if len(self._seen) >= cfg.hello_cache_size:
+        return hello
+
+    def _remember(self, hello: Hello, addr: Any, now: int, wall_ms: int) -> bool:
+        """Put the HELLO's key share into the replay cache; False (counted) if it is full."""
+        if len(self._seen) >= self.config.hello_cache_size:
             # Evicting a live entry would re-open a replay hole: refuse instead (fail closed).
             self.dropped_cache_full += 1
             self._log_failure(now, "replay cache full", addr)
-            return None
+            return False
         # Any replay later than 2 windows after now carries a timestamp older than
         # now + window - 2 * window, i.e. stale: the entry can go then (time bound).
-        self._seen[hello.client_share] = wall_ms + 2 * window
-        if hello.carries != cfg.carries:
-            self._refuse(hello, data, addr, now)
-            return None
-        session = TunnelSession.server_from_hello(cfg, data, hello.client_share, addr, now,
-                                                  self._random_bytes)
-        if session is None:  # a key share that yields no shared secret
-            self.dropped_malformed += 1
-            return None
-        self.accepted += 1
-        return session
+        self._seen[hello.client_share] = wall_ms + 2 * self.config.timestamp_window_ms
+        return True
 
     def replies_to_send(self) -> list[tuple[bytes, Any]]:
-        """``(COOKIE datagram, address)`` pairs queued by :meth:`accept` under load."""
+        """``(datagram, address)`` pairs queued by :meth:`accept` (COOKIEs under load,
+        REFUSEs) and :meth:`refuse_full`."""
         replies, self._replies = self._replies, []
         return replies
 
-    def _refuse(self, hello: Hello, data: bytes, addr: Any, now: int) -> None:
-        """A PSK holder asks for another kind of conversation (a kcptcp client at a kcpudp
-        server, or another --mode): a REFUSE, smaller than the HELLO and bound to it, tells it
-        so; nothing is created or dialled."""
-        self.refused_carries += 1
-        cfg_carries = self.config.carries
-        body = pack_refuse(hello.conv, cfg_carries)
+    def _refuse(self, hello: Hello, data: bytes, addr: Any, now: int, carries: int) -> None:
+        """A REFUSE, smaller than the HELLO and bound to it; nothing is created or dialled.
+        ``carries``: what this server carries (a PSK holder asked for another kind of
+        conversation: a kcptcp client at a kcpudp server, or another --mode), or REFUSE_FULL
+        (it is at --max-conns; the caller logs that)."""
+        body = pack_refuse(hello.conv, carries)
         self._replies.append((body + self._mac(crypto.REFUSE_LABEL, data, body), addr))
+        if carries == REFUSE_FULL:
+            self.refused_full += 1
+            return
+        self.refused_carries += 1
         self._log_failure(now, f"conv={hello.conv}: the client carries "
                           f"{carries_label(hello.carries)}, this server "
-                          f"{carries_label(cfg_carries)}", addr)
+                          f"{carries_label(carries)}", addr)
 
     def _answer_with_cookie(self, hello: Hello, addr: Any, host: str, now: int) -> None:
         """Over the verify budget: a COOKIE, stateless and smaller than the HELLO, within the

@@ -14,6 +14,7 @@ from . import crypto
 from .wire import (
     MAC_SIZE,
     NO_COOKIE,
+    REFUSE_FULL,
     Carries,
     MalformedPacket,
     Welcome,
@@ -25,6 +26,7 @@ from .wire import (
 )
 
 MAX_HELLOS = 8  # HELLOs remembered, so a WELCOME to any recent retry still completes
+CLOSE_SERVER_FULL = "server full: at its --max-conns"  # the close reason of a REFUSE_FULL
 
 
 class ClientHellos:
@@ -89,7 +91,8 @@ class ClientHellos:
 
     def refusal(self, data: bytes) -> str | None:
         """The close reason for a REFUSE that answers one of our HELLOs (the server carries
-        something else), else None (not a REFUSE, or not for a HELLO of ours)."""
+        something else, or is at its --max-conns: CLOSE_SERVER_FULL), else None (not a REFUSE,
+        or not for a HELLO of ours)."""
         try:
             refuse = unpack_refuse(data)
         except MalformedPacket:
@@ -100,5 +103,7 @@ class ClientHellos:
         if not any(crypto.mac_equal(self._mac(crypto.REFUSE_LABEL, hello, body), refuse.mac)
                    for hello, _ in self._sent):
             return None
+        if refuse.carries == REFUSE_FULL:
+            return CLOSE_SERVER_FULL
         return (f"refused by the server: it carries {carries_label(refuse.carries)}, "
                 f"this side {carries_label(self._carries)}")

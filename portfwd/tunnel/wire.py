@@ -255,16 +255,20 @@ def unpack_cookie(data: bytes) -> CookieReply:
                        bytes(data[PREFIX_SIZE + MAC_SIZE:]))
 
 
+REFUSE_FULL = 0xFF  # a REFUSE's carries byte from a server at its --max-conns (no Carries value)
+
+
 class Refuse(NamedTuple):
     conv: int  #: echo of the HELLO's conv
     version: int  #: PROTOCOL_VERSION
-    carries: int  #: what the server carries (a Carries value)
+    carries: int  #: what the server carries (a Carries value), or REFUSE_FULL
     mac: bytes  #: HMAC over "portfwd/3 refuse", the whole HELLO, bytes [0, REFUSE_SIZE - 16)
 
 
 def pack_refuse(conv: int, carries: int) -> bytes:
     """The part of a REFUSE that the MAC covers after the HELLO; the datagram appends the MAC.
-    The server's answer to an authenticated HELLO for a kind of conversation it does not carry.
+    The server's answer to an authenticated HELLO for a kind of conversation it does not carry
+    (``carries`` = what it does), or to one it has no room for (``carries`` = REFUSE_FULL).
 
     ::
 

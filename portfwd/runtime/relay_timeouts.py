@@ -1,8 +1,10 @@
-"""--idle-timeout and --half-close-timeout of tcpfwd's relays, on libev timers in the hub.
+"""--idle-timeout and --half-close-timeout of a TCP relay (tcpfwd's relays, kcptcp-client's
+conversations), on libev timers in the hub.
 
-The pumps stay as they are: a timeout shuts both sockets of its relay down, which wakes each
-pump with EOF or an error, and the relay ends as after any other error. Timer callbacks run in
-the hub, so they only call non-blocking ``shutdown()``.
+The pumps stay as they are: a timeout calls the relay's ``expire(reason)`` in the hub, which
+must not block (tcpfwd shuts both sockets down, which wakes each pump with EOF or an error;
+kcptcp-client aborts its conversation from a new greenlet), and the relay ends as after any
+other error.
 
 Cost on the short-connection path: every relay becomes half-closed for a moment (one
 direction ends first), so the half-close timeout must be cheap to arm and disarm. One sweeper
@@ -14,12 +16,34 @@ timer object per relay. The idle timeout, when asked for, does take a timer per 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 from gevent import get_hub
 
+from portfwd.runtime.options import Options
+
+MAX_TIMEOUT = 7 * 86400  # s: bound of --idle-timeout and --half-close-timeout
+HALF_CLOSE_TIMEOUT = 60  # s: --half-close-timeout default
 SWEEP_MAX = 1.0  # s between two sweeps at most (a relay closes at most this late)
 SWEEP_MIN = 0.05  # s
+
+
+@dataclass(frozen=True)
+class RelayLimits:
+    """Timeouts of one relay (0 = none)."""
+
+    idle_timeout: float = 0.0  # s without a byte either way before both sides are closed
+    half_close_timeout: float = float(HALF_CLOSE_TIMEOUT)  # s the other direction gets after
+    # one direction ended
+
+
+def relay_limits(options: Options) -> RelayLimits:
+    """``idle_timeout`` and ``half_close_timeout`` (--idle-timeout, --half-close-timeout)."""
+    return RelayLimits(
+        idle_timeout=float(options.integer("idle_timeout", 0, MAX_TIMEOUT, 0)),
+        half_close_timeout=float(options.integer("half_close_timeout", 0, MAX_TIMEOUT,
+                                                 HALF_CLOSE_TIMEOUT)))
 
 
 class Expirable(Protocol):
