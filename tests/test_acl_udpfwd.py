@@ -63,3 +63,29 @@ def test_denied_source_never_reaches_the_target(tool):
     assert ask("127.0.0.3", port, 5) == b"hello"
     assert fwd.stop() == 0
     echo.close()
+
+
+def test_a_reload_applies_the_new_lists_and_keeps_the_count():
+    """udpfwd's reconfigure (a `portfwd run` reload) takes the new --allow/--deny at once; the
+    denied count goes on from where it was (an exported counter never goes down)."""
+    from portfwd.runtime.environment import Environment
+    from portfwd.runtime.options import Options
+    from portfwd.udpfwd.config import udpfwd_config
+    from portfwd.udpfwd.forwarder import UdpForwarder
+
+    def config(**lists):
+        return udpfwd_config(Options({"listen": "127.0.0.1:1", "dest": "127.0.0.1:2", **lists}),
+                             Environment())
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind(("127.0.0.1", 0))
+    forwarder = UdpForwarder(config(deny=["127.0.0.0/8"]), listener)
+    forwarder.start()
+    try:
+        assert not forwarder.sources.permits(("127.0.0.1", 5000))
+        forwarder.reconfigure(config(allow=["127.0.0.0/8"]))
+        assert forwarder.sources.permits(("127.0.0.1", 5000))
+        assert not forwarder.sources.permits(("10.0.0.1", 5000))
+        assert forwarder.metrics().denied == 2
+    finally:
+        forwarder.stop(0)

@@ -40,6 +40,7 @@ from portfwd.kcptcp.driver import (
 from portfwd.kcptcp.metrics import TunnelServerMetrics, render_server_totals
 from portfwd.policy.proxy import pack, pack_v1, pack_v2
 from portfwd.runtime.addr import format_sockaddr
+from portfwd.runtime.admission import SourceFilter
 from portfwd.runtime.kerneldrops import KernelDrops
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.metrics import ErrorCounts
@@ -115,8 +116,7 @@ class TunnelServer(ConversationService):
         self._greenlets: list[gevent.Greenlet] = []
         self._stats: gevent.Greenlet | None = None
         self._faults = RateLimitedLog(log)
-        self.access = config.access if config.access.active else None  # --allow/--deny
-        self.denied = 0  # HELLOs dropped unread: their source is refused by --allow/--deny
+        self.sources = SourceFilter(config.access, log, "HELLO")  # --allow/--deny
         self.max_conns = config.max_conns  # --max-conns: conversations at once, 0 = no cap
         self.over_limit = 0  # HELLOs refused at --max-conns (answered if valid, in budget)
         self._prelude = proxy_prelude(config.proxy_protocol)
@@ -144,7 +144,7 @@ class TunnelServer(ConversationService):
             dial_failures=self.dial_failures.snapshot(), per_conversation=live,
             totals=self._totals(live), closed=MappingProxyType(dict(self.closed)),
             rejected_malformed=a.dropped_malformed, rejected_cache_full=a.dropped_cache_full,
-            kernel_drops=self._kernel_drops.read(), denied=self.denied,
+            kernel_drops=self._kernel_drops.read(), denied=self.sources.denied,
             unknown_sent=probes.answered, probes_known=self.probes_known,
             probes_rejected=(probes.dropped_auth + probes.dropped_malformed
                              + probes.dropped_stale + probes.dropped_replay
@@ -190,7 +190,7 @@ class TunnelServer(ConversationService):
             self.handshakes = HandshakeAcceptor(config.conversation.tunnel,
                                                 started_wall_ms=wall_ms())
         self.config, self.target, self.limits = config, config.target, config.limits
-        self.access = config.access if config.access.active else None
+        self.sources.update(config.access)
         self._prefix_quota = max(1, self.limits.max_pending // PENDING_PREFIX_SHARE)
         set_buffers(self.udp.sock, config.udp_buffer)
         if config.stats_interval != self.stats_interval:
@@ -200,7 +200,7 @@ class TunnelServer(ConversationService):
             self._stats = self._start_stats(render_server_totals)
 
     def _receive(self) -> None:
-        drivers = self.drivers
+        drivers, sources = self.drivers, self.sources
         while True:
             batch = self.udp.recv_batch()
             now = now_ms()
@@ -211,7 +211,7 @@ class TunnelServer(ConversationService):
                     self.dropped_malformed += 1
                     continue
                 ptype = data[0] & TYPE_MASK
-                if ptype in _UNSEALED and self.access is not None and not self._permitted(addr):
+                if ptype in _UNSEALED and sources.active and not sources.permits(addr):
                     continue  # refused before any handshake work (no MAC, no cookie)
                 conv_id = int.from_bytes(data[1:PREFIX_SIZE], "big")
                 driver = drivers.get(conv_id)
@@ -235,15 +235,6 @@ class TunnelServer(ConversationService):
                 driver.transmit()
             for reply, addr in self.handshakes.replies_to_send():  # COOKIEs, REFUSEs
                 self.udp.send([reply], addr)
-
-    def _permitted(self, addr: tuple) -> bool:
-        assert self.access is not None
-        if self.access.permits(addr[0]):
-            return True
-        self.denied += 1
-        self._faults.warning("acl", "HELLO from %s dropped: denied by --allow/--deny",
-                             format_sockaddr(addr))
-        return False
 
     def _probed(self, driver: ConversationDriver | None, probe: bytes, addr: tuple,
                 now: int) -> None:

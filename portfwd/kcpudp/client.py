@@ -28,6 +28,7 @@ from portfwd.kcpudp.driver import (
 )
 from portfwd.kcpudp.metrics import DatagramClientMetrics, render_client_totals
 from portfwd.runtime.addr import format_sockaddr
+from portfwd.runtime.admission import SourceFilter
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.metrics import ErrorCounts
 from portfwd.runtime.session_table import SessionTable
@@ -54,8 +55,8 @@ class DatagramClient(ConversationService):
         self.conversation_class = CONVERSATIONS[config.mode]
         self.opened = 0
         self.dropped_open = 0  # datagrams of new clients for which no conversation opened
-        self.denied = 0  # datagrams of clients refused by --allow/--deny (no conversation made)
-        self.access = config.admission.access if config.admission.access.active else None
+        # --allow/--deny: a refused client's datagrams are dropped before a conversation exists
+        self.sources = SourceFilter(config.admission.access, log, "datagram")
         self.udp_open_failures = ErrorCounts()
         # The cookie a loaded server last gave one of our conversations (kcptcp-client's).
         self.cookie: bytes = NO_COOKIE
@@ -79,7 +80,7 @@ class DatagramClient(ConversationService):
         return DatagramClientMetrics(
             conversations=len(self.drivers), finished=self.finished, opened=self.opened,
             expired=self.table.expired, evicted=self.table.evicted,
-            dropped_open=self.dropped_open, denied=self.denied,
+            dropped_open=self.dropped_open, denied=self.sources.denied,
             udp_open_failures=self.udp_open_failures.snapshot(),
             per_conversation=self._per_conversation())  # type: ignore[arg-type]
 
@@ -88,7 +89,7 @@ class DatagramClient(ConversationService):
         start a conversation from now on get them, live conversations finish on theirs; the
         timeout and the cap apply to the whole table at once (one LRU), as in udpfwd."""
         self.config, self.remote = config, config.remote
-        self.access = config.admission.access if config.admission.access.active else None
+        self.sources.update(config.admission.access)
         self.conversation_class = CONVERSATIONS[config.mode]
         self.table.capacity = config.max_sessions
         self.table.idle_timeout = config.idle_timeout
@@ -104,7 +105,7 @@ class DatagramClient(ConversationService):
     # --- the listener ------------------------------------------------------------------------
 
     def _receive_local(self) -> None:
-        table = self.table
+        table, sources = self.table, self.sources
         while True:
             batch = self.listener.recv_batch()
             now = monotonic()
@@ -112,7 +113,7 @@ class DatagramClient(ConversationService):
             for data, addr in batch:
                 driver = table.get(addr, now)
                 if driver is None:
-                    if self.access is not None and not self._permitted(addr):
+                    if sources.active and not sources.permits(addr):
                         continue
                     driver = self._open(addr, now)
                     if driver is None:
@@ -122,15 +123,6 @@ class DatagramClient(ConversationService):
                 touched[id(driver)] = driver
             for driver in touched.values():
                 driver.transmit()
-
-    def _permitted(self, addr: Any) -> bool:
-        assert self.access is not None
-        if self.access.permits(addr[0]):
-            return True
-        self.denied += 1
-        self._faults.warning("acl", "datagram from %s dropped: denied by --allow/--deny",
-                             format_sockaddr(addr))
-        return False
 
     def _to_client(self, addr: Any, datagram: bytes) -> bool:
         try:

@@ -159,6 +159,32 @@ def read_proxy_header(sock: socket.socket, timeout: float) -> Parsed:
             return result
 
 
+class SourceFilter:
+    """--allow/--deny on the sources of datagrams (udpfwd, the tunnel servers, kcpudp-client):
+    a refused source is counted and logged (rate-limited) before any work is done for it. The
+    count lives across reloads (:meth:`update`), so the exported counter never goes down."""
+
+    __slots__ = ("access", "active", "denied", "_faults", "_what")
+
+    def __init__(self, access: AccessList, log: logging.Logger, what: str) -> None:
+        self.denied = 0  # datagrams (or HELLOs) dropped unread
+        self._faults = RateLimitedLog(log)
+        self._what = what  # what the log line calls a dropped packet: "datagram", "HELLO"
+        self.update(access)
+
+    def update(self, access: AccessList) -> None:
+        self.access = access
+        self.active = access.active  # callers test this first: one attribute per packet
+
+    def permits(self, addr: Any) -> bool:
+        if self.access.permits(addr[0]):
+            return True
+        self.denied += 1
+        self._faults.warning("acl", "%s from %s dropped: denied by --allow/--deny", self._what,
+                             format_sockaddr(addr))
+        return False
+
+
 def refusal_families(out: Families, labels: Labels, m: Any) -> None:
     """The admission gate's refusals (tcpfwd, kcptcp-client): ``denied``, ``over_limit``,
     ``proxy_rejected``."""

@@ -40,6 +40,7 @@ import time
 from gevent import get_hub
 
 from portfwd.runtime.addr import format_sockaddr
+from portfwd.runtime.admission import SourceFilter
 from portfwd.runtime.kerneldrops import KernelDrops
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.session_table import SessionTable
@@ -65,7 +66,7 @@ class Stats:
     """Cumulative counters of the datagram path (:meth:`UdpForwarder.metrics` copies them)."""
 
     __slots__ = ("datagrams_up", "bytes_up", "datagrams_down", "bytes_down", "dropped_up",
-                 "dropped_down", "upstream_errors", "opened", "gso_sends", "denied")
+                 "dropped_down", "upstream_errors", "opened", "gso_sends")
 
     def __init__(self) -> None:
         self.datagrams_up = 0  # client -> destination, sent
@@ -77,7 +78,6 @@ class Stats:
         self.upstream_errors = 0  # ICMP errors (refused, unreachable) reported on upstreams
         self.opened = 0  # sessions opened
         self.gso_sends = 0  # sends that carried several datagrams (UDP GSO)
-        self.denied = 0  # datagrams of clients refused by --allow/--deny (no session made)
 
 
 class Session:
@@ -115,7 +115,7 @@ class UdpForwarder:
         self._sweep_timer = None
         self._stats_timer = None
         self._last_stats: UdpMetrics | None = None  # what the last status line showed
-        self._access = config.access if config.access.active else None  # --allow / --deny
+        self.sources = SourceFilter(config.access, log, "datagram")  # --allow / --deny
 
     @property
     def address(self) -> tuple:
@@ -130,7 +130,7 @@ class UdpForwarder:
             datagrams_up=s.datagrams_up, bytes_up=s.bytes_up, datagrams_down=s.datagrams_down,
             bytes_down=s.bytes_down, dropped_up=s.dropped_up, dropped_down=s.dropped_down,
             upstream_errors=s.upstream_errors, gso_sends=s.gso_sends,
-            kernel_drops=self._kernel_drops.read(), denied=s.denied)
+            kernel_drops=self._kernel_drops.read(), denied=self.sources.denied)
 
     def start(self) -> None:
         self.listener.setblocking(False)
@@ -167,6 +167,7 @@ class UdpForwarder:
         self.config = config
         self.table.capacity = config.max_sessions
         self.table.idle_timeout = config.idle_timeout
+        self.sources.update(config.access)
         set_buffers(self.listener, config.sockbuf)
         self._stop_timers()
         self._start_timers()
@@ -190,7 +191,7 @@ class UdpForwarder:
         address); down, ``session``'s upstream socket. Both directions share this loop and
         :meth:`_send`, with ``up`` tested inline rather than through per-direction callables,
         so a datagram costs no function call beyond its recv and its send."""
-        view, table, run = self._view, self.table, self._run
+        view, table, run, sources = self._view, self.table, self._run, self.sources
         if up:
             recv = self.listener.recvfrom_into
             now = time.monotonic()  # one reading per burst: a burst takes microseconds
@@ -224,7 +225,7 @@ class UdpForwarder:
                             self._send(run_session, run[:run_size * run_count], run_size,
                                        run_count, up)
                             run_count = 0
-                        if self._access is not None and not self._permitted(client):
+                        if sources.active and not sources.permits(client):
                             continue
                         session = self._open(client, now)
                         if session is None:
@@ -301,14 +302,6 @@ class UdpForwarder:
             self._gso = False
             log.warning("UDP GSO refused (%s): sending one datagram per syscall from now on",
                         exc.strerror or exc)
-
-    def _permitted(self, client: tuple) -> bool:
-        if self._access.permits(client[0]):
-            return True
-        self.stats.denied += 1
-        self._faults.warning("acl", "datagram from %s dropped: denied by --allow/--deny",
-                             format_sockaddr(client))
-        return False
 
     def _open(self, client: tuple, now: float) -> Session | None:
         dest = self.config.dest
