@@ -34,6 +34,7 @@ from . import crypto, events
 from .config import TunnelConfig
 from .events import CLOSE_BY_PEER, CLOSE_HANDSHAKE_TIMEOUT, CLOSE_LOCAL, CLOSE_PEER_SILENT
 from .hello import ClientHellos
+from .opening import Opening
 from .path import PathValidator
 from .rekey import CLOSE_WRAPAROUND, Rekeying
 from .replay import ReplayWindow
@@ -45,7 +46,6 @@ from .wire import (
     PHASE_BIT,
     TYPE_MASK,
     UINT32_MAX,
-    MalformedPacket,
     PacketType,
     pack_welcome,
     peek_prefix,
@@ -81,7 +81,7 @@ class _ConvAdapter(logging.LoggerAdapter):
         return f"conv={self.extra['conv']} {msg}", kwargs
 
 
-class TunnelSession(Rekeying):
+class TunnelSession(Rekeying, Opening):
     """One side of one tunnel conversation.  Build with :meth:`client` or via HandshakeAcceptor."""
 
     def __init__(self, config: TunnelConfig, conv: int, is_client: bool, peer_addr: Any,
@@ -540,61 +540,3 @@ class TunnelSession(Rekeying):
         # session keys (docs/PROTOCOL.md "Path validation").
         old, self.peer_addr = self.peer_addr, addr
         self._events.append(events.PeerAddressChanged(old, addr))
-
-    def _receive_unsecured(self, data: bytes, addr: Any) -> None:
-        """HELLO / WELCOME / garbage arriving on an established session."""
-        try:
-            ptype = peek_prefix(data)[0]
-        except MalformedPacket:
-            self.dropped_malformed += 1
-            return
-        if ptype == PacketType.HELLO and not self.is_client:
-            if not self.confirmed and data == self._hello:
-                # A copy of the HELLO, from its sender or from whoever raced it: each source gets
-                # the same WELCOME (smaller than the HELLO); the first authenticated packet then
-                # fixes the path, so a racer cannot cut the real client off.
-                self.welcomes_resent += 1
-                self._probes.append((self._welcome, addr))
-            else:
-                self.dropped_replay += 1
-        elif ptype == PacketType.WELCOME and self.is_client:
-            self.dropped_stale += 1  # a duplicate of the WELCOME we already used
-        else:
-            self.dropped_malformed += 1
-
-    def _receive_welcome(self, data: bytes, addr: Any, now: int) -> None:
-        """Client in HANDSHAKE: only a WELCOME that answers our HELLO is of interest."""
-        try:
-            ptype = peek_prefix(data)[0]
-            if ptype == PacketType.COOKIE or ptype == PacketType.REFUSE:
-                self._receive_cookie(data, now)
-                return
-            if ptype != PacketType.WELCOME:
-                self.dropped_stale += 1  # sealed packets before we have keys: unusable
-                return
-            keys = self.hellos.keys_from_welcome(data)
-        except MalformedPacket:
-            self.dropped_malformed += 1
-            return
-        if keys is None:
-            self.dropped_auth += 1
-            return
-        self._set_keys(*keys)
-        self._establish(now)
-        self.datagrams_received += 1
-        # Confirm promptly even with no stream data (a server that speaks first dials its
-        # target only after our first sealed packet); repeated until the server answers.
-        self._hs_interval = self.config.handshake_retry_ms
-        self._hs_retry_at = now + self._hs_interval
-        self._confirm_at = now + self.config.confirm_delay_ms
-
-    def _receive_cookie(self, data: bytes, now: int) -> None:
-        """A COOKIE (our HELLO again with it, at once: it proves our address) or a REFUSE."""
-        if not self.hellos.take_cookie(data):
-            if (refused := self.hellos.refusal(data)) is not None:  # REFUSE: not our kind
-                return self._terminate(refused, by_peer=True, send_close=False)
-            self.dropped_malformed += 1
-            return
-        self.cookies_received += 1
-        self._queue_hello(now)
-        self._hs_retry_at = now + self._hs_interval
