@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 from portfwd.kcptcp import config as kcptcp_config
 from portfwd.kcptcp.config import LIMIT_MAX, MAX_SESSIONS
@@ -57,22 +58,28 @@ def mode(options: Options) -> str:
     return value
 
 
-def conversation_config(options: Options, env: Environment) -> ConversationConfig:
+def carrying(conversation: ConversationConfig, options: Options) -> ConversationConfig:
     """kcptcp's conversation settings, with the HELLO saying what the mode carries."""
-    conversation = kcptcp_config.conversation_config(options, env)
     tunnel = dataclasses.replace(conversation.tunnel, carries=MODES[mode(options)])
     return dataclasses.replace(conversation, tunnel=tunnel)
+
+
+def extended(cls: type, base: object, **changes: object) -> Any:
+    """``base`` (a kcptcp config) as a ``cls`` (its kcpudp subclass) with ``changes``: every
+    field kcptcp has reaches kcpudp without a line here, so none is dropped unnoticed."""
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    return cls(**{**fields, **changes})
 
 
 def client_config(options: Options, env: Environment) -> ClientConfig:
     """Validate and resolve kcpudp-client's settings; raises ConfigError naming the bad one."""
     base = kcptcp_config.client_config(options, env)  # resolves listen for TCP: same host:port
-    return ClientConfig(
-        listen=options.address("listen", socket.SOCK_DGRAM, passive=True), remote=base.remote,
-        conversation=conversation_config(options, env),
-        listen_options=listen_options(options, bufsize=base.udp_buffer),
-        udp_buffer=base.udp_buffer, stats_interval=base.stats_interval, mode=mode(options),
-        idle_timeout=idle_timeout(options), fec=base.fec,
+    return extended(
+        ClientConfig, base,
+        listen=options.address("listen", socket.SOCK_DGRAM, passive=True),
+        conversation=carrying(base.conversation, options),
+        listen_options=listen_options(options, bufsize=base.udp_buffer), mode=mode(options),
+        idle_timeout=idle_timeout(options),
         admission=Admission(access=base.admission.access),  # --allow/--deny on client addresses
         max_sessions=options.integer("max_sessions", 1, LIMIT_MAX, MAX_SESSIONS))
 
@@ -80,12 +87,12 @@ def client_config(options: Options, env: Environment) -> ClientConfig:
 def server_config(options: Options, env: Environment) -> ServerConfig:
     """Validate and resolve kcpudp-server's settings; raises ConfigError naming the bad one."""
     base = kcptcp_config.server_config(options, env)  # resolves target for TCP: same host:port
-    return ServerConfig(
-        listen=base.listen, target=options.address("target", socket.SOCK_DGRAM, passive=False),
-        conversation=conversation_config(options, env), listen_options=base.listen_options,
-        udp_buffer=base.udp_buffer, stats_interval=base.stats_interval,
+    return extended(
+        ServerConfig, base,
+        target=options.address("target", socket.SOCK_DGRAM, passive=False),
+        conversation=carrying(base.conversation, options),
         limits=dataclasses.replace(base.limits, connect_timeout=0.0), mode=mode(options),
-        idle_timeout=idle_timeout(options), fec=base.fec, access=base.access)
+        idle_timeout=idle_timeout(options))
 
 
 def idle_timeout(options: Options) -> float:
