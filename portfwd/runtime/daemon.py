@@ -230,10 +230,11 @@ def run(prog: str, service: Service, process: ProcessConfig, *,
                     "give --log-file <path>", SYSLOG_SOCKET)
     raise_nofile_limit()
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a vanished peer is an error, not a kill
+    # Without ``kinds`` the service's snapshots cannot be rendered: no --metrics, no SIGUSR1.
     snapshots = rule_snapshots(service, rule) if kinds is not None else None
     endpoint = None
     if process.metrics is not None:
-        if snapshots is None or kinds is None:
+        if snapshots is None:
             raise StartupError("this service has no metrics to serve")
         endpoint = MetricsEndpoint(process.metrics, make_registry(snapshots, kinds))
     pid = PidFile(process.pidfile) if process.pidfile else None
@@ -254,14 +255,14 @@ def run(prog: str, service: Service, process: ProcessConfig, *,
         if pid is not None:
             pid.write_pid()
     notifier = Notifier.from_environ()
-    summary = (lambda: summary_line(snapshots, kinds)) if snapshots and kinds else (lambda: "")
+    summary = (lambda: summary_line(snapshots, kinds)) if snapshots else (lambda: "")
     stopping = gevent.event.Event()
     for signum in STOP_SIGNALS:
         if signum != signal.SIGHUP or reload is None:
             gevent.signal_handler(signum, stopping.set)
     if reload is not None:
         gevent.signal_handler(signal.SIGHUP, reloader(reload, notifier, summary))
-    if snapshots is not None and kinds is not None:
+    if snapshots is not None:
         gevent.signal_handler(signal.SIGUSR1, log_status, snapshots, kinds)
     gevent.signal_handler(signal.SIGUSR2, reopen_log_files)
     greenlets: list[gevent.Greenlet] = []
