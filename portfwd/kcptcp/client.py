@@ -47,6 +47,8 @@ def random_conv() -> int:
 class TunnelClient(ConversationService):
     """Listens on TCP; carries each connection over KCP/UDP to ``remote``."""
 
+    render_totals = staticmethod(render_client_totals)
+
     def __init__(self, config: ClientConfig, listener: socket.socket) -> None:
         super().__init__(config.stats_interval)
         self.config = config
@@ -68,7 +70,7 @@ class TunnelClient(ConversationService):
         self.accept_loop.start()
         self._announce(f"tcp {format_sockaddr(self.accept_loop.address)}", f"udp {self.remote}",
                        self.config.conversation.tunnel.plaintext)
-        self._stats = self._start_stats(render_client_totals)
+        self._stats = self._start_stats()
 
     def metrics(self) -> TunnelClientMetrics:
         """A snapshot of the counters and of every live conversation (no I/O)."""

@@ -37,6 +37,7 @@ from portfwd.kcptcp.metrics import (
     ConversationTotals,
     Snapshot,
     close_reason_label,
+    render_conversation,
     render_stats,
     sum_totals,
 )
@@ -368,6 +369,11 @@ class ConversationService:
     """What kcptcp-client and kcptcp-server share: the table of live conversations, the
     clean-up when one ends, and the periodic stats lines."""
 
+    # What a stats round (--stats-interval) renders: each tool's total line and conversation
+    # line (kcpudp's conversations count datagrams).
+    render_totals: Callable[[Any], str]
+    render_conversation = staticmethod(render_conversation)
+
     def __init__(self, stats_interval: float) -> None:
         self.stats_interval = stats_interval
         self.drivers: dict[int, ConversationDriver] = {}  # live conversations by conv id
@@ -399,11 +405,12 @@ class ConversationService:
         log.info("tunnelling %s -> %s (%s)", local, remote, "plaintext" if plaintext else
                  "encrypted")
 
-    def _start_stats(self, render_totals: Callable[[Snapshot], str]) -> gevent.Greenlet | None:
+    def _start_stats(self) -> gevent.Greenlet | None:
         """The periodic stats lines (--stats-interval), None when they are off."""
         if self.stats_interval <= 0:
             return None
-        return gevent.spawn(stats_loop, self.stats_interval, self.metrics, render_totals)
+        return gevent.spawn(stats_loop, self.stats_interval, self.metrics, self.render_totals,
+                            self.render_conversation)
 
     def _per_conversation(self) -> tuple[ConversationMetrics, ...]:
         now = time.monotonic()
@@ -414,9 +421,10 @@ class ConversationService:
 
 
 def stats_loop(interval: float, metrics: Callable[[], Snapshot],
-               render_totals: Callable[[Snapshot], str]) -> None:
+               render_totals: Callable[[Snapshot], str],
+               render_conv: Callable[[Any], str]) -> None:
     """Every ``interval`` seconds: a line per conversation and one total line."""
     while True:
         gevent.sleep(interval)
-        for line in render_stats(metrics(), render_totals):
+        for line in render_stats(metrics(), render_totals, render_conv):
             log.info("%s", line)

@@ -82,6 +82,8 @@ _UNSEALED = (_HELLO, _PROBE)  # what a client sends before it holds session keys
 class TunnelServer(ConversationService):
     """Listens on UDP; bridges each authenticated conversation to ``target`` over TCP."""
 
+    render_totals = staticmethod(render_server_totals)
+
     def __init__(self, config: ServerConfig, udp_sock: socket.socket) -> None:
         super().__init__(config.stats_interval)
         self.config = config
@@ -125,7 +127,7 @@ class TunnelServer(ConversationService):
         self._announce(f"udp {format_sockaddr(self.udp.sock.getsockname())}",
                        f"tcp {self.target}", self.config.conversation.tunnel.plaintext)
         self._greenlets.append(gevent.spawn(self._receive))
-        self._stats = self._start_stats(render_server_totals)
+        self._stats = self._start_stats()
 
     def metrics(self) -> TunnelServerMetrics:
         """A snapshot of the counters and of every live conversation (no socket I/O; the
@@ -197,7 +199,7 @@ class TunnelServer(ConversationService):
             if self._stats is not None:
                 self._stats.kill()
             self.stats_interval = config.stats_interval
-            self._stats = self._start_stats(render_server_totals)
+            self._stats = self._start_stats()
 
     def _receive(self) -> None:
         drivers, sources = self.drivers, self.sources

@@ -23,10 +23,13 @@ from portfwd.kcpudp.driver import (
     SWEEP_LIMIT,
     DatagramDriver,
     monotonic,
-    start_stats,
     sweep_interval,
 )
-from portfwd.kcpudp.metrics import DatagramClientMetrics, render_client_totals
+from portfwd.kcpudp.metrics import (
+    DatagramClientMetrics,
+    render_client_totals,
+    render_conversation,
+)
 from portfwd.runtime.addr import format_sockaddr
 from portfwd.runtime.admission import SourceFilter
 from portfwd.runtime.logs import RateLimitedLog
@@ -44,6 +47,8 @@ class DatagramClient(ConversationService):
     # kcptcp-client's receive loop of one conversation's socket (it shares COOKIEs through
     # self.cookie): one copy.
     _receive_tunnel = TunnelClient._receive
+    render_totals = staticmethod(render_client_totals)
+    render_conversation = staticmethod(render_conversation)
 
     def __init__(self, config: ClientConfig, listener: socket.socket) -> None:
         super().__init__(config.stats_interval)
@@ -71,7 +76,7 @@ class DatagramClient(ConversationService):
         self._greenlets.append(gevent.spawn(self._receive_local))
         if self.config.idle_timeout:
             self._greenlets.append(gevent.spawn(self._sweep))
-        stats = start_stats(self.stats_interval, self.metrics, render_client_totals)
+        stats = self._start_stats()
         if stats is not None:
             self._greenlets.append(stats)
 

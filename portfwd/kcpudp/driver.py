@@ -16,7 +16,7 @@ from collections.abc import Callable
 import gevent
 
 from portfwd.kcptcp.driver import ConversationDriver, UdpEndpoint, now_ms
-from portfwd.kcpudp.metrics import DatagramConversationMetrics, Snapshot, render_stats
+from portfwd.kcpudp.metrics import DatagramConversationMetrics
 from portfwd.tunnel.datagrams import ReliableDatagrams, UnreliableDatagrams
 from portfwd.tunnel.fec import FecSettings, LossHint
 
@@ -100,21 +100,6 @@ class DatagramDriver(ConversationDriver):
             epoch=session.epoch, dropped_auth=session.dropped_auth,
             dropped_replay=session.dropped_replay, age=now - self.started,
             fec_out=fec.shards_sent, fec_recovered=fec.recovered)
-
-
-def start_stats(interval: float, metrics: Callable[[], Snapshot],
-                render_totals: Callable[[Snapshot], str]) -> gevent.Greenlet | None:
-    """The periodic stats lines (--stats-interval), None when they are off."""
-    if interval <= 0:
-        return None
-
-    def loop() -> None:
-        while True:
-            gevent.sleep(interval)
-            for line in render_stats(metrics(), render_totals):
-                log.info("%s", line)
-
-    return gevent.spawn(loop)
 
 
 def sweep_interval(idle_timeout: float) -> float:

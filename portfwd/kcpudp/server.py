@@ -24,10 +24,13 @@ from portfwd.kcpudp.driver import (
     CONVERSATIONS,
     SWEEP_LIMIT,
     DatagramDriver,
-    start_stats,
     sweep_interval,
 )
-from portfwd.kcpudp.metrics import DatagramServerMetrics, render_server_totals
+from portfwd.kcpudp.metrics import (
+    DatagramServerMetrics,
+    render_conversation,
+    render_server_totals,
+)
 from portfwd.runtime.addr import format_sockaddr
 from portfwd.runtime.sockets import set_buffers
 from portfwd.tunnel.datagrams import UnreliableDatagrams
@@ -38,6 +41,9 @@ log = logging.getLogger(__name__)
 
 class DatagramServer(TunnelServer):
     """Listens on UDP; bridges each authenticated conversation to the UDP ``target``."""
+
+    render_totals = staticmethod(render_server_totals)
+    render_conversation = staticmethod(render_conversation)
 
     def __init__(self, config: ServerConfig, udp_sock: socket.socket) -> None:
         super().__init__(config, udp_sock)
@@ -52,9 +58,7 @@ class DatagramServer(TunnelServer):
         self._greenlets.append(gevent.spawn(self._receive))
         if self.config.idle_timeout:
             self._greenlets.append(gevent.spawn(self._sweep))
-        stats = start_stats(self.stats_interval, self.metrics, render_server_totals)
-        if stats is not None:
-            self._greenlets.append(stats)
+        self._stats = self._start_stats()  # TunnelServer's: stop and reconfigure see it
 
     def metrics(self) -> DatagramServerMetrics:  # type: ignore[override]
         """A snapshot of the counters and of every live conversation (no I/O)."""
