@@ -36,6 +36,7 @@ from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.metrics import ErrorCounts
 from portfwd.runtime.session_table import SessionTable
 from portfwd.runtime.sockets import set_buffers
+from portfwd.tunnel.origin import Origin
 from portfwd.tunnel.wire import NO_COOKIE
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ class DatagramClient(ConversationService):
         self.config = config
         self.remote = config.remote
         self.listener = UdpEndpoint(listener)
+        # The address clients sent to, for the ORIGIN every HELLO carries (the bound one:
+        # a wildcard listener cannot tell which of its addresses a datagram came to).
+        self._local = listener.getsockname()[:2]
         self.table: SessionTable[Any, DatagramDriver] = SessionTable(config.max_sessions,
                                                                      config.idle_timeout)
         self.conversation_class = CONVERSATIONS[config.mode]
@@ -157,7 +161,7 @@ class DatagramClient(ConversationService):
             conv_id = random_conv()
         conv = self.conversation_class.client(self.config.conversation, conv_id,
                                               self.remote.sockaddr, now_ms(), wall_ms(),
-                                              self.cookie)
+                                              self.cookie, origin=Origin(addr[:2], self._local))
         driver = DatagramDriver(conv, udp, f"conv={conv_id}", self.config.fec, self.fec_hint)
         driver.to_local = lambda datagram: self._to_client(addr, datagram)
         driver.on_local_activity = lambda: self.table.touch(addr, monotonic())

@@ -7,6 +7,7 @@ lives without a datagram either way, 0 = until the tunnel's keepalive gives up).
 the access list (``--allow``/``--deny``: the client's ``admission.access`` on client
 addresses, the server's ``access`` on UDP sources) are kcptcp's. ``max_sessions``
 caps the client's table of client addresses as well as the server's conversations;
+the server's ``proxy_protocol`` (``--proxy-protocol``) is kcptcp's, v2 only;
 ``connect_timeout`` is not read (nothing is dialled: the server's target socket is UDP).
 """
 
@@ -87,6 +88,10 @@ def client_config(options: Options, env: Environment) -> ClientConfig:
 def server_config(options: Options, env: Environment) -> ServerConfig:
     """Validate and resolve kcpudp-server's settings; raises ConfigError naming the bad one."""
     base = kcptcp_config.server_config(options, env)  # resolves target for TCP: same host:port
+    if base.proxy_protocol not in (0, 2):  # v1 is text for TCP: it has no UDP form
+        raise ConfigError("proxy_protocol", f"{options.label('proxy_protocol')} over UDP is "
+                                            f"v2 only (v1 has no UDP form), got "
+                                            f"{options.raw('proxy_protocol')!r}")
     return extended(
         ServerConfig, base,
         target=options.address("target", socket.SOCK_DGRAM, passive=False),

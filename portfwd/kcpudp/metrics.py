@@ -66,6 +66,7 @@ class DatagramServerMetrics:
     refused_mode: int  # authenticated HELLOs for another kind of conversation (REFUSE sent)
     expired: int  # conversations closed after -t seconds without a datagram either way
     per_conversation: tuple[DatagramConversationMetrics, ...]  # oldest first
+    no_origin: int = 0  # --proxy-protocol: conversations whose HELLO carried no ORIGIN
 
 
 def render_conversation(m: DatagramConversationMetrics) -> str:
@@ -89,7 +90,7 @@ def render_client_totals(m: DatagramClientMetrics) -> str:
 def render_server_totals(m: DatagramServerMetrics) -> str:
     """The part of kcpudp-server's ``stats total ...`` line after "total"."""
     return (f"{render_tunnel_totals(m.tunnel)} refused_mode={m.refused_mode} "
-            f"expired={m.expired}")
+            f"expired={m.expired} no_origin={m.no_origin}")
 
 
 Snapshot = TypeVar("Snapshot", DatagramClientMetrics, DatagramServerMetrics)
@@ -129,6 +130,9 @@ def server_families(out: Families, labels: Labels, m: DatagramServerMetrics) -> 
                     {**rejected(m.tunnel), "mode": m.refused_mode}, labels)
     out.counter("conversations_expired", "Conversations closed after -t seconds without a "
                 "datagram", m.expired, labels)
+    out.counter("conversations_without_origin", "--proxy-protocol: conversations whose HELLO "
+                "carried no client address (an older kcpudp-client): LOCAL headers",
+                m.no_origin, labels)
     out.counter("udp_kernel_drops", "Datagrams the kernel dropped on the UDP socket before the "
                 "process read them (receive buffer full)", m.tunnel.kernel_drops, labels)
     out.counter("tunnel_hellos_denied", "HELLOs and PROBEs dropped unread: their UDP source is "

@@ -7,6 +7,11 @@ demultiplexing by conv, the HandshakeAcceptor, the pending and session caps, evi
 target socket opens only once the client proved its keys, and a HELLO for another kind of
 conversation (a kcptcp client, or the other --mode) is answered with a REFUSE and nothing else.
 A conversation without a datagram either way for ``-t`` seconds is closed.
+
+``--proxy-protocol v2``: every datagram to the target starts with a PROXY v2 header (transport
+DGRAM) naming the client address the kcpudp-client saw, from the ORIGIN its HELLO carried
+(authenticated by the HELLO's MAC): a header per datagram, because a UDP receiver (dnsdist,
+PowerDNS Recursor, Envoy) keeps no state between datagrams and parses each on its own.
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ from portfwd.kcpudp.metrics import (
     render_conversation,
     render_server_totals,
 )
+from portfwd.policy.proxy import Command, Transport, pack_v2
 from portfwd.runtime.addr import format_sockaddr
 from portfwd.runtime.sockets import set_buffers
 from portfwd.tunnel.datagrams import UnreliableDatagrams
+from portfwd.tunnel.origin import MalformedOrigin, hello_origin_key, origin_from_hello
 from portfwd.tunnel.session import TunnelSession
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,7 @@ class DatagramServer(TunnelServer):
         self.config: ServerConfig = config
         self.conversation_class = CONVERSATIONS[config.mode]
         self.expired = 0  # conversations closed after -t seconds without a datagram
+        self.no_origin = 0  # --proxy-protocol: conversations whose HELLO carried no ORIGIN
 
     def start(self) -> None:
         self._announce(f"udp {format_sockaddr(self.udp.sock.getsockname())}",
@@ -66,6 +74,7 @@ class DatagramServer(TunnelServer):
         return DatagramServerMetrics(
             tunnel=dataclasses.replace(tunnel, per_conversation=()),
             refused_mode=self.handshakes.refused_carries, expired=self.expired,
+            no_origin=self.no_origin,
             per_conversation=tunnel.per_conversation)  # type: ignore[arg-type]
 
     def reconfigure(self, config: ServerConfig) -> None:  # type: ignore[override]
@@ -89,6 +98,11 @@ class DatagramServer(TunnelServer):
         """The client proved its keys: a UDP socket connected to the target, and a greenlet
         carrying what the target sends back."""
         target = self.target
+        header = b""
+        if self.config.proxy_protocol:
+            header = self._proxy_header(driver)
+            if header is None:
+                return
         sock: socket.socket | None = None
         try:
             sock = socket.socket(target.family, socket.SOCK_DGRAM)
@@ -103,10 +117,41 @@ class DatagramServer(TunnelServer):
             driver.abort("target unreachable")
             return
         local = UdpEndpoint(sock)
-        driver.attach_local(lambda datagram: self._to_target(local, datagram), local.close,
-                            lambda: self._receive_target(driver, local))
+        if header:
+            def to_target(datagram: bytes) -> bool:
+                return self._to_target_after(local, header, datagram)
+        else:
+            def to_target(datagram: bytes) -> bool:
+                return self._to_target(local, datagram)
+        driver.attach_local(to_target, local.close, lambda: self._receive_target(driver, local))
         log.info("%s open %s -> %s", driver.name, format_sockaddr(driver.conv.peer_addr), target)
         driver.transmit()  # what arrived before the socket was open
+
+    def _proxy_header(self, driver: DatagramDriver) -> bytes | None:
+        """The PROXY v2 header of every datagram of this conversation: the client address of
+        its HELLO's ORIGIN; LOCAL (the receiver uses the socket's own addresses) for a client
+        that sent none. None, and the conversation aborted, for a malformed one."""
+        session = driver.conv.session
+        try:
+            origin = origin_from_hello(session.hello,
+                                       hello_origin_key(self.config.conversation.tunnel.psk))
+        except MalformedOrigin as exc:  # only a PSK holder can get here
+            self._faults.warning("origin", "%s: malformed ORIGIN in the HELLO from %s: %s",
+                                 driver.name, format_sockaddr(driver.conv.peer_addr), exc)
+            driver.abort("malformed ORIGIN")
+            return None
+        if origin is None:
+            self.no_origin += 1
+            return pack_v2(None, None, command=Command.LOCAL)
+        return pack_v2(origin.source, origin.destination, transport=Transport.DGRAM)
+
+    @staticmethod
+    def _to_target_after(local: UdpEndpoint, header: bytes, datagram: bytes) -> bool:
+        try:
+            local.sock.sendmsg((header, datagram))  # gathered: the datagram is not copied
+            return True
+        except OSError:  # full, refused (ICMP), or too long with the header: lost, counted
+            return False
 
     def _to_target(self, local: UdpEndpoint, datagram: bytes) -> bool:
         try:

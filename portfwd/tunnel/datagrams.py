@@ -26,6 +26,7 @@ from typing import Any
 
 from portfwd.tunnel import events
 from portfwd.tunnel.hello import MAX_HELLOS
+from portfwd.tunnel.origin import Origin
 from portfwd.tunnel.session import MAX_DATAGRAM_SIZE, TunnelSession
 from portfwd.tunnel.stream import Conversation, ConversationConfig
 from portfwd.tunnel.wire import NO_COOKIE
@@ -129,9 +130,10 @@ class UnreliableDatagrams:
 
     @classmethod
     def client(cls, config: ConversationConfig, conv: int, peer_addr: Any, now: int,
-               wall_ms: int, cookie: bytes = NO_COOKIE) -> UnreliableDatagrams:
+               wall_ms: int, cookie: bytes = NO_COOKIE,
+               origin: Origin | None = None) -> UnreliableDatagrams:
         return cls(TunnelSession.client(config.tunnel, conv, peer_addr, now, wall_ms,
-                                        cookie=cookie), config, now)
+                                        cookie=cookie, origin=origin), config, now)
 
     def restart(self, session: TunnelSession) -> None:
         """Carry on with ``session``, the server session for the client's fresh HELLO, as

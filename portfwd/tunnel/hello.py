@@ -3,7 +3,8 @@ one of them (docs/PROTOCOL.md "Handshake", "Handshake under load").
 
 Each HELLO carries a new X25519 key share and the current time, so a retry is never a copy; the
 last MAX_HELLOS are remembered with their shares, so a late answer to an earlier one still
-completes. A COOKIE from a loaded server is kept and put into every later HELLO.
+completes. A COOKIE from a loaded server is kept and put into every later HELLO. A datagram
+conversation's HELLOs carry its client's ORIGIN, sealed afresh under each one's key share.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from . import crypto
+from .origin import Origin, hello_origin_key, seal_hello_origin
 from .wire import (
+    HELLO_FLAG_ORIGIN,
     MAC_SIZE,
     NO_COOKIE,
     REFUSE_FULL,
@@ -34,8 +37,11 @@ class ClientHellos:
 
     def __init__(self, mac: crypto.HandshakeMac, conv: int, wall_offset_ms: int,
                  random_bytes: Callable[[int], bytes], cookie: bytes = NO_COOKIE,
-                 carries: int = Carries.STREAM) -> None:
+                 carries: int = Carries.STREAM, origin: Origin | None = None,
+                 psk: bytes | None = None) -> None:
         self._mac = mac
+        self._origin = origin  # who the conversation is for (kcpudp), in every HELLO
+        self._origin_key = hello_origin_key(psk) if origin is not None else b""
         self._carries = carries  # what our HELLOs say the conversation carries
         self._conv = conv
         self._wall_offset = wall_offset_ms  # Unix ms minus the session's monotonic ms
@@ -47,8 +53,13 @@ class ClientHellos:
     def next(self, now: int) -> bytes:
         """A fresh HELLO to send at ``now`` (monotonic ms)."""
         share = crypto.KeyShare(self._random_bytes(crypto.SHARE_SIZE))
-        body = pack_hello(self._conv, now + self._wall_offset, share.public, self.cookie,
-                          self._carries)
+        if self._origin is None:
+            body = pack_hello(self._conv, now + self._wall_offset, share.public, self.cookie,
+                              self._carries)
+        else:
+            body = pack_hello(self._conv, now + self._wall_offset, share.public, self.cookie,
+                              self._carries, HELLO_FLAG_ORIGIN,
+                              seal_hello_origin(self._origin_key, share.public, self._origin))
         hello = body + self._mac(crypto.HELLO_LABEL, body)
         self._sent = [*self._sent[1 - MAX_HELLOS:], (hello, share)]
         self.count += 1

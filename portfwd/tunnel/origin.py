@@ -5,16 +5,30 @@ kcptcp-client to kcptcp-server inside the authenticated stream (docs/PROTOCOL.md
 It travels only inside sealed, authenticated KCP messages: a party without the session keys can
 neither forge nor alter it. What it claims is what the kcptcp-client saw (or was told by a
 trusted ``--accept-proxy`` sender in front of it).
+
+A datagram conversation (kcpudp) has one client address for its whole life, known before the
+HELLO: its ORIGIN rides in the HELLO's extension field (docs/PROTOCOL.md, section 11.6),
+encrypted under a key derived from the PSK (the HELLO's MAC, which covers it, authenticates
+it), so it is there before the first datagram and costs no packet, round trip or retry logic.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+from . import crypto
+from .wire import HELLO_COOKIE_OFFSET, HELLO_FLAG_ORIGIN, KEY_SHARE_SIZE, hello_extension
+
 RECORD_ORIGIN = 0x02  # record type (beside DATA 0x00 and FIN 0x01 in tunnel.stream)
 FAMILY_SIZES = {4: 4, 6: 16}  # IP version -> address bytes
+HELLO_ORIGIN_SIZE = 48  # bytes: the HELLO's extension field (wire.HELLO_EXTENSION_SIZE)
+HELLO_ORIGIN_SALT = b"portfwd/3 hello origin"  # HKDF salt of the key that hides it
+CHACHA_NONCE_SIZE = 16  # bytes: ChaCha20's counter and nonce, taken from the client's share
 
 
 class MalformedOrigin(ValueError):
@@ -72,3 +86,50 @@ def unpack_origin(record: bytes) -> Origin:
         ends.append((str(address), port))
         offset += size + 2
     return Origin(ends[0], ends[1])
+
+
+def _record_size(version: int) -> int:
+    return 2 + 2 * (FAMILY_SIZES[version] + 2)
+
+
+@functools.lru_cache(maxsize=16)
+def hello_origin_key(psk: bytes | None) -> bytes:
+    """The ChaCha20 key that hides a HELLO's ORIGIN (plaintext mode: a fixed key, no secret)."""
+    ikm = crypto.PLAINTEXT_PSK if psk is None else psk
+    return crypto.hkdf_expand(crypto.hkdf_extract(HELLO_ORIGIN_SALT, ikm), b"key",
+                              crypto.KEY_SIZE)
+
+
+def _keystream(key: bytes, client_share: bytes, data: bytes) -> bytes:
+    # The nonce is the first 16 bytes of the HELLO's fresh X25519 share: never reused.
+    nonce = client_share[:CHACHA_NONCE_SIZE]
+    return Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor().update(data)
+
+
+def seal_hello_origin(key: bytes, client_share: bytes, origin: Origin) -> bytes:
+    """The HELLO's extension field for ``origin``: the record zero-padded to 48 bytes, all of
+    it encrypted (neither the family nor the length shows)."""
+    return _keystream(key, client_share, pack_origin(origin).ljust(HELLO_ORIGIN_SIZE, b"\0"))
+
+
+def open_hello_origin(key: bytes, client_share: bytes, field: bytes) -> Origin:
+    """The ORIGIN in an authenticated HELLO's extension field; raises MalformedOrigin."""
+    if len(field) != HELLO_ORIGIN_SIZE:
+        raise MalformedOrigin(f"HELLO ORIGIN field of {len(field)} bytes")
+    plain = _keystream(key, client_share, field)
+    if len(plain) < 2 or plain[1] not in FAMILY_SIZES:
+        raise MalformedOrigin("bad ORIGIN type or address family")
+    size = _record_size(plain[1])
+    if any(plain[size:]):
+        raise MalformedOrigin("HELLO ORIGIN padding is not zero")
+    return unpack_origin(plain[:size])
+
+
+def origin_from_hello(hello: bytes, key: bytes) -> Origin | None:
+    """The ORIGIN an authenticated HELLO carries (``key``: :func:`hello_origin_key`), None if
+    its flags say it carries none; raises MalformedOrigin."""
+    field = hello_extension(hello, HELLO_FLAG_ORIGIN)
+    if field is None:
+        return None
+    share = hello[HELLO_COOKIE_OFFSET - KEY_SHARE_SIZE:HELLO_COOKIE_OFFSET]
+    return open_hello_origin(key, share, field)

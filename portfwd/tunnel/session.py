@@ -35,6 +35,7 @@ from .config import TunnelConfig
 from .events import CLOSE_BY_PEER, CLOSE_HANDSHAKE_TIMEOUT, CLOSE_LOCAL, CLOSE_PEER_SILENT
 from .hello import ClientHellos
 from .opening import Opening
+from .origin import Origin
 from .path import PathValidator
 from .rekey import CLOSE_WRAPAROUND, Rekeying
 from .replay import ReplayWindow
@@ -142,12 +143,13 @@ class TunnelSession(Rekeying, Opening):
     @classmethod
     def client(cls, config: TunnelConfig, conv: int, peer_addr: Any, now: int, wall_ms: int,
                random_bytes: Callable[[int], bytes] = os.urandom,
-               cookie: bytes = NO_COOKIE) -> TunnelSession:
+               cookie: bytes = NO_COOKIE, origin: Origin | None = None) -> TunnelSession:
         """A client session with its HELLO queued; ``wall_ms`` is Unix time in ms; ``cookie``
-        one a loaded server gave an earlier conversation of this client (``hellos.cookie``)."""
+        one a loaded server gave an earlier conversation of this client (``hellos.cookie``);
+        ``origin`` the client address every HELLO carries (kcpudp)."""
         self = cls(config, conv, True, peer_addr, now, random_bytes)
         self.hellos = ClientHellos(self._mac, conv, wall_ms - now, random_bytes, cookie,
-                                   config.carries)
+                                   config.carries, origin, config.psk)
         self._queue_hello(now)
         return self
 

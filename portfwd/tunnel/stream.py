@@ -141,10 +141,14 @@ class Conversation:
     @classmethod
     def client(cls, config: ConversationConfig, conv: int, peer_addr: Any, now: int,
                wall_ms: int, cookie: bytes = NO_COOKIE,
-               random_bytes: Callable[[int], bytes] = os.urandom) -> Conversation:
+               random_bytes: Callable[[int], bytes] = os.urandom,
+               origin: Origin | None = None) -> Conversation:
+        """A client conversation; ``origin``: the client address its HELLOs carry (kcpudp;
+        a stream sends its ORIGIN record instead, :meth:`send_origin`)."""
         tunnel = config.tunnel
         self = cls(TunnelSession.client(tunnel, conv, peer_addr, now, wall_ms,
-                                        random_bytes, cookie=cookie), config, now)
+                                        random_bytes, cookie=cookie, origin=origin),
+                   config, now)
         self.probes = ClientProbes(crypto.handshake_mac_for(tunnel.psk), conv, wall_ms - now,
                                    tunnel.keepalive_interval_ms, now, random_bytes)
         return self

@@ -37,6 +37,10 @@ COOKIE_REPLY_SIZE = PREFIX_SIZE + MAC_SIZE + COOKIE_SIZE  # 37 bytes
 HELLO_COOKIE_OFFSET = PREFIX_SIZE + 1 + TIMESTAMP_SIZE + KEY_SHARE_SIZE  # 46: where it sits
 NO_COOKIE = bytes(COOKIE_SIZE)
 HELLO_CARRIES_OFFSET = HELLO_COOKIE_OFFSET + COOKIE_SIZE  # 62: first pad byte, what is carried
+HELLO_FLAGS_OFFSET = HELLO_CARRIES_OFFSET + 1  # 63: flags (HELLO_FLAG_*), zero before them
+HELLO_FLAG_ORIGIN = 0x01  # the HELLO's extension field holds the client's sealed ORIGIN
+HELLO_EXTENSION_OFFSET = HELLO_FLAGS_OFFSET + 1  # 64: the extension field, zero when unused
+HELLO_EXTENSION_SIZE = 48  # bytes, up to the MAC
 REFUSE_SIZE = PREFIX_SIZE + 2 + MAC_SIZE  # 23 bytes
 EPOCH_BODY_SIZE = 4  # bytes, plaintext body of REKEY_INIT / REKEY_ACK
 UINT32_MAX = 0xFFFFFFFF  # largest u32: conv, seq and epoch are 32-bit on the wire and in the nonce
@@ -56,7 +60,8 @@ _HELLO_FIELDS = struct.Struct(">BIBQ32s16s")  # type, conv, version, timestamp_m
 _WELCOME_FIELDS = struct.Struct(">BIB32s")  # type, conv, version, server_share
 _REFUSE_FIELDS = struct.Struct(">BIBB")  # type, conv, version, what the server carries
 _EPOCH = struct.Struct(">I")
-_HELLO_PAD = bytes(HELLO_SIZE - MAC_SIZE - _HELLO_FIELDS.size - 1)  # after the carries byte
+_NO_EXTENSION = bytes(HELLO_EXTENSION_SIZE)
+assert HELLO_EXTENSION_OFFSET + HELLO_EXTENSION_SIZE == HELLO_SIZE - MAC_SIZE
 
 
 class MalformedPacket(ValueError):
@@ -155,27 +160,38 @@ def peek_prefix(data: bytes) -> tuple[int, int]:
 
 
 def pack_hello(conv: int, timestamp_ms: int, client_share: bytes,
-               cookie: bytes = bytes(COOKIE_SIZE), carries: int = Carries.STREAM) -> bytes:
+               cookie: bytes = bytes(COOKIE_SIZE), carries: int = Carries.STREAM,
+               flags: int = 0, extension: bytes = _NO_EXTENSION) -> bytes:
     """The authenticated part of a HELLO; the datagram is this followed by the 16-byte MAC.
 
     ::
 
         0        1      5         6              14             46       62  63  64    112    128
         +--------+------+---------+--------------+--------------+--------+---+---+-----+------+
-        |0| 0x01 | conv | version | timestamp_ms | client_share | cookie | c | r | pad | mac  |
+        |0| 0x01 | conv | version | timestamp_ms | client_share | cookie | c | f | ext | mac  |
         +--------+------+---------+--------------+--------------+--------+---+---+-----+------+
             1       4        1           8              32          16     1   1    48    16
 
-    ``c`` is what the conversation carries (:class:`Carries`); ``r`` is reserved (zero); the
-    pad is zero.
+    ``c`` is what the conversation carries (:class:`Carries`); ``f`` holds flags: with
+    HELLO_FLAG_ORIGIN, ``ext`` is the client's sealed ORIGIN (tunnel/origin.py), else zero.
     """
     if len(client_share) != KEY_SHARE_SIZE:
         raise ValueError("client_share must be 32 bytes")
     if len(cookie) != COOKIE_SIZE:
         raise ValueError("cookie must be 16 bytes")
+    if len(extension) != HELLO_EXTENSION_SIZE:
+        raise ValueError(f"extension must be {HELLO_EXTENSION_SIZE} bytes")
     return _HELLO_FIELDS.pack(
         PacketType.HELLO, conv, PROTOCOL_VERSION, timestamp_ms, client_share, cookie
-    ) + bytes([carries]) + _HELLO_PAD
+    ) + bytes([carries, flags]) + extension
+
+
+def hello_extension(hello: bytes, flag: int) -> bytes | None:
+    """The extension field of a HELLO (already authenticated) whose flags have ``flag``, else
+    None. Servers before the flags existed never read byte 63 or the field: they ignore both."""
+    if len(hello) != HELLO_SIZE or not hello[HELLO_FLAGS_OFFSET] & flag:
+        return None
+    return bytes(hello[HELLO_EXTENSION_OFFSET:HELLO_EXTENSION_OFFSET + HELLO_EXTENSION_SIZE])
 
 
 def unpack_hello(data: bytes) -> Hello:
