@@ -48,6 +48,11 @@ OPTIONS = f"""Options:
                         once; server: conversations at once, beyond them HELLOs are
                         refused (nothing evicted; the client resets its connection at
                         once); 0 = no limit [default: 0]
+  --idle-timeout <s>    close a connection (and its conversation) with no byte either way
+                        for s seconds, 0 = never [default: 0]
+  --half-close-timeout <s>
+                        once one direction has ended, close the connection s seconds
+                        later, 0 = never [default: 60]
 """
 # Last in every options list: docopt gives an option the "[default: ...]" of the lines after
 # it, up to the next option, so the environment's defaults must follow a flag without a value.
@@ -64,6 +69,10 @@ SERVER_OPTIONS = """  --connect-timeout <s>
                         packet; beyond, HELLOs are ignored [default: 256]
   --proxy-protocol <v>  send a PROXY protocol header, v1 or v2, with the client's address
                         (carried in the tunnel) to the target first
+  --balance <mode>      several targets: first (the first that answers) or roundrobin
+                        [default: first]
+  --max-fails <n>       failed connects in a row that put a target down [default: 1]
+  --fail-timeout <s>    seconds a down target is skipped [default: 10]
 """
 
 # kcptcp-client's own options, likewise.
@@ -72,11 +81,6 @@ CLIENT_OPTIONS = """\
                         send it): its address is the client's
   --proxy-from <cidr>   with --accept-proxy: only these peers may send one (repeatable;
                         default: any)
-  --idle-timeout <s>    close a connection (and its conversation) with no byte either way
-                        for s seconds, 0 = never [default: 0]
-  --half-close-timeout <s>
-                        once one direction has ended, close the connection s seconds
-                        later, 0 = never [default: 60]
 """
 
 ENVIRONMENT = f"""
@@ -96,13 +100,15 @@ FIELDS = {"daemonize": "-d", "pidfile": "-p", "reuseaddr": "-r", "reuseport": "-
           "sndwnd": "--sndwnd", "rcvwnd": "--rcvwnd", "keepalive": "--keepalive",
           "stats_interval": "--stats-interval",
           "log_file": "--log-file", "metrics": "--metrics", "log_format": "--log-format",
-          "allow": "--allow", "deny": "--deny", "max_conns": "--max-conns"}
+          "allow": "--allow", "deny": "--deny", "max_conns": "--max-conns",
+          "idle_timeout": "--idle-timeout", "half_close_timeout": "--half-close-timeout"}
 CLIENT_FIELDS = {**FIELDS, "listen": "<local_tcp_addr:port>", "remote": "<remote_udp_addr:port>",
-                 "accept_proxy": "--accept-proxy", "proxy_from": "--proxy-from",
-                 "idle_timeout": "--idle-timeout", "half_close_timeout": "--half-close-timeout"}
+                 "accept_proxy": "--accept-proxy", "proxy_from": "--proxy-from"}
 SERVER_FIELDS = {**FIELDS, "listen": "<local_udp_addr:port>", "target": "<target_tcp_addr:port>",
                  "connect_timeout": "--connect-timeout", "max_sessions": "--max-sessions",
-                 "max_pending": "--max-pending", "proxy_protocol": "--proxy-protocol"}
+                 "max_pending": "--max-pending", "proxy_protocol": "--proxy-protocol",
+                 "balance": "--balance", "max_fails": "--max-fails",
+                 "fail_timeout": "--fail-timeout"}
 
 CLIENT_USAGE = """kcptcp-client: TCP over KCP/UDP client.
 
@@ -121,11 +127,13 @@ SERVER_USAGE = """kcptcp-server: KCP/UDP to TCP server.
 
 Usage:
   kcptcp-server [options] [--allow <cidr>]... [--deny <cidr>]...
-                <local_udp_addr:port> <target_tcp_addr:port>
+                <local_udp_addr:port> <target_tcp_addr:port>...
   kcptcp-server -h | --help
 
 Listens on a UDP address, accepts KCP sessions from kcptcp-client and bridges each to the
 target TCP service. AEAD requires the same -K PSK as the client for handshakes to succeed.
+Several targets are tried in --balance order; one that fails --max-fails times in a row is
+skipped for --fail-timeout seconds (tcpfwd's rules, names re-resolved and Happy Eyeballs too).
 
 {{OPTIONS}}""".replace("{{OPTIONS}}", OPTIONS + SERVER_OPTIONS + HELP + ENVIRONMENT)
 CLIENT_PROG = "kcptcp-client"

@@ -29,7 +29,7 @@ from portfwd.runtime.addr import format_sockaddr
 from portfwd.runtime.admission import Gate
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.metrics import ErrorCounts
-from portfwd.runtime.relay_timeouts import HalfCloseSweeper, IdleTimer
+from portfwd.runtime.relay_timeouts import HalfCloseSweeper, IdleTimer, arm
 from portfwd.runtime.sockets import cooperative, set_buffers
 from portfwd.tunnel.hello import CLOSE_SERVER_FULL
 from portfwd.tunnel.origin import Origin
@@ -164,19 +164,10 @@ class TunnelClient(ConversationService):
                                      "conversation; the connection was reset", self.remote)
 
     def _time_out(self, driver: ConversationDriver) -> IdleTimer | None:
-        """Arm --half-close-timeout (when a direction ends) and --idle-timeout (now) of a
-        connection; the idle timer gives way once a direction is over, as in tcpfwd."""
-        conv, relay = driver.conv, self.config.relay
-        idle = (IdleTimer(driver, relay.idle_timeout, lambda: conv.bytes_sent
-                          + conv.bytes_received) if relay.idle_timeout else None)
-        sweeper = self.sweeper
-        if sweeper is not None:
-            def half_closed() -> None:
-                if idle is not None:
-                    idle.stop()
-                sweeper.add(driver)
-            driver.half_closed = half_closed
-        return idle
+        """Arm --half-close-timeout and --idle-timeout of a connection."""
+        conv = driver.conv
+        return arm(driver, self.config.relay, self.sweeper,
+                   lambda: conv.bytes_sent + conv.bytes_received)
 
     def _receive(self, driver: ConversationDriver, udp: UdpEndpoint) -> None:
         session = driver.conv.session

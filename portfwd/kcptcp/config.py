@@ -6,8 +6,11 @@ Fields read by both: ``listen``, ``psk``, ``psk_file``, ``mtu``, ``sockbuf``, ``
 ``reuseport``, ``v6only``, ``fec``, ``allow``, ``deny``, ``max_conns``; by the client only:
 ``remote`` (the server's UDP address) and, through
 :func:`portfwd.runtime.admission.admission_config`, ``accept_proxy``, ``proxy_from``; by the
-server only: ``target`` (TCP), ``connect_timeout``, ``max_sessions``, ``max_pending``,
-``proxy_protocol``.
+server only: ``target`` (TCP, one or more), ``connect_timeout``, ``max_sessions``,
+``max_pending``, ``proxy_protocol`` and, through
+:func:`portfwd.runtime.upstream.upstream_config`, ``balance``, ``max_fails``,
+``fail_timeout`` (tcpfwd's); by both, through :func:`portfwd.runtime.relay_timeouts.relay_limits`,
+``idle_timeout`` and ``half_close_timeout`` (of the TCP side).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from portfwd.runtime.keyfile import read_psk_file
 from portfwd.runtime.options import ConfigError, Options
 from portfwd.runtime.relay_timeouts import RelayLimits, relay_limits
 from portfwd.runtime.sockets import CONNECT_TIMEOUT, ListenOptions
+from portfwd.runtime.upstream import Balancing, Destination, destinations_config, upstream_config
 from portfwd.tunnel.config import (
     REKEY_GRACE_MS,
     REKEY_SEQ_THRESHOLD,
@@ -82,7 +86,7 @@ class ServerConfig:
     """Everything one kcptcp-server service needs."""
 
     listen: Resolved  # local UDP address
-    target: Resolved  # the TCP service each conversation is bridged to
+    target: Resolved  # the (first) TCP service each conversation is bridged to
     conversation: ConversationConfig = field(default_factory=ConversationConfig)
     listen_options: ListenOptions = field(default_factory=ListenOptions)  # -r, -R, -6, -S
     udp_buffer: int = UDP_BUFFER  # bytes of SO_RCVBUF/SO_SNDBUF of the UDP socket
@@ -92,6 +96,9 @@ class ServerConfig:
     access: AccessList = field(default_factory=AccessList)  # --allow/--deny on UDP sources
     proxy_protocol: int = 0  # --proxy-protocol: PROXY header version sent to the target, 0 = none
     max_conns: int = 0  # --max-conns: conversations at once, 0 = no cap (beside --max-sessions)
+    destinations: tuple[Destination, ...] = ()  # every target; () = just ``target``
+    balancing: Balancing = field(default_factory=Balancing)  # --balance, --max-fails, ...
+    relay: RelayLimits = field(default_factory=RelayLimits)  # --idle-timeout, ... (TCP side)
 
 
 def conversation_config(options: Options, env: Environment) -> ConversationConfig:
@@ -163,17 +170,18 @@ def server_config(options: Options, env: Environment) -> ServerConfig:
     udp_buffer = options.integer("sockbuf", UDP_BUFFER_MIN, UDP_BUFFER_MAX, UDP_BUFFER)
     stats_interval = options.integer("stats_interval", 0, 86400, STATS_INTERVAL)
     listen = options.address("listen", socket.SOCK_DGRAM, passive=True)
-    target = options.address("target", socket.SOCK_STREAM, passive=False)
+    destinations = destinations_config(options, "target")
     limits = ServerLimits(
         connect_timeout=options.integer("connect_timeout", 1, 3600, int(CONNECT_TIMEOUT)),
         max_sessions=options.integer("max_sessions", 1, LIMIT_MAX, MAX_SESSIONS),
         max_pending=options.integer("max_pending", 1, LIMIT_MAX, MAX_PENDING),
     )
     return ServerConfig(
-        listen=listen, target=target, conversation=conversation,
+        listen=listen, target=destinations[0].addresses[0], conversation=conversation,
         listen_options=listen_options(options, bufsize=udp_buffer),
         udp_buffer=udp_buffer, stats_interval=stats_interval, fec=fec, limits=limits,
         access=AccessList(CidrSet(options.cidrs("allow")), CidrSet(options.cidrs("deny"))),
         proxy_protocol=PROXY_VERSIONS.get(
             options.choice("proxy_protocol", tuple(PROXY_VERSIONS), "none"), 0),
-        max_conns=options.integer("max_conns", 0, LIMIT_MAX, 0))
+        max_conns=options.integer("max_conns", 0, LIMIT_MAX, 0), destinations=destinations,
+        balancing=upstream_config(options), relay=relay_limits(options))

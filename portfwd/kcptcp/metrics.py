@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from portfwd.runtime.admission import refusal_families
 from portfwd.runtime.exporter import Families, Labels, RuleKind, top
 from portfwd.runtime.metrics import format_counts
+from portfwd.runtime.upstream import upstream_families
 
 NO_COUNTS: Mapping[str, int] = MappingProxyType({})
 
@@ -153,6 +154,8 @@ class TunnelServerMetrics:
     probes_known: int = 0  # PROBEs for conversations we hold (not answered)
     probes_rejected: int = 0  # PROBEs dropped: forged, stale, replayed or over the budget
     over_limit: int = 0  # HELLOs refused at --max-conns (a valid one gets a REFUSE_FULL)
+    destinations_down: int = 0  # times a target was put down after --max-fails failures
+    lookups_failed: int = 0  # background re-resolutions of a target name that failed
 
 
 def render_conversation(m: ConversationMetrics) -> str:
@@ -274,6 +277,7 @@ def server_families(out: Families, labels: Labels, m: TunnelServerMetrics) -> No
                      "rejected": m.probes_rejected}, labels)
     out.counter("tunnel_hellos_denied", "HELLOs and PROBEs dropped unread: their UDP source is "
                 "refused by --allow/--deny", m.denied, labels)
+    upstream_families(out, labels, m)
 
 
 def rejected(m: TunnelServerMetrics) -> dict[str, int]:

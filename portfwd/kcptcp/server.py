@@ -7,6 +7,10 @@ authenticated packet proved it holds the session keys (docs/SECURITY.md). Nothin
 answer to a datagram that did not authenticate; an authenticated HELLO gets a WELCOME, or under
 load a COOKIE, each smaller than it.
 
+Several targets (``--balance``, ``--max-fails``, ``--fail-timeout``) and the TCP side's
+``--idle-timeout``/``--half-close-timeout`` are tcpfwd's: ``runtime.upstream.Upstreams``
+dials, ``runtime.relay_timeouts.arm`` times out.
+
 Floods (docs/SECURITY.md, "Flood limits"): besides the acceptor's budgets and cookies, two caps
 bound what authenticated HELLOs can make us hold: ``max_pending`` sessions whose client has not
 yet proven its keys (``TunnelSession.confirmed``; a quarter of them per source prefix), and
@@ -26,7 +30,6 @@ from types import MappingProxyType
 
 import gevent
 import gevent.pool
-from gevent.socket import socket as gsocket
 
 from portfwd.kcp import ReassemblyBudget
 from portfwd.kcptcp.config import ServerConfig
@@ -39,12 +42,14 @@ from portfwd.kcptcp.driver import (
 )
 from portfwd.kcptcp.metrics import TunnelServerMetrics, render_server_totals
 from portfwd.policy.proxy import pack, pack_v1, pack_v2
-from portfwd.runtime.addr import format_sockaddr
+from portfwd.runtime.addr import HostPort, format_sockaddr
 from portfwd.runtime.admission import SourceFilter
 from portfwd.runtime.kerneldrops import KernelDrops
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.metrics import ErrorCounts
-from portfwd.runtime.sockets import cooperative, dial_tcp, set_buffers
+from portfwd.runtime.relay_timeouts import HalfCloseSweeper, arm
+from portfwd.runtime.sockets import cooperative, set_buffers
+from portfwd.runtime.upstream import Destination, Upstreams
 from portfwd.tunnel.cookie import source_prefix
 from portfwd.tunnel.handshake import HandshakeAcceptor
 from portfwd.tunnel.origin import Origin
@@ -122,10 +127,26 @@ class TunnelServer(ConversationService):
         self.max_conns = config.max_conns  # --max-conns: conversations at once, 0 = no cap
         self.over_limit = 0  # HELLOs refused at --max-conns (answered if valid, in budget)
         self._prelude = proxy_prelude(config.proxy_protocol)
+        self.upstreams = self._upstreams(config)
+        self.sweeper = self._sweeper(config)
+
+    @staticmethod
+    def _upstreams(config: ServerConfig) -> Upstreams:
+        """The targets and their health (kcpudp-server has one UDP target: never dialled)."""
+        target = config.target
+        return Upstreams(config.destinations or (
+            Destination(HostPort(target.host, target.port), (target,)),),
+            config.balancing, config.limits.connect_timeout)
+
+    @staticmethod
+    def _sweeper(config: ServerConfig) -> HalfCloseSweeper | None:
+        timeout = config.relay.half_close_timeout
+        return HalfCloseSweeper(timeout) if timeout else None
 
     def start(self) -> None:
+        targets = ", ".join(map(str, self.upstreams.destinations))
         self._announce(f"udp {format_sockaddr(self.udp.sock.getsockname())}",
-                       f"tcp {self.target}", self.config.conversation.tunnel.plaintext)
+                       f"tcp {targets}", self.config.conversation.tunnel.plaintext)
         self._greenlets.append(gevent.spawn(self._receive))
         self._stats = self._start_stats()
 
@@ -150,7 +171,9 @@ class TunnelServer(ConversationService):
             unknown_sent=probes.answered, probes_known=self.probes_known,
             probes_rejected=(probes.dropped_auth + probes.dropped_malformed
                              + probes.dropped_stale + probes.dropped_replay
-                             + probes.dropped_rate), over_limit=self.over_limit)
+                             + probes.dropped_rate), over_limit=self.over_limit,
+            destinations_down=self.upstreams.marked_down,
+            lookups_failed=self.upstreams.lookups_failed)
 
     def stop(self, timeout: float) -> None:
         """Tell every peer (an authenticated CLOSE per conversation) as soon as its
@@ -191,6 +214,12 @@ class TunnelServer(ConversationService):
         if config.conversation.tunnel != self.config.conversation.tunnel:
             self.handshakes = HandshakeAcceptor(config.conversation.tunnel,
                                                 started_wall_ms=wall_ms())
+        if (config.destinations, config.balancing, config.limits.connect_timeout) != (
+                self.config.destinations, self.config.balancing,
+                self.config.limits.connect_timeout):
+            self.upstreams = self._upstreams(config)  # new targets start healthy
+        if config.relay.half_close_timeout != self.config.relay.half_close_timeout:
+            self.sweeper = self._sweeper(config)  # live conversations keep the old one
         self.config, self.target, self.limits = config, config.target, config.limits
         self.sources.update(config.access)
         self._prefix_quota = max(1, self.limits.max_pending // PENDING_PREFIX_SHARE)
@@ -365,20 +394,27 @@ class TunnelServer(ConversationService):
                      conv.bytes_received, conv.bytes_sent)
 
     def _connect(self, driver: ConversationDriver) -> None:
-        """Dial the target for a confirmed conversation and start bridging (kcpudp-server
-        opens a UDP socket instead)."""
-        target = self._dial(driver)
-        if target is not None:
-            log.info("%s open %s -> %s", driver.name, format_sockaddr(driver.conv.peer_addr),
-                     self.target)
-            driver.attach_tcp(target, self._prelude)
-
-    def _dial(self, driver: ConversationDriver) -> gsocket | None:
+        """Dial a target for a confirmed conversation and bridge it until it ends, with the
+        relay timeouts (kcpudp-server opens a UDP socket instead)."""
+        upstreams, sweeper = self.upstreams, self.sweeper
         try:
-            return cooperative(dial_tcp(self.target, self.limits.connect_timeout))
+            dialled, target = upstreams.dial()
         except OSError as exc:  # includes socket.timeout and EMFILE
             self.dial_failures.add(exc)
-            self._faults.warning("connect", "%s: connect to %s failed: %s", driver.name,
-                                 self.target, exc.strerror or exc)
+            self._faults.warning("connect", "%s: no target answered (%s): %s", driver.name,
+                                 ", ".join(map(str, upstreams.destinations)),
+                                 exc.strerror or exc)
             driver.abort("target unreachable")
-            return None
+            return
+        conv = driver.conv
+        log.info("%s open %s -> %s", driver.name, format_sockaddr(conv.peer_addr), target)
+        driver.attach_tcp(cooperative(dialled), self._prelude)
+        idle = arm(driver, self.config.relay, sweeper, lambda: conv.bytes_sent
+                   + conv.bytes_received)
+        try:
+            driver.wait_finished()
+        finally:
+            if idle is not None:
+                idle.stop()
+            if sweeper is not None:
+                sweeper.discard(driver)

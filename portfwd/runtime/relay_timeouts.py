@@ -1,10 +1,10 @@
-"""--idle-timeout and --half-close-timeout of a TCP relay (tcpfwd's relays, kcptcp-client's
-conversations), on libev timers in the hub.
+"""--idle-timeout and --half-close-timeout of a TCP relay (tcpfwd's relays, kcptcp-client's and
+kcptcp-server's conversations), on libev timers in the hub.
 
 The pumps stay as they are: a timeout calls the relay's ``expire(reason)`` in the hub, which
 must not block (tcpfwd shuts both sockets down, which wakes each pump with EOF or an error;
-kcptcp-client aborts its conversation from a new greenlet), and the relay ends as after any
-other error.
+kcptcp aborts its conversation from a new greenlet), and the relay ends as after any other
+error.
 
 Cost on the short-connection path: every relay becomes half-closed for a moment (one
 direction ends first), so the half-close timeout must be cheap to arm and disarm. One sweeper
@@ -16,8 +16,9 @@ timer object per relay. The idle timeout, when asked for, does take a timer per 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from gevent import get_hub
 
@@ -110,3 +111,19 @@ class IdleTimer:
             self.timer.stop()
             self.timer.close()
             self.timer = None
+
+
+def arm(relay: Any, limits: RelayLimits, sweeper: HalfCloseSweeper | None,
+        moved: Callable[[], int]) -> IdleTimer | None:
+    """Arm a tunnel conversation's --idle-timeout (now) and --half-close-timeout (from its
+    ``half_closed`` hook, called when a direction ends); the idle timer gives way once a
+    direction is over, as in tcpfwd. kcptcp-client and kcptcp-server both use it; the caller
+    stops the returned timer and discards ``relay`` from the sweeper when the relay ends."""
+    idle = IdleTimer(relay, limits.idle_timeout, moved) if limits.idle_timeout else None
+    if sweeper is not None:
+        def half_closed() -> None:
+            if idle is not None:
+                idle.stop()
+            sweeper.add(relay)
+        relay.half_closed = half_closed
+    return idle

@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import gevent
 import gevent.queue
@@ -26,6 +27,7 @@ from portfwd.policy.destinations import (
     happy_eyeballs_order,
 )
 from portfwd.runtime.addr import AddressError, HostPort, Resolved, is_literal, resolve_all, usable
+from portfwd.runtime.exporter import Families, Labels
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.options import ConfigError, Options
 from portfwd.runtime.sockets import dial_tcp
@@ -199,3 +201,12 @@ def dial_any(addresses: Sequence[Resolved], timeout: float) -> tuple[socket.sock
             if not isinstance(outcome, OSError):
                 with contextlib.suppress(OSError):
                     outcome.close()
+
+
+def upstream_families(out: Families, labels: Labels, m: Any) -> None:
+    """The destinations' health (tcpfwd, kcptcp-server): ``destinations_down``,
+    ``lookups_failed``."""
+    out.counter("destinations_down", "Times a destination was skipped after --max-fails "
+                "failures", m.destinations_down, labels)
+    out.counter("lookups_failed", "Background re-resolutions of a destination name that failed "
+                "(the last answer kept)", m.lookups_failed, labels)

@@ -19,7 +19,7 @@ from typing import Any
 from portfwd.runtime.admission import Gate, refusal_families
 from portfwd.runtime.exporter import TOP, Families, Labels, RuleKind
 from portfwd.runtime.metrics import ErrorCounts, format_counts
-from portfwd.runtime.upstream import Upstreams
+from portfwd.runtime.upstream import Upstreams, upstream_families
 
 
 @dataclass(frozen=True)
@@ -140,10 +140,7 @@ def families(out: Families, labels: Labels, m: TcpMetrics) -> None:
     out.counters_by("relays_timed_out", "Relays closed by a timeout (idle: --idle-timeout; "
                     "half_close: --half-close-timeout)", "reason",
                     {"idle": m.idle_timeouts, "half_close": m.half_close_timeouts}, labels)
-    out.counter("destinations_down", "Times a destination was skipped after --max-fails "
-                "failures", m.destinations_down, labels)
-    out.counter("lookups_failed", "Background re-resolutions of a destination name that failed "
-                "(the last answer kept)", m.lookups_failed, labels)
+    upstream_families(out, labels, m)
 
 
 def status(m: TcpMetrics) -> list[str]:

@@ -1,0 +1,150 @@
+"""kcptcp-server's targets: several of them (--balance, --max-fails, --fail-timeout: tcpfwd's
+Upstreams), and --idle-timeout / --half-close-timeout on the server's TCP side, with the real
+processes on loopback; ``to = [...]`` in a [[kcptcp-server]] rule of ``portfwd run``."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from conftest import EchoServer, connect, free_port, run_cli, sample_value
+from proxy_peers import half_closing_target, idle_and_busy, roundtrip
+from test_metrics_export_e2e import scrape
+from test_portfwd_run import key_file, write
+
+PSK = "0123456789abcdef" * 4
+
+
+def start_tunnel(tool, *targets: int, server_extra: tuple = ()):
+    """kcptcp-server to ``targets`` (ports on 127.0.0.1, in order) and a kcptcp-client;
+    returns (the client's TCP port, server, client)."""
+    udp = free_port(socket.AF_INET, socket.SOCK_DGRAM)
+    tcp = free_port()
+    server = tool("kcptcp-server", "-K", PSK, *server_extra, f"127.0.0.1:{udp}",
+                  *(f"127.0.0.1:{port}" for port in targets))
+    client = tool("kcptcp-client", "-K", PSK, f"127.0.0.1:{tcp}", f"127.0.0.1:{udp}")
+    server.wait_for_log("tunnelling")
+    client.wait_for_log("tunnelling")
+    return tcp, server, client
+
+
+def exchanges(port: int, count: int, log) -> None:
+    for _ in range(count):
+        with connect("127.0.0.1", port) as sock:
+            assert roundtrip(sock) == b"ping", log()
+
+
+def test_first_skips_a_dead_target_and_exports_it(tool):
+    live = EchoServer()
+    dead = free_port()
+    metrics = free_port()
+    port, server, _ = start_tunnel(tool, dead, live.port,
+                                   server_extra=("--metrics", f"127.0.0.1:{metrics}"))
+    assert f"-> tcp 127.0.0.1:{dead}, 127.0.0.1:{live.port}" in server.log()
+    exchanges(port, 10, server.log)
+    assert live.accepted == 10  # every conversation landed on the live one
+    assert f"destination 127.0.0.1:{dead} down for 10 s" in server.log()
+    samples = scrape(metrics)
+    assert sample_value(samples, "portfwd_destinations_down_total") == 1
+    assert sample_value(samples, "portfwd_lookups_failed_total") == 0
+    live.close()
+
+
+def test_roundrobin_spreads_and_picks_up_a_returned_target(tool):
+    first, second = EchoServer(), EchoServer()
+    dead_port = free_port()
+    port, server, _ = start_tunnel(tool, first.port, second.port, dead_port,
+                                   server_extra=("--balance", "roundrobin",
+                                                 "--fail-timeout", "1"))
+    exchanges(port, 12, server.log)
+    # in turn over the three; the dead one's turns go to the next live one
+    assert first.accepted + second.accepted == 12 and min(first.accepted, second.accepted) >= 4
+    revived = EchoServer(port=dead_port)
+    time.sleep(1.2)  # past --fail-timeout: the returned one is tried again
+    before = first.accepted + second.accepted
+    exchanges(port, 12, server.log)
+    assert revived.accepted == 4, server.log()  # a third of the turns
+    assert first.accepted + second.accepted == before + 8
+    for echo in (first, second, revived):
+        echo.close()
+
+
+def test_every_target_down_closes_the_client_connection(tool):
+    port, server, _ = start_tunnel(tool, free_port(), free_port())
+    with connect("127.0.0.1", port) as sock:
+        sock.settimeout(15)
+        sock.sendall(b"ping")
+        assert sock.recv(10) == b""
+    server.wait_for_log(r"conv=\d+: no target answered \(127\.0\.0\.1:\d+, 127\.0\.0\.1:\d+\)")
+
+
+def test_server_idle_timeout_closes_both_sides_and_spares_a_busy_connection(tool):
+    echo = EchoServer()
+    port, server, client = start_tunnel(tool, echo.port, server_extra=("--idle-timeout", "2"))
+    idle, busy = idle_and_busy(port, 3.5, server.log)  # busy: never idle for 2 s
+    server.wait_for_log(r"conv=\d+ closed \(idle timeout\)")
+    client.wait_for_log(r"conv=\d+ closed")  # the client's side ended too (a CLOSE came)
+    idle.close()
+    busy.close()
+    echo.close()
+
+
+def test_server_half_close_timeout_ends_a_target_that_never_closes(tool):
+    """The client half-closes; the target reads to EOF and never closes its side: the server's
+    --half-close-timeout 1 ends the conversation (the client's default 60 s would not)."""
+    with half_closing_target() as target_port:
+        port, server, _ = start_tunnel(tool, target_port,
+                                       server_extra=("--half-close-timeout", "1"))
+        with connect("127.0.0.1", port) as sock:
+            sock.sendall(b"request")
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(15)
+            assert sock.recv(10) == b""
+        server.wait_for_log(r"conv=\d+ closed \(half-close timeout\)")
+
+
+def test_config_file_to_list(tool, tmp_path):
+    """``to = [...]`` in a [[kcptcp-server]] rule: checked, listed, and run (with a
+    [[kcptcp-client]] rule in the same process in front of it); a kcpudp-server rule takes
+    one target."""
+    live = EchoServer()
+    dead, udp, tcp = free_port(), free_port(socket.AF_INET, socket.SOCK_DGRAM), free_port()
+    key_file(tmp_path)
+    path = write(tmp_path / "c.toml", f"""\
+[[kcptcp-server]]
+listen = "127.0.0.1:{udp}"
+to = ["127.0.0.1:{dead}", "127.0.0.1:{live.port}"]
+balance = "roundrobin"
+idle_timeout = 30
+psk_file = "tunnel.key"
+
+[[kcptcp-client]]
+listen = "127.0.0.1:{tcp}"
+to = "127.0.0.1:{udp}"
+psk_file = "tunnel.key"
+""")
+    checked = run_cli("portfwd", "check", path)
+    assert checked.returncode == 0, checked.stderr
+    assert f"127.0.0.1:{dead}, 127.0.0.1:{live.port}" in checked.stdout
+    process = tool("portfwd", "run", path)
+    process.wait_for_log("tunnelling .*udp")
+    exchanges(tcp, 6, process.log)
+    assert live.accepted == 6
+    live.close()
+    bad = write(tmp_path / "u.toml", f"""\
+[[kcpudp-server]]
+listen = "127.0.0.1:{udp}"
+to = ["127.0.0.1:53", "127.0.0.1:54"]
+""")
+    result = run_cli("portfwd", "check", bad)
+    assert result.returncode == 2 and "takes one host:port here, got 2" in result.stderr
+
+
+def test_bad_options():
+    result = run_cli("kcptcp-server", "--balance", "random", "127.0.0.1:4000", "127.0.0.1:22")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("kcptcp-server: error: --balance expects one of first, "
+                                     "roundrobin, got 'random'")
+    result = run_cli("kcptcp-client", "--balance", "first", "127.0.0.1:4000", "127.0.0.1:22")
+    assert result.returncode == 2
+    assert "--balance is a kcptcp-server option" in result.stderr
