@@ -8,9 +8,17 @@ import socket
 import time
 
 from conftest import EchoServer, connect, free_port, run_cli, sample_value
+from docopt import docopt
 from proxy_peers import half_closing_target, idle_and_busy, roundtrip
 from test_metrics_export_e2e import scrape
 from test_portfwd_run import key_file, write
+
+from portfwd.kcptcp.cli import SERVER_FIELDS, SERVER_USAGE
+from portfwd.kcptcp.config import server_config
+from portfwd.kcptcp.server import TunnelServer
+from portfwd.runtime.environment import Environment
+from portfwd.runtime.options import Options
+from portfwd.tunnel.origin import Origin
 
 PSK = "0123456789abcdef" * 4
 
@@ -75,7 +83,8 @@ def test_every_target_down_closes_the_client_connection(tool):
         sock.settimeout(15)
         sock.sendall(b"ping")
         assert sock.recv(10) == b""
-    server.wait_for_log(r"conv=\d+: no target answered \(127\.0\.0\.1:\d+, 127\.0\.0\.1:\d+\)")
+    server.wait_for_log(r"conv=\d+: connect to 127\.0\.0\.1:\d+, 127\.0\.0\.1:\d+ failed: "
+                        r"Connection refused")
 
 
 def test_server_idle_timeout_closes_both_sides_and_spares_a_busy_connection(tool):
@@ -148,3 +157,33 @@ def test_bad_options():
     result = run_cli("kcptcp-client", "--balance", "first", "127.0.0.1:4000", "127.0.0.1:22")
     assert result.returncode == 2
     assert "--balance is a kcptcp-server option" in result.stderr
+
+
+def server_config_of(*args: str):
+    return server_config(Options.from_docopt(docopt(SERVER_USAGE, list(args)), SERVER_FIELDS),
+                         Environment())
+
+
+def test_reload_applies_targets_caps_and_headers():
+    """reconfigure (portfwd run's reload of a [[kcptcp-server]] rule): conversations that
+    start from now on get the new targets, balancing, --max-conns, --proxy-protocol and
+    half-close timeout; unchanged targets keep their health."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    server = TunnelServer(server_config_of("127.0.0.1:4000", "127.0.0.1:5000"), sock)
+    try:
+        upstreams = server.upstreams
+        server.reconfigure(server_config_of("--stats-interval", "0", "127.0.0.1:4000",
+                                            "127.0.0.1:5000"))
+        assert server.upstreams is upstreams  # same targets: their health is kept
+        server.reconfigure(server_config_of(
+            "--balance", "roundrobin", "--max-conns", "3", "--proxy-protocol", "v1",
+            "--half-close-timeout", "5", "127.0.0.1:4000", "127.0.0.1:5000", "127.0.0.1:5001"))
+        assert [str(d) for d in server.upstreams.destinations] == ["127.0.0.1:5000",
+                                                                   "127.0.0.1:5001"]
+        assert server.upstreams.selector.balance.value == "roundrobin"
+        assert server.max_conns == 3 and server.sweeper.timeout == 5
+        origin = Origin(("192.0.2.1", 7), ("127.0.0.1", 8))
+        assert server._prelude(origin) == b"PROXY TCP4 192.0.2.1 127.0.0.1 7 8\r\n"
+    finally:
+        sock.close()

@@ -208,7 +208,8 @@ class TunnelServer(ConversationService):
 
     def reconfigure(self, config: ServerConfig) -> None:
         """New settings for the same UDP socket (config reload): conversations that start from
-        now on get them (target, KCP tuning, limits, key); live ones finish on theirs. New
+        now on get them (targets and their balancing, KCP tuning, limits, --max-conns,
+        --proxy-protocol, relay timeouts, key); live ones finish on theirs. New
         tunnel settings mean a new handshake acceptor (its counters restart), which refuses
         HELLOs stamped before the reload, as after a restart."""
         if config.conversation.tunnel != self.config.conversation.tunnel:
@@ -221,6 +222,8 @@ class TunnelServer(ConversationService):
         if config.relay.half_close_timeout != self.config.relay.half_close_timeout:
             self.sweeper = self._sweeper(config)  # live conversations keep the old one
         self.config, self.target, self.limits = config, config.target, config.limits
+        self.max_conns = config.max_conns
+        self._prelude = proxy_prelude(config.proxy_protocol)
         self.sources.update(config.access)
         self._prefix_quota = max(1, self.limits.max_pending // PENDING_PREFIX_SHARE)
         set_buffers(self.udp.sock, config.udp_buffer)
@@ -401,7 +404,7 @@ class TunnelServer(ConversationService):
             dialled, target = upstreams.dial()
         except OSError as exc:  # includes socket.timeout and EMFILE
             self.dial_failures.add(exc)
-            self._faults.warning("connect", "%s: no target answered (%s): %s", driver.name,
+            self._faults.warning("connect", "%s: connect to %s failed: %s", driver.name,
                                  ", ".join(map(str, upstreams.destinations)),
                                  exc.strerror or exc)
             driver.abort("target unreachable")

@@ -89,6 +89,7 @@ class Upstreams:
         self.caches: list[NameCache[Resolved] | None] = [
             None if is_literal(d.endpoint.host) else NameCache(d.addresses, now)
             for d in self.destinations]
+        self._single = self.single
         self.marked_down = 0  # times a destination was put down after --max-fails failures
         self.lookups_failed = 0  # background re-resolutions that failed (last answer kept)
         self._faults = RateLimitedLog(log)
@@ -107,8 +108,12 @@ class Upstreams:
         return self.destinations[index].addresses if cache is None else cache.addresses
 
     def dial(self) -> tuple[socket.socket, Resolved]:
-        """A connected socket to the first destination that answers, in ``--balance`` order.
-        Raises the last OSError when none does."""
+        """A connected socket to the first destination that answers, in ``--balance`` order
+        (one literal address: dialled directly, never put down). Raises the last OSError when
+        none does."""
+        single = self._single
+        if single is not None:
+            return dial_tcp(single, self.connect_timeout), single
         now = time.monotonic()
         error: OSError | None = None
         for index in self.selector.order(now):
