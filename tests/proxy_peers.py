@@ -216,6 +216,16 @@ def half_closing_target() -> Iterator[int]:
         target.close()
 
 
+def half_close_ends(port: int) -> None:
+    """Connect to ``port``, send, shut down our sending side, and see the connection end
+    (within 15 s) although the target never closes its side: a --half-close-timeout's work."""
+    with connect("127.0.0.1", port) as sock:
+        sock.sendall(b"request")
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(15)
+        assert sock.recv(10) == b""
+
+
 def idle_and_busy(port: int, seconds: float, log) -> tuple[socket.socket, socket.socket]:
     """Two connections to ``port``: one makes one exchange and then idles, the other a one-byte
     exchange every 0.1 s for ``seconds``; then the idle one must be closed by an idle timeout

@@ -1,6 +1,7 @@
 """kcptcp-server's targets: several of them (--balance, --max-fails, --fail-timeout: tcpfwd's
-Upstreams), and --idle-timeout / --half-close-timeout on the server's TCP side, with the real
-processes on loopback; ``to = [...]`` in a [[kcptcp-server]] rule of ``portfwd run``."""
+Upstreams), with the real processes on loopback; ``to = [...]`` in a [[kcptcp-server]] rule of
+``portfwd run``; a reload. The server's --idle-timeout / --half-close-timeout are tested with
+the client's in test_policy_tunnel.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 
 from conftest import EchoServer, connect, free_port, run_cli, sample_value
 from docopt import docopt
-from proxy_peers import half_closing_target, idle_and_busy, roundtrip
+from proxy_peers import roundtrip
 from test_metrics_export_e2e import scrape
 from test_portfwd_run import key_file, write
 
@@ -85,31 +86,6 @@ def test_every_target_down_closes_the_client_connection(tool):
         assert sock.recv(10) == b""
     server.wait_for_log(r"conv=\d+: connect to 127\.0\.0\.1:\d+, 127\.0\.0\.1:\d+ failed: "
                         r"Connection refused")
-
-
-def test_server_idle_timeout_closes_both_sides_and_spares_a_busy_connection(tool):
-    echo = EchoServer()
-    port, server, client = start_tunnel(tool, echo.port, server_extra=("--idle-timeout", "2"))
-    idle, busy = idle_and_busy(port, 3.5, server.log)  # busy: never idle for 2 s
-    server.wait_for_log(r"conv=\d+ closed \(idle timeout\)")
-    client.wait_for_log(r"conv=\d+ closed")  # the client's side ended too (a CLOSE came)
-    idle.close()
-    busy.close()
-    echo.close()
-
-
-def test_server_half_close_timeout_ends_a_target_that_never_closes(tool):
-    """The client half-closes; the target reads to EOF and never closes its side: the server's
-    --half-close-timeout 1 ends the conversation (the client's default 60 s would not)."""
-    with half_closing_target() as target_port:
-        port, server, _ = start_tunnel(tool, target_port,
-                                       server_extra=("--half-close-timeout", "1"))
-        with connect("127.0.0.1", port) as sock:
-            sock.sendall(b"request")
-            sock.shutdown(socket.SHUT_WR)
-            sock.settimeout(15)
-            assert sock.recv(10) == b""
-        server.wait_for_log(r"conv=\d+ closed \(half-close timeout\)")
 
 
 def test_config_file_to_list(tool, tmp_path):

@@ -10,7 +10,13 @@ import time
 
 import pytest
 from conftest import EchoServer, connect, free_port, needs_ipv6
-from proxy_peers import connect_from, half_closing_target, idle_and_busy, roundtrip
+from proxy_peers import (
+    connect_from,
+    half_close_ends,
+    half_closing_target,
+    idle_and_busy,
+    roundtrip,
+)
 
 
 def start_tcpfwd(tool, *args: str):
@@ -130,11 +136,7 @@ def test_half_close_timeout_ends_a_relay_whose_other_side_never_closes(tool):
         port = free_port()
         fwd = start_tcpfwd(tool, "--half-close-timeout", "1", f"127.0.0.1:{port}",
                            f"127.0.0.1:{target_port}")
-        with connect("127.0.0.1", port) as sock:
-            sock.sendall(b"request")
-            sock.shutdown(socket.SHUT_WR)
-            sock.settimeout(15)
-            assert sock.recv(10) == b""
+        half_close_ends(port)
         fwd.wait_for_log(r"\(half-close timeout\)")
 
 

@@ -13,6 +13,7 @@ import pytest
 from conftest import EchoServer, connect, free_port
 from proxy_peers import (
     connect_from,
+    half_close_ends,
     half_closing_target,
     haproxy,
     http_get,
@@ -127,24 +128,32 @@ def test_server_max_conns_refuses_beyond_it_and_the_client_resets_at_once(tool):
     echo.close()
 
 
-def test_client_idle_timeout_closes_both_sides_and_spares_a_busy_connection(tool):
+def on_side(side: str, *flags: str) -> dict:
+    """start_tunnel's keyword for ``flags`` on the client's or the server's end."""
+    return {f"{side}_extra": flags}
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_idle_timeout_closes_both_sides_and_spares_a_busy_connection(tool, side):
+    """--idle-timeout on either end (the server's is on its TCP side, to the target)."""
     echo = EchoServer()
-    port, server, client = start_tunnel(tool, echo.port, client_extra=("--idle-timeout", "2"))
-    idle, busy = idle_and_busy(port, 3.5, client.log)  # busy: never idle for 2 s
-    client.wait_for_log(r"conv=\d+ closed \(idle timeout\): 4 bytes up, 4 down")
-    server.wait_for_log(r"conv=\d+ closed")  # the server's side ended too (a CLOSE came)
+    port, server, client = start_tunnel(tool, echo.port, **on_side(side, "--idle-timeout", "2"))
+    timed, other = (client, server) if side == "client" else (server, client)
+    idle, busy = idle_and_busy(port, 3.5, timed.log)  # busy: never idle for 2 s
+    timed.wait_for_log(r"conv=\d+ closed \(idle timeout\): 4 bytes up, 4 down")
+    other.wait_for_log(r"conv=\d+ closed")  # the other side ended too (a CLOSE came)
     idle.close()
     busy.close()
     echo.close()
 
 
-def test_client_half_close_timeout_ends_a_connection_whose_other_side_never_closes(tool):
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_half_close_timeout_ends_a_connection_whose_other_side_never_closes(tool, side):
+    """The client half-closes, the target never closes its side: 1 s on either end ends it
+    (the other end's default, 60 s, would not in time)."""
     with half_closing_target() as target_port:
         port, server, client = start_tunnel(tool, target_port,
-                                            client_extra=("--half-close-timeout", "1"))
-        with connect("127.0.0.1", port) as sock:
-            sock.sendall(b"request")
-            sock.shutdown(socket.SHUT_WR)
-            sock.settimeout(15)  # the default (60 s) would not end it in time
-            assert sock.recv(10) == b""
-        client.wait_for_log(r"conv=\d+ closed \(half-close timeout\)")
+                                            **on_side(side, "--half-close-timeout", "1"))
+        half_close_ends(port)
+        (client if side == "client" else server).wait_for_log(
+            r"conv=\d+ closed \(half-close timeout\)")
