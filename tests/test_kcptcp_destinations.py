@@ -163,3 +163,18 @@ def test_reload_applies_targets_caps_and_headers():
         assert server._prelude(origin) == b"PROXY TCP4 192.0.2.1 127.0.0.1 7 8\r\n"
     finally:
         sock.close()
+
+
+def test_a_target_by_name(tool):
+    """``localhost``: resolved at start and re-resolved in the background, its addresses
+    (::1 and 127.0.0.1 where both exist) raced with Happy Eyeballs: the echo on 127.0.0.1
+    answers whichever comes first."""
+    echo = EchoServer()
+    udp, tcp = free_port(socket.AF_INET, socket.SOCK_DGRAM), free_port()
+    server = tool("kcptcp-server", "-K", PSK, f"127.0.0.1:{udp}", f"localhost:{echo.port}")
+    client = tool("kcptcp-client", "-K", PSK, f"127.0.0.1:{tcp}", f"127.0.0.1:{udp}")
+    server.wait_for_log("tunnelling")
+    client.wait_for_log("tunnelling")
+    exchanges(tcp, 3, server.log)
+    assert echo.accepted == 3
+    echo.close()
