@@ -66,6 +66,13 @@ SERVER_OPTIONS = """  --connect-timeout <s>
                         (carried in the tunnel) to the target first
 """
 
+# The servers' -w (kcptcp-server's and kcpudp-server's).
+WORKERS_OPTION = """\
+  -w <n>                worker processes, 0 = one per CPU; a client's datagrams always
+                        reach the same worker (SO_REUSEPORT) [default: 1]
+"""
+SERVER_OPTIONS += WORKERS_OPTION
+
 # kcptcp-client's own options, likewise.
 CLIENT_OPTIONS = """\
   --accept-proxy        every client starts with a PROXY protocol header (v1 or v2, 5 s to
@@ -102,7 +109,8 @@ CLIENT_FIELDS = {**FIELDS, "listen": "<local_tcp_addr:port>", "remote": "<remote
                  "idle_timeout": "--idle-timeout", "half_close_timeout": "--half-close-timeout"}
 SERVER_FIELDS = {**FIELDS, "listen": "<local_udp_addr:port>", "target": "<target_tcp_addr:port>",
                  "connect_timeout": "--connect-timeout", "max_sessions": "--max-sessions",
-                 "max_pending": "--max-pending", "proxy_protocol": "--proxy-protocol"}
+                 "max_pending": "--max-pending", "proxy_protocol": "--proxy-protocol",
+                 "workers": "-w"}
 
 CLIENT_USAGE = """kcptcp-client: TCP over KCP/UDP client.
 

@@ -1,0 +1,397 @@
+"""Process workers (``-w <n>``): the parent binds, forks n workers, supervises and sums them.
+
+Glossary: the *parent* is the process the user started (it owns the pidfile, the ``--metrics``
+endpoint and the signals); a *worker* is one of its forked children that runs the service; a
+*slot* is a worker's place (``w1`` .. ``wn``): the sockets of slot i are bound once by the
+parent and kept open by it, and whoever runs slot i, the first worker or one restarted after a
+crash, serves exactly those sockets.
+
+Why one SO_REUSEPORT socket per slot: the kernel picks a group member by a hash of the 4-tuple
+over the group's sockets, so a UDP client (or a tunnel client's conversation) always reaches
+the same socket. Because the parent keeps every socket open, a dead worker's socket stays in
+the group (its datagrams or connections wait in its queue for the restarted worker) and the
+hash never changes membership: sessions never split. TCP uses the same scheme (the benchmark,
+bench/bench_workers.py, compares it with one shared listener).
+
+Metrics: the parent answers ``--metrics``, SIGUSR1 and systemd's STATUS= with the sum over
+workers. It asks each worker for its ``rule_snapshots()`` over the worker's control socket (a
+socketpair; the reply is a pickle, between our own processes only) and adds them field by field
+(:func:`merge`). A worker that dies leaves its last snapshot behind with what was live taken
+out (:func:`ended`), so counters never go backwards when a worker is restarted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copyreg
+import ctypes
+import dataclasses
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.lock
+from gevent.socket import socket as gsocket
+
+from portfwd.runtime.addr import Resolved
+from portfwd.runtime.logs import RateLimitedLog
+from portfwd.runtime.options import Options
+from portfwd.runtime.sockets import ListenOptions, bind_socket
+
+log = logging.getLogger(__name__)
+
+MAX_WORKERS = 1024
+STOP_GRACE = 3.0  # s past the drain timeout before a worker that has not exited is killed
+RESTART_FIRST = 0.1  # s before restarting a worker that died
+RESTART_MAX = 10.0  # s, the back-off's cap (doubling per quick death)
+STABLE_AFTER = 10.0  # s a worker must have lived for its back-off to start over
+SNAPSHOT_TIMEOUT = 2.0  # s a worker has to answer a snapshot request
+ASK = b"S"  # the one request on a control socket: "your rule snapshots, please"
+LENGTH = struct.Struct("!I")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# A live count or list of live entries: not carried over from a dead worker (see ended()).
+LIVE_FIELDS = frozenset({"connections_active", "sessions", "conversations", "top",
+                         "per_conversation", "draining"})
+
+
+
+def _mapping_proxy(items: dict) -> MappingProxyType:
+    return MappingProxyType(items)
+
+
+# Snapshots hold read-only mappings; pickle them as what they are.
+copyreg.pickle(MappingProxyType, lambda m: (_mapping_proxy, (dict(m),)))
+
+Snapshots = list[tuple[str, str, Any]]  # (kind, rule, snapshot) of every rule of a process
+Work = Callable[[int, "WorkerLink"], int]  # a worker's body: (slot, link) -> exit status
+
+
+def worker_count(options: Options, field: str = "workers") -> int:
+    """``-w <n>``: 1 (the default) runs in this process, 0 one worker per CPU we may run on."""
+    count = options.integer(field, 0, MAX_WORKERS, default=1)
+    return count or len(os.sched_getaffinity(0))
+
+
+def parse_workers(raw: object, label: str) -> int:
+    """A ``workers`` value from a config file or flag, named ``label`` in a ConfigError."""
+    return worker_count(Options({"workers": raw}, {"workers": label}))
+
+
+def bind_slots(addr: Resolved, socktype: int, options: ListenOptions, count: int
+               ) -> list[socket.socket]:
+    """``count`` sockets on ``addr``: one as before when ``count`` is 1, else a SO_REUSEPORT
+    group (port 0: the first socket's port for the others). Raises OSError."""
+    if count == 1:
+        return [bind_socket(addr, socktype, options)]
+    options = dataclasses.replace(options, reuseport=True)
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sockets.append(bind_socket(addr, socktype, options))
+            if addr.port == 0:
+                addr = Resolved(addr.family, (addr.host, sockets[0].getsockname()[1],
+                                              *addr.sockaddr[2:]))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+# --- summing snapshots ------------------------------------------------------------------------
+
+def merge(a: Any, b: Any) -> Any:
+    """Two snapshots of one rule added up: numbers add, errno counts add per name, lists of
+    live entries concatenate, nested snapshots merge field by field, anything else is ``a``'s."""
+    if dataclasses.is_dataclass(a) and type(a) is type(b):
+        return type(a)(**{f.name: merge(getattr(a, f.name), getattr(b, f.name))
+                          for f in dataclasses.fields(a) if f.init})
+    if isinstance(a, bool):
+        return a or b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a + b
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        out = dict(a)
+        for key, value in b.items():
+            out[key] = merge(out[key], value) if key in out else value
+        return MappingProxyType(dict(sorted(out.items())))
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return a + b
+    return a
+
+
+def ended(snapshot: Any) -> Any:
+    """What a dead worker leaves behind: its counters, without what was live (LIVE_FIELDS)."""
+    if not dataclasses.is_dataclass(snapshot):
+        return snapshot
+    changes = {}
+    for f in dataclasses.fields(snapshot):
+        if not f.init:
+            continue
+        value = getattr(snapshot, f.name)
+        if f.name in LIVE_FIELDS:
+            changes[f.name] = () if isinstance(value, tuple) else type(value)()
+        elif dataclasses.is_dataclass(value):
+            changes[f.name] = ended(value)
+    return dataclasses.replace(snapshot, **changes)
+
+
+def merge_rules(*parts: Snapshots) -> Snapshots:
+    """Rule snapshot lists of several processes summed by (kind, rule), in first-seen order."""
+    out: dict[tuple[str, str], Any] = {}
+    for part in parts:
+        for kind, rule, snapshot in part:
+            key = (kind, rule)
+            out[key] = merge(out[key], snapshot) if key in out else snapshot
+    return [(kind, rule, snapshot) for (kind, rule), snapshot in out.items()]
+
+
+def _send_message(sock: Any, data: bytes) -> None:
+    sock.sendall(LENGTH.pack(len(data)) + data)
+
+
+def _recv_exactly(sock: Any, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = sock.recv(left)
+        if not chunk:
+            raise EOFError("control socket closed")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+# --- the worker's side ------------------------------------------------------------------------
+
+class WorkerLink:
+    """A worker's end of its control socket: answers the parent's snapshot requests and says
+    when the parent is gone (EOF: the worker stops, no orphan keeps serving)."""
+
+    def __init__(self, sock: socket.socket, slot: int) -> None:
+        self.sock = gsocket(sock.family, sock.type, fileno=sock.detach())
+        self.slot = slot
+        self.tag = f"w{slot + 1}"
+        self.parent_gone = gevent.event.Event()
+
+    def serve(self, snapshots: Callable[[], Snapshots] | None) -> gevent.Greenlet:
+        return gevent.spawn(self._serve, snapshots)
+
+    def _serve(self, snapshots: Callable[[], Snapshots] | None) -> None:
+        try:
+            while self.sock.recv(1):
+                try:
+                    data = pickle.dumps(list(snapshots()) if snapshots is not None else [],
+                                        pickle.HIGHEST_PROTOCOL)
+                except Exception:  # a bug here must not stop the service: answer nothing
+                    log.exception("cannot take a snapshot for the parent")
+                    data = pickle.dumps([])
+                _send_message(self.sock, data)
+        except OSError:
+            pass
+        self.parent_gone.set()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGTERM us when the parent dies (PR_SET_PDEATHSIG), and exit if it is gone already."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+# --- the parent's side ------------------------------------------------------------------------
+
+class Slot:
+    """One worker place: its sockets, its current process and its restart back-off."""
+
+    __slots__ = ("index", "tag", "pid", "control", "started", "delay", "last", "restart",
+                 "watcher")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.tag = f"w{index + 1}"
+        self.pid: int | None = None  # None: not running
+        self.control: gsocket | None = None  # the parent's end of the control socket
+        self.started = 0.0  # time.monotonic() of the current worker's fork
+        self.delay = RESTART_FIRST  # s before the next restart
+        self.last: Snapshots = []  # the worker's most recent answer
+        self.restart: gevent.Greenlet | None = None  # a pending restart
+        self.watcher: Any = None  # libev's child watcher of the current worker
+
+
+class Pool:
+    """The parent's service with ``-w <n>``: :func:`portfwd.runtime.daemon.run` starts it like
+    any service. ``start()`` forks a worker per slot that runs ``work(slot, link)``;
+    ``stop(timeout)`` sends SIGTERM and returns once every worker has exited (SIGKILL after
+    ``timeout`` + STOP_GRACE). ``after_fork``: callables a new worker runs first, to drop what
+    the parent owns (signal handlers, the metrics endpoint, the pidfile's descriptor)."""
+
+    def __init__(self, count: int, work: Work, sockets: Sequence[Sequence[socket.socket]] = ()
+                 ) -> None:
+        self.slots = [Slot(i) for i in range(count)]
+        self.work = work
+        self.sockets = sockets  # per slot: the sockets it serves (closed in other slots' workers)
+        self.after_fork: list[Callable[[], None]] = []
+        self.retained: Snapshots = []  # dead workers' counters (ended())
+        self.restarts = 0
+        self._stopping = False
+        self._exited = gevent.event.Event()
+        self._asking = gevent.lock.Semaphore()  # one round of snapshot requests at a time
+        self._faults = RateLimitedLog(log)
+
+    # -- the Service protocol -------------------------------------------------------------
+
+    def start(self) -> None:
+        for slot in self.slots:
+            self._fork(slot)
+        log.info("started %d workers: %s", len(self.slots),
+                 ", ".join(f"{s.tag} pid {s.pid}" for s in self.slots))
+
+    def stop(self, timeout: float) -> None:
+        self._stopping = True
+        for slot in self.slots:
+            if slot.restart is not None:
+                slot.restart.kill()
+        self.signal_all(signal.SIGTERM)
+        if not self.pids:
+            self._exited.set()
+        if not self._exited.wait(timeout + STOP_GRACE):
+            for slot in self.slots:
+                if slot.pid is not None:
+                    log.warning("worker %s (pid %d) did not stop within %.0f s: killing it",
+                                slot.tag, slot.pid, timeout + STOP_GRACE)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(slot.pid, signal.SIGKILL)
+            self._exited.wait(STOP_GRACE)
+        for group in self.sockets:
+            for sock in group:
+                sock.close()
+
+    def metrics(self) -> Any:
+        return None  # a pool is only read through rule_snapshots()
+
+    def rule_snapshots(self) -> Snapshots:
+        """Every rule, summed over the live workers' answers and the dead ones' counters."""
+        with self._asking:
+            asked = [(slot, gevent.spawn(self._ask, slot)) for slot in self.slots
+                     if slot.control is not None]
+            gevent.joinall([g for _, g in asked], timeout=SNAPSHOT_TIMEOUT + 1)
+            for slot, greenlet in asked:
+                if greenlet.successful() and greenlet.value is not None:
+                    slot.last = greenlet.value
+            return merge_rules(self.retained, *(slot.last for slot in self.slots))
+
+    def signal_all(self, signum: int) -> None:
+        """Send ``signum`` to every live worker (stop, SIGUSR2's log reopening)."""
+        for slot in self.slots:
+            if slot.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, signum)
+
+    @property
+    def pids(self) -> list[int]:
+        return [slot.pid for slot in self.slots if slot.pid is not None]
+
+    # -- workers --------------------------------------------------------------------------
+
+    def _ask(self, slot: Slot) -> Snapshots | None:
+        control = slot.control
+        try:
+            with gevent.Timeout(SNAPSHOT_TIMEOUT):
+                control.sendall(ASK)
+                size = LENGTH.unpack(_recv_exactly(control, LENGTH.size))[0]
+                return pickle.loads(_recv_exactly(control, size))
+        except (OSError, EOFError, gevent.Timeout, pickle.UnpicklingError) as exc:
+            self._faults.warning(f"ask {slot.tag}", "worker %s gave no snapshot (%s): its "
+                                 "last one counts", slot.tag, exc or "timed out")
+            return None
+
+    def _fork(self, slot: Slot) -> None:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns into the parent's code
+            status = 1
+            try:
+                parent_end.close()
+                status = self._become_worker(slot, child_end, parent)
+            except BaseException:
+                log.exception("worker %s failed", slot.tag)
+            finally:
+                logging.shutdown()
+                os._exit(status)
+        child_end.close()
+        # libev reaps the child (its SIGCHLD handler) and calls us back from the hub.
+        watcher = gevent.get_hub().loop.child(pid, False)
+        watcher.start(self._child_exited, slot, watcher)
+        slot.watcher = watcher
+        slot.pid = pid
+        slot.started = time.monotonic()
+        slot.control = gsocket(parent_end.family, parent_end.type, fileno=parent_end.detach())
+        slot.restart = None
+
+    def _become_worker(self, slot: Slot, control: socket.socket, parent: int) -> int:
+        gevent.reinit()
+        die_with_parent(parent)
+        for other in self.slots:  # the parent's watchers: they would restart from here
+            if other.watcher is not None:
+                other.watcher.stop()
+        for cleanup in self.after_fork:
+            cleanup()
+        for other in self.slots:
+            if other.control is not None:
+                other.control.close()
+        mine = {sock.fileno() for sock in self.sockets[slot.index]} if self.sockets else set()
+        for group in self.sockets:
+            for sock in group:
+                if sock.fileno() not in mine and sock.fileno() != -1:
+                    sock.close()
+        return self.work(slot.index, WorkerLink(control, slot.index))
+
+    def _child_exited(self, slot: Slot, watcher: Any) -> None:
+        """From the hub (must not block): ``slot``'s worker has exited."""
+        watcher.stop()
+        if slot.watcher is watcher:
+            slot.watcher = None
+            self._exited_worker(slot, watcher.rstatus)
+        if self._stopping and all(s.pid is None for s in self.slots):
+            self._exited.set()
+
+    def _exited_worker(self, slot: Slot, status: int) -> None:
+        pid, slot.pid = slot.pid, None
+        if slot.control is not None:
+            slot.control.close()
+            slot.control = None
+        self.retained = merge_rules(self.retained, [(k, r, ended(s)) for k, r, s in slot.last])
+        slot.last = []
+        how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+               else f"exited with status {os.waitstatus_to_exitcode(status)}")
+        if self._stopping:
+            log.info("worker %s (pid %d) %s", slot.tag, pid, how)
+            return
+        lived = time.monotonic() - slot.started
+        if lived >= STABLE_AFTER:
+            slot.delay = RESTART_FIRST
+        self._faults.warning(f"died {slot.tag}", "worker %s (pid %d) %s after %.1f s; "
+                             "restarting it in %.1f s", slot.tag, pid, how, lived, slot.delay)
+        slot.restart = gevent.spawn_later(slot.delay, self._restart, slot)
+        slot.delay = min(slot.delay * 2, RESTART_MAX)
+
+    def _restart(self, slot: Slot) -> None:
+        if self._stopping:
+            return
+        self.restarts += 1
+        self._fork(slot)
+        log.info("worker %s restarted: pid %d", slot.tag, slot.pid)
