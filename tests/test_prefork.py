@@ -24,7 +24,8 @@ from portfwd.tcpfwd.metrics import ConnectionEntry, TcpMetrics
 
 PSK = "0123456789abcdef" * 4
 STARTED = r"started (\d+) workers: ((?:w\d+ pid \d+(?:, )?)+)"
-ONE_RULE_TOOLS = ["tcpfwd", "udpfwd", "kcptcp-server", "kcpudp-server"]
+ONE_RULE_TOOLS = ["tcpfwd", "udpfwd", "kcptcp-client", "kcptcp-server", "kcpudp-client",
+                  "kcpudp-server"]
 TWO = ("127.0.0.1:%d", "127.0.0.1:%d")
 
 

@@ -26,7 +26,7 @@ from portfwd.app.rules import HANDOVER
 from portfwd.runtime import daemon
 from portfwd.runtime.environment import Environment
 from portfwd.runtime.options import ConfigError, StartupError
-from portfwd.runtime.sockets import bind_socket
+from portfwd.runtime.prefork import bind_slots
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +55,25 @@ class Running:
 def bind_rules(rules: Iterable[Rule]) -> dict[tuple, socket.socket]:
     """A listener per rule, or none: on the first failure the others are closed and OSError
     propagates with ``.rule`` naming the rule that could not bind."""
-    bound: dict[tuple, socket.socket] = {}
+    return {key: socks[0] for key, socks in bind_rule_slots(rules, 1).items()}
+
+
+def bind_rule_slots(rules: Iterable[Rule], count: int) -> dict[tuple, list[socket.socket]]:
+    """:func:`bind_rules` with ``count`` sockets per rule, one per worker slot (a SO_REUSEPORT
+    group when ``count`` > 1)."""
+    bound: dict[tuple, list[socket.socket]] = {}
     try:
         for rule in rules:
             try:
-                bound[rule.key] = bind_socket(rule.config.listen, rule.kind.socktype,
-                                              rule.config.listen_options)
+                bound[rule.key] = bind_slots(rule.config.listen, rule.kind.socktype,
+                                             rule.config.listen_options, count)
             except OSError as exc:
                 exc.rule = rule  # type: ignore[attr-defined]
                 raise
     except OSError:
-        for sock in bound.values():
-            sock.close()
+        for socks in bound.values():
+            for sock in socks:
+                sock.close()
         raise
     return bound
 
@@ -79,8 +86,13 @@ def bind_failure(exc: OSError) -> str:
 
 def bind_all(loaded: LoadedConfig) -> dict[tuple, socket.socket]:
     """Bind at start, in the foreground: a failure is a StartupError (exit 1)."""
+    return {key: socks[0] for key, socks in bind_all_slots(loaded, 1).items()}
+
+
+def bind_all_slots(loaded: LoadedConfig, count: int) -> dict[tuple, list[socket.socket]]:
+    """:func:`bind_all` with a socket per worker slot for every rule."""
     try:
-        return bind_rules(loaded.rules)
+        return bind_rule_slots(loaded.rules, count)
     except OSError as exc:
         raise StartupError(bind_failure(exc)) from None
 
@@ -166,14 +178,10 @@ class Supervisor:
         changed = [rule for key, rule in fresh.items()
                    if key in old and (rule.config != old[key].config or rule.name != old[key].name)]
         kept = [rule for key, rule in fresh.items() if key in old and rule not in changed]
-        for rule in changed:
-            v6only = rule.config.listen_options.v6only
-            if (rule.config.listen.family == socket.AF_INET6
-                    and v6only != old[rule.key].config.listen_options.v6only):
-                log.error("reload refused, still running the previous configuration: %s: "
-                          "v6only of a bound listener cannot change (remove the rule, reload, "
-                          "then add it back)", rule.spec.options.label("listen"))
-                return None
+        refusal = v6only_changed(changed, old)
+        if refusal is not None:
+            log.error("reload refused, still running the previous configuration: %s", refusal)
+            return None
         # A rule of another kind on a removed rule's TCP address takes its listener over
         # (tcp <-> kcptcp-client); binding it anew would find the address in use.
         vacated = {rule.socket_key: rule for rule in removed if rule.kind.reuse == HANDOVER}
@@ -237,6 +245,17 @@ class Supervisor:
         if loaded.holds_key and not self._key_guarded:
             daemon.disable_core_dumps()
             self._key_guarded = True
+
+
+def v6only_changed(changed: Iterable[Rule], old: dict[tuple, Rule]) -> str | None:
+    """Why a reload cannot apply (a bound IPv6 listener's v6only would change), or None."""
+    for rule in changed:
+        v6only = rule.config.listen_options.v6only
+        if (rule.config.listen.family == socket.AF_INET6
+                and v6only != old[rule.key].config.listen_options.v6only):
+            return (f"{rule.spec.options.label('listen')}: v6only of a bound listener cannot "
+                    "change (remove the rule, reload, then add it back)")
+    return None
 
 
 def names(rules: Iterable[Rule]) -> dict[str, int]:

@@ -48,6 +48,9 @@ OPTIONS = f"""Options:
                         once; server: conversations at once, beyond them HELLOs are
                         refused (nothing evicted; the client resets its connection at
                         once); 0 = no limit [default: 0]
+  -w <n>                worker processes, each on its own SO_REUSEPORT socket of the
+                        listener (a client's datagrams always reach the same worker),
+                        0 = one per CPU [default: 1]
 """
 # Last in every options list: docopt gives an option the "[default: ...]" of the lines after
 # it, up to the next option, so the environment's defaults must follow a flag without a value.
@@ -65,13 +68,6 @@ SERVER_OPTIONS = """  --connect-timeout <s>
   --proxy-protocol <v>  send a PROXY protocol header, v1 or v2, with the client's address
                         (carried in the tunnel) to the target first
 """
-
-# The servers' -w (kcptcp-server's and kcpudp-server's).
-WORKERS_OPTION = """\
-  -w <n>                worker processes, 0 = one per CPU; a client's datagrams always
-                        reach the same worker (SO_REUSEPORT) [default: 1]
-"""
-SERVER_OPTIONS += WORKERS_OPTION
 
 # kcptcp-client's own options, likewise.
 CLIENT_OPTIONS = """\
@@ -103,14 +99,13 @@ FIELDS = {"daemonize": "-d", "pidfile": "-p", "reuseaddr": "-r", "reuseport": "-
           "sndwnd": "--sndwnd", "rcvwnd": "--rcvwnd", "keepalive": "--keepalive",
           "stats_interval": "--stats-interval",
           "log_file": "--log-file", "metrics": "--metrics", "log_format": "--log-format",
-          "allow": "--allow", "deny": "--deny", "max_conns": "--max-conns"}
+          "allow": "--allow", "deny": "--deny", "max_conns": "--max-conns", "workers": "-w"}
 CLIENT_FIELDS = {**FIELDS, "listen": "<local_tcp_addr:port>", "remote": "<remote_udp_addr:port>",
                  "accept_proxy": "--accept-proxy", "proxy_from": "--proxy-from",
                  "idle_timeout": "--idle-timeout", "half_close_timeout": "--half-close-timeout"}
 SERVER_FIELDS = {**FIELDS, "listen": "<local_udp_addr:port>", "target": "<target_tcp_addr:port>",
                  "connect_timeout": "--connect-timeout", "max_sessions": "--max-sessions",
-                 "max_pending": "--max-pending", "proxy_protocol": "--proxy-protocol",
-                 "workers": "-w"}
+                 "max_pending": "--max-pending", "proxy_protocol": "--proxy-protocol"}
 
 CLIENT_USAGE = """kcptcp-client: TCP over KCP/UDP client.
 

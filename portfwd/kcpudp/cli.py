@@ -37,16 +37,14 @@ def _entries(text: str) -> list[str]:
     return re.split(r"\n(?=  -)", text.rstrip("\n"))
 
 
-def _options(extra: str = "") -> str:
-    """kcptcp's shared options less UNUSED, kcptcp-server's --max-pending, kcpudp's own,
-    ``extra`` (the server's -w), -h last (docopt reads the defaults after an option as its
-    own), kcptcp's environment."""
+def _options() -> str:
+    """kcptcp's shared options less UNUSED, kcptcp-server's --max-pending, kcpudp's own, -h
+    last (docopt reads the defaults after an option as its own), kcptcp's environment."""
     kept = [e.replace("client: TCP peers", "client: UDP peers")  # kcptcp's words
             for e in _entries(kcptcp_cli.OPTIONS) if not e.lstrip().startswith(UNUSED)]
     kept += [e for e in _entries(kcptcp_cli.SERVER_OPTIONS)
              if e.lstrip().startswith("--max-pending")]
-    return ("\n".join(kept) + "\n" + KCPUDP_OPTIONS + extra + kcptcp_cli.HELP
-            + kcptcp_cli.ENVIRONMENT)
+    return "\n".join(kept) + "\n" + KCPUDP_OPTIONS + kcptcp_cli.HELP + kcptcp_cli.ENVIRONMENT
 
 
 OPTIONS = _options()
@@ -54,8 +52,7 @@ FIELDS = {**{k: v for k, v in kcptcp_cli.FIELDS.items() if v not in UNUSED},
           "max_pending": "--max-pending", "max_sessions": "--max-sessions",
           "timeout": "-t", "mode": "--mode"}
 CLIENT_FIELDS = {**FIELDS, "listen": "<local_udp_addr:port>", "remote": "<remote_udp_addr:port>"}
-SERVER_FIELDS = {**FIELDS, "listen": "<local_udp_addr:port>", "target": "<target_udp_addr:port>",
-                 "workers": "-w"}
+SERVER_FIELDS = {**FIELDS, "listen": "<local_udp_addr:port>", "target": "<target_udp_addr:port>"}
 
 CLIENT_USAGE = """kcpudp-client: UDP over the encrypted KCP/UDP tunnel, client.
 
@@ -81,7 +78,7 @@ Listens on a UDP address, accepts tunnel conversations from kcpudp-client and br
 the target UDP service over a socket of its own. AEAD requires the same -K PSK as the client
 for handshakes to succeed; a kcptcp-client or a client in the other --mode is refused.
 
-{{OPTIONS}}""".replace("{{OPTIONS}}", _options(kcptcp_cli.WORKERS_OPTION))
+{{OPTIONS}}""".replace("{{OPTIONS}}", OPTIONS)
 CLIENT_PROG = "kcpudp-client"
 SERVER_PROG = "kcpudp-server"
 

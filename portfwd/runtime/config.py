@@ -55,7 +55,7 @@ def process_config(options: Options, env: Environment) -> ProcessConfig:
         log_file=_in_existing_directory(options, "log_file"),
         metrics=metrics,
         log_format=log_format,
-        workers=worker_count(options),
+        workers=worker_count(options, "workers"),
     )
 
 

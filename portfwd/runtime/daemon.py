@@ -348,9 +348,15 @@ def serve_worker(prog: str, service: Service, process: ProcessConfig, link: Work
     gevent.wait([stopping, link.parent_gone], count=1)
     if link.parent_gone.is_set() and not stopping.is_set():
         log.warning("the parent process is gone: stopping")
-    drain(service)
     answering.kill()
-    link.close()
+    # The final snapshot goes to the parent after the drain; a rule whose service forgets
+    # it once stopped (portfwd run's supervisor) is reported as it was before the drain.
+    before = list(snapshots()) if snapshots is not None else []
+    drain(service)
+    final = {(kind, name): snapshot for kind, name, snapshot in before}
+    if snapshots is not None:
+        final.update({(kind, name): snapshot for kind, name, snapshot in snapshots()})
+    link.close(lambda: [(kind, name, snapshot) for (kind, name), snapshot in final.items()])
     log.info("stopped")
     return 0
 

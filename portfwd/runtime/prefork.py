@@ -188,18 +188,24 @@ class WorkerLink:
     def _serve(self, snapshots: Callable[[], Snapshots] | None) -> None:
         try:
             while self.sock.recv(1):
-                try:
-                    data = pickle.dumps(list(snapshots()) if snapshots is not None else [],
-                                        pickle.HIGHEST_PROTOCOL)
-                except Exception:  # a bug here must not stop the service: answer nothing
-                    log.exception("cannot take a snapshot for the parent")
-                    data = pickle.dumps([])
-                _send_message(self.sock, data)
+                self._answer(snapshots)
         except OSError:
             pass
         self.parent_gone.set()
 
-    def close(self) -> None:
+    def _answer(self, snapshots: Callable[[], Snapshots] | None) -> None:
+        try:
+            data = pickle.dumps(list(snapshots()) if snapshots is not None else [],
+                                pickle.HIGHEST_PROTOCOL)
+        except Exception:  # a bug here must not stop the service: answer nothing
+            log.exception("cannot take a snapshot for the parent")
+            data = pickle.dumps([])
+        _send_message(self.sock, data)
+
+    def close(self, snapshots: Callable[[], Snapshots] | None) -> None:
+        """After the drain: the final snapshot (the parent keeps it), then EOF."""
+        with contextlib.suppress(OSError):
+            self._answer(snapshots)
         self.sock.close()
 
 
@@ -213,37 +219,49 @@ def die_with_parent(parent: int) -> None:
 
 # --- the parent's side ------------------------------------------------------------------------
 
-class Slot:
-    """One worker place: its sockets, its current process and its restart back-off."""
+class Worker:
+    """One forked worker process as the parent sees it."""
 
-    __slots__ = ("index", "tag", "pid", "control", "started", "delay", "last", "restart",
-                 "watcher")
+    __slots__ = ("slot", "pid", "control", "watcher", "started", "last")
+
+    def __init__(self, slot: Slot, pid: int, control: gsocket, watcher: Any) -> None:
+        self.slot = slot
+        self.pid = pid
+        self.control = control  # the parent's end of its control socket
+        self.watcher = watcher  # libev's child watcher: calls back once it exited
+        self.started = time.monotonic()
+        self.last: Snapshots = []  # its most recent answer
+
+
+class Slot:
+    """One worker place: its current worker and its restart back-off."""
+
+    __slots__ = ("index", "tag", "worker", "delay", "restart")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.tag = f"w{index + 1}"
-        self.pid: int | None = None  # None: not running
-        self.control: gsocket | None = None  # the parent's end of the control socket
-        self.started = 0.0  # time.monotonic() of the current worker's fork
+        self.worker: Worker | None = None  # None: not running
         self.delay = RESTART_FIRST  # s before the next restart
-        self.last: Snapshots = []  # the worker's most recent answer
         self.restart: gevent.Greenlet | None = None  # a pending restart
-        self.watcher: Any = None  # libev's child watcher of the current worker
 
 
 class Pool:
     """The parent's service with ``-w <n>``: :func:`portfwd.runtime.daemon.run` starts it like
     any service. ``start()`` forks a worker per slot that runs ``work(slot, link)``;
     ``stop(timeout)`` sends SIGTERM and returns once every worker has exited (SIGKILL after
-    ``timeout`` + STOP_GRACE). ``after_fork``: callables a new worker runs first, to drop what
-    the parent owns (signal handlers, the metrics endpoint, the pidfile's descriptor)."""
+    ``timeout`` + STOP_GRACE); ``replace_all()`` forks a new generation and stops the old one
+    (a reload, nginx's way). ``sockets``: per slot, the sockets it serves (a worker closes the
+    other slots'). ``after_fork``: callables a new worker runs first, to drop what the parent
+    owns (signal handlers, the metrics endpoint, the pidfile's descriptor)."""
 
     def __init__(self, count: int, work: Work, sockets: Sequence[Sequence[socket.socket]] = ()
                  ) -> None:
         self.slots = [Slot(i) for i in range(count)]
         self.work = work
-        self.sockets = sockets  # per slot: the sockets it serves (closed in other slots' workers)
+        self.sockets = sockets
         self.after_fork: list[Callable[[], None]] = []
+        self.workers: list[Worker] = []  # every live one: the slots' and retiring ones
         self.retained: Snapshots = []  # dead workers' counters (ended())
         self.restarts = 0
         self._stopping = False
@@ -256,8 +274,7 @@ class Pool:
     def start(self) -> None:
         for slot in self.slots:
             self._fork(slot)
-        log.info("started %d workers: %s", len(self.slots),
-                 ", ".join(f"{s.tag} pid {s.pid}" for s in self.slots))
+        log.info("started %d workers: %s", len(self.slots), self._listing())
 
     def stop(self, timeout: float) -> None:
         self._stopping = True
@@ -265,15 +282,14 @@ class Pool:
             if slot.restart is not None:
                 slot.restart.kill()
         self.signal_all(signal.SIGTERM)
-        if not self.pids:
+        if not self.workers:
             self._exited.set()
         if not self._exited.wait(timeout + STOP_GRACE):
-            for slot in self.slots:
-                if slot.pid is not None:
-                    log.warning("worker %s (pid %d) did not stop within %.0f s: killing it",
-                                slot.tag, slot.pid, timeout + STOP_GRACE)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(slot.pid, signal.SIGKILL)
+            for worker in self.workers:
+                log.warning("worker %s (pid %d) did not stop within %.0f s: killing it",
+                            worker.slot.tag, worker.pid, timeout + STOP_GRACE)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGKILL)
             self._exited.wait(STOP_GRACE)
         for group in self.sockets:
             for sock in group:
@@ -285,38 +301,54 @@ class Pool:
     def rule_snapshots(self) -> Snapshots:
         """Every rule, summed over the live workers' answers and the dead ones' counters."""
         with self._asking:
-            asked = [(slot, gevent.spawn(self._ask, slot)) for slot in self.slots
-                     if slot.control is not None]
+            asked = [(worker, gevent.spawn(self._ask, worker)) for worker in self.workers]
             gevent.joinall([g for _, g in asked], timeout=SNAPSHOT_TIMEOUT + 1)
-            for slot, greenlet in asked:
+            for worker, greenlet in asked:
                 if greenlet.successful() and greenlet.value is not None:
-                    slot.last = greenlet.value
-            return merge_rules(self.retained, *(slot.last for slot in self.slots))
+                    worker.last = greenlet.value
+            return merge_rules(self.retained, *(worker.last for worker in self.workers))
 
     def signal_all(self, signum: int) -> None:
         """Send ``signum`` to every live worker (stop, SIGUSR2's log reopening)."""
+        for worker in self.workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signum)
+
+    def replace_all(self) -> None:
+        """A new worker in every slot (forked now: it sees the parent's current settings),
+        then SIGTERM to the old ones, which drain as on a stop."""
+        old = [slot.worker for slot in self.slots if slot.worker is not None]
         for slot in self.slots:
-            if slot.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(slot.pid, signum)
+            if slot.restart is not None:
+                slot.restart.kill()
+            self._fork(slot)
+        for worker in old:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGTERM)
+        log.info("new workers: %s; the old ones drain", self._listing())
 
     @property
     def pids(self) -> list[int]:
-        return [slot.pid for slot in self.slots if slot.pid is not None]
+        return [worker.pid for worker in self.workers]
+
+    def _listing(self) -> str:
+        return ", ".join(f"{s.tag} pid {s.worker.pid}" for s in self.slots if s.worker)
 
     # -- workers --------------------------------------------------------------------------
 
-    def _ask(self, slot: Slot) -> Snapshots | None:
-        control = slot.control
+    def _ask(self, worker: Worker) -> Snapshots | None:
         try:
             with gevent.Timeout(SNAPSHOT_TIMEOUT):
-                control.sendall(ASK)
-                size = LENGTH.unpack(_recv_exactly(control, LENGTH.size))[0]
-                return pickle.loads(_recv_exactly(control, size))
-        except (OSError, EOFError, gevent.Timeout, pickle.UnpicklingError) as exc:
-            self._faults.warning(f"ask {slot.tag}", "worker %s gave no snapshot (%s): its "
-                                 "last one counts", slot.tag, exc or "timed out")
-            return None
+                worker.control.sendall(ASK)
+                size = LENGTH.unpack(_recv_exactly(worker.control, LENGTH.size))[0]
+                return pickle.loads(_recv_exactly(worker.control, size))
+        except gevent.Timeout:
+            self._faults.warning(f"ask {worker.slot.tag}", "worker %s gave no snapshot within "
+                                 "%.0f s: its last one counts", worker.slot.tag,
+                                 SNAPSHOT_TIMEOUT)
+        except (OSError, EOFError, pickle.UnpicklingError):
+            pass  # it is exiting: _retire() reads what it left
+        return None
 
     def _fork(self, slot: Slot) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -335,24 +367,21 @@ class Pool:
         child_end.close()
         # libev reaps the child (its SIGCHLD handler) and calls us back from the hub.
         watcher = gevent.get_hub().loop.child(pid, False)
-        watcher.start(self._child_exited, slot, watcher)
-        slot.watcher = watcher
-        slot.pid = pid
-        slot.started = time.monotonic()
-        slot.control = gsocket(parent_end.family, parent_end.type, fileno=parent_end.detach())
+        worker = Worker(slot, pid, gsocket(parent_end.family, parent_end.type,
+                                           fileno=parent_end.detach()), watcher)
+        watcher.start(self._child_exited, worker)
+        slot.worker = worker
         slot.restart = None
+        self.workers.append(worker)
 
     def _become_worker(self, slot: Slot, control: socket.socket, parent: int) -> int:
         gevent.reinit()
         die_with_parent(parent)
-        for other in self.slots:  # the parent's watchers: they would restart from here
-            if other.watcher is not None:
-                other.watcher.stop()
+        for worker in self.workers:  # the parent's: its watchers would restart from here
+            worker.watcher.stop()
+            worker.control.close()
         for cleanup in self.after_fork:
             cleanup()
-        for other in self.slots:
-            if other.control is not None:
-                other.control.close()
         mine = {sock.fileno() for sock in self.sockets[slot.index]} if self.sockets else set()
         for group in self.sockets:
             for sock in group:
@@ -360,32 +389,53 @@ class Pool:
                     sock.close()
         return self.work(slot.index, WorkerLink(control, slot.index))
 
-    def _child_exited(self, slot: Slot, watcher: Any) -> None:
-        """From the hub (must not block): ``slot``'s worker has exited."""
-        watcher.stop()
-        if slot.watcher is watcher:
-            slot.watcher = None
-            self._exited_worker(slot, watcher.rstatus)
-        if self._stopping and all(s.pid is None for s in self.slots):
+    def _child_exited(self, worker: Worker) -> None:
+        """From the hub (must not block): ``worker`` has exited."""
+        worker.watcher.stop()
+        gevent.spawn(self._retire, worker, worker.watcher.rstatus)
+
+    def _retire(self, worker: Worker, status: int) -> None:
+        """Keep a dead worker's counters: its final snapshot (sent as it stopped) if it
+        sent one, else the last it answered; then restart its slot if it was not told to go."""
+        with self._asking:  # no request of ours is reading its socket now
+            final = self._final(worker)
+            if final is not None:
+                worker.last = final
+            self.workers.remove(worker)
+            worker.control.close()
+            self.retained = merge_rules(self.retained,
+                                        [(k, r, ended(s)) for k, r, s in worker.last])
+        self._exited_worker(worker, status)
+        if self._stopping and not self.workers:
             self._exited.set()
 
-    def _exited_worker(self, slot: Slot, status: int) -> None:
-        pid, slot.pid = slot.pid, None
-        if slot.control is not None:
-            slot.control.close()
-            slot.control = None
-        self.retained = merge_rules(self.retained, [(k, r, ended(s)) for k, r, s in slot.last])
-        slot.last = []
+    @staticmethod
+    def _final(worker: Worker) -> Snapshots | None:
+        """The last complete message left in a dead worker's control socket, if any."""
+        final = None
+        try:
+            with gevent.Timeout(SNAPSHOT_TIMEOUT):
+                while True:
+                    size = LENGTH.unpack(_recv_exactly(worker.control, LENGTH.size))[0]
+                    final = pickle.loads(_recv_exactly(worker.control, size))
+        except (OSError, EOFError, gevent.Timeout, pickle.UnpicklingError):
+            pass
+        return final
+
+    def _exited_worker(self, worker: Worker, status: int) -> None:
+        slot = worker.slot
         how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
                else f"exited with status {os.waitstatus_to_exitcode(status)}")
-        if self._stopping:
-            log.info("worker %s (pid %d) %s", slot.tag, pid, how)
+        if self._stopping or slot.worker is not worker:  # stopped, or of an old generation
+            log.info("worker %s (pid %d) %s", slot.tag, worker.pid, how)
             return
-        lived = time.monotonic() - slot.started
+        slot.worker = None
+        lived = time.monotonic() - worker.started
         if lived >= STABLE_AFTER:
             slot.delay = RESTART_FIRST
         self._faults.warning(f"died {slot.tag}", "worker %s (pid %d) %s after %.1f s; "
-                             "restarting it in %.1f s", slot.tag, pid, how, lived, slot.delay)
+                             "restarting it in %.1f s", slot.tag, worker.pid, how, lived,
+                             slot.delay)
         slot.restart = gevent.spawn_later(slot.delay, self._restart, slot)
         slot.delay = min(slot.delay * 2, RESTART_MAX)
 
@@ -394,4 +444,4 @@ class Pool:
             return
         self.restarts += 1
         self._fork(slot)
-        log.info("worker %s restarted: pid %d", slot.tag, slot.pid)
+        log.info("worker %s restarted: pid %d", slot.tag, slot.worker.pid)

@@ -68,7 +68,8 @@ FIELDS = {"listen": "<local_addr:local_port>", "dest": "<dest_addr:dest_port>",
           "accept_proxy": "--accept-proxy", "proxy_from": "--proxy-from",
           "proxy_protocol": "--proxy-protocol", "idle_timeout": "--idle-timeout",
           "half_close_timeout": "--half-close-timeout",
-          "log_file": "--log-file", "metrics": "--metrics", "log_format": "--log-format", "workers": "-w"}
+          "log_file": "--log-file", "metrics": "--metrics", "log_format": "--log-format",
+          "workers": "-w"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,126 @@
+"""``portfwd run`` with ``workers = n`` (n > 1): the parent's side, nginx's model.
+
+The parent reads the file, binds a socket per rule and worker slot (runtime/prefork.py) and
+forks the workers; each runs a :class:`~portfwd.app.supervisor.Supervisor` over its slot's
+sockets. A reload (SIGHUP, to the parent) is validated and bound in the parent, all or
+nothing like the one-process reload; then a new *generation* of workers is forked with the new
+file while the old one drains (stop accepting, DRAIN_TIMEOUT for open connections). Sockets of
+rules that stay are kept by the parent, so no connection is refused meanwhile and a UDP
+client's datagrams keep reaching the same slot. What a generation change costs: UDP sessions
+and tunnel conversations start over in the new workers (the one-process reload keeps them).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+import gevent.lock
+
+from portfwd.app.load import LoadedConfig, read_config
+from portfwd.app.rules import EXPORTED, HANDOVER
+from portfwd.app.supervisor import (
+    Supervisor,
+    bind_all_slots,
+    bind_failure,
+    bind_rule_slots,
+    listing,
+    v6only_changed,
+)
+from portfwd.runtime import daemon
+from portfwd.runtime.config import ProcessConfig
+from portfwd.runtime.environment import Environment
+from portfwd.runtime.options import ConfigError
+from portfwd.runtime.prefork import Pool, WorkerLink
+
+log = logging.getLogger(__name__)
+
+
+class Generations:
+    """What ``portfwd run`` hands to ``daemon.run`` with workers: the :class:`Pool` (the
+    service) and ``reload`` (the SIGHUP handler)."""
+
+    def __init__(self, prog: str, path: str, label: str, env: Environment,
+                 loaded: LoadedConfig, process: ProcessConfig) -> None:
+        self.prog = prog
+        self.path = path  # absolute: re-read on every reload
+        self.label = label
+        self.env = env
+        self.loaded = loaded
+        self.process = process
+        self.count = process.workers
+        self.sockets = bind_all_slots(loaded, self.count)  # rule key -> a socket per slot
+        if loaded.holds_key:  # the parent read the keys too
+            daemon.disable_core_dumps()
+        self.pool = Pool(self.count, self._work, self._per_slot())
+        self.reloads = 0
+        self.reload_failures = 0
+        self._reloading = gevent.lock.Semaphore()
+
+    def _per_slot(self) -> list[list[socket.socket]]:
+        return [[socks[i] for socks in self.sockets.values()] for i in range(self.count)]
+
+    def _work(self, slot: int, link: WorkerLink) -> int:
+        """A worker: this generation's file over slot ``slot``'s sockets."""
+        listeners = {key: socks[slot] for key, socks in self.sockets.items()}
+        supervisor = Supervisor(self.path, self.label, self.env, self.loaded, listeners)
+        return daemon.serve_worker(self.prog, supervisor, self.process, link, kinds=EXPORTED,
+                                   reload=lambda: log.info("SIGHUP: the parent reloads"))
+
+    def reload(self) -> None:
+        with self._reloading:
+            started = time.monotonic()
+            done = self._reload()
+            if done is None:
+                self.reload_failures += 1
+                return
+            self.reloads += 1
+            log.info("reload of %s in %.0f ms: %s", self.label,
+                     (time.monotonic() - started) * 1000, done)
+
+    def _reload(self) -> str | None:
+        try:
+            new = read_config(self.path, self.env, self.label)
+        except ConfigError as exc:
+            log.error("reload refused, still running the previous configuration: %s",
+                      exc.message)
+            return None
+        old = {rule.key: rule for rule in self.loaded.rules}
+        fresh = {rule.key: rule for rule in new.rules}
+        added = [rule for key, rule in fresh.items() if key not in old]
+        removed = [rule for key, rule in old.items() if key not in fresh]
+        changed = [rule for key, rule in fresh.items()
+                   if key in old and (rule.config != old[key].config or rule.name != old[key].name)]
+        refusal = v6only_changed(changed, old)
+        if refusal is not None:
+            log.error("reload refused, still running the previous configuration: %s", refusal)
+            return None
+        # A new rule of another kind on a removed rule's TCP address takes its sockets.
+        vacated = {rule.socket_key: rule for rule in removed if rule.kind.reuse == HANDOVER}
+        takeover = {rule.key: vacated[rule.socket_key].key for rule in added
+                    if rule.socket_key in vacated and rule.kind.reuse == HANDOVER}
+        try:
+            bound = bind_rule_slots((r for r in added if r.key not in takeover), self.count)
+        except OSError as exc:
+            log.error("reload refused, still running the previous configuration: %s",
+                      bind_failure(exc))
+            return None
+        if new.holds_key and not self.loaded.holds_key:
+            daemon.disable_core_dumps()
+        if new.file.process != self.loaded.file.process:
+            log.warning("reload: the process settings of %s take effect at the next start",
+                        self.label)
+        for key, old_key in takeover.items():
+            bound[key] = self.sockets.pop(old_key)
+        gone = [self.sockets.pop(rule.key) for rule in removed if rule.key in self.sockets]
+        self.sockets.update(bound)
+        self.loaded = new
+        self.pool.sockets = self._per_slot()
+        self.pool.replace_all()
+        for socks in gone:  # the old workers hold their own copies while they drain
+            for sock in socks:
+                sock.close()
+        kept = [rule for key, rule in fresh.items() if key in old and rule not in changed]
+        return (f"added {listing(added)}; changed {listing(changed)}; removed "
+                f"{listing(removed)}; kept {listing(kept)} (new workers)")
