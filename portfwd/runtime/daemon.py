@@ -409,8 +409,12 @@ def one_rule_main(prog: str, usage: str, argv: list[str] | None, fields: Mapping
         env = read_environment()
         config = make_config(options, env)
         process = process_config(options, env)
-        listeners = bind_listeners(config.listen, socktype, config.listen_options,
-                                   process.workers)
+        if env.shared_listener and socktype == socket.SOCK_STREAM:  # to compare (bench)
+            listeners = [bind_listener(config.listen, socktype, config.listen_options)]
+            listeners *= process.workers
+        else:
+            listeners = bind_listeners(config.listen, socktype, config.listen_options,
+                                       process.workers)
         warnings = (SECRET_ON_COMMAND_LINE,) if hidden else ()
         rule = (kind.name, rule_name(kind.name, options.raw("listen")))
         kinds = {kind.name: kind}

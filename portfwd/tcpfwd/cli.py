@@ -46,6 +46,8 @@ The listener always sets SO_REUSEADDR (a restart never waits for TIME_WAIT); -r 
 Environment:
   PORTFWD_NO_SPLICE=1  relay through userspace copies instead of Linux splice()
   PORTFWD_LOGLEVEL=n   numeric level of the log (10 = DEBUG, 30 = warnings only)
+  PORTFWD_SHARED_LISTENER=1  -w workers accept from one shared listener instead of a
+                       SO_REUSEPORT socket each (to compare them: bench/bench_workers.py)
 """
 
 from __future__ import annotations
