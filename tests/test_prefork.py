@@ -346,7 +346,7 @@ def test_1000_udp_clients_each_see_one_session_across_two_workers(tool, recorder
 
 # --- the tunnel servers -----------------------------------------------------------------------
 
-def test_kcptcp_server_two_workers_carry_intact_streams(tool, echo_server):
+def test_kcptcp_two_workers_each_end_carry_intact_streams(tool, echo_server):
     udp = free_port(socket.AF_INET, socket.SOCK_DGRAM)
     local, metrics = free_port(), free_port()
     server = tool("kcptcp-server", "-w", "2", "-K", PSK, "--metrics", f"127.0.0.1:{metrics}",
@@ -354,8 +354,10 @@ def test_kcptcp_server_two_workers_carry_intact_streams(tool, echo_server):
     pids = worker_pids(server)
     server.wait_for_log(r"w1\[\d+\] INFO: tunnelling")
     server.wait_for_log(r"w2\[\d+\] INFO: tunnelling")
-    client = tool("kcptcp-client", "-K", PSK, f"127.0.0.1:{local}", f"127.0.0.1:{udp}")
-    client.wait_for_log("tunnelling")
+    client = tool("kcptcp-client", "-w", "2", "-K", PSK, f"127.0.0.1:{local}",
+                  f"127.0.0.1:{udp}")
+    client.wait_for_log(r"w1\[\d+\] INFO: tunnelling")
+    client.wait_for_log(r"w2\[\d+\] INFO: tunnelling")
     # each connection is a conversation from its own UDP port: spread by the kernel's hash
     socks = [connect("127.0.0.1", local) for _ in range(12)]
     threads = [threading.Thread(target=echo_roundtrip, args=(s, 1 << 17, n))
@@ -374,15 +376,17 @@ def test_kcptcp_server_two_workers_carry_intact_streams(tool, echo_server):
     assert client.stop() == 0 and server.stop() == 0
 
 
-def test_kcpudp_server_two_workers_keep_each_client_in_one_conversation(tool, recorder):
+def test_kcpudp_two_workers_each_end_keep_each_client_in_one_conversation(tool, recorder):
     udp = free_port(socket.AF_INET, socket.SOCK_DGRAM)
     local = free_port(socket.AF_INET, socket.SOCK_DGRAM)
     server = tool("kcpudp-server", "-w", "2", "-K", PSK, f"127.0.0.1:{udp}",
                   f"127.0.0.1:{recorder.port}")
     worker_pids(server)
     server.wait_for_log(r"w2\[\d+\] INFO: tunnelling")
-    client = tool("kcpudp-client", "-K", PSK, f"127.0.0.1:{local}", f"127.0.0.1:{udp}")
-    client.wait_for_log("tunnelling")
+    client = tool("kcpudp-client", "-w", "2", "-K", PSK, f"127.0.0.1:{local}",
+                  f"127.0.0.1:{udp}")
+    client.wait_for_log(r"w1\[\d+\] INFO: tunnelling")
+    client.wait_for_log(r"w2\[\d+\] INFO: tunnelling")
     clients = many_udp_clients(40)
     try:
         round_trip_all(clients, ("127.0.0.1", local), 4, b"a")
@@ -394,4 +398,7 @@ def test_kcpudp_server_two_workers_keep_each_client_in_one_conversation(tool, re
     log = server.log()
     assert re.search(r"kcpudp-server/w1\[\d+\] INFO: .* open ", log)
     assert re.search(r"kcpudp-server/w2\[\d+\] INFO: .* open ", log)
+    log = client.log()  # the client's workers, too, each took some of the 40 client addresses
+    assert re.search(r"kcpudp-client/w1\[\d+\] INFO: .* open ", log)
+    assert re.search(r"kcpudp-client/w2\[\d+\] INFO: .* open ", log)
     assert client.stop() == 0 and server.stop() == 0

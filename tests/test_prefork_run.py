@@ -71,3 +71,41 @@ def test_bad_worker_counts_of_portfwd_run(tmp_path):
     assert "workers must be 0-1024, got -1" in run_cli("portfwd", "run", path).stderr
     assert run_cli("portfwd", "run", "-w", "x", path).stderr == (
         "portfwd: error: -w expects a whole number, got 'x'\n")
+
+
+def test_a_rule_runs_in_as_many_workers_as_it_asks(tool, tmp_path, echo_server,
+                                                   udp_echo):  # noqa: F811
+    tcp, udp = free_port(), free_port(socket.AF_INET, socket.SOCK_DGRAM)
+    web = tcp_rule(f"127.0.0.1:{tcp}", f"127.0.0.1:{echo_server.port}", "web", workers=2)
+    dns = rule("udp", f"127.0.0.1:{udp}", f"127.0.0.1:{udp_echo.port}", "dns")
+    path = write(tmp_path / "c.toml", web, dns)
+    run = tool("portfwd", "run", path)
+    assert set(worker_pids(run)) == {"w1", "w2"}  # the largest rule's count
+    run.wait_for_log(r"portfwd/w1\[\d+\] INFO: running 2 rules on 2 listeners")
+    run.wait_for_log(r"portfwd/w2\[\d+\] INFO: running 1 rules on 1 listeners")
+    for n in range(8):
+        with connect("127.0.0.1", tcp) as sock:
+            echo_roundtrip(sock, 2000, seed=n)
+    udp_exchange(udp, 3, seed=1)
+    reloader = Reloader(run)
+    write(tmp_path / "c.toml", web,
+          rule("udp", f"127.0.0.1:{udp}", f"127.0.0.1:{udp_echo.port}", "dns", workers=2))
+    assert 'changed "dns"' in reloader.reload()
+    run.wait_for_log(r"portfwd/w2\[\d+\] INFO: running 2 rules on 2 listeners")
+    for n in range(4):
+        udp_exchange(udp, 2, seed=n)  # from several source ports: both workers' sockets
+    write(tmp_path / "c.toml", web,
+          rule("udp", f"127.0.0.1:{udp}", f"127.0.0.1:{udp_echo.port}", "dns", workers=3))
+    line = reloader.reload()
+    assert "reload refused" in line and "3 workers, but this process started 2" in line
+    udp_exchange(udp, 2, seed=9)
+    assert run.stop() == 0
+
+
+def test_a_bad_rule_worker_count_names_the_rule(tmp_path):
+    path = write(tmp_path / "c.toml", tcp_rule("127.0.0.1:1", "127.0.0.1:2", "web",
+                                               workers="x"))
+    done = run_cli("portfwd", "check", path)
+    assert done.returncode == 2
+    assert done.stderr == (f'portfwd: error: {path}:5: [[tcp]] #1 "web": workers expects a '
+                           "whole number, got 'x'\n")

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import sys
 
-from portfwd.app.generations import Generations
+from portfwd.app.generations import Generations, process_workers
 from portfwd.app.load import LoadedConfig, absolute, read_config
 from portfwd.app.rules import EXPORTED
 from portfwd.app.supervisor import Supervisor, bind_all
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             if args[key]:  # the command line wins over the file
                 values[field], labels[field] = args[key], key
         process = process_config(Options(values, labels), env)
-        if process.workers > 1:
+        if process_workers(loaded, process) > 1:
             generations = Generations(PROG, absolute(path), path, env, loaded, process)
             return daemon.run(PROG, generations.pool, process, reload=generations.reload,
                               kinds=EXPORTED)

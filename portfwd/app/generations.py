@@ -2,7 +2,9 @@
 
 The parent reads the file, binds a socket per rule and worker slot (runtime/prefork.py) and
 forks the workers; each runs a :class:`~portfwd.app.supervisor.Supervisor` over its slot's
-sockets. A reload (SIGHUP, to the parent) is validated and bound in the parent, all or
+sockets. A rule's own ``workers`` key (or ``[defaults]``) runs it in that many of the
+process's workers (slots 1..n); the process has as many as its largest rule or the file's
+``workers`` key. A reload (SIGHUP, to the parent) is validated and bound in the parent, all or
 nothing like the one-process reload; then a new *generation* of workers is forked with the new
 file while the old one drains (stop accepting, DRAIN_TIMEOUT for open connections). Sockets of
 rules that stay are kept by the parent, so no connection is refused meanwhile and a UDP
@@ -12,13 +14,15 @@ and tunnel conversations start over in the new workers (the one-process reload k
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import time
+from collections.abc import Iterable
 
 import gevent.lock
 
-from portfwd.app.load import LoadedConfig, read_config
+from portfwd.app.load import LoadedConfig, Rule, read_config
 from portfwd.app.rules import EXPORTED, HANDOVER
 from portfwd.app.supervisor import (
     Supervisor,
@@ -32,7 +36,7 @@ from portfwd.runtime import daemon
 from portfwd.runtime.config import ProcessConfig
 from portfwd.runtime.environment import Environment
 from portfwd.runtime.options import ConfigError
-from portfwd.runtime.prefork import Pool, WorkerLink
+from portfwd.runtime.prefork import Pool, WorkerLink, grow_slots
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +53,8 @@ class Generations:
         self.env = env
         self.loaded = loaded
         self.process = process
-        self.count = process.workers
-        self.sockets = bind_all_slots(loaded, self.count)  # rule key -> a socket per slot
+        self.count = process_workers(loaded, process)
+        self.sockets = bind_all_slots(loaded, self._count)  # rule key -> a socket per slot
         if loaded.holds_key:  # the parent read the keys too
             daemon.disable_core_dumps()
         self.pool = Pool(self.count, self._work, self._per_slot())
@@ -58,13 +62,21 @@ class Generations:
         self.reload_failures = 0
         self._reloading = gevent.lock.Semaphore()
 
+    def _count(self, rule: Rule) -> int:
+        return rule_workers(rule, self.process)
+
     def _per_slot(self) -> list[list[socket.socket]]:
-        return [[socks[i] for socks in self.sockets.values()] for i in range(self.count)]
+        return [[socks[i] for socks in self.sockets.values() if i < len(socks)]
+                for i in range(self.count)]
 
     def _work(self, slot: int, link: WorkerLink) -> int:
-        """A worker: this generation's file over slot ``slot``'s sockets."""
-        listeners = {key: socks[slot] for key, socks in self.sockets.items()}
-        supervisor = Supervisor(self.path, self.label, self.env, self.loaded, listeners)
+        """A worker: this generation's file (the rules that run in ``slot``) over the slot's
+        sockets."""
+        listeners = {key: socks[slot] for key, socks in self.sockets.items()
+                     if slot < len(socks)}
+        mine = dataclasses.replace(self.loaded, rules=tuple(
+            rule for rule in self.loaded.rules if rule.key in listeners))
+        supervisor = Supervisor(self.path, self.label, self.env, mine, listeners)
         return daemon.serve_worker(self.prog, supervisor, self.process, link, kinds=EXPORTED,
                                    reload=lambda: log.info("SIGHUP: the parent reloads"))
 
@@ -92,7 +104,7 @@ class Generations:
         removed = [rule for key, rule in old.items() if key not in fresh]
         changed = [rule for key, rule in fresh.items()
                    if key in old and (rule.config != old[key].config or rule.name != old[key].name)]
-        refusal = v6only_changed(changed, old)
+        refusal = v6only_changed(changed, old) or self._over(new)
         if refusal is not None:
             log.error("reload refused, still running the previous configuration: %s", refusal)
             return None
@@ -101,8 +113,22 @@ class Generations:
         takeover = {rule.key: vacated[rule.socket_key].key for rule in added
                     if rule.socket_key in vacated and rule.kind.reuse == HANDOVER}
         try:
-            bound = bind_rule_slots((r for r in added if r.key not in takeover), self.count)
+            bound = bind_rule_slots((r for r in added if r.key not in takeover), self._count)
         except OSError as exc:
+            log.error("reload refused, still running the previous configuration: %s",
+                      bind_failure(exc))
+            return None
+        for key, old_key in takeover.items():
+            bound[key] = self.sockets[old_key]
+        extra: dict[tuple, list[socket.socket]] = {}
+        try:  # a rule that runs in more workers now: its group grows (nothing closed yet)
+            for rule in new.rules:
+                extra[rule.key] = self._grow(rule, bound.get(rule.key)
+                                             or self.sockets[rule.key])
+        except OSError as exc:
+            for key in takeover:
+                del bound[key]
+            close_all([*bound.values(), *extra.values()])
             log.error("reload refused, still running the previous configuration: %s",
                       bind_failure(exc))
             return None
@@ -111,16 +137,57 @@ class Generations:
         if new.file.process != self.loaded.file.process:
             log.warning("reload: the process settings of %s take effect at the next start",
                         self.label)
-        for key, old_key in takeover.items():
-            bound[key] = self.sockets.pop(old_key)
-        gone = [self.sockets.pop(rule.key) for rule in removed if rule.key in self.sockets]
+        # Applied from here on. The old workers hold their own copies while they drain.
+        gone = [self.sockets.pop(rule.key) for rule in removed
+                if rule.key in self.sockets and rule.key not in takeover.values()]
+        for old_key in takeover.values():
+            self.sockets.pop(old_key)
         self.sockets.update(bound)
+        for rule in new.rules:
+            socks = self.sockets[rule.key] + extra[rule.key]
+            gone.append(socks[self._count(rule):])  # a rule that runs in fewer workers now
+            self.sockets[rule.key] = socks[:self._count(rule)]
         self.loaded = new
         self.pool.sockets = self._per_slot()
         self.pool.replace_all()
-        for socks in gone:  # the old workers hold their own copies while they drain
-            for sock in socks:
-                sock.close()
+        close_all(gone)
         kept = [rule for key, rule in fresh.items() if key in old and rule not in changed]
+        changed += [rule for rule in kept if rule.workers != old[rule.key].workers]
+        kept = [rule for rule in kept if rule not in changed]
         return (f"added {listing(added)}; changed {listing(changed)}; removed "
                 f"{listing(removed)}; kept {listing(kept)} (new workers)")
+
+    def _grow(self, rule: Rule, socks: list[socket.socket]) -> list[socket.socket]:
+        """The sockets ``rule`` needs beyond ``socks`` (bound now; raises OSError)."""
+        if self._count(rule) <= len(socks):
+            return []
+        try:
+            return grow_slots(socks, rule.config.listen, rule.kind.socktype,
+                              rule.config.listen_options, self._count(rule))[len(socks):]
+        except OSError as exc:
+            exc.rule = rule  # type: ignore[attr-defined]
+            raise
+
+    def _over(self, new: LoadedConfig) -> str | None:
+        """Why ``new`` needs more workers than this process started with, or None."""
+        for rule in new.rules:
+            if self._count(rule) > self.count:
+                return (f"{rule.spec.where}: {self._count(rule)} workers, but this process "
+                        f"started {self.count} (restart it to change that)")
+        return None
+
+
+def rule_workers(rule: Rule, process: ProcessConfig) -> int:
+    """How many workers run ``rule``: its own ``workers`` key, else the file's."""
+    return rule.workers if rule.workers is not None else process.workers
+
+
+def process_workers(loaded: LoadedConfig, process: ProcessConfig) -> int:
+    """The workers of a ``portfwd run`` process: the file's (or -w) or its largest rule's."""
+    return max([process.workers, *(rule_workers(rule, process) for rule in loaded.rules)])
+
+
+def close_all(groups: Iterable[list[socket.socket]]) -> None:
+    for socks in groups:
+        for sock in socks:
+            sock.close()

@@ -68,9 +68,13 @@ class Kind:
         return KindKeys(self.dest_field, self.keys)
 
 
+RULE_WORKERS = "workers"  # a process key that a rule may set too: its worker count
+
+
 def tool_keys(fields: Mapping[str, str], dest_field: str, *also: str) -> frozenset[str]:
-    """A tool's fields (its FIELDS table: every flag) minus the process's and the addresses."""
-    return frozenset(fields) - PROCESS_FIELDS - {"listen", dest_field} | set(also)
+    """A tool's fields (its FIELDS table: every flag) minus the process's and the addresses,
+    plus ``workers`` (a rule runs in that many of the process's workers)."""
+    return frozenset(fields) - PROCESS_FIELDS - {"listen", dest_field} | {RULE_WORKERS, *also}
 
 
 def _tunnel_key(config: Any) -> bool:

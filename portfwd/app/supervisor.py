@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import gevent
@@ -55,18 +55,20 @@ class Running:
 def bind_rules(rules: Iterable[Rule]) -> dict[tuple, socket.socket]:
     """A listener per rule, or none: on the first failure the others are closed and OSError
     propagates with ``.rule`` naming the rule that could not bind."""
-    return {key: socks[0] for key, socks in bind_rule_slots(rules, 1).items()}
+    return {key: socks[0] for key, socks in bind_rule_slots(rules).items()}
 
 
-def bind_rule_slots(rules: Iterable[Rule], count: int) -> dict[tuple, list[socket.socket]]:
-    """:func:`bind_rules` with ``count`` sockets per rule, one per worker slot (a SO_REUSEPORT
-    group when ``count`` > 1)."""
+def bind_rule_slots(rules: Iterable[Rule], count: Callable[[Rule], int] | None = None
+                    ) -> dict[tuple, list[socket.socket]]:
+    """:func:`bind_rules` with ``count(rule)`` sockets per rule, one per worker slot (with a
+    ``count``: a SO_REUSEPORT group, which a reload may grow)."""
     bound: dict[tuple, list[socket.socket]] = {}
     try:
         for rule in rules:
             try:
                 bound[rule.key] = bind_slots(rule.config.listen, rule.kind.socktype,
-                                             rule.config.listen_options, count)
+                                             rule.config.listen_options,
+                                             count(rule) if count else 1, count is not None)
             except OSError as exc:
                 exc.rule = rule  # type: ignore[attr-defined]
                 raise
@@ -86,11 +88,12 @@ def bind_failure(exc: OSError) -> str:
 
 def bind_all(loaded: LoadedConfig) -> dict[tuple, socket.socket]:
     """Bind at start, in the foreground: a failure is a StartupError (exit 1)."""
-    return {key: socks[0] for key, socks in bind_all_slots(loaded, 1).items()}
+    return {key: socks[0] for key, socks in bind_all_slots(loaded).items()}
 
 
-def bind_all_slots(loaded: LoadedConfig, count: int) -> dict[tuple, list[socket.socket]]:
-    """:func:`bind_all` with a socket per worker slot for every rule."""
+def bind_all_slots(loaded: LoadedConfig, count: Callable[[Rule], int] | None = None
+                   ) -> dict[tuple, list[socket.socket]]:
+    """:func:`bind_all` with ``count(rule)`` sockets per rule, one per worker slot."""
     try:
         return bind_rule_slots(loaded.rules, count)
     except OSError as exc:

@@ -86,25 +86,38 @@ def parse_workers(raw: object, label: str) -> int:
     return worker_count(Options({"workers": raw}, {"workers": label}))
 
 
-def bind_slots(addr: Resolved, socktype: int, options: ListenOptions, count: int
-               ) -> list[socket.socket]:
-    """``count`` sockets on ``addr``: one as before when ``count`` is 1, else a SO_REUSEPORT
-    group (port 0: the first socket's port for the others). Raises OSError."""
-    if count == 1:
+def bind_slots(addr: Resolved, socktype: int, options: ListenOptions, count: int,
+               group: bool = False) -> list[socket.socket]:
+    """``count`` sockets on ``addr``: one as before when ``count`` is 1 (unless ``group``: it
+    may grow later), else a SO_REUSEPORT group (port 0: the first socket's port for the
+    others). Raises OSError."""
+    return grow_slots([], addr, socktype, options, count, group)
+
+
+def grow_slots(sockets: list[socket.socket], addr: Resolved, socktype: int,
+               options: ListenOptions, count: int, group: bool = True) -> list[socket.socket]:
+    """The reuseport group ``sockets`` (from bind_slots with ``group``) at ``count`` members:
+    new ones bound, the last ones closed. Raises OSError (the new ones closed)."""
+    if count == 1 and not group and not sockets:
         return [bind_socket(addr, socktype, options)]
     options = dataclasses.replace(options, reuseport=True)
-    sockets: list[socket.socket] = []
+    if sockets and addr.port == 0:
+        addr = Resolved(addr.family, (addr.host, sockets[0].getsockname()[1],
+                                      *addr.sockaddr[2:]))
+    for sock in sockets[count:]:
+        sock.close()
+    kept, new = sockets[:count], []
     try:
-        for _ in range(count):
-            sockets.append(bind_socket(addr, socktype, options))
+        while len(kept) + len(new) < count:
+            new.append(bind_socket(addr, socktype, options))
             if addr.port == 0:
-                addr = Resolved(addr.family, (addr.host, sockets[0].getsockname()[1],
+                addr = Resolved(addr.family, (addr.host, new[0].getsockname()[1],
                                               *addr.sockaddr[2:]))
     except BaseException:
-        for sock in sockets:
+        for sock in new:
             sock.close()
         raise
-    return sockets
+    return kept + new
 
 
 # --- summing snapshots ------------------------------------------------------------------------
