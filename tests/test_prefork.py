@@ -402,3 +402,41 @@ def test_kcpudp_two_workers_each_end_keep_each_client_in_one_conversation(tool, 
     assert re.search(r"kcpudp-client/w1\[\d+\] INFO: .* open ", log)
     assert re.search(r"kcpudp-client/w2\[\d+\] INFO: .* open ", log)
     assert client.stop() == 0 and server.stop() == 0
+
+
+def test_daemon_with_workers_signals_and_log_files(echo_server, tmp_path):
+    """-d -w 2: the pidfile names the daemon (the parent); SIGUSR1 logs the totals once,
+    SIGUSR2 makes every process reopen its log file; SIGTERM stops them all."""
+    pidfile, log_file = tmp_path / "d.pid", tmp_path / "d.log"
+    port = free_port()
+    done = run_cli("tcpfwd", "-d", "-w", "2", "-p", str(pidfile), "--log-file", str(log_file),
+                   f"127.0.0.1:{port}", f"127.0.0.1:{echo_server.port}")
+    assert done.returncode == 0, done.stderr
+    parent = int(pidfile.read_text())
+    pids: dict[str, int] = {}
+    try:
+        wait_until(lambda: len(re.findall(r"INFO: forwarding", log_file.read_text())) == 2,
+                   15, "both workers")
+        pids = {tag: int(pid) for tag, pid in re.findall(r"(w\d) pid (\d+)",
+                                                        log_file.read_text())}
+        for n in range(10):
+            with connect("127.0.0.1", port) as sock:
+                echo_roundtrip(sock, 100, seed=n)
+        os.kill(parent, signal.SIGUSR1)
+        wait_until(lambda: "10 opened, 10 closed" in log_file.read_text(), 10, "totals")
+        status = [line for line in log_file.read_text().splitlines() if "status rule=" in line]
+        assert len(status) == 2 and all(f"tcpfwd[{parent}]" in line for line in status)
+        log_file.rename(tmp_path / "d.log.1")  # logrotate
+        os.kill(parent, signal.SIGUSR2)
+        time.sleep(0.5)
+        for n in range(24):  # the kernel's hash gives both some (all on one: p = 2**-23)
+            with connect("127.0.0.1", port) as sock:
+                echo_roundtrip(sock, 100, seed=n)
+        for tag, pid in pids.items():  # each worker writes to the new file now
+            wait_until(lambda t=tag, p=pid: f"tcpfwd/{t}[{p}]" in log_file.read_text()
+                       if log_file.exists() else False, 10, f"{tag} in the new log file")
+    finally:
+        os.kill(parent, signal.SIGTERM)
+        wait_until(lambda: not pidfile.exists(), 20, "the pidfile removed")
+    wait_until(lambda: gone(parent) and all(gone(pid) for pid in pids.values()), 10,
+               "every process gone")

@@ -17,25 +17,26 @@ from __future__ import annotations
 import dataclasses
 import logging
 import socket
-import time
 from collections.abc import Iterable
 
 import gevent.lock
 
-from portfwd.app.load import LoadedConfig, Rule, read_config
-from portfwd.app.rules import EXPORTED, HANDOVER
+from portfwd.app.load import LoadedConfig, Rule
+from portfwd.app.rules import EXPORTED
 from portfwd.app.supervisor import (
+    Refused,
     Supervisor,
     bind_all_slots,
     bind_failure,
     bind_rule_slots,
-    listing,
-    v6only_changed,
+    diff_rules,
+    read_for_reload,
+    timed_reload,
+    warn_process_change,
 )
 from portfwd.runtime import daemon
 from portfwd.runtime.config import ProcessConfig
 from portfwd.runtime.environment import Environment
-from portfwd.runtime.options import ConfigError
 from portfwd.runtime.prefork import Pool, WorkerLink, grow_slots
 
 log = logging.getLogger(__name__)
@@ -82,42 +83,26 @@ class Generations:
 
     def reload(self) -> None:
         with self._reloading:
-            started = time.monotonic()
-            done = self._reload()
-            if done is None:
+            if timed_reload(self.label, self._reload):
+                self.reloads += 1
+            else:
                 self.reload_failures += 1
-                return
-            self.reloads += 1
-            log.info("reload of %s in %.0f ms: %s", self.label,
-                     (time.monotonic() - started) * 1000, done)
 
-    def _reload(self) -> str | None:
-        try:
-            new = read_config(self.path, self.env, self.label)
-        except ConfigError as exc:
-            log.error("reload refused, still running the previous configuration: %s",
-                      exc.message)
-            return None
+    def _reload(self) -> str:
+        """Validate and bind in the parent, then a new generation (raises Refused when
+        nothing could change)."""
+        new = read_for_reload(self.path, self.env, self.label)
         old = {rule.key: rule for rule in self.loaded.rules}
-        fresh = {rule.key: rule for rule in new.rules}
-        added = [rule for key, rule in fresh.items() if key not in old]
-        removed = [rule for key, rule in old.items() if key not in fresh]
-        changed = [rule for key, rule in fresh.items()
-                   if key in old and (rule.config != old[key].config or rule.name != old[key].name)]
-        refusal = v6only_changed(changed, old) or self._over(new)
+        diff = diff_rules(old, new)
+        refusal = self._over(new)
         if refusal is not None:
-            log.error("reload refused, still running the previous configuration: %s", refusal)
-            return None
-        # A new rule of another kind on a removed rule's TCP address takes its sockets.
-        vacated = {rule.socket_key: rule for rule in removed if rule.kind.reuse == HANDOVER}
-        takeover = {rule.key: vacated[rule.socket_key].key for rule in added
-                    if rule.socket_key in vacated and rule.kind.reuse == HANDOVER}
+            raise Refused(refusal)
+        takeover = {key: rule.key for key, rule in diff.takeover.items()}
         try:
-            bound = bind_rule_slots((r for r in added if r.key not in takeover), self._count)
+            bound = bind_rule_slots((r for r in diff.added if r.key not in takeover),
+                                    self._count)
         except OSError as exc:
-            log.error("reload refused, still running the previous configuration: %s",
-                      bind_failure(exc))
-            return None
+            raise Refused(bind_failure(exc)) from None
         for key, old_key in takeover.items():
             bound[key] = self.sockets[old_key]
         extra: dict[tuple, list[socket.socket]] = {}
@@ -129,16 +114,12 @@ class Generations:
             for key in takeover:
                 del bound[key]
             close_all([*bound.values(), *extra.values()])
-            log.error("reload refused, still running the previous configuration: %s",
-                      bind_failure(exc))
-            return None
+            raise Refused(bind_failure(exc)) from None
         if new.holds_key and not self.loaded.holds_key:
             daemon.disable_core_dumps()
-        if new.file.process != self.loaded.file.process:
-            log.warning("reload: the process settings of %s take effect at the next start",
-                        self.label)
+        warn_process_change(self.label, self.loaded, new)
         # Applied from here on. The old workers hold their own copies while they drain.
-        gone = [self.sockets.pop(rule.key) for rule in removed
+        gone = [self.sockets.pop(rule.key) for rule in diff.removed
                 if rule.key in self.sockets and rule.key not in takeover.values()]
         for old_key in takeover.values():
             self.sockets.pop(old_key)
@@ -151,11 +132,10 @@ class Generations:
         self.pool.sockets = self._per_slot()
         self.pool.replace_all()
         close_all(gone)
-        kept = [rule for key, rule in fresh.items() if key in old and rule not in changed]
-        changed += [rule for rule in kept if rule.workers != old[rule.key].workers]
-        kept = [rule for rule in kept if rule not in changed]
-        return (f"added {listing(added)}; changed {listing(changed)}; removed "
-                f"{listing(removed)}; kept {listing(kept)} (new workers)")
+        moved = [rule for rule in diff.kept if rule.workers != old[rule.key].workers]
+        diff = dataclasses.replace(diff, changed=diff.changed + moved,
+                                   kept=[rule for rule in diff.kept if rule not in moved])
+        return diff.summary() + " (new workers)"
 
     def _grow(self, rule: Rule, socks: list[socket.socket]) -> list[socket.socket]:
         """The sockets ``rule`` needs beyond ``socks`` (bound now; raises OSError)."""
