@@ -15,7 +15,7 @@ import time
 import pytest
 from conftest import connect, echo_roundtrip, free_port, run_cli, sample_value
 from test_metrics_export_e2e import scrape
-from test_udpfwd import udp_socket, wait_until
+from test_udpfwd import UdpPeer, udp_socket, wait_until
 
 from portfwd.kcptcp.metrics import ConversationMetrics, ConversationTotals, TunnelServerMetrics
 from portfwd.runtime import prefork
@@ -42,6 +42,13 @@ def gone(pid: int) -> bool:
             return f.read().split(") ", 1)[1].startswith("Z")
     except FileNotFoundError:
         return True
+
+
+def echo_connections(port: int, count: int, size: int) -> None:
+    """``count`` connections one after the other, each echoing ``size`` seeded bytes."""
+    for n in range(count):
+        with connect("127.0.0.1", port) as sock:
+            echo_roundtrip(sock, size, seed=n)
 
 
 def tcp_snapshot(accepted: int, active: int, failures: dict, top: tuple = ()) -> TcpMetrics:
@@ -132,9 +139,7 @@ def test_tcpfwd_worker_killed_is_restarted_and_metrics_never_go_back(tool, echo_
                f"127.0.0.1:{port}", f"127.0.0.1:{echo_server.port}")
     pids = worker_pids(fwd)
     fwd.wait_for_log("metrics on")
-    for n in range(20):
-        with connect("127.0.0.1", port) as sock:
-            echo_roundtrip(sock, 1000, seed=n)
+    echo_connections(port, 20, 1000)
     rule = {"rule": f"tcp:127.0.0.1:{port}"}
     before = scrape(metrics)
     assert sample_value(before, "portfwd_connections_opened_total", **rule) == 20
@@ -147,9 +152,8 @@ def test_tcpfwd_worker_killed_is_restarted_and_metrics_never_go_back(tool, echo_
     after = scrape(metrics)
     assert sample_value(after, "portfwd_connections_opened_total", **rule) == 20
     assert sample_value(after, "portfwd_bytes_total", direction="up", **rule) == 20_000
-    for n in range(20):  # both slots serve again: the restarted one took its socket over
-        with connect("127.0.0.1", port) as sock:
-            echo_roundtrip(sock, 1000, seed=n)
+    # both slots serve again: the restarted one took its socket over
+    echo_connections(port, 20, 1000)
     fwd.wait_for_log(rf"tcpfwd/w1\[{new}\] INFO: conn \d+ closed")
     final = scrape(metrics)
     assert sample_value(final, "portfwd_connections_opened_total", **rule) == 40
@@ -230,39 +234,16 @@ def test_one_worker_is_todays_single_process(tool, echo_server):
 
 # --- udpfwd: a client's datagrams always reach one worker -------------------------------------
 
-class SourceRecorder:
-    """A UDP target that echoes and records, per client number (the datagram's first line),
-    every source address a datagram of that client came from: one per session."""
-
-    def __init__(self) -> None:
-        self.sock = udp_socket("127.0.0.1")
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.sources: dict[bytes, set[tuple]] = {}
-        self._stop = False
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop:
-            try:
-                data, peer = self.sock.recvfrom(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.sources.setdefault(data.split(b"\n", 1)[0], set()).add(peer)
-            self.sock.sendto(data, peer)
-
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join(2)
-        self.sock.close()
+def client_number(datagram: bytes) -> bytes:
+    """The client a test datagram comes from: its first line."""
+    return datagram.split(b"\n", 1)[0]
 
 
 @pytest.fixture
 def recorder():
-    target = SourceRecorder()
+    """A UDP echo target that records, per client number, every source address a datagram of
+    that client came from: one per session."""
+    target = UdpPeer(key=client_number)
     yield target
     target.close()
 
@@ -316,8 +297,8 @@ def test_1000_udp_clients_each_see_one_session_across_two_workers(tool, recorder
     fwd.wait_for_log(r"w2\[\d+\] INFO: forwarding")
     try:
         round_trip_all(clients, ("127.0.0.1", port), 3, b"a")
-        assert len(recorder.sources) == 1000
-        split = {n: s for n, s in recorder.sources.items() if len(s) != 1}
+        assert len(recorder.by_key) == 1000
+        split = {n: s for n, s in recorder.by_key.items() if len(s) != 1}
         assert not split, f"{len(split)} clients reached the target from several sessions"
         samples = scrape(metrics)
         rule = {"rule": f"udp:127.0.0.1:{port}"}
@@ -325,19 +306,19 @@ def test_1000_udp_clients_each_see_one_session_across_two_workers(tool, recorder
         assert sample_value(samples, "portfwd_sessions_opened_total", **rule) == 1000
         # Kill one worker: its clients get a new session in the restarted worker (on the
         # same socket); the other worker's clients keep theirs, and nobody ever splits.
-        before = {n: next(iter(s)) for n, s in recorder.sources.items()}
+        before = {n: next(iter(s)) for n, s in recorder.by_key.items()}
         os.kill(pids["w1"], signal.SIGKILL)
         fwd.wait_for_log(r"worker w1 restarted: pid \d+")
         round_trip_all(clients, ("127.0.0.1", port), 2, b"b")
-        moved = {n for n, s in recorder.sources.items() if len(s) == 2}
-        assert all(len(s) <= 2 for s in recorder.sources.values())
+        moved = {n for n, s in recorder.by_key.items() if len(s) == 2}
+        assert all(len(s) <= 2 for s in recorder.by_key.values())
         assert 0 < len(moved) < 1000  # the dead worker's clients only
         round_trip_all(clients, ("127.0.0.1", port), 2, b"c")
-        assert all(len(s) <= 2 for s in recorder.sources.values())
-        assert {n for n, s in recorder.sources.items() if len(s) == 2} == moved
+        assert all(len(s) <= 2 for s in recorder.by_key.values())
+        assert {n for n, s in recorder.by_key.items() if len(s) == 2} == moved
         opened = sample_value(scrape(metrics), "portfwd_sessions_opened_total", **rule)
         assert opened == 1000 + len(moved)  # the dead worker's count kept, plus the new ones
-        assert all(before[n] in recorder.sources[n] for n in before)
+        assert all(before[n] in recorder.by_key[n] for n in before)
     finally:
         for sock in clients:
             sock.close()
@@ -393,8 +374,8 @@ def test_kcpudp_two_workers_each_end_keep_each_client_in_one_conversation(tool, 
     finally:
         for sock in clients:
             sock.close()
-    assert len(recorder.sources) == 40
-    assert all(len(s) == 1 for s in recorder.sources.values())
+    assert len(recorder.by_key) == 40
+    assert all(len(s) == 1 for s in recorder.by_key.values())
     log = server.log()
     assert re.search(r"kcpudp-server/w1\[\d+\] INFO: .* open ", log)
     assert re.search(r"kcpudp-server/w2\[\d+\] INFO: .* open ", log)
@@ -419,9 +400,7 @@ def test_daemon_with_workers_signals_and_log_files(echo_server, tmp_path):
                    15, "both workers")
         pids = {tag: int(pid) for tag, pid in re.findall(r"(w\d) pid (\d+)",
                                                         log_file.read_text())}
-        for n in range(10):
-            with connect("127.0.0.1", port) as sock:
-                echo_roundtrip(sock, 100, seed=n)
+        echo_connections(port, 10, 100)
         os.kill(parent, signal.SIGUSR1)
         wait_until(lambda: "10 opened, 10 closed" in log_file.read_text(), 10, "totals")
         status = [line for line in log_file.read_text().splitlines() if "status rule=" in line]
@@ -429,9 +408,8 @@ def test_daemon_with_workers_signals_and_log_files(echo_server, tmp_path):
         log_file.rename(tmp_path / "d.log.1")  # logrotate
         os.kill(parent, signal.SIGUSR2)
         time.sleep(0.5)
-        for n in range(24):  # the kernel's hash gives both some (all on one: p = 2**-23)
-            with connect("127.0.0.1", port) as sock:
-                echo_roundtrip(sock, 100, seed=n)
+        # the kernel's hash gives both some (all on one: p = 2**-23)
+        echo_connections(port, 24, 100)
         for tag, pid in pids.items():  # each worker writes to the new file now
             wait_until(lambda t=tag, p=pid: f"tcpfwd/{t}[{p}]" in log_file.read_text()
                        if log_file.exists() else False, 10, f"{tag} in the new log file")

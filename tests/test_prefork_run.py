@@ -10,7 +10,7 @@ import socket
 from conftest import connect, echo_roundtrip, free_port, run_cli, sample_value
 from test_metrics_export_e2e import scrape
 from test_portfwd_run import Reloader, rule, tcp_rule, udp_echo, udp_exchange, write  # noqa: F401
-from test_prefork import gone, worker_pids
+from test_prefork import echo_connections, gone, worker_pids
 
 
 def test_workers_run_every_rule_and_a_reload_replaces_them(tool, tmp_path, echo_server,
@@ -27,9 +27,7 @@ def test_workers_run_every_rule_and_a_reload_replaces_them(tool, tmp_path, echo_
     run.wait_for_log(r"portfwd/w2\[\d+\] INFO: running 2 rules")
     run.wait_for_log(r"portfwd/w1\[\d+\] INFO: running 2 rules")
     run.wait_for_log("metrics on")
-    for n in range(10):
-        with connect("127.0.0.1", tcp) as sock:
-            echo_roundtrip(sock, 5000, seed=n)
+    echo_connections(tcp, 10, 5000)
     udp_exchange(udp, 5, seed=1)
     before = scrape(metrics)
     assert sample_value(before, "portfwd_connections_opened_total", rule="web") == 10
@@ -49,9 +47,7 @@ def test_workers_run_every_rule_and_a_reload_replaces_them(tool, tmp_path, echo_
     second = {tag: int(pid) for tag, pid in re.findall(r"(w\d) pid (\d+)", listing)}
     assert set(second) == {"w1", "w2"} and not set(second.values()) & set(first.values())
     for port in (tcp, added):
-        for n in range(6):
-            with connect("127.0.0.1", port) as sock:
-                echo_roundtrip(sock, 5000, seed=n)
+        echo_connections(port, 6, 5000)
     udp_exchange(udp, 5, seed=2)
     after = scrape(metrics)
     assert sample_value(after, "portfwd_connections_opened_total", rule="web") == 17
@@ -83,9 +79,7 @@ def test_a_rule_runs_in_as_many_workers_as_it_asks(tool, tmp_path, echo_server,
     assert set(worker_pids(run)) == {"w1", "w2"}  # the largest rule's count
     run.wait_for_log(r"portfwd/w1\[\d+\] INFO: running 2 rules on 2 listeners")
     run.wait_for_log(r"portfwd/w2\[\d+\] INFO: running 1 rules on 1 listeners")
-    for n in range(8):
-        with connect("127.0.0.1", tcp) as sock:
-            echo_roundtrip(sock, 2000, seed=n)
+    echo_connections(tcp, 8, 2000)
     udp_exchange(udp, 3, seed=1)
     reloader = Reloader(run)
     write(tmp_path / "c.toml", web,
