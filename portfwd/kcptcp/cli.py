@@ -156,9 +156,13 @@ def server_main(argv: list[str] | None = None) -> int:
 def guarded(service: Callable[[Any, socket.socket], daemon.Service]
             ) -> Callable[[Any, socket.socket], daemon.Service]:
     """``service``, built only after the process stopped being dumpable if a key is loaded."""
-    def build(config: Any, sock: socket.socket) -> daemon.Service:
+    def guard(config: Any) -> None:
         if config.conversation.tunnel.psk is not None:
             daemon.disable_core_dumps()
+
+    def build(config: Any, sock: socket.socket) -> daemon.Service:
+        guard(config)
         return service(config, sock)
 
+    build.guard = guard  # type: ignore[attr-defined]  (one_rule_main's -w parent calls it)
     return build

@@ -400,7 +400,10 @@ def one_rule_main(prog: str, usage: str, argv: list[str] | None, fields: Mapping
     """The whole ``main()`` of a one-rule tool: command line -> Options -> the tool's frozen
     config (``make_config``, which has ``listen`` and ``listen_options``) -> a listener bound
     in the foreground, so its errors reach the terminal -> ``make_service`` -> :func:`run`
-    with the rule ``kind`` named ``<kind>:<listen as written>``.
+    with the rule ``kind`` named ``<kind>:<listen as written>``. With ``-w <n>`` (a field
+    ``workers`` in ``fields``) the listener is a socket per worker slot and :func:`run` gets a
+    :class:`~portfwd.runtime.prefork.Pool` whose workers each build the service; a
+    ``make_service.guard(config)`` (the tunnel tools' key guard) is then called in the parent.
     Bad input exits 2 and start-up failures 1, each as one line (:func:`run_tool`)."""
     def body() -> int:
         args = list(sys.argv[1:] if argv is None else argv)
@@ -421,6 +424,10 @@ def one_rule_main(prog: str, usage: str, argv: list[str] | None, fields: Mapping
         if process.workers == 1:
             return run(prog, make_service(config, listeners[0]), process, warnings=warnings,
                        kinds=kinds, rule=rule)
+
+        guard = getattr(make_service, "guard", None)  # a tunnel tool's key guard
+        if guard is not None:  # the parent holds the key too
+            guard(config)
 
         def work(slot: int, link: WorkerLink) -> int:
             return serve_worker(prog, make_service(config, listeners[slot]), process, link,

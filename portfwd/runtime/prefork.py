@@ -45,7 +45,7 @@ from gevent.socket import socket as gsocket
 from portfwd.runtime.addr import Resolved
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.options import Options
-from portfwd.runtime.sockets import ListenOptions, bind_socket
+from portfwd.runtime.sockets import LISTEN_BACKLOG, ListenOptions, bind_socket, tune_tcp
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,12 @@ def grow_slots(sockets: list[socket.socket], addr: Resolved, socktype: int,
     try:
         while len(kept) + len(new) < count:
             new.append(bind_socket(addr, socktype, options))
+            if socktype == socket.SOCK_STREAM:
+                # Listening from now on: a connection that comes before its worker runs (at
+                # start, after a crash) waits in the queue instead of being refused. The
+                # options accepted sockets inherit are set first, as AcceptLoop sets them.
+                tune_tcp(new[-1])
+                new[-1].listen(LISTEN_BACKLOG)
             if addr.port == 0:
                 addr = Resolved(addr.family, (addr.host, new[0].getsockname()[1],
                                               *addr.sockaddr[2:]))
