@@ -92,6 +92,75 @@ def test_ended_keeps_counters_and_drops_what_was_live():
     assert len(total) == 1 and total[0][2].totals.up == 200 and total[0][2].conversations == 3
 
 
+def sample(cls: type) -> object:
+    """An instance of snapshot class ``cls`` with every number 1 and one entry per list."""
+    import collections.abc
+    import dataclasses
+    import typing
+
+    def value(hint: object) -> object:
+        origin = typing.get_origin(hint)
+        if dataclasses.is_dataclass(hint):
+            return sample(hint)
+        if origin is tuple:
+            return (value(typing.get_args(hint)[0]),)
+        if origin in (collections.abc.Mapping, dict):
+            return {"EXAMPLE": 1}
+        if hint is bool:
+            return True
+        return {int: 1, float: 1.0, str: "x"}.get(hint, 1)
+
+    hints = typing.get_type_hints(cls)
+    return cls(**{f.name: value(hints[f.name]) for f in dataclasses.fields(cls) if f.init})
+
+
+def test_what_a_dead_worker_leaves_shows_nothing_live():
+    """Every gauge of every kind reads 0 from ended(): a live field missing from LIVE_FIELDS
+    would keep a dead worker's connections "active" forever."""
+    from portfwd.kcptcp.metrics import CLIENT_KIND, SERVER_KIND, TunnelClientMetrics
+    from portfwd.kcpudp import metrics as kcpudp
+    from portfwd.runtime.exporter import Families
+    from portfwd.tcpfwd.metrics import KIND as TCP
+    from portfwd.udpfwd.metrics import KIND as UDP
+    from portfwd.udpfwd.metrics import UdpMetrics
+    kinds = [(TCP, TcpMetrics), (UDP, UdpMetrics), (CLIENT_KIND, TunnelClientMetrics),
+             (SERVER_KIND, TunnelServerMetrics),
+             (kcpudp.CLIENT_KIND, kcpudp.DatagramClientMetrics),
+             (kcpudp.SERVER_KIND, kcpudp.DatagramServerMetrics)]
+    for kind, cls in kinds:
+        live, left = Families(), Families()
+        kind.families(live, {"rule": "r"}, sample(cls))
+        kind.families(left, {"rule": "r"}, prefork.ended(sample(cls)))
+        gauges = 0
+        for family in left.collect():
+            if family.type not in ("gauge", "gaugehistogram"):
+                continue
+            for s in family.samples:
+                if not s.name.endswith(("_bucket", "_gsum")) or s.value:
+                    gauges += 1
+                    assert s.value == 0, (kind.name, s)
+        assert gauges, kind.name  # the kind has gauges at all (the test sees them)
+        counters = {s.name: s.value for f in live.collect() if f.type == "counter"
+                    for s in f.samples}
+        kept = {s.name: s.value for f in left.collect() if f.type == "counter"
+                for s in f.samples}
+        assert kept == counters, kind.name  # counters survive the worker
+
+
+def test_bind_slots_port_zero_and_growing_a_group():
+    from portfwd.runtime.addr import Resolved
+    from portfwd.runtime.sockets import ListenOptions
+    wildcard = Resolved(socket.AF_INET, ("127.0.0.1", 0))
+    for socktype in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        group = prefork.bind_slots(wildcard, socktype, ListenOptions(), 2)
+        port = group[0].getsockname()[1]
+        assert {sock.getsockname()[1] for sock in group} == {port}
+        grown = prefork.grow_slots(group, wildcard, socktype, ListenOptions(), 4)
+        assert grown[:2] == group and {s.getsockname()[1] for s in grown} == {port}
+        for sock in grown:
+            sock.close()
+
+
 def test_snapshots_cross_the_control_socket_as_they_are():
     snapshot = tcp_snapshot(3, 0, ErrorCounts().snapshot())
     assert pickle.loads(pickle.dumps([("tcp", "r", snapshot)])) == [("tcp", "r", snapshot)]

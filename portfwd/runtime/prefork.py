@@ -61,7 +61,9 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # A live count or list of live entries: not carried over from a dead worker (see ended()).
 LIVE_FIELDS = frozenset({"connections_active", "sessions", "conversations", "top",
                          "per_conversation", "draining"})
-
+# A live count that a counter is derived from (the tunnels' opened = live + finished): what
+# was live when the worker died counts as ended there.
+ENDED_AS = {"conversations": "finished"}
 
 
 def _mapping_proxy(items: dict) -> MappingProxyType:
@@ -79,11 +81,6 @@ def worker_count(options: Options, field: str = "workers") -> int:
     """``-w <n>``: 1 (the default) runs in this process, 0 one worker per CPU we may run on."""
     count = options.integer(field, 0, MAX_WORKERS, default=1)
     return count or len(os.sched_getaffinity(0))
-
-
-def parse_workers(raw: object, label: str) -> int:
-    """A ``workers`` value from a config file or flag, named ``label`` in a ConfigError."""
-    return worker_count(Options({"workers": raw}, {"workers": label}))
 
 
 def bind_slots(addr: Resolved, socktype: int, options: ListenOptions, count: int,
@@ -152,13 +149,16 @@ def ended(snapshot: Any) -> Any:
     """What a dead worker leaves behind: its counters, without what was live (LIVE_FIELDS)."""
     if not dataclasses.is_dataclass(snapshot):
         return snapshot
-    changes = {}
+    changes: dict[str, Any] = {}
     for f in dataclasses.fields(snapshot):
         if not f.init:
             continue
         value = getattr(snapshot, f.name)
         if f.name in LIVE_FIELDS:
             changes[f.name] = () if isinstance(value, tuple) else type(value)()
+            target = ENDED_AS.get(f.name)
+            if target is not None and hasattr(snapshot, target):
+                changes[target] = getattr(snapshot, target) + value
         elif dataclasses.is_dataclass(value):
             changes[f.name] = ended(value)
     return dataclasses.replace(snapshot, **changes)
