@@ -487,3 +487,27 @@ def test_daemon_with_workers_signals_and_log_files(echo_server, tmp_path):
         wait_until(lambda: not pidfile.exists(), 20, "the pidfile removed")
     wait_until(lambda: gone(parent) and all(gone(pid) for pid in pids.values()), 10,
                "every process gone")
+
+
+def test_systemd_hears_the_parent_with_the_totals(tool, echo_server, tmp_path):
+    from test_notify import messages
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = str(tmp_path / "notify.sock")
+    sock.bind(path)
+    sock.settimeout(10)
+    port = free_port()
+    with sock:
+        fwd = tool("tcpfwd", "-w", "2", f"127.0.0.1:{port}", f"127.0.0.1:{echo_server.port}",
+                   env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
+        assert messages(sock, "READY")[-1]["READY"] == "1"
+        worker_pids(fwd)
+        echo_connections(port, 12, 100)
+        deadline = time.monotonic() + 20
+        while True:  # a ping's STATUS= sums both workers' connections
+            ping = messages(sock, "WATCHDOG")[-1]
+            if ping.get("STATUS") == f"tcp:127.0.0.1:{port}: 0 connections, 12 opened":
+                break
+            assert time.monotonic() < deadline, ping
+        fwd.proc.send_signal(signal.SIGTERM)
+        assert messages(sock, "STOPPING")[-1] == {"STOPPING": "1"}
+        assert fwd.proc.wait(20) == 0
