@@ -227,6 +227,9 @@ def test_tcpfwd_worker_killed_is_restarted_and_metrics_never_go_back(tool, echo_
     final = scrape(metrics)
     assert sample_value(final, "portfwd_connections_opened_total", **rule) == 40
     assert sample_value(final, "portfwd_connections_active", **rule) == 0
+    assert sample_value(final, "portfwd_workers") == 2
+    assert sample_value(final, "portfwd_worker_restarts_total") == 1
+    assert sample_value(final, "portfwd_workers_cpu_seconds_total") >= 0  # (ticks: may be 0)
     assert fwd.stop() == 0
 
 

@@ -29,6 +29,7 @@ from portfwd.runtime.exporter import (
     MetricsEndpoint,
     RuleKind,
     RuleSnapshots,
+    ValueCollector,
     make_registry,
     rule_name,
     rule_snapshots,
@@ -250,7 +251,10 @@ def run(prog: str, service: Service, process: ProcessConfig, *,
     if process.metrics is not None:
         if snapshots is None:
             raise StartupError("this service has no metrics to serve")
-        endpoint = MetricsEndpoint(process.metrics, make_registry(snapshots, kinds))
+        registry = make_registry(snapshots, kinds)
+        if isinstance(service, Pool):
+            registry.register(ValueCollector(service.metric_values))
+        endpoint = MetricsEndpoint(process.metrics, registry)
     pid = PidFile(process.pidfile) if process.pidfile else None
     if pid is not None:
         try:

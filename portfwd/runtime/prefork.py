@@ -346,6 +346,21 @@ class Pool:
                 os.kill(worker.pid, signal.SIGTERM)
         log.info("new workers: %s; the old ones drain", self._listing())
 
+    def metric_values(self) -> list[tuple[str, str, str, float]]:
+        """The workers' own metrics (exporter.ValueCollector's rows): how many run, how many
+        were restarted, their CPU (live and reaped: the parent's own is the standard
+        ``process_cpu_seconds_total``)."""
+        cpu = cpu_seconds("self", children=True)
+        for pid in self.pids:
+            with contextlib.suppress(OSError):
+                cpu += cpu_seconds(pid)
+        running = sum(slot.worker is not None for slot in self.slots)
+        return [("workers", "Worker processes running now (-w)", "gauge", running),
+                ("worker_restarts", "Workers restarted after they died", "counter",
+                 self.restarts),
+                ("workers_cpu_seconds", "User and system CPU of the worker processes, live "
+                 "and exited", "counter", cpu)]
+
     @property
     def pids(self) -> list[int]:
         return [worker.pid for worker in self.workers]
@@ -464,3 +479,11 @@ class Pool:
         self.restarts += 1
         self._fork(slot)
         log.info("worker %s restarted: pid %d", slot.tag, slot.worker.pid)
+
+
+def cpu_seconds(pid: int | str, children: bool = False) -> float:
+    """User + system CPU of ``pid`` from /proc (``children``: of its reaped children)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    first = 13 if children else 11  # utime stime cutime cstime, after the state field
+    return (int(fields[first]) + int(fields[first + 1])) / os.sysconf("SC_CLK_TCK")
