@@ -161,6 +161,30 @@ def test_bind_slots_port_zero_and_growing_a_group():
             sock.close()
 
 
+def test_a_steered_group_picks_its_member_by_the_conversation_id():
+    import select
+    import struct
+
+    from portfwd.kcptcp.cli import steer_conversations
+    from portfwd.runtime.addr import Resolved
+    from portfwd.runtime.sockets import ListenOptions
+    group = prefork.bind_slots(Resolved(socket.AF_INET, ("127.0.0.1", 0)), socket.SOCK_DGRAM,
+                               ListenOptions(), 4)
+    steer_conversations(group)
+    port = group[0].getsockname()[1]
+    try:
+        for conv in (0, 1, 2, 3, 4, 7, 0xFFFFFFFF, 123456789):
+            for _ in range(3):  # from three source ports: the address does not matter
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+                    client.sendto(struct.pack(">BI", 1, conv) + b"body", ("127.0.0.1", port))
+                    ready, _, _ = select.select(group, [], [], 5)
+                    assert [group.index(sock) for sock in ready] == [conv % 4]
+                    ready[0].recv(100)
+    finally:
+        for sock in group:
+            sock.close()
+
+
 def test_snapshots_cross_the_control_socket_as_they_are():
     snapshot = tcp_snapshot(3, 0, ErrorCounts().snapshot())
     assert pickle.loads(pickle.dumps([("tcp", "r", snapshot)])) == [("tcp", "r", snapshot)]
@@ -514,3 +538,35 @@ def test_systemd_hears_the_parent_with_the_totals(tool, echo_server, tmp_path):
         fwd.proc.send_signal(signal.SIGTERM)
         assert messages(sock, "STOPPING")[-1] == {"STOPPING": "1"}
         assert fwd.proc.wait(20) == 0
+
+
+def test_kcptcp_server_workers_follow_a_client_that_changes_address(tool, echo_server):
+    """Steered by conv, the conversation stays in its worker when the client's source port
+    changes (NAT rebinding) seven times or more; by the address hash its datagrams would go to
+    the other worker, which does not know the conversation, at about every second change."""
+    from test_roaming import RebindingRelay
+    udp, metrics = free_port(socket.AF_INET, socket.SOCK_DGRAM), free_port()
+    server = tool("kcptcp-server", "-w", "2", "-K", PSK, "--stats-interval", "0", "--metrics",
+                  f"127.0.0.1:{metrics}", f"127.0.0.1:{udp}", f"127.0.0.1:{echo_server.port}")
+    worker_pids(server)
+    server.wait_for_log(r"w2\[\d+\] INFO: tunnelling")
+    relay = RebindingRelay(("127.0.0.1", udp), 1 << 20)
+    tcp = free_port()
+    client = tool("kcptcp-client", "-K", PSK, "--stats-interval", "0", f"127.0.0.1:{tcp}",
+                  f"127.0.0.1:{relay.port}")
+    client.wait_for_log("tunnelling")
+    try:
+        with connect("127.0.0.1", tcp, timeout=60) as sock:
+            sock.settimeout(60)
+            echo_roundtrip(sock, 8 << 20)
+        assert len(relay.ports) >= 8  # seven rebinds during the transfer
+        # No datagram of the conversation reached the worker that does not hold it (by the
+        # address hash, those after about every second rebind would, until KCP's
+        # retransmissions made the relay rebind onto the right worker again).
+        unmatched = sample_value(scrape(metrics), "portfwd_tunnel_datagrams_unmatched_total",
+                                 reason="unknown")
+        assert unmatched == 0
+        assert len(re.findall(r"kcptcp-server/w\d\[\d+\] INFO: conv=\d+ open", server.log())) == 1
+    finally:
+        relay.close()
+    assert client.stop() == 0 and server.stop() == 0

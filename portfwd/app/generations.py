@@ -56,6 +56,7 @@ class Generations:
         self.process = process
         self.count = process_workers(loaded, process)
         self.sockets = bind_all_slots(loaded, self._count)  # rule key -> a socket per slot
+        self._steer()
         if loaded.holds_key:  # the parent read the keys too
             daemon.disable_core_dumps()
         self.pool = Pool(self.count, self._work, self._per_slot())
@@ -129,6 +130,7 @@ class Generations:
             gone.append(socks[self._count(rule):])  # a rule that runs in fewer workers now
             self.sockets[rule.key] = socks[:self._count(rule)]
         self.loaded = new
+        self._steer()
         self.pool.sockets = self._per_slot()
         self.pool.replace_all()
         close_all(gone)
@@ -136,6 +138,17 @@ class Generations:
         diff = dataclasses.replace(diff, changed=diff.changed + moved,
                                    kept=[rule for rule in diff.kept if rule not in moved])
         return diff.summary() + " (new workers)"
+
+    def _steer(self) -> None:
+        """The kinds that choose their worker (the tunnel servers: by conv), for the group's
+        size now (a failure leaves the kernel's address hash: logged)."""
+        for rule in self.loaded.rules:
+            if rule.kind.steer is not None:
+                try:
+                    rule.kind.steer(self.sockets[rule.key])
+                except OSError as exc:
+                    log.warning("%s: cannot steer by conversation, the client's address "
+                                "picks the worker: %s", rule.spec.where, exc.strerror or exc)
 
     def _grow(self, rule: Rule, socks: list[socket.socket]) -> list[socket.socket]:
         """The sockets ``rule`` needs beyond ``socks`` (bound now; raises OSError)."""

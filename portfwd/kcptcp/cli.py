@@ -11,9 +11,10 @@ from portfwd.kcptcp.client import TunnelClient
 from portfwd.kcptcp.config import UDP_BUFFER, client_config, server_config
 from portfwd.kcptcp.metrics import CLIENT_KIND, SERVER_KIND
 from portfwd.kcptcp.server import TunnelServer
-from portfwd.runtime import daemon
+from portfwd.runtime import daemon, prefork
 from portfwd.runtime.options import EXIT_USAGE, report
 from portfwd.tunnel.config import REKEY_SEQ_THRESHOLD, REKEY_TIMEOUT_MS
+from portfwd.tunnel.wire import PREFIX_SIZE
 
 # The options both tools share, in each tool's docopt usage text (the seed's list, then ours).
 OPTIONS = f"""Options:
@@ -150,7 +151,14 @@ def client_main(argv: list[str] | None = None) -> int:
 def server_main(argv: list[str] | None = None) -> int:
     # The UDP socket's buffers are sized at bind time (listen_options.bufsize = -S).
     return daemon.one_rule_main(SERVER_PROG, SERVER_USAGE, argv, SERVER_FIELDS, server_config,
-                                socket.SOCK_DGRAM, guarded(TunnelServer), SERVER_KIND)
+                                socket.SOCK_DGRAM, guarded(TunnelServer), SERVER_KIND,
+                                steer=steer_conversations)
+
+
+def steer_conversations(sockets: list[socket.socket]) -> None:
+    """-w: a tunnel server's workers are chosen by conversation id, not by the client's
+    address (runtime/prefork.steer_by_u32): the conv follows the type byte of every packet."""
+    prefork.steer_by_u32(sockets, PREFIX_SIZE - 4)
 
 
 def guarded(service: Callable[[Any, socket.socket], daemon.Service]

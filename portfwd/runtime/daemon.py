@@ -400,14 +400,16 @@ def notify_loop(notifier: Notifier, summary: Callable[[], str]) -> None:
 
 def one_rule_main(prog: str, usage: str, argv: list[str] | None, fields: Mapping[str, str],
                   make_config: Callable[[Options, Environment], Any], socktype: int,
-                  make_service: Callable[[Any, socket.socket], Service], kind: RuleKind) -> int:
+                  make_service: Callable[[Any, socket.socket], Service], kind: RuleKind,
+                  steer: Callable[[list[socket.socket]], None] | None = None) -> int:
     """The whole ``main()`` of a one-rule tool: command line -> Options -> the tool's frozen
     config (``make_config``, which has ``listen`` and ``listen_options``) -> a listener bound
     in the foreground, so its errors reach the terminal -> ``make_service`` -> :func:`run`
     with the rule ``kind`` named ``<kind>:<listen as written>``. With ``-w <n>`` (a field
     ``workers`` in ``fields``) the listener is a socket per worker slot and :func:`run` gets a
     :class:`~portfwd.runtime.prefork.Pool` whose workers each build the service; a
-    ``make_service.guard(config)`` (the tunnel tools' key guard) is then called in the parent.
+    ``make_service.guard(config)`` (the tunnel tools' key guard) is then called in the parent,
+    and ``steer(sockets)`` may make the group choose its worker (the tunnel servers: by conv).
     Bad input exits 2 and start-up failures 1, each as one line (:func:`run_tool`)."""
     def body() -> int:
         args = list(sys.argv[1:] if argv is None else argv)
@@ -429,6 +431,12 @@ def one_rule_main(prog: str, usage: str, argv: list[str] | None, fields: Mapping
             return run(prog, make_service(config, listeners[0]), process, warnings=warnings,
                        kinds=kinds, rule=rule)
 
+        if steer is not None and len(listeners) > 1:
+            try:
+                steer(listeners)
+            except OSError as exc:
+                raise StartupError(f"cannot steer {config.listen} by conversation: "
+                                   f"{exc.strerror or exc}") from None
         guard = getattr(make_service, "guard", None)  # a tunnel tool's key guard
         if guard is not None:  # the parent holds the key too
             guard(config)

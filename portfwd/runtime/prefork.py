@@ -123,6 +123,31 @@ def grow_slots(sockets: list[socket.socket], addr: Resolved, socktype: int,
     return kept + new
 
 
+SO_ATTACH_REUSEPORT_CBPF = getattr(socket, "SO_ATTACH_REUSEPORT_CBPF", 51)  # asm-generic
+# classic BPF: A = the u32 (network order) at payload offset k; A %= n; return A
+BPF_LD_W_ABS, BPF_ALU_MOD_K, BPF_RET_A = 0x20, 0x94, 0x16
+SOCK_FILTER = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
+
+
+def steer_by_u32(sockets: Sequence[socket.socket], offset: int) -> None:
+    """Make a UDP reuseport group pick its member by a number the datagram carries: member
+    (big-endian u32 at payload ``offset``) mod the group's size, instead of the 4-tuple hash.
+
+    The tunnel servers steer by the conversation id, so every datagram of a conversation
+    reaches the same worker wherever it comes from: a client that moves to a new address
+    (NAT rebinding) keeps its conversation, and a captured HELLO replayed from elsewhere meets
+    the replay cache of the worker that saw it. Members are numbered in bind order, which is
+    slot order (the parent binds them and keeps them: the numbering never changes). A datagram
+    too short to carry the number goes to member 0."""
+    if len(sockets) < 2:
+        return
+    program = b"".join(SOCK_FILTER.pack(*op) for op in (
+        (BPF_LD_W_ABS, 0, 0, offset), (BPF_ALU_MOD_K, 0, 0, len(sockets)), (BPF_RET_A, 0, 0, 0)))
+    buffer = ctypes.create_string_buffer(program)
+    fprog = struct.pack("@HP", len(program) // SOCK_FILTER.size, ctypes.addressof(buffer))
+    sockets[0].setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+
+
 # --- summing snapshots ------------------------------------------------------------------------
 
 def merge(a: Any, b: Any) -> Any:
