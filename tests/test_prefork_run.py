@@ -103,3 +103,23 @@ def test_a_bad_rule_worker_count_names_the_rule(tmp_path):
     assert done.returncode == 2
     assert done.stderr == (f'portfwd: error: {path}:5: [[tcp]] #1 "web": workers expects a '
                            "whole number, got 'x'\n")
+
+
+def test_a_tunnel_server_rule_in_two_workers(tool, tmp_path, echo_server):
+    from test_portfwd_run import key_file
+    from test_prefork import PSK
+    udp, local = free_port(socket.AF_INET, socket.SOCK_DGRAM), free_port()
+    path = write(tmp_path / "c.toml", rule("kcptcp-server", f"127.0.0.1:{udp}",
+                                           f"127.0.0.1:{echo_server.port}", "tunnel",
+                                           psk_file=key_file(tmp_path), workers=2))
+    run = tool("portfwd", "run", path)
+    worker_pids(run)
+    run.wait_for_log(r"portfwd/w2\[\d+\] INFO: running 1 rules")
+    client = tool("kcptcp-client", "-K", PSK, f"127.0.0.1:{local}", f"127.0.0.1:{udp}")
+    client.wait_for_log("tunnelling")
+    echo_connections(local, 16, 20_000)  # 16 conversations, steered by conv over both
+    log = run.log()
+    for tag in ("w1", "w2"):
+        assert re.search(rf"portfwd/{tag}\[\d+\] INFO: conv=\d+ open", log), log
+    assert "cannot steer" not in log
+    assert client.stop() == 0 and run.stop() == 0
