@@ -7,11 +7,11 @@ parent and kept open by it, and whoever runs slot i, the first worker or one res
 crash, serves exactly those sockets.
 
 Why one SO_REUSEPORT socket per slot: the kernel picks a group member by a hash of the 4-tuple
-over the group's sockets, so a UDP client (or a tunnel client's conversation) always reaches
-the same socket. Because the parent keeps every socket open, a dead worker's socket stays in
-the group (its datagrams or connections wait in its queue for the restarted worker) and the
-hash never changes membership: sessions never split. TCP uses the same scheme (the benchmark,
-bench/bench_workers.py, compares it with one shared listener).
+over the group's sockets, so a UDP client always reaches the same socket (the tunnel servers
+pick by conversation id instead: :func:`steer_by_u32`). Because the parent keeps every socket
+open, a dead worker's socket stays in the group (its datagrams or connections wait in its
+queue for the restarted worker) and the group never changes membership: sessions never split.
+TCP uses the same scheme (bench/bench_workers.py compares it with one shared listener).
 
 Metrics: the parent answers ``--metrics``, SIGUSR1 and systemd's STATUS= with the sum over
 workers. It asks each worker for its ``rule_snapshots()`` over the worker's control socket (a
