@@ -7,7 +7,7 @@ Each request is a new connection (wrk with ``Connection: close``; ab if wrk is m
 1 KiB file from nginx on loopback. Per configuration: the request rate (median and range of
 interleaved rounds), its ratio to nginx direct and to -w 1 in the same run, tcpfwd's CPU per
 connection (parent and workers, from /proc), and how evenly the workers shared the connections
-(the least and the most loaded worker's share, from their ``conn N open`` lines). ``shared``
+(the least and the most loaded worker's share of the workers' CPU). ``shared``
 runs the workers on one listening socket (PORTFWD_SHARED_LISTENER=1) instead of one
 SO_REUSEPORT socket each, to compare how they spread the load.
 
@@ -32,7 +32,17 @@ import time
 from collections.abc import Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Table, free_port, have, print_tables, process, tool, tree_cpu_seconds, wait_port  # noqa: E402
+from common import (  # noqa: E402
+    Table,
+    cpu_seconds,
+    free_port,
+    have,
+    print_tables,
+    process,
+    tool,
+    tree_cpu_seconds,
+    wait_port,
+)
 
 NGINX_CONF = """worker_processes {workers};
 daemon off;
@@ -48,7 +58,7 @@ http {{
 }}
 """
 FILE_SIZE = 1024  # bytes, the issue's 1 KiB file
-OPEN_LINE = re.compile(r"tcpfwd/(w\d+)\[\d+\] INFO: conn \d+ open")
+STARTED = re.compile(r"w\d+ pid (\d+)")  # the parent's "started n workers: w1 pid N, ..."
 
 
 def default_curve() -> list[int]:
@@ -121,16 +131,16 @@ def measure(target: int, workers: int | None, listener: str, seconds: float,
                 if time.monotonic() > deadline:
                     raise RuntimeError(read(log.name))
                 time.sleep(0.05)
+            pids = [int(pid) for pid in STARTED.findall(read(log.name))]
             before, start = tree_cpu_seconds(proc.pid), time.monotonic()
+            each = [cpu_seconds(pid) for pid in pids]
             done = load(port, seconds, concurrency)
             elapsed, cpu = time.monotonic() - start, tree_cpu_seconds(proc.pid) - before
-        share = None
-        if workers > 1:
-            counts = {f"w{i + 1}": 0 for i in range(workers)}
-            for tag in OPEN_LINE.findall(read(log.name)):
-                counts[tag] += 1
-            total = sum(counts.values()) or 1
-            share = (min(counts.values()) / total, max(counts.values()) / total)
+            each = [cpu_seconds(pid) - was for pid, was in zip(pids, each, strict=True)]
+    share = None
+    if workers > 1:  # each worker's part of the workers' CPU: how evenly the load spread
+        total = sum(each) or 1.0
+        share = (min(each) / total, max(each) / total)
     return done / elapsed, cpu / done * 1e6, share
 
 
@@ -183,7 +193,7 @@ def main() -> int:
             f"{len(os.sched_getaffinity(0))} CPUs shared by the load generator, nginx "
             f"(worker_processes {args.nginx_workers}) and tcpfwd. CPU = tcpfwd's parent and "
             "workers per connection (median); share = the least / most loaded worker's part "
-            "of the connections over all rounds.")
+            "of the workers' CPU (extremes over all rounds).")
     table = Table("tcpfwd -w: short connections to nginx",
                   ["path", "-w", "listener", "req/s median (range)", "x direct", "x -w 1",
                    "CPU us/conn", "worker share min / max"], rows, note)
