@@ -50,8 +50,8 @@ OPTIONS = f"""Options:
                         refused (nothing evicted; the client resets its connection at
                         once); 0 = no limit [default: 0]
   -w <n>                worker processes, each on its own SO_REUSEPORT socket of the
-                        listener (a client's datagrams always reach the same worker),
-                        0 = one per CPU [default: 1]
+                        listener (servers: a conversation stays in one worker), 0 = one
+                        per CPU [default: 1]
 """
 # Last in every options list: docopt gives an option the "[default: ...]" of the lines after
 # it, up to the next option, so the environment's defaults must follow a flag without a value.
