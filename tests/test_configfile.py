@@ -69,7 +69,8 @@ def test_every_flag_of_every_tool_is_a_key():
     for kind, fields, dest in (("tcp", TCP_FIELDS, "dest"), ("udp", UDP_FIELDS, "dest"),
                                ("kcptcp-client", client_only, "remote"),
                                ("kcptcp-server", SERVER_FIELDS, "target")):
-        assert set(fields) - PROCESS_FIELDS - {"listen", dest} == KINDS[kind].keys
+        # workers is a process key that a rule may set too (its share of the workers)
+        assert set(fields) - PROCESS_FIELDS - {"listen", dest} | {"workers"} == KINDS[kind].keys
 
 
 def test_defaults_apply_where_a_rule_does_not_set_the_key():

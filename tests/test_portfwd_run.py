@@ -125,7 +125,8 @@ def test_check_accepts_the_example():
 
 
 def test_help_and_version():
-    assert "portfwd run [-d] [-p <pidfile>] <config.toml>" in run_cli("portfwd", "-h").stdout
+    usage = run_cli("portfwd", "-h").stdout
+    assert "portfwd run [-d] [-p <pidfile>] [-w <n>] <config.toml>" in usage
     assert run_cli("portfwd", "--version").stdout.startswith("portfwd ")
 
 

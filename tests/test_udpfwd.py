@@ -42,12 +42,14 @@ def udp_socket(host: str, bind_port: int = 0) -> socket.socket:
 class UdpPeer:
     """A threaded UDP server: ``reply(datagram) -> bytes | None`` (default: echo)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, reply=None) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, reply=None, key=None) -> None:
         self.sock = udp_socket(host, port)
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
         self.reply = reply or (lambda data: data)
         self.sources: set[tuple] = set()
+        self.key = key  # key(datagram) -> its sender's name: by_key records its sources
+        self.by_key: dict[object, set[tuple]] = {}
         self._stop = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -61,6 +63,8 @@ class UdpPeer:
             except OSError:
                 return
             self.sources.add(peer)
+            if self.key is not None:
+                self.by_key.setdefault(self.key(data), set()).add(peer)
             answer = self.reply(data)
             if answer is not None:
                 self.sock.sendto(answer, peer)

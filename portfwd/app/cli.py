@@ -1,7 +1,7 @@
 """portfwd: many forwarding rules in one process, from a TOML config file.
 
 Usage:
-  portfwd run [-d] [-p <pidfile>] <config.toml>
+  portfwd run [-d] [-p <pidfile>] [-w <n>] <config.toml>
   portfwd check <config.toml>
   portfwd -h | --help
   portfwd --version
@@ -15,12 +15,14 @@ Commands:
 Options:
   -d             run in background (daemonize)
   -p <pidfile>   write PID to file
+  -w <n>         worker processes (as the file's top-level workers key), 0 = one per
+                 CPU; a reload then starts new workers while the old ones drain
   -h --help      show help
   --version      show the version
 
 The file's tables are [[tcp]], [[udp]], [[kcptcp-client]] and [[kcptcp-server]] rules (keys:
 listen, to, name and the tool's long flag names, e.g. connect_timeout, psk_file), an optional
-[defaults] table of rule keys, and top-level process settings (pidfile, daemonize).
+[defaults] table of rule keys, and top-level process settings (pidfile, daemonize, workers).
 See contrib/portfwd.example.toml.
 """
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import sys
 
+from portfwd.app.generations import Generations, process_workers
 from portfwd.app.load import LoadedConfig, absolute, read_config
 from portfwd.app.rules import EXPORTED
 from portfwd.app.supervisor import Supervisor, bind_all
@@ -37,7 +40,7 @@ from portfwd.runtime.environment import read_environment
 from portfwd.runtime.options import Options, parse_args, run_tool
 
 PROG = "portfwd"
-CLI_PROCESS_FIELDS = {"daemonize": "-d", "pidfile": "-p"}  # field -> docopt key
+CLI_PROCESS_FIELDS = {"daemonize": "-d", "pidfile": "-p", "workers": "-w"}  # field -> docopt key
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             if args[key]:  # the command line wins over the file
                 values[field], labels[field] = args[key], key
         process = process_config(Options(values, labels), env)
+        if process_workers(loaded, process) > 1:
+            generations = Generations(PROG, absolute(path), path, env, loaded, process)
+            return daemon.run(PROG, generations.pool, process, reload=generations.reload,
+                              kinds=EXPORTED)
         supervisor = Supervisor(absolute(path), path, env, loaded, bind_all(loaded))
         return daemon.run(PROG, supervisor, process, reload=supervisor.reload, kinds=EXPORTED)
 

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from portfwd.app.configfile import ConfigFile, RuleSpec, parse_config
-from portfwd.app.rules import KINDS, PARSER_KINDS, Kind
+from portfwd.app.rules import KINDS, PARSER_KINDS, RULE_WORKERS, Kind
 from portfwd.runtime.addr import format_sockaddr
 from portfwd.runtime.config import PROCESS_FIELDS
 from portfwd.runtime.environment import Environment
 from portfwd.runtime.options import ConfigError
+from portfwd.runtime.prefork import worker_count
 
 MAX_CONFIG_BYTES = 16 << 20  # a config file larger than this is not one
 
@@ -27,6 +28,7 @@ class Rule:
     kind: Kind
     spec: RuleSpec
     config: Any  # the tool's frozen config (TcpConfig, UdpConfig, ClientConfig, ServerConfig)
+    workers: int | None = None  # the rule's ``workers`` (0 given = one per CPU); None = the file's
 
     @property
     def name(self) -> str:
@@ -98,9 +100,11 @@ def load_config(text: str, filename: str, env: Environment, base_dir: str = "") 
         kind = KINDS[spec.kind]
         try:
             config = kind.make_config(spec.options, env)
+            workers = (worker_count(spec.options, RULE_WORKERS)
+                       if spec.options.raw(RULE_WORKERS) is not None else None)
         except ConfigError as exc:
             raise ConfigError(exc.field, located(spec, exc)) from None
-        rule = Rule(kind, spec, config)
+        rule = Rule(kind, spec, config, workers)
         if rule.socket_key in listening:
             other = listening[rule.socket_key]
             raise ConfigError("listen", f"{spec.options.label('listen')}: "

@@ -58,6 +58,7 @@ class Kind:
     reuse: str  # HANDOVER or RECONFIGURE
     exported: exporter.RuleKind  # how its snapshots are exported (--metrics, SIGUSR1, STATUS=)
     holds_key: Callable[[Any], bool] | None = None  # a tunnel kind: does it carry a PSK?
+    steer: Callable[[list[socket.socket]], None] | None = None  # -w: how its group picks
 
     def plaintext(self, config: Any) -> bool:
         """A tunnel rule without a key: it runs, but unencrypted (``check`` warns)."""
@@ -68,9 +69,13 @@ class Kind:
         return KindKeys(self.dest_field, self.keys)
 
 
+RULE_WORKERS = "workers"  # a process key that a rule may set too: its worker count
+
+
 def tool_keys(fields: Mapping[str, str], dest_field: str, *also: str) -> frozenset[str]:
-    """A tool's fields (its FIELDS table: every flag) minus the process's and the addresses."""
-    return frozenset(fields) - PROCESS_FIELDS - {"listen", dest_field} | set(also)
+    """A tool's fields (its FIELDS table: every flag) minus the process's and the addresses,
+    plus ``workers`` (a rule runs in that many of the process's workers)."""
+    return frozenset(fields) - PROCESS_FIELDS - {"listen", dest_field} | {RULE_WORKERS, *also}
 
 
 def _tunnel_key(config: Any) -> bool:
@@ -87,13 +92,13 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
          kcptcp_metrics.CLIENT_KIND, _tunnel_key),
     Kind("kcptcp-server", server_config, socket.SOCK_DGRAM, TunnelServer, "target",
          tool_keys(kcptcp_cli.SERVER_FIELDS, "target"), RECONFIGURE,
-         kcptcp_metrics.SERVER_KIND, _tunnel_key),
+         kcptcp_metrics.SERVER_KIND, _tunnel_key, kcptcp_cli.steer_conversations),
     Kind("kcpudp-client", kcpudp_config.client_config, socket.SOCK_DGRAM, DatagramClient,
          "remote", tool_keys(kcpudp_cli.CLIENT_FIELDS, "remote") - {"max_pending"},
          RECONFIGURE, kcpudp_metrics.CLIENT_KIND, _tunnel_key),
     Kind("kcpudp-server", kcpudp_config.server_config, socket.SOCK_DGRAM, DatagramServer,
          "target", tool_keys(kcpudp_cli.SERVER_FIELDS, "target"), RECONFIGURE,
-         kcpudp_metrics.SERVER_KIND, _tunnel_key),
+         kcpudp_metrics.SERVER_KIND, _tunnel_key, kcptcp_cli.steer_conversations),
 )}
 EXPORTED = {name: kind.exported for name, kind in KINDS.items()}  # for daemon.run(kinds=)
 PARSER_KINDS = {name: kind.parser_keys for name, kind in KINDS.items()}

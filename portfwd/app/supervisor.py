@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import gevent
@@ -26,7 +26,7 @@ from portfwd.app.rules import HANDOVER
 from portfwd.runtime import daemon
 from portfwd.runtime.environment import Environment
 from portfwd.runtime.options import ConfigError, StartupError
-from portfwd.runtime.sockets import bind_socket
+from portfwd.runtime.prefork import bind_slots
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +55,27 @@ class Running:
 def bind_rules(rules: Iterable[Rule]) -> dict[tuple, socket.socket]:
     """A listener per rule, or none: on the first failure the others are closed and OSError
     propagates with ``.rule`` naming the rule that could not bind."""
-    bound: dict[tuple, socket.socket] = {}
+    return {key: socks[0] for key, socks in bind_rule_slots(rules).items()}
+
+
+def bind_rule_slots(rules: Iterable[Rule], count: Callable[[Rule], int] | None = None
+                    ) -> dict[tuple, list[socket.socket]]:
+    """:func:`bind_rules` with ``count(rule)`` sockets per rule, one per worker slot (with a
+    ``count``: a SO_REUSEPORT group, which a reload may grow)."""
+    bound: dict[tuple, list[socket.socket]] = {}
     try:
         for rule in rules:
             try:
-                bound[rule.key] = bind_socket(rule.config.listen, rule.kind.socktype,
-                                              rule.config.listen_options)
+                bound[rule.key] = bind_slots(rule.config.listen, rule.kind.socktype,
+                                             rule.config.listen_options,
+                                             count(rule) if count else 1, count is not None)
             except OSError as exc:
                 exc.rule = rule  # type: ignore[attr-defined]
                 raise
     except OSError:
-        for sock in bound.values():
-            sock.close()
+        for socks in bound.values():
+            for sock in socks:
+                sock.close()
         raise
     return bound
 
@@ -79,8 +88,14 @@ def bind_failure(exc: OSError) -> str:
 
 def bind_all(loaded: LoadedConfig) -> dict[tuple, socket.socket]:
     """Bind at start, in the foreground: a failure is a StartupError (exit 1)."""
+    return {key: socks[0] for key, socks in bind_all_slots(loaded).items()}
+
+
+def bind_all_slots(loaded: LoadedConfig, count: Callable[[Rule], int] | None = None
+                   ) -> dict[tuple, list[socket.socket]]:
+    """:func:`bind_all` with ``count(rule)`` sockets per rule, one per worker slot."""
     try:
-        return bind_rules(loaded.rules)
+        return bind_rule_slots(loaded.rules, count)
     except OSError as exc:
         raise StartupError(bind_failure(exc)) from None
 
@@ -142,53 +157,23 @@ class Supervisor:
         with self._reloading:
             if self._stopped:
                 return
-            started = time.monotonic()
-            done = self._reload()
-            if done is None:
+            if timed_reload(self.label, self._reload):
+                self.reloads += 1
+            else:
                 self.reload_failures += 1
-                return
-            self.reloads += 1
-            log.info("reload of %s in %.0f ms: %s", self.label,
-                     (time.monotonic() - started) * 1000, done)
 
-    def _reload(self) -> str | None:
-        """Apply the file; what changed, or None if nothing did (the reason is logged)."""
-        try:
-            new = read_config(self.path, self.env, self.label)
-        except ConfigError as exc:
-            log.error("reload refused, still running the previous configuration: %s",
-                      exc.message)
-            return None
-        old = {key: running.rule for key, running in self.running.items()}
-        fresh = {rule.key: rule for rule in new.rules}
-        added = [rule for key, rule in fresh.items() if key not in old]
-        removed = [rule for key, rule in old.items() if key not in fresh]
-        changed = [rule for key, rule in fresh.items()
-                   if key in old and (rule.config != old[key].config or rule.name != old[key].name)]
-        kept = [rule for key, rule in fresh.items() if key in old and rule not in changed]
-        for rule in changed:
-            v6only = rule.config.listen_options.v6only
-            if (rule.config.listen.family == socket.AF_INET6
-                    and v6only != old[rule.key].config.listen_options.v6only):
-                log.error("reload refused, still running the previous configuration: %s: "
-                          "v6only of a bound listener cannot change (remove the rule, reload, "
-                          "then add it back)", rule.spec.options.label("listen"))
-                return None
-        # A rule of another kind on a removed rule's TCP address takes its listener over
-        # (tcp <-> kcptcp-client); binding it anew would find the address in use.
-        vacated = {rule.socket_key: rule for rule in removed if rule.kind.reuse == HANDOVER}
-        takeover = {rule.key: vacated[rule.socket_key] for rule in added
-                    if rule.socket_key in vacated and rule.kind.reuse == HANDOVER}
+    def _reload(self) -> str:
+        """Apply the file; what changed (raises Refused when nothing could)."""
+        new = read_for_reload(self.path, self.env, self.label)
+        diff = diff_rules({key: running.rule for key, running in self.running.items()}, new)
+        added, removed, changed, kept = diff.added, diff.removed, diff.changed, diff.kept
+        takeover = diff.takeover
         try:
             self._guard_keys(new)
             bound = bind_rules(rule for rule in added if rule.key not in takeover)
         except (OSError, StartupError) as exc:
-            reason = bind_failure(exc) if isinstance(exc, OSError) else str(exc)
-            log.error("reload refused, still running the previous configuration: %s", reason)
-            return None
-        if new.file.process != self.loaded.file.process:
-            log.warning("reload: the process settings of %s take effect at the next start",
-                        self.label)
+            raise Refused(bind_failure(exc) if isinstance(exc, OSError) else str(exc)) from None
+        warn_process_change(self.label, self.loaded, new)
         for rule in added:
             if rule.key in takeover:
                 bound[rule.key] = self._retire(takeover[rule.key].key, handover=True)
@@ -202,8 +187,7 @@ class Supervisor:
         for rule in kept:  # the same rule, perhaps on other lines of the file now
             self.running[rule.key].rule = rule
         self.loaded = new
-        return (f"added {listing(added)}; changed {listing(changed)}; removed "
-                f"{listing(removed)}; kept {listing(kept)}")
+        return diff.summary()
 
     # -- one rule -------------------------------------------------------------------------
 
@@ -237,6 +221,72 @@ class Supervisor:
         if loaded.holds_key and not self._key_guarded:
             daemon.disable_core_dumps()
             self._key_guarded = True
+
+
+class Refused(Exception):
+    """A reload that cannot apply, and why (logged; nothing was changed)."""
+
+
+def timed_reload(label: str, apply: Callable[[], str]) -> bool:
+    """Run ``apply`` (it returns what changed, or raises Refused) and log the outcome."""
+    started = time.monotonic()
+    try:
+        done = apply()
+    except Refused as exc:
+        log.error("reload refused, still running the previous configuration: %s", exc)
+        return False
+    log.info("reload of %s in %.0f ms: %s", label, (time.monotonic() - started) * 1000, done)
+    return True
+
+
+def warn_process_change(label: str, old: LoadedConfig, new: LoadedConfig) -> None:
+    if new.file.process != old.file.process:
+        log.warning("reload: the process settings of %s take effect at the next start", label)
+
+
+def read_for_reload(path: str, env: Environment, label: str) -> LoadedConfig:
+    try:
+        return read_config(path, env, label)
+    except ConfigError as exc:
+        raise Refused(exc.message) from None
+
+
+@dataclass(frozen=True)
+class RuleDiff:
+    """What a reload changes, rule by rule (by key: kind and listen address)."""
+
+    added: list[Rule]
+    removed: list[Rule]
+    changed: list[Rule]  # same key, other settings or name
+    kept: list[Rule]
+    # added rule key -> the removed rule of another kind whose TCP listener it takes over
+    # (tcp <-> kcptcp-client): binding it anew would find the address in use
+    takeover: dict[tuple, Rule]
+
+    def summary(self) -> str:
+        return (f"added {listing(self.added)}; changed {listing(self.changed)}; removed "
+                f"{listing(self.removed)}; kept {listing(self.kept)}")
+
+
+def diff_rules(old: dict[tuple, Rule], new: LoadedConfig) -> RuleDiff:
+    """The rules of ``new`` against the running ``old``; raises Refused when a bound IPv6
+    listener's v6only would change."""
+    fresh = {rule.key: rule for rule in new.rules}
+    added = [rule for key, rule in fresh.items() if key not in old]
+    removed = [rule for key, rule in old.items() if key not in fresh]
+    changed = [rule for key, rule in fresh.items()
+               if key in old and (rule.config != old[key].config or rule.name != old[key].name)]
+    kept = [rule for key, rule in fresh.items() if key in old and rule not in changed]
+    for rule in changed:
+        v6only = rule.config.listen_options.v6only
+        if (rule.config.listen.family == socket.AF_INET6
+                and v6only != old[rule.key].config.listen_options.v6only):
+            raise Refused(f"{rule.spec.options.label('listen')}: v6only of a bound listener "
+                          "cannot change (remove the rule, reload, then add it back)")
+    vacated = {rule.socket_key: rule for rule in removed if rule.kind.reuse == HANDOVER}
+    takeover = {rule.key: vacated[rule.socket_key] for rule in added
+                if rule.socket_key in vacated and rule.kind.reuse == HANDOVER}
+    return RuleDiff(added, removed, changed, kept, takeover)
 
 
 def names(rules: Iterable[Rule]) -> dict[str, int]:

@@ -11,9 +11,10 @@ from portfwd.kcptcp.client import TunnelClient
 from portfwd.kcptcp.config import UDP_BUFFER, client_config, server_config
 from portfwd.kcptcp.metrics import CLIENT_KIND, SERVER_KIND
 from portfwd.kcptcp.server import TunnelServer
-from portfwd.runtime import daemon
+from portfwd.runtime import daemon, prefork
 from portfwd.runtime.options import EXIT_USAGE, report
 from portfwd.tunnel.config import REKEY_SEQ_THRESHOLD, REKEY_TIMEOUT_MS
+from portfwd.tunnel.wire import PREFIX_SIZE
 
 # The options both tools share, in each tool's docopt usage text (the seed's list, then ours).
 OPTIONS = f"""Options:
@@ -53,6 +54,9 @@ OPTIONS = f"""Options:
   --half-close-timeout <s>
                         once one direction has ended, close the connection s seconds
                         later, 0 = never [default: 60]
+  -w <n>                worker processes, each on its own SO_REUSEPORT socket of the
+                        listener (servers: a conversation stays in one worker), 0 = one
+                        per CPU [default: 1]
 """
 # Last in every options list: docopt gives an option the "[default: ...]" of the lines after
 # it, up to the next option, so the environment's defaults must follow a flag without a value.
@@ -101,7 +105,8 @@ FIELDS = {"daemonize": "-d", "pidfile": "-p", "reuseaddr": "-r", "reuseport": "-
           "stats_interval": "--stats-interval",
           "log_file": "--log-file", "metrics": "--metrics", "log_format": "--log-format",
           "allow": "--allow", "deny": "--deny", "max_conns": "--max-conns",
-          "idle_timeout": "--idle-timeout", "half_close_timeout": "--half-close-timeout"}
+          "idle_timeout": "--idle-timeout", "half_close_timeout": "--half-close-timeout",
+          "workers": "-w"}
 CLIENT_FIELDS = {**FIELDS, "listen": "<local_tcp_addr:port>", "remote": "<remote_udp_addr:port>",
                  "accept_proxy": "--accept-proxy", "proxy_from": "--proxy-from"}
 SERVER_FIELDS = {**FIELDS, "listen": "<local_udp_addr:port>", "target": "<target_tcp_addr:port>",
@@ -155,15 +160,26 @@ def client_main(argv: list[str] | None = None) -> int:
 def server_main(argv: list[str] | None = None) -> int:
     # The UDP socket's buffers are sized at bind time (listen_options.bufsize = -S).
     return daemon.one_rule_main(SERVER_PROG, SERVER_USAGE, argv, SERVER_FIELDS, server_config,
-                                socket.SOCK_DGRAM, guarded(TunnelServer), SERVER_KIND)
+                                socket.SOCK_DGRAM, guarded(TunnelServer), SERVER_KIND,
+                                steer=steer_conversations)
+
+
+def steer_conversations(sockets: list[socket.socket]) -> None:
+    """-w: a tunnel server's workers are chosen by conversation id, not by the client's
+    address (runtime/prefork.steer_by_u32): the conv follows the type byte of every packet."""
+    prefork.steer_by_u32(sockets, PREFIX_SIZE - 4)
 
 
 def guarded(service: Callable[[Any, socket.socket], daemon.Service]
             ) -> Callable[[Any, socket.socket], daemon.Service]:
     """``service``, built only after the process stopped being dumpable if a key is loaded."""
-    def build(config: Any, sock: socket.socket) -> daemon.Service:
+    def guard(config: Any) -> None:
         if config.conversation.tunnel.psk is not None:
             daemon.disable_core_dumps()
+
+    def build(config: Any, sock: socket.socket) -> daemon.Service:
+        guard(config)
         return service(config, sock)
 
+    build.guard = guard  # type: ignore[attr-defined]  (one_rule_main's -w parent calls it)
     return build

@@ -102,4 +102,5 @@ def client_main(argv: list[str] | None = None) -> int:
 
 def server_main(argv: list[str] | None = None) -> int:
     return daemon.one_rule_main(SERVER_PROG, SERVER_USAGE, argv, SERVER_FIELDS, server_config,
-                                socket.SOCK_DGRAM, kcptcp_cli.guarded(DatagramServer), SERVER_KIND)
+                                socket.SOCK_DGRAM, kcptcp_cli.guarded(DatagramServer), SERVER_KIND,
+                                steer=kcptcp_cli.steer_conversations)

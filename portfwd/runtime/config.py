@@ -1,6 +1,7 @@
 """The settings every tool shares, from parsed options: the process's and the listener's.
 
-Fields read: ``daemonize``, ``pidfile``, ``log_file``, ``metrics``, ``log_format`` (process);
+Fields read: ``daemonize``, ``pidfile``, ``log_file``, ``metrics``, ``log_format``,
+``workers`` (process);
 ``reuseaddr``, ``reuseport``, ``v6only`` (listener).
 """
 
@@ -14,11 +15,13 @@ from dataclasses import dataclass
 from portfwd.runtime.addr import Resolved
 from portfwd.runtime.environment import Environment
 from portfwd.runtime.options import ConfigError, Options
+from portfwd.runtime.prefork import worker_count
 from portfwd.runtime.sockets import ListenOptions
 
 # Every field process_config reads: the top-level keys of a config file (portfwd run), which
 # no rule kind may take as its own. tests/test_configfile.py checks it against the code below.
-PROCESS_FIELDS = frozenset({"daemonize", "pidfile", "log_file", "metrics", "log_format"})
+PROCESS_FIELDS = frozenset({"daemonize", "pidfile", "log_file", "metrics", "log_format",
+                            "workers"})
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class ProcessConfig:
     log_file: str | None = None  # --log-file: append log lines here, reopened on SIGUSR2
     metrics: Resolved | None = None  # --metrics: where /metrics is served, None = nowhere
     log_format: str = "text"  # --log-format: "text" (the seed's lines) or "json" (one object)
+    workers: int = 1  # -w: worker processes (0 given = one per CPU); 1 = serve in this process
 
 
 LOG_FORMATS = ("text", "json")
@@ -51,6 +55,7 @@ def process_config(options: Options, env: Environment) -> ProcessConfig:
         log_file=_in_existing_directory(options, "log_file"),
         metrics=metrics,
         log_format=log_format,
+        workers=worker_count(options, "workers"),
     )
 
 

@@ -29,6 +29,7 @@ from portfwd.runtime.exporter import (
     MetricsEndpoint,
     RuleKind,
     RuleSnapshots,
+    ValueCollector,
     make_registry,
     rule_name,
     rule_snapshots,
@@ -38,8 +39,9 @@ from portfwd.runtime.exporter import (
 from portfwd.runtime.logs import SYSLOG_SOCKET, logs_are_lost, reopen_log_files, setup_logging
 from portfwd.runtime.notify import Notifier
 from portfwd.runtime.options import EXIT_RUNTIME, Options, StartupError, parse_args, run_tool
+from portfwd.runtime.prefork import Pool, WorkerLink, bind_slots
 from portfwd.runtime.proctitle import SECRET_ON_COMMAND_LINE, hide_secret_arguments
-from portfwd.runtime.sockets import ListenOptions, bind_socket
+from portfwd.runtime.sockets import ListenOptions
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,13 @@ class PidFile:
         assert self.fd is not None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def forget(self) -> None:
+        """Close our descriptor without removing the file (a forked worker: the parent owns
+        it)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def release(self) -> None:
         if self.fd is None:
@@ -186,8 +195,14 @@ def disable_core_dumps() -> None:
 
 def bind_listener(addr: Resolved, socktype: int, options: ListenOptions) -> socket.socket:
     """Bind in the foreground, so a failure reaches the terminal as StartupError (exit 1)."""
+    return bind_listeners(addr, socktype, options, 1)[0]
+
+
+def bind_listeners(addr: Resolved, socktype: int, options: ListenOptions, count: int
+                   ) -> list[socket.socket]:
+    """:func:`bind_listener` for ``count`` worker slots (a SO_REUSEPORT group when > 1)."""
     try:
-        return bind_socket(addr, socktype, options)
+        return bind_slots(addr, socktype, options, count)
     except OSError as exc:
         raise StartupError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
 
@@ -236,7 +251,10 @@ def run(prog: str, service: Service, process: ProcessConfig, *,
     if process.metrics is not None:
         if snapshots is None:
             raise StartupError("this service has no metrics to serve")
-        endpoint = MetricsEndpoint(process.metrics, make_registry(snapshots, kinds))
+        registry = make_registry(snapshots, kinds)
+        if isinstance(service, Pool):
+            registry.register(ValueCollector(service.metric_values))
+        endpoint = MetricsEndpoint(process.metrics, registry)
     pid = PidFile(process.pidfile) if process.pidfile else None
     if pid is not None:
         try:
@@ -257,15 +275,19 @@ def run(prog: str, service: Service, process: ProcessConfig, *,
     notifier = Notifier.from_environ()
     summary = (lambda: summary_line(snapshots, kinds)) if snapshots else (lambda: "")
     stopping = gevent.event.Event()
-    for signum in STOP_SIGNALS:
-        if signum != signal.SIGHUP or reload is None:
-            gevent.signal_handler(signum, stopping.set)
-    if reload is not None:
-        gevent.signal_handler(signal.SIGHUP, reloader(reload, notifier, summary))
-    if snapshots is not None:
-        gevent.signal_handler(signal.SIGUSR1, log_status, snapshots, kinds)
-    gevent.signal_handler(signal.SIGUSR2, reopen_log_files)
+    on_sighup = reloader(reload, notifier, summary) if reload is not None else None
+    handles = install_signals(stopping, on_sighup, snapshots, kinds)
     greenlets: list[gevent.Greenlet] = []
+    pool = service if isinstance(service, Pool) else None
+    if pool is not None:
+        # A worker drops what the parent owns before it serves.
+        pool.after_fork += [*(handle.cancel for handle in handles), notifier.close,
+                            lambda: gevent.killall(greenlets, block=False)]
+        if endpoint is not None:
+            pool.after_fork.append(endpoint.server.close)
+        if pid is not None:
+            pool.after_fork.append(pid.forget)
+        handles.append(gevent.signal_handler(signal.SIGUSR2, pool.signal_all, signal.SIGUSR2))
     try:
         service.start()
         if endpoint is not None:
@@ -279,15 +301,66 @@ def run(prog: str, service: Service, process: ProcessConfig, *,
         stopping.wait()
         notifier.stopping()
         gevent.killall(greenlets)
-        log.info("stopping: closing listeners, draining connections for up to %.0f s",
-                 DRAIN_TIMEOUT)
-        service.stop(DRAIN_TIMEOUT)
+        drain(service)
         if endpoint is not None:
             endpoint.stop()
     finally:
         if pid is not None:
             pid.release()
         notifier.close()
+    log.info("stopped")
+    return 0
+
+
+def install_signals(stopping: gevent.event.Event, on_sighup: Callable[[], None] | None,
+                    snapshots: RuleSnapshots | None, kinds: Mapping[str, RuleKind] | None
+                    ) -> list[Any]:
+    """The seed's stop signals set ``stopping`` (SIGHUP calls ``on_sighup`` instead when
+    given), SIGUSR1 logs the status of ``snapshots``, SIGUSR2 reopens the log files. Returns
+    the handles (a forked worker cancels its parent's)."""
+    handles = [gevent.signal_handler(signum, stopping.set) for signum in STOP_SIGNALS
+               if signum != signal.SIGHUP or on_sighup is None]
+    if on_sighup is not None:
+        handles.append(gevent.signal_handler(signal.SIGHUP, on_sighup))
+    if snapshots is not None and kinds is not None:
+        handles.append(gevent.signal_handler(signal.SIGUSR1, log_status, snapshots, kinds))
+    handles.append(gevent.signal_handler(signal.SIGUSR2, reopen_log_files))
+    return handles
+
+
+def drain(service: Service) -> None:
+    log.info("stopping: closing listeners, draining connections for up to %.0f s",
+             DRAIN_TIMEOUT)
+    service.stop(DRAIN_TIMEOUT)
+
+
+def serve_worker(prog: str, service: Service, process: ProcessConfig, link: WorkerLink, *,
+                 kinds: Mapping[str, RuleKind] | None = None,
+                 rule: tuple[str, str] | None = None,
+                 reload: Callable[[], None] | None = None) -> int:
+    """A ``-w`` worker's :func:`run`: the parent has the pidfile, the metrics endpoint and
+    systemd; the worker logs as ``<prog>/w<n>``, serves until a stop signal or its parent's
+    end, and answers the parent's snapshot requests over ``link``."""
+    setup_logging(f"{prog}/{link.tag}", detached=process.daemonize, level=process.log_level,
+                  log_file=process.log_file, log_format=process.log_format,
+                  rule=rule[1] if rule is not None else None)
+    snapshots = rule_snapshots(service, rule) if kinds is not None else None
+    stopping = gevent.event.Event()
+    install_signals(stopping, reload, snapshots, kinds)
+    service.start()
+    answering = link.serve(snapshots)
+    gevent.wait([stopping, link.parent_gone], count=1)
+    if link.parent_gone.is_set() and not stopping.is_set():
+        log.warning("the parent process is gone: stopping")
+    answering.kill()
+    # The final snapshot goes to the parent after the drain; a rule whose service forgets
+    # it once stopped (portfwd run's supervisor) is reported as it was before the drain.
+    before = list(snapshots()) if snapshots is not None else []
+    drain(service)
+    final = {(kind, name): snapshot for kind, name, snapshot in before}
+    if snapshots is not None:
+        final.update({(kind, name): snapshot for kind, name, snapshot in snapshots()})
+    link.close(lambda: [(kind, name, snapshot) for (kind, name), snapshot in final.items()])
     log.info("stopped")
     return 0
 
@@ -327,11 +400,16 @@ def notify_loop(notifier: Notifier, summary: Callable[[], str]) -> None:
 
 def one_rule_main(prog: str, usage: str, argv: list[str] | None, fields: Mapping[str, str],
                   make_config: Callable[[Options, Environment], Any], socktype: int,
-                  make_service: Callable[[Any, socket.socket], Service], kind: RuleKind) -> int:
+                  make_service: Callable[[Any, socket.socket], Service], kind: RuleKind,
+                  steer: Callable[[list[socket.socket]], None] | None = None) -> int:
     """The whole ``main()`` of a one-rule tool: command line -> Options -> the tool's frozen
     config (``make_config``, which has ``listen`` and ``listen_options``) -> a listener bound
     in the foreground, so its errors reach the terminal -> ``make_service`` -> :func:`run`
-    with the rule ``kind`` named ``<kind>:<listen as written>``.
+    with the rule ``kind`` named ``<kind>:<listen as written>``. With ``-w <n>`` (a field
+    ``workers`` in ``fields``) the listener is a socket per worker slot and :func:`run` gets a
+    :class:`~portfwd.runtime.prefork.Pool` whose workers each build the service; a
+    ``make_service.guard(config)`` (the tunnel tools' key guard) is then called in the parent,
+    and ``steer(sockets)`` may make the group choose its worker (the tunnel servers: by conv).
     Bad input exits 2 and start-up failures 1, each as one line (:func:`run_tool`)."""
     def body() -> int:
         args = list(sys.argv[1:] if argv is None else argv)
@@ -340,10 +418,34 @@ def one_rule_main(prog: str, usage: str, argv: list[str] | None, fields: Mapping
         env = read_environment()
         config = make_config(options, env)
         process = process_config(options, env)
-        listener = bind_listener(config.listen, socktype, config.listen_options)
+        if env.shared_listener and socktype == socket.SOCK_STREAM:  # to compare (bench)
+            listeners = [bind_listener(config.listen, socktype, config.listen_options)]
+            listeners *= process.workers
+        else:
+            listeners = bind_listeners(config.listen, socktype, config.listen_options,
+                                       process.workers)
         warnings = (SECRET_ON_COMMAND_LINE,) if hidden else ()
         rule = (kind.name, rule_name(kind.name, options.raw("listen")))
-        return run(prog, make_service(config, listener), process, warnings=warnings,
-                   kinds={kind.name: kind}, rule=rule)
+        kinds = {kind.name: kind}
+        if process.workers == 1:
+            return run(prog, make_service(config, listeners[0]), process, warnings=warnings,
+                       kinds=kinds, rule=rule)
+
+        if steer is not None and len(listeners) > 1:
+            try:
+                steer(listeners)
+            except OSError as exc:
+                raise StartupError(f"cannot steer {config.listen} by conversation: "
+                                   f"{exc.strerror or exc}") from None
+        guard = getattr(make_service, "guard", None)  # a tunnel tool's key guard
+        if guard is not None:  # the parent holds the key too
+            guard(config)
+
+        def work(slot: int, link: WorkerLink) -> int:
+            return serve_worker(prog, make_service(config, listeners[slot]), process, link,
+                                kinds=kinds, rule=rule)
+
+        pool = Pool(process.workers, work, [[sock] for sock in listeners])
+        return run(prog, pool, process, warnings=warnings, kinds=kinds, rule=rule)
 
     return run_tool(prog, body)

@@ -18,6 +18,7 @@ LOGLEVEL = "PORTFWD_LOGLEVEL"  # numeric logging level of the root logger (10 = 
 REKEY_SEQ_THRESHOLD = "PORTFWD_REKEY_SEQ_THRESHOLD"  # kcptcp: send_seq that starts a rekey
 REKEY_TIMEOUT_MS = "PORTFWD_REKEY_TIMEOUT_MS"  # kcptcp: ms without REKEY_ACK before closing
 PSK = "PORTFWD_PSK"  # kcptcp: the key as 64 hex digits, kept out of ps (unlike -K)
+SHARED_LISTENER = "PORTFWD_SHARED_LISTENER"  # 1: TCP -w workers share one listener (bench)
 REKEY_SEQ_MAX = 0xFFFFFFFF  # packets: send_seq is a u32
 REKEY_TIMEOUT_MAX_MS = 3600_000  # ms
 
@@ -32,6 +33,7 @@ class Environment:
     rekey_seq_threshold: int | None = None  # packets, 1..0xFFFFFFFF
     rekey_timeout_ms: int | None = None  # ms, 1..3600000
     psk: bytes | None = field(default=None, repr=False)  # PORTFWD_PSK: 32 bytes
+    shared_listener: bool = False  # PORTFWD_SHARED_LISTENER: one TCP listener for all workers
 
 
 def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
@@ -44,6 +46,7 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         rekey_seq_threshold=_number(env, REKEY_SEQ_THRESHOLD, 1, REKEY_SEQ_MAX),
         rekey_timeout_ms=_number(env, REKEY_TIMEOUT_MS, 1, REKEY_TIMEOUT_MAX_MS),
         psk=Options({"psk": env.get(PSK)}, {"psk": PSK}).psk("psk"),
+        shared_listener=_switch(env, SHARED_LISTENER),
     )
 
 

@@ -143,6 +143,24 @@ class SnapshotCollector:
         return []  # families depend on the rules: nothing to check at registration
 
 
+class ValueCollector:
+    """Unlabelled values read at scrape time: ``values()`` gives ``(name, doc, "counter" or
+    "gauge", value)`` rows, names as :class:`Families` takes them (the -w workers' own)."""
+
+    def __init__(self, values: Callable[[], Iterable[tuple[str, str, str, float]]]) -> None:
+        self.values = values
+
+    def collect(self) -> Iterator[Metric]:
+        families = Families()
+        for name, doc, mtype, value in self.values():
+            add = families.counter if mtype == "counter" else families.gauge
+            add(name, doc, value, {})
+        yield from families.collect()
+
+    def describe(self) -> list[Metric]:
+        return []
+
+
 def make_registry(snapshots: RuleSnapshots, kinds: Mapping[str, RuleKind],
                   process: bool = True) -> CollectorRegistry:
     """A registry with the snapshot collector and (``process``) the standard process collector

@@ -37,6 +37,8 @@ Options:
                          0 = never [default: 60]
   --metrics <addr:port>  serve Prometheus metrics at http://addr:port/metrics (off by default)
   --log-format <format>  text (default) or json: one JSON object per log line
+  -w <n>                 worker processes, each accepting on its own SO_REUSEPORT socket
+                         of the listener, 0 = one per CPU [default: 1]
   -h --help          show help
 
 The listener always sets SO_REUSEADDR (a restart never waits for TIME_WAIT); -r is accepted.
@@ -44,6 +46,8 @@ The listener always sets SO_REUSEADDR (a restart never waits for TIME_WAIT); -r 
 Environment:
   PORTFWD_NO_SPLICE=1  relay through userspace copies instead of Linux splice()
   PORTFWD_LOGLEVEL=n   numeric level of the log (10 = DEBUG, 30 = warnings only)
+  PORTFWD_SHARED_LISTENER=1  -w workers accept from one shared listener instead of a
+                       SO_REUSEPORT socket each (to compare them: bench/bench_workers.py)
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ FIELDS = {"listen": "<local_addr:local_port>", "dest": "<dest_addr:dest_port>",
           "accept_proxy": "--accept-proxy", "proxy_from": "--proxy-from",
           "proxy_protocol": "--proxy-protocol", "idle_timeout": "--idle-timeout",
           "half_close_timeout": "--half-close-timeout",
-          "log_file": "--log-file", "metrics": "--metrics", "log_format": "--log-format"}
+          "log_file": "--log-file", "metrics": "--metrics", "log_format": "--log-format",
+          "workers": "-w"}
 
 
 def main(argv: list[str] | None = None) -> int:

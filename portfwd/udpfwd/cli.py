@@ -25,6 +25,8 @@ Options:
   --allow <cidr>           only clients in this network (repeatable; IPv4 or IPv6)
   --deny <cidr>            never clients in this network (repeatable; wins over --allow);
                            a refused client's datagrams are dropped before a session exists
+  -w <n>                   worker processes, 0 = one per CPU (default: 1); a client's
+                           datagrams always reach the same worker (SO_REUSEPORT)
 
 Sessions: each client address gets its own upstream socket, closed after -t seconds without
 a datagram either way (-t 0: never) or when evicted at --max-sessions. -H is the seed's hash
@@ -52,7 +54,8 @@ FIELDS = {"listen": "<local_addr:local_port>", "dest": "<dest_addr:dest_port>",
           "reuseport": "-R", "table_hint": "-H", "pidfile": "-p",
           "max_sessions": "--max-sessions", "stats_interval": "--stats-interval",
           "sockbuf": "--sockbuf", "log_file": "--log-file", "metrics": "--metrics",
-          "log_format": "--log-format", "allow": "--allow", "deny": "--deny"}
+          "log_format": "--log-format", "allow": "--allow", "deny": "--deny",
+          "workers": "-w"}
 
 
 def main(argv: list[str] | None = None) -> int:
