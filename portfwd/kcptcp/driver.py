@@ -41,6 +41,7 @@ from portfwd.kcptcp.metrics import (
     render_stats,
     sum_totals,
 )
+from portfwd.runtime.jobs import Jobs
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.sockets import READ, WRITE
 from portfwd.tunnel import events
@@ -141,8 +142,11 @@ class ConversationDriver:
         self._room = gevent.event.Event()  # tcp reader: conversation can take more
         self._data = gevent.event.Event()  # tcp writer: records are waiting
         self._armed: int | None = None  # deadline the ticker sleeps towards
-        self._greenlets: list[gevent.Greenlet] = []
-        self._writer: gevent.Greenlet | None = None
+        # The conversation's greenlets (ticker, TCP reader and writer, a client's UDP
+        # receiver) are pooled jobs, ended together by wait_finished().
+        self._jobs = Jobs()
+        self._greenlets: list[gevent.Greenlet] = []  # gevent greenlets, killed there too
+        self._writer_done: gevent.event.Event | None = None  # set when the TCP writer ends
         self.started = time.monotonic()
         self.last_active = now_ms()  # ms: last stream bytes either way (session cap LRU)
         self.rekeys_started = 0  # events counted for the metrics snapshot
@@ -218,16 +222,21 @@ class ConversationDriver:
 
     # --- greenlets -------------------------------------------------------------------------
 
+    def spawn(self, job: Callable[..., object], *args: object) -> None:
+        """Run ``job(*args)`` in a greenlet that ends with the conversation (wait_finished)."""
+        self._jobs.spawn(job, *args)
+
     def start_ticker(self) -> None:
-        self._greenlets.append(gevent.spawn(self._tick))
+        self._jobs.spawn(self._tick)
 
     def attach_tcp(self, sock: gsocket,
                    prelude: Callable[[Origin | None], bytes] | None = None) -> None:
         """Start moving bytes between ``sock`` and the conversation; ``prelude`` (server,
         --proxy-protocol) makes what is written to ``sock`` first from the client's ORIGIN."""
         self.tcp = sock
-        self._writer = gevent.spawn(self._tcp_writer, sock, prelude)
-        self._greenlets += [gevent.spawn(self._tcp_reader, sock), self._writer]
+        self._writer_done = gevent.event.Event()
+        self._jobs.spawn(self._tcp_writer, sock, prelude, done=self._writer_done)
+        self._jobs.spawn(self._tcp_reader, sock)
 
     def _tick(self) -> None:
         conv = self.conv
@@ -332,12 +341,17 @@ class ConversationDriver:
             self.conv.abort(reason)
             self.transmit()
 
+    def stop_jobs(self) -> None:
+        """End the conversation's pooled greenlets (at most 2 s); idempotent."""
+        self._jobs.stop(timeout=2)
+
     def wait_finished(self) -> None:
         """Block until the conversation is closed and received data is written, then release
         the TCP side and the greenlets."""
         self.finished.wait()
-        if self._writer is not None:
-            self._writer.join(timeout=DRAIN_TIMEOUT)
+        if self._writer_done is not None:
+            self._writer_done.wait(timeout=DRAIN_TIMEOUT)
+        self.stop_jobs()
         current = gevent.getcurrent()
         gevent.killall([g for g in self._greenlets if g is not current], block=True, timeout=2)
         if self.tcp is not None:

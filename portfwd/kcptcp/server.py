@@ -25,7 +25,6 @@ from collections.abc import Callable
 from types import MappingProxyType
 
 import gevent
-import gevent.pool
 from gevent.socket import socket as gsocket
 
 from portfwd.kcp import ReassemblyBudget
@@ -45,6 +44,7 @@ from portfwd.runtime.kerneldrops import KernelDrops
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.metrics import ErrorCounts
 from portfwd.runtime.sockets import cooperative, dial_tcp, set_buffers
+from portfwd.runtime.workers import Workers
 from portfwd.tunnel.cookie import source_prefix
 from portfwd.tunnel.handshake import HandshakeAcceptor
 from portfwd.tunnel.origin import Origin
@@ -101,7 +101,7 @@ class TunnelServer(ConversationService):
                                      self.handshakes.first_sight, started_wall_ms=started)
         self.probes_known = 0  # PROBEs for a conversation we hold: its packets answer them
         self.reassembly = ReassemblyBudget(self.limits.reassembly_bytes)
-        self.conversations = gevent.pool.Group()
+        self.conversations = Workers()  # each conversation's _serve
         self.dropped_unknown = 0  # datagrams for no conversation that are not a HELLO
         self.dropped_malformed = 0  # shorter than the common prefix
         self.refused_pending = 0  # HELLOs not looked at: max_pending unconfirmed sessions
