@@ -224,6 +224,8 @@ class TunnelServer(ConversationService):
                     if ptype != _HELLO or not self.accepting:
                         self.dropped_unknown += 1
                         continue
+                    if not self.handshakes.authentic(data, addr, now):
+                        continue  # forged (or another PSK): one MAC, no bookkeeping at all
                     driver = self._new_conversation(data, addr, now)
                     if driver is None:
                         continue
