@@ -104,7 +104,7 @@ class DatagramServer(TunnelServer):
             return
         local = UdpEndpoint(sock)
         driver.attach_local(lambda datagram: self._to_target(local, datagram), local.close,
-                            lambda: self._receive_target(driver, local))
+                            lambda: self._receive_target(driver, local), many=local.offer)
         log.info("%s open %s -> %s", driver.name, format_sockaddr(driver.conv.peer_addr), target)
         driver.transmit()  # what arrived before the socket was open
 
