@@ -241,9 +241,8 @@ class ConversationDriver:
         self._data = gevent.event.Event()  # tcp writer: records are waiting
         self._armed: int | None = None  # deadline the ticker sleeps towards
         # The conversation's greenlets (ticker, TCP reader and writer, a client's UDP
-        # receiver) are pooled jobs, ended together by wait_finished().
+        # receiver, kcpudp's local reader) are pooled jobs, ended together by wait_finished().
         self._jobs = Jobs()
-        self._greenlets: list[gevent.Greenlet] = []  # gevent greenlets, killed there too
         self._writer_done: gevent.event.Event | None = None  # set when the TCP writer ends
         self.started = time.monotonic()
         self.last_active = now_ms()  # ms: last stream bytes either way (session cap LRU)
@@ -450,8 +449,6 @@ class ConversationDriver:
         if self._writer_done is not None:
             self._writer_done.wait(timeout=DRAIN_TIMEOUT)
         self.stop_jobs()
-        current = gevent.getcurrent()
-        gevent.killall([g for g in self._greenlets if g is not current], block=True, timeout=2)
         if self.tcp is not None:
             if self.reset_tcp:
                 with contextlib.suppress(OSError):  # already reset by the application

@@ -13,8 +13,6 @@ import logging
 import time
 from collections.abc import Callable
 
-import gevent
-
 from portfwd.kcptcp.driver import ConversationDriver, UdpEndpoint, now_ms
 from portfwd.kcpudp.metrics import DatagramConversationMetrics
 from portfwd.tunnel.datagrams import ReliableDatagrams, UnreliableDatagrams
@@ -53,7 +51,7 @@ class DatagramDriver(ConversationDriver):
         self.to_local = to_local
         self.to_local_many = many
         self.local_close = close
-        self._greenlets.append(gevent.spawn(reader))
+        self.spawn(reader)  # a pooled job, ended by wait_finished
 
     def from_local(self, datagram: bytes) -> None:
         """A datagram from the local side, for the peer; call :meth:`transmit` after a batch."""
