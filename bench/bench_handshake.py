@@ -2,7 +2,7 @@
 """New tunnelled connections per second, unloaded and under a spoofed-source HELLO flood.
 
     sudo bench/bench_handshake.py [--seconds 4] [--rounds 3] [--workers 2]
-                                  [--flood-pps 150000] [--sources 100000] [--compare REV]
+                                  [--flood-pps 150000] [--sources 100000] [--compare REV ...]
 
 Runs inside a network namespace it creates and deletes (root needed): loopback up, and
 10.99.0.1/8 on lo, so every 10.x.y.z address is local and a raw socket can send datagrams from
@@ -11,10 +11,13 @@ is the target. A "connection" is: connect to kcptcp-client, send 100 B, read the
 ``--workers`` client processes loop on that (2: the rate is bound by each connection's latency;
 8: by CPU). The flood is HELLO-shaped datagrams (right size, type and version, random key share
 and MAC: what an attacker without the PSK can send) from ``--sources`` random source addresses
-at up to ``--flood-pps``; generating it takes about one of this machine's two cores.
-``--compare REV`` measures a second checkout (a git worktree of REV) in the same run, rounds
-interleaved, and prints its figures beside ours. Every figure is a median over rounds; ratios
-compare figures of this run only.
+at up to ``--flood-pps``, each datagram built before the flood starts (sending one is then a
+single sendto; "flooder CPU" says what the generator still takes of this machine's two cores,
+with the kernel's receive path of every forged datagram, which loopback charges to the sender).
+"CPU µs/conn" is user+system CPU of each tunnel process per connection, unloaded.
+``--compare REV`` (repeatable) measures another checkout (a git worktree of REV) in the same
+run, rounds interleaved, and prints its figures beside ours. Every figure is a median over
+rounds; ratios compare figures of this run only.
 """
 
 from __future__ import annotations
@@ -83,34 +86,47 @@ def hello_template(repo: str) -> bytes:
     return out.stdout
 
 
-def flood(port: int, template: bytes, pps: int, sources: int, seconds: float,
-          queue: multiprocessing.Queue) -> None:
-    """Spoofed-source HELLOs through a raw socket, paced to ``pps``; reports what it sent."""
+def flood_packets(port: int, template: bytes, sources: int) -> list[bytes]:
+    """One spoofed HELLO per source (random 10/8 address and port, random key share and MAC),
+    built before the flood starts so that sending one costs a single sendto: the generator
+    shares this machine's two cores with what it measures, and a real flood comes from the
+    network (it costs the server the same, and its sender nothing here)."""
     rng = random.Random(1)
-    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     server = socket.inet_aton(SERVER_IP)
     udp_len = 8 + len(template)
     # IPv4 header (the kernel fills in the total length and the checksum), UDP header, HELLO.
-    packet = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0, 64, 17, 0, bytes(4), server)
-                       + struct.pack("!HHHH", 0, port, udp_len, 0) + template)
-    addrs = [FLOOD_NET | rng.randrange(2, 1 << 24) for _ in range(sources)]
+    head = struct.pack("!BBHHHBBH", 0x45, 0, 0, 0, 0, 64, 17, 0)
+    share_at = 14  # the key share's offset in the HELLO (wire.pack_hello)
+    packets = []
+    for _ in range(sources):
+        src = FLOOD_NET | rng.randrange(2, 1 << 24)
+        hello = template[:share_at] + rng.randbytes(32) + template[share_at + 32:-16] + (
+            rng.randbytes(16))
+        packets.append(head + struct.pack("!I4sHHHH", src, server, 1024 + (src & 0xEFFF), port,
+                                          udp_len, 0) + hello)
+    return packets
+
+
+def flood(port: int, template: bytes, pps: int, sources: int, seconds: float,
+          queue: multiprocessing.Queue) -> None:
+    """Spoofed-source HELLOs through a raw socket, paced to ``pps``; says when it starts, then
+    reports what it sent."""
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    packets = flood_packets(port, template, sources)
+    queue.put("ready")
     sent, burst = 0, 64
     start = time.monotonic()
     deadline = start + seconds
-    sendto, pack_into = raw.sendto, struct.pack_into
+    sendto, dest = raw.sendto, (SERVER_IP, 0)
     while (now := time.monotonic()) < deadline:
         ahead = sent - (now - start) * pps
         if ahead > 0:
             time.sleep(ahead / pps)
             continue
-        for _ in range(burst):
-            src = addrs[sent % sources]
-            pack_into("!I", packet, 12, src)  # source address
-            pack_into("!H", packet, 20, 1024 + (src & 0xEFFF))  # source port
-            pack_into("!4s", packet, 28 + 14 + 32, rng.randbytes(4))  # vary the key share
+        for packet in packets[sent % sources:sent % sources + burst]:
             with contextlib.suppress(OSError):
-                sendto(packet, (SERVER_IP, 0))
-            sent += 1
+                sendto(packet, dest)
+        sent += min(burst, sources - sent % sources)
     queue.put(sent / seconds)
 
 
@@ -135,31 +151,36 @@ class Tunnel:
         time.sleep(1.0)
 
     def measure(self, seconds: float, pps: int, sources: int, workers: int) -> dict[str, float]:
-        cpu0 = cpu_seconds(self.server.pid)
+        cpu0 = cpu_seconds(self.server.pid), cpu_seconds(self.client.pid)
         rate, failures = connection_rate(self.tcp_port, seconds, workers)
-        cpu_unloaded = (cpu_seconds(self.server.pid) - cpu0) / seconds
+        server_cpu, client_cpu = (cpu_seconds(self.server.pid) - cpu0[0],
+                                  cpu_seconds(self.client.pid) - cpu0[1])
         queue: multiprocessing.Queue = multiprocessing.Queue()
         flooder = multiprocessing.Process(target=flood, args=(
             self.udp_port, self.template, pps, sources, seconds + 1.0, queue))
         flooder.start()
-        time.sleep(1.0)  # the flood is under way before the legitimate clients start
-        cpu0 = cpu_seconds(self.server.pid)
+        queue.get(timeout=60)  # its packets are built
+        time.sleep(0.5)  # the flood is under way before the legitimate clients start
+        cpu0 = cpu_seconds(self.server.pid), cpu_seconds(flooder.pid)
         flooded, flooded_failures = connection_rate(self.tcp_port, seconds, workers)
-        cpu_flooded = (cpu_seconds(self.server.pid) - cpu0) / seconds
+        cpu_flooded = (cpu_seconds(self.server.pid) - cpu0[0]) / seconds
+        cpu_flooder = (cpu_seconds(flooder.pid) - cpu0[1]) / seconds
         achieved = queue.get(timeout=seconds + 60)
         flooder.join()
         time.sleep(1.0)  # let the server drain its socket before the next measurement
-        return {"rate": rate, "failures": failures, "cpu": cpu_unloaded,
+        done = max(rate * seconds, 1)
+        return {"rate": rate, "failures": failures, "cpu": server_cpu / seconds,
+                "server_us": server_cpu / done * 1e6, "client_us": client_cpu / done * 1e6,
                 "flooded": flooded, "flooded_failures": flooded_failures,
-                "cpu_flooded": cpu_flooded, "flood_pps": achieved}
+                "cpu_flooded": cpu_flooded, "cpu_flooder": cpu_flooder, "flood_pps": achieved}
 
 
 def inside(opts: argparse.Namespace) -> None:
     subprocess.run(["ip", "addr", "add", f"{SERVER_IP}/8", "dev", "lo"], check=True)
     echo_port = free_port()
     checkouts = {"this checkout": REPO}
-    if opts.compare_path:
-        checkouts[opts.compare] = opts.compare_path
+    for rev, path in zip(opts.compare or [], opts.compare_path or [], strict=True):
+        checkouts[rev] = path
     with contextlib.ExitStack() as stack:
         stack.enter_context(process([sys.executable, os.path.join(HERE, "echo_server.py"),
                                      str(echo_port)]))
@@ -175,13 +196,16 @@ def inside(opts: argparse.Namespace) -> None:
     rows = []
     for name, m in med.items():
         rows.append([name, f"{m['rate']:.0f}", ratio(m["rate"], med[first]["rate"]),
-                     f"{m['cpu'] * 100:.0f} %", f"{m['flood_pps']:.0f}", f"{m['flooded']:.0f}",
-                     ratio(m["flooded"], m["rate"]), f"{m['cpu_flooded'] * 100:.0f} %",
+                     f"{m['cpu'] * 100:.0f} %", f"{m['server_us']:.0f} / {m['client_us']:.0f}",
+                     f"{m['flood_pps']:.0f}", f"{m['cpu_flooder'] * 100:.0f} %",
+                     f"{m['flooded']:.0f}", ratio(m["flooded"], m["rate"]),
+                     f"{m['cpu_flooded'] * 100:.0f} %",
                      f"{m['failures']:.0f}/{m['flooded_failures']:.0f}"])
     print_tables([Table(
         "New tunnelled connections per second, unloaded and under a spoofed HELLO flood",
-        ["checkout", "conn/s", f"× {first}", "server CPU", "flood pps (sent)",
-         "conn/s flooded", "× unloaded", "server CPU flooded", "failed (unloaded/flooded)"],
+        ["checkout", "conn/s", f"× {first}", "server CPU", "CPU µs/conn server / client",
+         "flood pps (sent)", "flooder CPU", "conn/s flooded", "× unloaded",
+         "server CPU flooded", "failed (unloaded/flooded)"],
         rows,
         f"{opts.rounds} interleaved rounds of {opts.seconds:g} s per checkout and condition, "
         f"medians; {opts.workers} client processes; flood from {opts.sources} random 10/8 "
@@ -195,8 +219,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--flood-pps", type=int, default=150000)
     parser.add_argument("--sources", type=int, default=100000)
-    parser.add_argument("--compare", help="a git revision to measure beside this checkout")
-    parser.add_argument("--compare-path", help=argparse.SUPPRESS)
+    parser.add_argument("--compare", action="append",
+                        help="a git revision to measure beside this checkout (repeatable)")
+    parser.add_argument("--compare-path", action="append", help=argparse.SUPPRESS)
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.inside:
@@ -212,14 +237,14 @@ def main() -> None:
                 "--seconds", str(opts.seconds), "--rounds", str(opts.rounds),
                 "--workers", str(opts.workers),
                 "--flood-pps", str(opts.flood_pps), "--sources", str(opts.sources)]
-        if opts.compare:
+        for rev in opts.compare or []:
             path = stack.enter_context(tempfile.TemporaryDirectory(prefix="pf-compare-"))
             worktree = os.path.join(path, "tree")
             subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", worktree,
-                            opts.compare], check=True, capture_output=True)
+                            rev], check=True, capture_output=True)
             stack.callback(subprocess.run, ["git", "-C", REPO, "worktree", "remove", "--force",
                                             worktree], capture_output=True)
-            argv += ["--compare", opts.compare, "--compare-path", worktree]
+            argv += ["--compare", rev, "--compare-path", worktree]
         name = stack.enter_context(netns("pfhs"))
         subprocess.run(["ip", "netns", "exec", name, *argv], check=True, timeout=1800)
 

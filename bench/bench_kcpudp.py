@@ -3,7 +3,7 @@ datagram rate and CPU against udpfwd, ratios in one run.
 
     python bench/bench_kcpudp.py [--quick] [--seconds N] [--loss 0,1,5,10] [--rounds N]
                                  [--wan RTT_MS] [--rate MBIT] [--cc NAME] [--fec SPEC]
-                                 [--no-clean]
+                                 [--no-clean | --clean-only] [--compare REV ...]
 
 * WireGuard (root, wireguard-go): two network namespaces joined by a veth pair, WireGuard in
   each (tests/test_kcpudp_peers.py builds them). The "WAN" leg is the veth: nftables drops N %
@@ -34,6 +34,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -206,24 +207,34 @@ def wireguard_matrix(leg_factory: Callable[[], contextlib.AbstractContextManager
                  "win.")
 
 
-def clean_leg(seconds: float) -> Table:
+def clean_leg(seconds: float, others: dict[str, str] | None = None) -> Table:
+    """``others``: name -> path of another checkout whose kcpudp rows are measured beside
+    this one's (--compare), each row right after the same row of this checkout."""
     server = free_udp_tcp_port()
     rows = []
+    paths = [("udpfwd", "udpfwd", None)]
+    for mode in ("reliable", "datagram"):
+        paths.append((f"kcpudp {mode}", mode, None))
+        paths += [(f"kcpudp {mode} @{rev}", mode, path) for rev, path in (others or {}).items()]
     with process(["iperf3", "-s", "-p", str(server)]):
         wait_port(server)
         anchors: dict[int | None, float] = {}
-        for name in ("udpfwd", "kcpudp reliable", "kcpudp datagram"):
+        for name, mode, checkout in paths:
             listen = free_udp_tcp_port()
+            env = None if checkout is None else {"PYTHONPATH": checkout}
+            run = tool if checkout is None else (
+                lambda prog, *args, c=checkout: [sys.executable, os.path.join(c, "bin", prog),
+                                                 *args])
             if name == "udpfwd":
                 argvs = [tool("udpfwd", f"127.0.0.1:{listen}", f"127.0.0.1:{server}")]
             else:
-                mode, leg = name.split()[1], free_udp_tcp_port()
-                argvs = [tool("kcpudp-server", f"127.0.0.1:{leg}", f"127.0.0.1:{server}",
-                              "-K", PSK, "--mode", mode, "--stats-interval", "0"),
-                         tool("kcpudp-client", f"127.0.0.1:{listen}", f"127.0.0.1:{leg}",
-                              "-K", PSK, "--mode", mode, "--stats-interval", "0")]
+                leg = free_udp_tcp_port()
+                argvs = [run("kcpudp-server", f"127.0.0.1:{leg}", f"127.0.0.1:{server}",
+                             "-K", PSK, "--mode", mode, "--stats-interval", "0"),
+                         run("kcpudp-client", f"127.0.0.1:{listen}", f"127.0.0.1:{leg}",
+                             "-K", PSK, "--mode", mode, "--stats-interval", "0")]
             with process(tool("tcpfwd", f"127.0.0.1:{listen}", f"127.0.0.1:{server}")) as ctl, \
-                    process(argvs[0]) as first, process(argvs[-1]) as last:
+                    process(argvs[0], env) as first, process(argvs[-1], env) as last:
                 wait_port(listen, proc=ctl)
                 wait_udp_port(listen, last)
                 time.sleep(0.5)
@@ -241,11 +252,22 @@ def clean_leg(seconds: float) -> Table:
                                  f"{delivered:.0f}", ratio(delivered, anchors[pps]),
                                  f"{100 * loss:.1f} %", f"{per:.1f}"])
                     time.sleep(0.3)
+    rows.sort(key=lambda row: row[0] == "unpaced")  # paced rows first, then unpaced
     return Table(f"Clean loopback leg: 1200 B datagrams (iperf3 -u, {seconds:g} s per row)",
                  ["offered", "path", "delivered pps", "× udpfwd", "lost",
                   "CPU µs / datagram"], rows,
                  "CPU: udpfwd's process, or kcpudp-client + kcpudp-server together, over the "
                  "datagrams delivered.")
+
+
+def worktree(stack: contextlib.ExitStack, rev: str) -> str:
+    """A detached git worktree of ``rev`` (removed when ``stack`` closes)."""
+    path = os.path.join(stack.enter_context(tempfile.TemporaryDirectory(prefix="pf-cmp-")), "t")
+    subprocess.run(["git", "-C", os.path.dirname(HERE), "worktree", "add", "--detach", path,
+                    rev], check=True, capture_output=True)
+    stack.callback(subprocess.run, ["git", "-C", os.path.dirname(HERE), "worktree", "remove",
+                                    "--force", path], capture_output=True)
+    return path
 
 
 def main() -> None:
@@ -263,12 +285,21 @@ def main() -> None:
     parser.add_argument("--fec", metavar="SPEC",
                         help="one more path: kcpudp --mode datagram --fec SPEC (both ends)")
     parser.add_argument("--no-clean", action="store_true", help="skip the clean-leg table")
+    parser.add_argument("--clean-only", action="store_true",
+                        help="only the clean-leg table (no WireGuard matrix)")
+    parser.add_argument("--compare", action="append", metavar="REV",
+                        help="clean leg: kcpudp of this git revision too (a worktree), "
+                        "rows beside ours (repeatable)")
     opts = parser.parse_args()
     seconds = 1.0 if opts.quick else opts.seconds
     losses = [0] if opts.quick else [int(x) for x in opts.loss.split(",")]
-    tables = [] if opts.no_clean else [clean_leg(seconds)]
+    with contextlib.ExitStack() as stack:
+        others = {rev: worktree(stack, rev) for rev in opts.compare or []}
+        tables = [] if opts.no_clean else [clean_leg(seconds, others)]
     why = wan.available() if opts.wan is not None else None
-    if why:
+    if opts.clean_only:
+        pass
+    elif why:
         print(f"WireGuard matrix skipped: the WAN emulator cannot run here: {why}")
     elif os.geteuid() == 0 and all(have(b) for b in ("wireguard-go", "wg", "ping", "iperf3")):
         legs = veth_leg if opts.wan is None else (lambda: wan_leg(opts.wan, opts.rate))

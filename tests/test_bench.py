@@ -67,3 +67,13 @@ def test_bench_handshake_smoke() -> None:
     assert "| this checkout |" in proc.stdout
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "pfhs-" not in listed
+
+
+def test_bench_forged_hello_smoke() -> None:
+    """bench_forged_hello.py runs end to end (one tiny round, with pending sessions); its
+    figures mean nothing at this size."""
+    script = os.path.join(REPO, "bench", "bench_forged_hello.py")
+    proc = subprocess.run([sys.executable, script, "--count", "200", "--rounds", "1",
+                           "--pending", "2"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| this checkout |" in proc.stdout

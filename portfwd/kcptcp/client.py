@@ -132,7 +132,7 @@ class TunnelClient(ConversationService):
             conv.send_stream_data(client.early)
         driver = ConversationDriver(conv, udp, f"conv={conv_id}", self.config.fec, self.fec_hint)
         self.drivers[conv_id] = driver
-        receiver = gevent.spawn(self._receive, driver, udp)
+        driver.spawn(self._receive, driver, udp)  # ends in wait_finished
         idle: IdleTimer | None = None
         try:
             driver.start_ticker()
@@ -148,7 +148,7 @@ class TunnelClient(ConversationService):
             if self.sweeper is not None:
                 self.sweeper.discard(driver)
             self._retire(driver)
-            receiver.kill()
+            driver.stop_jobs()  # the receiver, even if wait_finished was cut short
             udp.close()
             sock.close()
             log.info("conv=%d closed (%s): %d bytes up, %d down, %.1f s", conv_id,

@@ -41,8 +41,16 @@ from portfwd.kcptcp.metrics import (
     render_stats,
     sum_totals,
 )
+from portfwd.runtime.jobs import Jobs
 from portfwd.runtime.logs import RateLimitedLog
-from portfwd.runtime.sockets import READ, WRITE
+from portfwd.runtime.sockets import (
+    READ,
+    SOFT_ERRNOS,
+    SOL_UDP,
+    UDP_MAX_SEGMENTS,
+    UDP_SEGMENT,
+    WRITE,
+)
 from portfwd.tunnel import events
 from portfwd.tunnel.fec import FecSettings, LossHint
 from portfwd.tunnel.fec_channel import FecChannel
@@ -57,6 +65,7 @@ UDP_RECV_SIZE = 65536  # bytes: any datagram fits
 DRAIN_TIMEOUT = 10.0  # s to write out what was received after the conversation closed
 RESET_LINGER = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 RECV_BATCH = 64  # datagrams read without yielding before one transmit per touched conversation
+GSO_BYTES = 65507  # bytes one UDP send carries at most (IPv4): a GSO run's bound too
 
 _faults = RateLimitedLog(log)
 
@@ -81,6 +90,8 @@ class UdpEndpoint:
         self._readable = loop.io(sock.fileno(), READ)
         self._writable = loop.io(sock.fileno(), WRITE)
         self.send_errors = 0
+        self.gso_sends = 0  # sendmsg calls that carried a run of datagrams
+        self.gso_max = GSO_BYTES  # the largest datagram sent in GSO runs (lowered if refused)
 
     def recv_batch(self) -> list[tuple[bytes, Any]]:
         """Block for one datagram, then take up to RECV_BATCH already queued ones."""
@@ -103,19 +114,107 @@ class UdpEndpoint:
                 return batch
 
     def send(self, datagrams: list[bytes], addr: Any) -> None:
-        sendto = self.sock.sendto
-        for datagram in datagrams:
-            while True:
-                try:
-                    sendto(datagram, addr)
-                    break
-                except BlockingIOError:
-                    wait(self._writable)
-                except OSError as exc:  # the network lost it; KCP retransmits
-                    self.send_errors += 1
-                    if exc.errno not in (errno.ECONNREFUSED, errno.EPERM):
-                        _faults.warning("udp-send", "udp send to %s failed: %s", addr, exc)
-                    break
+        """Send ``datagrams`` to ``addr`` in order. A run of equal-size ones goes out in one
+        GSO sendmsg (the kernel splits it back into the same datagrams): what a KCP flush or a
+        burst of kcpudp datagrams makes, at a fraction of a syscall each."""
+        if len(datagrams) < 2 or not self.gso_max:
+            for datagram in datagrams:
+                self._send(datagram, addr)
+            return
+        start, end = 0, len(datagrams)
+        while start < end:
+            size = len(datagrams[start])
+            stop = start + 1
+            limit = min(end, start + UDP_MAX_SEGMENTS, start + GSO_BYTES // max(size, 1))
+            while stop < limit and len(datagrams[stop]) == size:
+                stop += 1
+            if stop - start > 1 and 0 < size <= self.gso_max:
+                self._send_run(datagrams[start:stop], size, addr)
+            else:
+                for datagram in datagrams[start:stop]:
+                    self._send(datagram, addr)
+            start = stop
+
+    def offer(self, datagrams: list[bytes], addr: Any = None) -> int:
+        """Send without waiting (a local side that must not stall the tunnel): how many of
+        ``datagrams`` the kernel took, in order, equal-size runs in one GSO send each. A full
+        buffer (EAGAIN) ends the offer; an error loses the one datagram it came with, as a
+        plain send would. ``addr`` None: the socket's connected peer."""
+        sock, taken, index, end = self.sock, 0, 0, len(datagrams)
+        singles_to = 0  # datagrams before this index go one by one (their run was refused)
+        while index < end:
+            size = len(datagrams[index])
+            stop = index + 1
+            if index >= singles_to and 0 < size <= self.gso_max:
+                limit = min(end, index + UDP_MAX_SEGMENTS, index + GSO_BYTES // size)
+                while stop < limit and len(datagrams[stop]) == size:
+                    stop += 1
+            try:
+                if stop - index > 1:
+                    segment = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
+                    data = [b"".join(datagrams[index:stop])]
+                    if addr is None:
+                        sock.sendmsg(data, segment)
+                    else:
+                        sock.sendmsg(data, segment, 0, addr)
+                    self.gso_sends += 1
+                elif addr is None:
+                    sock.send(datagrams[index])
+                else:
+                    sock.sendto(datagrams[index], addr)
+                taken += stop - index
+            except BlockingIOError:
+                return taken
+            except OSError as exc:
+                if stop - index > 1:  # the run again, one by one (never twice as a run)
+                    if exc.errno not in SOFT_ERRNOS and exc.errno != errno.EPERM:
+                        self.gso_max = size - 1  # refused at this size: not again
+                    singles_to = stop
+                    continue
+            index = stop
+        return taken
+
+    def _send(self, datagram: bytes, addr: Any) -> None:
+        while True:
+            try:
+                self.sock.sendto(datagram, addr)
+                return
+            except BlockingIOError:
+                wait(self._writable)
+            except OSError as exc:  # the network lost it; KCP retransmits
+                self._lost(1, exc, addr)
+                return
+
+    def _send_run(self, run: list[bytes], size: int, addr: Any) -> None:
+        segment = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
+        data = b"".join(run)
+        while True:
+            try:
+                self.sock.sendmsg([data], segment, 0, addr)
+                self.gso_sends += 1
+                return
+            except BlockingIOError:
+                wait(self._writable)
+            except OSError as exc:
+                if exc.errno in SOFT_ERRNOS or exc.errno == errno.EPERM:
+                    # An error the network reported for an earlier datagram (ICMP), returned
+                    # instead of sending: counted once, as a plain send would; the run goes on.
+                    self._lost(1, exc, addr)
+                else:
+                    # Refused for this size (a path MTU below it, no GSO at all): never again
+                    # at this size or above.
+                    self.gso_max = size - 1
+                    _faults.log("udp-gso", logging.DEBUG, "UDP GSO refused for %d-byte "
+                                "datagrams (%s): sending those one per syscall", size,
+                                exc.strerror or exc)
+                for datagram in run:
+                    self._send(datagram, addr)
+                return
+
+    def _lost(self, count: int, exc: OSError, addr: Any) -> None:
+        self.send_errors += count
+        if exc.errno not in (errno.ECONNREFUSED, errno.EPERM):
+            _faults.warning("udp-send", "udp send to %s failed: %s", addr, exc)
 
     def close(self) -> None:
         self._readable.close()
@@ -141,8 +240,10 @@ class ConversationDriver:
         self._room = gevent.event.Event()  # tcp reader: conversation can take more
         self._data = gevent.event.Event()  # tcp writer: records are waiting
         self._armed: int | None = None  # deadline the ticker sleeps towards
-        self._greenlets: list[gevent.Greenlet] = []
-        self._writer: gevent.Greenlet | None = None
+        # The conversation's greenlets (ticker, TCP reader and writer, a client's UDP
+        # receiver, kcpudp's local reader) are pooled jobs, ended together by wait_finished().
+        self._jobs = Jobs()
+        self._writer_done: gevent.event.Event | None = None  # set when the TCP writer ends
         self.started = time.monotonic()
         self.last_active = now_ms()  # ms: last stream bytes either way (session cap LRU)
         self.rekeys_started = 0  # events counted for the metrics snapshot
@@ -218,16 +319,21 @@ class ConversationDriver:
 
     # --- greenlets -------------------------------------------------------------------------
 
+    def spawn(self, job: Callable[..., object], *args: object) -> None:
+        """Run ``job(*args)`` in a greenlet that ends with the conversation (wait_finished)."""
+        self._jobs.spawn(job, *args)
+
     def start_ticker(self) -> None:
-        self._greenlets.append(gevent.spawn(self._tick))
+        self._jobs.spawn(self._tick)
 
     def attach_tcp(self, sock: gsocket,
                    prelude: Callable[[Origin | None], bytes] | None = None) -> None:
         """Start moving bytes between ``sock`` and the conversation; ``prelude`` (server,
         --proxy-protocol) makes what is written to ``sock`` first from the client's ORIGIN."""
         self.tcp = sock
-        self._writer = gevent.spawn(self._tcp_writer, sock, prelude)
-        self._greenlets += [gevent.spawn(self._tcp_reader, sock), self._writer]
+        self._writer_done = gevent.event.Event()
+        self._jobs.spawn(self._tcp_writer, sock, prelude, done=self._writer_done)
+        self._jobs.spawn(self._tcp_reader, sock)
 
     def _tick(self) -> None:
         conv = self.conv
@@ -332,14 +438,17 @@ class ConversationDriver:
             self.conv.abort(reason)
             self.transmit()
 
+    def stop_jobs(self) -> None:
+        """End the conversation's pooled greenlets (at most 2 s); idempotent."""
+        self._jobs.stop(timeout=2)
+
     def wait_finished(self) -> None:
         """Block until the conversation is closed and received data is written, then release
         the TCP side and the greenlets."""
         self.finished.wait()
-        if self._writer is not None:
-            self._writer.join(timeout=DRAIN_TIMEOUT)
-        current = gevent.getcurrent()
-        gevent.killall([g for g in self._greenlets if g is not current], block=True, timeout=2)
+        if self._writer_done is not None:
+            self._writer_done.wait(timeout=DRAIN_TIMEOUT)
+        self.stop_jobs()
         if self.tcp is not None:
             if self.reset_tcp:
                 with contextlib.suppress(OSError):  # already reset by the application

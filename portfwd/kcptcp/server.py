@@ -29,7 +29,6 @@ from collections.abc import Callable
 from types import MappingProxyType
 
 import gevent
-import gevent.pool
 
 from portfwd.kcp import ReassemblyBudget
 from portfwd.kcptcp.config import ServerConfig
@@ -50,6 +49,7 @@ from portfwd.runtime.metrics import ErrorCounts
 from portfwd.runtime.relay_timeouts import HalfCloseSweeper, arm
 from portfwd.runtime.sockets import cooperative, set_buffers
 from portfwd.runtime.upstream import Destination, Upstreams
+from portfwd.runtime.workers import Workers
 from portfwd.tunnel.cookie import source_prefix
 from portfwd.tunnel.handshake import HandshakeAcceptor
 from portfwd.tunnel.origin import Origin
@@ -106,7 +106,7 @@ class TunnelServer(ConversationService):
                                      self.handshakes.first_sight, started_wall_ms=started)
         self.probes_known = 0  # PROBEs for a conversation we hold: its packets answer them
         self.reassembly = ReassemblyBudget(self.limits.reassembly_bytes)
-        self.conversations = gevent.pool.Group()
+        self.conversations = Workers()  # each conversation's _serve
         self.dropped_unknown = 0  # datagrams for no conversation that are not a HELLO
         self.dropped_malformed = 0  # shorter than the common prefix
         self.refused_pending = 0  # HELLOs not looked at: max_pending unconfirmed sessions
@@ -256,6 +256,8 @@ class TunnelServer(ConversationService):
                     if ptype != _HELLO or not self.accepting:
                         self.dropped_unknown += 1
                         continue
+                    if not self.handshakes.authentic(data, addr, now):
+                        continue  # forged (or another PSK): one MAC, no bookkeeping at all
                     driver = self._new_conversation(data, addr, now)
                     if driver is None:
                         continue

@@ -13,8 +13,6 @@ import logging
 import time
 from collections.abc import Callable
 
-import gevent
-
 from portfwd.kcptcp.driver import ConversationDriver, UdpEndpoint, now_ms
 from portfwd.kcpudp.metrics import DatagramConversationMetrics
 from portfwd.tunnel.datagrams import ReliableDatagrams, UnreliableDatagrams
@@ -37,17 +35,23 @@ class DatagramDriver(ConversationDriver):
                  fec_hint: LossHint | None = None) -> None:
         super().__init__(conv, udp, name, fec, fec_hint)  # type: ignore[arg-type]
         self.to_local: Callable[[bytes], bool] | None = None  # None: no local side yet
+        # Or all of a transmit's datagrams at once (GSO); returns how many were taken.
+        self.to_local_many: Callable[[list[bytes]], int] | None = None
         self.on_local_activity: Callable[[], None] | None = None  # e.g. the client's LRU touch
         self.local_close: Callable[[], None] | None = None  # releases the local side
         self.dropped_local = 0  # datagrams the local side did not take
 
     def attach_local(self, to_local: Callable[[bytes], bool], close: Callable[[], None],
-                     reader: Callable[[], None]) -> None:
+                     reader: Callable[[], None],
+                     many: Callable[[list[bytes]], int] | None = None) -> None:
         """Start bridging to a local side: ``to_local`` sends it one datagram, ``close``
-        releases it, ``reader`` (a greenlet until the conversation ends) feeds from_local."""
+        releases it, ``reader`` (a greenlet until the conversation ends) feeds from_local;
+        ``many`` (optional) sends a list of datagrams at once, without waiting, and says how
+        many were taken (UdpEndpoint.offer: equal-size runs in one GSO send each)."""
         self.to_local = to_local
+        self.to_local_many = many
         self.local_close = close
-        self._greenlets.append(gevent.spawn(reader))
+        self.spawn(reader)  # a pooled job, ended by wait_finished
 
     def from_local(self, datagram: bytes) -> None:
         """A datagram from the local side, for the peer; call :meth:`transmit` after a batch."""
@@ -67,6 +71,15 @@ class DatagramDriver(ConversationDriver):
             return
         conv = self.conv
         delivered = False
+        many = self.to_local_many
+        if many is not None:  # one call for what arrived: a run of datagrams, one syscall
+            batch = []
+            while (datagram := conv.read()) is not None:
+                batch.append(datagram)
+            if batch:
+                taken = many(batch)
+                self.dropped_local += len(batch) - taken  # not taken: lost, as a full buffer
+                delivered = taken > 0
         while (datagram := conv.read()) is not None:
             if to_local(datagram):
                 delivered = True

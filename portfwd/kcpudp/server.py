@@ -117,13 +117,15 @@ class DatagramServer(TunnelServer):
             driver.abort("target unreachable")
             return
         local = UdpEndpoint(sock)
-        if header:
-            def to_target(datagram: bytes) -> bool:
-                return self._to_target_after(local, header, datagram)
+        def receive() -> None:
+            self._receive_target(driver, local)
+
+        if header:  # each datagram its own sendmsg behind the header (no GSO run across them)
+            driver.attach_local(lambda datagram: self._to_target_after(local, header, datagram),
+                                local.close, receive)
         else:
-            def to_target(datagram: bytes) -> bool:
-                return self._to_target(local, datagram)
-        driver.attach_local(to_target, local.close, lambda: self._receive_target(driver, local))
+            driver.attach_local(lambda datagram: self._to_target(local, datagram), local.close,
+                                receive, many=local.offer)
         log.info("%s open %s -> %s", driver.name, format_sockaddr(driver.conv.peer_addr), target)
         driver.transmit()  # what arrived before the socket was open
 

@@ -20,6 +20,14 @@ KEEPALIVE_CNT = 6  # probes; seed TCP_PROXY_KEEPALIVE_CNT
 LISTEN_BACKLOG = 1024
 CONNECT_TIMEOUT = 10.0  # s before an unanswered connect to a destination/target is abandoned
 READ, WRITE = 1, 2  # libev event masks (EV_READ, EV_WRITE) for loop.io() watchers
+# UDP GSO (Linux 4.18+): one sendmsg() with UDP_SEGMENT carries a run of equal-size datagrams
+# that the kernel splits back into the same datagrams.
+SOL_UDP = getattr(socket, "SOL_UDP", 17)
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)  # linux/udp.h
+UDP_MAX_SEGMENTS = 64  # datagrams per GSO send at most (the kernel's limit)
+SOFT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                         errno.EHOSTDOWN, errno.ENETDOWN, errno.EMSGSIZE})  # ICMP-reported:
+# the datagram is lost, not us
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable
+from hmac import compare_digest  # crypto.mac_equal without the call: once per HELLO
 from typing import Any
 
 from . import crypto
@@ -58,6 +59,7 @@ class HandshakeAcceptor:
         self._started_wall_ms: int | None = started_wall_ms
         self._random_bytes: Callable[[int], bytes] = random_bytes
         self._mac = crypto.handshake_mac_for(config.psk)
+        self._hello_mac = self._mac.labelled(crypto.HELLO_LABEL)  # checked for every HELLO
         # client_share -> wall-clock ms after which a replay of it would be stale anyway.
         self._seen: OrderedDict[bytes, int] = OrderedDict()
         # Load control (cookie.py): without a cookie, HELLOs are verified within one global
@@ -146,19 +148,27 @@ class HandshakeAcceptor:
         if self._remember(hello, addr, now, wall_ms):
             self._refuse(hello, data, addr, now, REFUSE_FULL)
 
-    def _fresh(self, data: bytes, addr: Any, now: int, wall_ms: int) -> Hello | None:
-        """The HELLO in ``data`` if it is well formed, authentic, timely and not seen before,
-        else None (counted, logged at most once per interval)."""
-        cfg = self.config
+    def authentic(self, data: bytes, addr: Any, now: int) -> bool:
+        """Whether ``data`` is HELLO-sized and typed and its MAC verifies (else counted, logged
+        at most once per interval): the first and cheapest test, stateless, which a driver may
+        run before any bookkeeping of its own so that a forgery costs one MAC and nothing else
+        (:meth:`accept` runs it again: it does not rely on its caller)."""
         if len(data) != HELLO_SIZE or data[0] != _HELLO:
             self.dropped_malformed += 1
-            return None
-        expected = self._mac(crypto.HELLO_LABEL, data[:-MAC_SIZE])
-        if not crypto.mac_equal(expected, data[-MAC_SIZE:]):
+            return False
+        if not compare_digest(self._hello_mac(data[:-MAC_SIZE]), data[-MAC_SIZE:]):
             self.dropped_auth += 1
             if self._log_due(now):
                 self._log_failure(now, self._why_bad_mac(data), addr)
+            return False
+        return True
+
+    def _fresh(self, data: bytes, addr: Any, now: int, wall_ms: int) -> Hello | None:
+        """The HELLO in ``data`` if it is well formed, authentic, timely and not seen before,
+        else None (counted, logged at most once per interval)."""
+        if not self.authentic(data, addr, now):
             return None
+        cfg = self.config
         try:
             hello = unpack_hello(data)
         except MalformedPacket:

@@ -30,7 +30,6 @@ the kernel refuses, GSO is switched off for the process and the run is sent one 
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import socket
@@ -44,7 +43,7 @@ from portfwd.runtime.admission import SourceFilter
 from portfwd.runtime.kerneldrops import KernelDrops
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.session_table import SessionTable
-from portfwd.runtime.sockets import READ, set_buffers
+from portfwd.runtime.sockets import READ, SOFT_ERRNOS, SOL_UDP, UDP_SEGMENT, set_buffers
 from portfwd.udpfwd.config import UdpConfig
 from portfwd.udpfwd.metrics import UdpMetrics, render_status
 
@@ -56,10 +55,6 @@ SWEEP_INTERVAL_MAX = 1.0  # s between idle sweeps; shorter for short timeouts (t
 SWEEP_LIMIT = 4096  # sessions closed per sweep tick, so a mass expiry cannot stall the loop
 GSO_SEGMENT_MAX = 1200  # bytes; 1200 + 48 (IPv6+UDP headers) fits the 1280-byte IPv6 min MTU
 GSO_MAX_SEGMENTS = 32  # datagrams per GSO send (kernel limit UDP_MAX_SEGMENTS is 64)
-SOL_UDP = getattr(socket, "SOL_UDP", 17)
-UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)  # linux/udp.h
-SOFT_ERRNOS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN,
-               errno.ENETDOWN, errno.EMSGSIZE}  # ICMP-reported: the datagram is lost, not us
 
 
 class Stats:

@@ -1,0 +1,114 @@
+"""kcptcp/driver.py's UdpEndpoint.send: runs of equal-size datagrams go out as one GSO send,
+and arrive as the same datagrams in the same order; a refused GSO send falls back to one
+datagram per syscall without losing any."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import pytest
+
+from portfwd.kcptcp.driver import UdpEndpoint
+
+
+class Refusing(socket.socket):
+    """A UDP socket whose GSO sends fail with ``errno_`` (``times`` times)."""
+
+    errno_ = errno.EINVAL
+    times = 10**9
+    calls = 0
+
+    def sendmsg(self, *args):  # type: ignore[override]
+        type(self).calls += 1
+        if type(self).times > 0:
+            type(self).times -= 1
+            raise OSError(self.errno_, "refused")
+        return super().sendmsg(*args)
+
+
+@pytest.fixture
+def receiver():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(2)
+    yield sock
+    sock.close()
+
+
+def received(sock: socket.socket, count: int) -> list[bytes]:
+    return [sock.recv(65536) for _ in range(count)]
+
+
+def batch() -> list[bytes]:
+    """Runs of several sizes, an empty datagram, a run longer than 64 segments."""
+    sizes = [100] * 5 + [50] + [100] * 3 + [0] + [1200] * 70 + [7]
+    return [bytes([i % 251]) * size for i, size in enumerate(sizes)]
+
+
+def test_runs_of_equal_size_are_one_send_each_and_arrive_intact_in_order(receiver):
+    endpoint = UdpEndpoint(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    datagrams = batch()
+    endpoint.send(datagrams, receiver.getsockname())
+    assert received(receiver, len(datagrams)) == datagrams
+    # 100 x5, 100 x3, 1200 x64 and 1200 x6: four GSO sends; the single ones go as they are
+    assert (endpoint.gso_sends, endpoint.send_errors) == (4, 0)
+    endpoint.close()
+
+
+def test_a_refused_gso_size_falls_back_to_single_sends_for_good(receiver):
+    Refusing.errno_, Refusing.times, Refusing.calls = errno.EINVAL, 10**9, 0
+    endpoint = UdpEndpoint(Refusing(socket.AF_INET, socket.SOCK_DGRAM))
+    datagrams = batch()
+    endpoint.send(datagrams, receiver.getsockname())
+    assert received(receiver, len(datagrams)) == datagrams  # nothing lost
+    assert endpoint.gso_max == 99 and endpoint.send_errors == 0
+    calls = Refusing.calls
+    endpoint.send([b"a" * 100] * 4, receiver.getsockname())  # that size: no GSO try again
+    assert Refusing.calls == calls
+    assert received(receiver, 4) == [b"a" * 100] * 4
+    endpoint.close()
+
+
+def test_an_error_reported_for_an_earlier_datagram_costs_no_datagram_of_the_run(receiver):
+    Refusing.errno_, Refusing.times, Refusing.calls = errno.ECONNREFUSED, 1, 0
+    endpoint = UdpEndpoint(Refusing(socket.AF_INET, socket.SOCK_DGRAM))
+    run = [b"r" * 300] * 8
+    endpoint.send(run, receiver.getsockname())
+    assert received(receiver, 8) == run
+    assert endpoint.send_errors == 1 and endpoint.gso_max > 300  # GSO stays on
+    endpoint.send(run, receiver.getsockname())
+    assert received(receiver, 8) == run and endpoint.gso_sends == 1
+    endpoint.close()
+
+
+def connected(sock_class, receiver: socket.socket) -> UdpEndpoint:
+    sock = sock_class(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.connect(receiver.getsockname())
+    return UdpEndpoint(sock)
+
+
+def test_offer_sends_a_batch_without_waiting_in_runs_and_says_how_many_were_taken(receiver):
+    endpoint = connected(socket.socket, receiver)  # kcpudp-server's target socket: connected
+    datagrams = batch()
+    assert endpoint.offer(datagrams) == len(datagrams)
+    assert received(receiver, len(datagrams)) == datagrams
+    assert endpoint.gso_sends == 4
+    to = UdpEndpoint(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))  # the client's listener
+    assert to.offer(datagrams[:5], receiver.getsockname()) == 5
+    assert received(receiver, 5) == datagrams[:5]
+    endpoint.close()
+    to.close()
+
+
+@pytest.mark.parametrize("refusal", [errno.EINVAL, errno.ECONNREFUSED])
+def test_offer_sends_a_refused_run_one_by_one(receiver, refusal):
+    Refusing.errno_, Refusing.times, Refusing.calls = refusal, 1, 0
+    endpoint = connected(Refusing, receiver)
+    run = [b"o" * 400] * 6 + [b"p" * 10]
+    assert endpoint.offer(run) == len(run)
+    assert received(receiver, len(run)) == run
+    # a size the kernel refuses is never tried as a run again; an ICMP error for an earlier
+    # datagram (returned instead of sending the run) changes nothing
+    assert (endpoint.gso_max == 399) == (refusal == errno.EINVAL)
+    endpoint.close()
