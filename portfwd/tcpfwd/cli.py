@@ -37,6 +37,8 @@ Options:
                          0 = never [default: 60]
   --metrics <addr:port>  serve Prometheus metrics at http://addr:port/metrics (off by default)
   --log-format <format>  text (default) or json: one JSON object per log line
+  --log-level <level>    error, warning, info (default) or debug; wins over
+                         PORTFWD_LOGLEVEL
   -h --help          show help
 
 The listener always sets SO_REUSEADDR (a restart never waits for TIME_WAIT); -r is accepted.
@@ -66,7 +68,8 @@ FIELDS = {"listen": "<local_addr:local_port>", "dest": "<dest_addr:dest_port>",
           "accept_proxy": "--accept-proxy", "proxy_from": "--proxy-from",
           "proxy_protocol": "--proxy-protocol", "idle_timeout": "--idle-timeout",
           "half_close_timeout": "--half-close-timeout",
-          "log_file": "--log-file", "metrics": "--metrics", "log_format": "--log-format"}
+          "log_file": "--log-file", "metrics": "--metrics", "log_format": "--log-format",
+          "log_level": "--log-level"}
 
 
 def main(argv: list[str] | None = None) -> int:
