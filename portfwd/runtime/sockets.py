@@ -19,6 +19,7 @@ KEEPALIVE_INTVL = 10  # s; seed TCP_PROXY_KEEPALIVE_INTVL
 KEEPALIVE_CNT = 6  # probes; seed TCP_PROXY_KEEPALIVE_CNT
 LISTEN_BACKLOG = 1024
 CONNECT_TIMEOUT = 10.0  # s before an unanswered connect to a destination/target is abandoned
+SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)  # Linux: socket() makes it non-blocking
 READ, WRITE = 1, 2  # libev event masks (EV_READ, EV_WRITE) for loop.io() watchers
 
 
@@ -113,8 +114,10 @@ def dial_tcp(dest: Resolved, timeout: float) -> socket.socket:
     """
     sock: socket.socket | None = None
     try:
-        sock = socket.socket(dest.family, socket.SOCK_STREAM)
-        sock.setblocking(False)
+        # Non-blocking from birth: no ioctl(FIONBIO) after socket() (and no timeout mode).
+        sock = socket.socket(dest.family, socket.SOCK_STREAM | SOCK_NONBLOCK)
+        if not SOCK_NONBLOCK:
+            sock.setblocking(False)
         tune_tcp(sock)
         error = sock.connect_ex(dest.sockaddr)
         if error == errno.EINPROGRESS:

@@ -35,6 +35,8 @@ Options:
                          [default: 0]
   --half-close-timeout <s>  once one direction has ended, close the relay s seconds later,
                          0 = never [default: 60]
+  --stats-interval <s>   seconds between stats lines (INFO; the lines per connection
+                         are DEBUG), 0 = off [default: 60]
   --metrics <addr:port>  serve Prometheus metrics at http://addr:port/metrics (off by default)
   --log-format <format>  text (default) or json: one JSON object per log line
   --log-level <level>    error, warning, info (default) or debug; wins over
@@ -45,7 +47,8 @@ The listener always sets SO_REUSEADDR (a restart never waits for TIME_WAIT); -r 
 
 Environment:
   PORTFWD_NO_SPLICE=1  relay through userspace copies instead of Linux splice()
-  PORTFWD_LOGLEVEL=n   numeric level of the log (10 = DEBUG, 30 = warnings only)
+  PORTFWD_LOGLEVEL=n   numeric level of the log (10 = DEBUG: a line per connection,
+                       30 = warnings only)
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ FIELDS = {"listen": "<local_addr:local_port>", "dest": "<dest_addr:dest_port>",
           "allow": "--allow", "deny": "--deny", "max_conns": "--max-conns",
           "accept_proxy": "--accept-proxy", "proxy_from": "--proxy-from",
           "proxy_protocol": "--proxy-protocol", "idle_timeout": "--idle-timeout",
-          "half_close_timeout": "--half-close-timeout",
+          "half_close_timeout": "--half-close-timeout", "stats_interval": "--stats-interval",
           "log_file": "--log-file", "metrics": "--metrics", "log_format": "--log-format",
           "log_level": "--log-level"}
 

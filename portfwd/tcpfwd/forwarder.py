@@ -15,24 +15,29 @@ import struct
 import time
 
 import gevent
+from gevent import get_hub
 
 from portfwd.policy.proxy import pack
 from portfwd.runtime.acceptloop import AcceptLoop
 from portfwd.runtime.addr import HostPort, Resolved, format_sockaddr
 from portfwd.runtime.admission import Client, Gate
-from portfwd.runtime.logs import RateLimitedLog, hot_info
+from portfwd.runtime.logs import RateLimitedLog, hot_log
 from portfwd.runtime.relay_timeouts import HalfCloseSweeper, IdleTimer
 from portfwd.runtime.sockets import dial_tcp
 from portfwd.runtime.upstream import Destination, Upstreams
 from portfwd.runtime.workers import Workers
 from portfwd.tcpfwd.config import TcpConfig
-from portfwd.tcpfwd.metrics import TcpCounters, TcpMetrics
+from portfwd.tcpfwd.metrics import TcpCounters, TcpMetrics, status
 from portfwd.tcpfwd.pump import Counter, RelaySocket, pump
 
 log = logging.getLogger(__name__)
 
 PRELUDE_PEEK = 16384  # bytes of client data sent along with the PROXY header, at most
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
+# The "conn N open" and "conn N closed" lines. At INFO they cost a third of the forwarder's
+# throughput on short connections (bench/results/2026-12-01-short.md: a write(2) and a record
+# each); at INFO the periodic stats line (--stats-interval) sums them up instead.
+CONN_LOG_LEVEL = logging.DEBUG
 
 
 class BaseAddrError(ValueError):
@@ -102,6 +107,8 @@ class TcpForwarder:
         self._local = listening_address(bound)  # every connection's local address, or None
         half_close = config.relay.half_close_timeout
         self.sweeper = HalfCloseSweeper(half_close) if half_close else None
+        self._stats_timer = None  # --stats-interval: a libev timer in the hub
+        self._last_stats: TcpMetrics | None = None  # what the last stats line said
 
     def metrics(self) -> TcpMetrics:
         """A snapshot of the counters (no I/O; bytes of running relays included)."""
@@ -114,9 +121,27 @@ class TcpForwarder:
         log.info("forwarding %s -> %s (%s)", format_sockaddr(self.accept_loop.address),
                  dests if not self.config.base_addr else self.config.dest,
                  "splice" if self.config.splice else "copy")
+        interval = self.config.stats_interval
+        if interval:
+            self._stats_timer = get_hub().loop.timer(interval, interval)
+            self._stats_timer.start(self._log_stats)
+
+    def _log_stats(self) -> None:
+        """The periodic summary at INFO (the per-connection lines are DEBUG): the status line
+        of SIGUSR1, written only when something changed since the last one (an idle
+        forwarder stays quiet). Runs in the hub: a snapshot and one log line, no waiting."""
+        snapshot = self.metrics()
+        if snapshot != self._last_stats:
+            self._last_stats = snapshot
+            log.info("stats: %s", status(snapshot)[0])
 
     def stop(self, timeout: float) -> None:
         self.accept_loop.stop(timeout)
+        if self._stats_timer is not None:  # the last word: what the drained service did
+            self._stats_timer.stop()
+            self._stats_timer.close()
+            self._stats_timer = None
+            self._log_stats()
 
     def handover(self) -> socket.socket:
         """Stop accepting; return the listener for the next service of this address (config
@@ -166,10 +191,11 @@ class TcpForwarder:
                 return
             ahead = sent
         if client is None or client.address is peer:
-            hot_info(log, "conn %d open %s -> %s", conn_id, format_sockaddr(peer), dest)
+            hot_log(log, CONN_LOG_LEVEL, "conn %d open %s -> %s", conn_id,
+                    format_sockaddr(peer), dest)
         else:
-            hot_info(log, "conn %d open %s (via %s) -> %s", conn_id,
-                     format_sockaddr(client.address), format_sockaddr(peer), dest)
+            hot_log(log, CONN_LOG_LEVEL, "conn %d open %s (via %s) -> %s", conn_id,
+                    format_sockaddr(client.address), format_sockaddr(peer), dest)
         relay = Relay(conn_id, RelaySocket(accepted), upstream, self.config.splice,
                       self.counters, self.config.relay.idle_timeout, self.sweeper)
         relay.up.moved += ahead
@@ -321,8 +347,8 @@ class Relay:
             log.info("conn %d reset: service stopping", self.conn_id)
         else:
             counters.failed += bool(self.error)
-            hot_info(log, "conn %d closed: %d bytes up, %d down, %.1f s%s", self.conn_id,
-                     self.up.moved, self.down.moved, time.monotonic() - self.started,
-                     f" ({self.error})" if self.error else "")
+            hot_log(log, CONN_LOG_LEVEL, "conn %d closed: %d bytes up, %d down, %.1f s%s",
+                    self.conn_id, self.up.moved, self.down.moved,
+                    time.monotonic() - self.started, f" ({self.error})" if self.error else "")
         self.client.close()
         self.upstream.close()
