@@ -3,7 +3,8 @@
     python bench/bench_short.py [--rounds 3] [--requests 5000] [--concurrency 1,10,50,200]
                                 [--before DIR] [--throughput SECONDS]
 
-Paths: direct (ab -> nginx), tcpfwd (default logging), tcpfwd at warning level, HAProxy
+Paths: direct (ab -> nginx), tcpfwd (default logging), tcpfwd at warning level, tcpfwd
+with its per-connection lines (``--log-level debug``; what INFO wrote before #18), HAProxy
 (``nbthread 1``), rinetd, socat (forks per connection); those not installed are skipped.
 ``--before DIR`` adds the tcpfwd of another checkout (a ``git worktree`` of main) as
 ``tcpfwd@before``, so that a change and its base are measured in the same run.
@@ -116,6 +117,8 @@ def forwarders(directory: str, dest: int, before: str | None) -> dict[str, tuple
         "tcpfwd": (tool("tcpfwd", "127.0.0.1:{listen}", target), {}),
         f"tcpfwd LOGLEVEL={WARNING}": (tool("tcpfwd", "127.0.0.1:{listen}", target),
                                        {"PORTFWD_LOGLEVEL": str(WARNING)}),
+        "tcpfwd --log-level debug": (tool("tcpfwd", "--log-level", "debug",
+                                          "127.0.0.1:{listen}", target), {}),
     }
     if before:
         argv = [sys.executable, os.path.join(before, "bin", "tcpfwd"), "127.0.0.1:{listen}",

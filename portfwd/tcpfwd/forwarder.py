@@ -6,15 +6,12 @@ Glossary: *client* is the accepted connection, *upstream* the one we dial to the
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import itertools
 import logging
 import socket
 import struct
-import time
 
-import gevent
 from gevent import get_hub
 
 from portfwd.policy.proxy import pack
@@ -22,22 +19,18 @@ from portfwd.runtime.acceptloop import AcceptLoop
 from portfwd.runtime.addr import HostPort, Resolved, format_sockaddr
 from portfwd.runtime.admission import Client, Gate
 from portfwd.runtime.logs import RateLimitedLog, hot_log
-from portfwd.runtime.relay_timeouts import HalfCloseSweeper, IdleTimer
+from portfwd.runtime.relay_timeouts import HalfCloseSweeper
 from portfwd.runtime.sockets import dial_tcp
 from portfwd.runtime.upstream import Destination, Upstreams
-from portfwd.runtime.workers import Workers
 from portfwd.tcpfwd.config import TcpConfig
 from portfwd.tcpfwd.metrics import TcpCounters, TcpMetrics, status
-from portfwd.tcpfwd.pump import Counter, RelaySocket, pump
+from portfwd.tcpfwd.pump import RelaySocket
+from portfwd.tcpfwd.relay import CONN_LOG_LEVEL, Relay
 
 log = logging.getLogger(__name__)
 
 PRELUDE_PEEK = 16384  # bytes of client data sent along with the PROXY header, at most
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
-# The "conn N open" and "conn N closed" lines. At INFO they cost a third of the forwarder's
-# throughput on short connections (bench/results/2026-12-01-short.md: a write(2) and a record
-# each); at INFO the periodic stats line (--stats-interval) sums them up instead.
-CONN_LOG_LEVEL = logging.DEBUG
 
 
 class BaseAddrError(ValueError):
@@ -199,7 +192,7 @@ class TcpForwarder:
         relay = Relay(conn_id, RelaySocket(accepted), upstream, self.config.splice,
                       self.counters, self.config.relay.idle_timeout, self.sweeper)
         relay.up.moved += ahead
-        relay.run(self.accept_loop.workers, ahead > 0)
+        relay.start(self.accept_loop.workers)
 
     def _send_prelude(self, conn_id: int, accepted: socket.socket, peer: tuple,
                       client: Client | None, upstream: RelaySocket, dest: Resolved) -> int | None:
@@ -249,106 +242,3 @@ class TcpForwarder:
             self._faults.warning("connect", "conn %d: connect to %s failed: %s", conn_id, dest,
                                  exc.strerror or exc)
             return None
-
-
-def reset_on_close(sock: socket.socket) -> None:
-    """Make the next close() send RST instead of FIN (SO_LINGER on, timeout 0)."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
-class Relay:
-    """One connection's two directions, client -> upstream and upstream -> client.
-
-    Each direction is a job in ``workers``: the caller's greenlet pumps up, a second job pumps
-    down. They never wait for each other: whichever ends last closes both sockets and writes
-    the closing line. An error in either direction ends both: the failing pump shuts both
-    sockets down, which wakes the other pump with EOF. When the drain period is over every job
-    is killed; the last one to go resets both sockets, so neither peer mistakes a truncated
-    transfer for a finished one. Sockets are closed only once no pump waits on them.
-    """
-
-    __slots__ = ("conn_id", "client", "upstream", "splice", "started", "up", "down", "running",
-                 "error", "cut", "counters", "idle", "sweeper")
-
-    def __init__(self, conn_id: int, client: RelaySocket, upstream: RelaySocket,
-                 splice: bool, counters: TcpCounters, idle_timeout: float = 0.0,
-                 sweeper: HalfCloseSweeper | None = None) -> None:
-        self.conn_id = conn_id
-        self.client, self.upstream = client, upstream
-        self.splice = splice
-        self.started = time.monotonic()
-        self.up, self.down = Counter(), Counter()
-        self.running = 2  # directions not yet over
-        self.error = ""  # the first socket error is the connection's fate; later ones are echoes
-        self.cut = False  # killed at the end of the drain period
-        self.counters = counters  # the forwarder's: live while running, totals once closed
-        self.sweeper = sweeper  # --half-close-timeout, shared by the forwarder's relays
-        self.idle = IdleTimer(self, idle_timeout, self._moved) if idle_timeout else None
-        counters.live.add(self)
-
-    def _moved(self) -> int:
-        return self.up.moved + self.down.moved
-
-    def run(self, workers: Workers, client_drained: bool = False) -> None:
-        """Pump up here, down in another job; returns when up is over (down may go on).
-        ``client_drained``: what the client had sent was just read (sent with a PROXY header),
-        so its pump waits for more before its first recv instead of after an EAGAIN."""
-        workers.spawn(self._direction, self.upstream, self.client, self.down, True)
-        self._direction(self.client, self.upstream, self.up, client_drained)
-
-    def _direction(self, src: RelaySocket, dst: RelaySocket, counter: Counter,
-                   idle_first: bool = False) -> None:
-        try:
-            pump(src, dst, self.splice, counter, idle_first)
-        except OSError as exc:
-            self.error = self.error or exc.strerror or repr(exc)
-            for end in (src, dst):
-                with contextlib.suppress(OSError):
-                    end.shutdown(socket.SHUT_RDWR)
-        except gevent.GreenletExit:
-            self.cut = True
-            raise
-        finally:
-            self.running -= 1
-            if not self.running:
-                self._close()
-            elif self.sweeper is not None and not self.error:
-                if self.idle is not None:  # one direction is over: the idle check gives way
-                    self.idle.stop()
-                self.sweeper.add(self)
-
-    def expire(self, reason: str) -> None:
-        """A timeout (called in the hub, must not block): shut both sockets down, which wakes
-        each pump with EOF or an error; the last one to end closes the relay as usual."""
-        if reason == "idle timeout":
-            self.counters.idle_timeouts += 1
-        else:
-            self.counters.half_close_timeouts += 1
-        self.error = self.error or reason
-        for end in (self.client, self.upstream):
-            with contextlib.suppress(OSError):
-                end.shutdown(socket.SHUT_RDWR)
-
-    def _close(self) -> None:
-        if self.idle is not None:
-            self.idle.stop()
-        if self.sweeper is not None:
-            self.sweeper.discard(self)
-        counters = self.counters
-        counters.live.discard(self)
-        counters.closed += 1
-        counters.bytes_up += self.up.moved
-        counters.bytes_down += self.down.moved
-        if self.cut:
-            counters.reset += 1
-            for end in (self.client, self.upstream):
-                reset_on_close(end.sock)
-            log.info("conn %d reset: service stopping", self.conn_id)
-        else:
-            counters.failed += bool(self.error)
-            hot_log(log, CONN_LOG_LEVEL, "conn %d closed: %d bytes up, %d down, %.1f s%s",
-                    self.conn_id, self.up.moved, self.down.moved,
-                    time.monotonic() - self.started, f" ({self.error})" if self.error else "")
-        self.client.close()
-        self.upstream.close()
