@@ -293,3 +293,45 @@ def _quiet_relay_logs():
     logger.setLevel(logging.INFO)
     yield
     logger.setLevel(level)
+
+
+def test_dial_that_does_not_complete_at_once_goes_on_in_a_worker(tool):
+    """A destination whose accept queue is full drops the SYN; the kernel retries it about 1 s
+    later. Meanwhile the dial waits in a worker (the accept loop goes on: a second client is
+    accepted and waits its turn too), and both relays work once the queue has room."""
+    target = socket.socket()
+    target.bind(("127.0.0.1", 0))
+    target.listen(0)
+    fillers = []
+    for _ in range(3):  # fill the accept queue (listen(0) holds one or two)
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(target.getsockname())
+        fillers.append(filler)
+    gevent.sleep(0.2)
+    port = free_port()
+    fwd = tool("tcpfwd", f"127.0.0.1:{port}", f"127.0.0.1:{target.getsockname()[1]}")
+    fwd.wait_for_log("forwarding")
+    first, second = connect("127.0.0.1", port), connect("127.0.0.1", port)
+    first.sendall(b"one")
+    second.sendall(b"two")
+    gevent.sleep(0.3)
+    target.settimeout(10)
+    got = {}
+    while len(got) < 2:  # bounded by the timeout: the fillers first, then the two dials
+        conn, _ = target.accept()
+        conn.settimeout(0.5)
+        try:
+            data = conn.recv(10)
+        except TimeoutError:
+            data = b""
+        if data:
+            conn.sendall(data.upper())
+            got[data] = conn
+        else:
+            conn.close()
+    assert sorted(got) == [b"one", b"two"]
+    assert first.recv(10) == b"ONE" and second.recv(10) == b"TWO"
+    for sock in (first, second, target, *got.values(), *fillers):
+        sock.close()
+    assert fwd.stop() == 0

@@ -104,13 +104,24 @@ def tune_tcp(sock: socket.socket, bufsize: int | None = SOCKBUF_CAP) -> None:
 
 def dial_tcp(dest: Resolved, timeout: float) -> socket.socket:
     """A tuned, connected, non-blocking TCP socket to ``dest``; raises OSError (TimeoutError
-    included) and closes the socket on failure. socket() is inside the error path too: at the
-    fd limit it fails with EMFILE, a runtime fault for the caller to log, not a traceback.
+    included) and closes the socket on failure: :func:`start_dial`, then, if the handshake
+    has not finished yet, :func:`finish_dial`."""
+    sock, connected = start_dial(dest)
+    if not connected:
+        finish_dial(sock, timeout)
+    return sock
+
+
+def start_dial(dest: Resolved) -> tuple[socket.socket, bool]:
+    """A tuned non-blocking TCP socket, its connect to ``dest`` started, and whether it is
+    connected already. Never waits. Raises OSError and closes the socket on failure; socket()
+    is inside the error path too: at the fd limit it fails with EMFILE, a runtime fault for
+    the caller to log, not a traceback.
 
     Short connections feel every step here, so: a non-blocking connect, then a second one.
     On loopback and fast LANs the handshake has finished by then (the kernel processes the
     SYN-ACK before the first call returns), and the second says so (EISCONN): no watcher,
-    timer or trip through the event loop. Otherwise wait for writability and read SO_ERROR.
+    timer or trip through the event loop.
     """
     sock: socket.socket | None = None
     try:
@@ -123,15 +134,27 @@ def dial_tcp(dest: Resolved, timeout: float) -> socket.socket:
         if error == errno.EINPROGRESS:
             error = sock.connect_ex(dest.sockaddr)
             if error in (errno.EALREADY, errno.EINPROGRESS):
-                wait_write(sock.fileno(), timeout, TimeoutError("timed out"))
-                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                return sock, False
         if error and error != errno.EISCONN:
             raise OSError(error, os.strerror(error))
     except BaseException:
         if sock is not None:
             sock.close()
         raise
-    return sock
+    return sock, True
+
+
+def finish_dial(sock: socket.socket, timeout: float) -> None:
+    """Wait up to ``timeout`` s for the handshake :func:`start_dial` began (writability, then
+    SO_ERROR); raises OSError (TimeoutError included) and closes the socket on failure."""
+    try:
+        wait_write(sock.fileno(), timeout, TimeoutError("timed out"))
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error))
+    except BaseException:
+        sock.close()
+        raise
 
 
 def cooperative(sock: socket.socket) -> gsocket:

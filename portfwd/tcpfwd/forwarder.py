@@ -20,7 +20,7 @@ from portfwd.runtime.addr import HostPort, Resolved, format_sockaddr
 from portfwd.runtime.admission import Client, Gate
 from portfwd.runtime.logs import RateLimitedLog, hot_log
 from portfwd.runtime.relay_timeouts import HalfCloseSweeper
-from portfwd.runtime.sockets import dial_tcp
+from portfwd.runtime.sockets import dial_tcp, finish_dial, start_dial
 from portfwd.runtime.upstream import Destination, Upstreams
 from portfwd.tcpfwd.config import TcpConfig
 from portfwd.tcpfwd.metrics import TcpCounters, TcpMetrics, status
@@ -84,7 +84,8 @@ class TcpForwarder:
         self.config = config
         bound = listener.getsockname()
         self.listen_port: int = bound[1]  # the zero point of -b offsets
-        self.accept_loop = AcceptLoop(listener, self._handle)
+        self.accept_loop = AcceptLoop(listener, self._accepted, inline=True)
+        self.workers = self.accept_loop.workers
         self._ids = itertools.count(1)
         self._faults = RateLimitedLog(log)
         self.counters = TcpCounters()
@@ -151,7 +152,44 @@ class TcpForwarder:
                                  conn_id, format_sockaddr(peer), exc)
             return None
 
+    def _accepted(self, accepted: socket.socket, peer: tuple) -> None:
+        """A new connection, in the accept loop's greenlet (must not wait). The plain case (one
+        destination address, no gate, no PROXY header, no -b) is set up right here when the
+        dial completes at once, as on loopback and fast LANs: socket, connect, relay on
+        callbacks, with no greenlet of its own. Everything else goes on in a worker."""
+        if self._gated or self._proxy or self.config.base_addr or self._single is None:
+            self.workers.spawn(self._handle, accepted, peer)
+            return
+        conn_id, dest = next(self._ids), self._single
+        try:
+            dialled, connected = start_dial(dest)
+        except OSError as exc:
+            self._dial_failed(conn_id, dest, exc)
+            accepted.close()
+            return
+        if connected:
+            self._relay(conn_id, accepted, peer, None, dialled, dest)
+        else:
+            self.workers.spawn(self._finish_dial, conn_id, accepted, peer, dialled, dest)
+
+    def _finish_dial(self, conn_id: int, accepted: socket.socket, peer: tuple,
+                     dialled: socket.socket, dest: Resolved) -> None:
+        self.pending += 1
+        try:
+            finish_dial(dialled, self.config.connect_timeout)
+        except OSError as exc:
+            self._dial_failed(conn_id, dest, exc)
+            accepted.close()
+            return
+        except BaseException:  # killed while dialling (finish_dial closed the socket)
+            accepted.close()
+            raise
+        finally:
+            self.pending -= 1
+        self._relay(conn_id, accepted, peer, None, dialled, dest)
+
     def _handle(self, accepted: socket.socket, peer: tuple) -> None:
+        """A new connection in a worker: the gate, then the dial, then the relay."""
         conn_id = next(self._ids)
         dialled = dest = None
         client = None
@@ -174,6 +212,12 @@ class TcpForwarder:
                 accepted.close()
         if dialled is None:
             return
+        self._relay(conn_id, accepted, peer, client, dialled, dest)
+
+    def _relay(self, conn_id: int, accepted: socket.socket, peer: tuple, client: Client | None,
+               dialled: socket.socket, dest: Resolved) -> None:
+        """Both ends are connected: send the prelude if any, then relay (never waits, except
+        for sending a PROXY header, which only the worker path does)."""
         upstream = RelaySocket(dialled)
         ahead = 0  # stream bytes sent with the prelude
         if client is not None or self._proxy:
@@ -192,7 +236,7 @@ class TcpForwarder:
         relay = Relay(conn_id, RelaySocket(accepted), upstream, self.config.splice,
                       self.counters, self.config.relay.idle_timeout, self.sweeper)
         relay.up.moved += ahead
-        relay.start(self.accept_loop.workers)
+        relay.start(self.workers)
 
     def _send_prelude(self, conn_id: int, accepted: socket.socket, peer: tuple,
                       client: Client | None, upstream: RelaySocket, dest: Resolved) -> int | None:
@@ -238,7 +282,10 @@ class TcpForwarder:
         try:
             return dial_tcp(dest, self.config.connect_timeout)
         except OSError as exc:  # includes TimeoutError and EMFILE
-            self.counters.dial_failures.add(exc)
-            self._faults.warning("connect", "conn %d: connect to %s failed: %s", conn_id, dest,
-                                 exc.strerror or exc)
+            self._dial_failed(conn_id, dest, exc)
             return None
+
+    def _dial_failed(self, conn_id: int, dest: Resolved, exc: OSError) -> None:
+        self.counters.dial_failures.add(exc)
+        self._faults.warning("connect", "conn %d: connect to %s failed: %s", conn_id, dest,
+                             exc.strerror or exc)
