@@ -98,11 +98,15 @@ class Relay:
             data = src.sock.recv(COPY_CHUNK)
             if not data:
                 src.readable.stop()
-                try:
-                    dst.shutdown(socket.SHUT_WR)  # pass the EOF on; the other way goes on
-                except OSError as exc:
-                    if exc.errno != errno.ENOTCONN:
-                        raise
+                # Pass the EOF on; the other way goes on. When the other way ended at EOF
+                # already, close() is about to send the FIN (dst has nothing unread): one
+                # syscall fewer per short connection.
+                if self.running > 1 or self.error:
+                    try:
+                        dst.shutdown(socket.SHUT_WR)
+                    except OSError as exc:
+                        if exc.errno != errno.ENOTCONN:
+                            raise
                 self._ended()
                 return
             try:
