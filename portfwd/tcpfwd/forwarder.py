@@ -227,12 +227,13 @@ class TcpForwarder:
                 accepted.close()
                 return
             ahead = sent
-        if client is None or client.address is peer:
-            hot_log(log, CONN_LOG_LEVEL, "conn %d open %s -> %s", conn_id,
-                    format_sockaddr(peer), dest)
-        else:
-            hot_log(log, CONN_LOG_LEVEL, "conn %d open %s (via %s) -> %s", conn_id,
-                    format_sockaddr(client.address), format_sockaddr(peer), dest)
+        if log.isEnabledFor(CONN_LOG_LEVEL):  # off by default: not even the arguments
+            if client is None or client.address is peer:
+                hot_log(log, CONN_LOG_LEVEL, "conn %d open %s -> %s", conn_id,
+                        format_sockaddr(peer), dest)
+            else:
+                hot_log(log, CONN_LOG_LEVEL, "conn %d open %s (via %s) -> %s", conn_id,
+                        format_sockaddr(client.address), format_sockaddr(peer), dest)
         relay = Relay(conn_id, RelaySocket(accepted), upstream, self.config.splice,
                       self.counters, self.config.relay.idle_timeout, self.sweeper)
         relay.up.moved += ahead

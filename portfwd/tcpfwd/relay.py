@@ -212,9 +212,10 @@ class Relay:
             log.info("conn %d reset: service stopping", self.conn_id)
         else:
             counters.failed += bool(self.error)
-            hot_log(log, CONN_LOG_LEVEL, "conn %d closed: %d bytes up, %d down, %.1f s%s",
-                    self.conn_id, self.up.moved, self.down.moved,
-                    time.monotonic() - self.started, f" ({self.error})" if self.error else "")
+            if log.isEnabledFor(CONN_LOG_LEVEL):  # off by default: not even the arguments
+                hot_log(log, CONN_LOG_LEVEL, "conn %d closed: %d bytes up, %d down, %.1f s%s",
+                        self.conn_id, self.up.moved, self.down.moved,
+                        time.monotonic() - self.started, f" ({self.error})" if self.error else "")
         self.client.close()
         self.upstream.close()
         if self.adopted is not None:
