@@ -277,6 +277,12 @@ def tables(paths: list[str], concurrency: tuple[int, ...], rates: dict, cpu_us: 
     return result
 
 
+def missing() -> str | None:
+    """Why this bench cannot run here (ab or nginx not installed), or None."""
+    absent = [name for name in ("ab", NGINX) if not have(name)]
+    return f"{', '.join(absent)} not installed" if absent else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=ROUNDS)
@@ -288,9 +294,9 @@ def main() -> None:
                         help="seconds of 1-stream iperf3 per tcpfwd and round (0 = skip)")
     parser.add_argument("--nginx-workers", default="auto", help="nginx worker_processes")
     opts = parser.parse_args()
-    missing = [b for b in ("ab", NGINX) if not have(b)]
-    if missing:
-        parser.exit(1, f"bench_short: {', '.join(missing)} not installed\n")
+    why = missing()
+    if why:
+        parser.exit(1, f"bench_short: {why}\n")
     if not 1 <= opts.rounds <= 50 or not 1 <= opts.requests <= 1_000_000:
         parser.error("--rounds 1-50, --requests 1-1000000")
     conc = tuple(int(c) for c in opts.concurrency.split(",") if c)
