@@ -119,21 +119,15 @@ def test_bulk_hands_over_and_arrives_intact_both_ways(splice):
     payload = hashlib.shake_128(b"up").digest(size)
     back = hashlib.shake_128(b"down").digest(size)
 
-    def client_side() -> bytes:
-        sender = gevent.spawn(lambda: (rig.client.sendall(payload),
-                                       rig.client.shutdown(socket.SHUT_WR)))
-        got = read_all(rig.client)
+    def send_and_read(sock, data: bytes) -> bytes:
+        """Send ``data`` then EOF while reading everything the other end sends."""
+        sender = gevent.spawn(lambda: (sock.sendall(data), sock.shutdown(socket.SHUT_WR)))
+        got = read_all(sock)
         sender.join()
         return got
 
-    def server_side() -> bytes:
-        sender = gevent.spawn(lambda: (rig.server.sendall(back),
-                                       rig.server.shutdown(socket.SHUT_WR)))
-        got = read_all(rig.server)
-        sender.join()
-        return got
-
-    c, s = gevent.spawn(client_side), gevent.spawn(server_side)
+    c = gevent.spawn(send_and_read, rig.client, payload)
+    s = gevent.spawn(send_and_read, rig.server, back)
     gevent.joinall([c, s], timeout=60, raise_error=True)
     assert s.value == payload and c.value == back
     assert rig.done()
