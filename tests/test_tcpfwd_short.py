@@ -14,7 +14,7 @@ import struct
 
 import gevent
 import pytest
-from conftest import connect, echo_roundtrip, free_port
+from conftest import connect, echo_roundtrip, free_port, run_cli
 from gevent import socket as gsocket
 
 from portfwd.runtime.acceptloop import ACCEPT_BATCH, AcceptLoop
@@ -329,3 +329,18 @@ def test_dial_that_does_not_complete_at_once_goes_on_in_a_worker(tool):
     for sock in (first, second, target, *got.values(), *fillers):
         sock.close()
     assert fwd.stop() == 0
+
+
+@pytest.mark.parametrize(("name", "args"), [
+    ("tcpfwd", ["127.0.0.1:1", "127.0.0.1:2"]),
+    ("udpfwd", ["127.0.0.1:1", "127.0.0.1:2"]),
+    ("kcptcp-client", ["-K", "00" * 32, "127.0.0.1:1", "127.0.0.1:2"]),
+    ("kcptcp-server", ["-K", "00" * 32, "127.0.0.1:1", "127.0.0.1:2"]),
+    ("kcpudp-client", ["-K", "00" * 32, "127.0.0.1:1", "127.0.0.1:2"]),
+    ("kcpudp-server", ["-K", "00" * 32, "127.0.0.1:1", "127.0.0.1:2"]),
+])
+def test_every_tool_takes_log_level_and_rejects_a_bad_one(name, args):
+    result = run_cli(name, "--log-level", "loud", *args)
+    assert result.returncode == 2
+    assert result.stderr == (f"{name}: error: --log-level expects one of error, warning, info, "
+                             "debug, got 'loud'\n")
