@@ -36,6 +36,7 @@ import tempfile
 from collections.abc import Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_tcp import HAPROXY_CFG  # noqa: E402
 from common import (  # noqa: E402
     Table,
     free_port,
@@ -78,18 +79,8 @@ http {{
 }}
 """
 
-HAPROXY_CONF = """global
-    maxconn 8000
-    nbthread 1
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-listen fwd
-    bind 127.0.0.1:{listen}
-    server s1 127.0.0.1:{dest}
-"""
+# bench_tcp's HAProxy, on one thread: the single-core peer the issue names
+HAPROXY_CONF = HAPROXY_CFG.replace("global\n", "global\n    nbthread 1\n", 1)
 
 RINETD_CONF = "127.0.0.1 {listen} 127.0.0.1 {dest}\n"
 
