@@ -55,6 +55,25 @@ def test_bench_run_quick(tmp_path) -> None:
     assert f"pfbench-{proc.pid}-" not in listed
 
 
+@pytest.mark.skipif(any(shutil.which(b) is None for b in ("ab", "nginx", "haproxy")),
+                    reason="ab, nginx or haproxy missing")
+def test_bench_run_short_section(tmp_path) -> None:
+    """bench/run's short section (bench_short.py: ab against nginx behind each forwarder) runs
+    end to end in its namespace and reports rates, ratios and CPU per connection; its figures
+    mean nothing at this size."""
+    proc = subprocess.run([sys.executable, RUN, "--quick", "--only", "short", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = next(tmp_path.glob("*.md")).read_text()
+    assert "## Concurrent short connections (ab, nginx)" in text
+    assert "### Concurrent short connections (ab → nginx 1 KiB, req/s)" in text
+    assert "### Forwarder CPU per connection" in text
+    for path in ("| direct |", "| tcpfwd |", "| haproxy nbthread 1 |"):
+        assert path in text, path
+    assert "| path | -c 1 | -c 10 |" in text and "×" in text
+    assert "Skipped" not in text
+
+
 def test_bench_handshake_smoke() -> None:
     """bench_handshake.py runs end to end (a tiny flood, one round) and cleans up after itself;
     its figures mean nothing at this size."""

@@ -149,6 +149,26 @@ def test_process_config():
     assert process_config(Options({"pidfile": ""}), ENV) == ProcessConfig()
 
 
+@pytest.mark.parametrize(("flag", "env", "level"), [
+    (None, None, logging.INFO),  # the default
+    (None, 30, logging.WARNING),  # PORTFWD_LOGLEVEL alone
+    ("debug", 30, logging.DEBUG),  # --log-level wins over the environment
+    ("error", 10, logging.ERROR),
+    ("warning", None, logging.WARNING),
+    ("info", 40, logging.INFO),
+])
+def test_log_level_flag_beats_environment(flag, env, level):
+    options = Options({"log_level": flag}, {"log_level": "--log-level"})
+    assert process_config(options, Environment(log_level=env)).log_level == level
+
+
+def test_log_level_bad_value_names_the_flag():
+    options = Options({"log_level": "loud"}, {"log_level": "--log-level"})
+    with pytest.raises(ConfigError, match="--log-level expects one of error, warning, info, "
+                                          "debug, got 'loud'"):
+        process_config(options, ENV)
+
+
 # --- one MTU -------------------------------------------------------------------------------
 
 def test_conversation_config_has_one_mtu():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import logging
 import textwrap
 
 import pytest
@@ -283,6 +284,13 @@ def test_process_keys_at_top_level():
     assert parsed.rules == ()
     with pytest.raises(ConfigError, match="config.toml:2: daemonize expects true or false"):
         runtime_config.process_config(parse('pidfile = "x"\ndaemonize = 1\n').process, ENV)
+
+
+def test_log_level_key_at_top_level():
+    process = parse('log_level = "debug"\n').process
+    assert runtime_config.process_config(process, ENV).log_level == logging.DEBUG
+    with pytest.raises(ConfigError, match="config.toml:1: log_level expects one of"):
+        runtime_config.process_config(parse('log_level = "verbose"\n').process, ENV)
 
 
 def test_configs_compare_equal_when_the_text_means_the_same():

@@ -147,7 +147,8 @@ def test_target_reset_mid_stream_closes_client_promptly(tool, via):
         processes = (server, client)
     else:
         port = free_port()
-        fwd = tool("tcpfwd", f"127.0.0.1:{port}", f"127.0.0.1:{target.port}")
+        fwd = tool("tcpfwd", "--log-level", "debug", f"127.0.0.1:{port}",
+                   f"127.0.0.1:{target.port}")  # debug: the "conn 1 closed" line
         fwd.wait_for_log("forwarding")
         processes = (fwd,)
     stop = threading.Event()

@@ -80,29 +80,32 @@ def test_rate_limited_log_counts_suppressed_lines(captured, monkeypatch):
     assert lines[0].endswith("refused x") and lines[1].endswith("refused y (4 similar suppressed)")
 
 
-def test_hot_info_writes_what_logger_info_writes(captured):
+@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG])
+def test_hot_log_writes_what_logger_log_writes(captured, level):
     logger = logging.getLogger("portfwd.tcp")
-    logger.info("conn %d closed: %d bytes up", 3, 10)
-    logs.hot_info(logger, "conn %d closed: %d bytes up", 3, 10)
+    logging.getLogger().setLevel(logging.DEBUG)
+    logger.log(level, "conn %d closed: %d bytes up", 3, 10)
+    logs.hot_log(logger, level, "conn %d closed: %d bytes up", 3, 10)
     first, second = captured.getvalue().splitlines()
     assert first.split(" ", 2)[2] == second.split(" ", 2)[2]  # all but the time stamp
-    assert second.endswith("INFO: conn 3 closed: 10 bytes up")
+    assert second.endswith(f"{logging.getLevelName(level)}: conn 3 closed: 10 bytes up")
 
 
-def test_hot_info_honours_levels_and_propagation(captured):
+def test_hot_log_honours_levels_and_propagation(captured):
     logger = logging.getLogger("portfwd.hot")
     logging.getLogger().setLevel(logging.WARNING)  # PORTFWD_LOGLEVEL=30
-    logs.hot_info(logger, "quiet")
+    logs.hot_log(logger, logging.INFO, "quiet")
     logging.getLogger().setLevel(logging.INFO)
+    logs.hot_log(logger, logging.DEBUG, "below the level")
     logging.getLogger().handlers[0].setLevel(logging.ERROR)
-    logs.hot_info(logger, "filtered by the handler")
+    logs.hot_log(logger, logging.INFO, "filtered by the handler")
     logging.getLogger().handlers[0].setLevel(logging.NOTSET)
     own = io.StringIO()
     handler = logging.StreamHandler(own)
     logger.addHandler(handler)
     logger.propagate = False
     try:
-        logs.hot_info(logger, "only on the logger's own handler")
+        logs.hot_log(logger, logging.INFO, "only on the logger's own handler")
     finally:
         logger.removeHandler(handler)
         logger.propagate = True

@@ -229,7 +229,7 @@ def test_sigusr1_writes_a_status_snapshot_and_changes_nothing(tool, echo_server)
 
 def test_json_log_format(tool, echo_server):
     port = free_port()
-    fwd = tool("tcpfwd", "--log-format", "json", f"127.0.0.1:{port}",
+    fwd = tool("tcpfwd", "--log-format", "json", "--log-level", "debug", f"127.0.0.1:{port}",
                f"127.0.0.1:{echo_server.port}")
     fwd.wait_for_log("forwarding")
     with connect("127.0.0.1", port) as sock:
@@ -242,7 +242,10 @@ def test_json_log_format(tool, echo_server):
     messages = [line["message"] for line in lines]
     assert any(m.startswith("conn 1 open 127.0.0.1:") for m in messages)
     assert messages[-1] == "stopped"
-    assert all(line["level"] == "INFO" and line["time"].endswith("Z") for line in lines)
+    assert all(line["time"].endswith("Z") for line in lines)
+    assert {line["level"] for line in lines if line["message"].startswith("conn 1 ")} == {"DEBUG"}
+    assert {line["level"] for line in lines if not line["message"].startswith("conn ")} == {
+        "INFO"}
 
 
 @pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 is not installed")

@@ -122,7 +122,7 @@ def test_max_conns_10_of_50_holds_10_and_refuses_40(tool):
 def test_idle_relay_closes_at_its_timeout_and_a_busy_one_does_not(tool):
     echo = EchoServer()
     port = free_port()
-    fwd = start_tcpfwd(tool, "--idle-timeout", "2", f"127.0.0.1:{port}",
+    fwd = start_tcpfwd(tool, "--log-level", "debug", "--idle-timeout", "2", f"127.0.0.1:{port}",
                        f"127.0.0.1:{echo.port}")
     idle, busy = idle_and_busy(port, 3.5, fwd.log)  # busy: never idle for 2 s
     fwd.wait_for_log(r"conn \d+ closed: 4 bytes up, 4 down, [\d.]+ s \(idle timeout\)")
@@ -134,8 +134,8 @@ def test_idle_relay_closes_at_its_timeout_and_a_busy_one_does_not(tool):
 def test_half_close_timeout_ends_a_relay_whose_other_side_never_closes(tool):
     with half_closing_target() as target_port:
         port = free_port()
-        fwd = start_tcpfwd(tool, "--half-close-timeout", "1", f"127.0.0.1:{port}",
-                           f"127.0.0.1:{target_port}")
+        fwd = start_tcpfwd(tool, "--log-level", "debug", "--half-close-timeout", "1",
+                           f"127.0.0.1:{port}", f"127.0.0.1:{target_port}")
         half_close_ends(port)
         fwd.wait_for_log(r"\(half-close timeout\)")
 

@@ -57,7 +57,8 @@ def test_haproxy_tcpfwd_nginx_chain_keeps_the_client(tool, tmp_path, send):
     -> nginx: the address HAProxy reported is the one tcpfwd passes on."""
     with nginx(str(tmp_path)) as web:
         port = free_port()
-        fwd = start_tcpfwd(tool, "--accept-proxy", "--proxy-from", "127.0.0.1/32",
+        fwd = start_tcpfwd(tool, "--log-level", "debug", "--accept-proxy", "--proxy-from",
+                           "127.0.0.1/32",
                            "--proxy-protocol", "v2", f"127.0.0.1:{port}",
                            f"127.0.0.1:{web.port}")
         with haproxy(str(tmp_path), f"127.0.0.1:{port}", send) as front:
@@ -73,7 +74,8 @@ def test_haproxy_tcpfwd_nginx_chain_keeps_the_client(tool, tmp_path, send):
 def test_haproxy_in_front_of_accept_proxy_relays_bytes_intact(tool, tmp_path, send):
     echo = EchoServer()
     port = free_port()
-    fwd = start_tcpfwd(tool, "--accept-proxy", f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}")
+    fwd = start_tcpfwd(tool, "--log-level", "debug", "--accept-proxy", f"127.0.0.1:{port}",
+                       f"127.0.0.1:{echo.port}")  # debug: the "conn 1 open" line names the client
     with haproxy(str(tmp_path), f"127.0.0.1:{port}", send) as front:
         with socket.socket() as sock:
             sock.settimeout(10)
@@ -93,8 +95,8 @@ def test_haproxy_in_front_of_accept_proxy_relays_bytes_intact(tool, tmp_path, se
 def accept_proxy_forwarder(tool, *flags: str):
     echo = EchoServer()
     port = free_port()
-    fwd = start_tcpfwd(tool, "--accept-proxy", *flags, f"127.0.0.1:{port}",
-                       f"127.0.0.1:{echo.port}")
+    fwd = start_tcpfwd(tool, "--log-level", "debug", "--accept-proxy", *flags,
+                       f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}")  # debug: "conn N open"
     return fwd, port, echo
 
 

@@ -83,8 +83,8 @@ def wait_listening(ns: str, port: int) -> None:
 
 
 def test_base_addr_offsets(netns):
-    fwd = start_in(netns, sys.executable, os.path.join(BIN, "tcpfwd"), "-b", "127.0.0.1:8080",
-                   "127.0.0.0:9000")
+    fwd = start_in(netns, sys.executable, os.path.join(BIN, "tcpfwd"), "--log-level", "debug",
+                   "-b", "127.0.0.1:8080", "127.0.0.0:9000")  # debug: the "conn N open" lines
     try:
         wait_listening(netns, 8080)
         out = run_in(netns, sys.executable, "-c", PROBE, "8102", "8105")

@@ -42,6 +42,8 @@ OPTIONS = f"""Options:
   --stats-interval <s>  seconds between stats lines, 0 = off [default: 60]
   --metrics <addr:port> serve Prometheus metrics at http://addr:port/metrics (off by default)
   --log-format <format> text (default) or json: one JSON object per log line
+  --log-level <level>   error, warning, info (default) or debug; wins over
+                        PORTFWD_LOGLEVEL
   --allow <cidr>        only clients (client: TCP peers; server: UDP sources) in this
                         network (repeatable; IPv4 or IPv6)
   --deny <cidr>         never clients in this network (repeatable; wins over --allow)
@@ -104,6 +106,7 @@ FIELDS = {"daemonize": "-d", "pidfile": "-p", "reuseaddr": "-r", "reuseport": "-
           "sndwnd": "--sndwnd", "rcvwnd": "--rcvwnd", "keepalive": "--keepalive",
           "stats_interval": "--stats-interval",
           "log_file": "--log-file", "metrics": "--metrics", "log_format": "--log-format",
+          "log_level": "--log-level",
           "allow": "--allow", "deny": "--deny", "max_conns": "--max-conns",
           "idle_timeout": "--idle-timeout", "half_close_timeout": "--half-close-timeout",
           "workers": "-w"}

@@ -1,7 +1,7 @@
 """The settings every tool shares, from parsed options: the process's and the listener's.
 
 Fields read: ``daemonize``, ``pidfile``, ``log_file``, ``metrics``, ``log_format``,
-``workers`` (process);
+``workers``, ``log_level`` (process);
 ``reuseaddr``, ``reuseport``, ``v6only`` (listener).
 """
 
@@ -21,16 +21,16 @@ from portfwd.runtime.sockets import ListenOptions
 # Every field process_config reads: the top-level keys of a config file (portfwd run), which
 # no rule kind may take as its own. tests/test_configfile.py checks it against the code below.
 PROCESS_FIELDS = frozenset({"daemonize", "pidfile", "log_file", "metrics", "log_format",
-                            "workers"})
+                            "workers", "log_level"})
 
 
 @dataclass(frozen=True)
 class ProcessConfig:
-    """How the process runs, whatever service it hosts (-d, -p, --log-file, PORTFWD_LOGLEVEL)."""
+    """How the process runs, whatever service it hosts (-d, -p, --log-file, --log-level)."""
 
     daemonize: bool = False  # -d: detach and log to syslog
     pidfile: str | None = None  # -p: path of the pidfile, None = none
-    log_level: int = logging.INFO  # root logger level
+    log_level: int = logging.INFO  # root logger level: --log-level, else PORTFWD_LOGLEVEL
     log_file: str | None = None  # --log-file: append log lines here, reopened on SIGUSR2
     metrics: Resolved | None = None  # --metrics: where /metrics is served, None = nowhere
     log_format: str = "text"  # --log-format: "text" (the seed's lines) or "json" (one object)
@@ -38,6 +38,11 @@ class ProcessConfig:
 
 
 LOG_FORMATS = ("text", "json")
+# --log-level names (syslog's, as nginx's error_log spells them); the flag (or config key)
+# wins over PORTFWD_LOGLEVEL, which wins over the default, info.
+LOG_LEVELS = {"error": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO,
+              "debug": logging.DEBUG}
+
 
 
 def process_config(options: Options, env: Environment) -> ProcessConfig:
@@ -48,10 +53,15 @@ def process_config(options: Options, env: Environment) -> ProcessConfig:
     if log_format not in LOG_FORMATS:
         raise ConfigError("log_format", f"{options.label('log_format')} expects text or json, "
                           f"got {log_format!r}")
+    level = options.choice("log_level", tuple(LOG_LEVELS), "")
+    if level:
+        log_level = LOG_LEVELS[level]
+    else:
+        log_level = logging.INFO if env.log_level is None else env.log_level
     return ProcessConfig(
         daemonize=options.flag("daemonize"),
         pidfile=_in_existing_directory(options, "pidfile"),
-        log_level=logging.INFO if env.log_level is None else env.log_level,
+        log_level=log_level,
         log_file=_in_existing_directory(options, "log_file"),
         metrics=metrics,
         log_format=log_format,

@@ -172,24 +172,25 @@ class Formatter(logging.Formatter):
         return self.default_msec_format % (self._stamp, record.msecs)
 
 
-def hot_info(logger: logging.Logger, msg: str, *args: object) -> None:
-    """``logger.info(msg, *args)`` for lines written per connection, minus logging's layers.
+def hot_log(logger: logging.Logger, level: int, msg: str, *args: object) -> None:
+    """``logger.log(level, msg, *args)`` for lines written per connection, minus logging's layers.
 
-    Logger.info, _log, makeRecord, handle, filter, callHandlers, Handler.handle, filter,
+    Logger.log, _log, makeRecord, handle, filter, callHandlers, Handler.handle, filter,
     acquire, emit: in situ (cold caches between connections) the two lines per short
     connection cost tcpfwd about a seventh of its CPU, and the layers about half of that
     (py-spy; 243 -> 226 us per connection over 8 interleaved rounds). Here the record goes
     straight to emit() of the handlers logging would have picked: the logger's and its
-    ancestors' (looked up per call, so reconfiguration is seen), at or below INFO. Skipped:
-    handler filters (ours have none) and the handler lock (gevent runs one OS thread).
+    ancestors' (looked up per call, so reconfiguration is seen), at or below ``level``.
+    Skipped: handler filters (ours have none) and the handler lock (gevent runs one OS thread).
+    A level that is off costs one cached isEnabledFor().
     """
-    if logger.disabled or not logger.isEnabledFor(logging.INFO):
+    if logger.disabled or not logger.isEnabledFor(level):
         return
-    record = LeanRecord(logger.name, logging.INFO, "", 0, msg, args, None)
+    record = LeanRecord(logger.name, level, "", 0, msg, args, None)
     node: logging.Logger | None = logger
     while node is not None:
         for handler in node.handlers:
-            if handler.level <= logging.INFO:
+            if handler.level <= level:
                 handler.emit(record)
         node = node.parent if node.propagate else None
 

@@ -19,6 +19,7 @@ KEEPALIVE_INTVL = 10  # s; seed TCP_PROXY_KEEPALIVE_INTVL
 KEEPALIVE_CNT = 6  # probes; seed TCP_PROXY_KEEPALIVE_CNT
 LISTEN_BACKLOG = 1024
 CONNECT_TIMEOUT = 10.0  # s before an unanswered connect to a destination/target is abandoned
+SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)  # Linux: socket() makes it non-blocking
 READ, WRITE = 1, 2  # libev event masks (EV_READ, EV_WRITE) for loop.io() watchers
 # UDP GSO (Linux 4.18+): one sendmsg() with UDP_SEGMENT carries a run of equal-size datagrams
 # that the kernel splits back into the same datagrams.
@@ -111,32 +112,57 @@ def tune_tcp(sock: socket.socket, bufsize: int | None = SOCKBUF_CAP) -> None:
 
 def dial_tcp(dest: Resolved, timeout: float) -> socket.socket:
     """A tuned, connected, non-blocking TCP socket to ``dest``; raises OSError (TimeoutError
-    included) and closes the socket on failure. socket() is inside the error path too: at the
-    fd limit it fails with EMFILE, a runtime fault for the caller to log, not a traceback.
+    included) and closes the socket on failure: :func:`start_dial`, then, if the handshake
+    has not finished yet, :func:`finish_dial`."""
+    sock, connected = start_dial(dest)
+    if not connected:
+        finish_dial(sock, timeout)
+    return sock
+
+
+def start_dial(dest: Resolved) -> tuple[socket.socket, bool]:
+    """A tuned non-blocking TCP socket, its connect to ``dest`` started, and whether it is
+    connected already. Never waits. Raises OSError and closes the socket on failure; socket()
+    is inside the error path too: at the fd limit it fails with EMFILE, a runtime fault for
+    the caller to log, not a traceback.
 
     Short connections feel every step here, so: a non-blocking connect, then a second one.
     On loopback and fast LANs the handshake has finished by then (the kernel processes the
     SYN-ACK before the first call returns), and the second says so (EISCONN): no watcher,
-    timer or trip through the event loop. Otherwise wait for writability and read SO_ERROR.
+    timer or trip through the event loop.
     """
     sock: socket.socket | None = None
     try:
-        sock = socket.socket(dest.family, socket.SOCK_STREAM)
-        sock.setblocking(False)
+        # Non-blocking from birth: no ioctl(FIONBIO) after socket() (and no timeout mode).
+        sock = socket.socket(dest.family, socket.SOCK_STREAM | SOCK_NONBLOCK)
+        if not SOCK_NONBLOCK:
+            sock.setblocking(False)
         tune_tcp(sock)
         error = sock.connect_ex(dest.sockaddr)
         if error == errno.EINPROGRESS:
             error = sock.connect_ex(dest.sockaddr)
             if error in (errno.EALREADY, errno.EINPROGRESS):
-                wait_write(sock.fileno(), timeout, TimeoutError("timed out"))
-                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                return sock, False
         if error and error != errno.EISCONN:
             raise OSError(error, os.strerror(error))
     except BaseException:
         if sock is not None:
             sock.close()
         raise
-    return sock
+    return sock, True
+
+
+def finish_dial(sock: socket.socket, timeout: float) -> None:
+    """Wait up to ``timeout`` s for the handshake :func:`start_dial` began (writability, then
+    SO_ERROR); raises OSError (TimeoutError included) and closes the socket on failure."""
+    try:
+        wait_write(sock.fileno(), timeout, TimeoutError("timed out"))
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error))
+    except BaseException:
+        sock.close()
+        raise
 
 
 def cooperative(sock: socket.socket) -> gsocket:

@@ -6,12 +6,17 @@ connection needs two, and at thousands of connections per second spawning them c
 tcpfwd's CPU. Here a worker whose job is done parks itself on a free list and takes the next job:
 about 1 us per job. It is :func:`gevent.spawn_raw` plus that free list, so a job is plain
 blocking-style code in a greenlet like any other.
+
+A job may also run without a greenlet, on callbacks in the hub (tcpfwd's relays of short
+connections): :meth:`Workers.adopt` counts it as running until :meth:`Workers.release`, so
+``join`` waits for it and ``kill`` cuts it (its ``cut()``, called in the hub) like the others.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import Protocol
 
 from gevent import GreenletExit, get_hub
 from gevent.event import Event
@@ -19,6 +24,11 @@ from greenlet import getcurrent
 from greenlet import greenlet as RawGreenlet
 
 MAX_IDLE = 256  # parked workers kept; more than this retire when their job ends
+
+
+class Cuttable(Protocol):
+    def cut(self) -> None:
+        """End now (the service is stopping); must release itself from its Workers."""
 
 
 class Workers:
@@ -29,12 +39,13 @@ class Workers:
         self._max_idle = max_idle
         self._idle: list[RawGreenlet] = []
         self._busy: set[RawGreenlet] = set()
+        self._adopted: set[Cuttable] = set()  # jobs that run on callbacks, not in a worker
         self._quiet = Event()  # set whenever no job is running
         self._quiet.set()
 
     def __len__(self) -> int:
         """Jobs running now."""
-        return len(self._busy)
+        return len(self._busy) + len(self._adopted)
 
     def spawn(self, job: Callable[..., object], *args: object) -> None:
         """Run ``job(*args)`` in a worker greenlet, soon (the caller is not unscheduled)."""
@@ -42,6 +53,16 @@ class Workers:
         self._busy.add(worker)
         self._quiet.clear()
         self._hub.loop.run_callback(worker.switch, job, args)
+
+    def adopt(self, job: Cuttable) -> None:
+        """Count ``job``, which runs on callbacks, as running until :meth:`release`."""
+        self._adopted.add(job)
+        self._quiet.clear()
+
+    def release(self, job: Cuttable) -> None:
+        self._adopted.discard(job)
+        if not self._busy and not self._adopted:
+            self._quiet.set()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until no job is running; False if ``timeout`` seconds passed first."""
@@ -51,7 +72,13 @@ class Workers:
         """Raise GreenletExit in every running job, then wait for them as :meth:`join` does."""
         for worker in list(self._busy):
             self._hub.loop.run_callback(self._throw, worker)
+        for job in list(self._adopted):
+            self._hub.loop.run_callback(self._cut, job)
         return self.join(timeout)
+
+    def _cut(self, job: Cuttable) -> None:
+        if job in self._adopted:  # it may have ended, or moved into workers, since kill()
+            job.cut()
 
     def _throw(self, worker: RawGreenlet) -> None:
         if worker in self._busy:  # its job may have ended since kill() was called
@@ -77,5 +104,5 @@ class Workers:
 
     def _done(self, worker: RawGreenlet) -> None:
         self._busy.discard(worker)
-        if not self._busy:
+        if not self._busy and not self._adopted:
             self._quiet.set()

@@ -35,17 +35,22 @@ Options:
                          [default: 0]
   --half-close-timeout <s>  once one direction has ended, close the relay s seconds later,
                          0 = never [default: 60]
+  --stats-interval <s>   seconds between stats lines (INFO; the lines per connection
+                         are DEBUG), 0 = off [default: 60]
   --metrics <addr:port>  serve Prometheus metrics at http://addr:port/metrics (off by default)
   --log-format <format>  text (default) or json: one JSON object per log line
   -w <n>                 worker processes, each accepting on its own SO_REUSEPORT socket
                          of the listener, 0 = one per CPU [default: 1]
+  --log-level <level>    error, warning, info (default) or debug; wins over
+                         PORTFWD_LOGLEVEL
   -h --help          show help
 
 The listener always sets SO_REUSEADDR (a restart never waits for TIME_WAIT); -r is accepted.
 
 Environment:
   PORTFWD_NO_SPLICE=1  relay through userspace copies instead of Linux splice()
-  PORTFWD_LOGLEVEL=n   numeric level of the log (10 = DEBUG, 30 = warnings only)
+  PORTFWD_LOGLEVEL=n   numeric level of the log (10 = DEBUG: a line per connection,
+                       30 = warnings only)
   PORTFWD_SHARED_LISTENER=1  -w workers accept from one shared listener instead of a
                        SO_REUSEPORT socket each (to compare them: bench/bench_workers.py)
 """
@@ -69,9 +74,9 @@ FIELDS = {"listen": "<local_addr:local_port>", "dest": "<dest_addr:dest_port>",
           "allow": "--allow", "deny": "--deny", "max_conns": "--max-conns",
           "accept_proxy": "--accept-proxy", "proxy_from": "--proxy-from",
           "proxy_protocol": "--proxy-protocol", "idle_timeout": "--idle-timeout",
-          "half_close_timeout": "--half-close-timeout",
+          "half_close_timeout": "--half-close-timeout", "stats_interval": "--stats-interval",
           "log_file": "--log-file", "metrics": "--metrics", "log_format": "--log-format",
-          "workers": "-w"}
+          "log_level": "--log-level", "workers": "-w"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """tcpfwd's configuration: parsed options (flags today, config-file keys later) to TcpConfig.
 
 Fields read: ``listen``, ``dest`` (one or more), ``base_addr``, ``reuseaddr``, ``reuseport``,
-``v6only``, ``connect_timeout``, ``proxy_protocol``, ``idle_timeout``, ``half_close_timeout``;
+``v6only``, ``connect_timeout``, ``proxy_protocol``, ``idle_timeout``, ``half_close_timeout``,
+``stats_interval``;
 those of :func:`portfwd.runtime.admission.admission_config` (``allow``, ``deny``,
 ``max_conns``, ``accept_proxy``, ``proxy_from``) and of
 :func:`portfwd.runtime.upstream.upstream_config` (``balance``, ``max_fails``, ``fail_timeout``).
@@ -24,6 +25,7 @@ from portfwd.tcpfwd.pump import SPLICE_AVAILABLE
 
 MAX_CONNECT_TIMEOUT = 3600  # s
 PROXY_VERSIONS = {"v1": 1, "v2": 2}  # --proxy-protocol
+STATS_INTERVAL = 60  # s between stats lines by default (udpfwd's and kcptcp's too)
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class TcpConfig:
     admission: Admission = field(default_factory=Admission)  # --allow, --max-conns, ...
     proxy_protocol: int = 0  # --proxy-protocol: PROXY header version sent first, 0 = none
     relay: RelayLimits = field(default_factory=RelayLimits)  # --idle-timeout, ...
+    stats_interval: float = float(STATS_INTERVAL)  # s between stats lines at INFO; 0 = none
 
 
 def tcpfwd_config(options: Options, env: Environment) -> TcpConfig:
@@ -54,9 +57,11 @@ def tcpfwd_config(options: Options, env: Environment) -> TcpConfig:
                                       int(CONNECT_TIMEOUT))
     proxy = options.choice("proxy_protocol", tuple(PROXY_VERSIONS), "none")
     relay = relay_limits(options)
+    stats_interval = options.integer("stats_interval", 0, None, STATS_INTERVAL)
     return TcpConfig(listen=listen, dest=destinations[0].addresses[0],
                      listen_options=listen_options(options), base_addr=base_addr,
                      splice=SPLICE_AVAILABLE and not env.no_splice,
                      connect_timeout=float(connect_timeout), destinations=destinations,
                      balancing=upstream_config(options), admission=admission_config(options),
-                     proxy_protocol=PROXY_VERSIONS.get(proxy, 0), relay=relay)
+                     proxy_protocol=PROXY_VERSIONS.get(proxy, 0), relay=relay,
+                     stats_interval=float(stats_interval))

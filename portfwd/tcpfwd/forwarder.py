@@ -6,28 +6,26 @@ Glossary: *client* is the accepted connection, *upstream* the one we dial to the
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import itertools
 import logging
 import socket
 import struct
-import time
 
-import gevent
+from gevent import get_hub
 
 from portfwd.policy.proxy import pack
 from portfwd.runtime.acceptloop import AcceptLoop
 from portfwd.runtime.addr import HostPort, Resolved, format_sockaddr
 from portfwd.runtime.admission import Client, Gate
-from portfwd.runtime.logs import RateLimitedLog, hot_info
-from portfwd.runtime.relay_timeouts import HalfCloseSweeper, IdleTimer
-from portfwd.runtime.sockets import dial_tcp
+from portfwd.runtime.logs import RateLimitedLog, hot_log
+from portfwd.runtime.relay_timeouts import HalfCloseSweeper
+from portfwd.runtime.sockets import dial_tcp, finish_dial, start_dial
 from portfwd.runtime.upstream import Destination, Upstreams
-from portfwd.runtime.workers import Workers
 from portfwd.tcpfwd.config import TcpConfig
-from portfwd.tcpfwd.metrics import TcpCounters, TcpMetrics
-from portfwd.tcpfwd.pump import Counter, RelaySocket, pump
+from portfwd.tcpfwd.metrics import TcpCounters, TcpMetrics, status
+from portfwd.tcpfwd.pump import RelaySocket
+from portfwd.tcpfwd.relay import CONN_LOG_LEVEL, Relay
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +84,8 @@ class TcpForwarder:
         self.config = config
         bound = listener.getsockname()
         self.listen_port: int = bound[1]  # the zero point of -b offsets
-        self.accept_loop = AcceptLoop(listener, self._handle)
+        self.accept_loop = AcceptLoop(listener, self._accepted, inline=True)
+        self.workers = self.accept_loop.workers
         self._ids = itertools.count(1)
         self._faults = RateLimitedLog(log)
         self.counters = TcpCounters()
@@ -102,6 +101,8 @@ class TcpForwarder:
         self._local = listening_address(bound)  # every connection's local address, or None
         half_close = config.relay.half_close_timeout
         self.sweeper = HalfCloseSweeper(half_close) if half_close else None
+        self._stats_timer = None  # --stats-interval: a libev timer in the hub
+        self._last_stats: TcpMetrics | None = None  # what the last stats line said
 
     def metrics(self) -> TcpMetrics:
         """A snapshot of the counters (no I/O; bytes of running relays included)."""
@@ -114,9 +115,27 @@ class TcpForwarder:
         log.info("forwarding %s -> %s (%s)", format_sockaddr(self.accept_loop.address),
                  dests if not self.config.base_addr else self.config.dest,
                  "splice" if self.config.splice else "copy")
+        interval = self.config.stats_interval
+        if interval:
+            self._stats_timer = get_hub().loop.timer(interval, interval)
+            self._stats_timer.start(self._log_stats)
+
+    def _log_stats(self) -> None:
+        """The periodic summary at INFO (the per-connection lines are DEBUG): the status line
+        of SIGUSR1, written only when something changed since the last one (an idle
+        forwarder stays quiet). Runs in the hub: a snapshot and one log line, no waiting."""
+        snapshot = self.metrics()
+        if snapshot != self._last_stats:
+            self._last_stats = snapshot
+            log.info("stats: %s", status(snapshot)[0])
 
     def stop(self, timeout: float) -> None:
         self.accept_loop.stop(timeout)
+        if self._stats_timer is not None:  # the last word: what the drained service did
+            self._stats_timer.stop()
+            self._stats_timer.close()
+            self._stats_timer = None
+            self._log_stats()
 
     def handover(self) -> socket.socket:
         """Stop accepting; return the listener for the next service of this address (config
@@ -133,7 +152,44 @@ class TcpForwarder:
                                  conn_id, format_sockaddr(peer), exc)
             return None
 
+    def _accepted(self, accepted: socket.socket, peer: tuple) -> None:
+        """A new connection, in the accept loop's greenlet (must not wait). The plain case (one
+        destination address, no gate, no PROXY header, no -b) is set up right here when the
+        dial completes at once, as on loopback and fast LANs: socket, connect, relay on
+        callbacks, with no greenlet of its own. Everything else goes on in a worker."""
+        if self._gated or self._proxy or self.config.base_addr or self._single is None:
+            self.workers.spawn(self._handle, accepted, peer)
+            return
+        conn_id, dest = next(self._ids), self._single
+        try:
+            dialled, connected = start_dial(dest)
+        except OSError as exc:
+            self._dial_failed(conn_id, dest, exc)
+            accepted.close()
+            return
+        if connected:
+            self._relay(conn_id, accepted, peer, None, dialled, dest)
+        else:
+            self.workers.spawn(self._finish_dial, conn_id, accepted, peer, dialled, dest)
+
+    def _finish_dial(self, conn_id: int, accepted: socket.socket, peer: tuple,
+                     dialled: socket.socket, dest: Resolved) -> None:
+        self.pending += 1
+        try:
+            finish_dial(dialled, self.config.connect_timeout)
+        except OSError as exc:
+            self._dial_failed(conn_id, dest, exc)
+            accepted.close()
+            return
+        except BaseException:  # killed while dialling (finish_dial closed the socket)
+            accepted.close()
+            raise
+        finally:
+            self.pending -= 1
+        self._relay(conn_id, accepted, peer, None, dialled, dest)
+
     def _handle(self, accepted: socket.socket, peer: tuple) -> None:
+        """A new connection in a worker: the gate, then the dial, then the relay."""
         conn_id = next(self._ids)
         dialled = dest = None
         client = None
@@ -156,6 +212,12 @@ class TcpForwarder:
                 accepted.close()
         if dialled is None:
             return
+        self._relay(conn_id, accepted, peer, client, dialled, dest)
+
+    def _relay(self, conn_id: int, accepted: socket.socket, peer: tuple, client: Client | None,
+               dialled: socket.socket, dest: Resolved) -> None:
+        """Both ends are connected: send the prelude if any, then relay (never waits, except
+        for sending a PROXY header, which only the worker path does)."""
         upstream = RelaySocket(dialled)
         ahead = 0  # stream bytes sent with the prelude
         if client is not None or self._proxy:
@@ -165,15 +227,17 @@ class TcpForwarder:
                 accepted.close()
                 return
             ahead = sent
-        if client is None or client.address is peer:
-            hot_info(log, "conn %d open %s -> %s", conn_id, format_sockaddr(peer), dest)
-        else:
-            hot_info(log, "conn %d open %s (via %s) -> %s", conn_id,
-                     format_sockaddr(client.address), format_sockaddr(peer), dest)
+        if log.isEnabledFor(CONN_LOG_LEVEL):  # off by default: not even the arguments
+            if client is None or client.address is peer:
+                hot_log(log, CONN_LOG_LEVEL, "conn %d open %s -> %s", conn_id,
+                        format_sockaddr(peer), dest)
+            else:
+                hot_log(log, CONN_LOG_LEVEL, "conn %d open %s (via %s) -> %s", conn_id,
+                        format_sockaddr(client.address), format_sockaddr(peer), dest)
         relay = Relay(conn_id, RelaySocket(accepted), upstream, self.config.splice,
                       self.counters, self.config.relay.idle_timeout, self.sweeper)
         relay.up.moved += ahead
-        relay.run(self.accept_loop.workers, ahead > 0)
+        relay.start(self.workers)
 
     def _send_prelude(self, conn_id: int, accepted: socket.socket, peer: tuple,
                       client: Client | None, upstream: RelaySocket, dest: Resolved) -> int | None:
@@ -219,110 +283,10 @@ class TcpForwarder:
         try:
             return dial_tcp(dest, self.config.connect_timeout)
         except OSError as exc:  # includes TimeoutError and EMFILE
-            self.counters.dial_failures.add(exc)
-            self._faults.warning("connect", "conn %d: connect to %s failed: %s", conn_id, dest,
-                                 exc.strerror or exc)
+            self._dial_failed(conn_id, dest, exc)
             return None
 
-
-def reset_on_close(sock: socket.socket) -> None:
-    """Make the next close() send RST instead of FIN (SO_LINGER on, timeout 0)."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
-class Relay:
-    """One connection's two directions, client -> upstream and upstream -> client.
-
-    Each direction is a job in ``workers``: the caller's greenlet pumps up, a second job pumps
-    down. They never wait for each other: whichever ends last closes both sockets and writes
-    the closing line. An error in either direction ends both: the failing pump shuts both
-    sockets down, which wakes the other pump with EOF. When the drain period is over every job
-    is killed; the last one to go resets both sockets, so neither peer mistakes a truncated
-    transfer for a finished one. Sockets are closed only once no pump waits on them.
-    """
-
-    __slots__ = ("conn_id", "client", "upstream", "splice", "started", "up", "down", "running",
-                 "error", "cut", "counters", "idle", "sweeper")
-
-    def __init__(self, conn_id: int, client: RelaySocket, upstream: RelaySocket,
-                 splice: bool, counters: TcpCounters, idle_timeout: float = 0.0,
-                 sweeper: HalfCloseSweeper | None = None) -> None:
-        self.conn_id = conn_id
-        self.client, self.upstream = client, upstream
-        self.splice = splice
-        self.started = time.monotonic()
-        self.up, self.down = Counter(), Counter()
-        self.running = 2  # directions not yet over
-        self.error = ""  # the first socket error is the connection's fate; later ones are echoes
-        self.cut = False  # killed at the end of the drain period
-        self.counters = counters  # the forwarder's: live while running, totals once closed
-        self.sweeper = sweeper  # --half-close-timeout, shared by the forwarder's relays
-        self.idle = IdleTimer(self, idle_timeout, self._moved) if idle_timeout else None
-        counters.live.add(self)
-
-    def _moved(self) -> int:
-        return self.up.moved + self.down.moved
-
-    def run(self, workers: Workers, client_drained: bool = False) -> None:
-        """Pump up here, down in another job; returns when up is over (down may go on).
-        ``client_drained``: what the client had sent was just read (sent with a PROXY header),
-        so its pump waits for more before its first recv instead of after an EAGAIN."""
-        workers.spawn(self._direction, self.upstream, self.client, self.down, True)
-        self._direction(self.client, self.upstream, self.up, client_drained)
-
-    def _direction(self, src: RelaySocket, dst: RelaySocket, counter: Counter,
-                   idle_first: bool = False) -> None:
-        try:
-            pump(src, dst, self.splice, counter, idle_first)
-        except OSError as exc:
-            self.error = self.error or exc.strerror or repr(exc)
-            for end in (src, dst):
-                with contextlib.suppress(OSError):
-                    end.shutdown(socket.SHUT_RDWR)
-        except gevent.GreenletExit:
-            self.cut = True
-            raise
-        finally:
-            self.running -= 1
-            if not self.running:
-                self._close()
-            elif self.sweeper is not None and not self.error:
-                if self.idle is not None:  # one direction is over: the idle check gives way
-                    self.idle.stop()
-                self.sweeper.add(self)
-
-    def expire(self, reason: str) -> None:
-        """A timeout (called in the hub, must not block): shut both sockets down, which wakes
-        each pump with EOF or an error; the last one to end closes the relay as usual."""
-        if reason == "idle timeout":
-            self.counters.idle_timeouts += 1
-        else:
-            self.counters.half_close_timeouts += 1
-        self.error = self.error or reason
-        for end in (self.client, self.upstream):
-            with contextlib.suppress(OSError):
-                end.shutdown(socket.SHUT_RDWR)
-
-    def _close(self) -> None:
-        if self.idle is not None:
-            self.idle.stop()
-        if self.sweeper is not None:
-            self.sweeper.discard(self)
-        counters = self.counters
-        counters.live.discard(self)
-        counters.closed += 1
-        counters.bytes_up += self.up.moved
-        counters.bytes_down += self.down.moved
-        if self.cut:
-            counters.reset += 1
-            for end in (self.client, self.upstream):
-                reset_on_close(end.sock)
-            log.info("conn %d reset: service stopping", self.conn_id)
-        else:
-            counters.failed += bool(self.error)
-            hot_info(log, "conn %d closed: %d bytes up, %d down, %.1f s%s", self.conn_id,
-                     self.up.moved, self.down.moved, time.monotonic() - self.started,
-                     f" ({self.error})" if self.error else "")
-        self.client.close()
-        self.upstream.close()
+    def _dial_failed(self, conn_id: int, dest: Resolved, exc: OSError) -> None:
+        self.counters.dial_failures.add(exc)
+        self._faults.warning("connect", "conn %d: connect to %s failed: %s", conn_id, dest,
+                             exc.strerror or exc)

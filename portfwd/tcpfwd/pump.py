@@ -87,15 +87,8 @@ class Counter:
         self.moved = 0
 
 
-def pump(src: RelaySocket, dst: RelaySocket, splice: bool, counter: Counter,
-         idle_first: bool = False) -> None:
-    """Relay src -> dst until EOF, then half-close dst. Raises OSError on a socket error.
-
-    ``idle_first``: src has most likely sent nothing yet (a server we have only just dialled),
-    so wait for it to become readable before the first recv() instead of after its EAGAIN.
-    """
-    if idle_first:
-        wait(src.readable)
+def pump(src: RelaySocket, dst: RelaySocket, splice: bool, counter: Counter) -> None:
+    """Relay src -> dst until EOF, then half-close dst. Raises OSError on a socket error."""
     if not _copy_pump(src, dst, counter, until_bulk=splice):
         _splice_pump(src, dst, counter)
     try:

@@ -22,6 +22,8 @@ Options:
   --log-file <path>        append log lines to this file (reopened on SIGUSR2)
   --metrics <addr:port>    serve Prometheus metrics at http://addr:port/metrics (off by default)
   --log-format <format>    text (default) or json: one JSON object per log line
+  --log-level <level>      error, warning, info (default) or debug; wins over
+                           PORTFWD_LOGLEVEL
   --allow <cidr>           only clients in this network (repeatable; IPv4 or IPv6)
   --deny <cidr>            never clients in this network (repeatable; wins over --allow);
                            a refused client's datagrams are dropped before a session exists
@@ -54,7 +56,8 @@ FIELDS = {"listen": "<local_addr:local_port>", "dest": "<dest_addr:dest_port>",
           "reuseport": "-R", "table_hint": "-H", "pidfile": "-p",
           "max_sessions": "--max-sessions", "stats_interval": "--stats-interval",
           "sockbuf": "--sockbuf", "log_file": "--log-file", "metrics": "--metrics",
-          "log_format": "--log-format", "allow": "--allow", "deny": "--deny",
+          "log_format": "--log-format",
+          "log_level": "--log-level", "allow": "--allow", "deny": "--deny",
           "workers": "-w"}
 
 
