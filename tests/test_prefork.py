@@ -212,7 +212,8 @@ def test_bad_worker_count_is_one_line_and_exit_2(name, value, message):
 
 def test_tcpfwd_two_workers_forward_intact_data_and_share_the_load(tool, echo_server):
     port = free_port()
-    fwd = tool("tcpfwd", "-w", "2", f"127.0.0.1:{port}", f"127.0.0.1:{echo_server.port}")
+    fwd = tool("tcpfwd", "-w", "2", "--log-level", "debug", f"127.0.0.1:{port}",
+               f"127.0.0.1:{echo_server.port}")
     pids = worker_pids(fwd)
     assert set(pids) == {"w1", "w2"} and fwd.pid not in pids.values()
     fwd.wait_for_log(r"tcpfwd/w2\[\d+\] INFO: forwarding")
@@ -222,13 +223,13 @@ def test_tcpfwd_two_workers_forward_intact_data_and_share_the_load(tool, echo_se
             echo_roundtrip(sock, 1 << 18 if n % 8 == 0 else 1000, seed=n)
     # the kernel's hash spreads 24 connections over both (all on one: p = 2**-23)
     for tag in ("w1", "w2"):
-        fwd.wait_for_log(rf"tcpfwd/{tag}\[{pids[tag]}\] INFO: conn \d+ closed")
+        fwd.wait_for_log(rf"tcpfwd/{tag}\[{pids[tag]}\] DEBUG: conn \d+ closed")
     assert fwd.stop() == 0
 
 
 def test_tcpfwd_worker_killed_is_restarted_and_metrics_never_go_back(tool, echo_server):
     port, metrics = free_port(), free_port()
-    fwd = tool("tcpfwd", "-w", "2", "--metrics", f"127.0.0.1:{metrics}",
+    fwd = tool("tcpfwd", "-w", "2", "--log-level", "debug", "--metrics", f"127.0.0.1:{metrics}",
                f"127.0.0.1:{port}", f"127.0.0.1:{echo_server.port}")
     pids = worker_pids(fwd)
     fwd.wait_for_log("metrics on")
@@ -247,7 +248,7 @@ def test_tcpfwd_worker_killed_is_restarted_and_metrics_never_go_back(tool, echo_
     assert sample_value(after, "portfwd_bytes_total", direction="up", **rule) == 20_000
     # both slots serve again: the restarted one took its socket over
     echo_connections(port, 20, 1000)
-    fwd.wait_for_log(rf"tcpfwd/w1\[{new}\] INFO: conn \d+ closed")
+    fwd.wait_for_log(rf"tcpfwd/w1\[{new}\] DEBUG: conn \d+ closed")
     final = scrape(metrics)
     assert sample_value(final, "portfwd_connections_opened_total", **rule) == 40
     assert sample_value(final, "portfwd_connections_active", **rule) == 0
@@ -487,7 +488,7 @@ def test_daemon_with_workers_signals_and_log_files(echo_server, tmp_path):
     pidfile, log_file = tmp_path / "d.pid", tmp_path / "d.log"
     port = free_port()
     done = run_cli("tcpfwd", "-d", "-w", "2", "-p", str(pidfile), "--log-file", str(log_file),
-                   f"127.0.0.1:{port}", f"127.0.0.1:{echo_server.port}")
+                   "--log-level", "debug", f"127.0.0.1:{port}", f"127.0.0.1:{echo_server.port}")
     assert done.returncode == 0, done.stderr
     parent = int(pidfile.read_text())
     pids: dict[str, int] = {}
