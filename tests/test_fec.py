@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_session import CLIENT_ADDR, SERVER_ADDR, client_and_server, drain
 
-from portfwd.tunnel import events, fec
+from portfwd.tunnel import events, fec, fec_loss
 from portfwd.tunnel.fec import (
     FecDecoder,
     FecEncoder,
@@ -354,7 +354,7 @@ def test_auto_goes_back_off_when_loss_stops() -> None:
     link.loss = 0.0
     rng = random.Random(9)
     now = 10_000
-    for _ in range(fec.LOSS_WINDOW // 20 + 20):  # the window slides past the lossy ones
+    for _ in range(fec_loss.LOSS_WINDOW // 20 + 20):  # the window slides past the lossy ones
         link.send(link.client, link.server, [rng.randbytes(1000) for _ in range(20)], now)
         now += fec.REPORT_MS
         link.arrive(link.client, link.channel(link.server).handle_timer(link.server, now), now)
