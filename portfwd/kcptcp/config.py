@@ -116,6 +116,7 @@ def conversation_config(options: Options, env: Environment) -> ConversationConfi
         snd_wnd=options.integer("sndwnd", 1, 65535, WINDOW),
         rcv_wnd=options.integer("rcvwnd", 1, 65535, WINDOW),
         mtu=options.integer("mtu", MTU_MIN, MTU_MAX, MTU),
+        pacing=options.flag("pacing"),
     )
 
 

@@ -29,7 +29,7 @@ KCPUDP_OPTIONS = """\
 """
 
 
-UNUSED = ("--max-conns",)  # kcptcp options kcpudp does not offer (yet)
+UNUSED = ("--max-conns", "--pacing")  # kcptcp options kcpudp does not offer (yet)
 
 
 def _entries(text: str) -> list[str]:

@@ -77,6 +77,7 @@ class ConversationConfig:
     snd_wnd: int = 1024  # segments: KCP send window (--sndwnd)
     rcv_wnd: int = 1024  # segments: KCP receive window (--rcvwnd)
     dead_link: int = DEAD_LINK_XMIT  # transmissions of one segment before the link is dead
+    pacing: bool = False  # pace what is sent at 1.5x the window per RTT (--pacing; the driver)
 
     def __post_init__(self) -> None:
         self.kcp_config(OVERHEAD)  # bad settings raise here, not at the first conversation
