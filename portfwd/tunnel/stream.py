@@ -100,6 +100,9 @@ class ConversationConfig:
         return KcpConfig(mtu=mtu, snd_wnd=self.snd_wnd, rcv_wnd=self.rcv_wnd,
                          interval=self.interval, resend=self.resend, nc=self.nc,
                          dead_link=self.dead_link, probe_init=WINDOW_PROBE_INIT_MS,
+                         # kcp-go's fast-ack rule: one fast retransmission per loss, not one
+                         # per `resend` acks for a whole RTT (measured: 5x fewer at 5 % loss)
+                         fastack_conserve=True,
                          probe_limit=WINDOW_PROBE_LIMIT_MS, max_frg=max_frg,
                          max_rcv_bytes=max(self.rcv_wnd, WND_RCV_MIN) * mss)
 
