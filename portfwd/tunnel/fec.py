@@ -46,7 +46,8 @@ REPORT_MS = 200  # ms between loss reports to a sender in auto mode
 AUTO_DATA = 10  # group size in auto mode
 AUTO_MAX_OVERHEAD = 0.5  # parity / data at most in auto mode (a full group: 5 of 10)
 AUTO_OFF_BELOW = 0.002  # reported loss under which auto sends no parity (manifests only)
-AUTO_TARGET = 0.001  # auto picks the least parity with P(group lost) under this
+AUTO_TARGET = 0.01  # auto picks the least parity with P(group lost) under this: ARQ repairs
+# the rest, and more parity only fills the bottleneck (5 % loss: 3 of 10, as a fixed 10:3)
 LOSS_SCALE = 10000  # loss on the wire: in units of 1/10000
 
 _SHARD_HEAD = struct.Struct(">BIBBBH")  # kind|flags, group, data, parity, index, shard size
