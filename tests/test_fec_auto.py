@@ -17,7 +17,7 @@ from test_fec import fake_datagram
 
 from portfwd.tunnel import fec, fec_loss
 from portfwd.tunnel.fec import FecDecoder, FecEncoder, FecSettings, parity_for
-from portfwd.tunnel.fec_loss import LossEstimator, WindowedExtremum
+from portfwd.tunnel.fec_loss import LossEstimator, StreamingQuantile, WindowedMinimum
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "bench"))
@@ -25,6 +25,7 @@ from wan_model import Direction, Link  # noqa: E402
 
 RATE_MBIT = 8.0  # bottleneck: ~700 datagrams/s of ~700 bytes
 QUEUE = 40  # packets: 28 ms of queue at the rate above
+STALL_EVERY_MS, STALL_MS = 2000, 100  # a receiver that waits for a CPU (above the queue)
 
 
 class Run:
@@ -37,9 +38,11 @@ class Run:
 
 
 def run(loss: float, overrun: bool, seed: int, seconds: int = 20,
-        clock_start: int = 0) -> Run:
+        clock_start: int = 0, stalls: bool = False) -> Run:
     """``overrun``: 1 s at 1.6x the bottleneck, then 1 s at 0.5x, repeated; otherwise 0.5x
-    throughout. ``clock_start``: the sender's clock at 0 (the receiver's starts at 0)."""
+    throughout. ``clock_start``: the sender's clock at 0 (the receiver's starts at 0).
+    ``stalls``: the receiver reads nothing for STALL_MS every STALL_EVERY_MS (it waited for a
+    CPU), then everything at once, late."""
     rng = random.Random(seed)
     link = Link(Direction(delay_ms=25, loss=loss, rate_mbit=RATE_MBIT, queue=QUEUE),
                 random.Random(seed + 1000))
@@ -62,6 +65,10 @@ def run(loss: float, overrun: bool, seed: int, seconds: int = 20,
         out += encoder.handle_timer(sender_now)
         for packet in out:
             link.offer(packet, now / 1000)
+        # The first stall comes after the start: a base delay measured only behind a full
+        # queue (or a stall) from the first packet on cannot know the queue (as in LEDBAT).
+        if stalls and (now + STALL_EVERY_MS // 2) % STALL_EVERY_MS < STALL_MS:
+            continue
         for packet in link.deliver(now / 1000):
             if packet[0] == fec.Kind.SHARD or packet[0] == fec.Kind.SHARD | fec.AUTO_FLAG:
                 decoder.shard_received(packet, now)
@@ -87,9 +94,10 @@ def test_random_loss_turns_parity_on(seed: int) -> None:
     assert r.encoder.parity == parity_for(r.encoder.peer_loss, 10, fec.AUTO_MAX_OVERHEAD) >= 2
 
 
+@pytest.mark.parametrize("stalls", [False, True])
 @pytest.mark.parametrize("seed", range(3))
-def test_queue_drops_alone_keep_parity_off(seed: int) -> None:
-    r = run(0.0, overrun=True, seed=seed)
+def test_queue_drops_alone_keep_parity_off(seed: int, stalls: bool) -> None:
+    r = run(0.0, overrun=True, seed=seed, stalls=stalls)
     counters = r.link.counters
     # The queue really dropped, and a loss figure that counted it would have turned parity on:
     assert counters.lost_queue > 0.02 * counters.offered
@@ -102,9 +110,10 @@ def test_queue_drops_alone_keep_parity_off(seed: int) -> None:
     assert r.encoder.shard_bytes <= 0.02 * r.data_bytes  # manifests only
 
 
+@pytest.mark.parametrize("stalls", [False, True])
 @pytest.mark.parametrize("seed", range(3))
-def test_both_track_the_random_part(seed: int) -> None:
-    r = run(0.05, overrun=True, seed=seed)
+def test_both_track_the_random_part(seed: int, stalls: bool) -> None:
+    r = run(0.05, overrun=True, seed=seed, stalls=stalls)
     assert r.link.counters.lost_queue > 0.02 * r.link.counters.offered
     assert r.decoder.loss > r.decoder.random_loss + 0.02  # the queue drops are there ...
     assert 0.03 <= r.encoder.peer_loss <= 0.08  # ... and left out of what was reported
@@ -119,19 +128,30 @@ def test_clocks_that_wrap_mid_run_change_nothing() -> None:
 def test_estimator_by_hand() -> None:
     e = LossEstimator()
     e.group(0, 10, 1000, 0)  # the base: 1000 ms of offset + delay
-    e.group(1, 10, 1001, 10)  # 1 ms excess: noise, clear
-    e.group(5, 10, 1100, 20)  # 100 ms excess: a full queue
-    e.group(0, 10, 1060, 30)  # 60 >= half the peak: still queued
-    e.group(0, 10, 1020, 40)  # 20 < half the peak: clear
-    assert (e.all.lost, e.all.total) == (6, 50)
-    assert (e.clear.lost, e.clear.total) == (1, 30)
-    assert e.queued_groups == 2 and e.queued_lost == 5
-    e.group(2, 10, None, 50)  # an unstamped group (fixed-mode sender): counted as clear
-    assert e.clear.lost == 3
+    for i in range(200):  # a full queue for a while: 100 ms excess, the high excess follows
+        e.group(0, 10, 1100, i)
+    assert 90 <= e._high.value <= 100
+    e.group(5, 10, 1100, 300)  # at the full queue's delay: queued
+    e.group(0, 10, 1060, 310)  # 60 >= half the high excess: still queued
+    e.group(1, 10, 1020, 320)  # 20: the queue was far from full, clear
+    e.group(1, 10, 1001, 330)  # 1 ms excess: noise, clear
+    assert (e.all.lost, e.all.total) == (7, 2000)  # the window: the last 2,000 datagrams
+    assert (e.clear.lost, e.clear.total) == (2, 30)
+    assert e.queued_groups == 202 and e.queued_lost == 5
+    e.group(2, 10, None, 340)  # an unstamped group (fixed-mode sender): counted as clear
+    assert e.clear.lost == 4
+
+
+def test_streaming_quantile_settles_at_its_quantile() -> None:
+    rng = random.Random(4)
+    q = StreamingQuantile(0.9, 1.0)
+    for _ in range(20_000):
+        q.add(rng.uniform(0, 100))
+    assert 85 <= q.value <= 95
 
 
 def test_base_delay_ages_out() -> None:
-    base = WindowedExtremum(fec_loss.BASE_BUCKET_MS, fec_loss.BASE_BUCKETS, largest=False)
+    base = WindowedMinimum(fec_loss.BASE_BUCKET_MS, fec_loss.BASE_BUCKETS)
     base.add(5, 0)
     base.add(50, fec_loss.BASE_BUCKET_MS)
     assert base.value(fec_loss.BASE_BUCKET_MS) == 5
