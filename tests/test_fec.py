@@ -402,6 +402,19 @@ def test_auto_starts_from_the_services_last_report() -> None:
     assert FecEncoder(FecSettings(data=4, parity=1), hint).parity == 1  # fixed: unaffected
 
 
+def test_a_report_over_few_datagrams_does_not_drop_below_the_services_loss() -> None:
+    hint = fec.LossHint(0.05)  # another conversation of the service saw 5 %
+    quiet = FecEncoder(FecSettings(auto=True), hint)
+    quiet.report_received(pack_report(0.0, 20))  # 20 requests, none lost: proves little
+    assert quiet.parity == parity_for(0.05, 10, fec.AUTO_MAX_OVERHEAD) > 0
+    assert hint.loss == pytest.approx(0.045)  # ... but a little: it nudges the service's figure
+    quiet.report_received(pack_report(0.0, fec.AUTO_MIN_OVER))  # enough to say "clean"
+    assert quiet.parity == 0 and hint.loss == 0.0
+    hint.loss = 0.05
+    quiet.report_received(pack_report(0.10, 20))  # more than the service: taken
+    assert quiet.parity == parity_for(0.10, 10, fec.AUTO_MAX_OVERHEAD)
+
+
 def test_decoder_keeps_one_group_until_the_peer_sends_fec() -> None:
     rng = random.Random(8)
     decoder = FecDecoder()

@@ -46,6 +46,7 @@ REPORT_MS = 200  # ms between loss reports to a sender in auto mode
 AUTO_DATA = 10  # group size in auto mode
 AUTO_MAX_OVERHEAD = 0.5  # parity / data at most in auto mode (a full group: 5 of 10)
 AUTO_OFF_BELOW = 0.002  # reported loss under which auto sends no parity (manifests only)
+AUTO_MIN_OVER = 200  # datagrams: a report over fewer does not turn parity below the service's
 AUTO_TARGET = 0.01  # auto picks the least parity with P(group lost) under this: ARQ repairs
 # the rest, and more parity only fills the bottleneck (5 % loss: 3 of 10, as a fixed 10:3)
 LOSS_SCALE = 10000  # loss on the wire: in units of 1/10000
@@ -265,12 +266,16 @@ class FecEncoder:
 
     def report_received(self, body: bytes) -> None:
         """An authenticated REPORT from the peer (auto mode follows it; fixed mode ignores)."""
-        loss, _over = unpack_report(body)
+        loss, over = unpack_report(body)
         self.peer_loss = loss
         if self.settings.auto:
-            self.parity = parity_for(loss, self.settings.data, self.settings.max_overhead)
-            if self.hint is not None:
-                self.hint.loss = loss
+            hint = self.hint
+            # Over a few datagrams (a new or a quiet conversation: requests, keystrokes) "no
+            # loss seen" means little: the service's last figure protects it meanwhile.
+            basis = max(loss, hint.loss) if hint is not None and over < AUTO_MIN_OVER else loss
+            self.parity = parity_for(basis, self.settings.data, self.settings.max_overhead)
+            if hint is not None:  # moved as far as the report's sample allows
+                hint.loss += min(1.0, over / AUTO_MIN_OVER) * (loss - hint.loss)
 
     def _close(self, now: int) -> list[bytes]:
         group, self._group = self._group, []
