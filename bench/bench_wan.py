@@ -74,7 +74,8 @@ TUNNEL_TOOLS = {  # name -> (kind, extra flags on both ends)
     "kcptun fast3 FEC 10:3": ("kcptun", ["--ds", "10", "--ps", "3"]),
 }
 DEFAULT_TOOLS = ("TCP cubic", "TCP bbr", "kcptcp -K", "kcptcp -K --fec 10:3",
-                 "kcptcp -K --fec auto", "kcptun fast3", "kcptun fast3 FEC 10:3")
+                 "kcptcp -K --fec auto", "kcptcp -K --pacing --fec auto", "kcptun fast3",
+                 "kcptun fast3 FEC 10:3")
 
 
 @dataclass
