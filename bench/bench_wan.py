@@ -22,6 +22,11 @@ Plain TCP picks its congestion control per socket on the client site (iperf3 -C,
 TCP_CONGESTION on the probes' sockets); the server site's replies use the kernel default (bbr).
 kcptun's FEC row uses its default 10:3 (--ds 10 --ps 3). Nothing is asserted; every
 ratio compares figures of this run.
+
+Per row, "queue drops" are the packets the bottleneck's drop-tail queue dropped client ->
+server during that row's iperf3 run (the relay's counter before and after), and "FEC %" is what
+the kcptcp client's FEC packets added to the bytes it carried in that run (``fec_bytes`` over
+``up`` of its ``stats`` lines, one a second: sealed FEC packets, IP/UDP headers not counted).
 """
 
 from __future__ import annotations
@@ -31,12 +36,14 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import secrets
 import shlex
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -60,11 +67,15 @@ TUNNEL_TOOLS = {  # name -> (kind, extra flags on both ends)
     "kcptcp -K": ("kcptcp", []),
     "kcptcp -K --fec 10:3": ("kcptcp", ["--fec", "10:3"]),
     "kcptcp -K --fec auto": ("kcptcp", ["--fec", "auto"]),
+    "kcptcp -K --pacing": ("kcptcp", ["--pacing"]),
+    "kcptcp -K --pacing --fec 10:3": ("kcptcp", ["--pacing", "--fec", "10:3"]),
+    "kcptcp -K --pacing --fec auto": ("kcptcp", ["--pacing", "--fec", "auto"]),
     "kcptun fast3": ("kcptun", ["--ds", "0", "--ps", "0"]),
     "kcptun fast3 FEC 10:3": ("kcptun", ["--ds", "10", "--ps", "3"]),
 }
 DEFAULT_TOOLS = ("TCP cubic", "TCP bbr", "kcptcp -K", "kcptcp -K --fec 10:3",
-                 "kcptcp -K --fec auto", "kcptun fast3", "kcptun fast3 FEC 10:3")
+                 "kcptcp -K --fec auto", "kcptcp -K --pacing --fec auto", "kcptun fast3",
+                 "kcptun fast3 FEC 10:3")
 
 
 @dataclass
@@ -96,6 +107,7 @@ class Entry:
 
     host: str
     port: int
+    log: str | None = None  # the tunnel client's output (its stats lines), if kept
 
 
 @contextlib.contextmanager
@@ -104,9 +116,11 @@ def tunnel(link: wan.Wan, name: str, target: int, index: int) -> Iterator[Entry]
     kind, extra = TUNNEL_TOOLS[name]
     udp, local = 9000 + index, 8000 + index
     with contextlib.ExitStack() as stack:
+        log = None
         if kind == "kcptcp":
             psk = secrets.token_hex(32)
-            common = ["-K", psk, "--stats-interval", "0", *extra]
+            common = ["-K", psk, "--stats-interval", "1", *extra]
+            log = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "client.log")
             server_argv = tool("kcptcp-server", *common, f"{wan.SERVER_IP}:{udp}",
                                f"127.0.0.1:{target}")
             client_argv = tool("kcptcp-client", *common, f"127.0.0.1:{local}",
@@ -120,9 +134,29 @@ def tunnel(link: wan.Wan, name: str, target: int, index: int) -> Iterator[Entry]
                            f"{wan.SERVER_IP}:{udp}", "--key", key, *flags]
         server = stack.enter_context(process(link.argv("server", server_argv)))
         wan.wait_bound(link, "server", udp, socket.SOCK_DGRAM, server)
-        client = stack.enter_context(process(link.argv("client", client_argv)))
+        client = stack.enter_context(process(link.argv("client", client_argv), log=log))
         wan.wait_bound(link, "client", local, socket.SOCK_STREAM, client)
-        yield Entry("127.0.0.1", local)
+        yield Entry("127.0.0.1", local, log)
+
+
+def fec_share(log: str | None, offset: int) -> float | None:
+    """FEC bytes over stream bytes sent, from the stats lines written after ``offset`` (the
+    last line of each conversation: its totals); None without a log or without FEC."""
+    if log is None:
+        return None
+    with open(log, errors="replace") as f:
+        f.seek(offset)
+        last: dict[str, tuple[int, int]] = {}
+        for line in f:
+            m = re.search(r"stats conv=(\d+): up=(\d+) .*fec_bytes=(\d+)", line)
+            if m:
+                last[m[1]] = (int(m[2]), int(m[3]))
+    up = sum(u for u, _ in last.values())
+    return sum(b for _, b in last.values()) / up if last and up else None
+
+
+def log_size(log: str | None) -> int:
+    return os.path.getsize(log) if log and os.path.exists(log) else 0
 
 
 def connect(link: wan.Wan, entry: Entry, cc: str) -> socket.socket:
@@ -205,6 +239,8 @@ class Result:
     mbit: float | None = None
     rr: tuple[float, ...] = ()  # request/response round trips, ms
     keys: tuple[float, ...] = ()  # interactive round trips, ms
+    queue_drops: int | None = None  # bottleneck drops client -> server during iperf3
+    fec_share: float | None = None  # FEC bytes / stream bytes the tunnel client sent
 
 
 def measure(cfg: Settings) -> tuple[list[Table], dict]:
@@ -235,10 +271,15 @@ def measure(cfg: Settings) -> tuple[list[Table], dict]:
                 result = results[rtt, label, name] = Result()
                 cc = TCP_TOOLS.get(name, "cubic")  # tunnels: only their local TCP leg
                 time.sleep(1)  # drain what the previous path left in the queue
+                before, offset = link.stats()["forward"]["lost_queue"], log_size(iperf.log)
                 try:
                     out = wan.iperf3_through(link, iperf.port, cfg.seconds, "-C", cc,
                                              host=iperf.host)
                     result.mbit = out["end"]["sum_received"]["bits_per_second"] / 1e6
+                    if iperf.log:
+                        time.sleep(1.2)  # the tunnel client's last stats line of the run
+                    result.queue_drops = link.stats()["forward"]["lost_queue"] - before
+                    result.fec_share = fec_share(iperf.log, offset)
                 except (OSError, RuntimeError, ValueError, KeyError,
                         subprocess.TimeoutExpired) as exc:
                     errors.append(f"iperf3 {name} at {rtt} ms / {label}: {exc}")
@@ -252,7 +293,8 @@ def measure(cfg: Settings) -> tuple[list[Table], dict]:
 
 
 def raw(results: dict[tuple[int, str, str], Result]) -> dict:
-    return {f"{rtt}|{label}|{name}": {"mbit": r.mbit, "rr": list(r.rr), "keys": list(r.keys)}
+    return {f"{rtt}|{label}|{name}": {"mbit": r.mbit, "rr": list(r.rr), "keys": list(r.keys),
+                                      "queue_drops": r.queue_drops, "fec_share": r.fec_share}
             for (rtt, label, name), r in results.items()}
 
 
@@ -282,12 +324,14 @@ def tables(cfg: Settings, ceiling: wan.Ceiling, results: dict, errors: list[str]
                 len(r.rr), f"{statistics.median(r.rr):.0f}" if r.rr else "-",
                 "-" if p99 is None else f"{p99:.0f}", f"{max(r.rr):.0f}" if r.rr else "-",
                 ratio(p99, _p99(bbr.rr) if bbr else None), ratio(p99, best_p99),
-                "-" if not r.keys else f"{_p99(r.keys):.0f}"])
+                "-" if not r.keys else f"{_p99(r.keys):.0f}",
+                "-" if r.queue_drops is None else r.queue_drops,
+                "-" if r.fec_share is None else f"{100 * r.fec_share:.1f} %"])
     matrix = Table(
         f"WAN matrix ({cfg.rate_mbit:g} Mbit/s bottleneck, queue {cfg.queue} packets)",
         ["RTT", "loss", "path", "Mbit/s", "× TCP cubic", "× best kcptun", "rr n", "rr p50 ms",
          "rr p99 ms", "rr max ms", "rr p99 × TCP bbr", "rr p99 × best kcptun",
-         "keys p99 ms"], rows,
+         "keys p99 ms", "queue drops", "FEC %"], rows,
         f"Mbit/s: iperf3 -t {cfg.seconds}, 1 stream. rr: 1 KiB request / 1 KiB reply, "
         f"sequential on each of {cfg.conns} connections at once, at most {cfg.probes} samples "
         f"or {cfg.probe_budget:g} s. keys: one 64-byte keystroke every 50 ms for "

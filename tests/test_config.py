@@ -136,6 +136,20 @@ def test_usage_defaults_are_the_config_defaults(usage, fields, positional, build
     assert from_cli == build(Options(positional), ENV)
 
 
+@pytest.mark.parametrize("fec, conserve", [(None, False), ("off", False), ("10:3", True),
+                                           ("auto", True)])
+def test_kcptcp_fec_sets_the_conservative_fast_ack_and_pacing_is_a_flag(fec, conserve):
+    values = {"listen": "127.0.0.1:7000", "remote": "127.0.0.1:7001", "pacing": True}
+    if fec is not None:
+        values["fec"] = fec
+    conversation = client_config(Options(values), ENV).conversation
+    assert conversation.fastack_conserve is conserve
+    assert conversation.kcp_config(0).fastack_conserve is conserve
+    assert conversation.pacing
+    assert not client_config(Options({"listen": "127.0.0.1:7000", "remote": "127.0.0.1:7001"}),
+                             ENV).conversation.pacing
+
+
 def test_kcptcp_client_ignores_server_limits():
     options = Options({"listen": "127.0.0.1:7000", "remote": "127.0.0.1:7001",
                        "max_sessions": "0", "connect_timeout": "x"})

@@ -540,7 +540,9 @@ def test_rekey_during_transfer(delay: tuple[int, int]) -> None:
     # Each epoch's rekey was started at send_seq 50 by one side, or by both at once
     # (docs/PROTOCOL.md "Rekeying": a simultaneous trigger, where each REKEY_INIT also serves
     # as the other's answer).
-    assert {e.epoch for e in started} == set(range(epoch)) and len(started) >= epoch
+    # The last one may still be under way when the conversation closes (started, not switched).
+    assert set(range(epoch)) <= {e.epoch for e in started} <= set(range(epoch + 1))
+    assert len(started) >= epoch
     # At send_seq 50 (a server defers a rekey until the client is confirmed; it sends nothing
     # sealed before that anyway).
     assert {e.send_seq for e in started if e.epoch > 0} == {50}

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_session import CLIENT_ADDR, SERVER_ADDR, client_and_server, drain
 
-from portfwd.tunnel import events, fec
+from portfwd.tunnel import events, fec, fec_loss
 from portfwd.tunnel.fec import (
     FecDecoder,
     FecEncoder,
@@ -354,7 +354,7 @@ def test_auto_goes_back_off_when_loss_stops() -> None:
     link.loss = 0.0
     rng = random.Random(9)
     now = 10_000
-    for _ in range(fec.LOSS_WINDOW // 20 + 20):  # the window slides past the lossy ones
+    for _ in range(fec_loss.LOSS_WINDOW // 20 + 20):  # the window slides past the lossy ones
         link.send(link.client, link.server, [rng.randbytes(1000) for _ in range(20)], now)
         now += fec.REPORT_MS
         link.arrive(link.client, link.channel(link.server).handle_timer(link.server, now), now)
@@ -400,6 +400,19 @@ def test_auto_starts_from_the_services_last_report() -> None:
     second = FecEncoder(FecSettings(auto=True), hint)  # a new conversation of that service
     assert second.parity == parity_for(0.05, 10, fec.AUTO_MAX_OVERHEAD) > 0
     assert FecEncoder(FecSettings(data=4, parity=1), hint).parity == 1  # fixed: unaffected
+
+
+def test_a_report_over_few_datagrams_does_not_drop_below_the_services_loss() -> None:
+    hint = fec.LossHint(0.05)  # another conversation of the service saw 5 %
+    quiet = FecEncoder(FecSettings(auto=True), hint)
+    quiet.report_received(pack_report(0.0, 20))  # 20 requests, none lost: proves little
+    assert quiet.parity == parity_for(0.05, 10, fec.AUTO_MAX_OVERHEAD) > 0
+    assert hint.loss == pytest.approx(0.045)  # ... but a little: it nudges the service's figure
+    quiet.report_received(pack_report(0.0, fec.AUTO_MIN_OVER))  # enough to say "clean"
+    assert quiet.parity == 0 and hint.loss == 0.0
+    hint.loss = 0.05
+    quiet.report_received(pack_report(0.10, 20))  # more than the service: taken
+    assert quiet.parity == parity_for(0.10, 10, fec.AUTO_MAX_OVERHEAD)
 
 
 def test_decoder_keeps_one_group_until_the_peer_sends_fec() -> None:

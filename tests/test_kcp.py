@@ -371,6 +371,28 @@ def test_fast_retransmit_after_two_skipping_acks():
     assert a.fast_retransmits == 1
 
 
+@pytest.mark.parametrize("conserve", [False, True])
+def test_acks_older_than_a_fast_retransmission_do_not_repeat_it(conserve):
+    """ikcp (conserve off) fast-retransmits a lost segment again every two acks of segments
+    that left before its retransmission; with fastack_conserve only newer acks count."""
+    a = Kcp(CONV, KcpConfig(nc=True, fastack_conserve=conserve))
+    b = Kcp(CONV, KcpConfig(nc=True))
+    for i in range(8):
+        a.send(bytes([i]) * 10)
+    a.update(0)
+    (datagram,) = a.datagrams_to_send()
+    segments = unpack_segments(datagram, CONV)
+    for cmd, frg, wnd, ts, sn, una, data in segments[1:]:  # sn 0 is lost, 1..7 arrive
+        b.input(pack_segment(CONV, cmd, frg, wnd, ts, sn, una, data))
+        b.update(10 * sn)
+        for ack in b.datagrams_to_send():  # one ack per datagram: each is a skip
+            a.input(ack)
+        a.update(10 * sn + 1)
+        a.datagrams_to_send()
+    # 1 and 2 trigger the first fast retransmission; 3..7 left before it
+    assert a.fast_retransmits == (1 if conserve else 3)
+
+
 def test_zero_window_probe_and_reopen():
     cfg = KcpConfig(snd_wnd=128, rcv_wnd=128, mtu=100)
     a, b = pair(cfg)

@@ -118,6 +118,11 @@ class KcpConfig:
     minrto: int | None = None  # ms: minimum RTO; None = 30 with nodelay else 100
     dead_link: int = DEAD_LINK_XMIT  # transmissions of one segment before `dead` turns True
     fastlimit: int = FASTACK_LIMIT  # fast retransmits only while xmit <= this (<= 0: always)
+    # ikcp's IKCP_FASTACK_CONSERVE (kcp-go always): an ack counts as a skip for a segment only
+    # if the acked segment left after that segment's last transmission. Without it a lost
+    # segment is fast-retransmitted again every `resend` acks for a whole RTT (up to
+    # fastlimit copies), by acks for segments that left before the first retransmission.
+    fastack_conserve: bool = False
     isn: int = 0  # initial sequence number (u32); ikcp always uses 0, both sides must agree
     probe_init: int = PROBE_INIT_MS  # ms: first window probe after the peer advertised 0
     probe_limit: int = PROBE_LIMIT_MS  # ms: window probe back-off ceiling
@@ -157,8 +162,9 @@ class KcpConfig:
 # A segment in snd_buf (ikcp's IKCPSEG minus the fields rebuilt at each transmission) is a
 # list, not an object: building one is ~4x cheaper and this is the per-segment hot path.
 #   [sn, frg, data, resendts (internal ms), rto (ms), fastack (skips seen), xmit (sends so far),
-#    acked (acknowledged out of order; removed once it reaches the front of snd_buf)]
-_SN, _FRG, _DATA, _RESENDTS, _RTO, _FASTACK, _XMIT, _ACKED = range(8)
+#    acked (acknowledged out of order; removed once it reaches the front of snd_buf),
+#    sent (internal ms of its last transmission: fastack_conserve)]
+_SN, _FRG, _DATA, _RESENDTS, _RTO, _FASTACK, _XMIT, _ACKED, _SENT = range(9)
 
 
 # --- engine --------------------------------------------------------------------------------
@@ -193,6 +199,7 @@ class Kcp:
         self.nodelay: int = int(cfg.nodelay)
         self.fastresend: int = cfg.resend
         self.fastlimit: int = cfg.fastlimit
+        self.fastack_conserve: bool = cfg.fastack_conserve
         self.probe_init: int = cfg.probe_init
         self.probe_limit: int = cfg.probe_limit
         self.nocwnd: bool = cfg.nc
@@ -460,7 +467,7 @@ class Kcp:
         snd_buf = self.snd_buf
         current = self.current
         have_ack = False
-        maxack = 0
+        maxack = maxack_ts = 0
         rcv_wnd = self.rcv_wnd
         rmt_wnd = self.rmt_wnd
         mss = self.mss
@@ -503,9 +510,9 @@ class Kcp:
                             snd_una = self.snd_una
                 if not have_ack:
                     have_ack = True
-                    maxack = sn
+                    maxack, maxack_ts = sn, ts
                 elif 0 < (sn - maxack) & U32_MASK < U32_HALF:
-                    maxack = sn
+                    maxack, maxack_ts = sn, ts
             elif cmd == _PUSH:
                 self.segments_received += 1
                 window_offset = (sn - self.rcv_nxt) & U32_MASK
@@ -532,7 +539,7 @@ class Kcp:
             self.rx_rto = min(max(self.rx_minrto, rto), RTO_MAX_MS)
 
         if have_ack:
-            self._parse_fastack(maxack)
+            self._parse_fastack(maxack, maxack_ts)
         if not self.nocwnd and 0 < (snd_una - prev_una) & U32_MASK < U32_HALF:
             self._grow_cwnd()
         return True
@@ -572,14 +579,16 @@ class Kcp:
             una += 1
         self.snd_una = una & U32_MASK
 
-    def _parse_fastack(self, maxack: int) -> None:
-        """Count one skip for every unacknowledged sn below maxack (ikcp_parse_fastack)."""
+    def _parse_fastack(self, maxack: int, ts: int) -> None:
+        """Count one skip for every unacknowledged sn below maxack (ikcp_parse_fastack); with
+        fastack_conserve only for those last sent no later than the acked one (its ``ts``)."""
         index = (maxack - self.snd_una) & U32_MASK
         if index >= len(self.snd_buf):
             return
         resend = self.fastresend
+        conserve = self.fastack_conserve
         for seg in islice(self.snd_buf, index):
-            if not seg[_ACKED]:
+            if not seg[_ACKED] and (not conserve or (ts - seg[_SENT]) & U32_MASK < U32_HALF):
                 seg[_FASTACK] += 1
                 if seg[_FASTACK] >= resend > 0:
                     self._fast_pending = True
@@ -827,7 +836,7 @@ class Kcp:
             rx_rto = self.rx_rto
             fastlimit = self.fastlimit
             for seg in snd_buf:
-                sn, frg, data, resendts, rto, fastack, xmit, acked = seg
+                sn, frg, data, resendts, rto, fastack, xmit, acked, _sent = seg
                 if acked:
                     continue
                 if current >= resendts:
@@ -853,6 +862,7 @@ class Kcp:
                         new_min = resendts
                     continue
                 seg[_RESENDTS:_ACKED] = resendts, rto, fastack, xmit
+                seg[_SENT] = current
                 if new_min is None or resendts < new_min:
                     new_min = resendts
                 need = OVERHEAD + len(data)
@@ -883,7 +893,7 @@ class Kcp:
             full = mtu - 2 * OVERHEAD  # a payload above this leaves no room for another header
             for _ in range(n):
                 frg, data = popleft()
-                append([sn, frg, data, resendts, rto, 0, 1, False])
+                append([sn, frg, data, resendts, rto, 0, 1, False, current])
                 length = len(data)
                 if size + OVERHEAD + length > mtu:
                     out.append(b"".join(parts))

@@ -36,6 +36,8 @@ OPTIONS = f"""Options:
                         (Reed-Solomon parity shards per group of datagrams, e.g. 10:3),
                         auto (parity follows the loss the peer reports, none on a clean
                         link), or off; either end decodes whatever it receives [default: off]
+  --pacing              spread what the KCP window lets out over the RTT (at 1.5x the
+                        window per RTT) so a burst does not overrun a router's queue
   --sndwnd <segments>   KCP send window [default: 1024]
   --rcvwnd <segments>   KCP receive window [default: 1024]
   --keepalive <s>       close a conversation after s seconds without a packet [default: 30]
@@ -103,6 +105,7 @@ FIELDS = {"daemonize": "-d", "pidfile": "-p", "reuseaddr": "-r", "reuseport": "-
           "v6only": "--v6only", "sockbuf": "-S", "mtu": "-M", "psk": "-K",
           "psk_file": "--psk-file",
           "interval": "--interval", "resend": "--resend", "nc": "--nc", "fec": "--fec",
+          "pacing": "--pacing",
           "sndwnd": "--sndwnd", "rcvwnd": "--rcvwnd", "keepalive": "--keepalive",
           "stats_interval": "--stats-interval",
           "log_file": "--log-file", "metrics": "--metrics", "log_format": "--log-format",

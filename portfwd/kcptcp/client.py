@@ -130,7 +130,8 @@ class TunnelClient(ConversationService):
         conv.send_origin(origin)  # the first record: who this connection is for
         if client.early:  # bytes that came with a PROXY header
             conv.send_stream_data(client.early)
-        driver = ConversationDriver(conv, udp, f"conv={conv_id}", self.config.fec, self.fec_hint)
+        driver = ConversationDriver(conv, udp, f"conv={conv_id}", self.config.fec, self.fec_hint,
+                                    pacing=self.config.conversation.pacing)
         self.drivers[conv_id] = driver
         driver.spawn(self._receive, driver, udp)  # ends in wait_finished
         idle: IdleTimer | None = None

@@ -101,8 +101,10 @@ class ServerConfig:
     relay: RelayLimits = field(default_factory=RelayLimits)  # --idle-timeout, ... (TCP side)
 
 
-def conversation_config(options: Options, env: Environment) -> ConversationConfig:
-    """Everything a conversation needs: the tunnel's security settings and KCP tuning."""
+def conversation_config(options: Options, env: Environment,
+                        fec: FecSettings | None = None) -> ConversationConfig:
+    """Everything a conversation needs: the tunnel's security settings and KCP tuning (which
+    follows ``fec``, what this end sends: ConversationConfig.fastack_conserve)."""
     keepalive_s = options.integer("keepalive", 2, 86400, KEEPALIVE)
     rekey_timeout = REKEY_TIMEOUT_MS if env.rekey_timeout_ms is None else env.rekey_timeout_ms
     tunnel = TunnelConfig(
@@ -123,6 +125,8 @@ def conversation_config(options: Options, env: Environment) -> ConversationConfi
         snd_wnd=options.integer("sndwnd", 1, 65535, WINDOW),
         rcv_wnd=options.integer("rcvwnd", 1, 65535, WINDOW),
         mtu=options.integer("mtu", MTU_MIN, MTU_MAX, MTU),
+        pacing=options.flag("pacing"),
+        fastack_conserve=fec is not None,
     )
 
 
@@ -152,7 +156,7 @@ def fec_settings(options: Options) -> FecSettings | None:
 def client_config(options: Options, env: Environment) -> ClientConfig:
     """Validate and resolve kcptcp-client's settings; raises ConfigError naming the bad one."""
     fec = fec_settings(options)
-    conversation = conversation_config(options, env)
+    conversation = conversation_config(options, env, fec)
     udp_buffer = options.integer("sockbuf", UDP_BUFFER_MIN, UDP_BUFFER_MAX, UDP_BUFFER)
     stats_interval = options.integer("stats_interval", 0, 86400, STATS_INTERVAL)
     return ClientConfig(
@@ -166,7 +170,7 @@ def client_config(options: Options, env: Environment) -> ClientConfig:
 def server_config(options: Options, env: Environment) -> ServerConfig:
     """Validate and resolve kcptcp-server's settings; raises ConfigError naming the bad one."""
     fec = fec_settings(options)
-    conversation = conversation_config(options, env)
+    conversation = conversation_config(options, env, fec)
     udp_buffer = options.integer("sockbuf", UDP_BUFFER_MIN, UDP_BUFFER_MAX, UDP_BUFFER)
     stats_interval = options.integer("stats_interval", 0, 86400, STATS_INTERVAL)
     listen = options.address("listen", socket.SOCK_DGRAM, passive=True)

@@ -31,6 +31,7 @@ from gevent import get_hub
 from gevent.socket import socket as gsocket
 from gevent.socket import wait
 
+from portfwd.kcp.pacing import Pacer, kcp_rate
 from portfwd.kcptcp.metrics import (
     NO_TOTALS,
     ConversationMetrics,
@@ -226,9 +227,11 @@ class ConversationDriver:
     """Runs one Conversation between a TCP socket and a UDP endpoint."""
 
     def __init__(self, conv: Conversation, udp: UdpEndpoint, name: str,
-                 fec: FecSettings | None = None, fec_hint: LossHint | None = None) -> None:
+                 fec: FecSettings | None = None, fec_hint: LossHint | None = None,
+                 pacing: bool = False) -> None:
         self.conv = conv
         self.fec = FecChannel(fec, fec_hint)  # decodes always; sends parity only with --fec
+        self.pacer: Pacer | None = Pacer() if pacing else None  # --pacing
         self.udp = udp
         self.name = name  # for log lines: "conv=<id>"
         self.tcp: gsocket | None = None
@@ -267,7 +270,8 @@ class ConversationDriver:
         """Send everything, handle events, wake whoever can move now, re-arm the ticker."""
         conv = self.conv
         now = now_ms()
-        datagrams = self.fec.outgoing(conv.session, conv.datagrams_to_send(now), now)
+        datagrams = self.fec.outgoing(conv.session, self._paced(conv.datagrams_to_send(now), now),
+                                      now)
         if datagrams:
             self.udp.send(datagrams, conv.peer_addr)
         # WELCOMEs and path probes: each answers a datagram from its own address, which need
@@ -284,10 +288,20 @@ class ConversationDriver:
         if deadline is not None and (self._armed is None or deadline < self._armed):
             self._wake.set()
 
+    def _paced(self, datagrams: list[bytes], now: int) -> list[bytes]:
+        """--pacing: what may leave now of ``datagrams`` and those held before them
+        (kcp/pacing.py; the FEC groups are made of what leaves, so their clocks are true)."""
+        pacer = self.pacer
+        if pacer is None:
+            return datagrams
+        # Closing: the last datagrams (a CLOSE among them) go now, the ticker is about to stop.
+        return pacer.send(datagrams, None if self.conv.closed else kcp_rate(self.conv.kcp), now)
+
     def _deadline(self) -> int | None:
-        """The conversation's timer or the FEC channel's, whichever is first."""
-        deadline, fec = self.conv.get_timer(), self.fec.get_timer()
-        return deadline if fec is None else fec if deadline is None else min(deadline, fec)
+        """The conversation's timer, the FEC channel's or the pacer's, whichever is first."""
+        timers = [t for t in (self.conv.get_timer(), self.fec.get_timer(),
+                              self.pacer.get_timer() if self.pacer else None) if t is not None]
+        return min(timers) if timers else None
 
     def _handle_event(self, event: events.Event) -> None:
         if isinstance(event, events.HandshakeCompleted):
@@ -352,9 +366,12 @@ class ConversationDriver:
             if fec is not None and now >= fec:
                 self.udp.send(self.fec.handle_timer(conv.session, now), conv.peer_addr)
             deadline = conv.get_timer()
+            pace = self.pacer.get_timer() if self.pacer else None
             if deadline is not None and now >= deadline:
                 conv.handle_timer(max(now, deadline))
                 self.transmit()
+            elif pace is not None and now >= pace:
+                self.transmit()  # held datagrams may leave
             # Otherwise the deadline moved (later: what it waited for happened; earlier: the
             # transmit() that woke us has sent everything already): just sleep again.
 
@@ -471,7 +488,8 @@ class ConversationDriver:
             epoch_switches=self.epoch_switches, peer_address_changes=self.peer_address_changes,
             dropped_malformed=session.dropped_malformed, dropped_stale=session.dropped_stale,
             established=self.established.is_set(), fec_parity=fec.parity,
-            fec_out=fec.shards_sent, fec_recovered=fec.recovered, fec_loss=fec.loss)
+            fec_out=fec.shards_sent, fec_recovered=fec.recovered, fec_loss=fec.loss,
+            fec_bytes=fec.sent_bytes, paced=self.pacer.paced if self.pacer else 0)
 
 
 class ConversationService:

@@ -55,6 +55,8 @@ class ConversationMetrics:
     fec_out: int = 0  # FEC packets sent (parity shards, auto-mode manifests)
     fec_recovered: int = 0  # the peer's datagrams rebuilt from its parity
     fec_loss: float = 0.0  # loss of the peer's datagrams measured from its manifests, 0..1
+    fec_bytes: int = 0  # bytes of the FEC packets sent (sealed: what they add on the wire)
+    paced: int = 0  # datagrams --pacing held back before they could leave
 
 
 @dataclass(frozen=True)
@@ -165,8 +167,10 @@ def render_conversation(m: ConversationMetrics) -> str:
             f"retrans={m.retrans} fast_retrans={m.fast_retrans} epoch={m.epoch} "
             f"dgrams_out={m.dgrams_out} dgrams_in={m.dgrams_in} dropped_auth={m.dropped_auth} "
             f"dropped_replay={m.dropped_replay} age={m.age:.0f}s"
-            + (f" fec_parity={m.fec_parity} fec_out={m.fec_out} fec_recovered={m.fec_recovered} "
-               f"fec_loss={100 * m.fec_loss:.1f}%" if m.fec_out or m.fec_recovered else ""))
+            + (f" fec_parity={m.fec_parity} fec_out={m.fec_out} fec_bytes={m.fec_bytes} "
+               f"fec_recovered={m.fec_recovered} fec_loss={100 * m.fec_loss:.1f}%"
+               if m.fec_out or m.fec_recovered else "")
+            + (f" paced={m.paced}" if m.paced else ""))
 
 
 def render_client_totals(m: TunnelClientMetrics) -> str:

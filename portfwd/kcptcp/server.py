@@ -334,7 +334,7 @@ class TunnelServer(ConversationService):
         """The conversation and driver of a new session (kcpudp-server makes its own)."""
         conv = Conversation(session, self.config.conversation, now, self.reassembly)
         return ConversationDriver(conv, self.udp, f"conv={conv.conv}", self.config.fec,
-                                  self.fec_hint)
+                                  self.fec_hint, pacing=self.config.conversation.pacing)
 
     @staticmethod
     def _is_retry(driver: ConversationDriver, hello: bytes) -> bool:

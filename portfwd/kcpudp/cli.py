@@ -38,7 +38,7 @@ KCPUDP_SERVER_OPTIONS = """\
 
 
 # kcptcp options kcpudp does not offer (yet; the timeouts are of a TCP side: kcpudp has -t)
-UNUSED = ("--max-conns", "--idle-timeout", "--half-close-timeout")
+UNUSED = ("--max-conns", "--idle-timeout", "--half-close-timeout", "--pacing")
 
 
 def _entries(text: str) -> list[str]:

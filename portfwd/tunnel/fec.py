@@ -6,7 +6,8 @@ each zero-padded to the longest. The datagrams themselves go out unchanged and a
 never holds a datagram back); the parity shards follow when the group closes, after ``data``
 datagrams or ``group_ms`` after its first, whichever comes first. Each parity shard is the body
 of an FEC packet (type 13) that the session seals like any other packet, and it carries the
-group's *manifest*: for each datagram its type byte, its seq and its length. So a shard is
+group's *manifest*: for each datagram its type byte, its seq and its length (and, from a sender
+in auto mode, the sender's clock when the group closed). So a shard is
 authenticated before anything in it is read, a forged one is dropped by the session's AEAD,
 and the lengths a recovery trims to are authenticated ones. A recovered datagram is itself a
 sealed packet the session opens (and replay-checks) as if it had arrived.
@@ -15,6 +16,8 @@ The receiver keeps the peer's recent *authenticated* datagrams by (type byte, se
 recovers every group that lost at most as many datagrams as it has parity shards. It also
 measures the loss the manifests reveal and, when the sender asks for it (``auto``), reports
 it back (a REPORT body, sealed the same way); the sender's parity then follows the loss.
+What it reports is the *random* part of the loss, with bottleneck queue drops left out
+(``fec_loss.py``: parity cannot repair a full queue, it only overfills it).
 
 No clock is read here: ``now`` (ms) comes in as an argument.
 """
@@ -30,6 +33,7 @@ from typing import NamedTuple
 
 import zfec
 
+from .fec_loss import LossEstimator
 from .wire import HEADER_SIZE, MalformedPacket
 
 GROUP_MS = 5  # ms a group stays open after its first datagram (a lone request is not held)
@@ -39,17 +43,20 @@ HISTORY = 1024  # the peer's authenticated datagrams kept for recovery, once it 
 # ~1.4 MB, 120 ms of a 100 Mbit/s stream, where a group's parity follows it within ~5 ms
 PENDING_GROUPS = 256  # groups with shards but not yet complete (oldest dropped beyond)
 REPORT_MS = 200  # ms between loss reports to a sender in auto mode
-LOSS_WINDOW = 2000  # data datagrams the measured loss is averaged over (sliding)
 AUTO_DATA = 10  # group size in auto mode
 AUTO_MAX_OVERHEAD = 0.5  # parity / data at most in auto mode (a full group: 5 of 10)
 AUTO_OFF_BELOW = 0.002  # reported loss under which auto sends no parity (manifests only)
-AUTO_TARGET = 0.001  # auto picks the least parity with P(group lost) under this
+AUTO_MIN_OVER = 200  # datagrams: a report over fewer does not turn parity below the service's
+AUTO_TARGET = 0.01  # auto picks the least parity with P(group lost) under this: ARQ repairs
+# the rest, and more parity only fills the bottleneck (5 % loss: 3 of 10, as a fixed 10:3)
 LOSS_SCALE = 10000  # loss on the wire: in units of 1/10000
 
 _SHARD_HEAD = struct.Struct(">BIBBBH")  # kind|flags, group, data, parity, index, shard size
+_SENT = struct.Struct(">I")  # after the head of an AUTO shard: the sender's clock (ms, u32)
 _ENTRY = struct.Struct(">BIH")  # type byte, seq, length of one data datagram
 _REPORT = struct.Struct(">BHH")  # kind, loss (1/10000), datagrams the figure is over
-MAX_ROOM = _SHARD_HEAD.size + MAX_DATA * _ENTRY.size  # bytes: the most FecSettings.room can be
+MAX_ROOM = _SHARD_HEAD.size + _SENT.size + MAX_DATA * _ENTRY.size  # bytes: the most
+# FecSettings.room can be
 
 
 class Kind(enum.IntEnum):
@@ -70,6 +77,7 @@ class Shard(NamedTuple):
     index: int  #: which parity shard this is, 0..parity-1 (0 when parity is 0)
     entries: tuple[tuple[bytes, int], ...]  #: per datagram: (key, length); key = type + seq
     shard: bytes  #: the parity bytes (empty when parity is 0)
+    sent: int | None = None  #: auto: the sender's clock (ms mod 2**32) when the group closed
 
 
 def datagram_key(datagram: bytes) -> bytes:
@@ -78,21 +86,24 @@ def datagram_key(datagram: bytes) -> bytes:
 
 
 def pack_shard(auto: bool, group: int, index: int, parity: int, datagrams: list[bytes],
-               shard: bytes) -> bytes:
-    """The body of an FEC SHARD packet.
+               shard: bytes, sent: int = 0) -> bytes:
+    """The body of an FEC SHARD packet (``sent``: the sender's ms clock, auto mode only).
 
     ::
 
-        0       1       5      6        7       8         10              10+7*data
-        +-------+-------+------+--------+-------+---------+-- ... --------+-----------+
-        |A| 0   | group | data | parity | index | size    | manifest      | shard     |
-        +-------+-------+------+--------+-------+---------+-- ... --------+-----------+
-            1       4      1       1        1       2       data x 7        size
+        0       1       5      6        7       8         10       [14]          +7*data
+        +-------+-------+------+--------+-------+---------+--------+-- ... -----+-----------+
+        |A| 0   | group | data | parity | index | size    | [sent] | manifest   | shard     |
+        +-------+-------+------+--------+-------+---------+--------+-- ... -----+-----------+
+            1       4      1       1        1       2       [4]      data x 7     size
 
+        sent: only when A is set (the sender's clock in ms, u32, when the group closed)
         manifest entry: type byte (1) | seq (4) | length (2) of one datagram of the group
     """
     head = _SHARD_HEAD.pack(Kind.SHARD | (AUTO_FLAG if auto else 0), group, len(datagrams),
                             parity, index, len(shard))
+    if auto:
+        head += _SENT.pack(sent & 0xFFFFFFFF)
     return head + b"".join(_ENTRY.pack(d[0], int.from_bytes(d[5:HEADER_SIZE], "big"), len(d))
                            for d in datagrams) + shard
 
@@ -108,21 +119,23 @@ def unpack_shard(body: bytes) -> Shard:
         raise MalformedPacket(f"FEC shard {index} of {data}:{parity}")
     if parity == 0 and (index or size):
         raise MalformedPacket("FEC manifest with shard bytes")
-    end = _SHARD_HEAD.size + data * _ENTRY.size
+    auto = bool(kind & AUTO_FLAG)
+    start = _SHARD_HEAD.size + (_SENT.size if auto else 0)
+    end = start + data * _ENTRY.size
     if len(body) != end + size:
         raise MalformedPacket(f"FEC shard of {len(body)} bytes, expected {end + size}")
+    sent = _SENT.unpack_from(body, _SHARD_HEAD.size)[0] if auto else None
     entries = []
-    for offset in range(_SHARD_HEAD.size, end, _ENTRY.size):
+    for offset in range(start, end, _ENTRY.size):
         type_byte, seq, length = _ENTRY.unpack_from(body, offset)
         if not HEADER_SIZE <= length <= size and parity:
             raise MalformedPacket(f"FEC manifest length {length} with shards of {size}")
         entries.append((bytes([type_byte]) + seq.to_bytes(4, "big"), length))
-    return Shard(bool(kind & AUTO_FLAG), group, data, parity, index, tuple(entries),
-                 bytes(body[end:]))
+    return Shard(auto, group, data, parity, index, tuple(entries), bytes(body[end:]), sent)
 
 
 def pack_report(loss: float, over: int) -> bytes:
-    """The body of an FEC REPORT: the loss the receiver measured.
+    """The body of an FEC REPORT: the random loss the receiver measured (queue drops out).
 
     ::
 
@@ -165,8 +178,9 @@ class FecSettings:
     @property
     def room(self) -> int:
         """Bytes an FEC shard adds to the longest datagram of its group (its header and
-        manifest): what the datagrams must leave free for the shard to fit the same MTU."""
-        return _SHARD_HEAD.size + self.data * _ENTRY.size
+        manifest, and in auto mode the sender's clock): what the datagrams must leave free for
+        the shard to fit the same MTU."""
+        return _SHARD_HEAD.size + (_SENT.size if self.auto else 0) + self.data * _ENTRY.size
 
     def __post_init__(self) -> None:
         if not 1 <= self.data <= MAX_DATA or not 0 <= self.parity <= MAX_SHARDS - self.data:
@@ -238,7 +252,7 @@ class FecEncoder:
             self._opened = now
         self._group.append(datagram)
         if len(self._group) >= self.settings.data:
-            return self._close()
+            return self._close(now)
         return []
 
     def get_timer(self) -> int | None:
@@ -247,19 +261,23 @@ class FecEncoder:
 
     def handle_timer(self, now: int) -> list[bytes]:
         if self._group and now >= self._opened + self.settings.group_ms:
-            return self._close()
+            return self._close(now)
         return []
 
     def report_received(self, body: bytes) -> None:
         """An authenticated REPORT from the peer (auto mode follows it; fixed mode ignores)."""
-        loss, _over = unpack_report(body)
+        loss, over = unpack_report(body)
         self.peer_loss = loss
         if self.settings.auto:
-            self.parity = parity_for(loss, self.settings.data, self.settings.max_overhead)
-            if self.hint is not None:
-                self.hint.loss = loss
+            hint = self.hint
+            # Over a few datagrams (a new or a quiet conversation: requests, keystrokes) "no
+            # loss seen" means little: the service's last figure protects it meanwhile.
+            basis = max(loss, hint.loss) if hint is not None and over < AUTO_MIN_OVER else loss
+            self.parity = parity_for(basis, self.settings.data, self.settings.max_overhead)
+            if hint is not None:  # moved as far as the report's sample allows
+                hint.loss += min(1.0, over / AUTO_MIN_OVER) * (loss - hint.loss)
 
-    def _close(self) -> list[bytes]:
+    def _close(self, now: int) -> list[bytes]:
         group, self._group = self._group, []
         number, self._number = self._number, (self._number + 1) & 0xFFFFFFFF
         data = len(group)
@@ -268,7 +286,7 @@ class FecEncoder:
         auto = self.settings.auto
         self.groups_sent += 1
         if parity == 0:
-            bodies = [pack_shard(auto, number, 0, 0, group, b"")] if auto else []
+            bodies = [pack_shard(auto, number, 0, 0, group, b"", now)] if auto else []
         else:
             size = max(len(d) for d in group)
             blocks = [d.ljust(size, b"\0") for d in group]
@@ -276,7 +294,7 @@ class FecEncoder:
             if coder is None:
                 coder = self._coders[data, parity] = zfec.Encoder(data, data + parity)
             shards = coder.encode(blocks, list(range(data, data + parity)))
-            bodies = [pack_shard(auto, number, i, parity, group, bytes(s))
+            bodies = [pack_shard(auto, number, i, parity, group, bytes(s), now)
                       for i, s in enumerate(shards)]
         self.shards_sent += len(bodies)
         self.shard_bytes += sum(len(b) for b in bodies)
@@ -302,9 +320,7 @@ class FecDecoder:
         self._waiting: dict[bytes, int] = {}  # key of a missing datagram -> its group
         self._done: collections.deque[int] = collections.deque(maxlen=PENDING_GROUPS)
         self._coders: dict[tuple[int, int], zfec.Decoder] = {}
-        self._window: collections.deque[tuple[int, int]] = collections.deque()  # (lost, total)
-        self._window_total = 0
-        self._window_lost = 0
+        self.estimator = LossEstimator()  # the loss the manifests reveal, queue drops apart
         self._report_due: int | None = None  # ms: a sender in auto mode waits for a report
         self.active = False  # the peer sends FEC: keep HISTORY of its datagrams, not MAX_DATA
         self.recovered = 0  # datagrams rebuilt from parity
@@ -408,22 +424,23 @@ class FecDecoder:
     # --- loss measurement (auto) -------------------------------------------------------------
 
     def _measure(self, shard: Shard, now: int) -> None:
-        """The first shard of a group: how many of its datagrams did not arrive (yet)."""
+        """The first shard of a group: how many of its datagrams did not arrive (yet), and
+        how long the shard took (auto: the sender stamped it)."""
         lost = sum(1 for key, _ in shard.entries if key not in self._history)
-        self._window.append((lost, shard.data))
-        self._window_lost += lost
-        self._window_total += shard.data
-        while self._window_total - self._window[0][1] >= LOSS_WINDOW:
-            old_lost, old_total = self._window.popleft()
-            self._window_lost -= old_lost
-            self._window_total -= old_total
+        delay = None if shard.sent is None else (now - shard.sent) & 0xFFFFFFFF
+        self.estimator.group(lost, shard.data, delay, now)
         if shard.auto and self._report_due is None:
             self._report_due = now + REPORT_MS
 
     @property
     def loss(self) -> float:
-        """The loss of the peer's datagrams over the last LOSS_WINDOW the manifests named."""
-        return self._window_lost / self._window_total if self._window_total else 0.0
+        """The loss of the peer's datagrams over the last ones the manifests named."""
+        return self.estimator.loss
+
+    @property
+    def random_loss(self) -> float:
+        """That loss without what a full bottleneck queue dropped (what gets reported)."""
+        return self.estimator.random_loss
 
     def get_timer(self) -> int | None:
         """Absolute ms at which a loss report is due, or None."""
@@ -434,4 +451,4 @@ class FecDecoder:
         if self._report_due is None or now < self._report_due:
             return None
         self._report_due = None
-        return pack_report(self.loss, self._window_total)
+        return pack_report(self.estimator.random_loss, self.estimator.clear.total)

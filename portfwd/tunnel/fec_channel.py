@@ -40,6 +40,7 @@ class FecMetrics:
     groups_sent: int  #: groups closed
     shards_sent: int  #: FEC packets sent (parity shards and manifests)
     overhead_bytes: int  #: bytes of FEC bodies sent (before sealing)
+    sent_bytes: int  #: bytes of the sealed FEC packets sent (what FEC adds on the wire)
     protected_bytes: int  #: bytes of DATA and DATAGRAM packets the groups covered
     recovered: int  #: the peer's datagrams rebuilt from parity
     unrecoverable: int  #: groups given up with datagrams missing
@@ -53,6 +54,7 @@ class FecChannel:
         self.decoder = FecDecoder()
         self.protected_bytes = 0  # DATA and DATAGRAM bytes the encoder grouped
         self.reports_sent = 0
+        self.sent_bytes = 0  # sealed FEC packets (shards, manifests, reports)
 
     def outgoing(self, session: Sealer, datagrams: list[bytes], now: int) -> list[bytes]:
         """``datagrams`` (unchanged, first) and the sealed FEC packets of the groups they
@@ -103,7 +105,9 @@ class FecChannel:
         return self._seal(session, bodies, now)
 
     def _seal(self, session: Sealer, bodies: list[bytes], now: int) -> list[bytes]:
-        return [d for body in bodies if (d := session.seal_fec(body, now)) is not None]
+        sealed = [d for body in bodies if (d := session.seal_fec(body, now)) is not None]
+        self.sent_bytes += sum(map(len, sealed))
+        return sealed
 
     def metrics(self) -> FecMetrics:
         enc, dec = self.encoder, self.decoder
@@ -111,5 +115,6 @@ class FecChannel:
             parity=enc.parity if enc else 0, peer_loss=enc.peer_loss if enc else 0.0,
             loss=dec.loss, groups_sent=enc.groups_sent if enc else 0,
             shards_sent=enc.shards_sent if enc else 0,
-            overhead_bytes=enc.shard_bytes if enc else 0, protected_bytes=self.protected_bytes,
+            overhead_bytes=enc.shard_bytes if enc else 0, sent_bytes=self.sent_bytes,
+            protected_bytes=self.protected_bytes,
             recovered=dec.recovered, unrecoverable=dec.unrecoverable)

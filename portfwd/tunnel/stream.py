@@ -77,6 +77,13 @@ class ConversationConfig:
     snd_wnd: int = 1024  # segments: KCP send window (--sndwnd)
     rcv_wnd: int = 1024  # segments: KCP receive window (--rcvwnd)
     dead_link: int = DEAD_LINK_XMIT  # transmissions of one segment before the link is dead
+    pacing: bool = False  # pace what is sent at 1.5x the window per RTT (--pacing; the driver)
+    # kcp-go's fast-ack rule (KcpConfig.fastack_conserve): one fast retransmission per loss, not
+    # one every `resend` acks for a whole RTT. On with --fec: parity repairs a lost copy, and
+    # the repeated copies only fill the bottleneck (measured at 100 ms / 5 %, --fec 10:3: 46.7
+    # against 38.8 Mbit/s). Off without: there the repeated copies are the quick repair of a
+    # lost retransmission (34 against 46 Mbit/s with it on). bench/results/2026-12-01-wan.md.
+    fastack_conserve: bool = False
 
     def __post_init__(self) -> None:
         self.kcp_config(OVERHEAD)  # bad settings raise here, not at the first conversation
@@ -99,6 +106,7 @@ class ConversationConfig:
         return KcpConfig(mtu=mtu, snd_wnd=self.snd_wnd, rcv_wnd=self.rcv_wnd,
                          interval=self.interval, resend=self.resend, nc=self.nc,
                          dead_link=self.dead_link, probe_init=WINDOW_PROBE_INIT_MS,
+                         fastack_conserve=self.fastack_conserve,
                          probe_limit=WINDOW_PROBE_LIMIT_MS, max_frg=max_frg,
                          max_rcv_bytes=max(self.rcv_wnd, WND_RCV_MIN) * mss)
 
