@@ -3,6 +3,7 @@
 
     sudo bench/bench_handshake.py [--seconds 4] [--rounds 3] [--workers 2]
                                   [--flood-pps 150000] [--sources 100000] [--compare REV ...]
+                                  [--flood-cpu N]
 
 Runs inside a network namespace it creates and deletes (root needed): loopback up, and
 10.99.0.1/8 on lo, so every 10.x.y.z address is local and a raw socket can send datagrams from
@@ -18,6 +19,11 @@ with the kernel's receive path of every forged datagram, which loopback charges 
 ``--compare REV`` (repeatable) measures another checkout (a git worktree of REV) in the same
 run, rounds interleaved, and prints its figures beside ours. Every figure is a median over
 rounds; ratios compare figures of this run only.
+``--flood-cpu N`` pins the flood generator to CPU N and everything else (tunnel, target,
+clients) to the other CPUs, in both conditions: a stand-in for a flood from another host, so
+the ratio shows what the server spends on the flood rather than what the generator takes from a
+small machine. It flatters the server somewhat: loopback runs the kernel's receive path of each
+forged datagram on the sender's CPU.
 """
 
 from __future__ import annotations
@@ -108,9 +114,11 @@ def flood_packets(port: int, template: bytes, sources: int) -> list[bytes]:
 
 
 def flood(port: int, template: bytes, pps: int, sources: int, seconds: float,
-          queue: multiprocessing.Queue) -> None:
+          queue: multiprocessing.Queue, cpu: int | None = None) -> None:
     """Spoofed-source HELLOs through a raw socket, paced to ``pps``; says when it starts, then
     reports what it sent."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     packets = flood_packets(port, template, sources)
     queue.put("ready")
@@ -150,14 +158,15 @@ class Tunnel:
         self.template = hello_template(repo)
         time.sleep(1.0)
 
-    def measure(self, seconds: float, pps: int, sources: int, workers: int) -> dict[str, float]:
+    def measure(self, seconds: float, pps: int, sources: int, workers: int,
+                flood_cpu: int | None = None) -> dict[str, float]:
         cpu0 = cpu_seconds(self.server.pid), cpu_seconds(self.client.pid)
         rate, failures = connection_rate(self.tcp_port, seconds, workers)
         server_cpu, client_cpu = (cpu_seconds(self.server.pid) - cpu0[0],
                                   cpu_seconds(self.client.pid) - cpu0[1])
         queue: multiprocessing.Queue = multiprocessing.Queue()
         flooder = multiprocessing.Process(target=flood, args=(
-            self.udp_port, self.template, pps, sources, seconds + 1.0, queue))
+            self.udp_port, self.template, pps, sources, seconds + 1.0, queue, flood_cpu))
         flooder.start()
         queue.get(timeout=60)  # its packets are built
         time.sleep(0.5)  # the flood is under way before the legitimate clients start
@@ -177,6 +186,11 @@ class Tunnel:
 
 def inside(opts: argparse.Namespace) -> None:
     subprocess.run(["ip", "addr", "add", f"{SERVER_IP}/8", "dev", "lo"], check=True)
+    if opts.flood_cpu is not None:  # every process started from here inherits the rest
+        others = os.sched_getaffinity(0) - {opts.flood_cpu}
+        if opts.flood_cpu not in os.sched_getaffinity(0) or not others:
+            sys.exit(f"bench_handshake: --flood-cpu {opts.flood_cpu}: needs that CPU and another")
+        os.sched_setaffinity(0, others)
     echo_port = free_port()
     checkouts = {"this checkout": REPO}
     for rev, path in zip(opts.compare or [], opts.compare_path or [], strict=True):
@@ -189,7 +203,7 @@ def inside(opts: argparse.Namespace) -> None:
         for _ in range(opts.rounds):
             for name, tunnel in tunnels.items():
                 results[name].append(tunnel.measure(opts.seconds, opts.flood_pps, opts.sources,
-                                                    opts.workers))
+                                                    opts.workers, opts.flood_cpu))
     first = next(iter(results))
     med = {name: {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
            for name, rounds in results.items()}
@@ -209,7 +223,8 @@ def inside(opts: argparse.Namespace) -> None:
         rows,
         f"{opts.rounds} interleaved rounds of {opts.seconds:g} s per checkout and condition, "
         f"medians; {opts.workers} client processes; flood from {opts.sources} random 10/8 "
-        "sources.")])
+        "sources" + (f"; the flood generator alone on CPU {opts.flood_cpu}, everything else "
+                     "on the others." if opts.flood_cpu is not None else "."))])
 
 
 def main() -> None:
@@ -221,6 +236,8 @@ def main() -> None:
     parser.add_argument("--sources", type=int, default=100000)
     parser.add_argument("--compare", action="append",
                         help="a git revision to measure beside this checkout (repeatable)")
+    parser.add_argument("--flood-cpu", type=int,
+                        help="pin the flood generator to this CPU, everything else to the others")
     parser.add_argument("--compare-path", action="append", help=argparse.SUPPRESS)
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -237,6 +254,8 @@ def main() -> None:
                 "--seconds", str(opts.seconds), "--rounds", str(opts.rounds),
                 "--workers", str(opts.workers),
                 "--flood-pps", str(opts.flood_pps), "--sources", str(opts.sources)]
+        if opts.flood_cpu is not None:
+            argv += ["--flood-cpu", str(opts.flood_cpu)]
         for rev in opts.compare or []:
             path = stack.enter_context(tempfile.TemporaryDirectory(prefix="pf-compare-"))
             worktree = os.path.join(path, "tree")

@@ -78,11 +78,14 @@ def test_bench_handshake_smoke() -> None:
     """bench_handshake.py runs end to end (a tiny flood, one round) and cleans up after itself;
     its figures mean nothing at this size."""
     script = os.path.join(REPO, "bench", "bench_handshake.py")
+    pinned = len(os.sched_getaffinity(0)) >= 2  # --flood-cpu: the generator on a CPU of its own
     proc = subprocess.run([sys.executable, script, "--seconds", "0.5", "--rounds", "1",
-                           "--workers", "1", "--flood-pps", "2000", "--sources", "100"],
+                           "--workers", "1", "--flood-pps", "2000", "--sources", "100",
+                           *(["--flood-cpu", str(max(os.sched_getaffinity(0)))] if pinned else [])],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "New tunnelled connections per second" in proc.stdout
+    assert ("the flood generator alone on CPU" in proc.stdout) == pinned
     assert "| this checkout |" in proc.stdout
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "pfhs-" not in listed
