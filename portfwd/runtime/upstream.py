@@ -89,19 +89,15 @@ class Upstreams:
         self.caches: list[NameCache[Resolved] | None] = [
             None if is_literal(d.endpoint.host) else NameCache(d.addresses, now)
             for d in self.destinations]
-        self._single = self.single
-        self.marked_down = 0  # times a destination was put down after --max-fails failures
-        self.lookups_failed = 0  # background re-resolutions that failed (last answer kept)
-        self._faults = RateLimitedLog(log)
-
-    @property
-    def single(self) -> Resolved | None:
-        """The one address when there is nothing to choose (the fast path), else None."""
+        # The one address when there is nothing to choose (the fast path), else None.
+        self.single: Resolved | None = None
         if len(self.destinations) == 1 and self.caches[0] is None:
             addresses = self.destinations[0].addresses
             if len(addresses) == 1:
-                return addresses[0]
-        return None
+                self.single = addresses[0]
+        self.marked_down = 0  # times a destination was put down after --max-fails failures
+        self.lookups_failed = 0  # background re-resolutions that failed (last answer kept)
+        self._faults = RateLimitedLog(log)
 
     def addresses(self, index: int) -> tuple[Resolved, ...]:
         cache = self.caches[index]
@@ -111,7 +107,7 @@ class Upstreams:
         """A connected socket to the first destination that answers, in ``--balance`` order
         (one literal address: dialled directly, never put down). Raises the last OSError when
         none does."""
-        single = self._single
+        single = self.single
         if single is not None:
             return dial_tcp(single, self.connect_timeout), single
         now = time.monotonic()
