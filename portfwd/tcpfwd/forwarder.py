@@ -99,6 +99,9 @@ class TcpForwarder:
         self._gated = self.gate.checks
         self._proxy = config.proxy_protocol  # PROXY header version to send, 0 = none
         self._local = listening_address(bound)  # every connection's local address, or None
+        # The plain case's one address (no gate, PROXY header or -b), set up by _accepted
+        # itself; None: every connection goes to a worker (_handle).
+        self._plain = None if self._gated or self._proxy or config.base_addr else self._single
         half_close = config.relay.half_close_timeout
         self.sweeper = HalfCloseSweeper(half_close) if half_close else None
         self._stats_timer = None  # --stats-interval: a libev timer in the hub
@@ -157,10 +160,11 @@ class TcpForwarder:
         destination address, no gate, no PROXY header, no -b) is set up right here when the
         dial completes at once, as on loopback and fast LANs: socket, connect, relay on
         callbacks, with no greenlet of its own. Everything else goes on in a worker."""
-        if self._gated or self._proxy or self.config.base_addr or self._single is None:
+        dest = self._plain
+        if dest is None:
             self.workers.spawn(self._handle, accepted, peer)
             return
-        conn_id, dest = next(self._ids), self._single
+        conn_id = next(self._ids)
         try:
             dialled, connected = start_dial(dest)
         except OSError as exc:
