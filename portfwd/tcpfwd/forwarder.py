@@ -95,7 +95,9 @@ class TcpForwarder:
                                                 (config.dest,)),),
             config.balancing, config.connect_timeout)
         self._single = self.upstreams.single  # one literal address: dial it directly
-        self.pending = 0  # connections accepted and not yet relaying (reading, dialling)
+        # Connections in _handle and not yet relaying (reading, dialling), for --max-conns; the
+        # plain case's (_accepted, _finish_dial) only happen with no gate, so are not counted.
+        self.pending = 0
         self._gated = self.gate.checks
         self._proxy = config.proxy_protocol  # PROXY header version to send, 0 = none
         self._local = listening_address(bound)  # every connection's local address, or None
@@ -178,7 +180,6 @@ class TcpForwarder:
 
     def _finish_dial(self, conn_id: int, accepted: socket.socket, peer: tuple,
                      dialled: socket.socket, dest: Resolved) -> None:
-        self.pending += 1
         try:
             finish_dial(dialled, self.config.connect_timeout)
         except OSError as exc:
@@ -188,8 +189,6 @@ class TcpForwarder:
         except BaseException:  # killed while dialling (finish_dial closed the socket)
             accepted.close()
             raise
-        finally:
-            self.pending -= 1
         self._relay(conn_id, accepted, peer, None, dialled, dest)
 
     def _handle(self, accepted: socket.socket, peer: tuple) -> None:
