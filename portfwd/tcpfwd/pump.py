@@ -71,6 +71,15 @@ class RelaySocket:
     def shutdown(self, how: int) -> None:
         self.sock.shutdown(how)
 
+    def pass_eof(self) -> None:
+        """shutdown(SHUT_WR): the other side's EOF goes on here (ENOTCONN, a peer that is gone
+        already, is no error); the other direction keeps flowing."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise
+
     def close(self) -> None:
         self.readable.close()
         if self.writable is not None:
@@ -91,11 +100,7 @@ def pump(src: RelaySocket, dst: RelaySocket, splice: bool, counter: Counter) -> 
     """Relay src -> dst until EOF, then half-close dst. Raises OSError on a socket error."""
     if not _copy_pump(src, dst, counter, until_bulk=splice):
         _splice_pump(src, dst, counter)
-    try:
-        dst.shutdown(socket.SHUT_WR)  # pass the EOF on; the other direction keeps flowing
-    except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
-            raise
+    dst.pass_eof()
 
 
 def _copy_pump(src: RelaySocket, dst: RelaySocket, counter: Counter, until_bulk: bool) -> bool:

@@ -22,7 +22,6 @@ EOF); sockets are closed once both directions are over.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import socket
 import struct
@@ -102,11 +101,7 @@ class Relay:
                 # already, close() is about to send the FIN (dst has nothing unread): one
                 # syscall fewer per short connection.
                 if self.running > 1 or self.error:
-                    try:
-                        dst.shutdown(socket.SHUT_WR)
-                    except OSError as exc:
-                        if exc.errno != errno.ENOTCONN:
-                            raise
+                    dst.pass_eof()
                 self._ended()
                 return
             try:
