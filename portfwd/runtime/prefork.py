@@ -203,6 +203,13 @@ def _send_message(sock: Any, data: bytes) -> None:
     sock.sendall(LENGTH.pack(len(data)) + data)
 
 
+def _recv_message(sock: Any) -> Snapshots:
+    """One message of :func:`_send_message`, unpickled (raises OSError, EOFError,
+    pickle.UnpicklingError)."""
+    size = LENGTH.unpack(_recv_exactly(sock, LENGTH.size))[0]
+    return pickle.loads(_recv_exactly(sock, size))
+
+
 def _recv_exactly(sock: Any, size: int) -> bytes:
     chunks, left = [], size
     while left:
@@ -399,8 +406,7 @@ class Pool:
         try:
             with gevent.Timeout(SNAPSHOT_TIMEOUT):
                 worker.control.sendall(ASK)
-                size = LENGTH.unpack(_recv_exactly(worker.control, LENGTH.size))[0]
-                return pickle.loads(_recv_exactly(worker.control, size))
+                return _recv_message(worker.control)
         except gevent.Timeout:
             self._faults.warning(f"ask {worker.slot.tag}", "worker %s gave no snapshot within "
                                  "%.0f s: its last one counts", worker.slot.tag,
@@ -475,8 +481,7 @@ class Pool:
         try:
             with gevent.Timeout(SNAPSHOT_TIMEOUT):
                 while True:
-                    size = LENGTH.unpack(_recv_exactly(worker.control, LENGTH.size))[0]
-                    final = pickle.loads(_recv_exactly(worker.control, size))
+                    final = _recv_message(worker.control)
         except (OSError, EOFError, gevent.Timeout, pickle.UnpicklingError):
             pass
         return final
