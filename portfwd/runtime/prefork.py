@@ -33,7 +33,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -121,6 +121,13 @@ def grow_slots(sockets: list[socket.socket], addr: Resolved, socktype: int,
             sock.close()
         raise
     return kept + new
+
+
+def close_all(groups: Iterable[Sequence[socket.socket]]) -> None:
+    """Close every socket of every group (a rule's or a slot's)."""
+    for socks in groups:
+        for sock in socks:
+            sock.close()
 
 
 SO_ATTACH_REUSEPORT_CBPF = getattr(socket, "SO_ATTACH_REUSEPORT_CBPF", 51)  # asm-generic
@@ -342,9 +349,7 @@ class Pool:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, signal.SIGKILL)
             self._exited.wait(STOP_GRACE)
-        for group in self.sockets:
-            for sock in group:
-                sock.close()
+        close_all(self.sockets)
 
     def metrics(self) -> Any:
         return None  # a pool is only read through rule_snapshots()
