@@ -99,8 +99,7 @@ def grow_slots(sockets: list[socket.socket], addr: Resolved, socktype: int,
         return [bind_socket(addr, socktype, options)]
     options = dataclasses.replace(options, reuseport=True)
     if sockets and addr.port == 0:
-        addr = Resolved(addr.family, (addr.host, sockets[0].getsockname()[1],
-                                      *addr.sockaddr[2:]))
+        addr = _at_port_of(addr, sockets[0])
     for sock in sockets[count:]:
         sock.close()
     kept, new = sockets[:count], []
@@ -114,8 +113,7 @@ def grow_slots(sockets: list[socket.socket], addr: Resolved, socktype: int,
                 tune_tcp(new[-1])
                 new[-1].listen(LISTEN_BACKLOG)
             if addr.port == 0:
-                addr = Resolved(addr.family, (addr.host, new[0].getsockname()[1],
-                                              *addr.sockaddr[2:]))
+                addr = _at_port_of(addr, new[0])
     except BaseException:
         for sock in new:
             sock.close()
@@ -128,6 +126,11 @@ def close_all(groups: Iterable[Sequence[socket.socket]]) -> None:
     for socks in groups:
         for sock in socks:
             sock.close()
+
+
+def _at_port_of(addr: Resolved, sock: socket.socket) -> Resolved:
+    """``addr`` at the port ``sock`` is bound to (port 0: the group's members share it)."""
+    return Resolved(addr.family, (addr.host, sock.getsockname()[1], *addr.sockaddr[2:]))
 
 
 SO_ATTACH_REUSEPORT_CBPF = getattr(socket, "SO_ATTACH_REUSEPORT_CBPF", 51)  # asm-generic
