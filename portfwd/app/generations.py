@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import socket
-from collections.abc import Iterable
 
 import gevent.lock
 
@@ -37,7 +36,7 @@ from portfwd.app.supervisor import (
 from portfwd.runtime import daemon
 from portfwd.runtime.config import ProcessConfig
 from portfwd.runtime.environment import Environment
-from portfwd.runtime.prefork import Pool, WorkerLink, grow_slots
+from portfwd.runtime.prefork import Pool, WorkerLink, close_all, grow_slots
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +177,3 @@ def rule_workers(rule: Rule, process: ProcessConfig) -> int:
 def process_workers(loaded: LoadedConfig, process: ProcessConfig) -> int:
     """The workers of a ``portfwd run`` process: the file's (or -w) or its largest rule's."""
     return max([process.workers, *(rule_workers(rule, process) for rule in loaded.rules)])
-
-
-def close_all(groups: Iterable[list[socket.socket]]) -> None:
-    for socks in groups:
-        for sock in socks:
-            sock.close()

@@ -26,7 +26,7 @@ from portfwd.app.rules import HANDOVER
 from portfwd.runtime import daemon
 from portfwd.runtime.environment import Environment
 from portfwd.runtime.options import ConfigError, StartupError
-from portfwd.runtime.prefork import bind_slots
+from portfwd.runtime.prefork import bind_slots, close_all
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,7 @@ def bind_rule_slots(rules: Iterable[Rule], count: Callable[[Rule], int] | None =
                 exc.rule = rule  # type: ignore[attr-defined]
                 raise
     except OSError:
-        for socks in bound.values():
-            for sock in socks:
-                sock.close()
+        close_all(bound.values())
         raise
     return bound
 

@@ -431,7 +431,7 @@ def one_rule_main(prog: str, usage: str, argv: list[str] | None, fields: Mapping
             return run(prog, make_service(config, listeners[0]), process, warnings=warnings,
                        kinds=kinds, rule=rule)
 
-        if steer is not None and len(listeners) > 1:
+        if steer is not None:
             try:
                 steer(listeners)
             except OSError as exc:

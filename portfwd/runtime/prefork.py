@@ -33,7 +33,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -99,8 +99,7 @@ def grow_slots(sockets: list[socket.socket], addr: Resolved, socktype: int,
         return [bind_socket(addr, socktype, options)]
     options = dataclasses.replace(options, reuseport=True)
     if sockets and addr.port == 0:
-        addr = Resolved(addr.family, (addr.host, sockets[0].getsockname()[1],
-                                      *addr.sockaddr[2:]))
+        addr = _at_port_of(addr, sockets[0])
     for sock in sockets[count:]:
         sock.close()
     kept, new = sockets[:count], []
@@ -114,13 +113,24 @@ def grow_slots(sockets: list[socket.socket], addr: Resolved, socktype: int,
                 tune_tcp(new[-1])
                 new[-1].listen(LISTEN_BACKLOG)
             if addr.port == 0:
-                addr = Resolved(addr.family, (addr.host, new[0].getsockname()[1],
-                                              *addr.sockaddr[2:]))
+                addr = _at_port_of(addr, new[0])
     except BaseException:
         for sock in new:
             sock.close()
         raise
     return kept + new
+
+
+def close_all(groups: Iterable[Sequence[socket.socket]]) -> None:
+    """Close every socket of every group (a rule's or a slot's)."""
+    for socks in groups:
+        for sock in socks:
+            sock.close()
+
+
+def _at_port_of(addr: Resolved, sock: socket.socket) -> Resolved:
+    """``addr`` at the port ``sock`` is bound to (port 0: the group's members share it)."""
+    return Resolved(addr.family, (addr.host, sock.getsockname()[1], *addr.sockaddr[2:]))
 
 
 SO_ATTACH_REUSEPORT_CBPF = getattr(socket, "SO_ATTACH_REUSEPORT_CBPF", 51)  # asm-generic
@@ -201,6 +211,13 @@ def merge_rules(*parts: Snapshots) -> Snapshots:
 
 def _send_message(sock: Any, data: bytes) -> None:
     sock.sendall(LENGTH.pack(len(data)) + data)
+
+
+def _recv_message(sock: Any) -> Snapshots:
+    """One message of :func:`_send_message`, unpickled (raises OSError, EOFError,
+    pickle.UnpicklingError)."""
+    size = LENGTH.unpack(_recv_exactly(sock, LENGTH.size))[0]
+    return pickle.loads(_recv_exactly(sock, size))
 
 
 def _recv_exactly(sock: Any, size: int) -> bytes:
@@ -335,9 +352,7 @@ class Pool:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, signal.SIGKILL)
             self._exited.wait(STOP_GRACE)
-        for group in self.sockets:
-            for sock in group:
-                sock.close()
+        close_all(self.sockets)
 
     def metrics(self) -> Any:
         return None  # a pool is only read through rule_snapshots()
@@ -399,8 +414,7 @@ class Pool:
         try:
             with gevent.Timeout(SNAPSHOT_TIMEOUT):
                 worker.control.sendall(ASK)
-                size = LENGTH.unpack(_recv_exactly(worker.control, LENGTH.size))[0]
-                return pickle.loads(_recv_exactly(worker.control, size))
+                return _recv_message(worker.control)
         except gevent.Timeout:
             self._faults.warning(f"ask {worker.slot.tag}", "worker %s gave no snapshot within "
                                  "%.0f s: its last one counts", worker.slot.tag,
@@ -475,8 +489,7 @@ class Pool:
         try:
             with gevent.Timeout(SNAPSHOT_TIMEOUT):
                 while True:
-                    size = LENGTH.unpack(_recv_exactly(worker.control, LENGTH.size))[0]
-                    final = pickle.loads(_recv_exactly(worker.control, size))
+                    final = _recv_message(worker.control)
         except (OSError, EOFError, gevent.Timeout, pickle.UnpicklingError):
             pass
         return final
