@@ -66,9 +66,10 @@ class Pacer:
         """Queue ``datagrams`` behind those held and set the rate (None: unpaced); what may
         leave now, in order."""
         self._refill(now)
-        if rate is not None and self.rate is None:
-            self._tokens = max(self._tokens, max(MIN_BURST_BYTES, BURST_MS * rate))
+        starting = rate is not None and self.rate is None
         self.rate = rate
+        if starting:  # paced from now on: a full burst may leave at once
+            self._tokens = max(self._tokens, self._burst())
         if rate is None and not self._held:
             return datagrams  # not paced (yet): nothing to hold
         self._held.extend(datagrams)

@@ -81,6 +81,11 @@ def wall_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _gso_segment(size: int) -> list[tuple[int, int, bytes]]:
+    """The ancillary data of a GSO sendmsg that the kernel splits into ``size``-byte datagrams."""
+    return [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
+
+
 class UdpEndpoint:
     """A non-blocking UDP socket driven with libev watchers; sends never raise for the network."""
 
@@ -124,16 +129,11 @@ class UdpEndpoint:
             return
         start, end = 0, len(datagrams)
         while start < end:
-            size = len(datagrams[start])
-            stop = start + 1
-            limit = min(end, start + UDP_MAX_SEGMENTS, start + GSO_BYTES // max(size, 1))
-            while stop < limit and len(datagrams[stop]) == size:
-                stop += 1
-            if stop - start > 1 and 0 < size <= self.gso_max:
-                self._send_run(datagrams[start:stop], size, addr)
+            stop = self._run_end(datagrams, start)
+            if stop - start > 1:
+                self._send_run(datagrams[start:stop], len(datagrams[start]), addr)
             else:
-                for datagram in datagrams[start:stop]:
-                    self._send(datagram, addr)
+                self._send(datagrams[start], addr)
             start = stop
 
     def offer(self, datagrams: list[bytes], addr: Any = None) -> int:
@@ -145,14 +145,10 @@ class UdpEndpoint:
         singles_to = 0  # datagrams before this index go one by one (their run was refused)
         while index < end:
             size = len(datagrams[index])
-            stop = index + 1
-            if index >= singles_to and 0 < size <= self.gso_max:
-                limit = min(end, index + UDP_MAX_SEGMENTS, index + GSO_BYTES // size)
-                while stop < limit and len(datagrams[stop]) == size:
-                    stop += 1
+            stop = self._run_end(datagrams, index) if index >= singles_to else index + 1
             try:
                 if stop - index > 1:
-                    segment = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
+                    segment = _gso_segment(size)
                     data = [b"".join(datagrams[index:stop])]
                     if addr is None:
                         sock.sendmsg(data, segment)
@@ -175,6 +171,17 @@ class UdpEndpoint:
             index = stop
         return taken
 
+    def _run_end(self, datagrams: list[bytes], start: int) -> int:
+        """Where the run of equal-size datagrams from ``start`` that one GSO send may carry
+        ends (``start + 1``: a datagram on its own, of no size or above gso_max)."""
+        size = len(datagrams[start])
+        stop = start + 1
+        if 0 < size <= self.gso_max:
+            limit = min(len(datagrams), start + UDP_MAX_SEGMENTS, start + GSO_BYTES // size)
+            while stop < limit and len(datagrams[stop]) == size:
+                stop += 1
+        return stop
+
     def _send(self, datagram: bytes, addr: Any) -> None:
         while True:
             try:
@@ -187,7 +194,7 @@ class UdpEndpoint:
                 return
 
     def _send_run(self, run: list[bytes], size: int, addr: Any) -> None:
-        segment = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
+        segment = _gso_segment(size)
         data = b"".join(run)
         while True:
             try:

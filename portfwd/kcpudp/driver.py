@@ -80,11 +80,12 @@ class DatagramDriver(ConversationDriver):
                 taken = many(batch)
                 self.dropped_local += len(batch) - taken  # not taken: lost, as a full buffer
                 delivered = taken > 0
-        while (datagram := conv.read()) is not None:
-            if to_local(datagram):
-                delivered = True
-            else:
-                self.dropped_local += 1
+        else:
+            while (datagram := conv.read()) is not None:
+                if to_local(datagram):
+                    delivered = True
+                else:
+                    self.dropped_local += 1
         if delivered:
             self.last_active = now_ms()
             if self.on_local_activity is not None:

@@ -53,13 +53,10 @@ class ClientHellos:
     def next(self, now: int) -> bytes:
         """A fresh HELLO to send at ``now`` (monotonic ms)."""
         share = crypto.KeyShare(self._random_bytes(crypto.SHARE_SIZE))
-        if self._origin is None:
-            body = pack_hello(self._conv, now + self._wall_offset, share.public, self.cookie,
-                              self._carries)
-        else:
-            body = pack_hello(self._conv, now + self._wall_offset, share.public, self.cookie,
-                              self._carries, HELLO_FLAG_ORIGIN,
-                              seal_hello_origin(self._origin_key, share.public, self._origin))
+        extension = () if self._origin is None else (
+            HELLO_FLAG_ORIGIN, seal_hello_origin(self._origin_key, share.public, self._origin))
+        body = pack_hello(self._conv, now + self._wall_offset, share.public, self.cookie,
+                          self._carries, *extension)
         hello = body + self._mac(crypto.HELLO_LABEL, body)
         self._sent = [*self._sent[1 - MAX_HELLOS:], (hello, share)]
         self.count += 1
