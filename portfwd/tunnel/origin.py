@@ -75,7 +75,7 @@ def unpack_origin(record: bytes) -> Origin:
     if len(record) < 2 or record[0] != RECORD_ORIGIN or record[1] not in FAMILY_SIZES:
         raise MalformedOrigin("bad ORIGIN type or address family")
     size = FAMILY_SIZES[record[1]]
-    if len(record) != 2 + 2 * (size + 2):
+    if len(record) != _record_size(record[1]):
         raise MalformedOrigin(f"ORIGIN record of {len(record)} bytes")
     make = ipaddress.IPv4Address if size == 4 else ipaddress.IPv6Address
     offset = 2
