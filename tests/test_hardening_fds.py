@@ -137,3 +137,30 @@ def test_tcpfwd_holds_10000_connections(tool):
         target.stdin.close()
         target.wait(10)
         resource.setrlimit(resource.RLIMIT_NOFILE, old)
+
+
+HANDSHAKE_WITHOUT_FDS = """
+import os, resource, time
+import portfwd.kcptcp.client, portfwd.kcptcp.server  # what the tools have imported at start
+from portfwd.tunnel.handshake import HandshakeAcceptor
+from portfwd.tunnel.session import TunnelConfig, TunnelSession
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir('/proc/self/fd')) - 1, hard))
+config, wall = TunnelConfig(psk=bytes(range(32))), int(time.time() * 1000)
+client = TunnelSession.client(config, 7, 'server', 0, wall)
+server = HandshakeAcceptor(config).accept(client.datagrams_to_send(0)[0], 'client', 0, wall)
+for datagram, _addr in server.probes_to_send():  # the WELCOME
+    client.receive_datagram(datagram, 'server', 1)
+client.send_datagram(b'confirm')
+for datagram in client.datagrams_to_send(1):
+    server.receive_datagram(datagram, 'client', 2)
+print(client.established, server.confirmed)
+"""
+
+
+def test_first_handshake_opens_no_file():
+    """A tunnel's first handshake may come when every fd is taken (as in the tests above): the
+    crypto it runs must not import a module then (cryptography loads its OpenSSL backend lazily)."""
+    result = subprocess.run([sys.executable, "-c", HANDSHAKE_WITHOUT_FDS],
+                            capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 0 and result.stdout.split() == ["True", "True"], result.stderr

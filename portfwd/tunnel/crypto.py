@@ -28,6 +28,9 @@ import hashlib
 import hmac
 from collections.abc import Callable
 
+# X25519's constructors import the OpenSSL backend on first use: importing it here keeps that file
+# read out of the first handshake, which may come when the process has no fd left to open it with.
+import cryptography.hazmat.backends.openssl.backend  # noqa: F401
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
