@@ -93,7 +93,8 @@ def test_bad_metrics_address_is_one_line_and_exit_2(tool_name, args):
                              "outside 1-65535\n")
     result = run_cli(tool_name, "--log-format", "xml", *args)
     assert result.returncode == 2
-    assert result.stderr == f"{tool_name}: error: --log-format expects text or json, got 'xml'\n"
+    assert result.stderr == (f"{tool_name}: error: --log-format expects one of text, json, "
+                             "got 'xml'\n")
 
 
 def test_busy_metrics_port_is_a_startup_error(echo_server):

@@ -49,10 +49,7 @@ def process_config(options: Options, env: Environment) -> ProcessConfig:
     metrics = None
     if options.raw("metrics") is not None:
         metrics = options.address("metrics", socket.SOCK_STREAM, passive=True)
-    log_format = options.text("log_format") or "text"
-    if log_format not in LOG_FORMATS:
-        raise ConfigError("log_format", f"{options.label('log_format')} expects text or json, "
-                          f"got {log_format!r}")
+    log_format = options.choice("log_format", LOG_FORMATS, "text")
     level = options.choice("log_level", tuple(LOG_LEVELS), "")
     if level:
         log_level = LOG_LEVELS[level]
