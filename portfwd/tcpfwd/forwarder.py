@@ -24,7 +24,7 @@ from portfwd.runtime.sockets import dial_tcp, finish_dial, start_dial
 from portfwd.runtime.upstream import Destination, Upstreams
 from portfwd.tcpfwd.config import TcpConfig
 from portfwd.tcpfwd.metrics import TcpCounters, TcpMetrics, status
-from portfwd.tcpfwd.pump import RelaySocket
+from portfwd.tcpfwd.pump import MSG_DONTWAIT, RelaySocket
 from portfwd.tcpfwd.relay import CONN_LOG_LEVEL, Relay
 
 log = logging.getLogger(__name__)
@@ -256,9 +256,8 @@ class TcpForwarder:
                 data = pack(self._proxy, source[:2], (local or accepted.getsockname())[:2]) + data
                 # What the client sent already goes in the same segment as the header: on
                 # loopback a segment of its own costs the forwarder ~10 us more per connection.
-                accepted.setblocking(False)  # as RelaySocket would (accepted ones block)
-                try:
-                    first = accepted.recv(PRELUDE_PEEK)
+                try:  # the accepted socket may still be in blocking mode (RelaySocket)
+                    first = accepted.recv(PRELUDE_PEEK, MSG_DONTWAIT)
                 except BlockingIOError:
                     first = b""
                 data += first
