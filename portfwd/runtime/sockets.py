@@ -126,11 +126,11 @@ class DeferredKeepalive:
 
     Keepalive acts only after KEEPALIVE_IDLE (60 s) without traffic, and most short
     connections are over within milliseconds: for them the four setsockopt calls bought
-    nothing (tcpfwd's plain path, bench/results/2026-12-01-short.md). Enabled
-    late, the first probe of a connection idle from its start goes at most 2 ``delay`` late
-    (the kernel counts the idle time from the last packet, not from the setsockopt). Two
-    generations, so that no socket is tuned younger than ``delay``; one timer, running only
-    while there is something to tune.
+    nothing (tcpfwd's plain path, bench/results/2026-12-01-short.md). Set late, they act
+    as if set at once: setting TCP_KEEPIDLE arms the probe timer for what is left of the idle
+    time since the last packet received (Linux's tcp_sock_set_keepidle), so the first probe
+    still goes after 60 s of silence. Two generations, so that no socket is tuned younger
+    than ``delay``; one timer, running only while there is something to tune.
     """
 
     def __init__(self, delay: float = KEEPALIVE_DEFER) -> None:
