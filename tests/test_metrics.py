@@ -188,11 +188,11 @@ class AbortingListener(socket.socket):
 
     failed = False
 
-    def accept(self) -> tuple[socket.socket, tuple]:
+    def _accept(self) -> tuple[int, tuple]:  # the call under accept() that AcceptLoop makes
         if not self.failed:
             self.failed = True
             raise ConnectionAbortedError(errno.ECONNABORTED, "Software caused connection abort")
-        return super().accept()
+        return super()._accept()
 
 
 def test_tcpfwd_counts_accept_errors(echo):

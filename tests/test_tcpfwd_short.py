@@ -9,16 +9,21 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import socket
 import struct
+import subprocess
+import time
 
 import gevent
 import pytest
 from conftest import connect, echo_roundtrip, free_port, run_cli
 from gevent import socket as gsocket
 
+from portfwd.runtime import sockets
 from portfwd.runtime.acceptloop import ACCEPT_BATCH, AcceptLoop
 from portfwd.runtime.workers import Workers
+from portfwd.tcpfwd import pump
 from portfwd.tcpfwd.metrics import TcpCounters
 from portfwd.tcpfwd.pump import COPY_CHUNK, RelaySocket
 from portfwd.tcpfwd.relay import Relay
@@ -201,6 +206,99 @@ def test_kill_cuts_a_relay_on_callbacks_with_rst():
     with pytest.raises(ConnectionResetError):
         rig.client.recv(10)
     rig.close()
+
+
+def test_accepted_socket_blocks_on_callbacks_and_not_in_the_pumps():
+    """The callbacks pass MSG_DONTWAIT, so the accepted socket keeps its blocking mode (no
+    ioctl per connection); the pumps wait on EAGAIN, so the hand-over makes both sides
+    non-blocking first (the upstream side of this rig is a blocking one too)."""
+    rig = Rig(splice=True)
+    rig.client.sendall(b"ping")
+    assert rig.server.recv(10) == b"ping"
+    assert rig.relay.client.sock.getblocking() and rig.relay.upstream.sock.getblocking()
+    rig.server.sendall(b"x" * (4 * COPY_CHUNK))  # a full chunk: hand-over on the splice path
+    got = b""
+    while len(got) < 4 * COPY_CHUNK:
+        got += rig.client.recv(COPY_CHUNK)
+    assert rig.workers.spawned == 2
+    assert not rig.relay.client.sock.getblocking()
+    assert not rig.relay.upstream.sock.getblocking()
+    rig.close()
+    assert rig.done()
+
+
+def test_reused_watchers_serve_only_their_own_connection():
+    """A closed relay's readable watchers go to the next relays, with the new fd: data never
+    crosses connections, however the fds and watchers are shuffled."""
+    first = [Rig() for _ in range(10)]
+    for index, rig in enumerate(first[:5]):  # five end: their watchers become spares
+        rig.client.sendall(b"early %d" % index)
+        assert rig.server.recv(100) == b"early %d" % index
+        rig.server.close()
+        rig.client.close()
+        assert rig.done()
+    spares = len(pump._SPARE_WATCHERS)
+    assert spares >= 10
+    second = [Rig() for _ in range(5)]  # built from the spares
+    assert len(pump._SPARE_WATCHERS) == spares - 10
+    for index, rig in enumerate(first[5:] + second):
+        rig.client.sendall(b"up %d" % index)
+        assert rig.server.recv(100) == b"up %d" % index
+        rig.server.sendall(b"down %d" % index)
+        assert rig.client.recv(100) == b"down %d" % index
+        rig.server.close()
+        assert read_all(rig.client) == b""
+        rig.client.close()
+        assert rig.done()
+    assert all(rig.counters.failed == 0 for rig in first + second)
+
+
+def keepalive_options(sock: socket.socket) -> list[int]:
+    return [sock.getsockopt(level, option) for level, option, _ in sockets.KEEPALIVE_OPTIONS]
+
+
+def test_deferred_keepalive_tunes_the_sockets_still_open_a_delay_later():
+    wanted = [value for _, _, value in sockets.KEEPALIVE_OPTIONS]
+    deferred = sockets.DeferredKeepalive(delay=0.05)
+    kept, gone = tcp_pair(), tcp_pair()
+    deferred.add(kept[1])
+    deferred.add(gone[1])
+    gone[1].close()  # a short connection, over before the delay
+    assert keepalive_options(kept[1])[0] == 0  # not yet: only the hub's timer sets them
+    deadline = time.monotonic() + 10
+    while deferred.timer is not None and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+    assert deferred.timer is None  # stopped once nothing was left to tune
+    assert keepalive_options(kept[1]) == wanted
+    for sock in (*kept, gone[0]):
+        sock.close()
+
+
+@pytest.mark.skipif(not shutil.which("ss"), reason="ss (iproute2) not installed")
+def test_dialled_socket_of_a_lasting_connection_gets_the_seed_options(tool, echo_server):
+    """Through the tool: the buffers at once, keepalive within two seconds (ss shows the
+    keepalive timer and the buffer sizes of tcpfwd's socket to the destination)."""
+    port = free_port()
+    fwd = tool("tcpfwd", f"127.0.0.1:{port}", f"127.0.0.1:{echo_server.port}")
+    fwd.wait_for_log("forwarding")
+    sock = connect("127.0.0.1", port)
+    echo_roundtrip(sock, 1000, shutdown=False)  # and the connection stays open
+    with socket.socket() as probe:  # what the kernel makes of SO_RCVBUF/SO_SNDBUF here
+        sockets.set_buffers(probe, sockets.SOCKBUF_CAP)
+        rcv = probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        snd = probe.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    deadline, line = time.monotonic() + 10, ""
+    while time.monotonic() < deadline:
+        line = subprocess.run(["ss", "-tnmoiH", "state", "established",
+                               f"( dport = :{echo_server.port} )"],
+                              capture_output=True, text=True, timeout=10).stdout
+        if "keepalive" in line:
+            break
+        gevent.sleep(0.2)
+    assert "timer:(keepalive," in line, line
+    assert f"rb{rcv}," in line and f"tb{snd}," in line, line
+    sock.close()
+    assert fwd.stop() == 0
 
 
 def test_accept_takes_every_pending_connection_per_wake_up_up_to_the_batch():

@@ -8,6 +8,7 @@ import socket
 import sys
 from dataclasses import dataclass
 
+from gevent import get_hub
 from gevent.socket import socket as gsocket
 from gevent.socket import wait_write
 
@@ -94,20 +95,73 @@ def set_buffers(sock: socket.socket, size: int, force: bool = False) -> None:
 
 # The seed's per-connection options after the buffers: TCP_NODELAY, keepalive 60/10/6 (the
 # keepalive timing options are Linux's; other systems keep their defaults).
-TCP_OPTIONS = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
-               (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+NODELAY_OPTION = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+KEEPALIVE_OPTIONS = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
 if hasattr(socket, "TCP_KEEPIDLE"):
-    TCP_OPTIONS += [(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE),
-                    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTVL),
-                    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_CNT)]
+    KEEPALIVE_OPTIONS += [(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE),
+                          (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTVL),
+                          (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_CNT)]
+TCP_OPTIONS = [NODELAY_OPTION, *KEEPALIVE_OPTIONS]
+KEEPALIVE_DEFER = 1.0  # s: DeferredKeepalive tunes sockets 1-2 s old
 
 
-def tune_tcp(sock: socket.socket, bufsize: int | None = SOCKBUF_CAP) -> None:
-    """Per-connection options from the seed: big buffers, TCP_NODELAY, keepalive 60/10/6."""
+def tune_tcp(sock: socket.socket, bufsize: int | None = SOCKBUF_CAP,
+             keepalive: bool = True) -> None:
+    """Per-connection options from the seed: big buffers, TCP_NODELAY, keepalive 60/10/6
+    (without ``keepalive`` the caller sets those later: :class:`DeferredKeepalive`)."""
     if bufsize:
         set_buffers(sock, bufsize)
-    for level, option, value in TCP_OPTIONS:
+    for level, option, value in TCP_OPTIONS if keepalive else (NODELAY_OPTION,):
         sock.setsockopt(level, option, value)
+
+
+def set_keepalive(sock: socket.socket) -> None:
+    for level, option, value in KEEPALIVE_OPTIONS:
+        sock.setsockopt(level, option, value)
+
+
+class DeferredKeepalive:
+    """Sets the keepalive options of the sockets still open ``delay`` to 2 ``delay`` seconds
+    after :meth:`add`.
+
+    Keepalive acts only after KEEPALIVE_IDLE (60 s) without traffic, and most short
+    connections are over within milliseconds: for them the four setsockopt calls bought
+    nothing (tcpfwd's plain path, bench/results/2026-12-01-short.md). Set late, they act
+    as if set at once: setting TCP_KEEPIDLE arms the probe timer for what is left of the idle
+    time since the last packet received (Linux's tcp_sock_set_keepidle), so the first probe
+    still goes after 60 s of silence. Two generations, so that no socket is tuned younger
+    than ``delay``; one timer, running only while there is something to tune.
+    """
+
+    def __init__(self, delay: float = KEEPALIVE_DEFER) -> None:
+        self.delay = delay
+        self.young: list[socket.socket] = []  # added since the last tick
+        self.due: list[socket.socket] = []  # added in the tick before: tuned at the next
+        self.timer = None
+
+    def add(self, sock: socket.socket) -> None:
+        self.young.append(sock)
+        if self.timer is None:
+            self.timer = get_hub().loop.timer(self.delay, self.delay)
+            self.timer.start(self._tick)
+
+    def _tick(self) -> None:
+        for sock in self.due:
+            if sock.fileno() != -1:  # still open (closed ones say -1; their fd is not ours)
+                try:
+                    set_keepalive(sock)
+                except OSError:  # reset meanwhile: the relay is about to learn it
+                    pass
+        self.due, self.young = self.young, []
+        if not self.due:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the timer (the service stopped; add() starts it again)."""
+        if self.timer is not None:
+            self.timer.stop()
+            self.timer.close()
+            self.timer = None
 
 
 def dial_tcp(dest: Resolved, timeout: float) -> socket.socket:
@@ -120,7 +174,7 @@ def dial_tcp(dest: Resolved, timeout: float) -> socket.socket:
     return sock
 
 
-def start_dial(dest: Resolved) -> tuple[socket.socket, bool]:
+def start_dial(dest: Resolved, keepalive: bool = True) -> tuple[socket.socket, bool]:
     """A tuned non-blocking TCP socket, its connect to ``dest`` started, and whether it is
     connected already. Never waits. Raises OSError and closes the socket on failure; socket()
     is inside the error path too: at the fd limit it fails with EMFILE, a runtime fault for
@@ -129,7 +183,8 @@ def start_dial(dest: Resolved) -> tuple[socket.socket, bool]:
     Short connections feel every step here, so: a non-blocking connect, then a second one.
     On loopback and fast LANs the handshake has finished by then (the kernel processes the
     SYN-ACK before the first call returns), and the second says so (EISCONN): no watcher,
-    timer or trip through the event loop.
+    timer or trip through the event loop. Without ``keepalive`` the keepalive options are
+    left to the caller (:class:`DeferredKeepalive`).
     """
     sock: socket.socket | None = None
     try:
@@ -137,7 +192,7 @@ def start_dial(dest: Resolved) -> tuple[socket.socket, bool]:
         sock = socket.socket(dest.family, socket.SOCK_STREAM | SOCK_NONBLOCK)
         if not SOCK_NONBLOCK:
             sock.setblocking(False)
-        tune_tcp(sock)
+        tune_tcp(sock, keepalive=keepalive)
         error = sock.connect_ex(dest.sockaddr)
         if error == errno.EINPROGRESS:
             error = sock.connect_ex(dest.sockaddr)

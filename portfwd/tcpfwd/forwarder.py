@@ -20,11 +20,11 @@ from portfwd.runtime.addr import HostPort, Resolved, format_sockaddr
 from portfwd.runtime.admission import Client, Gate
 from portfwd.runtime.logs import RateLimitedLog, hot_log
 from portfwd.runtime.relay_timeouts import HalfCloseSweeper
-from portfwd.runtime.sockets import dial_tcp, finish_dial, start_dial
+from portfwd.runtime.sockets import DeferredKeepalive, dial_tcp, finish_dial, start_dial
 from portfwd.runtime.upstream import Destination, Upstreams
 from portfwd.tcpfwd.config import TcpConfig
 from portfwd.tcpfwd.metrics import TcpCounters, TcpMetrics, status
-from portfwd.tcpfwd.pump import RelaySocket
+from portfwd.tcpfwd.pump import MSG_DONTWAIT, RelaySocket
 from portfwd.tcpfwd.relay import CONN_LOG_LEVEL, Relay
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class TcpForwarder:
         # The plain case's one address (no gate, PROXY header or -b), set up by _accepted
         # itself; None: every connection goes to a worker (_handle).
         self._plain = None if self._gated or self._proxy or config.base_addr else self._single
+        self.keepalive = DeferredKeepalive()  # the plain case's dialled sockets
         half_close = config.relay.half_close_timeout
         self.sweeper = HalfCloseSweeper(half_close) if half_close else None
         self._stats_timer = None  # --stats-interval: a libev timer in the hub
@@ -136,6 +137,7 @@ class TcpForwarder:
 
     def stop(self, timeout: float) -> None:
         self.accept_loop.stop(timeout)
+        self.keepalive.close()
         if self._stats_timer is not None:  # the last word: what the drained service did
             self._stats_timer.stop()
             self._stats_timer.close()
@@ -161,18 +163,20 @@ class TcpForwarder:
         """A new connection, in the accept loop's greenlet (must not wait). The plain case (one
         destination address, no gate, no PROXY header, no -b) is set up right here when the
         dial completes at once, as on loopback and fast LANs: socket, connect, relay on
-        callbacks, with no greenlet of its own. Everything else goes on in a worker."""
+        callbacks, with no greenlet of its own; its keepalive options are set a second later
+        if it is still open. Everything else goes on in a worker."""
         dest = self._plain
         if dest is None:
             self.workers.spawn(self._handle, accepted, peer)
             return
         conn_id = next(self._ids)
         try:
-            dialled, connected = start_dial(dest)
+            dialled, connected = start_dial(dest, keepalive=False)
         except OSError as exc:
             self._dial_failed(conn_id, dest, exc)
             accepted.close()
             return
+        self.keepalive.add(dialled)  # a second from now, if still open (short ones are not)
         if connected:
             self._relay(conn_id, accepted, peer, None, dialled, dest)
         else:
@@ -256,9 +260,8 @@ class TcpForwarder:
                 data = pack(self._proxy, source[:2], (local or accepted.getsockname())[:2]) + data
                 # What the client sent already goes in the same segment as the header: on
                 # loopback a segment of its own costs the forwarder ~10 us more per connection.
-                accepted.setblocking(False)  # as RelaySocket would (accepted ones block)
-                try:
-                    first = accepted.recv(PRELUDE_PEEK)
+                try:  # the accepted socket may still be in blocking mode (RelaySocket)
+                    first = accepted.recv(PRELUDE_PEEK, MSG_DONTWAIT)
                 except BlockingIOError:
                     first = b""
                 data += first

@@ -33,7 +33,7 @@ from portfwd.runtime.logs import hot_log
 from portfwd.runtime.relay_timeouts import HalfCloseSweeper, IdleTimer
 from portfwd.runtime.workers import Workers
 from portfwd.tcpfwd.metrics import TcpCounters
-from portfwd.tcpfwd.pump import COPY_CHUNK, Counter, RelaySocket, pump
+from portfwd.tcpfwd.pump import COPY_CHUNK, MSG_DONTWAIT, Counter, RelaySocket, pump
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +88,17 @@ class Relay:
         """Relay both directions on callbacks in the hub; returns at once."""
         self.adopted = workers
         workers.adopt(self)
+        if not MSG_DONTWAIT:  # no per-call non-blocking flag here: the whole sockets, then
+            self.client.make_nonblocking()
+            self.upstream.make_nonblocking()
         self.client.readable.start(self._readable, self.client, self.upstream, self.up)
         self.upstream.readable.start(self._readable, self.upstream, self.client, self.down)
 
     def _readable(self, src: RelaySocket, dst: RelaySocket, counter: Counter) -> None:
         """``src`` has data or EOF (a hub callback: never blocks)."""
         try:
-            data = src.sock.recv(COPY_CHUNK)
+            # MSG_DONTWAIT: the accepted socket is still in blocking mode (RelaySocket)
+            data = src.sock.recv(COPY_CHUNK, MSG_DONTWAIT)
             if not data:
                 src.readable.stop()
                 # Pass the EOF on; the other way goes on. When the other way ended at EOF
@@ -105,7 +109,7 @@ class Relay:
                 self._ended()
                 return
             try:
-                sent = dst.sock.send(data)
+                sent = dst.sock.send(data, MSG_DONTWAIT)
             except BlockingIOError:
                 sent = 0
         except BlockingIOError:
@@ -124,6 +128,8 @@ class Relay:
         ``rest``, the part of its last read its destination did not take yet."""
         workers = self.adopted
         assert workers is not None
+        for side in (self.client, self.upstream):  # the pumps wait on EAGAIN
+            side.make_nonblocking()
         for side, other, counter in ((self.client, self.upstream, self.up),
                                      (self.upstream, self.client, self.down)):
             if side.readable.active:
