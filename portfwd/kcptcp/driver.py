@@ -130,17 +130,17 @@ class UdpEndpoint:
                     return batch
 
     def _recv_batched(self, discard: Callable[[bytes], bool] | None) -> list[tuple[bytes, Any]]:
-        receive = self._batch.receive
+        reader = self._batch
         while True:
+            if reader.drained:  # the last read emptied the socket: no call to learn it again
+                wait(self._readable)
             try:
-                batch = receive(discard)
+                batch = reader.receive(discard)
             except OSError as exc:
                 _faults.log("udp-recv", logging.DEBUG, "udp receive: %s", exc)
                 continue
             if batch:
                 return batch
-            if batch is None:  # nothing queued
-                wait(self._readable)
 
     def send(self, datagrams: list[bytes], addr: Any) -> None:
         """Send ``datagrams`` to ``addr`` in order. A run of equal-size ones goes out in one

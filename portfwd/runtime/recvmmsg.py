@@ -87,6 +87,9 @@ class BatchReceiver:
         self._names_view = memoryview(self._names)
         self._at = ctypes.addressof(self._msgs)
         self._used = count  # messages whose msg_namelen the kernel may have changed
+        # The last call took what was queued (fewer than ``count``): the caller waits for the
+        # socket to be readable rather than spend a system call to learn it is empty.
+        self.drained = False
         self._addresses: dict[bytes, Any] = {}
 
     def receive(self, discard: Callable[[bytes], bool] | None = None,
@@ -101,11 +104,13 @@ class BatchReceiver:
         got = _recvmmsg(self._fd, self._at, self._count, MSG_DONTWAIT, None)
         if got < 0:
             self._used = 0
+            self.drained = True
             code = ctypes.get_errno()
             if code in _WOULD_BLOCK:
                 return None
             raise OSError(code, errno.errorcode.get(code, str(code)))
         self._used = got
+        self.drained = got < self._count  # the kernel found no more: wait before the next call
         view, names, addresses, out = self._data_view, self._names_view, self._addresses, []
         for i in range(got):
             start = i * SLOT_SIZE
