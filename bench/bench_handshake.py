@@ -47,6 +47,9 @@ sys.path.insert(0, HERE)
 
 from common import REPO, Table, cpu_seconds, free_port, print_tables, process, ratio  # noqa: E402
 
+sys.path.insert(0, REPO)  # this checkout's portfwd, not the installed one
+from portfwd.runtime.recvmmsg import Iovec, Mmsghdr  # noqa: E402
+
 PSK = "5a" * 32
 SERVER_IP = "10.99.0.1"
 FLOOD_NET = 10 << 24  # spoofed sources: 10.0.0.0/8 minus the server's address
@@ -114,21 +117,6 @@ def flood_packets(port: int, template: bytes, sources: int) -> list[bytes]:
     return packets
 
 
-class _Iovec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-
-
-class _Msghdr(ctypes.Structure):
-    _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32),
-                ("iov", ctypes.c_void_p), ("iovlen", ctypes.c_size_t),
-                ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
-                ("flags", ctypes.c_int)]
-
-
-class _Mmsghdr(ctypes.Structure):
-    _fields_ = [("hdr", _Msghdr), ("len", ctypes.c_uint)]
-
-
 class BatchSender:
     """The flood's datagrams, ready for sendmmsg(2): a burst of them costs one system call and
     no Python work per datagram, so the generator takes little more than the kernel's send and
@@ -141,8 +129,8 @@ class BatchSender:
         self._data = ctypes.create_string_buffer(b"".join(packets))
         self._name = ctypes.create_string_buffer(
             struct.pack("=H2s4s8x", socket.AF_INET, b"\0\0", socket.inet_aton(SERVER_IP)))
-        self._iovs = (_Iovec * count)()
-        self._msgs = (_Mmsghdr * count)()
+        self._iovs = (Iovec * count)()
+        self._msgs = (Mmsghdr * count)()
         offset, base = 0, ctypes.addressof(self._data)
         for i, packet in enumerate(packets):
             self._iovs[i].base, self._iovs[i].len = base + offset, len(packet)
@@ -155,7 +143,7 @@ class BatchSender:
         self._sendmmsg = libc.sendmmsg
         self._sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
         self._at = ctypes.addressof(self._msgs)
-        self._size = ctypes.sizeof(_Mmsghdr)
+        self._size = ctypes.sizeof(Mmsghdr)
 
     def send(self, first: int, count: int) -> int:
         """Send datagrams ``first`` .. ``first + count - 1``; how many the kernel took (a

@@ -29,24 +29,24 @@ ADDRESS_CACHE_SIZE = 1024  # decoded source addresses kept (cleared when full)
 _WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK)
 
 
-class _Iovec(ctypes.Structure):
+class Iovec(ctypes.Structure):  # struct iovec; Msghdr, Mmsghdr: sendmmsg's too (bench/)
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
-class _Msghdr(ctypes.Structure):
+class Msghdr(ctypes.Structure):
     _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32),
                 ("iov", ctypes.c_void_p), ("iovlen", ctypes.c_size_t),
                 ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
                 ("flags", ctypes.c_int)]
 
 
-class _Mmsghdr(ctypes.Structure):
-    _fields_ = [("hdr", _Msghdr), ("len", ctypes.c_uint)]
+class Mmsghdr(ctypes.Structure):
+    _fields_ = [("hdr", Msghdr), ("len", ctypes.c_uint)]
 
 
-_STRIDE = ctypes.sizeof(_Mmsghdr) // 4  # the array as 32-bit words: one message's
-_NAMELEN = _Msghdr.namelen.offset // 4  # word of msg_namelen within a message
-_LEN = _Mmsghdr.len.offset // 4  # word of msg_len (the datagram's size) within a message
+_STRIDE = ctypes.sizeof(Mmsghdr) // 4  # the array as 32-bit words: one message's
+_NAMELEN = Msghdr.namelen.offset // 4  # word of msg_namelen within a message
+_LEN = Mmsghdr.len.offset // 4  # word of msg_len (the datagram's size) within a message
 
 
 def _load() -> Callable[..., int] | None:
@@ -73,8 +73,8 @@ class BatchReceiver:
         # Anonymous mappings: only the pages datagrams land in are ever backed by memory.
         self._data = mmap.mmap(-1, count * SLOT_SIZE)
         self._names = mmap.mmap(-1, count * SOCKADDR_SIZE)
-        self._iovs = (_Iovec * count)()
-        self._msgs = (_Mmsghdr * count)()
+        self._iovs = (Iovec * count)()
+        self._msgs = (Mmsghdr * count)()
         data = ctypes.addressof(ctypes.c_char.from_buffer(self._data))
         names = ctypes.addressof(ctypes.c_char.from_buffer(self._names))
         for i in range(count):
