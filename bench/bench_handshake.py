@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import multiprocessing
 import os
 import random
@@ -45,6 +46,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from common import REPO, Table, cpu_seconds, free_port, print_tables, process, ratio  # noqa: E402
+
+sys.path.insert(0, REPO)  # this checkout's portfwd, not the installed one
+from portfwd.runtime.recvmmsg import Iovec, Mmsghdr  # noqa: E402
 
 PSK = "5a" * 32
 SERVER_IP = "10.99.0.1"
@@ -113,29 +117,97 @@ def flood_packets(port: int, template: bytes, sources: int) -> list[bytes]:
     return packets
 
 
+class BatchSender:
+    """The flood's datagrams, ready for sendmmsg(2): a burst of them costs one system call and
+    no Python work per datagram, so the generator takes little more than the kernel's send and
+    (on loopback) receive path of each -- what a flood from another host costs this machine."""
+
+    def __init__(self, raw: socket.socket, packets: list[bytes]) -> None:
+        self._fd = raw.fileno()
+        self._raw = raw  # keeps the descriptor open
+        count = len(packets)
+        self._data = ctypes.create_string_buffer(b"".join(packets))
+        self._name = ctypes.create_string_buffer(
+            struct.pack("=H2s4s8x", socket.AF_INET, b"\0\0", socket.inet_aton(SERVER_IP)))
+        self._iovs = (Iovec * count)()
+        self._msgs = (Mmsghdr * count)()
+        offset, base = 0, ctypes.addressof(self._data)
+        for i, packet in enumerate(packets):
+            self._iovs[i].base, self._iovs[i].len = base + offset, len(packet)
+            hdr = self._msgs[i].hdr
+            hdr.name, hdr.namelen = ctypes.addressof(self._name), 16
+            hdr.iov, hdr.iovlen = ctypes.addressof(self._iovs[i]), 1
+            offset += len(packet)
+        self.count = count
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._sendmmsg = libc.sendmmsg
+        self._sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+        self._at = ctypes.addressof(self._msgs)
+        self._size = ctypes.sizeof(Mmsghdr)
+
+    def send(self, first: int, count: int) -> int:
+        """Send datagrams ``first`` .. ``first + count - 1``; how many the kernel took (a
+        failed one is skipped: a flood does not retry)."""
+        done = self._sendmmsg(self._fd, self._at + first * self._size, count, 0)
+        return done if done > 0 else 1
+
+
 def flood(port: int, template: bytes, pps: int, sources: int, seconds: float,
           queue: multiprocessing.Queue, cpu: int | None = None) -> None:
-    """Spoofed-source HELLOs through a raw socket, paced to ``pps``; says when it starts, then
-    reports what it sent."""
+    """Spoofed-source HELLOs through a raw socket, paced to ``pps`` in bursts of 64 (one
+    sendmmsg each); says when it starts, then reports what it sent."""
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-    packets = flood_packets(port, template, sources)
+    sender = BatchSender(raw, flood_packets(port, template, sources))
     queue.put("ready")
     sent, burst = 0, 64
     start = time.monotonic()
     deadline = start + seconds
-    sendto, dest = raw.sendto, (SERVER_IP, 0)
     while (now := time.monotonic()) < deadline:
         ahead = sent - (now - start) * pps
         if ahead > 0:
             time.sleep(ahead / pps)
             continue
-        for packet in packets[sent % sources:sent % sources + burst]:
-            with contextlib.suppress(OSError):
-                sendto(packet, dest)
-        sent += min(burst, sources - sent % sources)
+        first = sent % sources
+        sent += sender.send(first, min(burst, sources - first))
     queue.put(sent / seconds)
+
+
+def machine_cpu() -> dict[str, float]:
+    """CPU seconds of the whole machine so far, from /proc/stat (every helper's load in it):
+    user (with nice), system, irq+softirq (where a kernel that accounts it puts the network
+    receive path), idle (with iowait), steal."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    tick = os.sysconf("SC_CLK_TCK")
+    return {"user": (v[0] + v[1]) / tick, "system": v[2] / tick, "irq": (v[5] + v[6]) / tick,
+            "idle": (v[3] + v[4]) / tick, "steal": v[7] / tick}
+
+
+def split_cpu(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid``."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def udp_drops(port: int) -> int:
+    """Datagrams the kernel dropped at the UDP socket bound to ``port`` in this namespace
+    (its receive buffer was full): the last column of /proc/net/udp."""
+    with open("/proc/net/udp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) == port:
+                return int(fields[-1])
+    return 0
+
+
+def delta(after: dict[str, float], before: dict[str, float], seconds: float) -> dict[str, float]:
+    """Share of the machine's CPUs per kind between two machine_cpu() readings."""
+    cpus = os.cpu_count() or 1
+    return {k: (after[k] - before[k]) / seconds / cpus for k in after}
 
 
 class Tunnel:
@@ -161,7 +233,9 @@ class Tunnel:
     def measure(self, seconds: float, pps: int, sources: int, workers: int,
                 flood_cpu: int | None = None) -> dict[str, float]:
         cpu0 = cpu_seconds(self.server.pid), cpu_seconds(self.client.pid)
+        machine0, start = machine_cpu(), time.monotonic()
         rate, failures = connection_rate(self.tcp_port, seconds, workers)
+        machine = delta(machine_cpu(), machine0, time.monotonic() - start)
         server_cpu, client_cpu = (cpu_seconds(self.server.pid) - cpu0[0],
                                   cpu_seconds(self.client.pid) - cpu0[1])
         queue: multiprocessing.Queue = multiprocessing.Queue()
@@ -170,10 +244,14 @@ class Tunnel:
         flooder.start()
         queue.get(timeout=60)  # its packets are built
         time.sleep(0.5)  # the flood is under way before the legitimate clients start
-        cpu0 = cpu_seconds(self.server.pid), cpu_seconds(flooder.pid)
+        cpu0 = cpu_seconds(self.server.pid), split_cpu(flooder.pid)
+        drops0, machine0, start = udp_drops(self.udp_port), machine_cpu(), time.monotonic()
         flooded, flooded_failures = connection_rate(self.tcp_port, seconds, workers)
+        machine_flooded = delta(machine_cpu(), machine0, time.monotonic() - start)
+        drops = udp_drops(self.udp_port) - drops0
         cpu_flooded = (cpu_seconds(self.server.pid) - cpu0[0]) / seconds
-        cpu_flooder = (cpu_seconds(flooder.pid) - cpu0[1]) / seconds
+        flooder_user, flooder_sys = (b - a for a, b in zip(cpu0[1], split_cpu(flooder.pid),
+                                                           strict=True))
         achieved = queue.get(timeout=seconds + 60)
         flooder.join()
         time.sleep(1.0)  # let the server drain its socket before the next measurement
@@ -181,7 +259,11 @@ class Tunnel:
         return {"rate": rate, "failures": failures, "cpu": server_cpu / seconds,
                 "server_us": server_cpu / done * 1e6, "client_us": client_cpu / done * 1e6,
                 "flooded": flooded, "flooded_failures": flooded_failures,
-                "cpu_flooded": cpu_flooded, "cpu_flooder": cpu_flooder, "flood_pps": achieved}
+                "cpu_flooded": cpu_flooded, "cpu_flooder": (flooder_user + flooder_sys) / seconds,
+                "flooder_user": flooder_user / seconds, "flooder_sys": flooder_sys / seconds,
+                "flood_pps": achieved, "ratio": flooded / rate if rate else 0.0,
+                "drops": drops, **{f"machine_{k}": v for k, v in machine.items()},
+                **{f"flooded_{k}": v for k, v in machine_flooded.items()}}
 
 
 def inside(opts: argparse.Namespace) -> None:
@@ -207,24 +289,39 @@ def inside(opts: argparse.Namespace) -> None:
     first = next(iter(results))
     med = {name: {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
            for name, rounds in results.items()}
-    rows = []
+    rows, split = [], []
     for name, m in med.items():
+        ratios = [r["ratio"] for r in results[name]]
         rows.append([name, f"{m['rate']:.0f}", ratio(m["rate"], med[first]["rate"]),
                      f"{m['cpu'] * 100:.0f} %", f"{m['server_us']:.0f} / {m['client_us']:.0f}",
                      f"{m['flood_pps']:.0f}", f"{m['cpu_flooder'] * 100:.0f} %",
-                     f"{m['flooded']:.0f}", ratio(m["flooded"], m["rate"]),
-                     f"{m['cpu_flooded'] * 100:.0f} %",
+                     f"{m['flooded']:.0f}", f"{m['ratio']:.2f}× ({min(ratios):.2f}–"
+                     f"{max(ratios):.2f})", f"{m['cpu_flooded'] * 100:.0f} %",
                      f"{m['failures']:.0f}/{m['flooded_failures']:.0f}"])
+        split.append([name, *(" / ".join(f"{m[f'{when}_{k}'] * 100:.0f}" for when in (
+            "machine", "flooded")) for k in ("user", "system", "irq", "idle", "steal")),
+            f"{m['flooder_user'] * 100:.0f} / {m['flooder_sys'] * 100:.0f} %",
+            f"{m['drops']:.0f}"])
+    cpus = os.cpu_count() or 1
     print_tables([Table(
         "New tunnelled connections per second, unloaded and under a spoofed HELLO flood",
         ["checkout", "conn/s", f"× {first}", "server CPU", "CPU µs/conn server / client",
-         "flood pps (sent)", "flooder CPU", "conn/s flooded", "× unloaded",
+         "flood pps (sent)", "flooder CPU", "conn/s flooded", "× unloaded (range)",
          "server CPU flooded", "failed (unloaded/flooded)"],
         rows,
         f"{opts.rounds} interleaved rounds of {opts.seconds:g} s per checkout and condition, "
-        f"medians; {opts.workers} client processes; flood from {opts.sources} random 10/8 "
-        "sources" + (f"; the flood generator alone on CPU {opts.flood_cpu}, everything else "
-                     "on the others." if opts.flood_cpu is not None else "."))])
+        f"medians; \"× unloaded\": the median of each round's flooded/unloaded ratio, its "
+        f"range in brackets; {opts.workers} client processes; flood from {opts.sources} random "
+        "10/8 sources, bursts of 64 sent with one sendmmsg"
+        + (f"; the flood generator alone on CPU {opts.flood_cpu}, everything else "
+           "on the others." if opts.flood_cpu is not None else ".")),
+        Table("Where the machine's CPU went, unloaded / flooded",
+              ["checkout", "user %", "system %", "irq+softirq %", "idle %", "steal %",
+               "flooder user / system", "server socket drops (flooded)"], split,
+              f"Shares of all {cpus} CPUs from /proc/stat over each measurement (everything on "
+              "the machine, other work included), medians over rounds; the flooder's user "
+              "and system CPU as a share of one CPU; drops: datagrams the kernel discarded at "
+              "the server's full UDP receive buffer during the flooded measurement.")])
 
 
 def main() -> None:

@@ -224,6 +224,33 @@ def test_forged_hellos_get_nothing_and_lock_nobody_out() -> None:
     assert acceptor.accept(hello_from(config, rng), victim, 0, WALL) is not None
 
 
+def test_forgery_screen_drops_forgeries_and_passes_the_rest(caplog) -> None:
+    """A receive loop's screen (run before source addresses are decoded): a HELLO that fails
+    its MAC is dropped and counted; a valid HELLO and anything that is not HELLO-shaped pass.
+    While a "handshake rejected" line is due, the batch's first forgery passes too, so the
+    acceptor logs it with its source; the rest of the batch is dropped."""
+    config = make_config()
+    acceptor = HandshakeAcceptor(config, random.Random(7).randbytes)
+    rng = random.Random(8)
+    clock = [0]
+    screen = acceptor.forgery_screen(lambda: clock[0])
+    forgeries = [hello_from(config, rng, forged=True) for _ in range(3)]
+    valid = hello_from(config, rng)
+    assert [screen(d) for d in forgeries] == [False, True, True]  # the first one: a line is due
+    assert acceptor.dropped_auth == 2
+    with caplog.at_level(logging.WARNING, logger="portfwd.tunnel.handshake"):
+        assert acceptor.accept(forgeries[0], CLIENT_ADDR, 0, WALL) is None
+    assert acceptor.dropped_auth == 3 and "bad MAC" in caplog.text
+    assert CLIENT_ADDR[0] in caplog.text  # the line names the source
+    screen = acceptor.forgery_screen(lambda: clock[0])  # the next batch: no line due now
+    assert not screen(valid) and not screen(b"\x02" + bytes(40)) and not screen(b"")
+    assert screen(forgeries[0]) and acceptor.dropped_auth == 4
+    clock[0] = 10**6  # the interval has passed: the batch's first forgery goes on to be logged
+    screen = acceptor.forgery_screen(lambda: clock[0])
+    assert [screen(d) for d in forgeries] == [False, True, True]
+    assert acceptor.accept(valid, CLIENT_ADDR, 0, WALL) is not None  # nothing was spent on it
+
+
 def test_over_budget_a_valid_hello_gets_a_cookie_and_its_retry_is_taken() -> None:
     config = make_config(hello_verify_rate_per_s=1)
     acceptor = HandshakeAcceptor(config, random.Random(5).randbytes)

@@ -44,6 +44,7 @@ from portfwd.kcptcp.metrics import (
 )
 from portfwd.runtime.jobs import Jobs
 from portfwd.runtime.logs import RateLimitedLog
+from portfwd.runtime.recvmmsg import batch_receiver
 from portfwd.runtime.sockets import (
     READ,
     SOFT_ERRNOS,
@@ -89,23 +90,30 @@ def _gso_segment(size: int) -> list[tuple[int, int, bytes]]:
 class UdpEndpoint:
     """A non-blocking UDP socket driven with libev watchers; sends never raise for the network."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, batched: bool = False) -> None:
+        """``batched``: read with recvmmsg (runtime/recvmmsg.py), for the one socket that
+        every conversation's datagrams (and any flood) arrive on."""
         sock.setblocking(False)
         self.sock = sock
         loop = get_hub().loop
         self._readable = loop.io(sock.fileno(), READ)
         self._writable = loop.io(sock.fileno(), WRITE)
+        self._batch = batch_receiver(sock, RECV_BATCH) if batched else None
         self.send_errors = 0
         self.gso_sends = 0  # sendmsg calls that carried a run of datagrams
         self.gso_max = GSO_BYTES  # the largest datagram sent in GSO runs (lowered if refused)
 
-    def recv_batch(self) -> list[tuple[bytes, Any]]:
-        """Block for one datagram, then take up to RECV_BATCH already queued ones."""
+    def recv_batch(self, discard: Callable[[bytes], bool] | None = None,
+                   ) -> list[tuple[bytes, Any]]:
+        """Block for one datagram, then take up to RECV_BATCH already queued ones. Those
+        ``discard`` is true of are dropped before their source address is decoded."""
+        if self._batch is not None:
+            return self._recv_batched(discard)
         recvfrom = self.sock.recvfrom
         batch: list[tuple[bytes, Any]] = []
         while True:
             try:
-                batch.append(recvfrom(UDP_RECV_SIZE))
+                datagram = recvfrom(UDP_RECV_SIZE)
             except BlockingIOError:
                 if batch:
                     return batch
@@ -116,7 +124,22 @@ class UdpEndpoint:
                 if batch:
                     return batch
                 continue
-            if len(batch) >= RECV_BATCH:
+            if discard is None or not discard(datagram[0]):
+                batch.append(datagram)
+                if len(batch) >= RECV_BATCH:
+                    return batch
+
+    def _recv_batched(self, discard: Callable[[bytes], bool] | None) -> list[tuple[bytes, Any]]:
+        reader = self._batch
+        while True:
+            if reader.drained:  # the last read emptied the socket: no call to learn it again
+                wait(self._readable)
+            try:
+                batch = reader.receive(discard)
+            except OSError as exc:
+                _faults.log("udp-recv", logging.DEBUG, "udp receive: %s", exc)
+                continue
+            if batch:
                 return batch
 
     def send(self, datagrams: list[bytes], addr: Any) -> None:

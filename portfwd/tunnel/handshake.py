@@ -163,6 +163,28 @@ class HandshakeAcceptor:
             return False
         return True
 
+    def forgery_screen(self, clock: Callable[[], int]) -> Callable[[bytes], bool]:
+        """A test a driver's receive loop may run on each datagram of one batch before it
+        decodes their source addresses: True for a HELLO-sized and typed datagram whose MAC
+        fails (counted in ``dropped_auth``), which it then drops unseen. False for anything
+        else, and for the batch's first forgery while a "handshake rejected" line is due
+        (``clock``: the ``now`` of :meth:`authentic`), so that :meth:`authentic` counts and
+        logs it with its source. A new screen for each batch."""
+        passed = False  # a forgery of this batch went on to be logged
+
+        def forged(data: bytes) -> bool:
+            nonlocal passed
+            if len(data) != HELLO_SIZE or data[0] != _HELLO or compare_digest(
+                    self._hello_mac(data[:-MAC_SIZE]), data[-MAC_SIZE:]):
+                return False
+            if not passed and self._log_due(clock()):
+                passed = True
+                return False
+            self.dropped_auth += 1
+            return True
+
+        return forged
+
     def _fresh(self, data: bytes, addr: Any, now: int, wall_ms: int) -> Hello | None:
         """The HELLO in ``data`` if it is well formed, authentic, timely and not seen before,
         else None (counted, logged at most once per interval)."""
