@@ -126,7 +126,7 @@ def conversation_config(options: Options, env: Environment,
         rcv_wnd=options.integer("rcvwnd", 1, 65535, WINDOW),
         mtu=options.integer("mtu", MTU_MIN, MTU_MAX, MTU),
         pacing=options.flag("pacing"),
-        fastack_conserve=fec is not None,
+        fastack_conserve=fec is not None or options.flag("pacing"),
     )
 
 
