@@ -134,4 +134,7 @@ def test_steer_sets_the_engines_cap_and_keeps_the_rto_above_the_queue() -> None:
     assert kcp.inflight_cap == pacing.INITIAL_CAP  # no rate yet: not paced, the initial cap
     kcp.rx_srtt = 80
     steer(model, allowance, kcp, 1)
-    assert kcp.rx_minrto >= pacing.CWND_GAIN * 80
+    assert kcp.rx_minrto == kcp.config_minrto  # nothing waits: no queue of its own making
+    kcp.send(bytes(100_000))
+    steer(model, allowance, kcp, 2)
+    assert kcp.rx_minrto >= pacing.CWND_GAIN * 80  # a bulk sender: above the queue it may fill

@@ -167,14 +167,17 @@ def delivered(kcp: Kcp) -> int:
 def steer(model: RateModel, allowance: Allowance, kcp: Kcp, now: int) -> None:
     """Update ``model`` from ``kcp``; set the engine's in-flight cap (the model's, and no more
     new segments than the pacing rate lets out by the next flush) and its minimum RTO."""
-    model.update(now, delivered(kcp), kcp.rx_srtt, kcp.snd_queue_segments > 0)
+    busy = kcp.snd_queue_segments > 0
+    model.update(now, delivered(kcp), kcp.rx_srtt, busy)
     cap = model.cap()
     room = allowance.room(now, sent(kcp), model.pacing_rate(), kcp.interval)
     if room is not None:
         cap = min(cap, kcp.snd_buf_segments + room)
     kcp.inflight_cap = cap
-    if model.min_rtt is not None:
-        # the cap lets the queue grow the RTT to CWND_GAIN x its minimum: a timeout before
-        # that is spurious (a fast retransmission repairs a real loss sooner)
+    kcp.rx_minrto = kcp.config_minrto
+    if busy and model.min_rtt is not None:
+        # A sender that fills its cap lets the queue grow the RTT to CWND_GAIN x its minimum:
+        # a timeout before that is spurious (a fast retransmission repairs a real loss
+        # sooner). A request or a keystroke fills no queue: its RTO stays the engine's.
         floor = math.ceil(CWND_GAIN * model.min_rtt) + kcp.interval
         kcp.rx_minrto = max(kcp.config_minrto, floor)
