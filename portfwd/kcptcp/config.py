@@ -104,7 +104,7 @@ class ServerConfig:
 def conversation_config(options: Options, env: Environment,
                         fec: FecSettings | None = None) -> ConversationConfig:
     """Everything a conversation needs: the tunnel's security settings and KCP tuning (which
-    follows ``fec``, what this end sends: ConversationConfig.fastack_conserve)."""
+    follows ``fec``, what this end sends, and --pacing: ConversationConfig.fastack_conserve)."""
     keepalive_s = options.integer("keepalive", 2, 86400, KEEPALIVE)
     rekey_timeout = REKEY_TIMEOUT_MS if env.rekey_timeout_ms is None else env.rekey_timeout_ms
     tunnel = TunnelConfig(
