@@ -246,7 +246,7 @@ class Kcp:
         self.snd_buf: deque[list] = deque()  # segments, see _SN..
         self._nsnd_buf: int = 0  # unacknowledged segments in snd_buf
         # at most this many unacknowledged segments in flight (None: the windows alone), set
-        # from outside each flush by a rate model (kcp/rate.py); retransmissions ignore it
+        # from outside each flush by --pacing's model (kcp/pacing.py); retransmissions ignore it
         self.inflight_cap: int | None = None
         self.rcv_buf: dict[int, tuple[int, bytes]] = {}  # sn -> (frg, data), out of order
         self.rcv_queue: deque[tuple[int, bytes]] = deque()  # (frg, data), in order
