@@ -73,9 +73,21 @@ TUNNEL_TOOLS = {  # name -> (kind, extra flags on both ends)
     "kcptun fast3": ("kcptun", ["--ds", "0", "--ps", "0"]),
     "kcptun fast3 FEC 10:3": ("kcptun", ["--ds", "10", "--ps", "3"]),
 }
+# "w4096": both windows 4,096 segments (--sndwnd 4096 --rcvwnd 4096 on both ends), what a user
+# sets for a path whose bandwidth x delay exceeds the default 1,024 (--pacing keeps in flight
+# what the path holds); kcptun's rows with the same windows show what the window alone gives.
+WIDE = ["--sndwnd", "4096", "--rcvwnd", "4096"]
+TUNNEL_TOOLS.update({
+    "kcptcp -K --pacing w4096": ("kcptcp", ["--pacing", *WIDE]),
+    "kcptcp -K --pacing --fec 10:3 w4096": ("kcptcp", ["--pacing", "--fec", "10:3", *WIDE]),
+    "kcptcp -K --pacing --fec auto w4096": ("kcptcp", ["--pacing", "--fec", "auto", *WIDE]),
+    "kcptun fast3 w4096": ("kcptun", ["--ds", "0", "--ps", "0", *WIDE]),
+    "kcptun fast3 FEC 10:3 w4096": ("kcptun", ["--ds", "10", "--ps", "3", *WIDE]),
+})
 DEFAULT_TOOLS = ("TCP cubic", "TCP bbr", "kcptcp -K", "kcptcp -K --fec 10:3",
-                 "kcptcp -K --fec auto", "kcptcp -K --pacing --fec auto", "kcptun fast3",
-                 "kcptun fast3 FEC 10:3")
+                 "kcptcp -K --fec auto", "kcptcp -K --pacing w4096",
+                 "kcptcp -K --pacing --fec 10:3 w4096", "kcptcp -K --pacing --fec auto w4096",
+                 "kcptun fast3", "kcptun fast3 FEC 10:3")
 
 
 @dataclass

@@ -136,18 +136,18 @@ def test_usage_defaults_are_the_config_defaults(usage, fields, positional, build
     assert from_cli == build(Options(positional), ENV)
 
 
-@pytest.mark.parametrize("fec, conserve", [(None, False), ("off", False), ("10:3", True),
+@pytest.mark.parametrize("pacing", [False, True])
+@pytest.mark.parametrize("fec, with_fec", [(None, False), ("off", False), ("10:3", True),
                                            ("auto", True)])
-def test_kcptcp_fec_sets_the_conservative_fast_ack_and_pacing_is_a_flag(fec, conserve):
-    values = {"listen": "127.0.0.1:7000", "remote": "127.0.0.1:7001", "pacing": True}
+def test_kcptcp_fec_and_pacing_set_the_conservative_fast_ack(fec, with_fec, pacing):
+    values = {"listen": "127.0.0.1:7000", "remote": "127.0.0.1:7001", "pacing": pacing}
     if fec is not None:
         values["fec"] = fec
     conversation = client_config(Options(values), ENV).conversation
+    conserve = with_fec or pacing
     assert conversation.fastack_conserve is conserve
     assert conversation.kcp_config(0).fastack_conserve is conserve
-    assert conversation.pacing
-    assert not client_config(Options({"listen": "127.0.0.1:7000", "remote": "127.0.0.1:7001"}),
-                             ENV).conversation.pacing
+    assert conversation.pacing is pacing
 
 
 def test_kcptcp_client_ignores_server_limits():

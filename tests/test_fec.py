@@ -429,3 +429,20 @@ def test_decoder_keeps_one_group_until_the_peer_sends_fec() -> None:
     for seq in range(200, 200 + fec.HISTORY + 50):
         decoder.record(fake_datagram(seq, rng))
     assert len(decoder._history) == fec.HISTORY
+
+
+def test_auto_protects_short_groups_more_and_full_groups_less() -> None:
+    """A full group (a bulk stream) gets parity for AUTO_TARGET, a group the timer closed (a
+    request) AUTO_SHORT_TARGET for its own size, up to a full group's shards."""
+    encoder = FecEncoder(FecSettings(auto=True))
+    encoder.report_received(pack_report(0.05, 2000))
+    assert encoder.parity == 2  # of 10 at 5 %: P(more than 2 of 12 lost) ~2 % < AUTO_TARGET
+    packet = bytes(100)
+    full = [body for i in range(fec.AUTO_DATA) for body in encoder.add(packet, i)]
+    assert len(full) == 2
+    assert encoder.add(packet, 100) == []  # a lone request: its group closes by the timer
+    lone = encoder.handle_timer(100 + fec.GROUP_MS)
+    assert len(lone) == 2  # P(all 3 lost) ~1e-4 < AUTO_SHORT_TARGET; one copy left ~2.5e-3
+    clean = FecEncoder(FecSettings(auto=True))
+    clean.add(packet, 0)
+    assert [unpack_shard(b).parity for b in clean.handle_timer(fec.GROUP_MS)] == [0]  # manifest

@@ -66,16 +66,19 @@ def test_fec_through_a_lossy_relay_bytes_intact(tool, echo_server, fec) -> None:
 
 
 def test_pacing_with_fec_auto_through_a_lossy_relay_bytes_intact(tool, echo_server) -> None:
-    """--pacing holds datagrams back and FEC groups what leaves: nothing lost or reordered
-    for good, both directions, and the conversation closes cleanly."""
+    """--pacing with a wide window (its path model caps what is in flight and paces new
+    segments) and FEC auto: nothing lost or reordered for good, both directions, the model's
+    rate and cap in the stats lines, and the conversation closes cleanly."""
     port, server, client, relay = lossy_tunnel(tool, echo_server.port, 0.05, "auto", "auto",
-                                               "--pacing")
+                                               "--pacing", "--sndwnd", "4096",
+                                               "--rcvwnd", "4096")
     try:
         with connect("127.0.0.1", port) as sock:
             sock.settimeout(120)
             for seed in range(3):
                 echo_open(sock, 2 * MIB, seed)
             client.wait_for_log(r"fec_out=[1-9]", timeout=15)  # the manifests of auto mode
+            client.wait_for_log(r"pace=\d+\.\dMbit/s cap=[1-9]", timeout=15)
             echo_roundtrip(sock, MIB, seed=7)
         assert relay.lost > 0
     finally:

@@ -209,6 +209,7 @@ class Kcp:
         if minrto is None:
             minrto = RTO_NODELAY_MIN_MS if cfg.nodelay else RTO_MIN_MS
         self.rx_minrto: int = minrto
+        self.config_minrto: int = minrto  # rx_minrto as configured (a rate model may raise it)
         self.max_frg: int = cfg.max_frg
         self.max_rcv_bytes: int = (
             cfg.max_rcv_bytes if cfg.max_rcv_bytes is not None else 2 * self.rcv_wnd * self.mss
@@ -244,6 +245,9 @@ class Kcp:
         # acknowledged out of order stay (acked=True) until they reach the front.
         self.snd_buf: deque[list] = deque()  # segments, see _SN..
         self._nsnd_buf: int = 0  # unacknowledged segments in snd_buf
+        # at most this many unacknowledged segments in flight (None: the windows alone), set
+        # from outside each flush by --pacing's model (kcp/pacing.py); retransmissions ignore it
+        self.inflight_cap: int | None = None
         self.rcv_buf: dict[int, tuple[int, bytes]] = {}  # sn -> (frg, data), out of order
         self.rcv_queue: deque[tuple[int, bytes]] = deque()  # (frg, data), in order
         self._rcv_queue_bytes: int = 0
@@ -755,7 +759,7 @@ class Kcp:
         if self.acklist or self.probe or self._fast_pending:
             return True
         if self.snd_queue:
-            return len(self.snd_buf) < self._cwnd_limit()
+            return self._room() > 0
         return False
 
     def _cwnd_limit(self) -> int:
@@ -763,6 +767,14 @@ class Kcp:
         if not self.nocwnd:
             cwnd = min(self.cwnd, cwnd)
         return cwnd
+
+    def _room(self) -> int:
+        """New segments the windows (and the in-flight cap) let out now."""
+        room = self._cwnd_limit() - len(self.snd_buf)
+        cap = self.inflight_cap
+        if cap is not None and cap - self._nsnd_buf < room:
+            room = cap - self._nsnd_buf
+        return room
 
     # --- output -----------------------------------------------------------------------------
     def _flush(self) -> None:
@@ -881,7 +893,7 @@ class Kcp:
 
         # new data: move snd_queue -> snd_buf as the window allows, and send it
         queue = self.snd_queue
-        room = cwnd - len(snd_buf)
+        room = self._room()
         if queue and room > 0:
             rto = self.rx_rto
             rtomin = 0 if self.nodelay else rto >> 3

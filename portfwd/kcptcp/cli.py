@@ -36,8 +36,9 @@ OPTIONS = f"""Options:
                         (Reed-Solomon parity shards per group of datagrams, e.g. 10:3),
                         auto (parity follows the loss the peer reports, none on a clean
                         link), or off; either end decodes whatever it receives [default: off]
-  --pacing              spread what the KCP window lets out over the RTT (at 1.5x the
-                        window per RTT) so a burst does not overrun a router's queue
+  --pacing              send at the rate the path delivers (measured from the peer's
+                        acks, as BBR) with at most twice its bandwidth x delay in flight,
+                        so a large --sndwnd neither overruns a router's queue nor stalls
   --sndwnd <segments>   KCP send window [default: 1024]
   --rcvwnd <segments>   KCP receive window [default: 1024]
   --keepalive <s>       close a conversation after s seconds without a packet [default: 30]

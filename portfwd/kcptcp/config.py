@@ -104,7 +104,7 @@ class ServerConfig:
 def conversation_config(options: Options, env: Environment,
                         fec: FecSettings | None = None) -> ConversationConfig:
     """Everything a conversation needs: the tunnel's security settings and KCP tuning (which
-    follows ``fec``, what this end sends: ConversationConfig.fastack_conserve)."""
+    follows ``fec``, what this end sends, and --pacing: ConversationConfig.fastack_conserve)."""
     keepalive_s = options.integer("keepalive", 2, 86400, KEEPALIVE)
     rekey_timeout = REKEY_TIMEOUT_MS if env.rekey_timeout_ms is None else env.rekey_timeout_ms
     tunnel = TunnelConfig(
@@ -126,7 +126,7 @@ def conversation_config(options: Options, env: Environment,
         rcv_wnd=options.integer("rcvwnd", 1, 65535, WINDOW),
         mtu=options.integer("mtu", MTU_MIN, MTU_MAX, MTU),
         pacing=options.flag("pacing"),
-        fastack_conserve=fec is not None,
+        fastack_conserve=fec is not None or options.flag("pacing"),
     )
 
 

@@ -31,7 +31,7 @@ from gevent import get_hub
 from gevent.socket import socket as gsocket
 from gevent.socket import wait
 
-from portfwd.kcp.pacing import Pacer, kcp_rate
+from portfwd.kcp.pacing import Allowance, RateModel, steer
 from portfwd.kcptcp.metrics import (
     NO_TOTALS,
     ConversationMetrics,
@@ -261,7 +261,9 @@ class ConversationDriver:
                  pacing: bool = False) -> None:
         self.conv = conv
         self.fec = FecChannel(fec, fec_hint)  # decodes always; sends parity only with --fec
-        self.pacer: Pacer | None = Pacer() if pacing else None  # --pacing
+        # --pacing: the path's model and the new segments it lets out (kcp/pacing.py)
+        self.rate: RateModel | None = RateModel(conv.kcp.mtu) if pacing else None
+        self.allowance = Allowance()
         self.udp = udp
         self.name = name  # for log lines: "conv=<id>"
         self.tcp: gsocket | None = None
@@ -300,8 +302,8 @@ class ConversationDriver:
         """Send everything, handle events, wake whoever can move now, re-arm the ticker."""
         conv = self.conv
         now = now_ms()
-        datagrams = self.fec.outgoing(conv.session, self._paced(conv.datagrams_to_send(now), now),
-                                      now)
+        datagrams = self.fec.outgoing(conv.session, conv.datagrams_to_send(now), now)
+        self._steer(now)
         if datagrams:
             self.udp.send(datagrams, conv.peer_addr)
         # WELCOMEs and path probes: each answers a datagram from its own address, which need
@@ -318,19 +320,22 @@ class ConversationDriver:
         if deadline is not None and (self._armed is None or deadline < self._armed):
             self._wake.set()
 
-    def _paced(self, datagrams: list[bytes], now: int) -> list[bytes]:
-        """--pacing: what may leave now of ``datagrams`` and those held before them
-        (kcp/pacing.py; the FEC groups are made of what leaves, so their clocks are true)."""
-        pacer = self.pacer
-        if pacer is None:
-            return datagrams
-        # Closing: the last datagrams (a CLOSE among them) go now, the ticker is about to stop.
-        return pacer.send(datagrams, None if self.conv.closed else kcp_rate(self.conv.kcp), now)
+    def _steer(self, now: int) -> None:
+        """--pacing: update the path's model from what was acknowledged and set the engine's
+        in-flight cap for its next flush (kcp/pacing.py)."""
+        if self.rate is not None:
+            steer(self.rate, self.allowance, self.conv.kcp, now)
+
+    def _pace_timer(self) -> int | None:
+        """--pacing: when the next new segment may leave, if data waits for that."""
+        if self.rate is None or not self.conv.kcp.snd_queue_segments:
+            return None
+        return self.allowance.wake
 
     def _deadline(self) -> int | None:
-        """The conversation's timer, the FEC channel's or the pacer's, whichever is first."""
-        timers = [t for t in (self.conv.get_timer(), self.fec.get_timer(),
-                              self.pacer.get_timer() if self.pacer else None) if t is not None]
+        """The conversation's timer, the FEC channel's or the pacing's, whichever is first."""
+        timers = [t for t in (self.conv.get_timer(), self.fec.get_timer(), self._pace_timer())
+                  if t is not None]
         return min(timers) if timers else None
 
     def _handle_event(self, event: events.Event) -> None:
@@ -396,12 +401,12 @@ class ConversationDriver:
             if fec is not None and now >= fec:
                 self.udp.send(self.fec.handle_timer(conv.session, now), conv.peer_addr)
             deadline = conv.get_timer()
-            pace = self.pacer.get_timer() if self.pacer else None
+            pace = self._pace_timer()
             if deadline is not None and now >= deadline:
                 conv.handle_timer(max(now, deadline))
                 self.transmit()
             elif pace is not None and now >= pace:
-                self.transmit()  # held datagrams may leave
+                self.transmit()  # --pacing lets the next new segment out
             # Otherwise the deadline moved (later: what it waited for happened; earlier: the
             # transmit() that woke us has sent everything already): just sleep again.
 
@@ -519,7 +524,9 @@ class ConversationDriver:
             dropped_malformed=session.dropped_malformed, dropped_stale=session.dropped_stale,
             established=self.established.is_set(), fec_parity=fec.parity,
             fec_out=fec.shards_sent, fec_recovered=fec.recovered, fec_loss=fec.loss,
-            fec_bytes=fec.sent_bytes, paced=self.pacer.paced if self.pacer else 0)
+            fec_bytes=fec.sent_bytes,
+            pace_mbit=self.rate.mbit() if self.rate else 0.0,
+            inflight_cap=self.conv.kcp.inflight_cap or 0)
 
 
 class ConversationService:

@@ -47,8 +47,16 @@ AUTO_DATA = 10  # group size in auto mode
 AUTO_MAX_OVERHEAD = 0.5  # parity / data at most in auto mode (a full group: 5 of 10)
 AUTO_OFF_BELOW = 0.002  # reported loss under which auto sends no parity (manifests only)
 AUTO_MIN_OVER = 200  # datagrams: a report over fewer does not turn parity below the service's
-AUTO_TARGET = 0.01  # auto picks the least parity with P(group lost) under this: ARQ repairs
-# the rest, and more parity only fills the bottleneck (5 % loss: 3 of 10, as a fixed 10:3)
+# Auto picks the least parity with P(group lost) under a target; ARQ repairs the rest, and more
+# parity only fills the bottleneck. A group that fills before its timer belongs to a bulk
+# stream, which a lost packet holds up by one retransmission (its window moves on) while each
+# shard costs a packet of its goodput: AUTO_TARGET (5 % loss: 2 of 10; 1e-2 gave 3, as 10:3, and
+# 0.93x the fixed row's throughput). A short group (a request, a keystroke: closed by the timer)
+# is what a loss delays by a round trip, and its shards cost little: AUTO_SHORT_TARGET for its
+# own size, with at most a full group's shards (5 % loss: 2 for a lone packet, where 1e-2's 1
+# left ~1 % of request/response exchanges a round behind, right at their p99).
+AUTO_TARGET = 0.05
+AUTO_SHORT_TARGET = 0.001
 LOSS_SCALE = 10000  # loss on the wire: in units of 1/10000
 
 _SHARD_HEAD = struct.Struct(">BIBBBH")  # kind|flags, group, data, parity, index, shard size
@@ -204,18 +212,21 @@ class FecSettings:
         return cls(data=int(data), parity=int(parity))
 
 
-def parity_for(loss: float, data: int, max_overhead: float) -> int:
+def parity_for(loss: float, data: int, max_overhead: float, target: float = AUTO_TARGET,
+               cap: int | None = None) -> int:
     """Auto mode: the least parity that makes losing a group of ``data`` datagrams (more than
     ``parity`` of ``data + parity`` lost, each independently with ``loss``) rarer than
-    AUTO_TARGET; none on a clean link; at most ``max_overhead`` x data (at least 1)."""
+    ``target``; none on a clean link; at most ``cap`` (default ``max_overhead`` x data, at
+    least 1)."""
     if loss < AUTO_OFF_BELOW:
         return 0
-    cap = max(1, math.floor(max_overhead * data))
+    if cap is None:
+        cap = max(1, math.floor(max_overhead * data))
     for parity in range(1, cap + 1):
         n = data + parity
         lost_group = 1.0 - sum(math.comb(n, i) * loss ** i * (1 - loss) ** (n - i)
                                for i in range(parity + 1))
-        if lost_group < AUTO_TARGET:
+        if lost_group < target:
             return parity
     return cap
 
@@ -236,8 +247,9 @@ class FecEncoder:
         self.hint = hint
         self.peer_loss = hint.loss if hint and settings.auto else 0.0  # last reported (auto)
         self.parity = settings.parity  # parity per full group now (auto: follows reports)
+        self.basis = self.peer_loss  # auto: the loss its parity is chosen for
         if settings.auto:
-            self.parity = parity_for(self.peer_loss, settings.data, settings.max_overhead)
+            self._choose(self.peer_loss)
         self._group: list[bytes] = []
         self._opened = 0  # ms the open group got its first datagram
         self._number = 0  # next group number
@@ -273,17 +285,28 @@ class FecEncoder:
             # Over a few datagrams (a new or a quiet conversation: requests, keystrokes) "no
             # loss seen" means little: the service's last figure protects it meanwhile.
             basis = max(loss, hint.loss) if hint is not None and over < AUTO_MIN_OVER else loss
-            self.parity = parity_for(basis, self.settings.data, self.settings.max_overhead)
+            self._choose(basis)
             if hint is not None:  # moved as far as the report's sample allows
                 hint.loss += min(1.0, over / AUTO_MIN_OVER) * (loss - hint.loss)
+
+    def _choose(self, loss: float) -> None:
+        """Auto mode: parity per full group for ``loss`` (AUTO_TARGET)."""
+        self.basis = loss
+        self.parity = parity_for(loss, self.settings.data, self.settings.max_overhead)
 
     def _close(self, now: int) -> list[bytes]:
         group, self._group = self._group, []
         number, self._number = self._number, (self._number + 1) & 0xFFFFFFFF
         data = len(group)
-        # A short group (closed by the timer) gets its share of parity, at least one shard.
-        parity = min(self.parity, math.ceil(self.parity * data / self.settings.data))
         auto = self.settings.auto
+        if data == self.settings.data:
+            parity = self.parity
+        elif auto:  # closed by the timer: AUTO_SHORT_TARGET for its own size
+            settings = self.settings
+            parity = parity_for(self.basis, data, settings.max_overhead, AUTO_SHORT_TARGET,
+                                max(1, math.floor(settings.max_overhead * settings.data)))
+        else:  # a fixed group closed by the timer gets its share, at least one shard
+            parity = min(self.parity, math.ceil(self.parity * data / self.settings.data))
         self.groups_sent += 1
         if parity == 0:
             bodies = [pack_shard(auto, number, 0, 0, group, b"", now)] if auto else []

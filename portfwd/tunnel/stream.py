@@ -77,12 +77,14 @@ class ConversationConfig:
     snd_wnd: int = 1024  # segments: KCP send window (--sndwnd)
     rcv_wnd: int = 1024  # segments: KCP receive window (--rcvwnd)
     dead_link: int = DEAD_LINK_XMIT  # transmissions of one segment before the link is dead
-    pacing: bool = False  # pace what is sent at 1.5x the window per RTT (--pacing; the driver)
+    pacing: bool = False  # --pacing: the path's rate and in-flight cap (kcp/pacing.py; the driver)
     # kcp-go's fast-ack rule (KcpConfig.fastack_conserve): one fast retransmission per loss, not
-    # one every `resend` acks for a whole RTT. On with --fec: parity repairs a lost copy, and
-    # the repeated copies only fill the bottleneck (measured at 100 ms / 5 %, --fec 10:3: 46.7
-    # against 38.8 Mbit/s). Off without: there the repeated copies are the quick repair of a
-    # lost retransmission (34 against 46 Mbit/s with it on). bench/results/2026-12-01-wan.md.
+    # one every `resend` acks for a whole RTT. On with --fec (parity repairs a lost copy, and the
+    # repeated copies only fill the bottleneck: at 100 ms / 5 %, --fec 10:3, 46.7 against 38.8
+    # Mbit/s) and with --pacing (its window moves on past a loss, so acks of later segments
+    # soon count against a lost retransmission). Off otherwise: with a window stalled behind a
+    # loss the repeated copies are the quick repair of a lost retransmission (34 against 46
+    # Mbit/s with it on). bench/results/2026-12-01-wan.md.
     fastack_conserve: bool = False
 
     def __post_init__(self) -> None:
