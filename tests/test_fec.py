@@ -446,3 +446,17 @@ def test_auto_protects_short_groups_more_and_full_groups_less() -> None:
     clean = FecEncoder(FecSettings(auto=True))
     clean.add(packet, 0)
     assert [unpack_shard(b).parity for b in clean.handle_timer(fec.GROUP_MS)] == [0]  # manifest
+
+
+def test_auto_never_gives_a_short_group_more_parity_than_a_full_one() -> None:
+    """A slow bulk stream's groups are all closed by the timer: each gets at most the full
+    group's parity, so its overhead stays within what a full group costs."""
+    encoder = FecEncoder(FecSettings(auto=True))
+    encoder.report_received(pack_report(0.10, 2000))
+    assert encoder.parity == 3  # of 10 at 10 %
+    for data in range(1, fec.AUTO_DATA):
+        shards = [body for i in range(data) for body in encoder.add(bytes(100), 1000 * data + i)]
+        assert shards == []
+        parity = encoder.handle_timer(1000 * data + fec.GROUP_MS)
+        assert 1 <= len(parity) <= encoder.parity, (data, len(parity))
+

@@ -138,3 +138,24 @@ def test_steer_sets_the_engines_cap_and_keeps_the_rto_above_the_queue() -> None:
     kcp.send(bytes(100_000))
     steer(model, allowance, kcp, 2)
     assert kcp.rx_minrto >= pacing.CWND_GAIN * 80  # a bulk sender: above the queue it may fill
+
+
+def test_a_rate_under_one_segment_per_flush_still_lets_segments_out() -> None:
+    """A slow, long path (0.03 segments/ms, ~0.3 Mbit/s): each flush earns less than one
+    segment, so the bucket must hold one, or nothing would ever leave."""
+    allowance, sent = Allowance(), 0
+    allowance.room(0, 0, 0.03, 10)
+    for now in range(10, 2010, 10):
+        room = allowance.room(now, sent, 0.03, 10)
+        assert room is not None
+        sent += room
+    assert 0.03 * 2000 * 0.9 <= sent <= 0.03 * 2000 + 2
+
+
+def test_a_burst_beyond_the_allowance_is_a_bounded_debt() -> None:
+    """Segments that left beyond the room (the cap let an ack batch out) hold later ones back
+    for at most one burst's worth, not for as long as the overshoot was large."""
+    allowance = Allowance()
+    allowance.room(0, 0, 1.0, 10)
+    allowance.room(1, 10_000, 1.0, 10)  # 10,000 segments went out at once
+    assert allowance.room(40, 10_000, 1.0, 10) > 0

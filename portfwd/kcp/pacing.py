@@ -3,9 +3,9 @@
 KCP with ``nc`` sends its whole window whatever the path. At 100 ms RTT and 5 % loss a window of
 1,024 segments stalls behind each lost segment for a retransmission round (the window counts from
 snd_una), which held a conversation near half of a 100 Mbit/s link; a larger window overran the
-bottleneck's drop-tail queue, and a pacer after KCP (the first ``--pacing``: datagrams held back
-after KCP had timed them) made its timeouts fire for datagrams still waiting here. So the window
-may be large, and what leaves is bounded inside the engine by a model of the path (BBR, Cardwell
+bottleneck's drop-tail queue, and a pacer after KCP (datagrams held back after KCP has timed
+them) makes its timeouts fire for datagrams still waiting there. So the window may be large,
+and what leaves is bounded inside the engine by a model of the path (BBR, Cardwell
 et al. 2016; draft-ietf-ccwg-bbr), through ``Kcp.inflight_cap`` (new segments only: a
 retransmission is never held):
 
@@ -88,10 +88,11 @@ class RateModel:
         if self._round_busy or sample > self.rate:
             self._samples.append(sample)
             self.rate = max(self._samples)
+        was_busy = self._round_busy
         self._round_start, self._round_delivered = now, delivered
         self._round_busy = busy
         self.rounds += 1
-        if self.filling and self._round_busy:
+        if self.filling and was_busy:
             if self.rate >= self._full_rate * FULL_GROWTH:
                 self._full_rate, self._full_count = self.rate, 0
             else:
@@ -144,8 +145,10 @@ class Allowance:
         if rate is None or last is None:
             self.tokens = 0.0
             return None
-        burst = rate * (interval + BURST_MS)
-        self.tokens = min(burst, self.tokens - spent + rate * (now - last))
+        # At least one segment: below that a slow, long path could never let one out.
+        burst = max(1.0, rate * (interval + BURST_MS))
+        # The debt is bounded too: a burst the cap let out must not hold later data back long.
+        self.tokens = max(-burst, min(burst, self.tokens - spent + rate * (now - last)))
         room = max(0, math.floor(self.tokens + rate * interval))
         # nothing may leave by the next flush: wake when one segment may
         self.wake = None if room else now + max(1, math.ceil((1 - self.tokens) / rate))

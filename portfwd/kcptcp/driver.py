@@ -263,7 +263,7 @@ class ConversationDriver:
         self.fec = FecChannel(fec, fec_hint)  # decodes always; sends parity only with --fec
         # --pacing: the path's model and the new segments it lets out (kcp/pacing.py)
         self.rate: RateModel | None = RateModel(conv.kcp.mtu) if pacing else None
-        self.allowance = Allowance()
+        self.allowance: Allowance | None = Allowance() if pacing else None
         self.udp = udp
         self.name = name  # for log lines: "conv=<id>"
         self.tcp: gsocket | None = None
@@ -302,8 +302,8 @@ class ConversationDriver:
         """Send everything, handle events, wake whoever can move now, re-arm the ticker."""
         conv = self.conv
         now = now_ms()
+        self._steer(now)  # before the flush: acks since the last one must not add to its room
         datagrams = self.fec.outgoing(conv.session, conv.datagrams_to_send(now), now)
-        self._steer(now)
         if datagrams:
             self.udp.send(datagrams, conv.peer_addr)
         # WELCOMEs and path probes: each answers a datagram from its own address, which need
@@ -403,6 +403,7 @@ class ConversationDriver:
             deadline = conv.get_timer()
             pace = self._pace_timer()
             if deadline is not None and now >= deadline:
+                self._steer(now)  # the timer's flush may send new segments too
                 conv.handle_timer(max(now, deadline))
                 self.transmit()
             elif pace is not None and now >= pace:
@@ -526,7 +527,7 @@ class ConversationDriver:
             fec_out=fec.shards_sent, fec_recovered=fec.recovered, fec_loss=fec.loss,
             fec_bytes=fec.sent_bytes,
             pace_mbit=self.rate.mbit() if self.rate else 0.0,
-            inflight_cap=self.conv.kcp.inflight_cap or 0)
+            inflight_cap=self.conv.kcp.inflight_cap if self.rate else None)
 
 
 class ConversationService:

@@ -57,7 +57,7 @@ class ConversationMetrics:
     fec_loss: float = 0.0  # loss of the peer's datagrams measured from its manifests, 0..1
     fec_bytes: int = 0  # bytes of the FEC packets sent (sealed: what they add on the wire)
     pace_mbit: float = 0.0  # --pacing: the bottleneck rate it measures (kcp/pacing.py)
-    inflight_cap: int = 0  # --pacing: unacknowledged segments it lets be in flight
+    inflight_cap: int | None = None  # --pacing: unacknowledged segments it lets be in flight
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,8 @@ def render_conversation(m: ConversationMetrics) -> str:
             + (f" fec_parity={m.fec_parity} fec_out={m.fec_out} fec_bytes={m.fec_bytes} "
                f"fec_recovered={m.fec_recovered} fec_loss={100 * m.fec_loss:.1f}%"
                if m.fec_out or m.fec_recovered else "")
-            + (f" pace={m.pace_mbit:.1f}Mbit/s cap={m.inflight_cap}" if m.inflight_cap else ""))
+            + (f" pace={m.pace_mbit:.1f}Mbit/s cap={m.inflight_cap}"
+               if m.inflight_cap is not None else ""))
 
 
 def render_client_totals(m: TunnelClientMetrics) -> str:

@@ -22,7 +22,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-MSG_DONTWAIT = 0x40
 SOCKADDR_SIZE = 28  # bytes: sockaddr_in6, the larger of the two families a UDP socket has
 SLOT_SIZE = 65536  # bytes per datagram: any UDP payload fits (65,507 / 65,527 at most)
 ADDRESS_CACHE_SIZE = 1024  # decoded source addresses kept (cleared when full)
@@ -50,6 +49,8 @@ _LEN = Mmsghdr.len.offset // 4  # word of msg_len (the datagram's size) within a
 
 
 def _load() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):  # the structures above are Linux's layout
+        return None
     try:
         call = ctypes.CDLL(None, use_errno=True).recvmmsg
     except (OSError, AttributeError):
@@ -101,7 +102,7 @@ class BatchReceiver:
         words, stride, namelen = self._words, _STRIDE, _NAMELEN
         for i in range(self._used):  # the kernel wrote each name's actual size back
             words[i * stride + namelen] = SOCKADDR_SIZE
-        got = _recvmmsg(self._fd, self._at, self._count, MSG_DONTWAIT, None)
+        got = _recvmmsg(self._fd, self._at, self._count, socket.MSG_DONTWAIT, None)
         if got < 0:
             self._used = 0
             self.drained = True

@@ -50,11 +50,12 @@ AUTO_MIN_OVER = 200  # datagrams: a report over fewer does not turn parity below
 # Auto picks the least parity with P(group lost) under a target; ARQ repairs the rest, and more
 # parity only fills the bottleneck. A group that fills before its timer belongs to a bulk
 # stream, which a lost packet holds up by one retransmission (its window moves on) while each
-# shard costs a packet of its goodput: AUTO_TARGET (5 % loss: 2 of 10; 1e-2 gave 3, as 10:3, and
-# 0.93x the fixed row's throughput). A short group (a request, a keystroke: closed by the timer)
-# is what a loss delays by a round trip, and its shards cost little: AUTO_SHORT_TARGET for its
-# own size, with at most a full group's shards (5 % loss: 2 for a lone packet, where 1e-2's 1
-# left ~1 % of request/response exchanges a round behind, right at their p99).
+# shard costs a packet of its goodput: AUTO_TARGET (5 % loss: 2 of 10; a target of 1e-2 gives
+# 3, as 10:3, and measured 0.93x the fixed row's throughput). A short group (a request, a
+# keystroke: closed by the timer) is what a loss delays by a round trip, and its shards cost
+# little: AUTO_SHORT_TARGET for its own size, with at most a full group's shards (5 % loss: 2
+# for a lone packet; 1 would leave ~1 % of request/response exchanges a round behind, right at
+# their p99).
 AUTO_TARGET = 0.05
 AUTO_SHORT_TARGET = 0.001
 LOSS_SCALE = 10000  # loss on the wire: in units of 1/10000
@@ -301,10 +302,10 @@ class FecEncoder:
         auto = self.settings.auto
         if data == self.settings.data:
             parity = self.parity
-        elif auto:  # closed by the timer: AUTO_SHORT_TARGET for its own size
-            settings = self.settings
-            parity = parity_for(self.basis, data, settings.max_overhead, AUTO_SHORT_TARGET,
-                                max(1, math.floor(settings.max_overhead * settings.data)))
+        elif auto:  # closed by the timer: AUTO_SHORT_TARGET for its own size, at most what a
+            # full group gets (a slow bulk stream's groups are all short: never more overhead)
+            parity = parity_for(self.basis, data, self.settings.max_overhead, AUTO_SHORT_TARGET,
+                                self.parity)
         else:  # a fixed group closed by the timer gets its share, at least one shard
             parity = min(self.parity, math.ceil(self.parity * data / self.settings.data))
         self.groups_sent += 1
