@@ -302,8 +302,8 @@ class ConversationDriver:
         """Send everything, handle events, wake whoever can move now, re-arm the ticker."""
         conv = self.conv
         now = now_ms()
-        self._steer(now)  # before the flush: acks since the last one must not add to its room
         datagrams = self.fec.outgoing(conv.session, conv.datagrams_to_send(now), now)
+        self._steer(now)
         if datagrams:
             self.udp.send(datagrams, conv.peer_addr)
         # WELCOMEs and path probes: each answers a datagram from its own address, which need
@@ -403,7 +403,6 @@ class ConversationDriver:
             deadline = conv.get_timer()
             pace = self._pace_timer()
             if deadline is not None and now >= deadline:
-                self._steer(now)  # the timer's flush may send new segments too
                 conv.handle_timer(max(now, deadline))
                 self.transmit()
             elif pace is not None and now >= pace:
