@@ -1,15 +1,18 @@
 """kcptcp/driver.py's UdpEndpoint.send: runs of equal-size datagrams go out as one GSO send,
 and arrive as the same datagrams in the same order; a refused GSO send falls back to one
-datagram per syscall without losing any."""
+datagram per syscall without losing any. Its receive side lets the hub run while a flood never
+empties the socket."""
 
 from __future__ import annotations
 
 import errno
 import socket
 
+import gevent
 import pytest
 
-from portfwd.kcptcp.driver import UdpEndpoint
+from portfwd.kcptcp.driver import YIELD_AFTER, UdpEndpoint
+from portfwd.runtime import recvmmsg
 
 
 class Refusing(socket.socket):
@@ -112,3 +115,28 @@ def test_offer_sends_a_refused_run_one_by_one(receiver, refusal):
     # datagram (returned instead of sending the run) changes nothing
     assert (endpoint.gso_max == 399) == (refusal == errno.EINVAL)
     endpoint.close()
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_socket_that_never_empties_still_lets_other_greenlets_run(batched):
+    """A flood of datagrams the screen discards: the reader never has to wait, yet another
+    greenlet gets its turn before the queue is through (on a one-core server the flood otherwise
+    starved every tcp side and ticker)."""
+    if batched and recvmmsg._recvmmsg is None:
+        pytest.skip("no recvmmsg in libc")
+    queued = 4 * YIELD_AFTER
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flooder:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        sock.bind(("127.0.0.1", 0))
+        for _ in range(queued):  # queued at once: every read finds more
+            flooder.sendto(b"forged", sock.getsockname())
+        flooder.sendto(b"real", sock.getsockname())
+        endpoint = UdpEndpoint(sock, batched=batched)
+        screened = []
+        other_ran_after = []
+        gevent.spawn(lambda: other_ran_after.append(len(screened)))
+        batch = endpoint.recv_batch(lambda data: screened.append(data) or data == b"forged")
+        assert [data for data, _ in batch] == [b"real"]
+        assert len(screened) == queued + 1  # all were queued: none lost to the buffer
+        assert other_ran_after and other_ran_after[0] <= YIELD_AFTER

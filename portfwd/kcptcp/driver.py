@@ -67,6 +67,9 @@ UDP_RECV_SIZE = 65536  # bytes: any datagram fits
 DRAIN_TIMEOUT = 10.0  # s to write out what was received after the conversation closed
 RESET_LINGER = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 RECV_BATCH = 64  # datagrams read without yielding before one transmit per touched conversation
+# Datagrams read in a row from a socket that never empties (a flood) before the hub gets a turn:
+# without it the reading greenlet would never block, and tcp sides and tickers would starve.
+YIELD_AFTER = 8 * RECV_BATCH
 GSO_BYTES = 65507  # bytes one UDP send carries at most (IPv4): a GSO run's bound too
 
 _faults = RateLimitedLog(log)
@@ -99,6 +102,7 @@ class UdpEndpoint:
         self._readable = loop.io(sock.fileno(), READ)
         self._writable = loop.io(sock.fileno(), WRITE)
         self._batch = batch_receiver(sock, RECV_BATCH) if batched else None
+        self._unyielded = 0  # datagrams read since this greenlet last let the hub run
         self.send_errors = 0
         self.gso_sends = 0  # sendmsg calls that carried a run of datagrams
         self.gso_max = GSO_BYTES  # the largest datagram sent in GSO runs (lowered if refused)
@@ -106,39 +110,53 @@ class UdpEndpoint:
     def recv_batch(self, discard: Callable[[bytes], bool] | None = None,
                    ) -> list[tuple[bytes, Any]]:
         """Block for one datagram, then take up to RECV_BATCH already queued ones. Those
-        ``discard`` is true of are dropped before their source address is decoded."""
+        ``discard`` is true of are dropped before their source address is decoded. A socket
+        that never empties still lets the hub run every YIELD_AFTER datagrams."""
         if self._batch is not None:
             return self._recv_batched(discard)
         recvfrom = self.sock.recvfrom
         batch: list[tuple[bytes, Any]] = []
+        unyielded = self._unyielded
         while True:
+            if unyielded >= YIELD_AFTER:
+                unyielded = 0
+                gevent.sleep(0)
             try:
                 datagram = recvfrom(UDP_RECV_SIZE)
             except BlockingIOError:
                 if batch:
-                    return batch
+                    break
+                unyielded = 0
                 wait(self._readable)
                 continue
             except OSError as exc:  # ICMP errors surface on connected sockets: not fatal
                 _faults.log("udp-recv", logging.DEBUG, "udp receive: %s", exc)
                 if batch:
-                    return batch
+                    break
                 continue
+            unyielded += 1
             if discard is None or not discard(datagram[0]):
                 batch.append(datagram)
                 if len(batch) >= RECV_BATCH:
-                    return batch
+                    break
+        self._unyielded = unyielded
+        return batch
 
     def _recv_batched(self, discard: Callable[[bytes], bool] | None) -> list[tuple[bytes, Any]]:
         reader = self._batch
         while True:
             if reader.drained:  # the last read emptied the socket: no call to learn it again
+                self._unyielded = 0
                 wait(self._readable)
+            elif self._unyielded >= YIELD_AFTER:
+                self._unyielded = 0
+                gevent.sleep(0)
             try:
                 batch = reader.receive(discard)
             except OSError as exc:
                 _faults.log("udp-recv", logging.DEBUG, "udp receive: %s", exc)
                 continue
+            self._unyielded += RECV_BATCH  # at most; a short read waits (and resets) next time
             if batch:
                 return batch
 
