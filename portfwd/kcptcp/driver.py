@@ -310,11 +310,34 @@ class ConversationDriver:
     def datagram_received(self, data: bytes, addr: Any, now: int) -> None:
         """Feed one datagram; call :meth:`transmit` after a batch."""
         conv = self.conv
-        before = conv.session.datagrams_received
+        session = conv.session
+        before, was_established = session.datagrams_received, session.established
         conv.receive_datagram(data, addr, now)
         if conv.session.datagrams_received != before:  # authenticated: FEC may keep it
             for recovered in self.fec.authenticated(data):
                 conv.receive_datagram(recovered, addr, now)
+            if not was_established and self.tcp is not None and conv.established:
+                self._read_ahead()
+
+    def _read_ahead(self) -> None:
+        """The client's handshake just completed: what its application sent meanwhile goes
+        into the first flush, in the datagram of the ORIGIN record (one datagram less each way
+        per connection: the server acknowledges both records at once). Never waits; EOF and
+        errors are left for the TCP reader, which starts now."""
+        sock, conv = self.tcp, self.conv
+        if not conv.can_send():
+            return
+        timeout = sock.gettimeout()
+        sock.settimeout(0.0)
+        try:
+            data = sock.recv(TCP_CHUNK)
+        except OSError:
+            return  # nothing there yet (BlockingIOError), or a fault the reader will meet
+        finally:
+            sock.settimeout(timeout)
+        if data:
+            conv.send_stream_data(data)
+            self.last_active = now_ms()
 
     def transmit(self) -> None:
         """Send everything, handle events, wake whoever can move now, re-arm the ticker."""
