@@ -119,3 +119,116 @@ def test_an_application_that_closed_before_the_welcome_still_sends_its_bytes_the
         if b"" in got:
             break
     assert got == [b"bye", b""]
+
+
+# --- FEC: no decoder until the peer sends FEC --------------------------------------------------
+
+def test_a_channel_makes_no_decoder_until_the_peer_sends_fec_and_still_recovers_its_first_group():
+    from test_fec import Link
+
+    from portfwd.tunnel import fec
+    from portfwd.tunnel.fec import FecSettings
+
+    link = Link(None, FecSettings(data=fec.MAX_DATA, parity=1))  # only the server sends parity
+    receiver = link.channel(link.client)
+    for i in range(100):  # the server's datagrams without parity (as with auto mode off)
+        link.server.send_datagram(bytes([i]) * 20)
+    assert len(link.arrive(link.client, link.server.datagrams_to_send(0), 0)) == 100
+    assert receiver.decoder is None and receiver.get_timer() is None
+    assert receiver.metrics().recovered == 0 and receiver.metrics().loss == 0.0
+    payloads = [bytes([i]) * (30 + i) for i in range(fec.MAX_DATA)]
+    for p in payloads:
+        link.server.send_datagram(p)
+    sender = link.channel(link.server)
+    datagrams = sender.outgoing(link.server, link.server.datagrams_to_send(1), 1)
+    assert len(datagrams) == fec.MAX_DATA + 1  # one parity shard for the full group
+    # The group's first datagram is lost; the others came before the shard made the decoder.
+    got = link.arrive(link.client, datagrams[1:], 1)
+    assert sorted(got) == sorted(payloads)
+    assert receiver.decoder is not None and receiver.decoder.recovered == 1
+
+
+# --- the close-time counts ---------------------------------------------------------------------
+
+def test_a_drivers_counts_are_what_its_snapshot_adds_to_the_totals(lab):
+    from portfwd.kcptcp.metrics import NO_TOTALS, counts_of
+
+    lab.app.sendall(b"x" * 5000)
+    lab.welcome()
+    server = lab.server
+    for _ in range(3):
+        server.receive_datagram(lab.from_client(), lab.client_addr, 2)
+    driver = lab.driver
+    driver.rekeys_started, driver.epoch_switches, driver.peer_address_changes = 1, 2, 3
+    driver.conv.session.dropped_auth = 4
+    snapshot = driver.metrics(0.0)
+    assert driver.counts() == counts_of(snapshot)
+    assert tuple(vars(NO_TOTALS.plus(snapshot)).values()) == driver.counts()
+    assert driver.counts()[:3] == (1, 5000, 0) and driver.counts()[-3:] == (1, 2, 3)
+    assert driver.counts()[7] == 4  # dropped_auth
+
+
+# --- a valid HELLO is MACed once ---------------------------------------------------------------
+
+class CountingMac:
+    def __init__(self, mac) -> None:
+        self.mac, self.calls = mac, 0
+
+    def __call__(self, data: bytes) -> bytes:
+        self.calls += 1
+        return self.mac(data)
+
+
+def counted_acceptor() -> tuple[HandshakeAcceptor, CountingMac]:
+    acceptor = HandshakeAcceptor(CONFIG.tunnel)
+    counter = acceptor._hello_mac = CountingMac(acceptor._hello_mac)
+    return acceptor, counter
+
+
+def a_hello(conv: int = 9) -> bytes:
+    return Conversation.client(CONFIG, conv, ("127.0.0.1", 1), 0, WALL).datagrams_to_send(0)[0]
+
+
+ADDR = ("127.0.0.1", 5555)
+
+
+def test_a_valid_hello_is_maced_once_through_the_screen_authentic_and_accept():
+    acceptor, counter = counted_acceptor()
+    hello = a_hello()
+    screen = acceptor.forgery_screen(lambda: 0)
+    assert not screen(hello)
+    assert acceptor.authentic(hello, ADDR, 0)
+    assert acceptor.accept(hello, ADDR, 0, WALL) is not None
+    assert counter.calls == 1 and acceptor.accepted == 1
+    # Without the screen (--allow/--deny in force): authentic() and accept(), one MAC too.
+    other = a_hello(10)
+    assert acceptor.authentic(other, ADDR, 0) and acceptor.accept(other, ADDR, 0, WALL)
+    assert counter.calls == 2
+
+
+def test_a_forged_hello_creates_nothing_however_it_comes():
+    acceptor, counter = counted_acceptor()
+    hello = a_hello()
+    forged = hello[:-1] + bytes([hello[-1] ^ 1])
+    screen = acceptor.forgery_screen(lambda: 0)
+    assert not screen(forged)  # the batch's first forgery goes on, to be logged with its source
+    assert screen(bytes(forged))  # the next is dropped in the read
+    assert not acceptor.authentic(forged, ADDR, 0)
+    assert acceptor.accept(forged, ADDR, 0, WALL) is None
+    assert acceptor.accepted == 0 and acceptor.cache_size == 0
+    # Each look at a forgery costs a MAC (none is vouched for); the one the screen let on to
+    # be logged is counted by authentic(), not twice.
+    assert counter.calls == 4 and acceptor.dropped_auth == 3
+
+
+def test_only_the_very_object_that_verified_is_taken_on_trust():
+    acceptor, counter = counted_acceptor()
+    hello = a_hello()
+    assert acceptor.authentic(hello, ADDR, 0)
+    mutable = bytearray(hello)
+    assert acceptor.authentic(mutable, ADDR, 0)  # equal bytes, another (mutable) object: MACed
+    assert counter.calls == 2
+    mutable[-1] ^= 1
+    assert not acceptor.authentic(mutable, ADDR, 0)
+    acceptor.forgery_screen(lambda: 0)  # a new batch: nothing of the last one is vouched for
+    assert acceptor.authentic(hello, ADDR, 0) and counter.calls == 4

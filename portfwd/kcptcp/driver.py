@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import operator
 import socket
 import struct
 import time
@@ -33,7 +34,7 @@ from gevent.socket import wait
 
 from portfwd.kcp.pacing import Allowance, RateModel, steer
 from portfwd.kcptcp.metrics import (
-    NO_TOTALS,
+    TOTAL_FIELDS,
     ConversationMetrics,
     ConversationTotals,
     Snapshot,
@@ -83,6 +84,13 @@ def now_ms() -> int:
 def wall_ms() -> int:
     """Unix time in ms, for HELLO timestamps only."""
     return int(time.time() * 1000)
+
+
+def _first(a: int | None, b: int | None) -> int | None:
+    """The earlier of two timers, either of which may be unset (None)."""
+    if a is None:
+        return b
+    return a if b is None or a <= b else b
 
 
 def _gso_segment(size: int) -> list[tuple[int, int, bytes]]:
@@ -375,9 +383,11 @@ class ConversationDriver:
 
     def _deadline(self) -> int | None:
         """The conversation's timer, the FEC channel's or the pacing's, whichever is first."""
-        timers = [t for t in (self.conv.get_timer(), self.fec.get_timer(), self._pace_timer())
-                  if t is not None]
-        return min(timers) if timers else None
+        deadline = self.conv.get_timer()
+        fec = self.fec.get_timer()
+        if fec is not None and (deadline is None or fec < deadline):
+            deadline = fec
+        return deadline if self.rate is None else _first(deadline, self._pace_timer())
 
     def _handle_event(self, event: events.Event) -> None:
         if isinstance(event, events.HandshakeCompleted):
@@ -426,10 +436,27 @@ class ConversationDriver:
         self._jobs.spawn(self._tcp_reader, sock)
 
     def _tick(self) -> None:
-        conv = self.conv
+        """Run whatever timer is due, else sleep towards the first one. Each timer is read
+        once per turn: what it read decides both whether to act and how long to sleep."""
+        conv, fec_channel = self.conv, self.fec
         while not conv.closed:
-            deadline = self._deadline()
-            self._armed = deadline
+            now = now_ms()
+            fec = fec_channel.get_timer()
+            if fec is not None and now >= fec:
+                self.udp.send(fec_channel.handle_timer(conv.session, now), conv.peer_addr)
+                fec = fec_channel.get_timer()
+            deadline = conv.get_timer()
+            if deadline is not None and now >= deadline:
+                conv.handle_timer(now)
+                self.transmit()
+                continue
+            pace = self._pace_timer()
+            if pace is not None and now >= pace:
+                self.transmit()  # --pacing lets the next new segment out
+                continue
+            # Nothing due (the deadline moved later: what it waited for happened; or earlier:
+            # the transmit() that woke us has sent everything already): sleep towards it.
+            deadline = self._armed = _first(_first(deadline, fec), pace)
             if deadline is None:
                 self._wake.wait()
             else:
@@ -437,19 +464,6 @@ class ConversationDriver:
                 if delay > 0:
                     self._wake.wait(delay)
             self._wake.clear()
-            now = now_ms()
-            fec = self.fec.get_timer()
-            if fec is not None and now >= fec:
-                self.udp.send(self.fec.handle_timer(conv.session, now), conv.peer_addr)
-            deadline = conv.get_timer()
-            pace = self._pace_timer()
-            if deadline is not None and now >= deadline:
-                conv.handle_timer(max(now, deadline))
-                self.transmit()
-            elif pace is not None and now >= pace:
-                self.transmit()  # --pacing lets the next new segment out
-            # Otherwise the deadline moved (later: what it waited for happened; earlier: the
-            # transmit() that woke us has sent everything already): just sleep again.
 
     def _tcp_reader(self, sock: gsocket) -> None:
         conv = self.conv
@@ -549,6 +563,17 @@ class ConversationDriver:
             self.tcp.close()
 
 
+    def counts(self) -> tuple[int, ...]:
+        """What this conversation adds to the ended ones' ConversationTotals when it ends, in
+        its field order: metrics() through metrics.counts_of, read without the snapshot
+        (which costs several times more, once per connection)."""
+        conv, kcp, session = self.conv, self.conv.kcp, self.conv.session
+        return (int(self.established.is_set()), conv.bytes_sent, conv.bytes_received,
+                kcp.retransmits, kcp.fast_retransmits, session.datagrams_sent,
+                session.datagrams_received, session.dropped_auth, session.dropped_replay,
+                session.dropped_malformed, session.dropped_stale, self.rekeys_started,
+                self.epoch_switches, self.peer_address_changes)
+
     def metrics(self, now: float) -> ConversationMetrics:
         """This conversation's counters; ``now`` is ``time.monotonic()`` (for the age)."""
         conv, kcp, session = self.conv, self.conv.kcp, self.conv.session
@@ -584,7 +609,7 @@ class ConversationService:
         self.drivers: dict[int, ConversationDriver] = {}  # live conversations by conv id
         self.fec_hint = LossHint()  # --fec auto: new conversations start from the last report
         self.finished = 0  # conversations ended since start
-        self.ended = NO_TOTALS  # the counters of the ended conversations, summed
+        self._ended = [0] * len(TOTAL_FIELDS)  # the ended conversations' counts, summed
         self.closed: dict[str, int] = {}  # ended conversations by close_reason_label
 
     def _retire(self, driver: ConversationDriver) -> None:
@@ -598,7 +623,7 @@ class ConversationService:
             del self.drivers[conv_id]
         self.finished += 1
         # Once per conversation, so the exported counters never go down when one ends.
-        self.ended = self.ended.plus(driver.metrics(time.monotonic()))
+        self._ended = list(map(operator.add, self._ended, driver.counts()))
         reason = close_reason_label(driver.close_reason)
         self.closed[reason] = self.closed.get(reason, 0) + 1
 
@@ -616,6 +641,11 @@ class ConversationService:
             return None
         return gevent.spawn(stats_loop, self.stats_interval, self.metrics, self.render_totals,
                             self.render_conversation)
+
+    @property
+    def ended(self) -> ConversationTotals:
+        """The counters of the ended conversations, summed."""
+        return ConversationTotals(*self._ended)
 
     def _per_conversation(self) -> tuple[ConversationMetrics, ...]:
         now = time.monotonic()

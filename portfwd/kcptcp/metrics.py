@@ -84,13 +84,18 @@ class ConversationTotals:
     def plus(self, c: Any) -> ConversationTotals:
         """These totals with ``c``'s counts added: a ConversationMetrics, or another tool's
         conversation snapshot (kcpudp's), whose missing counters count as 0."""
-        return ConversationTotals(*(getattr(self, f.name) + getattr(c, FROM_CONVERSATION.get(
-            f.name, f.name), 0) for f in TOTAL_FIELDS))
+        return ConversationTotals(*(getattr(self, f.name) + n for f, n in zip(
+            TOTAL_FIELDS, counts_of(c), strict=True)))
 
 
 TOTAL_FIELDS = dataclasses.fields(ConversationTotals)
 FROM_CONVERSATION = {"handshakes": "established"}  # total field -> ConversationMetrics field
 NO_TOTALS = ConversationTotals()
+
+
+def counts_of(c: Any) -> tuple[int, ...]:
+    """What a conversation snapshot adds to ConversationTotals, in its field order."""
+    return tuple(int(getattr(c, FROM_CONVERSATION.get(f.name, f.name), 0)) for f in TOTAL_FIELDS)
 
 
 def sum_totals(ended: ConversationTotals,

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from portfwd.kcptcp.driver import ConversationDriver, UdpEndpoint, now_ms
+from portfwd.kcptcp.metrics import counts_of
 from portfwd.kcpudp.metrics import DatagramConversationMetrics
 from portfwd.tunnel.datagrams import ReliableDatagrams, UnreliableDatagrams
 from portfwd.tunnel.fec import FecSettings, LossHint
@@ -96,6 +97,10 @@ class DatagramDriver(ConversationDriver):
         if self.local_close is not None:
             self.local_close()
             self.local_close = None
+
+    def counts(self) -> tuple[int, ...]:
+        """What this conversation adds to the ended ones' totals (from its snapshot)."""
+        return counts_of(self.metrics(time.monotonic()))
 
     def metrics(self, now: float) -> DatagramConversationMetrics:  # type: ignore[override]
         """This conversation's counters; ``now`` is ``time.monotonic()`` (for the age)."""

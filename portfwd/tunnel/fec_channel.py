@@ -8,17 +8,21 @@ of the session's ``FecReceived`` events (:meth:`fec_received`), and calls
 are recovered sealed datagrams: feed them to the session as if they had arrived.
 
 Every receiver decodes, whatever its own ``--fec``: parity needs no negotiation (a peer that
-sends none costs nothing). Only payload packets are protected: DATA (the KCP segments) and
-DATAGRAM (kcpudp's datagram mode, where FEC is the only loss repair); handshake and control
-packets are not worth the parity (they are retransmitted on their own timers).
+sends none costs nothing: the decoder is made at its first FEC packet, and until then the
+channel only keeps the peer's last MAX_DATA protected datagrams, the most one group names, so
+that packet's group is recovered as if the decoder had been there all along). Only payload
+packets are protected: DATA (the KCP segments) and DATAGRAM (kcpudp's datagram mode, where FEC
+is the only loss repair); handshake and control packets are not worth the parity (they are
+retransmitted on their own timers).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
-from .fec import FecDecoder, FecEncoder, FecSettings, Kind, LossHint, body_kind
+from .fec import MAX_DATA, FecDecoder, FecEncoder, FecSettings, Kind, LossHint, body_kind
 from .wire import TYPE_MASK, MalformedPacket, PacketType
 
 _PROTECTED = frozenset({int(PacketType.DATA), int(PacketType.DATAGRAM)})
@@ -51,7 +55,9 @@ class FecChannel:
 
     def __init__(self, settings: FecSettings | None, hint: LossHint | None = None) -> None:
         self.encoder: FecEncoder | None = FecEncoder(settings, hint) if settings else None
-        self.decoder = FecDecoder()
+        self.decoder: FecDecoder | None = None  # made at the peer's first FEC packet
+        # Until then, the peer's last protected datagrams (what its first group can name).
+        self._early: deque[bytes] | None = deque(maxlen=MAX_DATA)
         self.protected_bytes = 0  # DATA and DATAGRAM bytes the encoder grouped
         self.reports_sent = 0
         self.sent_bytes = 0  # sealed FEC packets (shards, manifests, reports)
@@ -72,33 +78,51 @@ class FecChannel:
     def authenticated(self, datagram: bytes) -> list[bytes]:
         """A datagram the session accepted; recovered datagrams it completed a group with."""
         if datagram[0] & TYPE_MASK in _PROTECTED:
-            return self.decoder.record(datagram)
+            decoder = self.decoder
+            if decoder is None:
+                self._early.append(datagram)
+                return []
+            return decoder.record(datagram)
         return []
+
+    def _decoder(self) -> FecDecoder:
+        """The decoder, made (from the datagrams kept so far) at the peer's first FEC packet."""
+        decoder = self.decoder
+        if decoder is None:
+            decoder = self.decoder = FecDecoder()
+            for datagram in self._early:  # no group is pending yet: nothing is recovered
+                decoder.record(datagram)
+            self._early = None
+        return decoder
 
     def fec_received(self, body: bytes, now: int) -> list[bytes]:
         """The body of an authenticated FEC packet; recovered datagrams (sealed, to open)."""
+        decoder = self._decoder()
         try:
             kind = body_kind(body)
             if kind == Kind.SHARD:
-                return self.decoder.shard_received(body, now)
+                return decoder.shard_received(body, now)
             if kind == Kind.REPORT and self.encoder is not None:
                 self.encoder.report_received(body)
             elif kind != Kind.REPORT:
-                self.decoder.dropped_malformed += 1
+                decoder.dropped_malformed += 1
         except MalformedPacket:
-            self.decoder.dropped_malformed += 1
+            decoder.dropped_malformed += 1
         return []
 
     def get_timer(self) -> int | None:
         """Absolute ms of the next group close or loss report, or None."""
-        timers = [t for t in (self.encoder.get_timer() if self.encoder else None,
-                              self.decoder.get_timer()) if t is not None]
-        return min(timers) if timers else None
+        encoder, decoder = self.encoder, self.decoder
+        report = None if decoder is None else decoder.get_timer()
+        group = None if encoder is None else encoder.get_timer()
+        if group is None or report is None:
+            return report if group is None else group
+        return min(group, report)
 
     def handle_timer(self, session: Sealer, now: int) -> list[bytes]:
         """Sealed FEC packets due now (a timed-out group's parity, a loss report)."""
         bodies = self.encoder.handle_timer(now) if self.encoder else []
-        report = self.decoder.report_to_send(now)
+        report = None if self.decoder is None else self.decoder.report_to_send(now)
         if report is not None:
             bodies.append(report)
             self.reports_sent += 1
@@ -113,8 +137,9 @@ class FecChannel:
         enc, dec = self.encoder, self.decoder
         return FecMetrics(
             parity=enc.parity if enc else 0, peer_loss=enc.peer_loss if enc else 0.0,
-            loss=dec.loss, groups_sent=enc.groups_sent if enc else 0,
+            loss=dec.loss if dec else 0.0, groups_sent=enc.groups_sent if enc else 0,
             shards_sent=enc.shards_sent if enc else 0,
             overhead_bytes=enc.shard_bytes if enc else 0, sent_bytes=self.sent_bytes,
             protected_bytes=self.protected_bytes,
-            recovered=dec.recovered, unrecoverable=dec.unrecoverable)
+            recovered=dec.recovered if dec else 0,
+            unrecoverable=dec.unrecoverable if dec else 0)

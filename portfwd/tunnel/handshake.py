@@ -43,6 +43,7 @@ from .wire import (
 logger = logging.getLogger(__name__)
 
 FAILURE_LOG_INTERVAL_MS = 10000  # ms between two "handshake rejected" log lines
+VOUCHED_MAX = 64  # HELLOs remembered as verified (one receive batch's worth)
 _HELLO = int(PacketType.HELLO)  # a plain int: comparing with an IntEnum member costs more
 
 
@@ -71,6 +72,10 @@ class HandshakeAcceptor:
                                          config.cookie_reply_rate_per_s, 0)
         self._proven: OrderedDict[str, TokenBucket] = OrderedDict()
         self._replies: list[tuple[bytes, Any]] = []
+        # HELLOs whose MAC verified, by id (each kept, so its id cannot be reused while it is
+        # here): the screen's, authentic()'s and accept()'s checks of one datagram cost one
+        # MAC. Only immutable bytes; emptied at each new screen (a new receive batch).
+        self._vouched: dict[int, bytes] = {}
         self._next_log_ms: int | None = None
         self.accepted: int = 0  #: sessions created
         self.dropped_malformed: int = 0  #: not a well-formed HELLO
@@ -152,7 +157,10 @@ class HandshakeAcceptor:
         """Whether ``data`` is HELLO-sized and typed and its MAC verifies (else counted, logged
         at most once per interval): the first and cheapest test, stateless, which a driver may
         run before any bookkeeping of its own so that a forgery costs one MAC and nothing else
-        (:meth:`accept` runs it again: it does not rely on its caller)."""
+        (:meth:`accept` runs it again: it does not rely on its caller, but the MAC of a
+        ``bytes`` object that passed here or the screen is not computed twice)."""
+        if self._vouched.get(id(data)) is data:
+            return True
         if len(data) != HELLO_SIZE or data[0] != _HELLO:
             self.dropped_malformed += 1
             return False
@@ -161,7 +169,16 @@ class HandshakeAcceptor:
             if self._log_due(now):
                 self._log_failure(now, self._why_bad_mac(data), addr)
             return False
+        self._vouch(data)
         return True
+
+    def _vouch(self, data: bytes) -> None:
+        """Remember that ``data``'s MAC verified (an immutable object only)."""
+        if type(data) is bytes:
+            vouched = self._vouched
+            if len(vouched) >= VOUCHED_MAX:
+                vouched.clear()
+            vouched[id(data)] = data
 
     def forgery_screen(self, clock: Callable[[], int]) -> Callable[[bytes], bool]:
         """A test a driver's receive loop may run on each datagram of one batch before it
@@ -171,11 +188,15 @@ class HandshakeAcceptor:
         (``clock``: the ``now`` of :meth:`authentic`), so that :meth:`authentic` counts and
         logs it with its source. A new screen for each batch."""
         passed = False  # a forgery of this batch went on to be logged
+        self._vouched.clear()  # the last batch is done with
+        vouch = self._vouch
 
         def forged(data: bytes) -> bool:
             nonlocal passed
-            if len(data) != HELLO_SIZE or data[0] != _HELLO or compare_digest(
-                    self._hello_mac(data[:-MAC_SIZE]), data[-MAC_SIZE:]):
+            if len(data) != HELLO_SIZE or data[0] != _HELLO:
+                return False
+            if compare_digest(self._hello_mac(data[:-MAC_SIZE]), data[-MAC_SIZE:]):
+                vouch(data)  # authentic() and accept() will not compute it again
                 return False
             if not passed and self._log_due(clock()):
                 passed = True

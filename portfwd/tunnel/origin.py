@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ class Origin:
     destination: tuple[str, int]  # the address and port it connected to
 
 
+@functools.lru_cache(maxsize=1024)  # the same few local addresses, sources that come back
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     ip = ipaddress.ip_address(host.split("%", 1)[0])
     if ip.version == 6 and ip.ipv4_mapped is not None:  # type: ignore[union-attr]
@@ -77,7 +79,10 @@ def unpack_origin(record: bytes) -> Origin:
     size = FAMILY_SIZES[record[1]]
     if len(record) != _record_size(record[1]):
         raise MalformedOrigin(f"ORIGIN record of {len(record)} bytes")
-    make = ipaddress.IPv4Address if size == 4 else ipaddress.IPv6Address
+    if size == 4:  # what str(IPv4Address) gives, without making one
+        src, src_port, dst, dst_port = _UNPACK_V4.unpack_from(record, 2)
+        return Origin((socket.inet_ntoa(src), src_port), (socket.inet_ntoa(dst), dst_port))
+    make = ipaddress.IPv6Address
     offset = 2
     ends = []
     for _ in range(2):
@@ -86,6 +91,9 @@ def unpack_origin(record: bytes) -> Origin:
         ends.append((str(address), port))
         offset += size + 2
     return Origin(ends[0], ends[1])
+
+
+_UNPACK_V4 = struct.Struct("!4sH4sH")
 
 
 def _record_size(version: int) -> int:
