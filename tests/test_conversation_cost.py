@@ -232,3 +232,54 @@ def test_only_the_very_object_that_verified_is_taken_on_trust():
     assert not acceptor.authentic(mutable, ADDR, 0)
     acceptor.forgery_screen(lambda: 0)  # a new batch: nothing of the last one is vouched for
     assert acceptor.authentic(hello, ADDR, 0) and counter.calls == 4
+
+
+# --- the TCP writer flushes after a read only when the read reopened the window ------------------
+
+def drain(sock: socket.socket) -> list[bytes]:
+    sock.setblocking(False)
+    out = []
+    try:
+        while True:
+            out.append(sock.recv(65536))
+    except BlockingIOError:
+        return out
+    finally:
+        sock.setblocking(True)
+
+
+def test_the_window_a_read_reopens_is_announced_by_the_writer_itself(lab):
+    lab.welcome()  # (no ticker runs here: the TCP writer's flush is the only one)
+    server, client = lab.server, lab.driver.conv
+    server.receive_datagram(lab.from_client(), lab.client_addr, 2)
+    server_addr, now = lab.server_sock.getsockname(), 3
+    lab.app.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    chunk = b"z" * 16384
+    for _ in range(400):  # bounded: until the client's window is closed
+        if client.kcp.rcv_queue_segments >= client.kcp.rcv_wnd:
+            break
+        while server.can_send() and server.bytes_sent < 40 * 1024 * 1024:
+            server.send_stream_data(chunk)
+        for datagram in server.datagrams_to_send(now):
+            lab.driver.datagram_received(datagram, server_addr, now)
+        lab.driver.transmit()
+        gevent.sleep(0.001)  # the writer fills the application's socket, then waits
+        for datagram in drain(lab.server_sock):
+            server.receive_datagram(datagram, lab.client_addr, now)
+        now += 20
+    assert client.kcp.rcv_queue_segments >= client.kcp.rcv_wnd
+    assert server.kcp.rmt_wnd == 0  # the server sees the window closed
+    lab.app.setblocking(False)
+    for _ in range(400):  # the application reads; the writer empties KCP's queue into it
+        try:
+            while lab.app.recv(1 << 20):
+                pass
+        except BlockingIOError:
+            pass
+        gevent.sleep(0.001)
+        if client.kcp.rcv_queue_segments < client.kcp.rcv_wnd:
+            break
+    gevent.sleep(0.01)
+    for datagram in drain(lab.server_sock):
+        server.receive_datagram(datagram, lab.client_addr, now)
+    assert server.kcp.rmt_wnd > 0

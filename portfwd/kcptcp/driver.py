@@ -523,8 +523,10 @@ class ConversationDriver:
                 if sent < len(data):
                     sock.sendall(memoryview(data)[sent:])
                 self.last_active = now_ms()
-                if not conv.closed:
-                    self.transmit()  # reading reopened our window: let the peer know
+                if conv.window_reopened and not conv.closed:
+                    # The read freed a full receive window: the peer must hear it now. Any
+                    # other read changes nothing a flush would send (acks go with each input).
+                    self.transmit()
         except OSError as exc:
             self.abort(f"tcp write: {exc.strerror or exc}")
 

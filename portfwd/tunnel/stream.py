@@ -25,7 +25,7 @@ from typing import Any
 
 from portfwd.kcp import OVERHEAD as KCP_OVERHEAD
 from portfwd.kcp import Kcp, KcpConfig, ReassemblyBudget
-from portfwd.kcp.engine import DEAD_LINK_XMIT, FRG_MAX, WND_RCV_MIN
+from portfwd.kcp.engine import ASK_TELL, DEAD_LINK_XMIT, FRG_MAX, WND_RCV_MIN
 from portfwd.tunnel import crypto, events
 from portfwd.tunnel.fec import MAX_ROOM
 from portfwd.tunnel.hello import MAX_HELLOS
@@ -275,6 +275,12 @@ class Conversation:
         self.malformed_records += 1
         self._close(CLOSE_BAD_RECORD)
         return None
+
+    @property
+    def window_reopened(self) -> bool:
+        """A read() freed a full receive window: the next flush tells the peer (KCP's WINS),
+        which is waiting for it; the driver flushes at once then."""
+        return bool(self.kcp.probe & ASK_TELL)
 
     @property
     def readable(self) -> bool:
