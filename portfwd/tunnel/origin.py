@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import socket
 import struct
 from dataclasses import dataclass
 
@@ -80,8 +79,8 @@ def unpack_origin(record: bytes) -> Origin:
     if len(record) != _record_size(record[1]):
         raise MalformedOrigin(f"ORIGIN record of {len(record)} bytes")
     if size == 4:  # what str(IPv4Address) gives, without making one
-        src, src_port, dst, dst_port = _UNPACK_V4.unpack_from(record, 2)
-        return Origin((socket.inet_ntoa(src), src_port), (socket.inet_ntoa(dst), dst_port))
+        s1, s2, s3, s4, src_port, d1, d2, d3, d4, dst_port = _UNPACK_V4.unpack_from(record, 2)
+        return Origin((f"{s1}.{s2}.{s3}.{s4}", src_port), (f"{d1}.{d2}.{d3}.{d4}", dst_port))
     make = ipaddress.IPv6Address
     offset = 2
     ends = []
@@ -93,7 +92,7 @@ def unpack_origin(record: bytes) -> Origin:
     return Origin(ends[0], ends[1])
 
 
-_UNPACK_V4 = struct.Struct("!4sH4sH")
+_UNPACK_V4 = struct.Struct("!4BH4BH")
 
 
 def _record_size(version: int) -> int:
