@@ -140,3 +140,31 @@ def test_a_socket_that_never_empties_still_lets_other_greenlets_run(batched):
         assert [data for data, _ in batch] == [b"real"]
         assert len(screened) == queued + 1  # all were queued: none lost to the buffer
         assert other_ran_after and other_ran_after[0] <= YIELD_AFTER
+
+
+class Counting(socket.socket):
+    """A UDP socket that counts its recvfrom calls."""
+
+    calls = 0
+
+    def recvfrom(self, *args):  # type: ignore[override]
+        type(self).calls += 1
+        return super().recvfrom(*args)
+
+
+def test_a_read_that_emptied_the_socket_waits_next_time_without_asking_again():
+    """One datagram at a time (a client's conversation): each batch costs the read that got it
+    and the one that found the socket empty, not a third that learns it again."""
+    with Counting(socket.AF_INET, socket.SOCK_DGRAM) as sock, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        sock.bind(("127.0.0.1", 0))
+        endpoint = UdpEndpoint(sock)
+        Counting.calls = 0
+        for i in range(3):
+            gevent.spawn_later(0.01, peer.sendto, bytes([i]), sock.getsockname())
+            assert [data for data, _ in endpoint.recv_batch()] == [bytes([i])]
+        assert Counting.calls == 3 * 2 + 1  # the first batch found the socket empty at first
+        peer.sendto(b"a", sock.getsockname())
+        peer.sendto(b"b", sock.getsockname())
+        gevent.sleep(0.01)
+        assert [data for data, _ in endpoint.recv_batch()] == [b"a", b"b"]

@@ -60,6 +60,7 @@ class UdpEndpoint:
         self._writable = loop.io(sock.fileno(), WRITE)
         self._batch = batch_receiver(sock, RECV_BATCH) if batched else None
         self._unyielded = 0  # datagrams read since this greenlet last let the hub run
+        self._drained = False  # the last unbatched read found the socket empty
         self.send_errors = 0
         self.gso_sends = 0  # sendmsg calls that carried a run of datagrams
         self.gso_max = GSO_BYTES  # the largest datagram sent in GSO runs (lowered if refused)
@@ -74,6 +75,10 @@ class UdpEndpoint:
         recvfrom = self.sock.recvfrom
         batch: list[tuple[bytes, Any]] = []
         unyielded = self._unyielded
+        if self._drained:  # the last batch ended on an empty socket: no call to learn it again
+            self._drained = False
+            unyielded = 0
+            wait(self._readable)
         while True:
             if unyielded >= YIELD_AFTER:
                 unyielded = 0
@@ -82,6 +87,7 @@ class UdpEndpoint:
                 datagram = recvfrom(UDP_RECV_SIZE)
             except BlockingIOError:
                 if batch:
+                    self._drained = True
                     break
                 unyielded = 0
                 wait(self._readable)
