@@ -292,8 +292,13 @@ def inside(opts: argparse.Namespace) -> None:
     rows, split = [], []
     for name, m in med.items():
         ratios = [r["ratio"] for r in results[name]]
-        rows.append([name, f"{m['rate']:.0f}", ratio(m["rate"], med[first]["rate"]),
-                     f"{m['cpu'] * 100:.0f} %", f"{m['server_us']:.0f} / {m['client_us']:.0f}",
+        def spread(key: str, rounds: list[dict[str, float]] = results[name]) -> str:
+            return f"{min(r[key] for r in rounds):.0f}–{max(r[key] for r in rounds):.0f}"
+
+        rows.append([name, f"{m['rate']:.0f} ({spread('rate')})",
+                     ratio(m["rate"], med[first]["rate"]), f"{m['cpu'] * 100:.0f} %",
+                     f"{m['server_us']:.0f} / {m['client_us']:.0f} ({spread('server_us')} / "
+                     f"{spread('client_us')})",
                      f"{m['flood_pps']:.0f}", f"{m['cpu_flooder'] * 100:.0f} %",
                      f"{m['flooded']:.0f}", f"{m['ratio']:.2f}× ({min(ratios):.2f}–"
                      f"{max(ratios):.2f})", f"{m['cpu_flooded'] * 100:.0f} %",
@@ -311,7 +316,8 @@ def inside(opts: argparse.Namespace) -> None:
         rows,
         f"{opts.rounds} interleaved rounds of {opts.seconds:g} s per checkout and condition, "
         f"medians; \"× unloaded\": the median of each round's flooded/unloaded ratio, its "
-        f"range in brackets; {opts.workers} client processes; flood from {opts.sources} random "
+        f"range in brackets (and the range of conn/s and CPU µs/conn over rounds); "
+        f"{opts.workers} client processes; flood from {opts.sources} random "
         "10/8 sources, bursts of 64 sent with one sendmmsg"
         + (f"; the flood generator alone on CPU {opts.flood_cpu}, everything else "
            "on the others." if opts.flood_cpu is not None else ".")),

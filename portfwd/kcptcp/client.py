@@ -136,13 +136,12 @@ class TunnelClient(ConversationService):
         driver.spawn(self._receive, driver, udp)  # ends in wait_finished
         idle: IdleTimer | None = None
         try:
-            driver.start_ticker()
             driver.transmit()  # the HELLO
             driver.attach_tcp(sock)
             idle = self._time_out(driver)
             log.info("conv=%d open %s -> %s", conv_id, format_sockaddr(client.address),
                      self.remote)
-            driver.wait_finished()
+            driver.tick_until_finished()  # this greenlet is the conversation's ticker
         finally:
             if idle is not None:
                 idle.stop()

@@ -3,7 +3,8 @@
 Glossary: the *tcp side* is the local TCP connection (the accepted client on kcptcp-client, the
 dialled target on kcptcp-server); the *udp side* is the datagram socket towards the peer.
 
-Per conversation there are three greenlets: the *ticker* sleeps until the conversation's
+Per conversation there are three greenlets: the *ticker* (a pooled job, or on kcptcp-client the
+greenlet that owns the connection and has nothing else to do) sleeps until the conversation's
 timer (woken early through an Event when new work makes the deadline sooner), the *tcp reader*
 moves TCP bytes in while the conversation has room, and the *tcp writer* moves peer bytes out as
 fast as the TCP socket drains. Datagrams are fed in by whoever reads the UDP socket (one greenlet
@@ -222,6 +223,13 @@ class ConversationDriver:
 
     def start_ticker(self) -> None:
         self._jobs.spawn(self._tick)
+
+    def tick_until_finished(self) -> None:
+        """Be the conversation's ticker in the calling greenlet until the conversation closes,
+        then :meth:`wait_finished`: for a caller that would only wait for the end (one pooled
+        job less per connection than start_ticker + wait_finished)."""
+        self._tick()
+        self.wait_finished()
 
     def attach_tcp(self, sock: gsocket,
                    prelude: Callable[[Origin | None], bytes] | None = None) -> None:
