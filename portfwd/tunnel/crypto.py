@@ -60,7 +60,7 @@ PLAINTEXT_PSK = b""  # IKM used when no PSK is configured (plaintext mode: no se
 
 def hkdf_extract(salt: bytes, ikm: bytes) -> bytes:
     """HKDF-Extract (RFC 5869 section 2.2) with SHA-256."""
-    return hmac.digest(salt, ikm, "sha256")  # one-shot: a third of hmac.new's cost
+    return hmac.new(salt, ikm, hashlib.sha256).digest()
 
 
 def hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
@@ -71,7 +71,7 @@ def hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
     block = b""
     counter = 1
     while len(out) < length:
-        block = hmac.digest(prk, block + info + bytes((counter,)), "sha256")
+        block = hmac.new(prk, block + info + bytes((counter,)), hashlib.sha256).digest()
         out += block
         counter += 1
     return out[:length]
