@@ -2,8 +2,8 @@
 bench/results/2026-12-01-conncost.md, each with the behaviour it must keep.
 
 The client driver here is the real ConversationDriver on loopback sockets (a UDP socket for the
-tunnel, a socket pair for the application); the server is the sans-IO session and conversation,
-built as kcptcp-server builds them, fed by hand.
+tunnel, a socket pair or a TCP connection for the application); the server is the sans-IO
+session and conversation, built as kcptcp-server builds them, fed by hand.
 """
 
 from __future__ import annotations
@@ -29,10 +29,20 @@ CONFIG = ConversationConfig(tunnel=TunnelConfig(psk=PSK))
 ORIGIN = Origin(("192.0.2.7", 40000), ("127.0.0.1", 8080))
 
 
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """The application's end and the tunnel's end of a loopback TCP connection."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        app = socket.create_connection(listener.getsockname())
+        tunnel, _ = listener.accept()
+    return app, tunnel
+
+
 class Lab:
     """A client driver talking to a hand-fed server over two loopback UDP sockets."""
 
-    def __init__(self) -> None:
+    def __init__(self, tcp: bool = False) -> None:
+        """``tcp``: the application on a loopback TCP connection (one that can be reset), not
+        a socket pair."""
         self.server_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.server_sock.bind(("127.0.0.1", 0))
         self.server_sock.settimeout(2)
@@ -40,7 +50,7 @@ class Lab:
         client_sock.bind(("127.0.0.1", 0))
         self.client_addr = client_sock.getsockname()
         self.udp = UdpEndpoint(client_sock)
-        self.app, tcp = socket.socketpair()
+        self.app, tcp = tcp_pair() if tcp else socket.socketpair()
         conv = Conversation.client(CONFIG, 7, self.server_sock.getsockname(), 0, WALL)
         conv.send_origin(ORIGIN)
         self.driver = ConversationDriver(conv, self.udp, "conv=7")
@@ -277,9 +287,25 @@ def test_the_window_a_read_reopens_is_announced_by_the_writer_itself(lab):
         except BlockingIOError:
             pass
         gevent.sleep(0.001)
-        if client.kcp.rcv_queue_segments < client.kcp.rcv_wnd:
+        for datagram in drain(lab.server_sock):
+            server.receive_datagram(datagram, lab.client_addr, now)
+        if server.kcp.rmt_wnd > 0:
             break
-    gevent.sleep(0.01)
-    for datagram in drain(lab.server_sock):
-        server.receive_datagram(datagram, lab.client_addr, now)
     assert server.kcp.rmt_wnd > 0
+
+
+def test_an_application_that_reset_before_the_welcome_aborts_the_conversation():
+    lab = Lab(tcp=True)
+    try:
+        reset_then_welcome(lab)
+    finally:
+        lab.close()
+
+
+def reset_then_welcome(lab: Lab) -> None:
+    lab.app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    lab.app.close()  # RST: the tunnel's end reads ECONNRESET, once
+    gevent.sleep(0.01)
+    lab.welcome()
+    assert lab.driver.conv.closed
+    assert lab.driver.close_reason.startswith("tcp read:")

@@ -128,8 +128,9 @@ class ConversationDriver:
     def _read_ahead(self) -> None:
         """The client's handshake just completed: what its application sent meanwhile goes
         into the first flush, in the datagram of the ORIGIN record (one datagram less each way
-        per connection: the server acknowledges both records at once). Never waits; EOF and
-        errors are left for the TCP reader, which starts now."""
+        per connection: the server acknowledges both records at once). Never waits; EOF is
+        left for the TCP reader, which starts now; an error ends the conversation as the
+        reader's would (the kernel reports a reset once)."""
         sock, conv = self.tcp, self.conv
         if not conv.can_send():
             return
@@ -137,8 +138,11 @@ class ConversationDriver:
         sock.settimeout(0.0)
         try:
             data = sock.recv(TCP_CHUNK)
-        except OSError:
-            return  # nothing there yet (BlockingIOError), or a fault the reader will meet
+        except BlockingIOError:
+            return  # nothing there yet
+        except OSError as exc:
+            self.abort(f"tcp read: {exc.strerror or exc}")
+            return
         finally:
             sock.settimeout(timeout)
         if data:
