@@ -13,7 +13,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from portfwd.kcptcp.driver import ConversationDriver, UdpEndpoint, now_ms
+from portfwd.kcptcp.driver import ConversationDriver, now_ms
+from portfwd.kcptcp.udp_endpoint import UdpEndpoint
 from portfwd.kcpudp.metrics import DatagramConversationMetrics
 from portfwd.tunnel.datagrams import ReliableDatagrams, UnreliableDatagrams
 from portfwd.tunnel.fec import FecSettings, LossHint

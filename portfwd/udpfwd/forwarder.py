@@ -43,13 +43,12 @@ from portfwd.runtime.admission import SourceFilter
 from portfwd.runtime.kerneldrops import KernelDrops
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.session_table import SessionTable
-from portfwd.runtime.sockets import READ, SOFT_ERRNOS, SOL_UDP, UDP_SEGMENT, set_buffers
+from portfwd.runtime.sockets import DGRAM_CAP, READ, SOFT_ERRNOS, SOL_UDP, UDP_SEGMENT, set_buffers
 from portfwd.udpfwd.config import UdpConfig
 from portfwd.udpfwd.metrics import UdpMetrics, render_status
 
 log = logging.getLogger(__name__)
 
-DGRAM_CAP = 65536  # bytes; seed UDP_PROXY_DGRAM_CAP: holds the largest UDP payload (65,527)
 RECV_BUDGET = 64  # datagrams read per wake-up of one socket before others get their turn
 SWEEP_INTERVAL_MAX = 1.0  # s between idle sweeps; shorter for short timeouts (timeout / 4)
 SWEEP_LIMIT = 4096  # sessions closed per sweep tick, so a mass expiry cannot stall the loop
