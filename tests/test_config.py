@@ -219,7 +219,7 @@ SERVER = {"listen": "127.0.0.1:1", "target": "127.0.0.1:2"}
      "timeout expects a whole number, got 'abc'"),
     (udpfwd_config, {**TCP, "timeout": "-5"}, "timeout", "timeout must be 0-2592000, got -5"),
     (udpfwd_config, {**TCP, "stats_interval": "-1"}, "stats_interval",
-     "stats_interval must be >= 0, got -1"),
+     "stats_interval must be 0-86400, got -1"),
     (udpfwd_config, {**TCP, "max_sessions": True}, "max_sessions",
      "max_sessions expects a whole number, got True"),
     (client_config, {**CLIENT, "mtu": "10"}, "mtu", "mtu must be 576-9000, got 10"),

@@ -159,3 +159,18 @@ def test_a_burst_beyond_the_allowance_is_a_bounded_debt() -> None:
     allowance.room(0, 0, 1.0, 10)
     allowance.room(1, 10_000, 1.0, 10)  # 10,000 segments went out at once
     assert allowance.room(40, 10_000, 1.0, 10) > 0
+
+
+def test_a_new_engine_counting_from_zero_is_a_new_round_not_a_negative_sample() -> None:
+    """A restarted conversation replaces the engine and keeps the model: its running totals
+    start again at zero, which must neither enter the filter as a negative rate nor pay the
+    allowance back as if that many segments had been returned."""
+    model = RateModel(1400)
+    feed(model, 5.0, 100, 1500)
+    feed(model, 5.0, 100, 300, start=1500)  # the totals start again at zero
+    assert min(model._samples) > 0 and model.rate == pytest.approx(5.0, rel=0.02)
+    reset, unchanged = Allowance(), Allowance()
+    for allowance in (reset, unchanged):
+        allowance.room(0, 0, 1.0, 10)
+        allowance.room(10, 5000, 1.0, 10)  # deep in debt after a burst
+    assert reset.room(11, 0, 1.0, 10) == unchanged.room(11, 5000, 1.0, 10)

@@ -1,4 +1,4 @@
-"""kcptcp/udp_endpoint.py's UdpEndpoint.send: runs of equal-size datagrams go out as one GSO send,
+"""kcptcp/udp_endpoint.py: UdpEndpoint.send: runs of equal-size datagrams go out as one GSO send,
 and arrive as the same datagrams in the same order; a refused GSO send falls back to one
 datagram per syscall without losing any. Its receive side lets the hub run while a flood never
 empties the socket."""

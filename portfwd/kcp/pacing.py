@@ -78,7 +78,8 @@ class RateModel:
                 rtts.popleft()
             self.min_rtt = rtts[0][1]
         self._round_busy |= busy
-        if self._round_start is None:
+        if self._round_start is None or delivered < self._round_delivered:
+            # first call, or a new engine (a restarted conversation) counting from zero again
             self._round_start, self._round_delivered = now, delivered
             return
         elapsed = now - self._round_start
@@ -140,7 +141,7 @@ class Allowance:
         """New segments that may leave until ``interval`` ms from ``now``; None: not paced.
         ``sent`` counts every new segment so far, ``rate`` is in segments per ms."""
         last, self._last = self._last, now
-        spent, self._sent = sent - self._sent, sent
+        spent, self._sent = max(0, sent - self._sent), sent  # fewer: a new engine's count
         self.wake = None
         if rate is None or last is None:
             self.tokens = 0.0

@@ -19,11 +19,11 @@ from portfwd.kcptcp.config import ClientConfig
 from portfwd.kcptcp.driver import (
     ConversationDriver,
     ConversationService,
-    UdpEndpoint,
     now_ms,
     wall_ms,
 )
 from portfwd.kcptcp.metrics import TunnelClientMetrics, render_client_totals
+from portfwd.kcptcp.udp_endpoint import UdpEndpoint
 from portfwd.runtime.acceptloop import AcceptLoop
 from portfwd.runtime.addr import format_sockaddr
 from portfwd.runtime.admission import Gate

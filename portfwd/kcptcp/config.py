@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from portfwd.policy.cidr import AccessList, CidrSet
 from portfwd.runtime.addr import Resolved
 from portfwd.runtime.admission import Admission, admission_config
-from portfwd.runtime.config import listen_options
+from portfwd.runtime.config import STATS_INTERVAL, listen_options, stats_interval
 from portfwd.runtime.environment import PSK, Environment
 from portfwd.runtime.keyfile import read_psk_file
 from portfwd.runtime.options import ConfigError, Options
@@ -48,7 +48,6 @@ RESEND = 2  # acks: --resend default
 NC = 1  # --nc default
 WINDOW = 1024  # segments: --sndwnd and --rcvwnd default
 KEEPALIVE = 30  # s: --keepalive default
-STATS_INTERVAL = 60  # s: --stats-interval default
 MAX_SESSIONS = 4096  # conversations held at once (each holds a target socket)
 MAX_PENDING = 256  # conversations whose client has not yet sent an authenticated packet
 REASSEMBLY_BYTES = 256 * 1024 * 1024  # bytes received from peers and not yet written, all sessions
@@ -158,12 +157,11 @@ def client_config(options: Options, env: Environment) -> ClientConfig:
     fec = fec_settings(options)
     conversation = conversation_config(options, env, fec)
     udp_buffer = options.integer("sockbuf", UDP_BUFFER_MIN, UDP_BUFFER_MAX, UDP_BUFFER)
-    stats_interval = options.integer("stats_interval", 0, 86400, STATS_INTERVAL)
     return ClientConfig(
         listen=options.address("listen", socket.SOCK_STREAM, passive=True),
         remote=options.address("remote", socket.SOCK_DGRAM, passive=False),
         conversation=conversation, listen_options=listen_options(options),
-        udp_buffer=udp_buffer, stats_interval=stats_interval, fec=fec,
+        udp_buffer=udp_buffer, stats_interval=stats_interval(options), fec=fec,
         admission=admission_config(options), relay=relay_limits(options))
 
 
@@ -172,7 +170,6 @@ def server_config(options: Options, env: Environment) -> ServerConfig:
     fec = fec_settings(options)
     conversation = conversation_config(options, env, fec)
     udp_buffer = options.integer("sockbuf", UDP_BUFFER_MIN, UDP_BUFFER_MAX, UDP_BUFFER)
-    stats_interval = options.integer("stats_interval", 0, 86400, STATS_INTERVAL)
     listen = options.address("listen", socket.SOCK_DGRAM, passive=True)
     destinations = destinations_config(options, "target")
     limits = ServerLimits(
@@ -183,7 +180,7 @@ def server_config(options: Options, env: Environment) -> ServerConfig:
     return ServerConfig(
         listen=listen, target=destinations[0].addresses[0], conversation=conversation,
         listen_options=listen_options(options, bufsize=udp_buffer),
-        udp_buffer=udp_buffer, stats_interval=stats_interval, fec=fec, limits=limits,
+        udp_buffer=udp_buffer, stats_interval=stats_interval(options), fec=fec, limits=limits,
         access=AccessList(CidrSet(options.cidrs("allow")), CidrSet(options.cidrs("deny"))),
         proxy_protocol=PROXY_VERSIONS.get(
             options.choice("proxy_protocol", tuple(PROXY_VERSIONS), "none"), 0),

@@ -35,11 +35,11 @@ from portfwd.kcptcp.config import ServerConfig
 from portfwd.kcptcp.driver import (
     ConversationDriver,
     ConversationService,
-    UdpEndpoint,
     now_ms,
     wall_ms,
 )
 from portfwd.kcptcp.metrics import TunnelServerMetrics, render_server_totals
+from portfwd.kcptcp.udp_endpoint import UdpEndpoint
 from portfwd.policy.proxy import pack, pack_v1, pack_v2
 from portfwd.runtime.addr import HostPort, format_sockaddr
 from portfwd.runtime.admission import SourceFilter

@@ -1,10 +1,6 @@
-"""The UDP side of tunnelled conversations: a non-blocking datagram socket on libev watchers.
-
-Batched receives (recvmmsg, for the server's one socket that every conversation's datagrams and
-any flood arrive on) that still let the hub run while a flood never empties the socket, and
-sends that carry a run of equal-size datagrams in one GSO sendmsg. Sends never raise for the
-network: what it loses is counted (and KCP retransmits).
-"""
+"""The tunnel's UDP socket, driven with libev watchers: datagrams read in batches (recvmmsg on
+the server's shared socket), runs of equal-size datagrams sent as one GSO sendmsg, and sends
+that never raise for the network (a lost datagram is counted, KCP repairs it)."""
 
 from __future__ import annotations
 
@@ -22,6 +18,7 @@ from gevent.socket import wait
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.recvmmsg import batch_receiver
 from portfwd.runtime.sockets import (
+    DGRAM_CAP,
     READ,
     SOFT_ERRNOS,
     SOL_UDP,
@@ -32,7 +29,6 @@ from portfwd.runtime.sockets import (
 
 log = logging.getLogger(__name__)
 
-UDP_RECV_SIZE = 65536  # bytes: any datagram fits
 RECV_BATCH = 64  # datagrams read without yielding before one transmit per touched conversation
 # Datagrams read in a row from a socket that never empties (a flood) before the hub gets a turn:
 # without it the reading greenlet would never block, and tcp sides and tickers would starve.
@@ -84,7 +80,7 @@ class UdpEndpoint:
                 unyielded = 0
                 gevent.sleep(0)
             try:
-                datagram = recvfrom(UDP_RECV_SIZE)
+                datagram = recvfrom(DGRAM_CAP)
             except BlockingIOError:
                 if batch:
                     self._drained = True

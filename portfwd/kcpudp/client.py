@@ -16,7 +16,8 @@ import gevent
 import gevent.pool
 
 from portfwd.kcptcp.client import TunnelClient, random_conv
-from portfwd.kcptcp.driver import ConversationService, UdpEndpoint, now_ms, wall_ms
+from portfwd.kcptcp.driver import ConversationService, now_ms, wall_ms
+from portfwd.kcptcp.udp_endpoint import UdpEndpoint
 from portfwd.kcpudp.config import ClientConfig
 from portfwd.kcpudp.driver import (
     CONVERSATIONS,

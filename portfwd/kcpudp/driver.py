@@ -13,8 +13,9 @@ import logging
 import time
 from collections.abc import Callable
 
-from portfwd.kcptcp.driver import ConversationDriver, UdpEndpoint, now_ms
+from portfwd.kcptcp.driver import ConversationDriver, now_ms
 from portfwd.kcptcp.metrics import counts_of
+from portfwd.kcptcp.udp_endpoint import UdpEndpoint
 from portfwd.kcpudp.metrics import DatagramConversationMetrics
 from portfwd.tunnel.datagrams import ReliableDatagrams, UnreliableDatagrams
 from portfwd.tunnel.fec import FecSettings, LossHint

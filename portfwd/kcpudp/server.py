@@ -22,8 +22,9 @@ import socket
 
 import gevent
 
-from portfwd.kcptcp.driver import UdpEndpoint, now_ms
+from portfwd.kcptcp.driver import now_ms
 from portfwd.kcptcp.server import STOP_IDLE_MS, TunnelServer
+from portfwd.kcptcp.udp_endpoint import UdpEndpoint
 from portfwd.kcpudp.config import ServerConfig
 from portfwd.kcpudp.driver import (
     CONVERSATIONS,

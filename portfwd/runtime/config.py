@@ -81,3 +81,12 @@ def _in_existing_directory(options: Options, name: str) -> str | None:
 def listen_options(options: Options, bufsize: int | None = None) -> ListenOptions:
     return ListenOptions(reuseaddr=options.flag("reuseaddr"), reuseport=options.flag("reuseport"),
                          v6only=options.flag("v6only"), bufsize=bufsize)
+
+
+STATS_INTERVAL = 60  # s: --stats-interval's default, every tool
+MAX_STATS_INTERVAL = 86400  # s
+
+
+def stats_interval(options: Options) -> float:
+    """``--stats-interval`` (the ``stats_interval`` key): seconds, 0 = no periodic lines."""
+    return float(options.integer("stats_interval", 0, MAX_STATS_INTERVAL, STATS_INTERVAL))

@@ -22,8 +22,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from portfwd.runtime.sockets import DGRAM_CAP
+
 SOCKADDR_SIZE = 28  # bytes: sockaddr_in6, the larger of the two families a UDP socket has
-SLOT_SIZE = 65536  # bytes per datagram: any UDP payload fits (65,507 / 65,527 at most)
+SLOT_SIZE = DGRAM_CAP  # bytes per datagram: any UDP payload fits
 ADDRESS_CACHE_SIZE = 1024  # decoded source addresses kept (cleared when full)
 _WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK)
 

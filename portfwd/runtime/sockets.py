@@ -15,6 +15,7 @@ from gevent.socket import wait_write
 from portfwd.runtime.addr import Resolved
 
 SOCKBUF_CAP = 262144  # bytes; seed TCP_PROXY_SOCKBUF_CAP / UDP_PROXY_SOCKBUF_CAP
+DGRAM_CAP = 65536  # bytes; seed UDP_PROXY_DGRAM_CAP: holds the largest UDP payload (65,527)
 KEEPALIVE_IDLE = 60  # s; seed TCP_PROXY_KEEPALIVE_IDLE
 KEEPALIVE_INTVL = 10  # s; seed TCP_PROXY_KEEPALIVE_INTVL
 KEEPALIVE_CNT = 6  # probes; seed TCP_PROXY_KEEPALIVE_CNT

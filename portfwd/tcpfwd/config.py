@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from portfwd.runtime.addr import Resolved
 from portfwd.runtime.admission import Admission, admission_config
-from portfwd.runtime.config import listen_options
+from portfwd.runtime.config import STATS_INTERVAL, listen_options, stats_interval
 from portfwd.runtime.environment import Environment
 from portfwd.runtime.options import ConfigError, Options
 from portfwd.runtime.relay_timeouts import RelayLimits, relay_limits
@@ -25,7 +25,6 @@ from portfwd.tcpfwd.pump import SPLICE_AVAILABLE
 
 MAX_CONNECT_TIMEOUT = 3600  # s
 PROXY_VERSIONS = {"v1": 1, "v2": 2}  # --proxy-protocol
-STATS_INTERVAL = 60  # s between stats lines by default (udpfwd's and kcptcp's too)
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class TcpConfig:
     admission: Admission = field(default_factory=Admission)  # --allow, --max-conns, ...
     proxy_protocol: int = 0  # --proxy-protocol: PROXY header version sent first, 0 = none
     relay: RelayLimits = field(default_factory=RelayLimits)  # --idle-timeout, ...
-    stats_interval: float = float(STATS_INTERVAL)  # s between stats lines at INFO; 0 = none
+    stats_interval: float = STATS_INTERVAL  # s between stats lines at INFO; 0 = none
 
 
 def tcpfwd_config(options: Options, env: Environment) -> TcpConfig:
@@ -57,11 +56,10 @@ def tcpfwd_config(options: Options, env: Environment) -> TcpConfig:
                                       int(CONNECT_TIMEOUT))
     proxy = options.choice("proxy_protocol", tuple(PROXY_VERSIONS), "none")
     relay = relay_limits(options)
-    stats_interval = options.integer("stats_interval", 0, None, STATS_INTERVAL)
     return TcpConfig(listen=listen, dest=destinations[0].addresses[0],
                      listen_options=listen_options(options), base_addr=base_addr,
                      splice=SPLICE_AVAILABLE and not env.no_splice,
                      connect_timeout=float(connect_timeout), destinations=destinations,
                      balancing=upstream_config(options), admission=admission_config(options),
                      proxy_protocol=PROXY_VERSIONS.get(proxy, 0), relay=relay,
-                     stats_interval=float(stats_interval))
+                     stats_interval=stats_interval(options))

@@ -12,8 +12,6 @@ import logging
 import socket
 import struct
 
-from gevent import get_hub
-
 from portfwd.policy.proxy import pack
 from portfwd.runtime.acceptloop import AcceptLoop
 from portfwd.runtime.addr import HostPort, Resolved, format_sockaddr
@@ -21,6 +19,7 @@ from portfwd.runtime.admission import Client, Gate
 from portfwd.runtime.logs import RateLimitedLog, hot_log
 from portfwd.runtime.relay_timeouts import HalfCloseSweeper
 from portfwd.runtime.sockets import DeferredKeepalive, dial_tcp, finish_dial, start_dial
+from portfwd.runtime.stats_lines import StatsLines
 from portfwd.runtime.upstream import Destination, Upstreams
 from portfwd.tcpfwd.config import TcpConfig
 from portfwd.tcpfwd.metrics import TcpCounters, TcpMetrics, status
@@ -107,8 +106,8 @@ class TcpForwarder:
         self.keepalive = DeferredKeepalive()  # the plain case's dialled sockets
         half_close = config.relay.half_close_timeout
         self.sweeper = HalfCloseSweeper(half_close) if half_close else None
-        self._stats_timer = None  # --stats-interval: a libev timer in the hub
-        self._last_stats: TcpMetrics | None = None  # what the last stats line said
+        self.stats_lines = StatsLines(log, self.metrics,
+                                      lambda snapshot: f"stats: {status(snapshot)[0]}")
 
     def metrics(self) -> TcpMetrics:
         """A snapshot of the counters (no I/O; bytes of running relays included)."""
@@ -121,28 +120,14 @@ class TcpForwarder:
         log.info("forwarding %s -> %s (%s)", format_sockaddr(self.accept_loop.address),
                  dests if not self.config.base_addr else self.config.dest,
                  "splice" if self.config.splice else "copy")
-        interval = self.config.stats_interval
-        if interval:
-            self._stats_timer = get_hub().loop.timer(interval, interval)
-            self._stats_timer.start(self._log_stats)
-
-    def _log_stats(self) -> None:
-        """The periodic summary at INFO (the per-connection lines are DEBUG): the status line
-        of SIGUSR1, written only when something changed since the last one (an idle
-        forwarder stays quiet). Runs in the hub: a snapshot and one log line, no waiting."""
-        snapshot = self.metrics()
-        if snapshot != self._last_stats:
-            self._last_stats = snapshot
-            log.info("stats: %s", status(snapshot)[0])
+        self.stats_lines.start(self.config.stats_interval)  # SIGUSR1's status line, periodically
 
     def stop(self, timeout: float) -> None:
         self.accept_loop.stop(timeout)
         self.keepalive.close()
-        if self._stats_timer is not None:  # the last word: what the drained service did
-            self._stats_timer.stop()
-            self._stats_timer.close()
-            self._stats_timer = None
-            self._log_stats()
+        if self.stats_lines.running:  # the last word: what the drained service did
+            self.stats_lines.stop()
+            self.stats_lines.write()
 
     def handover(self) -> socket.socket:
         """Stop accepting; return the listener for the next service of this address (config

@@ -43,13 +43,13 @@ from portfwd.runtime.admission import SourceFilter
 from portfwd.runtime.kerneldrops import KernelDrops
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.session_table import SessionTable
-from portfwd.runtime.sockets import READ, SOFT_ERRNOS, SOL_UDP, UDP_SEGMENT, set_buffers
+from portfwd.runtime.sockets import DGRAM_CAP, READ, SOFT_ERRNOS, SOL_UDP, UDP_SEGMENT, set_buffers
+from portfwd.runtime.stats_lines import StatsLines
 from portfwd.udpfwd.config import UdpConfig
 from portfwd.udpfwd.metrics import UdpMetrics, render_status
 
 log = logging.getLogger(__name__)
 
-DGRAM_CAP = 65536  # bytes; seed UDP_PROXY_DGRAM_CAP: holds the largest UDP payload (65,527)
 RECV_BUDGET = 64  # datagrams read per wake-up of one socket before others get their turn
 SWEEP_INTERVAL_MAX = 1.0  # s between idle sweeps; shorter for short timeouts (timeout / 4)
 SWEEP_LIMIT = 4096  # sessions closed per sweep tick, so a mass expiry cannot stall the loop
@@ -108,8 +108,7 @@ class UdpForwarder:
         self._loop = None  # the hub's loop, taken in start() (after a daemon fork's reinit)
         self._listen_watcher = None
         self._sweep_timer = None
-        self._stats_timer = None
-        self._last_stats: UdpMetrics | None = None  # what the last status line showed
+        self.stats_lines = StatsLines(log, self.metrics, render_status)
         self.sources = SourceFilter(config.access, log, "datagram")  # --allow / --deny
 
     @property
@@ -143,17 +142,14 @@ class UdpForwarder:
             interval = min(SWEEP_INTERVAL_MAX, self.config.idle_timeout / 4)
             self._sweep_timer = self._loop.timer(interval, interval)
             self._sweep_timer.start(self._sweep)
-        if self.config.stats_interval:
-            interval = self.config.stats_interval
-            self._stats_timer = self._loop.timer(interval, interval)
-            self._stats_timer.start(self._log_stats)
+        self.stats_lines.start(self.config.stats_interval)
 
     def _stop_timers(self) -> None:
-        for timer in (self._sweep_timer, self._stats_timer):
-            if timer is not None:
-                timer.stop()
-                timer.close()
-        self._sweep_timer = self._stats_timer = None
+        if self._sweep_timer is not None:
+            self._sweep_timer.stop()
+            self._sweep_timer.close()
+            self._sweep_timer = None
+        self.stats_lines.stop()
 
     def reconfigure(self, config: UdpConfig) -> None:
         """New settings for the same listening socket (config reload): sessions opened from
@@ -176,7 +172,7 @@ class UdpForwarder:
         for _, session in self.table.clear():
             self._close(session, "stopped")
         self.listener.close()
-        self._log_stats(force=True)
+        self.stats_lines.write(force=True)
         self._kernel_drops.close()
 
     # -- forwarding, both ways ------------------------------------------------------------
@@ -345,9 +341,3 @@ class UdpForwarder:
         session.sock.close()
         log.debug("session %d %s (%s)", session.id, why, format_sockaddr(session.client))
 
-    def _log_stats(self, force: bool = False) -> None:
-        metrics = self.metrics()
-        if metrics == self._last_stats and not force:
-            return  # nothing moved since the last line: an idle forwarder stays quiet
-        self._last_stats = metrics
-        log.info("%s", render_status(metrics))
