@@ -84,8 +84,10 @@ class Relay:
 
     # --- on callbacks ---------------------------------------------------------------------
 
-    def start(self, workers: Workers) -> None:
-        """Relay both directions on callbacks in the hub; returns at once."""
+    def start(self, workers: Workers, rest: bytes = b"") -> None:
+        """Relay both directions on callbacks in the hub; returns at once. ``rest``: client
+        bytes read before the relay that the upstream has not taken yet (the pumps send
+        them first)."""
         self.adopted = workers
         workers.adopt(self)
         if not MSG_DONTWAIT:  # no per-call non-blocking flag here: the whole sockets, then
@@ -93,6 +95,8 @@ class Relay:
             self.upstream.make_nonblocking()
         self.client.readable.start(self._readable, self.client, self.upstream, self.up)
         self.upstream.readable.start(self._readable, self.upstream, self.client, self.down)
+        if rest:
+            self._hand_over(self.client, rest)
 
     def _readable(self, src: RelaySocket, dst: RelaySocket, counter: Counter) -> None:
         """``src`` has data or EOF (a hub callback: never blocks)."""
