@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os  # EXPERIMENT
 import socket
 import struct
 import time
@@ -34,6 +35,10 @@ from portfwd.runtime.relay_timeouts import HalfCloseSweeper, IdleTimer
 from portfwd.runtime.workers import Workers
 from portfwd.tcpfwd.metrics import TcpCounters
 from portfwd.tcpfwd.pump import COPY_CHUNK, MSG_DONTWAIT, Counter, RelaySocket, pump
+
+_X_FIN = "nofin" not in os.environ.get("PORTFWD_X", "")
+MSG_PEEK = socket.MSG_PEEK
+MSG_MORE = getattr(socket, "MSG_MORE", 0)  # Linux: hold a partial segment for what follows
 
 log = logging.getLogger(__name__)
 
@@ -104,16 +109,22 @@ class Relay:
             # MSG_DONTWAIT: the accepted socket is still in blocking mode (RelaySocket)
             data = src.sock.recv(COPY_CHUNK, MSG_DONTWAIT)
             if not data:
-                src.readable.stop()
-                # Pass the EOF on; the other way goes on. When the other way ended at EOF
-                # already, close() is about to send the FIN (dst has nothing unread): one
-                # syscall fewer per short connection.
-                if self.running > 1 or self.error:
-                    dst.pass_eof()
-                self._ended()
+                self._eof(src, dst)
                 return
+            flags, ended = MSG_DONTWAIT, False
+            if not counter.moved and len(data) < COPY_CHUNK and _X_FIN:
+                # A first reply often comes with its FIN (a response, then close): if so,
+                # the FIN goes in the same segment as the data (MSG_MORE holds the data
+                # for the shutdown or close right after), as HAProxy does when epoll says
+                # RDHUP. A peek: one syscall, once per direction.
+                try:
+                    ended = not src.sock.recv(1, MSG_DONTWAIT | MSG_PEEK)
+                except BlockingIOError:
+                    pass
+                if ended:
+                    flags |= MSG_MORE
             try:
-                sent = dst.sock.send(data, MSG_DONTWAIT)
+                sent = dst.sock.send(data, flags)
             except BlockingIOError:
                 sent = 0
         except BlockingIOError:
@@ -125,7 +136,21 @@ class Relay:
             return
         counter.moved += sent
         if sent < len(data) or (self.splice and len(data) == COPY_CHUNK):
-            self._hand_over(src, data[sent:])
+            self._hand_over(src, data[sent:])  # (the pumps' next send pushes held data)
+        elif ended:
+            self._eof(src, dst)
+
+    def _eof(self, src: RelaySocket, dst: RelaySocket) -> None:
+        """``src`` is at EOF: pass it on; the other way goes on. When the other way ended at
+        EOF already, close() is about to send the FIN (dst has nothing unread): one syscall
+        fewer per short connection."""
+        src.readable.stop()
+        try:
+            if self.running > 1 or self.error:
+                dst.pass_eof()
+        except OSError as exc:
+            self._failed(src, dst, exc)
+        self._ended()
 
     def _hand_over(self, src: RelaySocket, rest: bytes) -> None:
         """Both directions still running go on in greenlet pumps; ``src``'s starts by sending
