@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os  # EXPERIMENT
 import socket
 import struct
 import time
@@ -36,7 +35,6 @@ from portfwd.runtime.workers import Workers
 from portfwd.tcpfwd.metrics import TcpCounters
 from portfwd.tcpfwd.pump import COPY_CHUNK, MSG_DONTWAIT, Counter, RelaySocket, pump
 
-_X_FIN = "nofin" not in os.environ.get("PORTFWD_X", "")
 MSG_PEEK = socket.MSG_PEEK
 MSG_MORE = getattr(socket, "MSG_MORE", 0)  # Linux: hold a partial segment for what follows
 
@@ -112,7 +110,7 @@ class Relay:
                 self._eof(src, dst)
                 return
             flags, ended = MSG_DONTWAIT, False
-            if not counter.moved and len(data) < COPY_CHUNK and _X_FIN:
+            if not counter.moved and len(data) < COPY_CHUNK:
                 # A first reply often comes with its FIN (a response, then close): if so,
                 # the FIN goes in the same segment as the data (MSG_MORE holds the data
                 # for the shutdown or close right after), as HAProxy does when epoll says
