@@ -110,11 +110,12 @@ class Relay:
                 self._eof(src, dst)
                 return
             flags, ended = MSG_DONTWAIT, False
-            if not counter.moved and len(data) < COPY_CHUNK:
-                # A first reply often comes with its FIN (a response, then close): if so,
-                # the FIN goes in the same segment as the data (MSG_MORE holds the data
-                # for the shutdown or close right after), as HAProxy does when epoll says
-                # RDHUP. A peek: one syscall, once per direction.
+            if counter is self.down and not counter.moved and len(data) < COPY_CHUNK:
+                # A server's first reply often comes with its FIN (a response, then close):
+                # if so, the FIN goes in the same segment as the data (MSG_MORE holds the
+                # data for the shutdown or close right after), as HAProxy does when epoll
+                # says RDHUP. A peek: one syscall per connection (clients rarely close
+                # right after their first bytes, so their direction does not peek).
                 try:
                     ended = not src.sock.recv(1, MSG_DONTWAIT | MSG_PEEK)
                 except BlockingIOError:
