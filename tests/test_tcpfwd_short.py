@@ -163,9 +163,13 @@ def test_slow_reader_hands_over_with_the_unsent_rest_first():
     rig = Rig(upstream_buffers=4096)
     blocks = [os.urandom(1000) for _ in range(4000)]  # 4 MB in small writes
     sender = gevent.spawn(lambda: [rig.client.sendall(b) for b in blocks])
-    while not rig.workers.spawned:  # wait, bounded, until the destination's buffers are full
+    # Wait, bounded, until the destination's buffers are full. (The sender may be done by
+    # then: with a large net.ipv4.tcp_rmem the client's socket takes all 4 MB.)
+    for _ in range(1000):
+        if rig.workers.spawned:
+            break
         gevent.sleep(0.01)
-        assert not sender.dead
+    assert rig.workers.spawned
     got = bytearray()
     while len(got) < len(blocks) * 1000:
         got += rig.server.recv(65536)
