@@ -59,7 +59,8 @@ def cooperative(sock: socket.socket) -> gsocket.socket:
 class Rig:
     """client peer <-> [client side | Relay | upstream side] <-> upstream peer, in process."""
 
-    def __init__(self, splice: bool = False, upstream_buffers: int = 0) -> None:
+    def __init__(self, splice: bool = False, upstream_buffers: int = 0,
+                 rest: bytes = b"") -> None:
         client_peer, client_side = tcp_pair()
         upstream_side, upstream_peer = tcp_pair()
         if upstream_buffers:  # small and fixed: the destination's side fills up soon
@@ -71,7 +72,7 @@ class Rig:
         self.workers = CountingWorkers()
         self.relay = Relay(1, RelaySocket(client_side), RelaySocket(upstream_side), splice,
                            self.counters)
-        self.relay.start(self.workers)
+        self.relay.start(self.workers, rest)
 
     def done(self) -> bool:
         return self.workers.join(10) and not self.counters.live
@@ -162,9 +163,13 @@ def test_slow_reader_hands_over_with_the_unsent_rest_first():
     rig = Rig(upstream_buffers=4096)
     blocks = [os.urandom(1000) for _ in range(4000)]  # 4 MB in small writes
     sender = gevent.spawn(lambda: [rig.client.sendall(b) for b in blocks])
-    while not rig.workers.spawned:  # wait, bounded, until the destination's buffers are full
+    # Wait, bounded, until the destination's buffers are full. (The sender may be done by
+    # then: with a large net.ipv4.tcp_rmem the client's socket takes all 4 MB.)
+    for _ in range(1000):
+        if rig.workers.spawned:
+            break
         gevent.sleep(0.01)
-        assert not sender.dead
+    assert rig.workers.spawned
     got = bytearray()
     while len(got) < len(blocks) * 1000:
         got += rig.server.recv(65536)
@@ -177,6 +182,37 @@ def test_slow_reader_hands_over_with_the_unsent_rest_first():
 def reset(sock) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
+
+
+def test_bytes_read_before_the_relay_and_not_sent_go_first_through_the_pumps():
+    """Client bytes the dial's first send did not take are the first the destination
+    reads, before what the client sends next; the relay carries on in the pumps."""
+    rig = Rig(rest=b"early ")
+    rig.client.sendall(b"later")
+    rig.client.shutdown(socket.SHUT_WR)
+    assert read_all(rig.server) == b"early later"
+    rig.server.sendall(b"reply")
+    rig.server.close()
+    assert read_all(rig.client) == b"reply"
+    assert rig.done()
+    assert rig.workers.spawned == 2
+    rig.client.close()
+
+
+def test_reply_with_its_eof_on_callbacks_passes_both_and_the_other_way_goes_on():
+    """A first read whose EOF is already queued sends the data and passes the EOF at once
+    (one segment); the client's direction keeps working until it ends too."""
+    rig = Rig()
+    rig.server.sendall(b"banner")
+    rig.server.shutdown(socket.SHUT_WR)
+    assert read_all(rig.client) == b"banner"
+    rig.client.sendall(b"after")
+    rig.client.close()
+    assert read_all(rig.server) == b"after"
+    assert rig.done()
+    assert rig.workers.spawned == 0
+    assert (rig.counters.closed, rig.counters.failed) == (1, 0)
+    rig.server.close()
 
 
 def test_reset_by_the_server_on_callbacks_ends_both_and_counts_a_failure():

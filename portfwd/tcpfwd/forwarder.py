@@ -6,6 +6,7 @@ Glossary: *client* is the accepted connection, *upstream* the one we dial to the
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import itertools
 import logging
@@ -18,12 +19,18 @@ from portfwd.runtime.addr import HostPort, Resolved, format_sockaddr
 from portfwd.runtime.admission import Client, Gate
 from portfwd.runtime.logs import RateLimitedLog, hot_log
 from portfwd.runtime.relay_timeouts import HalfCloseSweeper
-from portfwd.runtime.sockets import DeferredKeepalive, dial_tcp, finish_dial, start_dial
+from portfwd.runtime.sockets import (
+    DeferredKeepalive,
+    dial_tcp,
+    finish_dial,
+    quick_acks,
+    start_dial,
+)
 from portfwd.runtime.stats_lines import StatsLines
 from portfwd.runtime.upstream import Destination, Upstreams
 from portfwd.tcpfwd.config import TcpConfig
 from portfwd.tcpfwd.metrics import TcpCounters, TcpMetrics, status
-from portfwd.tcpfwd.pump import MSG_DONTWAIT, RelaySocket
+from portfwd.tcpfwd.pump import COPY_CHUNK, MSG_DONTWAIT, RelaySocket
 from portfwd.tcpfwd.relay import CONN_LOG_LEVEL, Relay
 
 log = logging.getLogger(__name__)
@@ -147,28 +154,54 @@ class TcpForwarder:
     def _accepted(self, accepted: socket.socket, peer: tuple) -> None:
         """A new connection, in the accept loop's greenlet (must not wait). The plain case (one
         destination address, no gate, no PROXY header, no -b) is set up right here when the
-        dial completes at once, as on loopback and fast LANs: socket, connect, relay on
-        callbacks, with no greenlet of its own; its keepalive options are set a second later
-        if it is still open. Everything else goes on in a worker."""
+        dial completes at once, as on loopback and fast LANs: the client's first bytes if
+        they are here, socket, connect, those bytes sent, relay on callbacks, with no
+        greenlet of its own; its keepalive options are set a second later if it is still
+        open. Everything else goes on in a worker."""
         dest = self._plain
         if dest is None:
             self.workers.spawn(self._handle, accepted, peer)
             return
         conn_id = next(self._ids)
+        # What the client sent already (under load an HTTP request usually is here by now)
+        # goes out with the handshake's last ACK (start_dial's ``early``); nothing here yet
+        # (a server that speaks first, a slow client): a plain dial.
+        try:  # the accepted socket is in blocking mode (RelaySocket)
+            first = accepted.recv(COPY_CHUNK, MSG_DONTWAIT)
+        except BlockingIOError:
+            first = b""
+        except OSError as exc:  # reset already: nothing to dial for
+            self._gone_before_dial(conn_id, peer, exc)
+            accepted.close()
+            return
         try:
-            dialled, connected = start_dial(dest, keepalive=False)
+            dialled, connected = start_dial(dest, keepalive=False, early=bool(first))
         except OSError as exc:
             self._dial_failed(conn_id, dest, exc)
             accepted.close()
             return
+        sent = 0
+        if first:  # the send says whether the handshake is over
+            try:
+                sent = dialled.send(first, MSG_DONTWAIT)
+            except BlockingIOError:
+                pass  # still connecting: a worker finishes the dial
+            except OSError as exc:  # the connect's own error (refused, unreachable)
+                dialled.close()
+                self._dial_failed(conn_id, dest, exc)
+                accepted.close()
+                return
+            else:
+                connected = True
+                quick_acks(dialled)
         self.keepalive.add(dialled)  # a second from now, if still open (short ones are not)
         if connected:
-            self._relay(conn_id, accepted, peer, None, dialled, dest)
+            self._relay(conn_id, accepted, peer, None, dialled, dest, first, sent)
         else:
-            self.workers.spawn(self._finish_dial, conn_id, accepted, peer, dialled, dest)
+            self.workers.spawn(self._finish_dial, conn_id, accepted, peer, dialled, dest, first)
 
     def _finish_dial(self, conn_id: int, accepted: socket.socket, peer: tuple,
-                     dialled: socket.socket, dest: Resolved) -> None:
+                     dialled: socket.socket, dest: Resolved, first: bytes) -> None:
         try:
             finish_dial(dialled, self.config.connect_timeout)
         except OSError as exc:
@@ -178,7 +211,23 @@ class TcpForwarder:
         except BaseException:  # killed while dialling (finish_dial closed the socket)
             accepted.close()
             raise
-        self._relay(conn_id, accepted, peer, None, dialled, dest)
+        sent = 0
+        if first:
+            # What this does not send goes first in the relay, which also meets any error.
+            with contextlib.suppress(OSError):
+                sent = dialled.send(first, MSG_DONTWAIT)
+            with contextlib.suppress(OSError):
+                quick_acks(dialled)
+        self._relay(conn_id, accepted, peer, None, dialled, dest, first, sent)
+
+    def _gone_before_dial(self, conn_id: int, peer: tuple, exc: OSError) -> None:
+        """The client's connection failed before anything was dialled for it: counted as a
+        connection that opened and failed."""
+        self.counters.closed += 1
+        self.counters.failed += 1
+        if log.isEnabledFor(CONN_LOG_LEVEL):
+            hot_log(log, CONN_LOG_LEVEL, "conn %d from %s failed before the dial: %s", conn_id,
+                    format_sockaddr(peer), exc.strerror or exc)
 
     def _handle(self, accepted: socket.socket, peer: tuple) -> None:
         """A new connection in a worker: the gate, then the dial, then the relay."""
@@ -207,18 +256,20 @@ class TcpForwarder:
         self._relay(conn_id, accepted, peer, client, dialled, dest)
 
     def _relay(self, conn_id: int, accepted: socket.socket, peer: tuple, client: Client | None,
-               dialled: socket.socket, dest: Resolved) -> None:
+               dialled: socket.socket, dest: Resolved, first: bytes = b"",
+               sent: int = 0) -> None:
         """Both ends are connected: send the prelude if any, then relay (never waits, except
-        for sending a PROXY header, which only the worker path does)."""
+        for sending a PROXY header, which only the worker path does). ``first``: client bytes
+        read before the dial, of which ``sent`` went out already."""
         upstream = RelaySocket(dialled)
-        ahead = 0  # stream bytes sent with the prelude
+        ahead = sent  # stream bytes sent before the relay
         if client is not None or self._proxy:
-            sent = self._send_prelude(conn_id, accepted, peer, client, upstream, dest)
-            if sent is None:
+            prelude = self._send_prelude(conn_id, accepted, peer, client, upstream, dest)
+            if prelude is None:
                 upstream.close()
                 accepted.close()
                 return
-            ahead = sent
+            ahead = prelude
         if log.isEnabledFor(CONN_LOG_LEVEL):  # off by default: not even the arguments
             if client is None or client.address is peer:
                 hot_log(log, CONN_LOG_LEVEL, "conn %d open %s -> %s", conn_id,
@@ -229,7 +280,7 @@ class TcpForwarder:
         relay = Relay(conn_id, RelaySocket(accepted), upstream, self.config.splice,
                       self.counters, self.config.relay.idle_timeout, self.sweeper)
         relay.up.moved += ahead
-        relay.start(self.workers)
+        relay.start(self.workers, first[sent:])
 
     def _send_prelude(self, conn_id: int, accepted: socket.socket, peer: tuple,
                       client: Client | None, upstream: RelaySocket, dest: Resolved) -> int | None:

@@ -35,6 +35,9 @@ from portfwd.runtime.workers import Workers
 from portfwd.tcpfwd.metrics import TcpCounters
 from portfwd.tcpfwd.pump import COPY_CHUNK, MSG_DONTWAIT, Counter, RelaySocket, pump
 
+MSG_PEEK = socket.MSG_PEEK
+MSG_MORE = getattr(socket, "MSG_MORE", 0)  # Linux: hold a partial segment for what follows
+
 log = logging.getLogger(__name__)
 
 # The "conn N open" and "conn N closed" lines. At INFO they cost a third of the forwarder's
@@ -84,8 +87,10 @@ class Relay:
 
     # --- on callbacks ---------------------------------------------------------------------
 
-    def start(self, workers: Workers) -> None:
-        """Relay both directions on callbacks in the hub; returns at once."""
+    def start(self, workers: Workers, rest: bytes = b"") -> None:
+        """Relay both directions on callbacks in the hub; returns at once. ``rest``: client
+        bytes read before the relay that the upstream has not taken yet (the pumps send
+        them first)."""
         self.adopted = workers
         workers.adopt(self)
         if not MSG_DONTWAIT:  # no per-call non-blocking flag here: the whole sockets, then
@@ -93,6 +98,8 @@ class Relay:
             self.upstream.make_nonblocking()
         self.client.readable.start(self._readable, self.client, self.upstream, self.up)
         self.upstream.readable.start(self._readable, self.upstream, self.client, self.down)
+        if rest:
+            self._hand_over(self.client, rest)
 
     def _readable(self, src: RelaySocket, dst: RelaySocket, counter: Counter) -> None:
         """``src`` has data or EOF (a hub callback: never blocks)."""
@@ -100,16 +107,23 @@ class Relay:
             # MSG_DONTWAIT: the accepted socket is still in blocking mode (RelaySocket)
             data = src.sock.recv(COPY_CHUNK, MSG_DONTWAIT)
             if not data:
-                src.readable.stop()
-                # Pass the EOF on; the other way goes on. When the other way ended at EOF
-                # already, close() is about to send the FIN (dst has nothing unread): one
-                # syscall fewer per short connection.
-                if self.running > 1 or self.error:
-                    dst.pass_eof()
-                self._ended()
+                self._eof(src, dst)
                 return
+            flags, ended = MSG_DONTWAIT, False
+            if counter is self.down and not counter.moved and len(data) < COPY_CHUNK:
+                # A server's first reply often comes with its FIN (a response, then close):
+                # if so, the FIN goes in the same segment as the data (MSG_MORE holds the
+                # data for the shutdown or close right after), as HAProxy does when epoll
+                # says RDHUP. A peek: one syscall per connection (clients rarely close
+                # right after their first bytes, so their direction does not peek).
+                try:
+                    ended = not src.sock.recv(1, MSG_DONTWAIT | MSG_PEEK)
+                except BlockingIOError:
+                    pass
+                if ended:
+                    flags |= MSG_MORE
             try:
-                sent = dst.sock.send(data, MSG_DONTWAIT)
+                sent = dst.sock.send(data, flags)
             except BlockingIOError:
                 sent = 0
         except BlockingIOError:
@@ -121,7 +135,21 @@ class Relay:
             return
         counter.moved += sent
         if sent < len(data) or (self.splice and len(data) == COPY_CHUNK):
-            self._hand_over(src, data[sent:])
+            self._hand_over(src, data[sent:])  # (the pumps' next send pushes held data)
+        elif ended:
+            self._eof(src, dst)
+
+    def _eof(self, src: RelaySocket, dst: RelaySocket) -> None:
+        """``src`` is at EOF: pass it on; the other way goes on. When the other way ended at
+        EOF already, close() is about to send the FIN (dst has nothing unread): one syscall
+        fewer per short connection."""
+        src.readable.stop()
+        try:
+            if self.running > 1 or self.error:
+                dst.pass_eof()
+        except OSError as exc:
+            self._failed(src, dst, exc)
+        self._ended()
 
     def _hand_over(self, src: RelaySocket, rest: bytes) -> None:
         """Both directions still running go on in greenlet pumps; ``src``'s starts by sending
