@@ -3,7 +3,7 @@
 
     sudo bench/bench_handshake.py [--seconds 4] [--rounds 3] [--workers 2]
                                   [--flood-pps 150000] [--sources 100000] [--compare REV ...]
-                                  [--flood-cpu N]
+                                  [--flood-cpu N | --sites]
 
 Runs inside a network namespace it creates and deletes (root needed): loopback up, and
 10.99.0.1/8 on lo, so every 10.x.y.z address is local and a raw socket can send datagrams from
@@ -24,6 +24,12 @@ clients) to the other CPUs, in both conditions: a stand-in for a flood from anot
 the ratio shows what the server spends on the flood rather than what the generator takes from a
 small machine. It flatters the server somewhat: loopback runs the kernel's receive path of each
 forged datagram on the sender's CPU.
+``--sites`` is the closer stand-in on a two-CPU machine: a "server site" namespace (kcptcp-server
+and the target, on CPU 1) joined by a veth pair to the "client site" (kcptcp-client, the client
+processes and the flood generator, on CPU 0), with receive packet steering on each veth so the
+kernel's receive path of every datagram runs on the receiving site's CPU, as a NIC's interrupt
+would on a real host. The server then pays all of a forged datagram's receive cost, and the
+generator only its send cost; what it still takes from the client site is shown per CPU.
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ PSK = "5a" * 32
 SERVER_IP = "10.99.0.1"
 FLOOD_NET = 10 << 24  # spoofed sources: 10.0.0.0/8 minus the server's address
 PAYLOAD = b"x" * 100
+PEER_IP = "10.255.255.254"  # --sites: the client site's end of the veth (the server's gateway)
+SITE_DEVICES = ("pfsite-c", "pfsite-s")  # --sites: the veth's client and server ends
 
 
 def connection_worker(port: int, seconds: float, queue: multiprocessing.Queue) -> None:
@@ -174,6 +182,18 @@ def flood(port: int, template: bytes, pps: int, sources: int, seconds: float,
     queue.put(sent / seconds)
 
 
+def cpu_busy() -> list[float]:
+    """Busy (non-idle) CPU seconds so far of each CPU, from /proc/stat."""
+    tick, busy = os.sysconf("SC_CLK_TCK"), []
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *values = line.split()
+            if name.startswith("cpu") and name != "cpu":
+                v = [int(x) for x in values[:8]]
+                busy.append((sum(v) - v[3] - v[4]) / tick)
+    return busy
+
+
 def machine_cpu() -> dict[str, float]:
     """CPU seconds of the whole machine so far, from /proc/stat (every helper's load in it):
     user (with nice), system, irq+softirq (where a kernel that accounts it puts the network
@@ -193,10 +213,10 @@ def split_cpu(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def udp_drops(port: int) -> int:
-    """Datagrams the kernel dropped at the UDP socket bound to ``port`` in this namespace
-    (its receive buffer was full): the last column of /proc/net/udp."""
-    with open("/proc/net/udp") as f:
+def udp_drops(port: int, pid: int) -> int:
+    """Datagrams the kernel dropped at the UDP socket bound to ``port`` in the namespace of
+    ``pid`` (its receive buffer was full): the last column of its /proc/net/udp."""
+    with open(f"/proc/{pid}/net/udp") as f:
         for line in f.readlines()[1:]:
             fields = line.split()
             if int(fields[1].split(":")[1], 16) == port:
@@ -213,15 +233,18 @@ def delta(after: dict[str, float], before: dict[str, float], seconds: float) -> 
 class Tunnel:
     """kcptcp-server + kcptcp-client of one checkout, to an echo server."""
 
-    def __init__(self, repo: str, echo_port: int, stack: contextlib.ExitStack) -> None:
+    def __init__(self, repo: str, echo_port: int, stack: contextlib.ExitStack,
+                 server_site: list[str] | None = None) -> None:
+        """``server_site``: the command prefix that runs the server in its own site."""
         self.repo = repo
         self.udp_port = free_port(socket.SOCK_DGRAM)
         self.tcp_port = free_port()
         env = {"PYTHONPATH": repo, "PORTFWD_LOGLEVEL": "40"}
         bin_dir = os.path.join(repo, "bin")
         self.server = stack.enter_context(process(
-            [sys.executable, os.path.join(bin_dir, "kcptcp-server"), "-K", PSK,
-             "--stats-interval", "0", f"{SERVER_IP}:{self.udp_port}", f"127.0.0.1:{echo_port}"],
+            [*(server_site or []), sys.executable, os.path.join(bin_dir, "kcptcp-server"),
+             "-K", PSK, "--stats-interval", "0", f"{SERVER_IP}:{self.udp_port}",
+             f"127.0.0.1:{echo_port}"],
             env))
         self.client = stack.enter_context(process(
             [sys.executable, os.path.join(bin_dir, "kcptcp-client"), "-K", PSK,
@@ -233,9 +256,11 @@ class Tunnel:
     def measure(self, seconds: float, pps: int, sources: int, workers: int,
                 flood_cpu: int | None = None) -> dict[str, float]:
         cpu0 = cpu_seconds(self.server.pid), cpu_seconds(self.client.pid)
-        machine0, start = machine_cpu(), time.monotonic()
+        machine0, busy0, start = machine_cpu(), cpu_busy(), time.monotonic()
         rate, failures = connection_rate(self.tcp_port, seconds, workers)
-        machine = delta(machine_cpu(), machine0, time.monotonic() - start)
+        elapsed = time.monotonic() - start
+        machine = delta(machine_cpu(), machine0, elapsed)
+        busy = [(b - a) / elapsed for a, b in zip(busy0, cpu_busy(), strict=True)]
         server_cpu, client_cpu = (cpu_seconds(self.server.pid) - cpu0[0],
                                   cpu_seconds(self.client.pid) - cpu0[1])
         queue: multiprocessing.Queue = multiprocessing.Queue()
@@ -245,10 +270,14 @@ class Tunnel:
         queue.get(timeout=60)  # its packets are built
         time.sleep(0.5)  # the flood is under way before the legitimate clients start
         cpu0 = cpu_seconds(self.server.pid), split_cpu(flooder.pid)
-        drops0, machine0, start = udp_drops(self.udp_port), machine_cpu(), time.monotonic()
+        drops0, machine0, start = udp_drops(self.udp_port, self.server.pid), machine_cpu(), (
+            time.monotonic())
+        busy0 = cpu_busy()
         flooded, flooded_failures = connection_rate(self.tcp_port, seconds, workers)
-        machine_flooded = delta(machine_cpu(), machine0, time.monotonic() - start)
-        drops = udp_drops(self.udp_port) - drops0
+        elapsed = time.monotonic() - start
+        machine_flooded = delta(machine_cpu(), machine0, elapsed)
+        busy_flooded = [(b - a) / elapsed for a, b in zip(busy0, cpu_busy(), strict=True)]
+        drops = udp_drops(self.udp_port, self.server.pid) - drops0
         cpu_flooded = (cpu_seconds(self.server.pid) - cpu0[0]) / seconds
         flooder_user, flooder_sys = (b - a for a, b in zip(cpu0[1], split_cpu(flooder.pid),
                                                            strict=True))
@@ -263,11 +292,50 @@ class Tunnel:
                 "flooder_user": flooder_user / seconds, "flooder_sys": flooder_sys / seconds,
                 "flood_pps": achieved, "ratio": flooded / rate if rate else 0.0,
                 "drops": drops, **{f"machine_{k}": v for k, v in machine.items()},
+                **{f"busy{i}": v for i, v in enumerate(busy)},
+                **{f"busy_flooded{i}": v for i, v in enumerate(busy_flooded)},
                 **{f"flooded_{k}": v for k, v in machine_flooded.items()}}
 
 
+def server_site(stack: contextlib.ExitStack) -> list[str]:
+    """The server site of ``--sites`` (a namespace joined to this one by a veth pair, each
+    end's receive path steered to its site's CPU); returns the command prefix that runs a
+    process there, on CPU 1. This namespace becomes the client site, on CPU 0."""
+    from lab import netns
+
+    def run(*argv: str) -> None:
+        subprocess.run(argv, check=True)
+
+    name = stack.enter_context(netns("pfsite"))
+    there = ["ip", "netns", "exec", name]
+    client_dev, server_dev = SITE_DEVICES
+    run("ip", "link", "add", client_dev, "type", "veth", "peer", "name", server_dev,
+        "netns", name)
+    run("ip", "addr", "add", f"{PEER_IP}/32", "dev", client_dev)
+    run("ip", "link", "set", client_dev, "up")
+    run("ip", "route", "add", f"{SERVER_IP}/32", "dev", client_dev)
+    run(*there, "ip", "addr", "add", f"{SERVER_IP}/32", "dev", server_dev)
+    run(*there, "ip", "link", "set", server_dev, "up")
+    run(*there, "ip", "route", "add", f"{PEER_IP}/32", "dev", server_dev)
+    # Replies to the spoofed 10/8 sources leave towards the client site, which drops them.
+    run(*there, "ip", "route", "add", "default", "via", PEER_IP)
+    steering = "/sys/class/net/{}/queues/rx-0/rps_cpus"
+    with open(steering.format(client_dev), "w") as f:
+        f.write("1")  # CPU 0
+    run(*there, "sh", "-c", f"echo 2 > {steering.format(server_dev)}")  # CPU 1
+    os.sched_setaffinity(0, {0})  # what starts from here on is the client site's
+    return [*there, "taskset", "-c", "1"]
+
+
 def inside(opts: argparse.Namespace) -> None:
-    subprocess.run(["ip", "addr", "add", f"{SERVER_IP}/8", "dev", "lo"], check=True)
+    stack = contextlib.ExitStack()
+    if opts.sites:
+        if not {0, 1} <= os.sched_getaffinity(0):
+            sys.exit("bench_handshake: --sites needs CPUs 0 and 1")
+        site = server_site(stack)
+    else:
+        site = []
+        subprocess.run(["ip", "addr", "add", f"{SERVER_IP}/8", "dev", "lo"], check=True)
     if opts.flood_cpu is not None:  # every process started from here inherits the rest
         others = os.sched_getaffinity(0) - {opts.flood_cpu}
         if opts.flood_cpu not in os.sched_getaffinity(0) or not others:
@@ -277,16 +345,18 @@ def inside(opts: argparse.Namespace) -> None:
     checkouts = {"this checkout": REPO}
     for rev, path in zip(opts.compare or [], opts.compare_path or [], strict=True):
         checkouts[rev] = path
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(process([sys.executable, os.path.join(HERE, "echo_server.py"),
-                                     str(echo_port)]))
-        tunnels = {name: Tunnel(path, echo_port, stack) for name, path in checkouts.items()}
+    with stack:
+        stack.enter_context(process([*site, sys.executable,
+                                     os.path.join(HERE, "echo_server.py"), str(echo_port)]))
+        tunnels = {name: Tunnel(path, echo_port, stack, site)
+                   for name, path in checkouts.items()}
         results: dict[str, list[dict[str, float]]] = {name: [] for name in tunnels}
         for _ in range(opts.rounds):
             for name, tunnel in tunnels.items():
                 results[name].append(tunnel.measure(opts.seconds, opts.flood_pps, opts.sources,
                                                     opts.workers, opts.flood_cpu))
     first = next(iter(results))
+    cpus = len(cpu_busy())
     med = {name: {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
            for name, rounds in results.items()}
     rows, split = [], []
@@ -306,8 +376,9 @@ def inside(opts: argparse.Namespace) -> None:
         split.append([name, *(" / ".join(f"{m[f'{when}_{k}'] * 100:.0f}" for when in (
             "machine", "flooded")) for k in ("user", "system", "irq", "idle", "steal")),
             f"{m['flooder_user'] * 100:.0f} / {m['flooder_sys'] * 100:.0f} %",
-            f"{m['drops']:.0f}"])
-    cpus = os.cpu_count() or 1
+            f"{m['drops']:.0f}",
+            *(f"{m[f'busy{i}'] * 100:.0f} / {m[f'busy_flooded{i}'] * 100:.0f}"
+              for i in range(cpus))])
     print_tables([Table(
         "New tunnelled connections per second, unloaded and under a spoofed HELLO flood",
         ["checkout", "conn/s", f"× {first}", "server CPU", "CPU µs/conn server / client",
@@ -320,14 +391,19 @@ def inside(opts: argparse.Namespace) -> None:
         f"{opts.workers} client processes; flood from {opts.sources} random "
         "10/8 sources, bursts of 64 sent with one sendmmsg"
         + (f"; the flood generator alone on CPU {opts.flood_cpu}, everything else "
-           "on the others." if opts.flood_cpu is not None else ".")),
+           "on the others." if opts.flood_cpu is not None else "")
+        + ("; two sites (--sites): server and target on CPU 1, kcptcp-client, clients and "
+           "flood generator on CPU 0, each site's receive path on its CPU."
+           if opts.sites else ".")),
         Table("Where the machine's CPU went, unloaded / flooded",
               ["checkout", "user %", "system %", "irq+softirq %", "idle %", "steal %",
-               "flooder user / system", "server socket drops (flooded)"], split,
+               "flooder user / system", "server socket drops (flooded)",
+               *(f"CPU {i} busy %" for i in range(cpus))], split,
               f"Shares of all {cpus} CPUs from /proc/stat over each measurement (everything on "
               "the machine, other work included), medians over rounds; the flooder's user "
               "and system CPU as a share of one CPU; drops: datagrams the kernel discarded at "
-              "the server's full UDP receive buffer during the flooded measurement.")])
+              "the server's full UDP receive buffer during the flooded measurement; CPU n "
+              "busy: that CPU's non-idle share, unloaded / flooded.")])
 
 
 def main() -> None:
@@ -341,9 +417,14 @@ def main() -> None:
                         help="a git revision to measure beside this checkout (repeatable)")
     parser.add_argument("--flood-cpu", type=int,
                         help="pin the flood generator to this CPU, everything else to the others")
+    parser.add_argument("--sites", action="store_true",
+                        help="server site on CPU 1, client site and flood on CPU 0 (a veth "
+                             "between; each site's receive path on its CPU)")
     parser.add_argument("--compare-path", action="append", help=argparse.SUPPRESS)
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    if opts.sites and opts.flood_cpu is not None:
+        parser.error("--sites and --flood-cpu exclude each other")
     if opts.inside:
         inside(opts)
         return
@@ -359,6 +440,8 @@ def main() -> None:
                 "--flood-pps", str(opts.flood_pps), "--sources", str(opts.sources)]
         if opts.flood_cpu is not None:
             argv += ["--flood-cpu", str(opts.flood_cpu)]
+        if opts.sites:
+            argv.append("--sites")
         for rev in opts.compare or []:
             path = stack.enter_context(tempfile.TemporaryDirectory(prefix="pf-compare-"))
             worktree = os.path.join(path, "tree")

@@ -91,6 +91,28 @@ def test_bench_handshake_smoke() -> None:
     assert "pfhs-" not in listed
 
 
+def test_bench_handshake_sites_smoke() -> None:
+    """bench_handshake.py --sites: the server site and the client site in two namespaces
+    joined by a veth, and both namespaces removed afterwards."""
+    if not {0, 1} <= os.sched_getaffinity(0):
+        pytest.skip("--sites needs CPUs 0 and 1")
+    script = os.path.join(REPO, "bench", "bench_handshake.py")
+    before = set(namespaces())
+    proc = subprocess.run([sys.executable, script, "--seconds", "0.5", "--rounds", "1",
+                           "--workers", "1", "--flood-pps", "2000", "--sources", "100",
+                           "--sites"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "two sites (--sites)" in proc.stdout and "| CPU 1 busy % |" in proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| this checkout |"))
+    assert int(row.split("|")[2]) > 0  # legitimate connections crossed the veth
+    assert set(namespaces()) <= before  # both sites removed (another bench may hold its own)
+
+
+def namespaces() -> list[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in listed.splitlines() if line.strip()]
+
+
 def test_bench_forged_hello_smoke() -> None:
     """bench_forged_hello.py runs end to end (one tiny round, with pending sessions); its
     figures mean nothing at this size."""
