@@ -130,7 +130,7 @@ class Relay:
             return  # woken for nothing (another reader, or a spurious wake-up)
         except OSError as exc:
             src.readable.stop()
-            self._failed(src, dst, exc)
+            self._end_both(exc.strerror or repr(exc))
             self._ended()
             return
         counter.moved += sent
@@ -148,7 +148,7 @@ class Relay:
             if self.running > 1 or self.error:
                 dst.pass_eof()
         except OSError as exc:
-            self._failed(src, dst, exc)
+            self._end_both(exc.strerror or repr(exc))
         self._ended()
 
     def _hand_over(self, src: RelaySocket, rest: bytes) -> None:
@@ -185,7 +185,7 @@ class Relay:
                 counter.moved += len(rest)
             pump(src, dst, self.splice, counter)
         except OSError as exc:
-            self._failed(src, dst, exc)
+            self._end_both(exc.strerror or repr(exc))
         except gevent.GreenletExit:
             self.killed = True
             raise
@@ -193,14 +193,6 @@ class Relay:
             self._ended()
 
     # --- either way -----------------------------------------------------------------------
-
-    def _failed(self, src: RelaySocket, dst: RelaySocket, exc: OSError) -> None:
-        """A socket error ends both directions: shut both sockets down, which wakes the
-        other direction with EOF."""
-        self.error = self.error or exc.strerror or repr(exc)
-        for end in (src, dst):
-            with contextlib.suppress(OSError):
-                end.shutdown(socket.SHUT_RDWR)
 
     def _ended(self) -> None:
         """One direction is over."""
@@ -219,6 +211,11 @@ class Relay:
             self.counters.idle_timeouts += 1
         else:
             self.counters.half_close_timeouts += 1
+        self._end_both(reason)
+
+    def _end_both(self, reason: str) -> None:
+        """Shut both sockets down, which wakes each direction with EOF or an error; the first
+        reason is the connection's fate, later ones are echoes."""
         self.error = self.error or reason
         for end in (self.client, self.upstream):
             with contextlib.suppress(OSError):
