@@ -43,7 +43,8 @@ class Lab:
     def __init__(self, tcp: bool = False) -> None:
         """``tcp``: the application on a loopback TCP connection (one that can be reset), not
         a socket pair."""
-        self.server_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        # a gevent socket: waiting for the client's datagram lets the driver's greenlets run
+        self.server_sock = gevent.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.server_sock.bind(("127.0.0.1", 0))
         self.server_sock.settimeout(2)
         client_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -59,7 +60,6 @@ class Lab:
         self.server: Conversation | None = None
 
     def from_client(self) -> bytes:
-        gevent.sleep(0.02)  # the driver's greenlets (its TCP reader) run first
         return self.server_sock.recv(65536)
 
     def welcome(self) -> None:
@@ -156,6 +156,18 @@ def test_a_channel_makes_no_decoder_until_the_peer_sends_fec_and_still_recovers_
     got = link.arrive(link.client, datagrams[1:], 1)
     assert sorted(got) == sorted(payloads)
     assert receiver.decoder is not None and receiver.decoder.recovered == 1
+
+
+def test_a_loss_report_makes_no_decoder():
+    """A peer that sends no parity still reports its loss to an auto-mode sender: a REPORT
+    reaches the encoder and builds no decoder; a body of no known kind is counted."""
+    from portfwd.tunnel import fec
+    from portfwd.tunnel.fec_channel import FecChannel
+
+    channel = FecChannel(fec.FecSettings(auto=True))
+    assert channel.fec_received(fec.pack_report(0.05, 1000), 0) == []
+    assert channel.decoder is None
+    assert channel.fec_received(b"\x7f", 0) == [] and channel.decoder.dropped_malformed == 1
 
 
 # --- the close-time counts ---------------------------------------------------------------------

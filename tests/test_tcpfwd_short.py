@@ -5,6 +5,7 @@ the same relay through the real tool)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -200,8 +201,9 @@ def test_bytes_read_before_the_relay_and_not_sent_go_first_through_the_pumps():
 
 
 def test_reply_with_its_eof_on_callbacks_passes_both_and_the_other_way_goes_on():
-    """A first read whose EOF is already queued sends the data and passes the EOF at once
-    (one segment); the client's direction keeps working until it ends too."""
+    """A first read whose EOF is already queued: the data and the EOF both reach the client
+    on callbacks (that they share one segment, test_tcpfwd_segments counts); the client's
+    direction keeps working until it ends too."""
     rig = Rig()
     rig.server.sendall(b"banner")
     rig.server.shutdown(socket.SHUT_WR)
@@ -227,6 +229,24 @@ def test_reset_by_the_server_on_callbacks_ends_both_and_counts_a_failure():
     assert rig.done()
     assert rig.counters.failed == 1
     assert "reset" in rig.relay.error.lower()
+    rig.client.close()
+
+
+def test_a_reply_followed_by_a_reset_still_reaches_the_client():
+    """A server that writes its reply and closes with input unread sends the data, then RST:
+    the reply is relayed, and the reset (which the first read's EOF peek meets) is the
+    connection's fate."""
+    rig = Rig()
+    rig.client.sendall(b"request, then more")
+    assert rig.server.recv(7) == b"request"  # the rest stays unread: close() resets
+    rig.server.sendall(b"reply")
+    reset(rig.server)
+    got = b""
+    with contextlib.suppress(ConnectionResetError):
+        got = read_all(rig.client)
+    assert got == b"reply"
+    assert rig.done()
+    assert rig.counters.failed == 1 and "reset" in rig.relay.error.lower()
     rig.client.close()
 
 

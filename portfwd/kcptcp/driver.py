@@ -377,7 +377,9 @@ class ConversationDriver:
     def counts(self) -> tuple[int, ...]:
         """What this conversation adds to the ended ones' ConversationTotals when it ends, in
         its field order: metrics() through metrics.counts_of, read without the snapshot
-        (which costs several times more, once per connection)."""
+        (which costs several times more, once per connection). The order is by hand:
+        test_a_drivers_counts_are_what_its_snapshot_adds_to_the_totals holds it to the
+        snapshot's."""
         conv, kcp, session = self.conv, self.conv.kcp, self.conv.session
         return (int(self.established.is_set()), conv.bytes_sent, conv.bytes_received,
                 kcp.retransmits, kcp.fast_retransmits, session.datagrams_sent,

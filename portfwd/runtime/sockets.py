@@ -104,6 +104,9 @@ if hasattr(socket, "TCP_KEEPIDLE"):
                           (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_CNT)]
 TCP_OPTIONS = [NODELAY_OPTION, *KEEPALIVE_OPTIONS]
 TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
+# start_dial's ``early``: Linux fails a send on a socket still connecting with EAGAIN, so the
+# first send says whether the handshake is over; other systems may queue it instead.
+EARLY_SEND = TCP_QUICKACK is not None and sys.platform.startswith("linux")
 KEEPALIVE_DEFER = 1.0  # s: DeferredKeepalive tunes sockets 1-2 s old
 
 

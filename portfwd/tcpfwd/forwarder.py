@@ -20,6 +20,7 @@ from portfwd.runtime.admission import Client, Gate
 from portfwd.runtime.logs import RateLimitedLog, hot_log
 from portfwd.runtime.relay_timeouts import HalfCloseSweeper
 from portfwd.runtime.sockets import (
+    EARLY_SEND,
     DeferredKeepalive,
     dial_tcp,
     finish_dial,
@@ -166,10 +167,12 @@ class TcpForwarder:
         # What the client sent already (under load an HTTP request usually is here by now)
         # goes out with the handshake's last ACK (start_dial's ``early``); nothing here yet
         # (a server that speaks first, a slow client): a plain dial.
+        first = b""
         try:  # the accepted socket is in blocking mode (RelaySocket)
-            first = accepted.recv(COPY_CHUNK, MSG_DONTWAIT)
+            if EARLY_SEND and MSG_DONTWAIT:
+                first = accepted.recv(COPY_CHUNK, MSG_DONTWAIT)
         except BlockingIOError:
-            first = b""
+            pass
         except OSError as exc:  # reset already: nothing to dial for
             self._gone_before_dial(conn_id, peer, exc)
             accepted.close()

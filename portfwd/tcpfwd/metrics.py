@@ -37,7 +37,8 @@ class TcpMetrics:
     """What a :class:`~portfwd.tcpfwd.forwarder.TcpForwarder` has done since it started."""
 
     accepted: int  # connections accepted from clients
-    connections_opened: int  # relays started (the destination answered)
+    connections_opened: int  # relays started (the destination answered; a client that reset
+    # before its dial counts here too, as a failed one)
     connections_active: int  # relays still running
     connections_closed: int  # relays over (ended, failed or cut)
     connections_reset: int  # of those, cut with RST when the drain period ran out
@@ -116,7 +117,8 @@ def top_connections(live: set[Any]) -> tuple[ConnectionEntry, ...]:
 def families(out: Families, labels: Labels, m: TcpMetrics) -> None:
     out.counter("connections_accepted", "TCP connections accepted from clients", m.accepted,
                 labels)
-    out.counter("connections_opened", "Connections relayed (the destination answered)",
+    out.counter("connections_opened", "Connections relayed (the destination answered, or "
+                "the client reset before its dial: closed by error)",
                 m.connections_opened, labels)
     out.gauge("connections_active", "Connections being relayed now", m.connections_active,
               labels)

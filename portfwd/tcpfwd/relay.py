@@ -109,7 +109,7 @@ class Relay:
             if not data:
                 self._eof(src, dst)
                 return
-            flags, ended = MSG_DONTWAIT, False
+            flags, ended, failed = MSG_DONTWAIT, False, None
             if counter is self.down and not counter.moved and len(data) < COPY_CHUNK:
                 # A server's first reply often comes with its FIN (a response, then close):
                 # if so, the FIN goes in the same segment as the data (MSG_MORE holds the
@@ -120,6 +120,8 @@ class Relay:
                     ended = not src.sock.recv(1, MSG_DONTWAIT | MSG_PEEK)
                 except BlockingIOError:
                     pass
+                except OSError as exc:  # a reset after the reply: the reply still goes on
+                    failed = exc  # (the peek took the socket's error: it is reported here)
                 if ended:
                     flags |= MSG_MORE
             try:
@@ -134,6 +136,14 @@ class Relay:
             self._ended()
             return
         counter.moved += sent
+        if failed is not None:
+            reason = failed.strerror or repr(failed)
+            if sent == len(data):
+                src.readable.stop()
+                self._end_both(reason)
+                self._ended()
+                return
+            self.error = self.error or reason  # the pumps send the rest, then meet the EOF
         if sent < len(data) or (self.splice and len(data) == COPY_CHUNK):
             self._hand_over(src, data[sent:])  # (the pumps' next send pushes held data)
         elif ended:

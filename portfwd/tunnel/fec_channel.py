@@ -96,18 +96,19 @@ class FecChannel:
         return decoder
 
     def fec_received(self, body: bytes, now: int) -> list[bytes]:
-        """The body of an authenticated FEC packet; recovered datagrams (sealed, to open)."""
-        decoder = self._decoder()
+        """The body of an authenticated FEC packet; recovered datagrams (sealed, to open).
+        Only a SHARD (or a malformed body, which the decoder counts) makes the decoder: a
+        peer that just reports its loss needs none."""
         try:
             kind = body_kind(body)
             if kind == Kind.SHARD:
-                return decoder.shard_received(body, now)
-            if kind == Kind.REPORT and self.encoder is not None:
+                return self._decoder().shard_received(body, now)
+            if kind != Kind.REPORT:
+                raise MalformedPacket(f"unknown FEC body kind {kind}")
+            if self.encoder is not None:
                 self.encoder.report_received(body)
-            elif kind != Kind.REPORT:
-                decoder.dropped_malformed += 1
         except MalformedPacket:
-            decoder.dropped_malformed += 1
+            self._decoder().dropped_malformed += 1
         return []
 
     def get_timer(self) -> int | None:
