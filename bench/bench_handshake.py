@@ -29,7 +29,10 @@ and the target, on CPU 1) joined by a veth pair to the "client site" (kcptcp-cli
 processes and the flood generator, on CPU 0), with receive packet steering on each veth so the
 kernel's receive path of every datagram runs on the receiving site's CPU, as a NIC's interrupt
 would on a real host. The server then pays all of a forged datagram's receive cost, and the
-generator only its send cost; what it still takes from the client site is shown per CPU.
+generator only its send cost; what it still takes from the client site is shown per CPU. A
+veth's steered receive path costs more per packet than a NIC's (an IPI and a backlog queue per
+packet, no interrupt coalescing): ``bench_flood_floor.py`` measures that floor with a sink in
+place of the server. So ``--flood-cpu`` flatters the server and ``--sites`` overcharges it.
 """
 
 from __future__ import annotations
@@ -182,16 +185,21 @@ def flood(port: int, template: bytes, pps: int, sources: int, seconds: float,
     queue.put(sent / seconds)
 
 
-def cpu_busy() -> list[float]:
-    """Busy (non-idle) CPU seconds so far of each CPU, from /proc/stat."""
-    tick, busy = os.sysconf("SC_CLK_TCK"), []
+def per_cpu() -> list[tuple[float, float]]:
+    """(busy, irq+softirq) CPU seconds so far of each CPU, from /proc/stat."""
+    tick, out = os.sysconf("SC_CLK_TCK"), []
     with open("/proc/stat") as f:
         for line in f:
             name, *values = line.split()
             if name.startswith("cpu") and name != "cpu":
                 v = [int(x) for x in values[:8]]
-                busy.append((sum(v) - v[3] - v[4]) / tick)
-    return busy
+                out.append(((sum(v) - v[3] - v[4]) / tick, (v[5] + v[6]) / tick))
+    return out
+
+
+def cpu_busy() -> list[float]:
+    """Busy (non-idle) CPU seconds so far of each CPU."""
+    return [busy for busy, _ in per_cpu()]
 
 
 def machine_cpu() -> dict[str, float]:
