@@ -40,6 +40,11 @@ MSG_MORE = getattr(socket, "MSG_MORE", 0)  # Linux: hold a partial segment for w
 
 log = logging.getLogger(__name__)
 
+
+def _reason(exc: OSError) -> str:
+    """What a relay's error says of it: the errno's text, else the exception."""
+    return exc.strerror or repr(exc)
+
 # The "conn N open" and "conn N closed" lines. At INFO they cost a third of the forwarder's
 # throughput on short connections (bench/results/2026-12-01-short.md: a write(2) and a record
 # each); at INFO the periodic stats line (--stats-interval) sums them up instead.
@@ -131,23 +136,24 @@ class Relay:
         except BlockingIOError:
             return  # woken for nothing (another reader, or a spurious wake-up)
         except OSError as exc:
-            src.readable.stop()
-            self._end_both(exc.strerror or repr(exc))
-            self._ended()
+            self._broken(src, _reason(exc))
             return
         counter.moved += sent
         if failed is not None:
-            reason = failed.strerror or repr(failed)
             if sent == len(data):
-                src.readable.stop()
-                self._end_both(reason)
-                self._ended()
+                self._broken(src, _reason(failed))
                 return
-            self.error = self.error or reason  # the pumps send the rest, then meet the EOF
+            self.error = self.error or _reason(failed)  # the pumps send the rest, then EOF
         if sent < len(data) or (self.splice and len(data) == COPY_CHUNK):
             self._hand_over(src, data[sent:])  # (the pumps' next send pushes held data)
         elif ended:
             self._eof(src, dst)
+
+    def _broken(self, src: RelaySocket, reason: str) -> None:
+        """A callback met a socket error: this direction is over, and so is the other."""
+        src.readable.stop()
+        self._end_both(reason)
+        self._ended()
 
     def _eof(self, src: RelaySocket, dst: RelaySocket) -> None:
         """``src`` is at EOF: pass it on; the other way goes on. When the other way ended at
@@ -158,7 +164,7 @@ class Relay:
             if self.running > 1 or self.error:
                 dst.pass_eof()
         except OSError as exc:
-            self._end_both(exc.strerror or repr(exc))
+            self._end_both(_reason(exc))
         self._ended()
 
     def _hand_over(self, src: RelaySocket, rest: bytes) -> None:
@@ -195,7 +201,7 @@ class Relay:
                 counter.moved += len(rest)
             pump(src, dst, self.splice, counter)
         except OSError as exc:
-            self._end_both(exc.strerror or repr(exc))
+            self._end_both(_reason(exc))
         except gevent.GreenletExit:
             self.killed = True
             raise
