@@ -185,10 +185,7 @@ class ConversationDriver:
 
     def _deadline(self) -> int | None:
         """The conversation's timer, the FEC channel's or the pacing's, whichever is first."""
-        deadline = self.conv.get_timer()
-        fec = self.fec.get_timer()
-        if fec is not None and (deadline is None or fec < deadline):
-            deadline = fec
+        deadline = _first(self.conv.get_timer(), self.fec.get_timer())
         return deadline if self.rate is None else _first(deadline, self._pace_timer())
 
     def _handle_event(self, event: events.Event) -> None:
