@@ -114,22 +114,29 @@ def tool(name: str, *args: str) -> list[str]:
     return [sys.executable, os.path.join(BIN, name), *args]
 
 
-IPERF3_BUSY_RETRIES = 10  # an iperf3 server takes a moment after one test to accept the next
-IPERF3_BUSY_WAIT = 0.5  # s between those tries
+IPERF3_RETRIES = 10  # an iperf3 server takes a moment after one test to accept the next
+IPERF3_RETRY_WAIT = 0.5  # s between those tries
+
+
+def iperf3_not_ready(error: str) -> bool:
+    """An error that means the server is between tests, not that the test failed: busy with
+    the last one, or its listener closed and not yet reopened (iperf3 -s listens anew for
+    each test, so a connection in that gap is refused or reset)."""
+    return "busy" in error or error.startswith("unable to connect to server")
 
 
 def iperf3(port: int, seconds: float, *extra: str, host: str = "127.0.0.1",
            prefix: tuple[str, ...] = ()) -> dict:
     """Run an iperf3 client against host:port (its argv after ``prefix``, e.g. an
     ``ip netns exec NS``); the parsed JSON result."""
-    for _ in range(IPERF3_BUSY_RETRIES):
+    for _ in range(IPERF3_RETRIES):
         out = subprocess.run([*prefix, "iperf3", "-c", host, "-p", str(port), "-t",
                               str(seconds), "-J", *extra], capture_output=True, text=True,
                              timeout=seconds + 30)
         result = json.loads(out.stdout)
-        if "busy" not in result.get("error", ""):
+        if not iperf3_not_ready(result.get("error", "")):
             break
-        time.sleep(IPERF3_BUSY_WAIT)
+        time.sleep(IPERF3_RETRY_WAIT)
     if "error" in result:
         raise RuntimeError(result["error"])
     return result

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -121,3 +123,27 @@ def test_bench_forged_hello_smoke() -> None:
                            "--pending", "2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| this checkout |" in proc.stdout
+
+
+def test_iperf3_client_waits_out_a_server_between_tests() -> None:
+    """iperf3 -s closes its listener after each test and opens it anew; a client that arrives
+    in that gap is refused, which is the server not being ready, not the test failing."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import common
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started: list[subprocess.Popen] = []
+    timer = threading.Timer(1.2, lambda: started.append(subprocess.Popen(
+        ["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+    timer.start()
+    try:
+        result = common.iperf3(port, 1)
+    finally:
+        timer.join()
+        for proc in started:
+            proc.kill()
+            proc.wait()
+    assert result["end"]["sum_received"]["bytes"] > 0
