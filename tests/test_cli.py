@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 from conftest import BIN, run_cli
@@ -59,6 +61,22 @@ def test_help(tool_name, flag):
     assert "Usage:" in result.stdout and tool_name in result.stdout
     for option in ("-d", "-p <pidfile>", "-r", "-R"):
         assert option in result.stdout
+
+
+@pytest.mark.parametrize("tool_name", [*TOOLS, "portfwd"])
+@pytest.mark.parametrize("flag", ["-h", "--version"])
+def test_help_into_a_reader_that_stops_early(tool_name, flag):
+    """``tcpfwd -h | head -1``: the reader closing the pipe is not an error (no traceback)."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is already gone: the first write raises EPIPE
+    try:
+        proc = subprocess.run([sys.executable, os.path.join(BIN, tool_name), flag], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=20,
+                              stdin=subprocess.DEVNULL)
+    finally:
+        os.close(write)
+    assert proc.stderr == ""
+    assert proc.returncode == 0
 
 
 @pytest.mark.parametrize("tool_name", TOOLS)

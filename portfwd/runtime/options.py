@@ -14,6 +14,7 @@ returns 1 the same way. ``-h`` and ``--version`` are docopt's: it prints and exi
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -75,6 +76,11 @@ def parse_args(prog: str, usage: str, argv: list[str] | None) -> dict:
     except docopt.DocoptExit:
         message = f"invalid arguments {' '.join(redacted(argv))!r} (see '{prog} -h')"
         raise UsageError("argv", message) from None
+    except BrokenPipeError:
+        # -h or --version into a reader that stopped early (``tcpfwd -h | head``): the reader
+        # has what it wanted; no traceback, and none from the flush at exit either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0) from None
 
 
 SECRET_FLAGS = "K"  # short options whose value is a key: never echoed in any message
