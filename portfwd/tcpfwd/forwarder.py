@@ -13,6 +13,8 @@ import logging
 import socket
 import struct
 
+from gevent import get_hub
+
 from portfwd.policy.proxy import pack
 from portfwd.runtime.acceptloop import AcceptLoop
 from portfwd.runtime.addr import HostPort, Resolved, format_sockaddr
@@ -93,6 +95,7 @@ class TcpForwarder:
         self.listen_port: int = bound[1]  # the zero point of -b offsets
         self.accept_loop = AcceptLoop(listener, self._accepted, inline=True)
         self.workers = self.accept_loop.workers
+        self._loop = get_hub().loop  # the relays' watchers' (the accept loop's hub)
         self._ids = itertools.count(1)
         self._faults = RateLimitedLog(log)
         self.counters = TcpCounters()
@@ -264,7 +267,7 @@ class TcpForwarder:
         """Both ends are connected: send the prelude if any, then relay (never waits, except
         for sending a PROXY header, which only the worker path does). ``first``: client bytes
         read before the dial, of which ``sent`` went out already."""
-        upstream = RelaySocket(dialled)
+        upstream = RelaySocket(dialled, self._loop)
         ahead = sent  # stream bytes sent before the relay
         if client is not None or self._proxy:
             prelude = self._send_prelude(conn_id, accepted, peer, client, upstream, dest)
@@ -280,7 +283,7 @@ class TcpForwarder:
             else:
                 hot_log(log, CONN_LOG_LEVEL, "conn %d open %s (via %s) -> %s", conn_id,
                         format_sockaddr(client.address), format_sockaddr(peer), dest)
-        relay = Relay(conn_id, RelaySocket(accepted), upstream, self.config.splice,
+        relay = Relay(conn_id, RelaySocket(accepted, self._loop), upstream, self.config.splice,
                       self.counters, self.config.relay.idle_timeout, self.sweeper)
         relay.up.moved += ahead
         relay.start(self.workers, first[sent:])
