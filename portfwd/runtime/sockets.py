@@ -109,9 +109,18 @@ TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
 # first send says whether the handshake is over; other systems may queue it instead.
 EARLY_SEND = TCP_QUICKACK is not None and sys.platform.startswith("linux")
 KEEPALIVE_DEFER = 1.0  # s: DeferredKeepalive tunes sockets 1-2 s old
-# start_dial's options in one list per (keepalive, early), set in one loop: tune_tcp's (the
-# seed's buffers, TCP_NODELAY, keepalive unless deferred), then TCP_QUICKACK off for ``early``
-# (defer_handshake_ack). Three Python calls fewer per dial than calling those helpers.
+# start_dial's options in one list per (keepalive, early), set in one loop (three Python
+# calls fewer per dial than helpers would make): tune_tcp's (the seed's buffers, TCP_NODELAY,
+# keepalive unless deferred), then for ``early`` TCP_QUICKACK off. That lets the handshake's
+# last ACK ride on the first data segment instead of going alone (HAProxy's ``option
+# tcp-smart-connect``): TCP_QUICKACK off before connect() makes Linux hold that ACK (up to
+# 200 ms) and send it with the first bytes written. One packet fewer per connection, and the
+# server gets its first bytes with the connection. Only for a caller with bytes in hand to
+# write the moment the connection is up (a client's request already read, a PROXY header): a
+# server that speaks first must never wait for an ACK that waits for data. The mode would
+# also delay the ACK of the server's first reply, which stalls a server that writes twice
+# with Nagle on for one delayed-ACK period (40 ms, measured): quick_acks() right after the
+# first write ends it. Nothing is set where TCP_QUICKACK does not exist.
 _BUFFERS = [(socket.SOL_SOCKET, plain, SOCKBUF_CAP) for plain, _ in BUFFER_OPTIONS]
 DIAL_OPTIONS = {
     (keepalive, early): [*_BUFFERS, *(TCP_OPTIONS if keepalive else (NODELAY_OPTION,)),
@@ -187,11 +196,12 @@ class DeferredKeepalive:
             self.timer = None
 
 
-def dial_tcp(dest: Resolved, timeout: float) -> socket.socket:
+def dial_tcp(dest: Resolved, timeout: float, early: bool = False) -> socket.socket:
     """A tuned, connected, non-blocking TCP socket to ``dest``; raises OSError (TimeoutError
     included) and closes the socket on failure: :func:`start_dial`, then, if the handshake
-    has not finished yet, :func:`finish_dial`."""
-    sock, connected = start_dial(dest)
+    has not finished yet, :func:`finish_dial`. ``early``: as start_dial's (the caller
+    writes at once, then calls :func:`quick_acks`)."""
+    sock, connected = start_dial(dest, early=early)
     if not connected:
         finish_dial(sock, timeout)
     return sock
@@ -211,7 +221,7 @@ def start_dial(dest: Resolved, keepalive: bool = True,
     left to the caller (:class:`DeferredKeepalive`).
 
     ``early``: the caller has bytes in hand to send the moment the connection is up
-    (:func:`defer_handshake_ack`); no second connect then: its first send says whether the
+    (TCP_QUICKACK off: see DIAL_OPTIONS); no second connect then: its first send says whether the
     handshake is over (EAGAIN while it is not, the connect's error if it failed).
     """
     sock: socket.socket | None = None
@@ -239,23 +249,8 @@ def start_dial(dest: Resolved, keepalive: bool = True,
     return sock, True
 
 
-def defer_handshake_ack(sock: socket.socket) -> None:
-    """Let the handshake's last ACK ride on the first data segment instead of going alone
-    (HAProxy's ``option tcp-smart-connect``): TCP_QUICKACK off before connect() makes Linux
-    hold that ACK (up to 200 ms) and send it with the first bytes written. One packet fewer
-    per connection, and the server gets its first bytes with the connection. Only for a
-    caller with bytes in hand to write the moment the connection is up (a client's request
-    already read): a server that speaks first must never wait for an ACK that waits for
-    data. The mode would also delay the ACK of the server's first reply, which stalls a
-    server that writes twice with Nagle on for one delayed-ACK period (40 ms, measured):
-    :func:`quick_acks` right after the first write ends it. No-op where TCP_QUICKACK does
-    not exist."""
-    if TCP_QUICKACK is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 0)
-
-
 def quick_acks(sock: socket.socket) -> None:
-    """Back to Linux's usual ACK behaviour after :func:`defer_handshake_ack` (call once the
+    """Back to Linux's usual ACK behaviour after an ``early`` dial (call once the
     first bytes are written)."""
     if TCP_QUICKACK is not None:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)

@@ -110,6 +110,9 @@ class TcpForwarder:
         self.pending = 0
         self._gated = self.gate.checks
         self._proxy = config.proxy_protocol  # PROXY header version to send, 0 = none
+        # _dial defers the handshake's last ACK to the header (not for upstreams.dial()'s
+        # several destinations: their sockets are dialled without it)
+        self._early_header = bool(self._proxy) and EARLY_SEND
         self._local = listening_address(bound)  # every connection's local address, or None
         # The plain case's one address (no gate, PROXY header or -b), set up by _accepted
         # itself; None: every connection goes to a worker (_handle).
@@ -310,6 +313,8 @@ class TcpForwarder:
                 ahead += len(first)
             if data:
                 upstream.send_all(data)
+            if self._early_header:
+                quick_acks(upstream.sock)
         except OSError as exc:
             self._faults.warning("prelude", "conn %d: sending to %s failed: %s", conn_id, dest,
                                  exc.strerror or exc)
@@ -329,7 +334,9 @@ class TcpForwarder:
 
     def _dial(self, conn_id: int, dest: Resolved) -> socket.socket | None:
         try:
-            return dial_tcp(dest, self.config.connect_timeout)
+            # A PROXY header is always in hand: it carries the handshake's last ACK
+            # (start_dial's ``early``; _send_prelude turns quick ACKs back on).
+            return dial_tcp(dest, self.config.connect_timeout, early=self._early_header)
         except OSError as exc:  # includes TimeoutError and EMFILE
             self._dial_failed(conn_id, dest, exc)
             return None
