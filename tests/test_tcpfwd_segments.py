@@ -53,17 +53,22 @@ def stopped(pid: int) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
-@pytest.fixture
-def forwarded(tool):
+def forward(tool, *options: str) -> tuple:
     """(the tool, its port, the destination's listener), the destination in this test."""
     target = socket.create_server(("127.0.0.1", 0))
     target.settimeout(10)
     port = free_port()
-    fwd = tool("tcpfwd", f"127.0.0.1:{port}", f"127.0.0.1:{target.getsockname()[1]}")
+    fwd = tool("tcpfwd", *options, f"127.0.0.1:{port}", f"127.0.0.1:{target.getsockname()[1]}")
     fwd.wait_for_log("forwarding")
     connect("127.0.0.1", port).close()  # bound and accepting
     with target.accept()[0]:
         pass
+    return fwd, port, target
+
+
+@pytest.fixture
+def forwarded(tool):
+    fwd, port, target = forward(tool)
     yield fwd, port, target
     target.close()
 
@@ -123,6 +128,39 @@ def test_replies_are_acknowledged_at_once(forwarded):
     assert fwd.stop() == 0
 
 
+def test_proxy_header_carries_the_handshake_ack_and_replies_are_acknowledged_at_once(tool):
+    """With --proxy-protocol the header is always in hand: the destination gets SYN, then
+    header and request with the ACK in them (two segments, not three), and quick ACKs are
+    back on after it."""
+    fwd, port, target = forward(tool, "--proxy-protocol", "v1")
+    with stopped(fwd.pid):  # the request is queued before tcpfwd accepts: one segment
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        client.sendall(b"hello")
+    server, _ = target.accept()
+    server.settimeout(10)
+    data = b""
+    while not data.endswith(b"hello"):
+        data += server.recv(200)
+    assert data.startswith(b"PROXY TCP4 127.0.0.1 127.0.0.1 ")
+    assert tcp_info(server, DATA_SEGS_IN) == 1
+    assert tcp_info(server, SEGS_IN) == 2
+    # Once a second connection reaches the destination the first one's set-up (header,
+    # then TCP_QUICKACK back on) is over: one greenlet runs at a time.
+    with socket.create_connection(("127.0.0.1", port), timeout=10), target.accept()[0]:
+        pass
+    with stopped(fwd.pid):
+        server.send(b"x" * 100)
+        deadline = time.monotonic() + 0.02  # half the shortest delayed-ACK time
+        while tcp_info(server, UNACKED) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert tcp_info(server, UNACKED) == 0
+    assert client.recv(100) == b"x" * 100
+    client.close()
+    server.close()
+    target.close()
+    assert fwd.stop() == 0
+
+
 def test_reply_with_its_fin_reaches_the_client_in_one_segment(forwarded):
     """A reply followed by close, both queued before tcpfwd reads: the client receives
     SYN-ACK, the ACK of its request, then reply and FIN together (direct, the destination's
@@ -168,13 +206,16 @@ def test_server_that_speaks_first_is_dialled_without_waiting_for_data(forwarded)
 
 
 def test_deferred_handshake_ack_and_quick_acks_switch_the_socket_mode():
-    """TCP_QUICKACK reads 0 while the ACK is deferred and 1 again after quick_acks."""
-    with socket.socket() as sock:
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
-        sockets.defer_handshake_ack(sock)
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 0
-        sockets.quick_acks(sock)
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
+    """TCP_QUICKACK reads 0 with an ``early`` dial's options (the ACK is deferred), 1 with a
+    plain one's, and 1 again after quick_acks (before any connect: once connected the mode
+    depends on what the handshake did)."""
+    for early in (False, True):
+        with socket.socket() as sock:
+            for level, option, value in sockets.DIAL_OPTIONS[False, early]:
+                sock.setsockopt(level, option, value)
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == (not early)
+            sockets.quick_acks(sock)
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
 
 
 def test_client_reset_before_the_dial_is_a_failed_connection_and_nothing_is_dialled(tool):

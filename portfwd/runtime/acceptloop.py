@@ -20,7 +20,7 @@ from gevent.socket import wait
 
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.metrics import ErrorCounts
-from portfwd.runtime.sockets import LISTEN_BACKLOG, READ, tune_tcp
+from portfwd.runtime.sockets import LISTEN_BACKLOG, READ, RawSocket, tune_tcp
 from portfwd.runtime.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,9 @@ Handler = Callable[[socket.socket, tuple], None]
 class AcceptLoop:
     """Accepts on a bound listener and runs ``handler(sock, peer)`` in a greenlet per connection.
 
-    The handler owns the accepted socket (a plain stdlib one: tcpfwd relays on those, others wrap it
-    with ``portfwd.runtime.sockets.cooperative``) and must close it. Accepted sockets come with the
+    The handler owns the accepted socket (a plain one of CPython's C socket type,
+    ``sockets.RawSocket``: tcpfwd relays on those, others wrap it with
+    ``portfwd.runtime.sockets.cooperative``) and must close it. Accepted sockets come with the
     seed's per-connection options (buffers, TCP_NODELAY, keepalive) already set. Handlers run in
     ``workers``, which they may share for more per-connection jobs (tcpfwd's relays);
     stop() drains and then cuts every job there. With ``inline`` the handler is called in the
@@ -79,9 +80,10 @@ class AcceptLoop:
         backoff = BACKOFF_MIN
         spawn, handler = self.workers.spawn, self.handler
         # socket.accept() without its two enum conversions (family and type, ~1 us per
-        # connection): the C accept and the socket built as it builds it. ``_accept`` is
-        # CPython's own name for it (socket.accept calls it, 3.8 through 3.13).
-        raw_accept, stdlib_socket = self.listener._accept, socket.socket
+        # connection): the C accept, and the socket built as it builds it but of the C type
+        # (sockets.RawSocket: no Python __init__ or close). ``_accept`` is CPython's own
+        # name for it (socket.accept calls it, 3.8 through 3.13).
+        raw_accept, new_socket = self.listener._accept, RawSocket
         family, kind, proto = int(self.listener.family), int(self.listener.type), \
             self.listener.proto
         batch = 0  # accepted since the last wait
@@ -107,7 +109,7 @@ class AcceptLoop:
                 gevent.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
-            sock = stdlib_socket(family, kind, proto, fd)
+            sock = new_socket(family, kind, proto, fd)
             backoff = BACKOFF_MIN
             self.accepted += 1
             batch += 1

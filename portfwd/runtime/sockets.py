@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import socket
@@ -108,6 +109,32 @@ TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
 # first send says whether the handshake is over; other systems may queue it instead.
 EARLY_SEND = TCP_QUICKACK is not None and sys.platform.startswith("linux")
 KEEPALIVE_DEFER = 1.0  # s: DeferredKeepalive tunes sockets 1-2 s old
+# start_dial's options in one list per (keepalive, early), set in one loop (three Python
+# calls fewer per dial than helpers would make): tune_tcp's (the seed's buffers, TCP_NODELAY,
+# keepalive unless deferred), then for ``early`` TCP_QUICKACK off. That lets the handshake's
+# last ACK ride on the first data segment instead of going alone (HAProxy's ``option
+# tcp-smart-connect``): TCP_QUICKACK off before connect() makes Linux hold that ACK (up to
+# 200 ms) and send it with the first bytes written. One packet fewer per connection, and the
+# server gets its first bytes with the connection. Only for a caller with bytes in hand to
+# write the moment the connection is up (a client's request already read, a PROXY header): a
+# server that speaks first must never wait for an ACK that waits for data. The mode would
+# also delay the ACK of the server's first reply, which stalls a server that writes twice
+# with Nagle on for one delayed-ACK period (40 ms, measured): quick_acks() right after the
+# first write ends it. Nothing is set where TCP_QUICKACK does not exist.
+_BUFFERS = [(socket.SOL_SOCKET, plain, SOCKBUF_CAP) for plain, _ in BUFFER_OPTIONS]
+DIAL_OPTIONS = {
+    (keepalive, early): [*_BUFFERS, *(TCP_OPTIONS if keepalive else (NODELAY_OPTION,)),
+                         *([(socket.IPPROTO_TCP, TCP_QUICKACK, 0)]
+                           if early and TCP_QUICKACK is not None else [])]
+    for keepalive in (False, True) for early in (False, True)}
+# socket() non-blocking from birth; a plain int (SocketKind | SocketKind is one already)
+STREAM_NONBLOCK = int(socket.SOCK_STREAM | SOCK_NONBLOCK)
+# Sockets on the short-connection path (accepted by AcceptLoop, dialled by start_dial) are
+# CPython's C socket type itself, not the stdlib's Python subclass: its __init__ and close()
+# (close, then _real_close) are three Python frames each, about 1 us per connection for two
+# sockets. Everything the tools call on them (recv, send, setsockopt, detach, ...) is the C
+# type's; ``family`` and ``type`` are plain ints there.
+RawSocket = _socket.socket
 
 
 def tune_tcp(sock: socket.socket, bufsize: int | None = SOCKBUF_CAP,
@@ -169,11 +196,12 @@ class DeferredKeepalive:
             self.timer = None
 
 
-def dial_tcp(dest: Resolved, timeout: float) -> socket.socket:
+def dial_tcp(dest: Resolved, timeout: float, early: bool = False) -> socket.socket:
     """A tuned, connected, non-blocking TCP socket to ``dest``; raises OSError (TimeoutError
     included) and closes the socket on failure: :func:`start_dial`, then, if the handshake
-    has not finished yet, :func:`finish_dial`."""
-    sock, connected = start_dial(dest)
+    has not finished yet, :func:`finish_dial`. ``early``: as start_dial's (the caller
+    writes at once, then calls :func:`quick_acks`)."""
+    sock, connected = start_dial(dest, early=early)
     if not connected:
         finish_dial(sock, timeout)
     return sock
@@ -193,18 +221,18 @@ def start_dial(dest: Resolved, keepalive: bool = True,
     left to the caller (:class:`DeferredKeepalive`).
 
     ``early``: the caller has bytes in hand to send the moment the connection is up
-    (:func:`defer_handshake_ack`); no second connect then: its first send says whether the
+    (TCP_QUICKACK off: see DIAL_OPTIONS); no second connect then: its first send says whether the
     handshake is over (EAGAIN while it is not, the connect's error if it failed).
     """
     sock: socket.socket | None = None
     try:
         # Non-blocking from birth: no ioctl(FIONBIO) after socket() (and no timeout mode).
-        sock = socket.socket(dest.family, socket.SOCK_STREAM | SOCK_NONBLOCK)
+        sock = RawSocket(dest.family, STREAM_NONBLOCK)
         if not SOCK_NONBLOCK:
             sock.setblocking(False)
-        tune_tcp(sock, keepalive=keepalive)
-        if early:
-            defer_handshake_ack(sock)
+        setsockopt = sock.setsockopt
+        for level, option, value in DIAL_OPTIONS[keepalive, early]:
+            setsockopt(level, option, value)
         error = sock.connect_ex(dest.sockaddr)
         if error == errno.EINPROGRESS and early:
             return sock, False
@@ -221,23 +249,8 @@ def start_dial(dest: Resolved, keepalive: bool = True,
     return sock, True
 
 
-def defer_handshake_ack(sock: socket.socket) -> None:
-    """Let the handshake's last ACK ride on the first data segment instead of going alone
-    (HAProxy's ``option tcp-smart-connect``): TCP_QUICKACK off before connect() makes Linux
-    hold that ACK (up to 200 ms) and send it with the first bytes written. One packet fewer
-    per connection, and the server gets its first bytes with the connection. Only for a
-    caller with bytes in hand to write the moment the connection is up (a client's request
-    already read): a server that speaks first must never wait for an ACK that waits for
-    data. The mode would also delay the ACK of the server's first reply, which stalls a
-    server that writes twice with Nagle on for one delayed-ACK period (40 ms, measured):
-    :func:`quick_acks` right after the first write ends it. No-op where TCP_QUICKACK does
-    not exist."""
-    if TCP_QUICKACK is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 0)
-
-
 def quick_acks(sock: socket.socket) -> None:
-    """Back to Linux's usual ACK behaviour after :func:`defer_handshake_ack` (call once the
+    """Back to Linux's usual ACK behaviour after an ``early`` dial (call once the
     first bytes are written)."""
     if TCP_QUICKACK is not None:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)

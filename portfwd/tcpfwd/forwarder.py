@@ -13,6 +13,8 @@ import logging
 import socket
 import struct
 
+from gevent import get_hub
+
 from portfwd.policy.proxy import pack
 from portfwd.runtime.acceptloop import AcceptLoop
 from portfwd.runtime.addr import HostPort, Resolved, format_sockaddr
@@ -93,6 +95,7 @@ class TcpForwarder:
         self.listen_port: int = bound[1]  # the zero point of -b offsets
         self.accept_loop = AcceptLoop(listener, self._accepted, inline=True)
         self.workers = self.accept_loop.workers
+        self._loop = get_hub().loop  # the relays' watchers' (the accept loop's hub)
         self._ids = itertools.count(1)
         self._faults = RateLimitedLog(log)
         self.counters = TcpCounters()
@@ -107,6 +110,9 @@ class TcpForwarder:
         self.pending = 0
         self._gated = self.gate.checks
         self._proxy = config.proxy_protocol  # PROXY header version to send, 0 = none
+        # _dial defers the handshake's last ACK to the header (not for upstreams.dial()'s
+        # several destinations: their sockets are dialled without it)
+        self._early_header = bool(self._proxy) and EARLY_SEND
         self._local = listening_address(bound)  # every connection's local address, or None
         # The plain case's one address (no gate, PROXY header or -b), set up by _accepted
         # itself; None: every connection goes to a worker (_handle).
@@ -264,7 +270,7 @@ class TcpForwarder:
         """Both ends are connected: send the prelude if any, then relay (never waits, except
         for sending a PROXY header, which only the worker path does). ``first``: client bytes
         read before the dial, of which ``sent`` went out already."""
-        upstream = RelaySocket(dialled)
+        upstream = RelaySocket(dialled, self._loop)
         ahead = sent  # stream bytes sent before the relay
         if client is not None or self._proxy:
             prelude = self._send_prelude(conn_id, accepted, peer, client, upstream, dest)
@@ -280,7 +286,7 @@ class TcpForwarder:
             else:
                 hot_log(log, CONN_LOG_LEVEL, "conn %d open %s (via %s) -> %s", conn_id,
                         format_sockaddr(client.address), format_sockaddr(peer), dest)
-        relay = Relay(conn_id, RelaySocket(accepted), upstream, self.config.splice,
+        relay = Relay(conn_id, RelaySocket(accepted, self._loop), upstream, self.config.splice,
                       self.counters, self.config.relay.idle_timeout, self.sweeper)
         relay.up.moved += ahead
         relay.start(self.workers, first[sent:])
@@ -307,6 +313,8 @@ class TcpForwarder:
                 ahead += len(first)
             if data:
                 upstream.send_all(data)
+            if self._early_header:
+                quick_acks(upstream.sock)
         except OSError as exc:
             self._faults.warning("prelude", "conn %d: sending to %s failed: %s", conn_id, dest,
                                  exc.strerror or exc)
@@ -326,7 +334,9 @@ class TcpForwarder:
 
     def _dial(self, conn_id: int, dest: Resolved) -> socket.socket | None:
         try:
-            return dial_tcp(dest, self.config.connect_timeout)
+            # A PROXY header is always in hand: it carries the handshake's last ACK
+            # (start_dial's ``early``; _send_prelude turns quick ACKs back on).
+            return dial_tcp(dest, self.config.connect_timeout, early=self._early_header)
         except OSError as exc:  # includes TimeoutError and EMFILE
             self._dial_failed(conn_id, dest, exc)
             return None

@@ -35,8 +35,8 @@ from portfwd.runtime.workers import Workers
 from portfwd.tcpfwd.metrics import TcpCounters
 from portfwd.tcpfwd.pump import COPY_CHUNK, MSG_DONTWAIT, Counter, RelaySocket, pump
 
-MSG_PEEK = socket.MSG_PEEK
-MSG_MORE = getattr(socket, "MSG_MORE", 0)  # Linux: hold a partial segment for what follows
+MSG_PEEK = int(socket.MSG_PEEK)  # plain ints, as pump.MSG_DONTWAIT
+MSG_MORE = int(getattr(socket, "MSG_MORE", 0))  # Linux: hold a partial segment for what follows
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,91 @@
+"""What tcpfwd's plain short-connection path must not run: Python code of the stdlib's socket
+and enum modules (the stdlib socket class's __init__ and close, enum.Flag.__or__ on MSG_*
+flags) and gevent's get_hub() per relay socket. Each cost 0.3-1 us per connection
+(bench/results/2026-12-02-short4.md); this counts those calls made from portfwd's code while
+connections are relayed in process, rather than timing anything."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import gevent
+from gevent import socket as gsocket
+
+import portfwd
+from portfwd.runtime.addr import Resolved
+from portfwd.runtime.sockets import ListenOptions, bind_socket
+from portfwd.tcpfwd import pump
+from portfwd.tcpfwd.config import TcpConfig
+from portfwd.tcpfwd.forwarder import TcpForwarder
+
+PORTFWD = os.path.dirname(portfwd.__file__) + os.sep  # the package, not its tests
+
+
+def loopback(port: int) -> Resolved:
+    return Resolved(socket.AF_INET, ("127.0.0.1", port))
+
+
+def http_like_server() -> tuple[gsocket.socket, gevent.Greenlet]:
+    """Reads a request, answers it and closes, as nginx with keepalive off does."""
+    listener = gsocket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+
+    def serve() -> None:
+        while True:
+            conn, _ = listener.accept()
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.0 200 OK\r\n\r\n" + b"x" * 1024)
+            conn.close()
+
+    return listener, gevent.spawn(serve)
+
+
+def test_plain_path_runs_no_stdlib_socket_or_enum_code_and_no_get_hub(monkeypatch):
+    server, serving = http_like_server()
+    listener = bind_socket(loopback(0), socket.SOCK_STREAM, ListenOptions())
+    fwd = TcpForwarder(TcpConfig(listen=loopback(listener.getsockname()[1]),
+                                 dest=loopback(server.getsockname()[1])), listener)
+    fwd.start()
+    bad: list[str] = []  # forbidden calls made by portfwd code, with their caller
+
+    def watched(owner: object, name: str) -> None:
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename.startswith(PORTFWD):
+                bad.append(f"{name} from {caller.co_name}")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    try:
+        gevent.sleep(0.05)  # the accept loop waits on its listener
+        watched(socket.socket, "__init__")
+        watched(socket.socket, "close")
+        watched(socket.MsgFlag, "__or__")  # enum.Flag's, copied into each flag class
+        watched(socket.MsgFlag, "__ror__")
+        watched(pump, "get_hub")
+        for _ in range(3):
+            client = gsocket.create_connection(fwd.accept_loop.address, timeout=10)
+            client.sendall(b"GET /1k HTTP/1.0\r\n\r\n")
+            reply = b""
+            while data := client.recv(65536):
+                reply += data
+            client.close()
+            assert reply.endswith(b"x" * 1024)
+        for _ in range(100):  # bounded: until the relays have closed
+            if fwd.counters.closed == 3:
+                break
+            gevent.sleep(0.01)
+        m = fwd.metrics()
+        assert (m.connections_closed, m.connections_active, m.bytes_up) == (3, 0, 3 * 20)
+        assert not bad, bad
+    finally:
+        monkeypatch.undo()
+        fwd.stop(1)
+        serving.kill()
+        server.close()
