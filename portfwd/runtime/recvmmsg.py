@@ -93,6 +93,7 @@ class BatchReceiver:
         # The last call took what was queued (fewer than ``count``): the caller waits for the
         # socket to be readable rather than spend a system call to learn it is empty.
         self.drained = False
+        self.discarded = 0  # datagrams the last call left out (``discard`` was true of them)
         self._addresses: dict[bytes, Any] = {}
 
     def receive(self, discard: Callable[[bytes], bool] | None = None,
@@ -108,6 +109,7 @@ class BatchReceiver:
         if got < 0:
             self._used = 0
             self.drained = True
+            self.discarded = 0
             code = ctypes.get_errno()
             if code in _WOULD_BLOCK:
                 return None
@@ -130,6 +132,7 @@ class BatchReceiver:
                     addresses.clear()
                 addr = addresses[raw] = decode_sockaddr(raw)
             out.append((data, addr))
+        self.discarded = got - len(out)
         return out
 
 
