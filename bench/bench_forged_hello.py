@@ -11,6 +11,11 @@ send) from 16 loopback sources are queued in its socket before it reads them, th
 N``: N sessions wait for their client's confirmation meanwhile, as under a real flood with
 legitimate clients. ``--compare REV`` runs the same in a git worktree of REV; every figure is
 the median over rounds, and the minimum is printed beside it.
+
+``--live PPS``: the forgeries arrive while the server runs, as a flood does, paced to PPS by a
+sender process on another CPU (the server on CPU 0, the sender on CPU 1), and each round is a
+second of it. The figure then includes what a server that keeps up with a flood pays per wake-up
+(epoll, the hub, the read call), which the queued rounds spread over 64 datagrams a read.
 """
 
 from __future__ import annotations
@@ -32,8 +37,35 @@ from common import REPO, Table, print_tables, ratio  # noqa: E402
 SENDERS = 16  # source addresses 127.0.<i>.<i + 2>
 
 
-def measure(count: int, rounds: int, pending: int) -> list[float]:
-    """us of CPU per forged HELLO, one figure per round (runs the checkout on sys.path)."""
+LIVE_SENDER = """
+import os, socket, sys, time
+os.sched_setaffinity(0, {1})
+port, pps, seconds, template = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+forged = bytearray(bytes.fromhex(template))
+socks = []
+for i in range(16):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((f"127.0.{i}.{i + 2}", 0))
+    socks.append(sock)
+dest, sent = ("127.0.0.1", port), 0
+start = time.monotonic()
+while (now := time.monotonic()) < start + seconds:
+    if sent > (now - start) * pps:
+        time.sleep(0.0002)
+        continue
+    for sock in socks:
+        forged[20:24] = (sent % (1 << 32)).to_bytes(4, "big")  # another key share each time
+        sent += 1
+        try:
+            sock.sendto(forged, dest)
+        except OSError:
+            pass
+"""
+
+
+def measure(count: int, rounds: int, pending: int, live: int = 0) -> list[float]:
+    """us of CPU per forged HELLO, one figure per round (runs the checkout on sys.path);
+    ``live``: forgeries per second sent while the server runs (see --live)."""
     import socket
     import time
 
@@ -73,6 +105,8 @@ def measure(count: int, rounds: int, pending: int) -> list[float]:
     while server.metrics().handshakes < pending:
         gevent.sleep(0.001)
     forged = bytearray(wire.pack_hello(1, wall_ms(), os.urandom(32)) + os.urandom(16))
+    if live:
+        return measure_live(server, forged, live, rounds)
     per = []
     for _ in range(rounds):
         before = server.handshakes.dropped_auth
@@ -87,9 +121,34 @@ def measure(count: int, rounds: int, pending: int) -> list[float]:
     return per
 
 
+def measure_live(server: object, forged: bytearray, pps: int, rounds: int) -> list[float]:
+    """us of CPU (user + system) per forged HELLO over ``rounds`` seconds of a flood at
+    ``pps`` sent from CPU 1, the server on CPU 0."""
+    import subprocess
+
+    import gevent
+
+    os.sched_setaffinity(0, {0})
+    sender = subprocess.Popen([sys.executable, "-c", LIVE_SENDER,
+                               str(server.udp.sock.getsockname()[1]), str(pps),
+                               str(rounds + 1.5), forged.hex()])
+    gevent.sleep(1.0)  # under way
+    per = []
+    for _ in range(rounds):
+        before, cpu = server.handshakes.dropped_auth, os.times()
+        gevent.sleep(1.0)
+        after = os.times()
+        rejected = server.handshakes.dropped_auth - before
+        per.append((after.user + after.system - cpu.user - cpu.system) / max(rejected, 1) * 1e6)
+    sender.wait()
+    server.stop(1)
+    return per
+
+
 def run_checkout(path: str, opts: argparse.Namespace) -> list[float]:
     code = (f"import sys, json; sys.path.insert(0, {HERE!r}); import bench_forged_hello as b; "
-            f"print(json.dumps(b.measure({opts.count}, {opts.rounds}, {opts.pending})))")
+            f"print(json.dumps(b.measure({opts.count}, {opts.rounds}, {opts.pending}, "
+            f"{opts.live})))")
     # cwd: ``-c`` puts the working directory first on sys.path, ahead of PYTHONPATH
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=path, env=dict(os.environ, PYTHONPATH=path,
@@ -103,6 +162,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--pending", type=int, default=0,
                         help="sessions waiting for their client meanwhile")
+    parser.add_argument("--live", type=int, default=0, metavar="PPS",
+                        help="forgeries a second sent while the server runs (CPU 1 -> CPU 0)")
     parser.add_argument("--compare", action="append", default=[], metavar="REV")
     opts = parser.parse_args()
     rows, first = [], None
@@ -123,8 +184,10 @@ def main() -> None:
     print_tables([Table(
         "CPU per forged HELLO in kcptcp-server's receive loop (in-process)",
         ["checkout", "µs per forged HELLO (median)", "min", "× this checkout"], rows,
-        f"{opts.rounds} rounds of {opts.count} forged HELLOs from {SENDERS} sources, "
-        f"{opts.pending} sessions pending; CPU time of the server's process over the "
+        (f"{opts.rounds} rounds of 1 s of a flood at {opts.live} forged HELLOs a second from "
+         f"{SENDERS} sources (sender on CPU 1, server on CPU 0)" if opts.live else
+         f"{opts.rounds} rounds of {opts.count} forged HELLOs from {SENDERS} sources")
+        + f", {opts.pending} sessions pending; CPU time of the server's process over the "
         "datagrams it rejected.")])
 
 

@@ -14,7 +14,7 @@ import gevent
 import pytest
 
 from portfwd.kcptcp.driver import ConversationDriver, UdpEndpoint
-from portfwd.tunnel.handshake import HandshakeAcceptor
+from portfwd.tunnel.handshake import SCREEN_CLOCK_EVERY, HandshakeAcceptor
 from portfwd.tunnel.origin import Origin
 from portfwd.tunnel.session import TunnelConfig
 from portfwd.tunnel.stream import Conversation, ConversationConfig
@@ -255,6 +255,29 @@ def test_only_the_very_object_that_verified_is_taken_on_trust():
     acceptor.forgery_screen(lambda: 0)  # a new batch: nothing of the last one is vouched for
     assert acceptor.authentic(hello, ADDR, 0) and counter.calls == 4
 
+
+def test_the_screen_reads_the_clock_once_per_run_of_forgeries_and_still_lets_a_due_line_out():
+    """Reading the clock costs half a MAC: a flood's screen looks at it for its first forgery
+    and then once per SCREEN_CLOCK_EVERY, so a line that falls due meanwhile still gets its
+    forgery (with its source) within that many."""
+    acceptor, _ = counted_acceptor()
+    hello = a_hello()
+    forged = hello[:-1] + bytes([hello[-1] ^ 1])
+    reads, clock = [], [0]
+    screen = acceptor.forgery_screen(lambda: reads.append(1) or clock[0])
+    assert not screen(forged)  # the first: a line is due, it goes on to be logged
+    assert not acceptor.authentic(forged, ADDR, 0)  # logged now; the next line in 10 s
+    flood = 3 * SCREEN_CLOCK_EVERY
+    assert all(screen(bytes(forged)) for _ in range(flood))
+    assert len(reads) == 1  # this batch's one forgery to log is gone: no need to look again
+    screen = acceptor.forgery_screen(lambda: reads.append(1) or clock[0])
+    reads.clear()
+    assert all(screen(bytes(forged)) for _ in range(flood))
+    assert len(reads) == flood // SCREEN_CLOCK_EVERY  # ... while the next batch looks 3 times
+    clock[0] = 10**6  # the interval is over, in the middle of a run
+    passed = [not screen(bytes(forged)) for _ in range(flood)]
+    assert passed.count(True) == 1 and passed.index(True) < SCREEN_CLOCK_EVERY
+    assert acceptor.dropped_auth == 1 + 2 * flood + flood - 1
 
 # --- the TCP writer flushes after a read only when the read reopened the window ------------------
 

@@ -11,6 +11,7 @@ import socket
 import gevent
 import pytest
 
+from portfwd.kcptcp import udp_endpoint
 from portfwd.kcptcp.udp_endpoint import YIELD_AFTER, UdpEndpoint
 from portfwd.runtime import recvmmsg
 
@@ -140,6 +141,47 @@ def test_a_socket_that_never_empties_still_lets_other_greenlets_run(batched):
         assert [data for data, _ in batch] == [b"real"]
         assert len(screened) == queued + 1  # all were queued: none lost to the buffer
         assert other_ran_after and other_ran_after[0] <= YIELD_AFTER
+
+
+def test_under_a_flood_the_batched_reader_lets_datagrams_queue_up_instead_of_waking_for_each(
+        monkeypatch):
+    """After a read that emptied the socket and dropped forgeries, the reader sleeps a moment
+    and reads what came meanwhile in one call, rather than waking on the socket for every few
+    datagrams (a flood the server keeps up with cost ~10 us per wake-up); after a read that
+    dropped nothing it waits on the socket as before."""
+    if recvmmsg._recvmmsg is None:
+        pytest.skip("no recvmmsg in libc")
+    monkeypatch.setattr(udp_endpoint, "FLOOD_COALESCE_S", 0.3)  # wide: robust on a busy box
+    waits = []
+    real_wait = udp_endpoint.wait
+    monkeypatch.setattr(udp_endpoint, "wait", lambda watcher: waits.append(1) or
+                        real_wait(watcher))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flooder:
+        sock.bind(("127.0.0.1", 0))
+        endpoint = UdpEndpoint(sock, batched=True)
+        screen = lambda data: data == b"forged"  # noqa: E731
+        for _ in range(3):
+            flooder.sendto(b"forged", sock.getsockname())
+        gevent.sleep(0.01)
+        reader = gevent.spawn(endpoint.recv_batch, screen)
+        gevent.sleep(0)  # it read the three, dropped them, and pauses
+        for data in (b"forged", b"forged", b"real"):
+            flooder.sendto(data, sock.getsockname())
+        assert [data for data, _ in reader.get(timeout=5)] == [b"real"]
+        assert waits == []  # the second read came after the pause, without a wake-up
+        gevent.spawn_later(0.01, flooder.sendto, b"real", sock.getsockname())
+        assert [data for data, _ in endpoint.recv_batch(screen)] == [b"real"]
+        assert waits == []  # that read dropped forgeries too: the pause took this one
+        gevent.spawn_later(0.01, flooder.sendto, b"real", sock.getsockname())
+        assert [data for data, _ in endpoint.recv_batch(screen)] == [b"real"]
+        assert waits == [1]  # the last read dropped nothing: no pause, it waits on the socket
+        flooder.sendto(b"forged", sock.getsockname())
+        gevent.spawn_later(0.5, flooder.sendto, b"real", sock.getsockname())
+        assert [data for data, _ in endpoint.recv_batch(screen)] == [b"real"]
+        # a wait that found the forgery; the pause after it found nothing: a wait again
+        assert waits == [1, 1, 1]
+        endpoint.close()
 
 
 class Counting(socket.socket):

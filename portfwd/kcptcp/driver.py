@@ -31,6 +31,7 @@ import gevent.event
 from gevent.socket import socket as gsocket
 
 from portfwd.kcp.pacing import Allowance, RateModel, steer
+from portfwd.kcptcp.alarm import Alarm
 from portfwd.kcptcp.metrics import (
     TOTAL_FIELDS,
     ConversationMetrics,
@@ -95,7 +96,7 @@ class ConversationDriver:
         self.finished = gevent.event.Event()
         self.close_reason = ""
         self.reset_tcp = False  # close the tcp side with RST (SO_LINGER 0), not FIN
-        self._wake = gevent.event.Event()  # ticker: deadline may have moved earlier
+        self._wake = Alarm()  # ticker: deadline may have moved earlier
         self._room = gevent.event.Event()  # tcp reader: conversation can take more
         self._data = gevent.event.Event()  # tcp writer: records are waiting
         self._armed: int | None = None  # deadline the ticker sleeps towards

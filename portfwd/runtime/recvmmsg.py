@@ -14,6 +14,7 @@ the call is missing, and the caller reads one datagram per ``recvfrom`` as befor
 
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
 import mmap
@@ -86,13 +87,13 @@ class BatchReceiver:
             hdr.name, hdr.namelen = names + i * SOCKADDR_SIZE, SOCKADDR_SIZE
             hdr.iov, hdr.iovlen = ctypes.addressof(self._iovs[i]), 1
         self._words = memoryview(self._msgs).cast("B").cast("I")
-        self._data_view = memoryview(self._data)
-        self._names_view = memoryview(self._names)
+        self._name_sizes = memoryview(array.array("I", [SOCKADDR_SIZE] * count))
         self._at = ctypes.addressof(self._msgs)
         self._used = count  # messages whose msg_namelen the kernel may have changed
         # The last call took what was queued (fewer than ``count``): the caller waits for the
         # socket to be readable rather than spend a system call to learn it is empty.
         self.drained = False
+        self.discarded = 0  # datagrams the last call left out (``discard`` was true of them)
         self._addresses: dict[bytes, Any] = {}
 
     def receive(self, discard: Callable[[bytes], bool] | None = None,
@@ -101,33 +102,37 @@ class BatchReceiver:
         returns them), at most ``count``; None if nothing is. Datagrams ``discard`` is true of
         are left out before their address is decoded (so the list may be empty). Raises
         OSError for an error the socket reports (an ICMP error on a connected socket)."""
-        words, stride, namelen = self._words, _STRIDE, _NAMELEN
-        for i in range(self._used):  # the kernel wrote each name's actual size back
-            words[i * stride + namelen] = SOCKADDR_SIZE
+        words, stride, used = self._words, _STRIDE, self._used
+        # The kernel wrote each name's actual size back: one strided store resets them all.
+        words[_NAMELEN:used * stride:stride] = self._name_sizes[:used]
         got = _recvmmsg(self._fd, self._at, self._count, socket.MSG_DONTWAIT, None)
         if got < 0:
             self._used = 0
             self.drained = True
+            self.discarded = 0
             code = ctypes.get_errno()
             if code in _WOULD_BLOCK:
                 return None
             raise OSError(code, errno.errorcode.get(code, str(code)))
         self._used = got
         self.drained = got < self._count  # the kernel found no more: wait before the next call
-        view, names, addresses, out = self._data_view, self._names_view, self._addresses, []
-        for i in range(got):
-            start = i * SLOT_SIZE
-            data = bytes(view[start:start + words[i * stride + _LEN]])
+        # Slices of the mmap itself: one bytes object each, no memoryview in between.
+        data_map, names, addresses, out = self._data, self._names, self._addresses, []
+        start = 0
+        for i, size in enumerate(words[_LEN:got * stride:stride].tolist()):
+            data = data_map[start:start + size]
+            start += SLOT_SIZE
             if discard is not None and discard(data):
                 continue
             at = i * SOCKADDR_SIZE
-            raw = bytes(names[at:at + words[i * stride + namelen]])
+            raw = names[at:at + words[i * stride + _NAMELEN]]
             addr = addresses.get(raw)
             if addr is None:
                 if len(addresses) >= ADDRESS_CACHE_SIZE:
                     addresses.clear()
                 addr = addresses[raw] = decode_sockaddr(raw)
             out.append((data, addr))
+        self.discarded = got - len(out)
         return out
 
 
