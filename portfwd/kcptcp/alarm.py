@@ -47,7 +47,7 @@ class Alarm:
         timer = None
         if timeout is not None:
             timer = self._loop.timer(timeout)
-            timer.start(self._wake)
+            timer.start(self._wake, update=True)  # from now, not the loop's cached now: as Timeout
         try:
             self._hub.switch()
         finally:  # woken, or killed (GreenletExit): nothing of this wait may fire later

@@ -1,6 +1,8 @@
 """The tunnel's UDP socket, driven with libev watchers: datagrams read in batches (recvmmsg on
-the server's shared socket), runs of equal-size datagrams sent as one GSO sendmsg, and sends
-that never raise for the network (a lost datagram is counted, KCP repairs it)."""
+the server's shared socket, which under a flood of forgeries pauses FLOOD_COALESCE_S between
+reads rather than waking for every few datagrams), runs of equal-size datagrams sent as one GSO
+sendmsg, and sends that never raise for the network (a lost datagram is counted, KCP repairs
+it)."""
 
 from __future__ import annotations
 
