@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import random
 import re
 import signal
 import socket
@@ -31,6 +32,25 @@ def free_port(family: int = socket.AF_INET, socktype: int = socket.SOCK_STREAM) 
     with socket.socket(family, socktype) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def free_dual_port(host: str = "127.0.0.1") -> int:
+    """A port free for both UDP and TCP on ``host``, for a daemon that binds both (dnsmasq,
+    dnsdist): a free UDP port says nothing of the TCP one. Chosen below the kernel's ephemeral
+    range, so an outgoing connection (of a test or a load alongside) cannot take it meanwhile."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for port in random.Random().sample(range(10000, max(ephemeral_low, 10001)), 200):
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as udp, \
+                    socket.socket(family, socket.SOCK_STREAM) as tcp:
+                udp.bind((host, port))
+                tcp.bind((host, port))  # no SO_REUSEADDR: a TIME_WAIT on it counts as taken
+            return port
+        except OSError:
+            continue
+    raise RuntimeError(f"no port free for both UDP and TCP on {host}")
 
 
 def have_ipv6() -> bool:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import BIN, REPO, free_port
+from conftest import BIN, REPO, free_dual_port, free_port
 
 PSK = "0123456789abcdef" * 4
 MODES = ["reliable", "datagram"]
@@ -200,7 +200,7 @@ BIG_TXT = [f"{n:03d}" + "x" * 200 for n in range(10)]  # ~2 KB of TXT: beyond 1,
 
 @contextlib.contextmanager
 def dnsmasq() -> Iterator[int]:
-    port = free_port(socktype=socket.SOCK_DGRAM)
+    port = free_dual_port()
     txt = ",".join(f'"{s}"' for s in BIG_TXT)
     proc = Background(["dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts",
                        "--conf-file=/dev/null", "--bind-interfaces",

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterator
 
 import pytest
-from conftest import REPO, free_port, needs_ipv6, run_cli
+from conftest import REPO, free_dual_port, free_port, needs_ipv6, run_cli
 from test_kcpudp import exchange, readable
 from test_udpfwd import udp_socket
 
@@ -137,7 +137,7 @@ def dnsdist() -> Iterator[int]:
     binary = shutil.which("dnsdist")
     if binary is None:
         pytest.skip("dnsdist is not installed")
-    port = free_port(socket.AF_INET, socket.SOCK_DGRAM)
+    port = free_dual_port()
     with tempfile.TemporaryDirectory(prefix="dnsdist-") as tmp:
         conf = os.path.join(tmp, "dnsdist.conf")
         with open(conf, "w") as f:
