@@ -1,6 +1,6 @@
 """What tcpfwd's plain short-connection path must not run: Python code of the stdlib's socket
 and enum modules (the stdlib socket class's __init__ and close, enum.Flag.__or__ on MSG_*
-flags) and gevent's get_hub() per relay socket. Each cost 0.3-1 us per connection
+flags) and gevent's get_hub() per relay socket. Together they cost ~1.5 us per connection
 (bench/results/2026-12-02-short4.md); this counts those calls made from portfwd's code while
 connections are relayed in process, rather than timing anything."""
 
