@@ -193,8 +193,8 @@ def test_under_a_flood_the_batched_reader_pauses_and_reads_what_queued_in_one_ca
     with flood_reader(monkeypatch) as (endpoint, send, waits, pauses, during_pause):
         for _ in range(FLOOD_RATE + 8):
             send(b"forged")
-        during_pause[:] = [b"forged"] * 5 + [b"real"]
-        batch = endpoint.recv_batch(forged)
+        during_pause[:] = [b"forged"] * 5 + [b"real"]  # sent only by a pause
+        batch = gevent.spawn(endpoint.recv_batch, forged).get(timeout=5)
         assert [data for data, _ in batch] == [b"real"]
         assert pauses == [FLOOD_PAUSE_S] and waits == []
 
