@@ -70,7 +70,7 @@ class UdpEndpoint:
         self._loop = loop
         self._pausable = self._batch is not None and \
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= FLOOD_PAUSE_RCVBUF
-        self._window_start = loop.now()  # forgeries are counted from here (FLOOD_RATE)
+        self._window_start = 0.0  # when the first of the forgeries counted came (FLOOD_RATE)
         self._forgeries = 0
         self._unyielded = 0  # datagrams read since this greenlet last let the hub run
         self._drained = False  # the last unbatched read found the socket empty
@@ -137,13 +137,17 @@ class UdpEndpoint:
                 _faults.log("udp-recv", logging.DEBUG, "udp receive: %s", exc)
                 continue
             self._unyielded += RECV_BATCH  # at most; a short read waits (and resets) next time
-            self._forgeries += reader.discarded
+            if reader.discarded:
+                if not self._forgeries:  # the first since the count began anew
+                    self._window_start = self._loop.now()
+                self._forgeries += reader.discarded
             if batch:
                 return batch
 
     def _flood_pause_due(self) -> bool:
-        """At an emptied socket: did forgeries arrive at FLOOD_RATE or more since the count
-        began? The count begins anew after a pause and once a pause's length has passed."""
+        """At an emptied socket: did forgeries arrive at FLOOD_RATE or more since the first
+        one counted? The count begins anew after a pause and once a pause's length has
+        passed."""
         now = self._loop.now()
         elapsed = now - self._window_start
         due = self._pausable and \
