@@ -76,16 +76,18 @@ def test_a_killed_sleeper_leaves_nothing_scheduled(kind):
     flag.set()  # nobody waits: nothing to switch into
     gevent.sleep(0.05)  # the dead wait's timer would have fired meanwhile
     assert flag.wait(0) is True
+    if kind is Alarm:  # and the wait left nothing behind: no sleeper, no pending wake-up
+        assert flag._sleeper is None and flag._notice is None
 
 
 def test_a_tickers_timed_sleeps_make_no_gevent_timeout(monkeypatch):
     """A conversation waiting for its WELCOME retransmits its HELLO on its ticker's timer:
     each of those sleeps made a gevent Timeout (an exception object thrown in on expiry)."""
-    made = []
+    made, ticker = [], []  # Timeouts the ticker's greenlet made (only its own: others run too)
     real = Timeout._start_new_or_dummy
 
     def counting(timeout, *args, **kwargs):
-        if timeout is not None:
+        if timeout is not None and gevent.getcurrent() is ticker[0]:
             made.append(timeout)
         return real(timeout, *args, **kwargs)
 
@@ -97,13 +99,14 @@ def test_a_tickers_timed_sleeps_make_no_gevent_timeout(monkeypatch):
     conv = Conversation.client(CONFIG, 7, server.getsockname(), now_ms(), wall_ms())
     driver = ConversationDriver(conv, UdpEndpoint(client), "conv=7")
     try:
-        driver.start_ticker()
+        ticker.append(gevent.spawn(driver._tick))  # start_ticker's job, in a greenlet we know
         with Timeout(10):  # made here, not where the count looks (a socket's timeout would be)
             hellos = [server.recv(2048) for _ in range(3)]  # the first, then two retries
         assert all(hello[0] & 0x7F == PacketType.HELLO for hello in hellos)
         assert made == []
     finally:
         driver.abort("test over")
+        gevent.killall(ticker, timeout=5)
         driver.stop_jobs()
         driver.udp.close()
         server.close()

@@ -1,6 +1,6 @@
 """What tcpfwd's plain short-connection path must not run: Python code of the stdlib's socket
 and enum modules (the stdlib socket class's __init__ and close, enum.Flag.__or__ on MSG_*
-flags) and gevent's get_hub() per relay socket. Each cost 0.3-1 us per connection
+flags) and gevent's get_hub() per relay socket. Together they cost ~1.5 us per connection
 (bench/results/2026-12-02-short4.md); this counts those calls made from portfwd's code while
 connections are relayed in process, rather than timing anything."""
 
@@ -11,9 +11,11 @@ import socket
 import sys
 
 import gevent
+import greenlet
 from gevent import socket as gsocket
 
 import portfwd
+from portfwd.runtime.acceptloop import AcceptLoop
 from portfwd.runtime.addr import Resolved
 from portfwd.runtime.sockets import ListenOptions, bind_socket
 from portfwd.tcpfwd import pump
@@ -89,3 +91,26 @@ def test_plain_path_runs_no_stdlib_socket_or_enum_code_and_no_get_hub(monkeypatc
         fwd.stop(1)
         serving.kill()
         server.close()
+
+
+def test_accepting_is_a_hub_callback_with_no_greenlet_of_its_own():
+    """A wake-up of the listener costs no switch to a greenlet and back: the inline handler
+    runs in the hub, called from the listener's watcher, which stays started."""
+    listener = bind_socket(loopback(0), socket.SOCK_STREAM, ListenOptions())
+    where: list[bool] = []
+
+    def handler(sock: socket.socket, peer: tuple) -> None:
+        where.append(greenlet.getcurrent() is gevent.get_hub())
+        sock.close()
+
+    loop = AcceptLoop(listener, handler, inline=True)
+    loop.start()
+    try:
+        for _ in range(3):
+            client = gsocket.create_connection(loop.address, timeout=10)
+            assert client.recv(1) == b""  # the handler closed it
+            client.close()
+            assert loop._readable.active  # still started between connections
+        assert where == [True, True, True]
+    finally:
+        loop.stop(1)

@@ -5,14 +5,16 @@ empties the socket."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
+from collections.abc import Iterator
 
 import gevent
 import pytest
 
 from portfwd.kcptcp import udp_endpoint
-from portfwd.kcptcp.udp_endpoint import YIELD_AFTER, UdpEndpoint
+from portfwd.kcptcp.udp_endpoint import FLOOD_PAUSE_S, FLOOD_RATE, YIELD_AFTER, UdpEndpoint
 from portfwd.runtime import recvmmsg
 
 
@@ -143,45 +145,80 @@ def test_a_socket_that_never_empties_still_lets_other_greenlets_run(batched):
         assert other_ran_after and other_ran_after[0] <= YIELD_AFTER
 
 
-def test_under_a_flood_the_batched_reader_lets_datagrams_queue_up_instead_of_waking_for_each(
-        monkeypatch):
-    """After a read that emptied the socket and dropped forgeries, the reader sleeps a moment
-    and reads what came meanwhile in one call, rather than waking on the socket for every few
-    datagrams (a flood the server keeps up with cost ~10 us per wake-up); after a read that
-    dropped nothing it waits on the socket as before."""
+@contextlib.contextmanager
+def flood_reader(monkeypatch, rcvbuf_needed: int = 0) -> Iterator[tuple]:
+    """A batched endpoint, a sender, and the lists its socket waits and flood pauses go to;
+    each pause delivers what ``during_pause`` holds (as if it came meanwhile), no clock."""
     if recvmmsg._recvmmsg is None:
         pytest.skip("no recvmmsg in libc")
-    monkeypatch.setattr(udp_endpoint, "FLOOD_COALESCE_S", 0.3)  # wide: robust on a busy box
-    waits = []
-    real_wait = udp_endpoint.wait
-    monkeypatch.setattr(udp_endpoint, "wait", lambda watcher: waits.append(1) or
-                        real_wait(watcher))
+    monkeypatch.setattr(udp_endpoint, "FLOOD_PAUSE_RCVBUF", rcvbuf_needed)
+    waits: list[int] = []
+    pauses: list[float] = []
+    during_pause: list[bytes] = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock, \
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flooder:
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
         sock.bind(("127.0.0.1", 0))
         endpoint = UdpEndpoint(sock, batched=True)
-        screen = lambda data: data == b"forged"  # noqa: E731
-        for _ in range(3):
-            flooder.sendto(b"forged", sock.getsockname())
-        gevent.sleep(0.01)
-        reader = gevent.spawn(endpoint.recv_batch, screen)
-        gevent.sleep(0)  # it read the three, dropped them, and pauses
-        for data in (b"forged", b"forged", b"real"):
-            flooder.sendto(data, sock.getsockname())
-        assert [data for data, _ in reader.get(timeout=5)] == [b"real"]
-        assert waits == []  # the second read came after the pause, without a wake-up
-        gevent.spawn_later(0.01, flooder.sendto, b"real", sock.getsockname())
-        assert [data for data, _ in endpoint.recv_batch(screen)] == [b"real"]
-        assert waits == []  # that read dropped forgeries too: the pause took this one
-        gevent.spawn_later(0.01, flooder.sendto, b"real", sock.getsockname())
-        assert [data for data, _ in endpoint.recv_batch(screen)] == [b"real"]
-        assert waits == [1]  # the last read dropped nothing: no pause, it waits on the socket
-        flooder.sendto(b"forged", sock.getsockname())
-        gevent.spawn_later(0.5, flooder.sendto, b"real", sock.getsockname())
-        assert [data for data, _ in endpoint.recv_batch(screen)] == [b"real"]
-        # a wait that found the forgery; the pause after it found nothing: a wait again
-        assert waits == [1, 1, 1]
-        endpoint.close()
+        real_wait = udp_endpoint.wait
+
+        def counted_wait(watcher) -> None:
+            if watcher is endpoint._readable:
+                waits.append(1)
+            real_wait(watcher)
+
+        def pause(seconds: float) -> None:
+            pauses.append(seconds)
+            while during_pause:
+                sender.sendto(during_pause.pop(0), sock.getsockname())
+            gevent.sleep(0)
+
+        monkeypatch.setattr(udp_endpoint, "wait", counted_wait)
+        monkeypatch.setattr(udp_endpoint, "_pause", pause)
+        send = lambda data: sender.sendto(data, sock.getsockname())  # noqa: E731
+        try:
+            yield endpoint, send, waits, pauses, during_pause
+        finally:
+            endpoint.close()
+
+
+def forged(data: bytes) -> bool:
+    return data == b"forged"
+
+
+def test_under_a_flood_the_batched_reader_pauses_and_reads_what_queued_in_one_call(monkeypatch):
+    """After a read that emptied the socket while forgeries came at FLOOD_RATE or more, the
+    reader sleeps one pause and reads what came meanwhile in one call, rather than waking on
+    the socket for every few datagrams (a flood the server keeps up with cost ~10 us per
+    wake-up)."""
+    with flood_reader(monkeypatch) as (endpoint, send, waits, pauses, during_pause):
+        for _ in range(FLOOD_RATE + 8):
+            send(b"forged")
+        during_pause[:] = [b"forged"] * 5 + [b"real"]  # sent only by a pause
+        batch = gevent.spawn(endpoint.recv_batch, forged).get(timeout=5)
+        assert [data for data, _ in batch] == [b"real"]
+        assert pauses == [FLOOD_PAUSE_S] and waits == []
+
+
+def test_a_trickle_of_forgeries_never_pauses_the_reader(monkeypatch):
+    """Fewer than FLOOD_RATE forgeries per pause's length: the reader waits on the socket as
+    before, so a trickle an attacker sends cannot delay every read."""
+    with flood_reader(monkeypatch) as (endpoint, send, waits, pauses, _):
+        for _ in range(FLOOD_RATE - 1):
+            send(b"forged")
+        gevent.spawn_later(0.01, send, b"real")
+        assert [data for data, _ in endpoint.recv_batch(forged)] == [b"real"]
+        assert pauses == [] and waits == [1]
+
+
+def test_a_receive_buffer_too_small_for_a_pauses_backlog_never_pauses(monkeypatch):
+    """The pause lets a flood queue up: with a buffer below FLOOD_PAUSE_RCVBUF that backlog
+    could overflow it and take legitimate datagrams with it, so such a socket never pauses."""
+    with flood_reader(monkeypatch, rcvbuf_needed=1 << 40) as (endpoint, send, waits, pauses, _):
+        for _ in range(FLOOD_RATE + 8):
+            send(b"forged")
+        gevent.spawn_later(0.01, send, b"real")
+        assert [data for data, _ in endpoint.recv_batch(forged)] == [b"real"]
+        assert pauses == [] and waits == [1]
 
 
 class Counting(socket.socket):

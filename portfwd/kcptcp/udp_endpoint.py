@@ -1,8 +1,7 @@
 """The tunnel's UDP socket, driven with libev watchers: datagrams read in batches (recvmmsg on
-the server's shared socket, which under a flood of forgeries pauses FLOOD_COALESCE_S between
-reads rather than waking for every few datagrams), runs of equal-size datagrams sent as one GSO
-sendmsg, and sends that never raise for the network (a lost datagram is counted, KCP repairs
-it)."""
+the server's shared socket, pausing between reads under a flood of forgeries), runs of
+equal-size datagrams sent as one GSO sendmsg, and sends that never raise for the network (a
+lost datagram is counted, KCP repairs it)."""
 
 from __future__ import annotations
 
@@ -35,14 +34,20 @@ RECV_BATCH = 64  # datagrams read without yielding before one transmit per touch
 # Datagrams read in a row from a socket that never empties (a flood) before the hub gets a turn:
 # without it the reading greenlet would never block, and tcp sides and tickers would starve.
 YIELD_AFTER = 8 * RECV_BATCH
-# s a batched reader waits before its next read after one that emptied the socket and dropped
-# forgeries: under a flood that the reader keeps up with, a wake-up per few datagrams (epoll,
-# the hub, the read call: ~10 us) cost more than the forgeries themselves. A NIC's interrupt
-# moderation, for the flood only: with nothing screened out the reader wakes as before.
-FLOOD_COALESCE_S = 0.0005
+# Under a flood of forgeries that the batched reader keeps up with, a wake-up per few datagrams
+# (epoll, the hub, the read call: ~10 us) cost more than the forgeries themselves. So when the
+# socket is empty and forgeries were arriving at FLOOD_RATE or more, the reader sleeps
+# FLOOD_PAUSE_S and takes what queued meanwhile in one call (interrupt moderation, for a flood
+# only). The price: legitimate datagrams wait up to one pause while forgeries keep coming.
+FLOOD_PAUSE_S = 0.001  # libev's epoll waits in whole ms: a shorter pause lasts this long anyway
+FLOOD_RATE = 32  # forgeries per FLOOD_PAUSE_S (32,000/s): fewer (a trickle) never cause a pause
+# bytes of receive buffer (as getsockopt reports it) the pause needs, so a pause's backlog
+# (1 ms of 250,000 datagrams/s at 4 KiB each) cannot overflow it; a smaller buffer never pauses
+FLOOD_PAUSE_RCVBUF = 1 << 20
 GSO_BYTES = 65507  # bytes one UDP send carries at most (IPv4): a GSO run's bound too
 
 _faults = RateLimitedLog(log)
+_pause = gevent.sleep  # the flood pause (tests replace it to see each one)
 
 
 def _gso_segment(size: int) -> list[tuple[int, int, bytes]]:
@@ -62,6 +67,11 @@ class UdpEndpoint:
         self._readable = loop.io(sock.fileno(), READ)
         self._writable = loop.io(sock.fileno(), WRITE)
         self._batch = batch_receiver(sock, RECV_BATCH) if batched else None
+        self._loop = loop
+        self._pausable = self._batch is not None and \
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= FLOOD_PAUSE_RCVBUF
+        self._window_start = 0.0  # when the first of the forgeries counted came (FLOOD_RATE)
+        self._forgeries = 0
         self._unyielded = 0  # datagrams read since this greenlet last let the hub run
         self._drained = False  # the last unbatched read found the socket empty
         self.send_errors = 0
@@ -113,9 +123,8 @@ class UdpEndpoint:
         while True:
             if reader.drained:  # the last read emptied the socket: no call to learn it again
                 self._unyielded = 0
-                if reader.discarded:  # a flood: let it queue up for one read, not wake per datagram
-                    reader.discarded = 0
-                    gevent.sleep(FLOOD_COALESCE_S)
+                if self._forgeries and self._flood_pause_due():
+                    _pause(FLOOD_PAUSE_S)
                     reader.drained = False
                 else:
                     wait(self._readable)
@@ -128,8 +137,24 @@ class UdpEndpoint:
                 _faults.log("udp-recv", logging.DEBUG, "udp receive: %s", exc)
                 continue
             self._unyielded += RECV_BATCH  # at most; a short read waits (and resets) next time
+            if reader.discarded:
+                if not self._forgeries:  # the first since the count began anew
+                    self._window_start = self._loop.now()
+                self._forgeries += reader.discarded
             if batch:
                 return batch
+
+    def _flood_pause_due(self) -> bool:
+        """At an emptied socket: did forgeries arrive at FLOOD_RATE or more since the first
+        one counted? The count begins anew after a pause and once a pause's length has
+        passed."""
+        now = self._loop.now()
+        elapsed = now - self._window_start
+        due = self._pausable and \
+            self._forgeries >= FLOOD_RATE * max(elapsed / FLOOD_PAUSE_S, 1.0)
+        if due or elapsed >= FLOOD_PAUSE_S:
+            self._window_start, self._forgeries = now, 0
+        return due
 
     def send(self, datagrams: list[bytes], addr: Any) -> None:
         """Send ``datagrams`` to ``addr`` in order. A run of equal-size ones goes out in one

@@ -14,9 +14,7 @@ import socket
 import sys
 from collections.abc import Callable
 
-import gevent
 from gevent import get_hub
-from gevent.socket import wait
 
 from portfwd.runtime.logs import RateLimitedLog
 from portfwd.runtime.metrics import ErrorCounts
@@ -30,8 +28,8 @@ SKIP_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
 BACKOFF_MIN = 0.01  # s before accepting again after a shortage
 BACKOFF_MAX = 1.0  # s
 # Connections accepted per wake-up at most: under load one epoll wake-up finds many in the
-# backlog, and accepting them all at once saves a loop turn (epoll_wait, two greenlet switches,
-# a watcher start) per connection; the bound lets the open ones run in between.
+# backlog, and accepting them all at once saves a loop turn (epoll_wait and a callback) per
+# connection; the bound lets the open ones run in between.
 ACCEPT_BATCH = 64
 
 Handler = Callable[[socket.socket, tuple], None]
@@ -46,8 +44,12 @@ class AcceptLoop:
     seed's per-connection options (buffers, TCP_NODELAY, keepalive) already set. Handlers run in
     ``workers``, which they may share for more per-connection jobs (tcpfwd's relays);
     stop() drains and then cuts every job there. With ``inline`` the handler is called in the
-    accept loop's own greenlet instead (no greenlet hop per connection): it must never wait,
-    and spawns into ``workers`` whatever has to.
+    hub instead, from the accept callback (no greenlet hop per connection): it must never
+    wait, and spawns into ``workers`` whatever has to.
+
+    Accepting itself is a hub callback on the listener's readable watcher, which stays
+    started: no greenlet of its own, so a wake-up costs no switch to a greenlet and back and
+    no watcher start and stop (sequential connections pay that once each).
     """
 
     def __init__(self, listener: socket.socket, handler: Handler,
@@ -56,14 +58,21 @@ class AcceptLoop:
         self.listener = listener
         self._hub = get_hub()
         self._readable = self._hub.loop.io(listener.fileno(), READ)
+        self._pause = None  # the back-off timer while a shortage pauses accepting
+        self._backoff = BACKOFF_MIN
         self.handler = handler
         self.inline = inline
         self.workers = workers if workers is not None else Workers()
         self.accepted = 0
         self.errors = ErrorCounts()  # failed accept() calls, skipped ones included
-        self._greenlet: gevent.Greenlet | None = None
         self._listener_owned = True  # False once release() handed the listener on
         self._faults = RateLimitedLog(log)
+        # socket.accept() without its two enum conversions (family and type, ~1 us per
+        # connection): the C accept, and the socket built as it builds it but of the C type
+        # (sockets.RawSocket: no Python __init__ or close). ``_accept`` is CPython's own
+        # name for it (socket.accept calls it, 3.8 through 3.13).
+        self._raw_accept = listener._accept
+        self._kind = (int(listener.family), int(listener.type), listener.proto)
 
     @property
     def address(self) -> tuple:
@@ -74,52 +83,54 @@ class AcceptLoop:
         # 7 setsockopt calls once, instead of per connection on the hot accept path.
         tune_tcp(self.listener)
         self.listener.listen(LISTEN_BACKLOG)
-        self._greenlet = gevent.spawn(self._run)
+        self._readable.start(self._accept_pending)
 
-    def _run(self) -> None:
-        backoff = BACKOFF_MIN
-        spawn, handler = self.workers.spawn, self.handler
-        # socket.accept() without its two enum conversions (family and type, ~1 us per
-        # connection): the C accept, and the socket built as it builds it but of the C type
-        # (sockets.RawSocket: no Python __init__ or close). ``_accept`` is CPython's own
-        # name for it (socket.accept calls it, 3.8 through 3.13).
-        raw_accept, new_socket = self.listener._accept, RawSocket
-        family, kind, proto = int(self.listener.family), int(self.listener.type), \
-            self.listener.proto
-        batch = 0  # accepted since the last wait
-        while True:
-            if batch >= ACCEPT_BATCH:
-                # Still readable with more in the backlog: the loop comes straight back,
-                # after the connections just accepted have had their turn.
-                batch = 0
-                wait(self._readable)
+    def _accept_pending(self) -> None:
+        """The listener is readable (a hub callback: never waits): accept until EAGAIN, at
+        most ACCEPT_BATCH. The watcher is level-triggered, so with more in the backlog libev
+        calls again at its next turn, after the connections just accepted have had theirs."""
+        raw_accept, new_socket, handler = self._raw_accept, RawSocket, self.handler
+        family, kind, proto = self._kind
+        for _ in range(ACCEPT_BATCH):
             try:
                 fd, peer = raw_accept()
             except BlockingIOError:
-                batch = 0
-                wait(self._readable)
-                continue
+                return
             except OSError as exc:
                 self.errors.add(exc)
                 if exc.errno in SKIP_ERRNOS:
                     continue
                 if exc.errno not in SHORTAGE_ERRNOS:
+                    self._readable.stop()  # a bug: accepting ends (the hub reports it)
                     raise
-                self._faults.warning("accept", "accept failed: %s; pausing %.2f s", exc, backoff)
-                gevent.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
-                continue
+                self._faults.warning("accept", "accept failed: %s; pausing %.2f s", exc,
+                                     self._backoff)
+                self._readable.stop()
+                self._pause = self._hub.loop.timer(self._backoff)
+                self._pause.start(self._resume)
+                self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+                return
             sock = new_socket(family, kind, proto, fd)
-            backoff = BACKOFF_MIN
+            self._backoff = BACKOFF_MIN
             self.accepted += 1
-            batch += 1
             if self.inline:
                 try:
                     handler(sock, peer)
                 except Exception:  # a bug: reported as a job's would be; accepting goes on
-                    self._hub.handle_error(self._greenlet, *sys.exc_info())
+                    self._hub.handle_error(self, *sys.exc_info())
             else:
-                spawn(handler, sock, peer)  # runs once this greenlet waits
+                self.workers.spawn(handler, sock, peer)
+
+    def _resume(self) -> None:
+        """The back-off after a shortage is over: accept again."""
+        self._close_pause()
+        self._readable.start(self._accept_pending)
+
+    def _close_pause(self) -> None:
+        if self._pause is not None:
+            self._pause.stop()
+            self._pause.close()
+            self._pause = None
 
     def release(self) -> socket.socket:
         """Stop accepting and hand the listener over, still bound and listening (a config
@@ -129,8 +140,8 @@ class AcceptLoop:
         return listener
 
     def _stop_accepting(self) -> None:
-        if self._greenlet is not None:
-            self._greenlet.kill()
+        self._close_pause()
+        self._readable.stop()
         self._readable.close()  # libev must never poll an fd after it is handed on or closed
 
     def stop(self, timeout: float) -> None:

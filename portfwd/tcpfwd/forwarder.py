@@ -159,7 +159,7 @@ class TcpForwarder:
             return None
 
     def _accepted(self, accepted: socket.socket, peer: tuple) -> None:
-        """A new connection, in the accept loop's greenlet (must not wait). The plain case (one
+        """A new connection, in the accept loop's hub callback (must not wait). The plain case (one
         destination address, no gate, no PROXY header, no -b) is set up right here when the
         dial completes at once, as on loopback and fast LANs: the client's first bytes if
         they are here, socket, connect, those bytes sent, relay on callbacks, with no
