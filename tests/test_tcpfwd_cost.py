@@ -6,6 +6,7 @@ connections are relayed in process, rather than timing anything."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import sys
@@ -15,6 +16,7 @@ import greenlet
 from gevent import socket as gsocket
 
 import portfwd
+from portfwd.runtime import acceptloop, sockets
 from portfwd.runtime.acceptloop import AcceptLoop
 from portfwd.runtime.addr import Resolved
 from portfwd.runtime.sockets import ListenOptions, bind_socket
@@ -114,3 +116,72 @@ def test_accepting_is_a_hub_callback_with_no_greenlet_of_its_own():
         assert where == [True, True, True]
     finally:
         loop.stop(1)
+
+
+def test_an_unforeseen_accept_error_pauses_accepting_instead_of_ending_it(monkeypatch):
+    """An accept() error that is neither a skipped one nor a known shortage used to stop the
+    watcher for good (a live service with a dead listener); now it pauses and accepts again."""
+    monkeypatch.setattr(acceptloop, "BACKOFF_MIN", 0.01)
+    listener = bind_socket(loopback(0), socket.SOCK_STREAM, ListenOptions())
+    served: list[int] = []
+
+    def handler(sock: socket.socket, peer: tuple) -> None:
+        served.append(1)
+        sock.close()
+
+    loop = AcceptLoop(listener, handler, inline=True)
+    real_accept, failures = loop._raw_accept, [OSError(errno.EIO, "injected")]
+
+    def accept():
+        if failures:
+            raise failures.pop()
+        return real_accept()
+
+    loop._raw_accept = accept
+    loop.start()
+    try:
+        client = gsocket.create_connection(loop.address, timeout=10)
+        assert client.recv(1) == b""  # accepted after the pause, then closed by the handler
+        client.close()
+        assert served == [1] and loop._readable.active
+    finally:
+        loop.stop(1)
+
+
+def test_a_connection_nobody_took_is_closed_and_accepting_goes_on(monkeypatch):
+    """If handing an accepted connection to a worker fails (a bug), the connection is closed
+    rather than leaked, the hub reports the error once, and the next connection is served."""
+    listener = bind_socket(loopback(0), socket.SOCK_STREAM, ListenOptions())
+    loop = AcceptLoop(listener, lambda sock, peer: sock.close())
+    real_spawn, failures = loop.workers.spawn, [RuntimeError("injected")]
+
+    def spawn(*args):
+        if failures:
+            raise failures.pop()
+        return real_spawn(*args)
+
+    monkeypatch.setattr(loop.workers, "spawn", spawn)
+    monkeypatch.setattr(gevent.get_hub(), "handle_error", lambda *args: None)
+    loop.start()
+    try:
+        for _ in range(2):  # the first hits the failure; both end closed by this side
+            client = gsocket.create_connection(loop.address, timeout=10)
+            assert client.recv(1) == b""
+            client.close()
+        assert failures == [] and loop._readable.active
+    finally:
+        loop.stop(1)
+
+
+def test_a_proxy_header_dial_to_loopback_needs_no_wait(monkeypatch):
+    """--proxy-protocol dials with the handshake's ACK deferred to the header; on loopback the
+    second connect still reports the connection made, so no trip through the event loop."""
+    waited: list[int] = []
+    monkeypatch.setattr(sockets, "finish_dial", lambda sock, timeout: waited.append(1))
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        dest = Resolved(socket.AF_INET, server.getsockname())
+        sock = sockets.dial_tcp(dest, 5, early=True)
+        sock.close()
+    assert waited == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import sys
 from collections.abc import Callable
@@ -23,8 +24,11 @@ from portfwd.runtime.workers import Workers
 
 log = logging.getLogger(__name__)
 
-SHORTAGE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-SKIP_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
+# One connection's failure, not the listener's: skip it. accept(2) on Linux also passes on the
+# new connection's pending network errors, to be treated like EAGAIN (its NOTES).
+SKIP_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.ENETDOWN,
+               errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
+               errno.ENETUNREACH, *([errno.ENONET] if hasattr(errno, "ENONET") else [])}
 BACKOFF_MIN = 0.01  # s before accepting again after a shortage
 BACKOFF_MAX = 1.0  # s
 # Connections accepted per wake-up at most: under load one epoll wake-up finds many in the
@@ -100,9 +104,8 @@ class AcceptLoop:
                 self.errors.add(exc)
                 if exc.errno in SKIP_ERRNOS:
                     continue
-                if exc.errno not in SHORTAGE_ERRNOS:
-                    self._readable.stop()  # a bug: accepting ends (the hub reports it)
-                    raise
+                # A shortage (EMFILE, ENFILE, ENOBUFS, ENOMEM) or an error nothing foresaw:
+                # pause and try again, never stop accepting for good while the service looks up.
                 self._faults.warning("accept", "accept failed: %s; pausing %.2f s", exc,
                                      self._backoff)
                 self._readable.stop()
@@ -110,16 +113,21 @@ class AcceptLoop:
                 self._pause.start(self._resume)
                 self._backoff = min(self._backoff * 2, BACKOFF_MAX)
                 return
-            sock = new_socket(family, kind, proto, fd)
             self._backoff = BACKOFF_MIN
             self.accepted += 1
-            if self.inline:
-                try:
+            sock = None
+            try:
+                sock = new_socket(family, kind, proto, fd)
+                if self.inline:
                     handler(sock, peer)
-                except Exception:  # a bug: reported as a job's would be; accepting goes on
-                    self._hub.handle_error(self, *sys.exc_info())
-            else:
-                self.workers.spawn(handler, sock, peer)
+                else:
+                    self.workers.spawn(handler, sock, peer)
+            except Exception:  # a bug: reported as a job's would be; accepting goes on
+                if sock is None:
+                    os.close(fd)
+                elif not self.inline:  # not handed over: nobody owns the connection
+                    sock.close()
+                self._hub.handle_error(self, *sys.exc_info())
 
     def _resume(self) -> None:
         """The back-off after a shortage is over: accept again."""

@@ -112,7 +112,8 @@ class TcpForwarder:
         self._proxy = config.proxy_protocol  # PROXY header version to send, 0 = none
         # _dial defers the handshake's last ACK to the header (not for upstreams.dial()'s
         # several destinations: their sockets are dialled without it)
-        self._early_header = bool(self._proxy) and EARLY_SEND
+        self._early_header = bool(self._proxy) and EARLY_SEND and \
+            (self._single is not None or bool(config.base_addr))
         self._local = listening_address(bound)  # every connection's local address, or None
         # The plain case's one address (no gate, PROXY header or -b), set up by _accepted
         # itself; None: every connection goes to a worker (_handle).
