@@ -257,7 +257,7 @@ def test_only_the_very_object_that_verified_is_taken_on_trust():
 
 
 def test_the_screen_reads_the_clock_once_per_run_of_forgeries_and_still_lets_a_due_line_out():
-    """Reading the clock costs half a MAC: a flood's screen looks at it for its first forgery
+    """Reading the clock costs a third of a MAC: a flood's screen looks at it for its first forgery
     and then once per SCREEN_CLOCK_EVERY, so a line that falls due meanwhile still gets its
     forgery (with its source) within that many."""
     acceptor, _ = counted_acceptor()

@@ -71,3 +71,10 @@ def test_discarded_datagrams_are_dropped_before_their_source_is_decoded(monkeypa
         # a batch that was all discarded reads as empty, not as "nothing queued"
         bad.sendto(b"bad", server.getsockname())
         assert drain(receiver, discard=lambda data: data == b"bad") == [[]]
+        # and each call says how many it left out (the tunnel's flood pause counts them)
+        bad.sendto(b"bad", server.getsockname())
+        good.sendto(b"good", server.getsockname())
+        assert len(receiver.receive(lambda data: data == b"bad")) == 1
+        assert receiver.discarded == 1
+        assert receiver.receive(lambda data: data == b"bad") is None
+        assert receiver.discarded == 0

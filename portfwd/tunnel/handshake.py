@@ -204,7 +204,7 @@ class HandshakeAcceptor:
             if unclocked:
                 unclocked -= 1
             elif not passed:
-                # The clock once per SCREEN_CLOCK_EVERY forgeries: reading it costs half a
+                # The clock once per SCREEN_CLOCK_EVERY forgeries: reading it costs a third of a
                 # MAC, and a flood's line may come that many forgeries late.
                 unclocked = SCREEN_CLOCK_EVERY - 1
                 if self._log_due(clock()):
