@@ -201,14 +201,14 @@ def dial_tcp(dest: Resolved, timeout: float, early: bool = False) -> socket.sock
     included) and closes the socket on failure: :func:`start_dial`, then, if the handshake
     has not finished yet, :func:`finish_dial`. ``early``: as start_dial's (the caller
     writes at once, then calls :func:`quick_acks`)."""
-    sock, connected = start_dial(dest, early=early, ask_again=True)
+    sock, connected = start_dial(dest, early=early)
     if not connected:
         finish_dial(sock, timeout)
     return sock
 
 
 def start_dial(dest: Resolved, keepalive: bool = True, early: bool = False,
-               ask_again: bool | None = None) -> tuple[socket.socket, bool]:
+               send_probes: bool = False) -> tuple[socket.socket, bool]:
     """A tuned non-blocking TCP socket, its connect to ``dest`` started, and whether it is
     connected already. Never waits. Raises OSError and closes the socket on failure; socket()
     is inside the error path too: at the fd limit it fails with EMFILE, a runtime fault for
@@ -221,10 +221,9 @@ def start_dial(dest: Resolved, keepalive: bool = True, early: bool = False,
     left to the caller (:class:`DeferredKeepalive`).
 
     ``early``: the caller has bytes in hand to send the moment the connection is up
-    (TCP_QUICKACK off: see DIAL_OPTIONS); no second connect then: its first send says whether the
-    handshake is over (EAGAIN while it is not, the connect's error if it failed).
-    ``ask_again``: make the second connect all the same (default: unless ``early``), for a
-    caller that would otherwise wait on the socket to learn it (:func:`dial_tcp`).
+    (TCP_QUICKACK off: see DIAL_OPTIONS). ``send_probes``: no second connect either, as the
+    caller's first send says whether the handshake is over (EAGAIN while it is not, the
+    connect's error if it failed).
     """
     sock: socket.socket | None = None
     try:
@@ -236,8 +235,8 @@ def start_dial(dest: Resolved, keepalive: bool = True, early: bool = False,
         for level, option, value in DIAL_OPTIONS[bool(keepalive), bool(early)]:
             setsockopt(level, option, value)
         error = sock.connect_ex(dest.sockaddr)
-        if error == errno.EINPROGRESS and not (ask_again if ask_again is not None else not early):
-            return sock, False  # the caller's first send will say
+        if error == errno.EINPROGRESS and send_probes:
+            return sock, False
         if error == errno.EINPROGRESS:
             error = sock.connect_ex(dest.sockaddr)
             if error in (errno.EALREADY, errno.EINPROGRESS):

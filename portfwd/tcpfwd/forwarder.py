@@ -185,7 +185,8 @@ class TcpForwarder:
             accepted.close()
             return
         try:
-            dialled, connected = start_dial(dest, keepalive=False, early=bool(first))
+            early = bool(first)  # the bytes in hand carry the ACK and probe the handshake
+            dialled, connected = start_dial(dest, keepalive=False, early=early, send_probes=early)
         except OSError as exc:
             self._dial_failed(conn_id, dest, exc)
             accepted.close()
