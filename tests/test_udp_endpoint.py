@@ -247,3 +247,15 @@ def test_a_read_that_emptied_the_socket_waits_next_time_without_asking_again():
         peer.sendto(b"b", sock.getsockname())
         gevent.sleep(0.01)
         assert [data for data, _ in endpoint.recv_batch()] == [b"a", b"b"]
+
+
+def test_a_buffer_shrunk_after_start_stops_the_pause(monkeypatch):
+    """A reload may resize the socket's buffer (-S): the pause asks the buffer it has now."""
+    with flood_reader(monkeypatch, rcvbuf_needed=100_000) as (endpoint, send, waits, pauses, _):
+        assert endpoint.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 100_000
+        endpoint.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # as a reload would
+        for _ in range(FLOOD_RATE + 8):
+            send(b"forged")
+        gevent.spawn_later(0.01, send, b"real")
+        assert [data for data, _ in endpoint.recv_batch(forged)] == [b"real"]
+        assert pauses == [] and waits == [1]

@@ -68,8 +68,6 @@ class UdpEndpoint:
         self._writable = loop.io(sock.fileno(), WRITE)
         self._batch = batch_receiver(sock, RECV_BATCH) if batched else None
         self._loop = loop
-        self._pausable = self._batch is not None and \
-            sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= FLOOD_PAUSE_RCVBUF
         self._window_start = 0.0  # when the first of the forgeries counted came (FLOOD_RATE)
         self._forgeries = 0
         self._unyielded = 0  # datagrams read since this greenlet last let the hub run
@@ -150,8 +148,9 @@ class UdpEndpoint:
         passed."""
         now = self._loop.now()
         elapsed = now - self._window_start
-        due = self._pausable and \
-            self._forgeries >= FLOOD_RATE * max(elapsed / FLOOD_PAUSE_S, 1.0)
+        # The buffer is asked only when a pause would come (a reload may have resized it).
+        due = self._forgeries >= FLOOD_RATE * max(elapsed / FLOOD_PAUSE_S, 1.0) and \
+            self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= FLOOD_PAUSE_RCVBUF
         if due or elapsed >= FLOOD_PAUSE_S:
             self._window_start, self._forgeries = now, 0
         return due
