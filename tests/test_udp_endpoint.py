@@ -253,7 +253,9 @@ def test_a_buffer_shrunk_after_start_stops_the_pause(monkeypatch):
     """A reload may resize the socket's buffer (-S): the pause asks the buffer it has now."""
     with flood_reader(monkeypatch, rcvbuf_needed=100_000) as (endpoint, send, waits, pauses, _):
         assert endpoint.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 100_000
-        endpoint.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # as a reload would
+        # as a reload would: still room for the forgeries below (the kernel doubles it)
+        endpoint.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 45_000)
+        assert endpoint.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < 100_000
         for _ in range(FLOOD_RATE + 8):
             send(b"forged")
         gevent.spawn_later(0.01, send, b"real")
