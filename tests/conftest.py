@@ -34,23 +34,29 @@ def free_port(family: int = socket.AF_INET, socktype: int = socket.SOCK_STREAM) 
         return s.getsockname()[1]
 
 
-def free_dual_port(host: str = "127.0.0.1") -> int:
-    """A port free for both UDP and TCP on ``host``, for a daemon that binds both (dnsmasq,
-    dnsdist): a free UDP port says nothing of the TCP one. Chosen below the kernel's ephemeral
-    range, so an outgoing connection (of a test or a load alongside) cannot take it meanwhile."""
+def free_port_for(*binds: tuple[str, int]) -> int:
+    """A port free for every (host, socket type) of ``binds`` at once, chosen below the
+    kernel's ephemeral range, so an outgoing connection (of a test or a load alongside) cannot
+    take it meanwhile, nor can a listener another test got from bind(0)."""
     with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
         ephemeral_low = int(f.read().split()[0])
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for port in random.Random().sample(range(10000, max(ephemeral_low, 10001)), 200):
         try:
-            with socket.socket(family, socket.SOCK_DGRAM) as udp, \
-                    socket.socket(family, socket.SOCK_STREAM) as tcp:
-                udp.bind((host, port))
-                tcp.bind((host, port))  # no SO_REUSEADDR: a TIME_WAIT on it counts as taken
+            with contextlib.ExitStack() as held:
+                for host, socktype in binds:
+                    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                    sock = held.enter_context(socket.socket(family, socktype))
+                    sock.bind((host, port))  # no SO_REUSEADDR: a TIME_WAIT counts as taken
             return port
         except OSError:
             continue
-    raise RuntimeError(f"no port free for both UDP and TCP on {host}")
+    raise RuntimeError(f"no port free for all of {binds}")
+
+
+def free_dual_port(host: str = "127.0.0.1") -> int:
+    """A port free for both UDP and TCP on ``host``, for a daemon that binds both (dnsmasq,
+    dnsdist): a free UDP port says nothing of the TCP one."""
+    return free_port_for((host, socket.SOCK_DGRAM), (host, socket.SOCK_STREAM))
 
 
 def have_ipv6() -> bool:

@@ -20,6 +20,7 @@ from conftest import (
     echo_roundtrip,
     fill_until_blocked,
     free_port,
+    free_port_for,
     listening_socket,
     needs_ipv6,
 )
@@ -207,7 +208,9 @@ def test_without_reuseport_second_instance_fails(tool, echo_server):
 @needs_ipv6
 @pytest.mark.parametrize("v6only, v4_works", [([], True), (["-6"], False)])
 def test_dual_stack_listener(tool, echo_server, v6only, v4_works):
-    port = free_port(socket.AF_INET6)
+    # free on 127.0.0.1 too: bind(0) on ::1 may hand out the echo server's IPv4 port number,
+    # and with -6 the IPv4 connect below would reach the echo server instead of being refused
+    port = free_port_for(("::1", socket.SOCK_STREAM), ("127.0.0.1", socket.SOCK_STREAM))
     start_tcpfwd(tool, f"[::]:{port}", f"127.0.0.1:{echo_server.port}", *v6only)
     with connect("::1", port) as sock:
         echo_roundtrip(sock, 100)
